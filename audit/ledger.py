@@ -1,0 +1,251 @@
+"""Appending to and verifying the hash chain (DESIGN section 5).
+
+``entry_hash = sha256(prev_hash || canonical_json(fields))`` where ``fields`` are
+the stored column values (the payload as its stored canonical text, never a
+JSON field read back: PostgreSQL's jsonb reorders keys). The first entry chains
+on 64 zeros.
+
+Services call :func:`append_entry` inside their own ``transaction.atomic()`` so
+that a governance change and its entry commit together or not at all.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .canonical import canonical_json, sha256_hex
+from .models import LedgerEntry, LedgerHead
+
+GENESIS_HASH = "0" * 64
+SYSTEM_ACTOR = "system"
+
+# The columns, in the order verification reads them.
+_CHAIN_COLUMNS = (
+    "seq",
+    "prev_hash",
+    "entry_hash",
+    "event",
+    "actor_id_at_write",
+    "actor_repr",
+    "subject_type",
+    "subject_id",
+    "consortium_slug",
+    "institution_slug",
+    "payload_text",
+    "created_at",
+)
+
+
+def format_timestamp(value: dt.datetime) -> str:
+    """UTC, microseconds, fixed width: the same text on SQLite and PostgreSQL."""
+    return value.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def entry_canonical_text(
+    *,
+    seq: int,
+    event: str,
+    actor_id: int | None,
+    actor_repr: str,
+    subject_type: str,
+    subject_id: str,
+    consortium_slug: str,
+    institution_slug: str,
+    payload_text: str,
+    created_at: dt.datetime,
+) -> str:
+    return canonical_json(
+        {
+            "seq": seq,
+            "event": event,
+            "actor_id": actor_id,
+            "actor": actor_repr,
+            "subject_type": subject_type,
+            "subject_id": subject_id,
+            "consortium": consortium_slug,
+            "institution": institution_slug,
+            "payload": payload_text,
+            "created_at": format_timestamp(created_at),
+        }
+    )
+
+
+def chain_hash(prev_hash: str, canonical_text: str) -> str:
+    return sha256_hex(prev_hash + canonical_text)
+
+
+def describe_actor(user) -> str:
+    """A readable actor string that stays meaningful after the user is deleted."""
+    if user is None:
+        return SYSTEM_ACTOR
+    full_name = user.get_full_name() if hasattr(user, "get_full_name") else ""
+    label = f"{full_name} ({user.get_username()})" if full_name else user.get_username()
+    return f"{label} #{user.pk}"
+
+
+def _locked_head() -> LedgerHead:
+    head = LedgerHead.objects.select_for_update().filter(pk=1).first()
+    if head is not None:
+        return head
+    try:
+        with transaction.atomic():
+            LedgerHead.objects.create(pk=1)
+    except IntegrityError:
+        pass  # another writer created it first
+    return LedgerHead.objects.select_for_update().get(pk=1)
+
+
+def append_entry(
+    *,
+    event: str,
+    actor=None,
+    actor_repr: str | None = None,
+    payload: dict[str, Any] | None = None,
+    subject: Any = None,
+    consortium_slug: str = "",
+    institution_slug: str = "",
+) -> LedgerEntry:
+    """Append one entry, chained on the current head, in the caller's transaction.
+
+    ``subject`` is the model instance the entry is about (its model label and pk
+    are recorded). ``payload`` must be JSON-serialisable without floats' NaN;
+    convert decimals and datetimes to strings before passing them.
+    """
+    payload_text = canonical_json(payload or {})
+    subject_type = subject._meta.label_lower if subject is not None else ""
+    subject_id = str(subject.pk) if subject is not None else ""
+    actor_id = actor.pk if actor is not None else None
+    actor_text = actor_repr or describe_actor(actor)
+    with transaction.atomic():
+        head = _locked_head()
+        seq = head.seq + 1
+        created_at = timezone.now()
+        text = entry_canonical_text(
+            seq=seq,
+            event=event,
+            actor_id=actor_id,
+            actor_repr=actor_text,
+            subject_type=subject_type,
+            subject_id=subject_id,
+            consortium_slug=consortium_slug,
+            institution_slug=institution_slug,
+            payload_text=payload_text,
+            created_at=created_at,
+        )
+        entry_hash = chain_hash(head.entry_hash, text)
+        entry = LedgerEntry.objects.create(
+            seq=seq,
+            prev_hash=head.entry_hash,
+            entry_hash=entry_hash,
+            event=event,
+            actor=actor,
+            actor_id_at_write=actor_id,
+            actor_repr=actor_text,
+            subject_type=subject_type,
+            subject_id=subject_id,
+            consortium_slug=consortium_slug,
+            institution_slug=institution_slug,
+            payload_text=payload_text,
+            created_at=created_at,
+        )
+        LedgerHead.objects.filter(pk=1).update(seq=seq, entry_hash=entry_hash)
+    return entry
+
+
+@dataclass(frozen=True)
+class VerificationResult:
+    """What a walk over the chain found. ``first_bad_seq`` is None when intact."""
+
+    ok: bool
+    entry_count: int
+    head_hash: str
+    first_bad_seq: int | None = None
+    reason: str = ""
+
+    def summary(self) -> str:
+        if self.ok:
+            return f"Ledger intact: {self.entry_count} entries, head {self.head_hash}"
+        return f"Ledger BROKEN at entry #{self.first_bad_seq}: {self.reason}"
+
+
+def _rows(chunk_size: int) -> Iterator[tuple]:
+    # iterator() streams (a server-side cursor on PostgreSQL): memory stays flat
+    # however long the chain is.
+    return (
+        LedgerEntry.objects.order_by("seq")
+        .values_list(*_CHAIN_COLUMNS)
+        .iterator(chunk_size=chunk_size)
+    )
+
+
+def verify_rows(rows: Iterable[tuple]) -> VerificationResult:
+    """Walk rows (in ``_CHAIN_COLUMNS`` order, by seq) and check every link."""
+    expected_prev = GENESIS_HASH
+    expected_seq = 1
+    count = 0
+    for (
+        seq,
+        prev_hash,
+        entry_hash,
+        event,
+        actor_id,
+        actor_repr,
+        subject_type,
+        subject_id,
+        consortium_slug,
+        institution_slug,
+        payload_text,
+        created_at,
+    ) in rows:
+        if seq != expected_seq:
+            reason = (
+                f"expected entry #{expected_seq} next but found #{seq}: "
+                "an entry is missing or out of order"
+            )
+            return VerificationResult(False, count, expected_prev, expected_seq, reason)
+        if prev_hash != expected_prev:
+            reason = "its prev_hash does not match the hash of the entry before it"
+            return VerificationResult(False, count, expected_prev, seq, reason)
+        text = entry_canonical_text(
+            seq=seq,
+            event=event,
+            actor_id=actor_id,
+            actor_repr=actor_repr,
+            subject_type=subject_type,
+            subject_id=subject_id,
+            consortium_slug=consortium_slug,
+            institution_slug=institution_slug,
+            payload_text=payload_text,
+            created_at=created_at,
+        )
+        if chain_hash(prev_hash, text) != entry_hash:
+            reason = "its stored hash does not match its content (the entry was altered)"
+            return VerificationResult(False, count, expected_prev, seq, reason)
+        expected_prev = entry_hash
+        expected_seq += 1
+        count += 1
+    return VerificationResult(True, count, expected_prev)
+
+
+def verify_chain(*, chunk_size: int = 2000) -> VerificationResult:
+    """Recompute the whole chain and compare its end with the recorded head."""
+    result = verify_rows(_rows(chunk_size))
+    if not result.ok:
+        return result
+    head = LedgerHead.objects.filter(pk=1).first()
+    head_seq, head_hash = (head.seq, head.entry_hash) if head else (0, GENESIS_HASH)
+    if (head_seq, head_hash) != (result.entry_count, result.head_hash):
+        reason = (
+            f"the recorded head is entry #{head_seq} ({head_hash[:12]}...) but the chain "
+            f"ends at #{result.entry_count}: entries after it were deleted or the head altered"
+        )
+        return VerificationResult(
+            False, result.entry_count, result.head_hash, result.entry_count + 1, reason
+        )
+    return result

@@ -1,0 +1,107 @@
+"""The tamper-evident ledger (DESIGN section 5).
+
+Hand-written on purpose: django-auditlog and django-simple-history hang on model
+signals (bypassed by ``update()``, ``bulk_create`` and raw SQL) and neither chains
+hashes. Each entry stores its payload as canonical JSON *text* and
+``entry_hash = sha256(prev_hash || canonical_json(entry))``; see ``audit.ledger``.
+"""
+
+from __future__ import annotations
+
+import pgtrigger
+from django.conf import settings
+from django.db import models
+
+
+_IMMUTABLE_COLUMNS = (
+    "id",
+    "seq",
+    "prev_hash",
+    "entry_hash",
+    "event",
+    "actor_id_at_write",
+    "actor_repr",
+    "subject_type",
+    "subject_id",
+    "consortium_slug",
+    "institution_slug",
+    "payload_text",
+    "created_at",
+)
+# Refuse the UPDATE if any immutable column changes, or if actor_id is set to
+# anything but NULL (a deleted user's ON DELETE SET NULL is the one allowed change).
+_ONLY_ACTOR_NULLED_IS_ALLOWED = (
+    "ROW("
+    + ", ".join(f'OLD."{c}"' for c in _IMMUTABLE_COLUMNS)
+    + ") IS DISTINCT FROM ROW("
+    + ", ".join(f'NEW."{c}"' for c in _IMMUTABLE_COLUMNS)
+    + ') OR NEW."actor_id" IS NOT NULL'
+)
+
+
+class LedgerEntry(models.Model):
+    """One append-only, hash-chained record of something that happened.
+
+    ``actor`` may become NULL when the user is deleted; ``actor_repr`` keeps a
+    readable name and ``actor_id_at_write`` the id, both inside the hash. On
+    PostgreSQL a trigger refuses every UPDATE and DELETE except that one change
+    (``actor`` set to NULL and nothing else).
+    """
+
+    seq = models.PositiveBigIntegerField(unique=True)
+    prev_hash = models.CharField(max_length=64)
+    entry_hash = models.CharField(max_length=64, unique=True)
+    event = models.CharField(max_length=64, db_index=True)
+    actor = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="ledger_entries",
+    )
+    actor_id_at_write = models.BigIntegerField(null=True, blank=True)
+    actor_repr = models.CharField(max_length=255)
+    subject_type = models.CharField(max_length=64, blank=True)
+    subject_id = models.CharField(max_length=64, blank=True)
+    # Slugs, not foreign keys: the entry must outlive and never follow the rows it names.
+    consortium_slug = models.CharField(max_length=64, blank=True, db_index=True)
+    institution_slug = models.CharField(max_length=64, blank=True, db_index=True)
+    payload_text = models.TextField()
+    created_at = models.DateTimeField()
+
+    class Meta:
+        ordering = ["seq"]
+        verbose_name_plural = "ledger entries"
+        indexes = [models.Index(fields=["created_at"])]
+        triggers = [
+            pgtrigger.Protect(
+                name="ledger_no_delete",
+                operation=pgtrigger.Delete,
+            ),
+            # The only UPDATE allowed is ON DELETE SET NULL of the actor's user.
+            pgtrigger.Protect(
+                name="ledger_no_update",
+                operation=pgtrigger.Update,
+                condition=pgtrigger.Condition(_ONLY_ACTOR_NULLED_IS_ALLOWED),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.seq} {self.event} by {self.actor_repr}"
+
+
+class LedgerHead(models.Model):
+    """The single row naming the chain's last entry.
+
+    Appends lock it (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's IMMEDIATE
+    transactions already serialise writers), so two writers cannot both chain on
+    the same predecessor. Verification also compares it with the last entry, which
+    is how a deleted tail is caught.
+    """
+
+    id = models.PositiveSmallIntegerField(primary_key=True, default=1)
+    seq = models.PositiveBigIntegerField(default=0)
+    entry_hash = models.CharField(max_length=64, default="0" * 64)
+
+    def __str__(self) -> str:
+        return f"head #{self.seq} {self.entry_hash[:12]}"

@@ -1,0 +1,4 @@
+"""Auditor pages (namespace ``audit``)."""
+
+app_name = "audit"
+urlpatterns: list = []

@@ -1,0 +1,347 @@
+"""Governance: consortia, institutions, memberships, invitations and data-use
+agreements (DESIGN section 3). Rows are written only through ``services``."""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MaxValueValidator, MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+
+class Role(models.TextChoices):
+    """Consortium-wide roles have no institution; the others belong to one."""
+
+    CONSORTIUM_ADMIN = "consortium_admin", "Consortium administrator"
+    AUDITOR = "auditor", "Auditor"
+    INSTITUTION_ADMIN = "institution_admin", "Institution administrator"
+    APPROVER = "approver", "Approver"
+    DATA_STEWARD = "data_steward", "Data steward"
+    RESEARCHER = "researcher", "Researcher"
+
+
+CONSORTIUM_ROLES = frozenset({Role.CONSORTIUM_ADMIN, Role.AUDITOR})
+INSTITUTION_ROLES = frozenset(
+    {Role.INSTITUTION_ADMIN, Role.APPROVER, Role.DATA_STEWARD, Role.RESEARCHER}
+)
+
+
+class DPMechanism(models.TextChoices):
+    """The differential-privacy mechanism an agreement may require of every job."""
+
+    NONE = "none", "None required"
+    LAPLACE = "laplace", "Laplace noise"
+    GAUSSIAN = "gaussian", "Gaussian noise"
+    SVT = "svt", "Sparse vector technique"
+    DP_SGD = "dp_sgd", "DP-SGD at the site"
+
+
+class ModelFamily(models.TextChoices):
+    """Model families an agreement can permit; jobs name a model of one family."""
+
+    LINEAR = "linear", "Linear models (logistic regression)"
+    MLP = "mlp", "Multilayer perceptrons"
+    CNN = "cnn", "Convolutional networks"
+    UNET = "unet", "U-Net segmentation networks"
+    CUSTOM = "custom", "Registered custom models"
+
+
+class Consortium(models.Model):
+    """A group of institutions that train models together under one agreement."""
+
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    description = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name_plural = "consortia"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Institution(models.Model):
+    """A hospital or research site. ``slug`` names its worker queue (``site.<slug>``).
+
+    ``worker_public_key`` is the site worker's Ed25519 public key (PEM), against
+    which the central side verifies signed model updates.
+    """
+
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.PROTECT, related_name="institutions"
+    )
+    name = models.CharField(max_length=200)
+    slug = models.SlugField(max_length=64, unique=True)
+    country = models.CharField(max_length=64, blank=True)
+    worker_public_key = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["name"]
+        constraints = [
+            models.UniqueConstraint(fields=["consortium", "name"], name="uniq_institution_name")
+        ]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Membership(models.Model):
+    """A user's role in a consortium, and for institution roles, in one institution.
+
+    A user may hold several memberships (one row per role).
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
+    )
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.CASCADE, related_name="memberships"
+    )
+    institution = models.ForeignKey(
+        Institution, null=True, blank=True, on_delete=models.CASCADE, related_name="memberships"
+    )
+    role = models.CharField(max_length=32, choices=Role.choices)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["consortium", "institution__name", "role"]
+        constraints = [
+            # Two partial constraints, since SQLite has no NULLS NOT DISTINCT.
+            models.UniqueConstraint(
+                fields=["user", "consortium", "role"],
+                condition=Q(institution__isnull=True),
+                name="uniq_consortium_membership",
+            ),
+            models.UniqueConstraint(
+                fields=["user", "institution", "role"],
+                condition=Q(institution__isnull=False),
+                name="uniq_institution_membership",
+            ),
+            models.CheckConstraint(
+                name="membership_role_matches_scope",
+                condition=(
+                    Q(institution__isnull=True, role__in=[r.value for r in CONSORTIUM_ROLES])
+                    | Q(institution__isnull=False, role__in=[r.value for r in INSTITUTION_ROLES])
+                ),
+            ),
+        ]
+
+    def __str__(self) -> str:
+        where = self.institution or self.consortium
+        return f"{self.user} – {self.get_role_display()} at {where}"
+
+
+class Invitation(models.Model):
+    """An emailed invitation to join with a role. Only the token's hash is stored."""
+
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.CASCADE, related_name="invitations"
+    )
+    institution = models.ForeignKey(
+        Institution, null=True, blank=True, on_delete=models.CASCADE, related_name="invitations"
+    )
+    email = models.EmailField()
+    role = models.CharField(max_length=32, choices=Role.choices)
+    token_hash = models.CharField(max_length=64, unique=True)
+    invited_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    accepted_at = models.DateTimeField(null=True, blank=True)
+    accepted_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"Invitation of {self.email} as {self.get_role_display()}"
+
+    @property
+    def is_pending(self) -> bool:
+        return (
+            self.accepted_at is None
+            and self.revoked_at is None
+            and self.expires_at > timezone.now()
+        )
+
+    @property
+    def status(self) -> str:
+        if self.accepted_at:
+            return "accepted"
+        if self.revoked_at:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "pending"
+
+
+class Agreement(models.Model):
+    """A data-use agreement; its terms live in immutable published versions."""
+
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.PROTECT, related_name="agreements"
+    )
+    title = models.CharField(max_length=200)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return self.title
+
+
+class AgreementVersion(models.Model):
+    """One version of an agreement's terms.
+
+    A draft may be edited; publishing freezes it (``content_digest`` is the
+    SHA-256 of its canonical terms and text, and signatures record it). An
+    amendment is a new version, which needs new signatures.
+    """
+
+    class Status(models.TextChoices):
+        DRAFT = "draft", "Draft"
+        PUBLISHED = "published", "Published"
+
+    agreement = models.ForeignKey(Agreement, on_delete=models.PROTECT, related_name="versions")
+    number = models.PositiveIntegerField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
+    purpose = models.TextField()
+    permitted_model_families = models.JSONField(default=list)
+    max_shared_fraction = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="Largest fraction of the model a site may share per round (0 to 1).",
+    )
+    required_dp_mechanism = models.CharField(
+        max_length=16, choices=DPMechanism.choices, default=DPMechanism.GAUSSIAN
+    )
+    epsilon_cap = models.DecimalField(
+        max_digits=8,
+        decimal_places=3,
+        validators=[MinValueValidator(0)],
+        help_text="Each institution's total privacy budget ε in this consortium.",
+    )
+    delta = models.DecimalField(
+        max_digits=12,
+        decimal_places=10,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text="The δ at which ε is accounted.",
+    )
+    valid_from = models.DateField()
+    valid_until = models.DateField()
+    text = models.TextField(help_text="The full text of the agreement.")
+    content_digest = models.CharField(max_length=64, blank=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    published_at = models.DateTimeField(null=True, blank=True)
+    published_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    class Meta:
+        ordering = ["agreement", "-number"]
+        constraints = [
+            models.UniqueConstraint(fields=["agreement", "number"], name="uniq_version_number"),
+            # At most one draft per agreement at a time.
+            models.UniqueConstraint(
+                fields=["agreement"],
+                condition=Q(status="draft"),
+                name="one_draft_per_agreement",
+            ),
+            models.CheckConstraint(
+                name="version_dates_ordered", condition=Q(valid_until__gte=models.F("valid_from"))
+            ),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.agreement} v{self.number} ({self.status})"
+
+    @property
+    def is_published(self) -> bool:
+        return self.status == self.Status.PUBLISHED
+
+    def is_within_dates(self, on=None) -> bool:
+        today = on or timezone.localdate()
+        return self.valid_from <= today <= self.valid_until
+
+
+class Signature(models.Model):
+    """An institution's approver signing one published version's exact text."""
+
+    version = models.ForeignKey(
+        AgreementVersion, on_delete=models.PROTECT, related_name="signatures"
+    )
+    institution = models.ForeignKey(
+        Institution, on_delete=models.PROTECT, related_name="signatures"
+    )
+    signer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    signer_repr = models.CharField(max_length=255)
+    typed_name = models.CharField(max_length=200)
+    content_digest = models.CharField(max_length=64)
+    signed_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["signed_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["version", "institution"], name="one_signature_per_institution"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution} signed {self.version}"
+
+
+class Withdrawal(models.Model):
+    """An institution withdrawing consent under an agreement.
+
+    It blocks the institution from future jobs; later issues use it to flag the
+    models derived from its contributions.
+    """
+
+    agreement = models.ForeignKey(Agreement, on_delete=models.PROTECT, related_name="withdrawals")
+    institution = models.ForeignKey(
+        Institution, on_delete=models.PROTECT, related_name="withdrawals"
+    )
+    reason = models.TextField()
+    withdrawn_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    withdrawn_by_repr = models.CharField(max_length=255)
+    withdrawn_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-withdrawn_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["agreement", "institution"], name="one_withdrawal_per_institution"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution} withdrew from {self.agreement}"

@@ -1,0 +1,157 @@
+"""Reads: what a user may see, and the derived state of agreements.
+
+Each ``*_visible_to(user)`` applies the same scope as the predicates in
+``permissions``, so lists never show what a detail page would refuse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from django.db.models import Prefetch, QuerySet
+from django.utils import timezone
+
+from .models import (
+    Agreement,
+    AgreementVersion,
+    Consortium,
+    Institution,
+    Invitation,
+    Membership,
+    Signature,
+    Withdrawal,
+)
+from .permissions import grants_of
+
+
+def consortium_ids_of(user) -> set[int]:
+    return {g.consortium_id for g in grants_of(user)}
+
+
+def consortia_visible_to(user) -> QuerySet[Consortium]:
+    return Consortium.objects.filter(pk__in=consortium_ids_of(user))
+
+
+def institutions_visible_to(user) -> QuerySet[Institution]:
+    return Institution.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "consortium"
+    )
+
+
+def memberships_visible_to(user) -> QuerySet[Membership]:
+    return Membership.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "user", "institution", "consortium"
+    )
+
+
+def invitations_visible_to(user) -> QuerySet[Invitation]:
+    return Invitation.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "institution", "invited_by", "consortium"
+    )
+
+
+def agreements_visible_to(user) -> QuerySet[Agreement]:
+    return Agreement.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "consortium"
+    )
+
+
+def versions_visible_to(user) -> QuerySet[AgreementVersion]:
+    return AgreementVersion.objects.filter(
+        agreement__consortium_id__in=consortium_ids_of(user)
+    ).select_related("agreement", "agreement__consortium")
+
+
+def user_institutions_with_role(user, consortium: Consortium, *roles: str) -> QuerySet[Institution]:
+    """Institutions of ``consortium`` where the user holds one of ``roles``."""
+    ids = {
+        g.institution_id
+        for g in grants_of(user)
+        if g.consortium_id == consortium.pk and g.institution_id and g.role in roles
+    }
+    return Institution.objects.filter(pk__in=ids).order_by("name")
+
+
+def current_version(agreement: Agreement) -> AgreementVersion | None:
+    """The latest published version: the terms in effect."""
+    return (
+        agreement.versions.filter(status=AgreementVersion.Status.PUBLISHED)
+        .order_by("-number")
+        .first()
+    )
+
+
+def draft_version(agreement: Agreement) -> AgreementVersion | None:
+    return agreement.versions.filter(status=AgreementVersion.Status.DRAFT).first()
+
+
+@dataclass
+class AgreementStatus:
+    """Who has signed the current version, who has not, who withdrew, and why the
+    agreement is or is not in force."""
+
+    agreement: Agreement
+    version: AgreementVersion | None
+    signed: list[Signature] = field(default_factory=list)
+    unsigned: list[Institution] = field(default_factory=list)
+    withdrawn: list[Withdrawal] = field(default_factory=list)
+    in_force: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def eligible_institution_ids(self) -> set[int]:
+        """Institutions that signed the current version and have not withdrawn."""
+        withdrawn = {w.institution_id for w in self.withdrawn}
+        return {s.institution_id for s in self.signed} - withdrawn
+
+
+def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> AgreementStatus:
+    """An agreement is in force when it has a published version within its dates
+    and every member institution that has not withdrawn has signed that version.
+    A withdrawn institution is out of every future job, but does not stop the
+    others from working under the agreement."""
+    today = on or timezone.localdate()
+    version = current_version(agreement)
+    status = AgreementStatus(agreement=agreement, version=version)
+    status.withdrawn = list(agreement.withdrawals.select_related("institution"))
+    if version is None:
+        status.reasons.append("no version has been published")
+        return status
+    withdrawn_ids = {w.institution_id for w in status.withdrawn}
+    signatures = {
+        s.institution_id: s for s in version.signatures.select_related("institution")
+    }
+    institutions = list(agreement.consortium.institutions.order_by("name"))
+    status.signed = [signatures[i.pk] for i in institutions if i.pk in signatures]
+    status.unsigned = [
+        i for i in institutions if i.pk not in signatures and i.pk not in withdrawn_ids
+    ]
+    if not version.is_within_dates(today):
+        status.reasons.append(
+            f"version {version.number} is valid from {version.valid_from} to "
+            f"{version.valid_until}, not on {today}"
+        )
+    if status.unsigned:
+        names = ", ".join(i.name for i in status.unsigned)
+        status.reasons.append(f"version {version.number} is not yet signed by {names}")
+    if not status.eligible_institution_ids:
+        status.reasons.append("no institution is left under the agreement")
+    status.in_force = not status.reasons
+    return status
+
+
+def agreements_with_versions(user) -> QuerySet[Agreement]:
+    """Agreements for list pages, with their versions prefetched (one query more)."""
+    return agreements_visible_to(user).prefetch_related(
+        Prefetch("versions", queryset=AgreementVersion.objects.order_by("-number"))
+    )
+
+
+def agreement_in_force(consortium: Consortium) -> AgreementStatus | None:
+    """The consortium's agreement in force now, if any (the newest one that is)."""
+    for agreement in consortium.agreements.order_by("-created_at"):
+        status = agreement_status(agreement)
+        if status.in_force:
+            return status
+    return None

@@ -1,0 +1,15 @@
+"""Root URLconf. The apps beside ``consortium`` are included by dotted string so
+nothing here imports upward."""
+
+from django.contrib import admin
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
+
+urlpatterns = [
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
+    path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("admin/", admin.site.urls),
+    path("api/", include("consortium.api.urls")),
+    path("", include("audit.urls")),
+    path("", include("consortium.web_urls")),
+]

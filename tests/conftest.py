@@ -1,0 +1,93 @@
+"""Shared fixtures: a consortium with two institutions and one user per role.
+
+``cast`` gives the people every permission test runs as: anonymous, outsider
+(signed in, no membership), ``other_member`` (researcher at the *other*
+institution), ``approver``, ``steward``, ``inst_admin`` and ``researcher`` of
+``hospital_a``, ``auditor`` and ``admin`` of the consortium.
+"""
+
+from dataclasses import dataclass
+
+import pytest
+from django.test import Client
+
+from consortium import services
+from consortium.models import Role
+
+from .factories import PASSWORD, MembershipFactory, UserFactory
+
+
+@pytest.fixture(autouse=True)
+def _fast_passwords(settings):
+    settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+    settings.AXES_ENABLED = False
+
+
+@dataclass
+class Cast:
+    consortium: object
+    hospital_a: object
+    hospital_b: object
+    admin: object
+    auditor: object
+    approver: object
+    approver_b: object
+    steward: object
+    inst_admin: object
+    researcher: object
+    other_member: object
+    outsider: object
+
+    def client_for(self, who: str | None) -> Client:
+        """A Django test client signed in as ``who`` (a field name), or anonymous."""
+        client = Client()
+        if who and who != "anonymous":
+            client.force_login(getattr(self, who))
+        return client
+
+
+PERSONAS = [
+    "anonymous",
+    "outsider",
+    "other_member",
+    "approver",
+    "auditor",
+    "admin",
+]
+
+
+@pytest.fixture
+def cast(db):
+    admin = UserFactory(username="admin", first_name="Ada", last_name="Admin")
+    consortium = services.consortium_create(acting_user=admin, name="Test Consortium")
+    hospital_a = services.institution_create(
+        acting_user=admin, consortium=consortium, name="Hospital A"
+    )
+    hospital_b = services.institution_create(
+        acting_user=admin, consortium=consortium, name="Hospital B"
+    )
+
+    def member(username, role, institution=None):
+        user = UserFactory(username=username)
+        MembershipFactory(user=user, consortium=consortium, institution=institution, role=role)
+        return user
+
+    return Cast(
+        consortium=consortium,
+        hospital_a=hospital_a,
+        hospital_b=hospital_b,
+        admin=admin,
+        auditor=member("auditor", Role.AUDITOR),
+        approver=member("approver", Role.APPROVER, hospital_a),
+        approver_b=member("approver_b", Role.APPROVER, hospital_b),
+        steward=member("steward", Role.DATA_STEWARD, hospital_a),
+        inst_admin=member("inst_admin", Role.INSTITUTION_ADMIN, hospital_a),
+        researcher=member("researcher", Role.RESEARCHER, hospital_a),
+        other_member=member("other_member", Role.RESEARCHER, hospital_b),
+        outsider=UserFactory(username="outsider"),
+    )
+
+
+@pytest.fixture
+def password():
+    return PASSWORD

@@ -1,0 +1,1 @@
+"""Training jobs, approvals, rounds and site updates arrive with the jobs issue."""
