@@ -12,7 +12,6 @@ import pgtrigger
 from django.conf import settings
 from django.db import models
 
-
 _IMMUTABLE_COLUMNS = (
     "id",
     "seq",

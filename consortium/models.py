@@ -98,9 +98,7 @@ class Membership(models.Model):
     user = models.ForeignKey(
         settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="memberships"
     )
-    consortium = models.ForeignKey(
-        Consortium, on_delete=models.CASCADE, related_name="memberships"
-    )
+    consortium = models.ForeignKey(Consortium, on_delete=models.CASCADE, related_name="memberships")
     institution = models.ForeignKey(
         Institution, null=True, blank=True, on_delete=models.CASCADE, related_name="memberships"
     )
@@ -138,9 +136,7 @@ class Membership(models.Model):
 class Invitation(models.Model):
     """An emailed invitation to join with a role. Only the token's hash is stored."""
 
-    consortium = models.ForeignKey(
-        Consortium, on_delete=models.CASCADE, related_name="invitations"
-    )
+    consortium = models.ForeignKey(Consortium, on_delete=models.CASCADE, related_name="invitations")
     institution = models.ForeignKey(
         Institution, null=True, blank=True, on_delete=models.CASCADE, related_name="invitations"
     )
@@ -190,9 +186,7 @@ class Invitation(models.Model):
 class Agreement(models.Model):
     """A data-use agreement; its terms live in immutable published versions."""
 
-    consortium = models.ForeignKey(
-        Consortium, on_delete=models.PROTECT, related_name="agreements"
-    )
+    consortium = models.ForeignKey(Consortium, on_delete=models.PROTECT, related_name="agreements")
     title = models.CharField(max_length=200)
     created_by = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"

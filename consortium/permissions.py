@@ -125,9 +125,7 @@ def is_data_steward(user, obj) -> bool:
 def is_institution_admin_of_any(user, obj) -> bool:
     """For consortium-level objects: the user administers some institution in it."""
     cid = consortium_id_of(obj)
-    return any(
-        g.consortium_id == cid and g.role == Role.INSTITUTION_ADMIN for g in grants_of(user)
-    )
+    return any(g.consortium_id == cid and g.role == Role.INSTITUTION_ADMIN for g in grants_of(user))
 
 
 # Reading governance data: any member of the consortium.
@@ -149,9 +147,7 @@ rules.add_perm(
 # Invitations: obj is the consortium (consortium roles) or an institution.
 rules.add_perm("consortium.invite_to_consortium", is_consortium_admin)
 rules.add_perm("consortium.invite_to_institution", is_consortium_admin | is_institution_admin)
-rules.add_perm(
-    "consortium.send_invitations", is_consortium_admin | is_institution_admin_of_any
-)
+rules.add_perm("consortium.send_invitations", is_consortium_admin | is_institution_admin_of_any)
 # Role changes and removals: obj is the membership.
 rules.add_perm("consortium.manage_membership", is_consortium_admin | is_institution_admin)
 rules.add_perm("consortium.revoke_invitation", is_consortium_admin | is_institution_admin)
@@ -163,3 +159,19 @@ rules.add_perm("consortium.withdraw_consent", is_approver | is_institution_admin
 # The ledger: obj is the consortium.
 rules.add_perm("audit.view_ledger", is_auditor | is_consortium_admin)
 rules.add_perm("audit.verify_ledger", is_auditor | is_consortium_admin)
+
+
+@rules.predicate
+def is_approver_of_any(user, obj) -> bool:
+    """For consortium-level objects (an agreement, a version): the user approves
+    for some institution in it. Which institution is chosen on the form."""
+    cid = consortium_id_of(obj)
+    return any(g.consortium_id == cid and g.role == Role.APPROVER for g in grants_of(user))
+
+
+# The signing and withdrawal pages: obj is the agreement or version. The
+# institution-level checks above still decide what is submitted.
+rules.add_perm("consortium.sign_for_an_institution", is_approver_of_any)
+rules.add_perm(
+    "consortium.withdraw_for_an_institution", is_approver_of_any | is_institution_admin_of_any
+)

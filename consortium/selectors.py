@@ -19,6 +19,7 @@ from .models import (
     Institution,
     Invitation,
     Membership,
+    Role,
     Signature,
     Withdrawal,
 )
@@ -119,9 +120,7 @@ def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> Agre
         status.reasons.append("no version has been published")
         return status
     withdrawn_ids = {w.institution_id for w in status.withdrawn}
-    signatures = {
-        s.institution_id: s for s in version.signatures.select_related("institution")
-    }
+    signatures = {s.institution_id: s for s in version.signatures.select_related("institution")}
     institutions = list(agreement.consortium.institutions.order_by("name"))
     status.signed = [signatures[i.pk] for i in institutions if i.pk in signatures]
     status.unsigned = [
@@ -155,3 +154,80 @@ def agreement_in_force(consortium: Consortium) -> AgreementStatus | None:
         if status.in_force:
             return status
     return None
+
+
+@dataclass
+class PendingAction:
+    """Something the user can do now; ``kind`` picks the wording and link."""
+
+    kind: str  # "sign", "publish", "worker_key", "invitations"
+    agreement: Agreement | None = None
+    version: AgreementVersion | None = None
+    institution: Institution | None = None
+    count: int = 0
+
+
+@dataclass
+class ConsortiumDashboard:
+    consortium: Consortium
+    institutions: list[Institution]
+    statuses: list[AgreementStatus]
+    my_memberships: list[Membership]
+    pending: list[PendingAction]
+
+    @property
+    def in_force(self) -> AgreementStatus | None:
+        return next((s for s in self.statuses if s.in_force), None)
+
+
+def consortium_dashboard(user, consortium: Consortium) -> ConsortiumDashboard:
+    """What the consortium's front page shows ``user``: institutions, every
+    agreement's status, the user's own roles and what waits on them."""
+    agreements = list(consortium.agreements.order_by("-created_at"))
+    statuses = [agreement_status(a) for a in agreements]
+    grants = [g for g in grants_of(user) if g.consortium_id == consortium.pk]
+    roles_at = {}
+    for g in grants:
+        roles_at.setdefault(g.institution_id, set()).add(g.role)
+    pending: list[PendingAction] = []
+    approver_of = {i for i, roles in roles_at.items() if i and Role.APPROVER in roles}
+    for status in statuses:
+        if status.version is None:
+            continue
+        withdrawn = {w.institution_id for w in status.withdrawn}
+        for institution in status.unsigned:
+            if institution.pk in approver_of and institution.pk not in withdrawn:
+                pending.append(
+                    PendingAction(
+                        "sign",
+                        agreement=status.agreement,
+                        version=status.version,
+                        institution=institution,
+                    )
+                )
+    is_admin = Role.CONSORTIUM_ADMIN in roles_at.get(None, set())
+    if is_admin:
+        for draft in AgreementVersion.objects.filter(
+            agreement__consortium=consortium, status=AgreementVersion.Status.DRAFT
+        ).select_related("agreement"):
+            pending.append(PendingAction("publish", agreement=draft.agreement, version=draft))
+    keepers = {
+        i
+        for i, roles in roles_at.items()
+        if i and roles & {Role.INSTITUTION_ADMIN, Role.DATA_STEWARD}
+    }
+    institutions = list(consortium.institutions.order_by("name"))
+    for institution in institutions:
+        if (is_admin or institution.pk in keepers) and not institution.worker_public_key:
+            pending.append(PendingAction("worker_key", institution=institution))
+    return ConsortiumDashboard(
+        consortium=consortium,
+        institutions=institutions,
+        statuses=statuses,
+        my_memberships=list(
+            Membership.objects.filter(user=user, consortium=consortium).select_related(
+                "institution"
+            )
+        ),
+        pending=pending,
+    )

@@ -84,7 +84,9 @@ def _record(event: str, *, actor, subject, consortium: Consortium, institution=N
 # --- Consortia and institutions ------------------------------------------------------
 
 
-def consortium_create(*, acting_user, name: str, slug: str = "", description: str = "") -> Consortium:
+def consortium_create(
+    *, acting_user, name: str, slug: str = "", description: str = ""
+) -> Consortium:
     slug = slug or slugify(name)
     if Consortium.objects.filter(slug=slug).exists():
         raise ConflictError(f"A consortium with the slug '{slug}' already exists.")
@@ -115,16 +117,22 @@ def validate_worker_public_key(pem: str) -> str:
         key = serialization.load_pem_public_key(pem.encode("ascii"))
     except (ValueError, UnicodeEncodeError) as exc:
         raise ValidationError(
-            {"worker_public_key": "Not a PEM-encoded public key (expected a "
-             "'-----BEGIN PUBLIC KEY-----' block)."}
+            {
+                "worker_public_key": "Not a PEM-encoded public key (expected a "
+                "'-----BEGIN PUBLIC KEY-----' block)."
+            }
         ) from exc
     if not isinstance(key, Ed25519PublicKey):
         raise ValidationError(
             {"worker_public_key": "The worker key must be an Ed25519 public key."}
         )
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode("ascii").strip()
+    return (
+        key.public_bytes(
+            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+        )
+        .decode("ascii")
+        .strip()
+    )
 
 
 def key_fingerprint(pem: str) -> str:
@@ -286,12 +294,13 @@ def invitation_create(
             expires_at=invitation.expires_at.isoformat(),
         )
         where = institution.name if institution else consortium.name
+        ttl = settings.INVITATION_TTL_HOURS
         transaction.on_commit(
             lambda: send_mail(
                 subject=f"Invitation to join {consortium.name}",
                 message=(
                     f"You have been invited to join {where} as {Role(role).label}.\n\n"
-                    f"Accept within {settings.INVITATION_TTL_HOURS} hours: {invitation_url(token)}\n"
+                    f"Accept within {ttl} hours: {invitation_url(token)}\n"
                 ),
                 from_email=settings.DEFAULT_FROM_EMAIL,
                 recipient_list=[email],
@@ -321,6 +330,15 @@ def _check_invitation_usable(invitation: Invitation) -> None:
         raise ConflictError(
             "This invitation has expired; ask for a new one.", code="invitation_expired"
         )
+
+
+def invitation_for_acceptance(token: str) -> Invitation:
+    """The invitation behind a link if it can still be accepted; otherwise the
+    ServiceError (invalid link) or ConflictError (used, revoked, expired) that
+    says why, for the invitation page to show before anyone fills a form."""
+    invitation = invitation_by_token(token)
+    _check_invitation_usable(invitation)
+    return invitation
 
 
 def invitation_accept(*, token: str, user) -> Membership:
@@ -457,7 +475,7 @@ def membership_change_role(*, acting_user, membership: Membership, role: str) ->
 def membership_remove(*, acting_user, membership: Membership) -> None:
     with transaction.atomic():
         membership = (
-            Membership.objects.select_for_update()
+            Membership.objects.select_for_update(of=("self",))
             .select_related("user", "consortium", "institution")
             .get(pk=membership.pk)
         )
@@ -522,7 +540,9 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
         except ArithmeticError:
             errors[name] = "Enter a number."
             continue
-        if not value.is_finite() or not (low < value <= high if name != "delta" else low < value < high):
+        if not value.is_finite() or not (
+            low < value <= high if name != "delta" else low < value < high
+        ):
             errors[name] = f"Must be above {low} and at most {high}."
         terms[name] = value
     start, end = terms.get("valid_from"), terms.get("valid_until")
@@ -703,8 +723,10 @@ def agreement_sign(
     """
     if not confirmed:
         raise ValidationError(
-            {"confirmed": "Confirm that you have read the agreement and sign on behalf of "
-             "your institution."}
+            {
+                "confirmed": "Confirm that you have read the agreement and sign on behalf of "
+                "your institution."
+            }
         )
     expected_names = {
         _normalise_name(acting_user.get_full_name()),
@@ -712,8 +734,10 @@ def agreement_sign(
     } - {""}
     if _normalise_name(typed_name) not in expected_names:
         raise ValidationError(
-            {"typed_name": "Type your full name exactly as it appears on your account "
-             f"({acting_user.get_full_name() or acting_user.get_username()})."}
+            {
+                "typed_name": "Type your full name exactly as it appears on your account "
+                f"({acting_user.get_full_name() or acting_user.get_username()})."
+            }
         )
     if not has_institution_role(acting_user, institution, Role.APPROVER):
         raise ServiceError(
@@ -781,8 +805,10 @@ def consent_withdraw(
     reason = (reason or "").strip()
     if len(reason) < 10:
         raise ValidationError(
-            {"reason": "Give the reason for withdrawing (at least 10 characters); it is "
-             "recorded in the ledger."}
+            {
+                "reason": "Give the reason for withdrawing (at least 10 characters); it is "
+                "recorded in the ledger."
+            }
         )
     if institution.consortium_id != agreement.consortium_id:
         raise ServiceError(f"{institution} is not a member of {agreement.consortium}.")
@@ -808,3 +834,38 @@ def consent_withdraw(
             reason=reason,
         )
     return withdrawal
+
+
+def membership_grant(
+    *,
+    acting_user,
+    user,
+    consortium: Consortium,
+    role: str,
+    institution: Institution | None = None,
+    via: str = "operator",
+) -> Membership:
+    """Give a user a role directly, without an invitation (operators, seeding).
+
+    Idempotent: granting a role the user already holds returns it unchanged and
+    writes nothing.
+    """
+    _check_role_scope(role, institution)
+    with transaction.atomic():
+        membership, created = Membership.objects.get_or_create(
+            user=user, consortium=consortium, institution=institution, role=role
+        )
+        if created:
+            forget_grants(user)
+            _record(
+                Events.MEMBER_JOINED,
+                actor=acting_user,
+                subject=membership,
+                consortium=consortium,
+                institution=institution,
+                user_id=user.pk,
+                username=user.get_username(),
+                role=role,
+                via=via,
+            )
+    return membership

@@ -12,6 +12,7 @@ off, the development secret key refused, secure cookies and security headers.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import environ
@@ -19,10 +20,27 @@ from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
-# escape_proxy: a secret that starts with "$" must not be read as a reference
-# to another variable (see STACK-NOTES).
+# django-environ reads a value starting with "$" as a reference to another
+# variable (and silently falls back to the default when that is unset), so the
+# secret key is read from os.environ directly; escape_proxy lets other values
+# write a literal "$" as "\$".
 env = environ.Env()
 env.escape_proxy = True
+
+_TRUE, _FALSE = {"1", "true", "yes", "on"}, {"0", "false", "no", "off", ""}
+
+
+def env_bool(name: str, *, default: bool) -> bool:
+    """A boolean that refuses anything but the usual spellings (django-environ
+    reads "maybe" as False, which would hide a typo in a security setting)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    value = raw.strip().lower()
+    if value not in _TRUE | _FALSE:
+        raise ImproperlyConfigured(f"{name} must be true or false, not {raw!r}")
+    return value in _TRUE
+
 
 DEVELOPMENT_SECRET_KEY = "dev-insecure-key-never-use-in-production"  # noqa: S105
 
@@ -33,14 +51,14 @@ if ENVIRONMENT not in {"development", "production", "test"}:
     )
 PRODUCTION = ENVIRONMENT == "production"
 
-SECRET_KEY = env.str("DJANGO_SECRET_KEY", default=DEVELOPMENT_SECRET_KEY)
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY") or DEVELOPMENT_SECRET_KEY
 if PRODUCTION and (SECRET_KEY == DEVELOPMENT_SECRET_KEY or len(SECRET_KEY) < 32):
     raise ImproperlyConfigured(
         "DJANGO_SECRET_KEY must be set to a random value of at least 32 characters "
         "in production; the development key is refused."
     )
 
-DEBUG = env.bool("DJANGO_DEBUG", default=not PRODUCTION)
+DEBUG = env_bool("DJANGO_DEBUG", default=not PRODUCTION)
 ALLOWED_HOSTS = env.list(
     "DJANGO_ALLOWED_HOSTS", default=[] if PRODUCTION else ["127.0.0.1", "localhost", "testserver"]
 )
@@ -152,7 +170,8 @@ LOGOUT_REDIRECT_URL = "login"
 AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=10)
 AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_HOURS", default=0.25)
 AXES_RESET_ON_SUCCESS = True
-AXES_ENABLED = env.bool("AXES_ENABLED", default=True)
+AXES_ENABLED = env_bool("AXES_ENABLED", default=True)
+AXES_VERBOSE = False
 
 # Invitations expire; the token is sent by email and only its hash is stored.
 INVITATION_TTL_HOURS = env.int("INVITATION_TTL_HOURS", default=72)
@@ -209,7 +228,7 @@ CELERY_ACCEPT_CONTENT = ["json"]
 CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
-CELERY_TASK_ALWAYS_EAGER = env.bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 
 # --- Channels ----------------------------------------------------------------------
 CHANNEL_LAYER_URL = env.str("CHANNEL_LAYER_URL", default="")
@@ -260,7 +279,7 @@ SECURE_REFERRER_POLICY = "same-origin"
 if PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True
-    SECURE_SSL_REDIRECT = env.bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
+    SECURE_SSL_REDIRECT = env_bool("DJANGO_SECURE_SSL_REDIRECT", default=True)
     SECURE_HSTS_SECONDS = env.int("DJANGO_HSTS_SECONDS", default=31536000)
     SECURE_HSTS_INCLUDE_SUBDOMAINS = True
     SECURE_HSTS_PRELOAD = True
