@@ -158,6 +158,54 @@ def _locked_head() -> LedgerHead:
     return LedgerHead.objects.select_for_update().get(pk=1)
 
 
+# Set to False to append through the ORM on PostgreSQL too (the benchmark compares).
+_FAST_APPEND = True
+_INSERT_COLUMNS = (
+    "seq",
+    "prev_hash",
+    "entry_hash",
+    "event",
+    "actor_id",
+    "actor_id_at_write",
+    "actor_repr",
+    "subject_type",
+    "subject_id",
+    "consortium_slug",
+    "institution_slug",
+    "payload_text",
+    "created_at",
+)
+
+
+def _insert_and_move_head(connection, entry: LedgerEntry) -> None:
+    """PostgreSQL: insert the entry and move the head in one statement.
+
+    One round trip fewer per append than ``save()`` then ``update()``; with the
+    head lock, BEGIN and COMMIT that is four instead of five. Runs in the
+    caller's transaction, after the head row was locked.
+    """
+    quote = connection.ops.quote_name
+    columns = ", ".join(quote(c) for c in _INSERT_COLUMNS)
+    placeholders = ", ".join(["%s"] * len(_INSERT_COLUMNS))
+    # Only quoted table and column names are interpolated; values go as parameters.
+    sql = (
+        f"WITH new AS (INSERT INTO {quote(LedgerEntry._meta.db_table)} ({columns}) "  # noqa: S608
+        f"VALUES ({placeholders}) RETURNING {quote('id')}) "
+        f"UPDATE {quote(LedgerHead._meta.db_table)} SET {quote('seq')} = %s, "
+        f"{quote('entry_hash')} = %s WHERE {quote('id')} = 1 "
+        f"RETURNING (SELECT {quote('id')} FROM new)"
+    )
+    params = [getattr(entry, c) for c in _INSERT_COLUMNS]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [*params, entry.seq, entry.entry_hash])
+        row = cursor.fetchone()
+    if row is None:  # no head row to move: impossible once _locked_head() returned
+        raise IntegrityError("the ledger head row vanished during an append")
+    entry.pk = row[0]
+    entry._state.adding = False
+    entry._state.db = connection.alias
+
+
 def append_entry(
     *,
     event: str,
@@ -196,7 +244,7 @@ def append_entry(
             created_at=created_at,
         )
         entry_hash = chain_hash(head.entry_hash, text)
-        entry = LedgerEntry.objects.create(
+        entry = LedgerEntry(
             seq=seq,
             prev_hash=head.entry_hash,
             entry_hash=entry_hash,
@@ -211,7 +259,12 @@ def append_entry(
             payload_text=payload_text,
             created_at=created_at,
         )
-        LedgerHead.objects.filter(pk=1).update(seq=seq, entry_hash=entry_hash)
+        connection = transaction.get_connection(LedgerEntry.objects.db)
+        if connection.vendor == "postgresql" and _FAST_APPEND:
+            _insert_and_move_head(connection, entry)
+        else:
+            entry.save(force_insert=True)
+            LedgerHead.objects.filter(pk=1).update(seq=seq, entry_hash=entry_hash)
     return entry
 
 

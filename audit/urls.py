@@ -1,4 +1,15 @@
 """Auditor pages (namespace ``audit``)."""
 
+from django.urls import path
+
+from . import views
+
 app_name = "audit"
-urlpatterns: list = []
+urlpatterns = [
+    path("consortia/<slug:slug>/ledger/", views.LedgerView.as_view(), name="ledger"),
+    path(
+        "consortia/<slug:slug>/ledger/verify/",
+        views.LedgerVerifyView.as_view(),
+        name="ledger-verify",
+    ),
+]

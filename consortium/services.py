@@ -139,6 +139,9 @@ def key_fingerprint(pem: str) -> str:
     return sha256_hex(pem)[:16] if pem else ""
 
 
+RESERVED_INSTITUTION_SLUGS = frozenset({"new"})
+
+
 def institution_create(
     *,
     acting_user,
@@ -155,6 +158,10 @@ def institution_create(
     slug = slugify(slug or name)
     if not slug:
         raise ValidationError({"slug": "The slug must contain letters or digits."})
+    if slug in RESERVED_INSTITUTION_SLUGS:
+        # .../institutions/new/ is the page that adds one: such a site's own page
+        # could never be reached.
+        raise ValidationError({"slug": f"'{slug}' is reserved: choose another slug."})
     key = validate_worker_public_key(worker_public_key)
     if Institution.objects.filter(slug=slug).exists():
         raise ConflictError(f"An institution with the slug '{slug}' already exists.")

@@ -266,6 +266,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Two "status" fields with different choices: name their enums.
+    "ENUM_NAME_OVERRIDES": {
+        "VersionStatusEnum": "consortium.models.AgreementVersion.Status",
+        "InvitationStatusEnum": "consortium.api.serializers.INVITATION_STATUSES",
+    },
 }
 
 DJANGO_TABLES2_TEMPLATE = "django_tables2/table.html"

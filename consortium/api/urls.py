@@ -1,10 +1,29 @@
-"""REST API (namespace ``api``) and its OpenAPI schema and UI."""
+"""REST API (namespace ``api``) and its OpenAPI schema and UI.
+
+The ledger's endpoints live with the ledger in ``audit.api``; the API layer may
+import them (it sits above both apps).
+"""
 
 from django.urls import path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
+from rest_framework.routers import SimpleRouter
+
+from audit.api import LedgerEntryViewSet
+
+from . import views
+
+router = SimpleRouter()
+router.register("consortia", views.ConsortiumViewSet, basename="consortium")
+router.register("institutions", views.InstitutionViewSet, basename="institution")
+router.register("memberships", views.MembershipViewSet, basename="membership")
+router.register("invitations", views.InvitationViewSet, basename="invitation")
+router.register("agreements", views.AgreementViewSet, basename="agreement")
+router.register("agreement-versions", views.AgreementVersionViewSet, basename="agreement-version")
+router.register("ledger", LedgerEntryViewSet, basename="ledger-entry")
 
 app_name = "api"
 urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
+    *router.urls,
 ]
