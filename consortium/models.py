@@ -21,6 +21,7 @@ class Role(models.TextChoices):
     RESEARCHER = "researcher", "Researcher"
 
 
+# Sorted where they enter a migration: a set's order changes between runs.
 CONSORTIUM_ROLES = frozenset({Role.CONSORTIUM_ADMIN, Role.AUDITOR})
 INSTITUTION_ROLES = frozenset(
     {Role.INSTITUTION_ADMIN, Role.APPROVER, Role.DATA_STEWARD, Role.RESEARCHER}
@@ -122,8 +123,8 @@ class Membership(models.Model):
             models.CheckConstraint(
                 name="membership_role_matches_scope",
                 condition=(
-                    Q(institution__isnull=True, role__in=[r.value for r in CONSORTIUM_ROLES])
-                    | Q(institution__isnull=False, role__in=[r.value for r in INSTITUTION_ROLES])
+                    Q(institution__isnull=True, role__in=sorted(CONSORTIUM_ROLES))
+                    | Q(institution__isnull=False, role__in=sorted(INSTITUTION_ROLES))
                 ),
             ),
         ]
