@@ -48,6 +48,17 @@ class ModelFamily(models.TextChoices):
     CUSTOM = "custom", "Registered custom models"
 
 
+class Purpose(models.TextChoices):
+    """What a job's model is for; an agreement permits some of these."""
+
+    CLASSIFICATION = "classification", "Classification (diagnosis, risk prediction)"
+    SEGMENTATION = "segmentation", "Segmentation (delineating lesions or organs)"
+
+
+def all_purposes() -> list[str]:
+    return sorted(Purpose.values)
+
+
 class Consortium(models.Model):
     """A group of institutions that train models together under one agreement."""
 
@@ -217,6 +228,9 @@ class AgreementVersion(models.Model):
     number = models.PositiveIntegerField()
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DRAFT)
     purpose = models.TextField()
+    permitted_purposes = models.JSONField(
+        default=all_purposes, help_text="The kinds of model jobs may train (Purpose values)."
+    )
     permitted_model_families = models.JSONField(default=list)
     max_shared_fraction = models.DecimalField(
         max_digits=4,
@@ -340,3 +354,25 @@ class Withdrawal(models.Model):
 
     def __str__(self) -> str:
         return f"{self.institution} withdrew from {self.agreement}"
+
+
+class Notification(models.Model):
+    """A message for one user in the app (the same news also goes by email)."""
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="notifications"
+    )
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.CASCADE, related_name="notifications"
+    )
+    message = models.CharField(max_length=500)
+    url = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    read_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["user", "read_at"])]
+
+    def __str__(self) -> str:
+        return self.message

@@ -42,12 +42,15 @@ from .models import (
     Invitation,
     Membership,
     ModelFamily,
+    Purpose,
     Role,
     Signature,
     Withdrawal,
+    all_purposes,
 )
 from .permissions import forget_grants, has_institution_role
 from .selectors import current_version
+from .signals import consent_withdrawn
 
 User = get_user_model()
 
@@ -505,6 +508,7 @@ def membership_remove(*, acting_user, membership: Membership) -> None:
 
 TERM_FIELDS = (
     "purpose",
+    "permitted_purposes",
     "permitted_model_families",
     "max_shared_fraction",
     "required_dp_mechanism",
@@ -532,6 +536,16 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
                 + (f" (unknown: {', '.join(map(str, bad))})." if bad else ".")
             )
         terms["permitted_model_families"] = sorted(families)
+    purposes = terms.get("permitted_purposes")
+    if purposes is not None:
+        purposes = list(dict.fromkeys(purposes))
+        bad = [p for p in purposes if p not in Purpose.values]
+        if bad or not purposes:
+            errors["permitted_purposes"] = (
+                f"Choose at least one of {', '.join(Purpose.values)}"
+                + (f" (unknown: {', '.join(map(str, bad))})." if bad else ".")
+            )
+        terms["permitted_purposes"] = sorted(purposes)
     mechanism = terms.get("required_dp_mechanism")
     if mechanism is not None and mechanism not in DPMechanism.values:
         errors["required_dp_mechanism"] = f"Unknown mechanism '{mechanism}'."
@@ -569,6 +583,7 @@ def version_terms(version: AgreementVersion) -> dict[str, Any]:
         "agreement_id": version.agreement_id,
         "number": version.number,
         "purpose": version.purpose,
+        "permitted_purposes": sorted(version.permitted_purposes),
         "permitted_model_families": sorted(version.permitted_model_families),
         "max_shared_fraction": str(Decimal(version.max_shared_fraction).normalize()),
         "required_dp_mechanism": version.required_dp_mechanism,
@@ -592,6 +607,9 @@ def agreement_create(
     title = (title or "").strip()
     if not title:
         raise ValidationError({"title": "An agreement needs a title."})
+    # Older clients do not send permitted purposes: every purpose is permitted then.
+    if terms.get("permitted_purposes") is None:
+        terms["permitted_purposes"] = all_purposes()
     missing = [f for f in TERM_FIELDS if terms.get(f) in (None, "")]
     if missing:
         raise ValidationError({f: "This term is required." for f in missing})
@@ -840,6 +858,7 @@ def consent_withdraw(
             agreement_id=agreement.pk,
             reason=reason,
         )
+        consent_withdrawn.send(sender=Withdrawal, withdrawal=withdrawal, acting_user=acting_user)
     return withdrawal
 
 

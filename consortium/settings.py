@@ -229,6 +229,14 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_TASK_DEFAULT_QUEUE = "central"
+CELERY_BEAT_SCHEDULE = {
+    "expire-overdue-jobs": {"task": "training.expire_overdue_jobs", "schedule": 300.0},
+}
+
+# A deployment's own model classes, by dotted path ("bring your own model"):
+# {"name": {"class_path": "pkg.module.Class", "modality": "tabular", "description": "..."}}
+TRAINING_CUSTOM_MODELS: dict = {}
 
 # --- Channels ----------------------------------------------------------------------
 CHANNEL_LAYER_URL = env.str("CHANNEL_LAYER_URL", default="")

@@ -14,5 +14,6 @@ urlpatterns = [
     path("health/", health_view, name="health"),
     path("api/", include("consortium.api.urls")),
     path("", include("audit.urls")),
+    path("", include("training.urls")),
     path("", include("consortium.web_urls")),
 ]

@@ -1,1 +1,208 @@
-"""Training jobs, approvals, rounds and site updates arrive with the jobs issue."""
+"""Training jobs: what each site offers, the jobs proposed over those offers,
+each hospital's decision, and the privacy budget each job reserves
+(DESIGN sections 3 and 4). Rows are written only through ``training.services``.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.core.validators import MinValueValidator
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from consortium.models import AgreementVersion, Consortium, Institution
+
+
+class Modality(models.TextChoices):
+    TABULAR = "tabular", "Tabular records"
+    IMAGE = "image", "Images"
+    SEGMENTATION = "segmentation", "Images with segmentation masks"
+
+
+class SiteDataset(models.Model):
+    """The description of a data set one site offers. Only this description
+    reaches the central side: the records stay on site, where the worker maps
+    ``key`` to its own files."""
+
+    institution = models.ForeignKey(Institution, on_delete=models.CASCADE, related_name="datasets")
+    key = models.CharField(max_length=64)
+    description = models.TextField()
+    modality = models.CharField(max_length=16, choices=Modality.choices)
+    num_records = models.PositiveIntegerField(validators=[MinValueValidator(1)])
+    input_shape = models.JSONField(help_text="Shape of one input: [features] or [C, H, W].")
+    n_classes = models.PositiveIntegerField(validators=[MinValueValidator(2)])
+    schema = models.JSONField(
+        default=dict, blank=True, help_text="Optional: column names, units, label meaning."
+    )
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["institution__name", "key"]
+        constraints = [
+            models.UniqueConstraint(fields=["institution", "key"], name="uniq_dataset_key")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key} at {self.institution}"
+
+
+class JobState(models.TextChoices):
+    DRAFT = "draft", "Draft"
+    AWAITING_APPROVAL = "awaiting_approval", "Awaiting approval"
+    APPROVED = "approved", "Approved (queued)"
+    RUNNING = "running", "Running"
+    COMPLETED = "completed", "Completed"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+    REJECTED = "rejected", "Rejected"
+    EXPIRED = "expired", "Expired"
+
+
+TERMINAL_STATES = frozenset(
+    {JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED, JobState.REJECTED, JobState.EXPIRED}
+)
+
+
+class TrainingJob(models.Model):
+    """A federated training job. ``spec_text`` is the canonical JSON of the
+    validated spec and ``spec_digest`` its SHA-256: approvals bind to the digest,
+    so any change to the spec voids them."""
+
+    consortium = models.ForeignKey(Consortium, on_delete=models.PROTECT, related_name="jobs")
+    title = models.CharField(max_length=200)
+    spec_text = models.TextField()
+    spec_digest = models.CharField(max_length=64, db_index=True)
+    agreement_version = models.ForeignKey(
+        AgreementVersion, null=True, blank=True, on_delete=models.PROTECT, related_name="jobs"
+    )
+    state = models.CharField(
+        max_length=24, choices=JobState.choices, default=JobState.DRAFT, db_index=True
+    )
+    proposer = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    proposer_repr = models.CharField(max_length=255)
+    created_at = models.DateTimeField(default=timezone.now)
+    proposed_at = models.DateTimeField(null=True, blank=True)
+    approval_deadline = models.DateTimeField(null=True, blank=True)
+    state_changed_at = models.DateTimeField(default=timezone.now)
+    end_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        indexes = [models.Index(fields=["consortium", "state"])]
+
+    def __str__(self) -> str:
+        return f"Job #{self.pk} {self.title}"
+
+    @property
+    def spec(self) -> dict:
+        import json
+
+        return json.loads(self.spec_text)
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+class JobParticipant(models.Model):
+    """An institution taking part in a job. A withdrawal of consent removes it
+    from the next round on; the row stays, with when and why."""
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        REMOVED = "removed", "Removed"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="participants")
+    institution = models.ForeignKey(
+        Institution, on_delete=models.PROTECT, related_name="job_participations"
+    )
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE)
+    removed_at = models.DateTimeField(null=True, blank=True)
+    removed_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["institution__name"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "institution"], name="uniq_job_participant")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution} in {self.job}"
+
+
+class Approval(models.Model):
+    """One approver's decision for one institution. It counts only while the
+    job's spec digest and agreement version are those it was made under; older
+    decisions stay as history."""
+
+    class Decision(models.TextChoices):
+        APPROVED = "approved", "Approved"
+        REJECTED = "rejected", "Rejected"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="approvals")
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    decision = models.CharField(max_length=16, choices=Decision.choices)
+    reason = models.TextField(blank=True)
+    spec_digest = models.CharField(max_length=64)
+    agreement_version = models.ForeignKey(
+        AgreementVersion, on_delete=models.PROTECT, related_name="+"
+    )
+    decided_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    decided_by_repr = models.CharField(max_length=255)
+    decided_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-decided_at"]
+        indexes = [models.Index(fields=["job", "institution", "spec_digest"])]
+
+    def __str__(self) -> str:
+        return f"{self.institution} {self.decision} {self.job}"
+
+
+class PrivacyReservation(models.Model):
+    """The privacy events one job will spend at one institution, reserved when
+    the job is proposed so that two jobs cannot both fit a cap only one fits.
+
+    ``events_text`` is canonical JSON of ``training.accounting.PrivacyEvent``
+    records: budgets are always replayed from these by the accountant, never
+    summed by hand. A released reservation (job rejected, cancelled, expired,
+    or the institution removed) no longer counts.
+    """
+
+    class Status(models.TextChoices):
+        RESERVED = "reserved", "Reserved"
+        SPENT = "spent", "Spent"
+        RELEASED = "released", "Released"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="reservations")
+    institution = models.ForeignKey(
+        Institution, on_delete=models.PROTECT, related_name="privacy_reservations"
+    )
+    events_text = models.TextField()
+    epsilon = models.FloatField(help_text="This job's own ε at the agreement's δ (for display).")
+    delta = models.FloatField()
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.RESERVED)
+    created_at = models.DateTimeField(default=timezone.now)
+    released_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "institution"],
+                condition=~Q(status="released"),
+                name="one_live_reservation_per_job_institution",
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution}: ε {self.epsilon:.3f} for {self.job} ({self.status})"

@@ -199,9 +199,7 @@ class ModelSpec:
         for key, value in raw.items():
             if not isinstance(key, str) or key not in self.params:
                 known = ", ".join(sorted(self.params)) or "none"
-                errors[str(key)] = (
-                    f"unknown parameter for model '{self.name}' (allowed: {known})"
-                )
+                errors[str(key)] = f"unknown parameter for model '{self.name}' (allowed: {known})"
                 continue
             converted, errs = self.params[key].validate(value, key)
             errors.update(errs)
@@ -393,7 +391,9 @@ def _custom_from_settings(name: Any, entry: Any, builtins: Mapping[str, ModelSpe
         raise ImproperlyConfigured(f"{where}: unknown keys {unknown} (allowed: {sorted(allowed)})")
     class_path = entry.get("class_path")
     if not isinstance(class_path, str) or not class_path:
-        raise ImproperlyConfigured(f"{where}: 'class_path' (dotted path of the nn.Module) is missing")
+        raise ImproperlyConfigured(
+            f"{where}: 'class_path' (dotted path of the nn.Module) is missing"
+        )
     if not _CLASS_PATH_RE.fullmatch(class_path):
         raise ImproperlyConfigured(
             f"{where}: 'class_path' {class_path!r} is not a dotted path like 'package.module.Class'"

@@ -1,0 +1,1 @@
+"""REST API for site data sets, training jobs and approvals."""
