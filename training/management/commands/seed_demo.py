@@ -1,5 +1,8 @@
-"""Create the demo consortium: four hospitals, one user per role, and a published
-data-use agreement signed by every hospital's approver.
+"""Create the demo consortium: four hospitals, one user per role, a published
+data-use agreement signed by every hospital's approver, and the data sets each
+hospital offers (descriptions only; the records stay on site).
+
+It lives in the training app, the top layer, because it seeds across apps.
 
 Everything goes through the services, so the ledger records the seeding like any
 other governance work. Running it again changes nothing and prints the logins.
@@ -18,6 +21,8 @@ from django.utils import timezone
 from consortium import services
 from consortium.models import Consortium, Role
 from consortium.selectors import agreement_status, current_version
+from training import services as training_services
+from training.models import SiteDataset
 
 DEMO_SLUG = "demo"
 HOSPITALS = [
@@ -25,6 +30,27 @@ HOSPITALS = [
     ("King's Regional Medical Centre", "kings-regional", "GB"),
     ("Maudsley Neuroscience Institute", "maudsley", "GB"),
     ("Barts Cancer Centre", "barts", "GB"),
+]
+# The bundled demo data sets, split unequally across the four sites (non-IID).
+DATASETS = [
+    {
+        "key": "breast-cancer",
+        "description": "Breast mass fine-needle aspirates: 30 nuclear features per case, "
+        "benign or malignant (the Wisconsin diagnostic set, this site's share).",
+        "modality": "tabular",
+        "input_shape": [30],
+        "n_classes": 2,
+        "records": [199, 152, 118, 100],
+    },
+    {
+        "key": "digits",
+        "description": "8x8 grey-level scans of handwritten digits, flattened to 64 "
+        "features (a stand-in for small image-derived feature sets).",
+        "modality": "tabular",
+        "input_shape": [64],
+        "n_classes": 10,
+        "records": [620, 480, 400, 297],
+    },
 ]
 AGREEMENT_TEXT = """\
 1. Purpose. The parties train shared models for tumour classification and lesion
@@ -124,6 +150,19 @@ class Command(BaseCommand):
                 researcher = self._user("researcher", "Riley Chen", password)
                 self._member(researcher, consortium, Role.RESEARCHER, institution)
                 logins.append(("researcher", f"researcher, {name}"))
+            for dataset in DATASETS:
+                if SiteDataset.objects.filter(institution=institution, key=dataset["key"]).exists():
+                    continue
+                training_services.dataset_register(
+                    acting_user=steward,
+                    institution=institution,
+                    key=dataset["key"],
+                    description=dataset["description"],
+                    modality=dataset["modality"],
+                    num_records=dataset["records"][index],
+                    input_shape=dataset["input_shape"],
+                    n_classes=dataset["n_classes"],
+                )
 
         agreement = consortium.agreements.first()
         if agreement is None:

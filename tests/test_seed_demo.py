@@ -1,0 +1,38 @@
+"""The demo seed: what `make demo` shows a new user, and safe to run twice."""
+
+from io import StringIO
+
+import pytest
+from django.contrib.auth import get_user_model
+from django.core.management import call_command
+
+from audit.ledger import verify_chain
+from audit.models import LedgerEntry
+from consortium.models import Consortium, Role
+from consortium.selectors import agreement_status
+from training.models import SiteDataset
+
+
+@pytest.mark.django_db
+def test_seed_demo_builds_a_consortium_in_force_and_is_idempotent():
+    out = StringIO()
+    call_command("seed_demo", stdout=out)
+    consortium = Consortium.objects.get(slug="demo")
+    assert consortium.institutions.count() == 4
+    status = agreement_status(consortium.agreements.get())
+    assert status.in_force, status.reasons
+    assert len(status.signed) == 4
+    assert SiteDataset.objects.filter(key="breast-cancer").count() == 4
+    # one user per role, with the logins printed
+    roles = set(consortium.memberships.values_list("role", flat=True))
+    assert roles == set(Role.values)
+    text = out.getvalue()
+    assert "admin" in text and "auditor" in text and "approver-barts" in text
+    assert "demo-consortium-2026" in text
+    assert get_user_model().objects.get(username="admin").check_password("demo-consortium-2026")
+
+    entries = LedgerEntry.objects.count()
+    call_command("seed_demo", stdout=StringIO())
+    assert LedgerEntry.objects.count() == entries  # nothing new the second time
+    assert Consortium.objects.count() == 1 and SiteDataset.objects.count() == 8
+    assert verify_chain().ok
