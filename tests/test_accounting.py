@@ -133,6 +133,17 @@ def test_rdp_parts_are_composed_not_summed():
     assert one < two < 2 * one
 
 
+def test_gaussians_with_different_noise_share_one_rdp_curve():
+    # RDP adds per order: 10 rounds at z=1 and 30 at z=2 have RDP (10/1 + 30/4)·α/2, which is
+    # the RDP of 17.5 rounds at z=1; summing the two ε's would overcharge.
+    mixed = epsilon_spent([gaussian(1.0, 10), gaussian(2.0, 30)], delta=DELTA)
+    assert mixed == pytest.approx(gaussian_epsilon_closed_form(1.0, 17.5, DELTA), rel=1e-9)
+    apart = epsilon_spent([gaussian(1.0, 10)], delta=DELTA) + epsilon_spent(
+        [gaussian(2.0, 30)], delta=DELTA
+    )
+    assert mixed < apart
+
+
 def test_replay_equals_one_rdp_accountant_over_everything():
     history = [
         gaussian(1.1, 5),

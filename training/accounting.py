@@ -253,7 +253,7 @@ def _unit_dp_event(key: tuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _unit_rdp(key: tuple) -> tuple[float, ...]:
+def _unit_rdp(key: tuple):
     """RDP curve over :data:`RDP_ORDERS` of one application of a Gaussian mechanism.
 
     ``key`` is ``("gaussian", z)`` or ``("sampled_gaussian", z, q)``. dp_accounting has no
@@ -266,7 +266,10 @@ def _unit_rdp(key: tuple) -> tuple[float, ...]:
     curve = getattr(accountant, "_rdp", None)
     if curve is None or len(curve) != len(RDP_ORDERS):
         raise RuntimeError("dp_accounting's RdpAccountant no longer exposes its RDP curve")
-    return tuple(float(r) for r in curve)
+    # A read-only copy (about 1.2 kB): cached curves are shared by every replay in the process.
+    curve = curve.astype("float64", copy=True)
+    curve.flags.writeable = False
+    return curve
 
 
 def _split(events: Iterable[PrivacyEvent]) -> tuple[float, dict[tuple, int]]:
@@ -312,10 +315,7 @@ def as_dp_event(events: Iterable[PrivacyEvent]):
 
 @functools.lru_cache(maxsize=4096)
 def _rdp_epsilon(gaussian: tuple[tuple[tuple, int], ...], delta: float) -> float:
-    curve = [0.0] * len(RDP_ORDERS)
-    for key, times in gaussian:
-        for i, r in enumerate(_unit_rdp(key)):
-            curve[i] += times * r
+    curve = sum(times * _unit_rdp(key) for key, times in gaussian)
     epsilon, _order = _dp().rdp.compute_epsilon(RDP_ORDERS, curve, delta)
     return float(epsilon)
 
