@@ -541,9 +541,8 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
         purposes = list(dict.fromkeys(purposes))
         bad = [p for p in purposes if p not in Purpose.values]
         if bad or not purposes:
-            errors["permitted_purposes"] = (
-                f"Choose at least one of {', '.join(Purpose.values)}"
-                + (f" (unknown: {', '.join(map(str, bad))})." if bad else ".")
+            errors["permitted_purposes"] = f"Choose at least one of {', '.join(Purpose.values)}" + (
+                f" (unknown: {', '.join(map(str, bad))})." if bad else "."
             )
         terms["permitted_purposes"] = sorted(purposes)
     mechanism = terms.get("required_dp_mechanism")

@@ -119,6 +119,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "consortium.context_processors.navigation",
+                "training.context_processors.notifications",
             ],
         },
     },
@@ -278,6 +279,9 @@ SPECTACULAR_SETTINGS = {
     "ENUM_NAME_OVERRIDES": {
         "VersionStatusEnum": "consortium.models.AgreementVersion.Status",
         "InvitationStatusEnum": "consortium.api.serializers.INVITATION_STATUSES",
+        "JobStateEnum": "training.models.JobState",
+        "ParticipantStatusEnum": "training.models.JobParticipant.Status",
+        "ReservationStatusEnum": "training.models.PrivacyReservation.Status",
     },
 }
 

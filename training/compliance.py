@@ -70,31 +70,13 @@ def _pct(value: float) -> str:
     return f"{value * 100:.0f}%"
 
 
-def check_job_compliance(
-    *, consortium: Consortium, spec: dict, exclude_job_id: int | None = None
-) -> ComplianceReport:
-    """Check a validated spec against the agreement in force and the budgets.
-
-    ``exclude_job_id`` leaves that job's own reservations out of what is already
-    spent (when a job's spec changes, its old reservation is replaced).
-    """
-    status = agreement_in_force(consortium)
-    report = ComplianceReport(status=status)
-    if status is None:
-        reasons = []
-        for agreement in consortium.agreements.all():
-            from consortium.selectors import agreement_status
-
-            reasons.extend(agreement_status(agreement).reasons)
-        detail = f" ({'; '.join(reasons)})" if reasons else ""
-        report.add("agreement", f"No data-use agreement is in force in {consortium}{detail}.")
-        return report
+def _check_participants(
+    report: ComplianceReport, consortium: Consortium, slugs: list[str], status: AgreementStatus
+) -> dict[str, Institution]:
+    """Each participant is an institution of the consortium, has signed the
+    agreement's current version and has not withdrawn."""
     version = status.version
-
-    # Participants: members, signed, not withdrawn.
-    slugs = spec["participants"]
     institutions = {i.slug: i for i in consortium.institutions.filter(slug__in=slugs)}
-    report.institutions = institutions
     withdrawn = {w.institution_id for w in status.withdrawn}
     signed = {s.institution_id for s in status.signed}
     for slug in slugs:
@@ -113,6 +95,41 @@ def check_job_compliance(
                 f"{institution} has not signed version {version.number} of the agreement.",
                 slug,
             )
+    return institutions
+
+
+def check_job_compliance(
+    *, consortium: Consortium, spec: dict, exclude_job_id: int | None = None
+) -> ComplianceReport:
+    """Check a validated spec against the agreement in force and the budgets.
+
+    ``exclude_job_id`` leaves that job's own reservations out of what is already
+    spent (when a job's spec changes, its old reservation is replaced).
+    """
+    status = agreement_in_force(consortium)
+    report = ComplianceReport(status=status)
+    if status is None:
+        from consortium.selectors import agreement_status
+
+        reasons = []
+        latest = None  # the newest agreement with a published version
+        for agreement in consortium.agreements.order_by("-created_at"):
+            agreement_state = agreement_status(agreement)
+            reasons.extend(agreement_state.reasons)
+            if latest is None and agreement_state.version is not None:
+                latest = agreement_state
+        detail = f" ({'; '.join(reasons)})" if reasons else ""
+        report.add("agreement", f"No data-use agreement is in force in {consortium}{detail}.")
+        if latest is not None:
+            # Also name the participants who hold it up (typically an amendment they
+            # have not signed yet), so the refusal says which institution to ask.
+            _check_participants(report, consortium, spec["participants"], latest)
+        return report
+    version = status.version
+
+    # Participants: members, signed, not withdrawn.
+    institutions = _check_participants(report, consortium, spec["participants"], status)
+    report.institutions = institutions
 
     # Purpose, model family, privacy floor.
     if spec["purpose"] not in version.permitted_purposes:

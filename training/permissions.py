@@ -54,3 +54,14 @@ rules.add_perm("training.decide_job", approves_for_a_participant)
 # Site data sets: obj is the institution.
 rules.add_perm("training.view_datasets", is_consortium_member)
 rules.add_perm("training.manage_datasets", is_data_steward | is_institution_admin)
+
+
+@rules.predicate
+def is_member_of_dataset_consortium(user, dataset) -> bool:
+    """For one data set (obj is the ``SiteDataset``): a member of its institution's consortium."""
+    return dataset is not None and is_consortium_member(user, dataset.institution)
+
+
+# One data set, for the API's retrieve (obj is the SiteDataset; manage_datasets also
+# accepts it, since the institution predicates read its institution_id).
+rules.add_perm("training.view_dataset", is_member_of_dataset_consortium)

@@ -111,8 +111,7 @@ def notify(*, users: Iterable, consortium: Consortium, message: str, url: str = 
     the transaction commits."""
     users = {u.pk: u for u in users if u is not None}.values()
     Notification.objects.bulk_create(
-        Notification(user=u, consortium=consortium, message=message[:500], url=url)
-        for u in users
+        Notification(user=u, consortium=consortium, message=message[:500], url=url) for u in users
     )
     recipients = sorted({u.email for u in users if u.email})
     if recipients:
@@ -190,9 +189,13 @@ def dataset_register(*, acting_user, institution: Institution, **fields) -> Site
     """Register the description of a data set the site offers (never the data)."""
     data = _clean_dataset(**{**{"schema": None}, **fields})
     if SiteDataset.objects.filter(institution=institution, key=data["key"]).exists():
-        raise ConflictError(f"{institution} already offers a data set with the key '{data['key']}'.")
+        raise ConflictError(
+            f"{institution} already offers a data set with the key '{data['key']}'."
+        )
     with transaction.atomic():
-        dataset = SiteDataset.objects.create(institution=institution, created_by=acting_user, **data)
+        dataset = SiteDataset.objects.create(
+            institution=institution, created_by=acting_user, **data
+        )
         append_entry(
             event=Events.DATASET_REGISTERED,
             actor=acting_user,
@@ -268,7 +271,9 @@ def _validated(spec: dict) -> dict:
     try:
         return validate_spec(spec, registry=model_registry())
     except SpecError as exc:
-        raise ValidationError({"spec": [f"{path}: {msg}" for path, msg in exc.errors.items()]})
+        raise ValidationError(
+            {"spec": [f"{path}: {msg}" for path, msg in exc.errors.items()]}
+        ) from exc
 
 
 def _clean_title(title: str) -> str:
@@ -536,10 +541,31 @@ def _transition(job: TrainingJob, to_state: str, *, acting_user, reason: str = "
     )
 
 
-def job_transition(*, acting_user, job: TrainingJob, to_state: str, reason: str = "") -> TrainingJob:
+# The moves into these states have their own service, with the checks that go with
+# them (compliance and reservations, approvals, a reason, the deadline): the
+# engine's entry point cannot make them.
+_OWN_SERVICE = {
+    JobState.AWAITING_APPROVAL: "job_submit",
+    JobState.APPROVED: "approval_decide",
+    JobState.REJECTED: "approval_decide",
+    JobState.CANCELLED: "job_cancel",
+    JobState.EXPIRED: "jobs_expire_overdue",
+}
+
+
+def job_transition(
+    *, acting_user, job: TrainingJob, to_state: str, reason: str = ""
+) -> TrainingJob:
     """Public entry for the engine (running, completed, failed)."""
+    if to_state not in JobState.values:
+        raise InvalidTransition(f"Job #{job.pk} cannot move to the unknown state {to_state!r}.")
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
+        if to_state in _OWN_SERVICE and to_state in TRANSITIONS[job.state]:
+            raise InvalidTransition(
+                f"Job #{job.pk} becomes {JobState(to_state).label.lower()} only through "
+                f"{_OWN_SERVICE[to_state]}, which makes the checks that go with it."
+            )
         _transition(job, to_state, acting_user=acting_user, reason=reason)
     return job
 
@@ -552,7 +578,10 @@ def job_cancel(*, acting_user, job: TrainingJob, reason: str) -> TrainingJob:
         job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
         _transition(job, JobState.CANCELLED, acting_user=acting_user, reason=reason)
         notify(
-            users=[job.proposer, *_approvers_of(p.institution_id for p in active_participants(job))],
+            users=[
+                job.proposer,
+                *_approvers_of(p.institution_id for p in active_participants(job)),
+            ],
             consortium=job.consortium,
             message=f"Job #{job.pk} “{job.title}” was cancelled: {reason}",
             url=_job_url(job),
@@ -572,6 +601,14 @@ def _rebind_agreement(job: TrainingJob, *, acting_user) -> None:
     current = status.version if status else None
     if current is not None and current.pk == job.agreement_version_id:
         return
+    if current is None:
+        # Typically an amendment awaits signatures. The job waits (its deadline
+        # still runs) rather than failing for what may be a passing state.
+        raise ConflictError(
+            f"No data-use agreement is in force in {job.consortium} now: job #{job.pk} "
+            "takes no decision until one is.",
+            code="no_agreement",
+        )
     report = check_job_compliance(consortium=job.consortium, spec=job.spec, exclude_job_id=job.pk)
     if not report.ok:
         _transition(
@@ -637,58 +674,76 @@ def approval_decide(
         raise ValidationError({"reason": "Give the reason for rejecting; the proposer sees it."})
     if not has_institution_role(acting_user, institution, Role.APPROVER):
         raise ServiceError(f"Only an approver of {institution} can decide for it.")
+    # Expiring an overdue job, rebinding it to a newer agreement version or failing
+    # it under that version must commit even though the decision is then refused:
+    # the refusal is raised only after the transaction is over.
+    approval, refusal = None, None
     with transaction.atomic():
         job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
         if _expire_if_overdue(job, acting_user=None):
-            return_error = ConflictError(
+            refusal = ConflictError(
                 f"Job #{job.pk} expired on {job.approval_deadline:%Y-%m-%d %H:%M} UTC before "
                 "every approval was in.",
                 code="expired",
             )
         else:
-            return_error = None
-    if return_error is not None:
-        raise return_error
-    with transaction.atomic():
-        job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
-        if job.state != JobState.AWAITING_APPROVAL:
-            raise InvalidTransition(
-                f"Job #{job.pk} is {job.get_state_display().lower()}: it takes no decisions now."
+            approval, refusal = _decide(
+                job,
+                acting_user=acting_user,
+                institution=institution,
+                decision=decision,
+                reason=reason,
+                spec_digest=spec_digest,
+                agreement_version_id=agreement_version_id,
             )
-        participant = job.participants.filter(institution=institution).first()
-        if participant is None or participant.status != JobParticipant.Status.ACTIVE:
-            raise ServiceError(f"{institution} does not take part in job #{job.pk}.")
-        _rebind_agreement(job, acting_user=acting_user)
-        if job.state != JobState.AWAITING_APPROVAL:
-            raise ConflictError(f"Job #{job.pk} failed: {job.end_reason}", code="not_compliant")
-        if spec_digest != job.spec_digest or agreement_version_id != job.agreement_version_id:
-            raise ConflictError(
-                f"Job #{job.pk} or the agreement changed since you opened it: review the "
-                "current version and decide again.",
-                code="stale",
-            )
-        approval = Approval.objects.create(
-            job=job,
-            institution=institution,
-            decision=decision,
-            reason=reason,
-            spec_digest=job.spec_digest,
-            agreement_version_id=job.agreement_version_id,
-            decided_by=acting_user,
-            decided_by_repr=describe_actor(acting_user),
-        )
-        _record(
-            Events.JOB_DECISION,
-            actor=acting_user,
-            job=job,
-            institution=institution,
-            decision=decision,
-            reason=reason,
-            spec_digest=job.spec_digest,
-            agreement_version=job.agreement_version.number,
-        )
-        _settle(job, acting_user=acting_user)
+    if refusal is not None:
+        raise refusal
     return approval
+
+
+def _decide(
+    job, *, acting_user, institution, decision, reason, spec_digest, agreement_version_id
+) -> tuple[Approval | None, ConflictError | None]:
+    """The decision itself, in approval_decide's transaction: ``(approval, None)``,
+    or ``(None, refusal)`` where what happened so far must still commit."""
+    if job.state != JobState.AWAITING_APPROVAL:
+        raise InvalidTransition(
+            f"Job #{job.pk} is {job.get_state_display().lower()}: it takes no decisions now."
+        )
+    participant = job.participants.filter(institution=institution).first()
+    if participant is None or participant.status != JobParticipant.Status.ACTIVE:
+        raise ServiceError(f"{institution} does not take part in job #{job.pk}.")
+    _rebind_agreement(job, acting_user=acting_user)
+    if job.state != JobState.AWAITING_APPROVAL:
+        return None, ConflictError(f"Job #{job.pk} failed: {job.end_reason}", code="not_compliant")
+    if spec_digest != job.spec_digest or agreement_version_id != job.agreement_version_id:
+        return None, ConflictError(
+            f"Job #{job.pk} or the agreement changed since you opened it: review the "
+            "current version and decide again.",
+            code="stale",
+        )
+    approval = Approval.objects.create(
+        job=job,
+        institution=institution,
+        decision=decision,
+        reason=reason,
+        spec_digest=job.spec_digest,
+        agreement_version_id=job.agreement_version_id,
+        decided_by=acting_user,
+        decided_by_repr=describe_actor(acting_user),
+    )
+    _record(
+        Events.JOB_DECISION,
+        actor=acting_user,
+        job=job,
+        institution=institution,
+        decision=decision,
+        reason=reason,
+        spec_digest=job.spec_digest,
+        agreement_version=job.agreement_version.number,
+    )
+    _settle(job, acting_user=acting_user)
+    return approval, None
 
 
 def _settle(job: TrainingJob, *, acting_user) -> None:

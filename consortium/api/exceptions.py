@@ -2,7 +2,9 @@
 
 Service-layer errors (``consortium.errors.ServiceError``) become 400, or 409 when
 they report a conflict with the current state (a stale version, an expired
-invitation), with the message the service gave.
+invitation), with the message the service gave. An error that carries
+``problems`` (a refused training job: which term, which institution) lists them
+too, each as its ``to_json()``.
 """
 
 from django.core.exceptions import ValidationError as DjangoValidationError
@@ -16,7 +18,11 @@ from consortium.errors import ConflictError, ServiceError
 def exception_handler(exc, context):
     if isinstance(exc, ServiceError):
         code = status.HTTP_409_CONFLICT if isinstance(exc, ConflictError) else 400
-        return Response({"detail": str(exc), "code": exc.code}, status=code)
+        body = {"detail": str(exc), "code": exc.code}
+        problems = getattr(exc, "problems", None)
+        if problems:
+            body["problems"] = [p.to_json() for p in problems]
+        return Response(body, status=code)
     if isinstance(exc, DjangoValidationError):
         if hasattr(exc, "message_dict"):
             return Response(exc.message_dict, status=400)

@@ -1,7 +1,8 @@
 """REST API (namespace ``api``) and its OpenAPI schema and UI.
 
-The ledger's endpoints live with the ledger in ``audit.api``; the API layer may
-import them (it sits above both apps).
+The ledger's endpoints live with the ledger in ``audit.api``, and the training
+endpoints (data sets, jobs, approvals, notifications) in ``training.api``; the
+API layer may import them (it sits above those apps).
 """
 
 from django.urls import path
@@ -9,6 +10,7 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 from rest_framework.routers import SimpleRouter
 
 from audit.api import LedgerEntryViewSet
+from training import api as training_api
 
 from . import views
 
@@ -20,6 +22,10 @@ router.register("invitations", views.InvitationViewSet, basename="invitation")
 router.register("agreements", views.AgreementViewSet, basename="agreement")
 router.register("agreement-versions", views.AgreementVersionViewSet, basename="agreement-version")
 router.register("ledger", LedgerEntryViewSet, basename="ledger-entry")
+router.register("datasets", training_api.SiteDatasetViewSet, basename="dataset")
+router.register("jobs", training_api.TrainingJobViewSet, basename="job")
+router.register("approvals", training_api.ApprovalInboxViewSet, basename="approval")
+router.register("notifications", training_api.NotificationViewSet, basename="notification")
 
 app_name = "api"
 urlpatterns = [

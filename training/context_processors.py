@@ -1,0 +1,13 @@
+"""Template context for every page: the signed-in user's unread notifications."""
+
+from consortium.models import Notification
+
+
+def notifications(request):
+    """``unread_notifications``: one COUNT query, and none for anonymous visitors."""
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
+        return {"unread_notifications": 0}
+    return {
+        "unread_notifications": Notification.objects.filter(user=user, read_at__isnull=True).count()
+    }
