@@ -167,6 +167,18 @@ def _locked_head() -> LedgerHead:
     return LedgerHead.objects.select_for_update().get(pk=1)
 
 
+def lock_chain() -> None:
+    """Take the ledger's head lock now, in the caller's transaction.
+
+    Every append takes it anyway; a service that will also lock other rows
+    (a job, institutions) takes this first, so all writers lock in one order
+    (the chain, then the rows) and cannot deadlock each other.
+    """
+    if not transaction.get_connection(LedgerHead.objects.db).in_atomic_block:
+        raise RuntimeError("lock_chain() must be called inside transaction.atomic()")
+    _locked_head()
+
+
 # Set to False to append through the ORM on PostgreSQL too (the benchmark compares).
 _FAST_APPEND = True
 _LOCK_HEAD_SQL = (

@@ -231,6 +231,7 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_DEFAULT_QUEUE = "central"
+CELERY_TASK_ROUTES = {"training.expire_overdue_jobs": {"queue": "central"}}
 CELERY_BEAT_SCHEDULE = {
     "expire-overdue-jobs": {"task": "training.expire_overdue_jobs", "schedule": 300.0},
 }

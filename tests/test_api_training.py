@@ -4,6 +4,7 @@ each approver's decision, stale decisions, drafts, cancellation; every action's
 ledger entries, and a chain that still verifies."""
 
 import datetime as dt
+import json
 
 import pytest
 from django.db import connection
@@ -545,7 +546,9 @@ def test_a_non_compliant_change_is_409_with_problems(cast, version):
     unchanged = TrainingJob.objects.get(pk=job.pk)
     assert (unchanged.spec_digest, unchanged.state) == (job.spec_digest, job.state)
     assert unchanged.reservations.filter(status="reserved").count() == 2
-    watch.assert_events()
+    # Nothing changed, but the refused change is on the record.
+    (refusal,) = watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    assert json.loads(refusal.payload_text)["job_id"] == job.pk
 
 
 # --- Drafts and cancelling ----------------------------------------------------------------

@@ -660,9 +660,12 @@ def test_a_spec_change_voids_the_approvals_already_given(scene):
     assert (payload["old_spec_digest"], payload["spec_digest"]) == (old_digest, job.spec_digest)
     cost = epsilon_spent(events_of(new_spec), delta=DELTA)
     assert payload["projected_epsilon"] == {A: round(cost, 6), B: round(cost, 6)}
-    # The budget is reserved anew for the new spec, and only once.
-    reservations = list(job.reservations.all())
+    # The budget is reserved anew for the new spec, and only once; the old
+    # reservations stay as released history.
+    reservations = list(job.reservations.exclude(status=PrivacyReservation.Status.RELEASED))
     assert not old_reservations & {r.pk for r in reservations}
+    released = job.reservations.filter(status=PrivacyReservation.Status.RELEASED)
+    assert set(released.values_list("pk", flat=True)) == old_reservations
     assert sorted(r.epsilon for r in reservations) == [cost, cost]
     assert live_epsilon(cast.hospital_a) == cost
 

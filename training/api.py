@@ -661,7 +661,7 @@ class NotificationViewSet(mixins.ListModelMixin, GovernanceViewSet):
     permission_map = {"list": VISIBLE, "mark_read": VISIBLE}
 
     def visible_queryset(self, user):
-        return Notification.objects.filter(user=user).select_related("consortium")
+        return selectors.notifications_of(user)
 
     @extend_schema(
         summary="Mark your notifications read (the ones named, or all)",

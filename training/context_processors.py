@@ -1,6 +1,6 @@
 """Template context for every page: the signed-in user's unread notifications."""
 
-from consortium.models import Notification
+from .selectors import unread_notification_count
 
 
 def notifications(request):
@@ -8,6 +8,4 @@ def notifications(request):
     user = getattr(request, "user", None)
     if user is None or not user.is_authenticated:
         return {"unread_notifications": 0}
-    return {
-        "unread_notifications": Notification.objects.filter(user=user, read_at__isnull=True).count()
-    }
+    return {"unread_notifications": unread_notification_count(user)}

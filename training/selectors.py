@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from django.db.models import Prefetch, QuerySet
 
-from consortium.models import Role
+from consortium.models import Notification, Role
 from consortium.permissions import grants_of
 from consortium.selectors import consortium_ids_of
 
@@ -115,3 +115,12 @@ def live_reservations(institution_ids) -> QuerySet[PrivacyReservation]:
     return PrivacyReservation.objects.filter(institution_id__in=institution_ids).exclude(
         status=PrivacyReservation.Status.RELEASED
     )
+
+
+def notifications_of(user) -> QuerySet[Notification]:
+    """The user's own notifications, newest first."""
+    return Notification.objects.filter(user=user).select_related("consortium")
+
+
+def unread_notification_count(user) -> int:
+    return Notification.objects.filter(user=user, read_at__isnull=True).count()

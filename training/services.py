@@ -23,7 +23,7 @@ from django.urls import reverse
 from django.utils import timezone
 
 from audit.canonical import canonical_json
-from audit.ledger import append_entry, describe_actor
+from audit.ledger import append_entry, describe_actor, lock_chain
 from consortium.errors import ConflictError, ServiceError
 from consortium.models import Consortium, Institution, Membership, Notification, Role
 from consortium.permissions import has_institution_role
@@ -265,6 +265,17 @@ def dataset_remove(*, acting_user, dataset: SiteDataset) -> None:
 # --- Proposing and changing jobs --------------------------------------------------------
 
 
+def _lock_job(pk: int) -> TrainingJob:
+    """Lock a job for a change. The ledger's head is locked first: every service
+    takes the chain, then rows, so concurrent governance writes (a withdrawal
+    that removes the institution from jobs, a decision on one of those jobs)
+    cannot deadlock."""
+    lock_chain()
+    return (
+        TrainingJob.objects.select_for_update(of=("self",)).select_related("consortium").get(pk=pk)
+    )
+
+
 def _validated(spec: dict) -> dict:
     if not isinstance(spec, dict):
         raise ValidationError({"spec": "The job spec must be a JSON object."})
@@ -319,13 +330,17 @@ def _release_reservations(job: TrainingJob) -> None:
     )
 
 
-def _record_refusal(*, acting_user, consortium: Consortium, title: str, spec: dict, exc):
-    """A refused proposal leaves no job, but the refusal itself is on the record."""
+def _record_refusal(
+    *, acting_user, consortium: Consortium, title: str, spec: dict, exc, job_id=None
+):
+    """A refused proposal or change leaves the job as it was (or no job), but
+    the refusal itself is on the record."""
     append_entry(
         event=Events.JOB_PROPOSAL_REFUSED,
         actor=acting_user,
         consortium_slug=consortium.slug,
         payload={
+            "job_id": job_id,
             "title": title,
             "spec_digest": spec_digest(spec),
             "problems": [p.to_json() for p in exc.problems],
@@ -359,6 +374,7 @@ def job_create_draft(*, acting_user, consortium: Consortium, title: str, spec: d
 def _submit(job: TrainingJob, *, acting_user, spec: dict) -> TrainingJob:
     """Check compliance, reserve budgets, open the approval round. Runs inside the
     caller's transaction; raises ComplianceError (rolling everything back)."""
+    lock_chain()
     _lock_institutions(job.consortium, spec["participants"])
     report = check_job_compliance(consortium=job.consortium, spec=spec, exclude_job_id=job.pk)
     if not report.ok:
@@ -426,7 +442,7 @@ def job_submit(*, acting_user, job: TrainingJob) -> TrainingJob:
     """Submit a draft for approval (the same checks as ``job_propose``)."""
     try:
         with transaction.atomic():
-            job = TrainingJob.objects.select_for_update().get(pk=job.pk)
+            job = _lock_job(job.pk)
             if job.state != JobState.DRAFT:
                 raise InvalidTransition(
                     f"Job #{job.pk} is {job.get_state_display().lower()}, not a draft."
@@ -444,15 +460,31 @@ def job_submit(*, acting_user, job: TrainingJob) -> TrainingJob:
 
 
 def job_update_spec(
-    *, acting_user, job: TrainingJob, spec: dict, title: str | None = None
+    *, acting_user, job: TrainingJob, spec: dict | None = None, title: str | None = None
 ) -> TrainingJob:
     """Change a job before it is approved. Approvals already given no longer
     count (they are bound to the old digest) and the approvers are asked again;
-    the budgets are checked and reserved anew."""
-    spec = _validated(spec)
+    the budgets are checked and reserved anew. A change that breaks the
+    agreement is refused (and the refusal recorded); the job stays as it was."""
+    try:
+        return _update_spec(acting_user=acting_user, job=job, spec=spec, title=title)
+    except ComplianceError as exc:
+        _record_refusal(
+            acting_user=acting_user,
+            consortium=job.consortium,
+            title=title or job.title,
+            spec=_validated(spec if spec is not None else job.spec),
+            exc=exc,
+            job_id=job.pk,
+        )
+        raise
+
+
+def _update_spec(*, acting_user, job: TrainingJob, spec: dict | None, title: str | None):
+    spec = _validated(spec if spec is not None else job.spec)
     new_digest = spec_digest(spec)
     with transaction.atomic():
-        job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
+        job = _lock_job(job.pk)
         if job.state not in (JobState.DRAFT, JobState.AWAITING_APPROVAL):
             raise InvalidTransition(
                 f"Job #{job.pk} is {job.get_state_display().lower()}: only a draft or a job "
@@ -464,9 +496,11 @@ def job_update_spec(
             return job
         voided = 0
         if job.state == JobState.AWAITING_APPROVAL and new_digest != old_digest:
-            voided = job.approvals.filter(spec_digest=old_digest).count()
+            voided = job.approvals.filter(
+                spec_digest=old_digest, agreement_version_id=job.agreement_version_id
+            ).count()
+            # Released reservations stay as history (only live ones are unique).
             _release_reservations(job)
-            job.reservations.filter(status=PrivacyReservation.Status.RELEASED).delete()
             old_slugs = set(job.participants.values_list("institution__slug", flat=True))
             _lock_institutions(job.consortium, set(spec["participants"]) | old_slugs)
             report = check_job_compliance(
@@ -474,7 +508,11 @@ def job_update_spec(
             )
             if not report.ok:
                 raise ComplianceError(report)
-            job.participants.exclude(institution__slug__in=spec["participants"]).delete()
+            # Drop only the active participants the new spec leaves out; a row
+            # removed by a withdrawal stays, with when and why.
+            job.participants.filter(status=JobParticipant.Status.ACTIVE).exclude(
+                institution__slug__in=spec["participants"]
+            ).delete()
             JobParticipant.objects.bulk_create(
                 [
                     JobParticipant(job=job, institution=report.institutions[slug])
@@ -560,7 +598,7 @@ def job_transition(
     if to_state not in JobState.values:
         raise InvalidTransition(f"Job #{job.pk} cannot move to the unknown state {to_state!r}.")
     with transaction.atomic():
-        job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
+        job = _lock_job(job.pk)
         if to_state in _OWN_SERVICE and to_state in TRANSITIONS[job.state]:
             raise InvalidTransition(
                 f"Job #{job.pk} becomes {JobState(to_state).label.lower()} only through "
@@ -575,7 +613,7 @@ def job_cancel(*, acting_user, job: TrainingJob, reason: str) -> TrainingJob:
     if not reason:
         raise ValidationError({"reason": "Say why the job is cancelled; it is recorded."})
     with transaction.atomic():
-        job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
+        job = _lock_job(job.pk)
         _transition(job, JobState.CANCELLED, acting_user=acting_user, reason=reason)
         notify(
             users=[
@@ -679,7 +717,7 @@ def approval_decide(
     # the refusal is raised only after the transaction is over.
     approval, refusal = None, None
     with transaction.atomic():
-        job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=job.pk)
+        job = _lock_job(job.pk)
         if _expire_if_overdue(job, acting_user=None):
             refusal = ConflictError(
                 f"Job #{job.pk} expired on {job.approval_deadline:%Y-%m-%d %H:%M} UTC before "
@@ -798,7 +836,7 @@ def jobs_expire_overdue(*, now=None) -> int:
     ).values_list("pk", flat=True)
     for pk in list(overdue):
         with transaction.atomic():
-            job = TrainingJob.objects.select_for_update().select_related("consortium").get(pk=pk)
+            job = _lock_job(pk)
             if _expire_if_overdue(job, now=now):
                 expired += 1
     return expired
@@ -813,7 +851,7 @@ def jobs_remove_institution(*, institution: Institution, reason: str, acting_use
         institution=institution, status=JobParticipant.Status.ACTIVE
     ).exclude(job__state__in=TERMINAL_STATES)
     for participant in rows.select_related("job__consortium"):
-        job = TrainingJob.objects.select_for_update().get(pk=participant.job_id)
+        job = _lock_job(participant.job_id)
         participant.status = JobParticipant.Status.REMOVED
         participant.removed_at = timezone.now()
         participant.removed_reason = reason

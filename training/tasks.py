@@ -1,13 +1,12 @@
 """Celery tasks of the training app. Tasks take ids, not objects, and call one
-service; queue names live in ``training.queues``."""
+service; queue names live in ``training.queues`` and routes in settings."""
 
 from celery import shared_task
 
 from . import services
-from .queues import CENTRAL_QUEUE
 
 
-@shared_task(name="training.expire_overdue_jobs", queue=CENTRAL_QUEUE, ignore_result=True)
+@shared_task(name="training.expire_overdue_jobs", ignore_result=True)
 def expire_overdue_jobs() -> int:
     """Expire jobs whose approval deadline passed (scheduled by Celery beat)."""
     return services.jobs_expire_overdue()

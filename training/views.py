@@ -21,7 +21,7 @@ from django.views.generic import TemplateView
 from audit.models import LedgerEntry
 from consortium import selectors as governance
 from consortium.errors import ConflictError, ServiceError
-from consortium.models import Notification, Role
+from consortium.models import Role
 from consortium.permissions import grants_of
 from consortium.viewmixins import (
     SIGNED_IN,
@@ -618,9 +618,7 @@ class NotificationListView(PermissionRequiredMixin, TemplateView):
     template_name = "training/notification_list.html"
 
     def get_context_data(self, **kwargs):
-        notifications = Notification.objects.filter(user=self.request.user).select_related(
-            "consortium"
-        )
+        notifications = selectors.notifications_of(self.request.user).select_related("consortium")
         page = Paginator(notifications, NOTIFICATIONS_PER_PAGE).get_page(
             self.request.GET.get("page")
         )
