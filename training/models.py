@@ -206,3 +206,138 @@ class PrivacyReservation(models.Model):
 
     def __str__(self) -> str:
         return f"{self.institution}: ε {self.epsilon:.3f} for {self.job} ({self.status})"
+
+
+class SiteCredential(models.Model):
+    """A site worker's credentials: an API token (only its SHA-256 is stored; the
+    token is shown once) and the worker's Ed25519 public key, against which
+    each update's signature is checked. A revoked credential is refused."""
+
+    institution = models.ForeignKey(
+        Institution, on_delete=models.CASCADE, related_name="site_credentials"
+    )
+    label = models.CharField(max_length=100)
+    token_prefix = models.CharField(max_length=12, help_text="The token's first characters.")
+    token_hash = models.CharField(max_length=64, unique=True)
+    public_key = models.TextField(help_text="The worker's Ed25519 public key (PEM).")
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    revoked_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL,
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.institution} worker {self.label} ({self.token_prefix}…)"
+
+    @property
+    def is_active(self) -> bool:
+        return self.revoked_at is None
+
+
+class GlobalModel(models.Model):
+    """One version of a job's global model. ``digest`` is the SHA-256 of its
+    packed tensors (the artifact's name in the store); ``lineage_hash`` chains it
+    over its parent, the sorted digests of the updates it was made from and
+    their weights, so the model's history can be recomputed."""
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="global_models")
+    round_index = models.PositiveIntegerField(help_text="0 is the initial model.")
+    digest = models.CharField(max_length=64)
+    lineage_hash = models.CharField(max_length=64)
+    parent = models.ForeignKey(
+        "self", null=True, blank=True, on_delete=models.PROTECT, related_name="children"
+    )
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    metrics = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["job", "round_index"]
+        constraints = [
+            models.UniqueConstraint(fields=["job", "round_index"], name="uniq_global_model_round")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.job} model r{self.round_index} {self.digest[:12]}"
+
+
+class Round(models.Model):
+    """One federated round. State lives here, not in Celery's result store:
+    transitions are compare-and-set updates, so a task delivered twice, or a
+    coordinator restarted mid-round, does no harm."""
+
+    class State(models.TextChoices):
+        OPEN = "open", "Collecting updates"
+        AGGREGATING = "aggregating", "Aggregating"
+        CLOSED = "closed", "Closed"
+        FAILED = "failed", "Failed"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="rounds")
+    index = models.PositiveIntegerField(help_text="1-based.")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.OPEN)
+    global_model_in = models.ForeignKey(
+        GlobalModel, on_delete=models.PROTECT, related_name="rounds_started"
+    )
+    global_model_out = models.ForeignKey(
+        GlobalModel, null=True, blank=True, on_delete=models.PROTECT, related_name="rounds_ended"
+    )
+    opened_at = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+    failure_reason = models.TextField(blank=True)
+
+    class Meta:
+        ordering = ["job", "index"]
+        constraints = [models.UniqueConstraint(fields=["job", "index"], name="uniq_round_index")]
+
+    def __str__(self) -> str:
+        return f"{self.job} round {self.index} ({self.state})"
+
+
+class SiteUpdate(models.Model):
+    """One site's contribution to one round: dispatched, then received and
+    verified (accepted) or refused (rejected, with the reason), or never
+    received (straggler)."""
+
+    class Status(models.TextChoices):
+        DISPATCHED = "dispatched", "Dispatched"
+        ACCEPTED = "accepted", "Accepted"
+        REJECTED = "rejected", "Rejected"
+        STRAGGLER = "straggler", "Straggler"
+
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="updates")
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.DISPATCHED)
+    samples = models.PositiveIntegerField(default=0)
+    update_digest = models.CharField(max_length=64, blank=True)
+    signature = models.TextField(blank=True)
+    size_bytes = models.PositiveBigIntegerField(default=0)
+    pipeline = models.JSONField(default=list, blank=True)
+    privacy_events = models.JSONField(default=list, blank=True)
+    metrics = models.JSONField(default=dict, blank=True)
+    reject_reason = models.TextField(blank=True)
+    credential = models.ForeignKey(
+        SiteCredential, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    dispatched_at = models.DateTimeField(default=timezone.now)
+    received_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["round", "institution__name"]
+        constraints = [
+            models.UniqueConstraint(fields=["round", "institution"], name="uniq_round_site")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution} in {self.round} ({self.status})"
