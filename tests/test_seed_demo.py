@@ -10,6 +10,7 @@ from audit.ledger import verify_chain
 from audit.models import LedgerEntry
 from consortium.models import Consortium, Role
 from consortium.selectors import agreement_status
+from training.fl.data import DEMO_SITES, demo_split
 from training.models import SiteDataset
 
 
@@ -23,6 +24,11 @@ def test_seed_demo_builds_a_consortium_in_force_and_is_idempotent():
     assert status.in_force, status.reasons
     assert len(status.signed) == 4
     assert SiteDataset.objects.filter(key="breast-cancer").count() == 4
+    sizes = {
+        d.institution.slug: d.num_records for d in SiteDataset.objects.filter(key="breast-cancer")
+    }
+    split = demo_split("breast-cancer", DEMO_SITES)
+    assert sizes == {slug: part.num_records for slug, part in split.items()}
     # one user per role, with the logins printed
     roles = set(consortium.memberships.values_list("role", flat=True))
     assert roles == set(Role.values)
@@ -34,5 +40,5 @@ def test_seed_demo_builds_a_consortium_in_force_and_is_idempotent():
     entries = LedgerEntry.objects.count()
     call_command("seed_demo", stdout=StringIO())
     assert LedgerEntry.objects.count() == entries  # nothing new the second time
-    assert Consortium.objects.count() == 1 and SiteDataset.objects.count() == 8
+    assert Consortium.objects.count() == 1 and SiteDataset.objects.count() == 12
     assert verify_chain().ok

@@ -31,7 +31,9 @@ HOSPITALS = [
     ("Maudsley Neuroscience Institute", "maudsley", "GB"),
     ("Barts Cancer Centre", "barts", "GB"),
 ]
-# The bundled demo data sets, split unequally across the four sites (non-IID).
+# The bundled demo data sets, split unequally across the four sites (non-IID);
+# the record counts are those training.fl.data gives each site (20% of every set
+# is the consortium's validation set, evaluated centrally).
 DATASETS = [
     {
         "key": "breast-cancer",
@@ -40,7 +42,7 @@ DATASETS = [
         "modality": "tabular",
         "input_shape": [30],
         "n_classes": 2,
-        "records": [199, 152, 118, 100],
+        "records": [159, 123, 96, 77],
     },
     {
         "key": "digits",
@@ -49,7 +51,16 @@ DATASETS = [
         "modality": "tabular",
         "input_shape": [64],
         "n_classes": 10,
-        "records": [620, 480, 400, 297],
+        "records": [503, 388, 302, 244],
+    },
+    {
+        "key": "lesions",
+        "description": "Generated 32x32 scans with one to three bright lesions and their "
+        "masks, for lesion segmentation scored by Dice.",
+        "modality": "segmentation",
+        "input_shape": [1, 32, 32],
+        "n_classes": 2,
+        "records": [140, 108, 84, 68],
     },
 ]
 AGREEMENT_TEXT = """\

@@ -1,0 +1,464 @@
+"""The site privacy pipeline (training.fl.filters)."""
+
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from training.accounting import PrivacyEvent, events_for_pipeline
+from training.fl.filters import (
+    FilteredUpdate,
+    Workspace,
+    apply_pipeline,
+    svt_gamma,
+    validate_filter,
+)
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+def update(seed=0, sizes=None):
+    g = gen(seed)
+    sizes = sizes or {"conv.weight": (8, 3, 3, 3), "conv.bias": (8,), "fc.weight": (10, 72)}
+    return {k: torch.randn(s, generator=g) for k, s in sizes.items()}
+
+
+def flat(tensors, names=None):
+    names = names or list(tensors)
+    return torch.cat([tensors[n].reshape(-1) for n in names])
+
+
+def run(delta, pipeline, seed=1, **kw):
+    return apply_pipeline(delta, pipeline, generator=gen(seed), **kw)
+
+
+# --- structure, exclude_layers, dp_sgd ----------------------------------------------------
+
+
+def test_empty_pipeline_shares_everything_unchanged():
+    delta = update()
+    out = run(delta, [])
+    assert isinstance(out, FilteredUpdate)
+    assert out.mask is None and out.events == [] and out.shared_fraction == 1.0
+    for name, value in delta.items():
+        assert torch.equal(out.delta[name], value)
+
+
+def test_input_is_not_modified():
+    delta = update()
+    before = {k: v.clone() for k, v in delta.items()}
+    run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 0.1}])
+    for k in delta:
+        assert torch.equal(delta[k], before[k])
+
+
+def test_exclude_layers_removes_parameters():
+    delta = update()
+    out = run(delta, [{"filter": "exclude_layers", "layers": ["conv."]}])
+    assert set(out.delta) == {"fc.weight"}
+    assert out.mask is None and out.events == []
+    assert out.shared_fraction == pytest.approx(720 / (216 + 8 + 720))
+    assert torch.equal(out.delta["fc.weight"], delta["fc.weight"])
+
+
+def test_exclude_layers_applies_first_wherever_it_stands():
+    delta = update()
+    pipeline = [
+        {"filter": "partial_sharing", "fraction": 0.5, "strategy": "topk"},
+        {"filter": "exclude_layers", "layers": ["fc"]},
+    ]
+    out = run(delta, pipeline)
+    assert set(out.delta) == {"conv.weight", "conv.bias"}
+    assert sum(int(m.sum()) for m in out.mask.values()) == round(0.5 * 224)
+
+
+def test_exclude_layers_matching_nothing_is_refused():
+    with pytest.raises(ValueError, match="no parameter name starts with 'head'"):
+        run(update(), [{"filter": "exclude_layers", "layers": ["head"]}])
+
+
+def test_dp_sgd_is_skipped_here():
+    delta = update()
+    out = run(delta, [{"filter": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}])
+    assert out.events == [] and out.mask is None
+    assert torch.equal(out.delta["fc.weight"], delta["fc.weight"])
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ({"filter": "nope"}, "unknown privacy filter"),
+        ({"filter": "partial_sharing", "fraction": 0}, "fraction"),
+        ({"filter": "partial_sharing", "fraction": 1.5}, "fraction"),
+        ({"filter": "partial_sharing", "fraction": 0.5, "strategy": "best"}, "strategy"),
+        ({"filter": "percentile_clipping", "percentile": 0}, "percentile"),
+        ({"filter": "percentile_clipping"}, "percentile: required"),
+        ({"filter": "laplace_noise", "epsilon": -1, "sensitivity": 1}, "epsilon"),
+        ({"filter": "laplace_noise", "epsilon": 1, "sensitivity": float("inf")}, "sensitivity"),
+        ({"filter": "gaussian_noise", "noise_multiplier": True, "clip_norm": 1}, "noise_mult"),
+        ({"filter": "gaussian_noise", "noise_multiplier": 1, "clip_norm": 1, "x": 1}, "unknown"),
+        ({"filter": "svt", "epsilon": 1, "threshold": -1, "fraction": 0.1}, "threshold"),
+        ({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "max_passes": 11}, "max"),
+        ({"filter": "exclude_layers", "layers": []}, "layers"),
+        ({"filter": "exclude_layers", "layers": [3]}, "layers"),
+        ("gaussian_noise", "object"),
+    ],
+)
+def test_bad_params_are_refused(spec, message):
+    with pytest.raises(ValueError, match=message):
+        run(update(), [spec])
+
+
+def test_validate_fills_defaults():
+    assert validate_filter({"filter": "partial_sharing", "fraction": 1})["strategy"] == "topk"
+    svt = validate_filter({"filter": "svt", "epsilon": 1, "threshold": 0.1, "fraction": 0.1})
+    assert svt["max_passes"] == 1 and svt["epsilon"] == 1.0
+
+
+# --- partial sharing -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fraction", [0.01, 0.25, 0.4, 0.5, 0.999, 1.0])
+def test_topk_shares_exactly_round_fraction_largest(fraction):
+    delta = update(3)
+    out = run(delta, [{"filter": "partial_sharing", "fraction": fraction, "strategy": "topk"}])
+    n = sum(v.numel() for v in delta.values())
+    k = round(fraction * n)
+    if k == n:
+        assert out.mask is None
+        return
+    mask = flat(out.mask, list(delta))
+    values = flat(delta)
+    assert int(mask.sum()) == k
+    assert out.shared_fraction == k / n
+    # the kept coordinates are exactly the k largest |values| (global, across tensors)
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[values.abs().topk(k).indices] = True
+    assert torch.equal(mask, expected)
+    sent = flat(out.delta, list(delta))
+    assert torch.equal(sent[mask], values[mask])
+    assert torch.count_nonzero(sent[~mask]) == 0  # unshared values never travel
+
+
+def test_topk_breaks_ties_exactly():
+    delta = {"w": torch.tensor([1.0, 2.0, 2.0, 2.0, 2.0, 0.5])}
+    out = run(delta, [{"filter": "partial_sharing", "fraction": 0.5, "strategy": "topk"}])
+    mask = out.mask["w"]
+    assert int(mask.sum()) == 3 and not mask[0] and not mask[5]
+
+
+def test_random_sharing_exact_count_and_differs_across_generators():
+    delta = update(4)
+    spec = [{"filter": "partial_sharing", "fraction": 0.3, "strategy": "random"}]
+    n = sum(v.numel() for v in delta.values())
+    a = flat(run(delta, spec, seed=1).mask, list(delta))
+    b = flat(run(delta, spec, seed=2).mask, list(delta))
+    a2 = flat(run(delta, spec, seed=1).mask, list(delta))
+    assert int(a.sum()) == int(b.sum()) == round(0.3 * n)
+    assert not torch.equal(a, b)
+    assert torch.equal(a, a2)  # reproducible from the generator
+
+
+def test_random_sharing_is_uniform():
+    delta = {"w": torch.arange(1000, dtype=torch.float32)}
+    spec = [{"filter": "partial_sharing", "fraction": 0.2, "strategy": "random"}]
+    hits = sum(run(delta, spec, seed=s).mask["w"].float() for s in range(200))
+    # no bias to large values or low indices: each coordinate ~ 40 of 200
+    assert abs(float(hits[:500].mean()) - float(hits[500:].mean())) < 2.0
+
+
+def test_chained_fractions_multiply():
+    delta = update(5)
+    n = sum(v.numel() for v in delta.values())
+    out = run(
+        delta,
+        [
+            {"filter": "partial_sharing", "fraction": 0.5, "strategy": "random"},
+            {"filter": "partial_sharing", "fraction": 0.5, "strategy": "topk"},
+        ],
+    )
+    first = round(0.5 * n)
+    assert int(flat(out.mask, list(delta)).sum()) == round(0.5 * first)
+    # the second stage picks among the first stage's coordinates only
+    values = flat(out.delta, list(delta))
+    assert torch.count_nonzero(values) == round(0.5 * first)
+
+
+# --- clipping ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("percentile", [1.0, 37.5, 50.0, 90.0, 100.0])
+def test_percentile_clipping_bound_and_value(percentile):
+    delta = update(6)
+    out = run(delta, [{"filter": "percentile_clipping", "percentile": percentile}])
+    q = out.notes["steps"][0]["clip_value"]
+    expected = torch.quantile(flat(delta).abs(), percentile / 100)
+    assert q == pytest.approx(float(expected), rel=1e-6)
+    values = flat(out.delta)
+    assert float(values.abs().max()) <= q
+    assert torch.equal(values, flat(delta).clamp(-q, q))
+
+
+def test_percentile_among_shared_coordinates_only():
+    delta = update(7)
+    out = run(
+        delta,
+        [
+            {"filter": "partial_sharing", "fraction": 0.3, "strategy": "random"},
+            {"filter": "percentile_clipping", "percentile": 50},
+        ],
+    )
+    mask = flat(out.mask, list(delta))
+    q = out.notes["steps"][1]["clip_value"]
+    assert q == pytest.approx(float(torch.quantile(flat(delta)[mask].abs(), 0.5)), rel=1e-6)
+    assert float(flat(out.delta).abs().max()) <= q
+    # after top-k (cached partition path)
+    out = run(
+        delta,
+        [
+            {"filter": "partial_sharing", "fraction": 0.3, "strategy": "topk"},
+            {"filter": "percentile_clipping", "percentile": 80},
+        ],
+    )
+    mask = flat(out.mask, list(delta))
+    q = out.notes["steps"][1]["clip_value"]
+    assert q == pytest.approx(float(torch.quantile(flat(delta)[mask].abs(), 0.8)), rel=1e-6)
+
+
+def test_percentile_beyond_torch_quantile_limit():
+    n = 2**24 + 2**20  # 17.8M: torch.quantile refuses it
+    values = torch.randn(n, generator=gen(8))
+    started = time.perf_counter()
+    out = run({"w": values}, [{"filter": "percentile_clipping", "percentile": 95}])
+    elapsed = time.perf_counter() - started
+    q = out.notes["steps"][0]["clip_value"]
+    expected = np.percentile(values.abs().numpy(), 95)
+    assert q == pytest.approx(float(expected), rel=1e-6)
+    assert float(out.delta["w"].abs().max()) <= q
+    assert q == pytest.approx(1.959964, rel=2e-3)  # |N(0,1)| 95th percentile
+    assert elapsed < 10
+
+
+def test_laplace_clips_l1_before_noise():
+    delta = update(9)
+    out = run(delta, [{"filter": "laplace_noise", "epsilon": 1e9, "sensitivity": 2.0}])
+    assert out.notes["steps"][0]["l1_clipped"] == 2.0
+    assert float(flat(out.delta).abs().sum()) <= 2.0 * (1 + 1e-6)  # noise ~ 2e-9
+
+
+def test_gaussian_clips_l2_before_noise():
+    delta = update(10)
+    step = run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 0.5}])
+    assert step.notes["steps"][0]["l2_before"] > 0.5
+    # noise-free view of the clip: tiny multiplier, so output == clipped update
+    out = run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1e-12, "clip_norm": 0.5}])
+    assert float(torch.linalg.vector_norm(flat(out.delta).double())) <= 0.5
+    direction = flat(delta) / torch.linalg.vector_norm(flat(delta))
+    torch.testing.assert_close(flat(out.delta), direction * 0.5, atol=1e-6, rtol=1e-5)
+
+
+def test_small_update_is_not_scaled():
+    delta = {"w": torch.tensor([0.1, -0.2])}
+    out = run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1e-12, "clip_norm": 10}])
+    torch.testing.assert_close(out.delta["w"], delta["w"])
+
+
+# --- noise statistics ----------------------------------------------------------------------
+
+
+def test_gaussian_noise_scale():
+    delta = {"w": torch.zeros(1_000_000)}
+    out = run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1.3, "clip_norm": 0.7}])
+    noise = out.delta["w"].double()
+    assert float(noise.std()) == pytest.approx(1.3 * 0.7, rel=0.05)
+    assert abs(float(noise.mean())) < 0.01
+
+
+def test_laplace_noise_scale():
+    delta = {"w": torch.zeros(1_000_000)}
+    out = run(delta, [{"filter": "laplace_noise", "epsilon": 0.5, "sensitivity": 2.0}])
+    noise = out.delta["w"].double()
+    b = 2.0 / 0.5
+    assert float(noise.abs().mean()) == pytest.approx(b, rel=0.05)
+    assert float(noise.std()) == pytest.approx(math.sqrt(2) * b, rel=0.05)
+    assert abs(float(noise.mean())) < 0.05
+    assert torch.isfinite(noise).all()
+
+
+def test_noise_only_on_shared_coordinates():
+    delta = update(11)
+    out = run(
+        delta,
+        [
+            {"filter": "partial_sharing", "fraction": 0.2, "strategy": "topk"},
+            {"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0},
+            {"filter": "laplace_noise", "epsilon": 1.0, "sensitivity": 1.0},
+        ],
+    )
+    mask = flat(out.mask, list(delta))
+    values = flat(out.delta, list(delta))
+    assert torch.count_nonzero(values[~mask]) == 0
+    assert torch.count_nonzero(values[mask]) == int(mask.sum())
+
+
+def test_noise_is_reproducible_and_generator_dependent():
+    delta = {"w": torch.zeros(3_000_000)}  # several noise chunks
+    spec = [{"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0}]
+    a, b, c = run(delta, spec, 5), run(delta, spec, 5), run(delta, spec, 6)
+    assert torch.equal(a.delta["w"], b.delta["w"])
+    assert not torch.equal(a.delta["w"], c.delta["w"])
+
+
+def test_workspace_reuse_gives_same_result():
+    delta = update(12)
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 90},
+        {"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0},
+    ]
+    ws = Workspace()
+    first = {k: v.clone() for k, v in run(delta, spec, 3, workspace=ws).delta.items()}
+    second = run(delta, spec, 3, workspace=ws)
+    fresh = run(delta, spec, 3)
+    for k in delta:
+        assert torch.equal(first[k], second.delta[k])
+        assert torch.equal(first[k], fresh.delta[k])
+
+
+# --- SVT -----------------------------------------------------------------------------------
+
+
+def svt(fraction=0.1, epsilon=1e4, threshold=0.5, max_passes=1):
+    return {
+        "filter": "svt",
+        "epsilon": epsilon,
+        "threshold": threshold,
+        "fraction": fraction,
+        "max_passes": max_passes,
+    }
+
+
+def test_svt_selected_fraction_and_clip():
+    delta = update(13)
+    n = sum(v.numel() for v in delta.values())
+    out = run(delta, [svt(fraction=0.1, max_passes=3)])
+    mask = flat(out.mask, list(delta))
+    note = out.notes["steps"][0]
+    assert int(mask.sum()) == note["selected"] <= round(0.1 * n)
+    assert out.shared_fraction <= 0.1 + 1e-12
+    values = flat(out.delta, list(delta))
+    assert float(values.abs().max()) <= svt_gamma(0.5)
+    assert torch.count_nonzero(values[~mask]) == 0
+    assert note["gamma"] == 1.0
+
+
+def test_svt_passes_charged_equal_passes_used():
+    delta = update(14)
+    # A threshold no value reaches and little noise: passes end without filling the quota.
+    out = run(delta, [svt(fraction=0.5, epsilon=1e6, threshold=100.0, max_passes=4)])
+    note = out.notes["steps"][0]
+    assert note["passes"] == 4 and len(note["per_pass"]) == 4
+    assert out.events == [
+        {"mechanism": "pure_epsilon", "params": {"epsilon": 4e6}, "count": 1, "source": "svt"}
+    ]
+    # an easy threshold fills the quota in the first pass: one pass charged of three allowed
+    out = run(delta, [svt(fraction=0.1, epsilon=2.0, threshold=0.0001, max_passes=3)])
+    note = out.notes["steps"][0]
+    assert note["passes"] == len(note["per_pass"])
+    assert out.events[0]["params"]["epsilon"] == 2.0 * note["passes"]
+
+
+def test_svt_no_coordinate_selected_twice():
+    delta = update(15)
+    n = sum(v.numel() for v in delta.values())
+    out = run(delta, [svt(fraction=0.3, epsilon=50.0, threshold=0.8, max_passes=10)])
+    note = out.notes["steps"][0]
+    mask = flat(out.mask, list(delta))
+    # per-pass selections are disjoint: their sum is the size of the selected set
+    assert sum(note["per_pass"]) == int(mask.sum()) == note["selected"] <= round(0.3 * n)
+
+
+def test_svt_prefers_large_values():
+    g = gen(16)
+    delta = {"w": torch.randn(4000, generator=g) * 0.5}
+    big = delta["w"].abs()
+    # about 7% of |values| exceed 0.9; query noise scale 8 c gamma / eps ~ 0.03
+    out = run(delta, [svt(fraction=0.05, epsilon=1e5, threshold=0.9, max_passes=1)])
+    mask = out.mask["w"]
+    assert int(mask.sum()) == 200
+    assert float((big[mask] > 0.85).float().mean()) > 0.95
+    assert float((big > 0.85).float().mean()) < 0.1
+    assert float(big[mask].mean()) > 2 * float(big[~mask].mean())
+    # and with a tiny budget the selection is close to uniform (noise dominates)
+    out = run(delta, [svt(fraction=0.05, epsilon=0.1, threshold=0.9, max_passes=1)])
+    mask = out.mask["w"]
+    ratio = float(big[mask].mean()) / float(big[~mask].mean())
+    assert 0.7 < ratio < 1.4
+
+
+def test_svt_reported_within_projection():
+    delta = update(17)
+    for passes in (1, 3, 10):
+        spec = [svt(fraction=0.2, epsilon=0.5, threshold=0.3, max_passes=passes)]
+        out = run(delta, spec)
+        projected = events_for_pipeline(
+            spec, rounds=1, local_epochs=1, batch_size=8, num_records=100
+        )
+        reported = [PrivacyEvent.from_json(e) for e in out.events]
+        assert len(reported) == len(projected) == 1
+        assert reported[0].mechanism == projected[0].mechanism
+        assert reported[0].params["epsilon"] <= projected[0].params["epsilon"]
+
+
+# --- events against the accountant ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "pipeline",
+    [
+        [],
+        [{"filter": "laplace_noise", "epsilon": 0.7, "sensitivity": 1}],
+        [{"filter": "gaussian_noise", "noise_multiplier": 1.1, "clip_norm": 2}],
+        [
+            {"filter": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0},
+            {"filter": "exclude_layers", "layers": ["conv.bias"]},
+            {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+            {"filter": "percentile_clipping", "percentile": 95},
+            {"filter": "gaussian_noise", "noise_multiplier": 0.8, "clip_norm": 1.0},
+            {"filter": "laplace_noise", "epsilon": 2, "sensitivity": 0.5},
+        ],
+    ],
+)
+def test_events_equal_one_round_projection(pipeline):
+    out = run(update(18), pipeline)
+    projected = [
+        e
+        for e in events_for_pipeline(
+            pipeline, rounds=1, local_epochs=1, batch_size=8, num_records=100
+        )
+        if e.source != "dp_sgd"  # spent during local training, reported by local.py
+    ]
+    assert [PrivacyEvent.from_json(e) for e in out.events] == projected
+    assert all(e["count"] == 1 for e in out.events)
+
+
+def test_events_projection_equals_sum_of_rounds():
+    pipeline = [
+        {"filter": "gaussian_noise", "noise_multiplier": 1.1, "clip_norm": 2},
+        {"filter": "laplace_noise", "epsilon": 0.3, "sensitivity": 1},
+    ]
+    rounds = 4
+    reported = []
+    for r in range(rounds):
+        reported += run(update(r), pipeline, seed=r).events
+    projected = events_for_pipeline(
+        pipeline, rounds=rounds, local_epochs=1, batch_size=8, num_records=100
+    )
+    for event in projected:
+        same = [e for e in reported if e["source"] == event.source]
+        assert sum(e["count"] for e in same) == event.count
+        assert all(PrivacyEvent.from_json(e).params == event.params for e in same)
