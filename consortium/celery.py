@@ -12,10 +12,13 @@ app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
 
 
-@app.on_configure.connect
-def _create_filesystem_broker_folders(sender, **kwargs):
-    """kombu's filesystem transport expects its folders to exist."""
-    options = sender.conf.broker_transport_options or {}
-    for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+@app.on_after_configure.connect
+def _create_filesystem_broker_folders(sender, source=None, **kwargs):
+    """kombu's filesystem transport expects its folders to exist.
+
+    After configuration, not on it: reading ``sender.conf`` inside ``on_configure`` starts
+    the configuration again (a RecursionError the signal dispatcher only logs)."""
+    options = (source if source is not None else sender.conf).broker_transport_options or {}
+    for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
         if options.get(key):
             Path(options[key]).mkdir(parents=True, exist_ok=True)

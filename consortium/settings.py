@@ -198,6 +198,18 @@ STORAGES = {
             else "django.contrib.staticfiles.storage.StaticFilesStorage"
         )
     },
+    # Model files (global models, site updates), content-addressed by SHA-256
+    # (training.artifacts). Any Django storage backend works here: for S3, install
+    # django-storages and use {"BACKEND": "storages.backends.s3.S3Storage",
+    # "OPTIONS": {"bucket_name": ...}}. The default is a local folder.
+    "artifacts": {
+        "BACKEND": "django.core.files.storage.FileSystemStorage",
+        "OPTIONS": {
+            "location": env.str("ARTIFACT_ROOT", default=str(BASE_DIR / "var" / "artifacts")),
+            "file_permissions_mode": 0o640,
+            "directory_permissions_mode": 0o750,
+        },
+    },
 }
 
 # --- Email -----------------------------------------------------------------------
@@ -219,6 +231,9 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         "data_folder_in": str(CELERY_DATA_DIR / "out"),
         "data_folder_out": str(CELERY_DATA_DIR / "out"),
         "processed_folder": str(CELERY_DATA_DIR / "processed"),
+        # Exchange-to-queue bindings; kombu's default is "control" in the working directory,
+        # which a worker and a sender started from different folders would not share.
+        "control_folder": str(CELERY_DATA_DIR / "control"),
         "store_processed": False,
         "polling_interval": 0.05,
     }
@@ -231,10 +246,35 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_DEFAULT_QUEUE = "central"
-CELERY_TASK_ROUTES = {"training.expire_overdue_jobs": {"queue": "central"}}
+# The coordinator's tasks run on "central"; training.site_train is routed by its sender
+# to "site.<slug>" (training.queues).
+CELERY_TASK_ROUTES = {
+    name: {"queue": "central"}
+    for name in (
+        "training.expire_overdue_jobs",
+        "training.job_start",
+        "training.round_maybe_close",
+        "training.rounds_tick",
+    )
+}
 CELERY_BEAT_SCHEDULE = {
     "expire-overdue-jobs": {"task": "training.expire_overdue_jobs", "schedule": 300.0},
+    "rounds-tick": {"task": "training.rounds_tick", "schedule": 10.0},
 }
+
+# The largest site update (a packed tensor file) the API accepts, in bytes; the
+# request body is refused while it is read once it passes this.
+FL_MAX_UPDATE_BYTES = env.int("FL_MAX_UPDATE_BYTES", default=200 * 1024 * 1024)
+# The coordinator and the site task (training.coordinator, training.tasks).
+FL_SITE_TASK_SOFT_LIMIT = env.int("FL_SITE_TASK_SOFT_LIMIT", default=1800)
+FL_SITE_TASK_HARD_LIMIT = env.int("FL_SITE_TASK_HARD_LIMIT", default=FL_SITE_TASK_SOFT_LIMIT + 120)
+# A site task that has not reported after this long is sent again (a killed worker's
+# message is dropped by the filesystem broker; uploads are idempotent).
+FL_REDISPATCH_AFTER_SECONDS = env.int("FL_REDISPATCH_AFTER_SECONDS", default=300)
+# A round left aggregating this long (its coordinator died) is aggregated again.
+FL_AGGREGATION_STALE_SECONDS = env.int("FL_AGGREGATION_STALE_SECONDS", default=600)
+# An approved job whose start message was lost is started by the tick after this long.
+FL_START_GRACE_SECONDS = env.int("FL_START_GRACE_SECONDS", default=30)
 
 # A deployment's own model classes, by dotted path ("bring your own model"):
 # {"name": {"class_path": "pkg.module.Class", "modality": "tabular", "description": "..."}}
@@ -283,6 +323,7 @@ SPECTACULAR_SETTINGS = {
         "JobStateEnum": "training.models.JobState",
         "ParticipantStatusEnum": "training.models.JobParticipant.Status",
         "ReservationStatusEnum": "training.models.PrivacyReservation.Status",
+        "SiteUpdateStatusEnum": "training.models.SiteUpdate.Status",
     },
 }
 

@@ -19,7 +19,7 @@ from consortium.selectors import AgreementStatus, agreement_in_force
 from .accounting import BudgetProjection, PrivacyEvent, events_for_pipeline, project_budget
 from .models import SiteDataset
 from .registry import model_registry
-from .selectors import live_reservations
+from .selectors import committed_privacy_events
 from .spec import dp_mechanisms, shared_fraction
 
 
@@ -206,14 +206,9 @@ def check_job_compliance(
     # Budgets: replay every live reservation, add this job, compare with the cap.
     delta = float(version.delta)
     eps_cap = float(version.epsilon_cap)
-    past = live_reservations([i.pk for i in institutions.values()])
-    if exclude_job_id is not None:
-        past = past.exclude(job_id=exclude_job_id)
-    past_events: dict[int, list[PrivacyEvent]] = {}
-    for institution_id, events_text in past.values_list("institution_id", "events_text"):
-        past_events.setdefault(institution_id, []).extend(
-            PrivacyEvent.from_json(e) for e in json.loads(events_text)
-        )
+    past_events = committed_privacy_events(
+        [i.pk for i in institutions.values()], exclude_job_id=exclude_job_id
+    )
     for slug, dataset in datasets.items():
         institution = institutions[slug]
         events = events_for_pipeline(

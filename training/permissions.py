@@ -65,3 +65,7 @@ def is_member_of_dataset_consortium(user, dataset) -> bool:
 # One data set, for the API's retrieve (obj is the SiteDataset; manage_datasets also
 # accepts it, since the institution predicates read its institution_id).
 rules.add_perm("training.view_dataset", is_member_of_dataset_consortium)
+
+# Site worker credentials (API token and signing key): obj is the institution. Only the
+# people who run the site's worker create and revoke them, not the consortium's admins.
+rules.add_perm("training.manage_site_credentials", is_data_steward | is_institution_admin)

@@ -124,3 +124,37 @@ def notifications_of(user) -> QuerySet[Notification]:
 
 def unread_notification_count(user) -> int:
     return Notification.objects.filter(user=user, read_at__isnull=True).count()
+
+
+def committed_privacy_events(institution_ids, *, exclude_job_id: int | None = None) -> dict:
+    """Every privacy event each institution has spent or committed, for replay by
+    the accountant: {institution_id: [PrivacyEvent, ...]}.
+
+    The live reservations of jobs count whole (they bound what those jobs will
+    spend). Accepted updates count for jobs whose reservation is not counted: the
+    excluded job itself (its rounds so far), and jobs whose reservation was
+    released when they failed or were cancelled mid-run, since the rounds they
+    ran were spent all the same.
+    """
+    import json
+    from collections import defaultdict
+
+    from .accounting import PrivacyEvent
+    from .models import SiteUpdate
+
+    ids = list(institution_ids)
+    events: dict[int, list] = defaultdict(list)
+    covered: dict[int, set[int]] = defaultdict(set)
+    live = live_reservations(ids)
+    if exclude_job_id is not None:
+        live = live.exclude(job_id=exclude_job_id)
+    for institution_id, job_id, text in live.values_list("institution_id", "job_id", "events_text"):
+        events[institution_id].extend(PrivacyEvent.from_json(e) for e in json.loads(text))
+        covered[institution_id].add(job_id)
+    accepted = SiteUpdate.objects.filter(
+        status=SiteUpdate.Status.ACCEPTED, institution_id__in=ids
+    ).values_list("institution_id", "round__job_id", "privacy_events")
+    for institution_id, job_id, update_events in accepted:
+        if job_id not in covered[institution_id]:
+            events[institution_id].extend(PrivacyEvent.from_json(e) for e in update_events or [])
+    return events

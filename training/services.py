@@ -15,6 +15,7 @@ import datetime as dt
 import json
 from collections.abc import Iterable
 
+from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
@@ -40,6 +41,7 @@ from .models import (
     SiteDataset,
     TrainingJob,
 )
+from .queues import CENTRAL_QUEUE
 from .registry import model_registry
 from .selectors import active_participants, current_decisions
 from .spec import SpecError, canonical_spec_text, spec_digest, validate_spec
@@ -818,6 +820,12 @@ def _settle(job: TrainingJob, *, acting_user) -> None:
     ):
         _transition(
             job, JobState.APPROVED, acting_user=acting_user, reason="every participant approved"
+        )
+        # The coordinator starts the job once the approval is committed (a lost message is
+        # made up for by training.coordinator.rounds_tick).
+        job_id = job.pk
+        transaction.on_commit(
+            lambda: current_app.send_task("training.job_start", args=[job_id], queue=CENTRAL_QUEUE)
         )
         notify(
             users=everyone,

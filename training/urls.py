@@ -9,6 +9,7 @@ app_name = "training"
 C = "consortia/<slug:slug>/"
 D = C + "institutions/<slug:inst_slug>/datasets/"
 J = C + "jobs/<int:pk>/"
+W = C + "institutions/<slug:inst_slug>/worker-credentials/"
 
 urlpatterns = [
     # Site data sets ("new" comes first: it is not a key).
@@ -24,6 +25,11 @@ urlpatterns = [
     path(J + "submit/", views.JobSubmitView.as_view(), name="job-submit"),
     path(J + "cancel/", views.JobCancelView.as_view(), name="job-cancel"),
     path(J + "review/", views.JobReviewView.as_view(), name="job-review"),
+    # Site worker credentials (the token is shown once, on the page that creates it).
+    path(W, views.SiteCredentialListView.as_view(), name="credential-list"),
+    path(
+        W + "<int:pk>/revoke/", views.SiteCredentialRevokeView.as_view(), name="credential-revoke"
+    ),
     # Approvals and notifications.
     path(C + "approvals/", views.ApprovalInboxView.as_view(), name="approval-inbox"),
     path("notifications/", views.NotificationListView.as_view(), name="notification-list"),

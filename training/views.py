@@ -1,4 +1,5 @@
-"""Pages for site data sets, training jobs, approvals and notifications.
+"""Pages for site data sets, training jobs, approvals, notifications and the
+site workers' credentials.
 
 Each view is thin, like the governance pages: it loads its object through a
 selector scoped to the user (``consortium.viewmixins`` checks the declared
@@ -9,6 +10,8 @@ message and redirects. A refused form is re-rendered with exactly what was typed
 
 from __future__ import annotations
 
+from django import forms
+from django.conf import settings
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
@@ -33,7 +36,7 @@ from consortium.viewmixins import (
     first_or_404,
 )
 
-from . import selectors, services
+from . import selectors, services, sites
 from .compliance import ComplianceError
 from .forms import CancelForm, DatasetForm, DecisionForm, JobForm
 from .models import (
@@ -41,6 +44,7 @@ from .models import (
     JobParticipant,
     JobState,
     PrivacyReservation,
+    SiteCredential,
     SiteDataset,
     TrainingJob,
 )
@@ -630,3 +634,105 @@ class NotificationListView(PermissionRequiredMixin, TemplateView):
             request, f"{count} notification{'s' if count != 1 else ''} marked as read."
         )
         return redirect("training:notification-list")
+
+
+# --- Site worker credentials ------------------------------------------------------------
+
+
+class SiteCredentialForm(forms.Form):
+    """A new worker credential: a label, and the worker's public key (PEM)."""
+
+    label = forms.CharField(
+        max_length=100,
+        help_text="A name to tell this worker apart, e.g. 'gpu-node-1'.",
+    )
+    public_key = forms.CharField(
+        label="Worker public key (PEM)",
+        required=False,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 5,
+                "class": "mono",
+                "placeholder": "-----BEGIN PUBLIC KEY-----\n…\n-----END PUBLIC KEY-----",
+            }
+        ),
+        help_text="The Ed25519 public key of the worker's signing key. Generate the pair on "
+        "the site machine with generate_keypair() (training.fl.signing): the private key "
+        "stays there (SITE_SIGNING_KEY), the public key goes here. Leave empty to use the "
+        "worker key registered on the institution.",
+    )
+
+
+class SiteCredentialListView(InstitutionScopedMixin, GovernanceForm):
+    """The site's worker credentials, and the form that creates one. The token is
+    shown in the response to the POST that created it, and never again: it is
+    not stored (only its hash is), so a reload of the list cannot show it."""
+
+    permission_required = "training.manage_site_credentials"
+    template_name = "training/credential_list.html"
+    form_class = SiteCredentialForm
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(
+            credentials=SiteCredential.objects.filter(institution=self.institution)
+            .select_related("created_by", "revoked_by")
+            .order_by("-created_at", "-pk"),
+            has_institution_key=bool(self.institution.worker_public_key),
+            **kwargs,
+        )
+
+    def perform(self, form):
+        credential, token = sites.site_credential_create(
+            acting_user=self.request.user,
+            institution=self.institution,
+            label=form.cleaned_data["label"],
+            public_key=form.cleaned_data["public_key"],
+        )
+        response = self.response_class(
+            request=self.request,
+            template=["training/credential_created.html"],
+            context=self.get_context_data(
+                credential=credential,
+                token=token,
+                central_url=settings.SITE_URL,
+            ),
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class SiteCredentialRevokeView(InstitutionScopedMixin, GovernancePage):
+    """GET asks for confirmation; POST revokes the credential."""
+
+    permission_required = "training.manage_site_credentials"
+    template_name = "training/credential_revoke.html"
+
+    @cached_property
+    def credential(self):
+        return first_or_404(
+            SiteCredential.objects.filter(institution=self.institution), pk=self.kwargs["pk"]
+        )
+
+    def get_permission_object(self):
+        # A credential of another institution is the same 404 as a forbidden one.
+        self.credential  # noqa: B018
+        return self.institution
+
+    def get_context_data(self, **kwargs):
+        kwargs.setdefault("credential", self.credential)
+        return super().get_context_data(**kwargs)
+
+    def post(self, request, *args, **kwargs):
+        try:
+            sites.site_credential_revoke(acting_user=request.user, credential=self.credential)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(
+                request,
+                f"The credential '{self.credential.label}' ({self.credential.token_prefix}…) "
+                "is revoked: its worker's requests and uploads are refused from now on.",
+            )
+        return redirect(
+            reverse("training:credential-list", args=[self.consortium.slug, self.institution.slug])
+        )

@@ -1,8 +1,9 @@
 """REST API (namespace ``api``) and its OpenAPI schema and UI.
 
 The ledger's endpoints live with the ledger in ``audit.api``, and the training
-endpoints (data sets, jobs, approvals, notifications) in ``training.api``; the
-API layer may import them (it sits above those apps).
+endpoints (data sets, jobs, approvals, notifications) in ``training.api``, and the
+site workers' endpoints (``/api/site/``, site tokens only) in ``training.site_api``;
+the API layer may import them (it sits above those apps).
 """
 
 from django.urls import path
@@ -11,6 +12,7 @@ from rest_framework.routers import SimpleRouter
 
 from audit.api import LedgerEntryViewSet
 from training import api as training_api
+from training import site_api
 
 from . import views
 
@@ -32,4 +34,6 @@ urlpatterns = [
     path("schema/", SpectacularAPIView.as_view(), name="schema"),
     path("docs/", SpectacularSwaggerView.as_view(url_name="api:schema"), name="docs"),
     *router.urls,
+    # The site workers' endpoints (site tokens only): /api/site/...
+    *site_api.urlpatterns,
 ]

@@ -1,0 +1,770 @@
+"""Writes for the site workers: their credentials, and receiving their updates.
+
+A site worker holds no central database credentials (DESIGN section 2). It is
+known here by a :class:`~training.models.SiteCredential`: an API token (only its
+SHA-256 is stored; the token is shown once, when created) and the worker's
+Ed25519 public key. Through the REST API (``training.site_api``), authenticated
+as its site, it fetches the global model and uploads its signed update.
+
+:func:`update_receive` verifies an update before it can count: the credential
+is live, the site takes part, the round is open and asked this site for an
+update, the size is within ``settings.FL_MAX_UPDATE_BYTES``, the bytes hash to
+the declared digest, the site's Ed25519 signature holds over
+``training.fl.signing.update_message(...)``, the file is a valid tensor
+container whose ``delta/<name>`` (float32) and ``mask/<name>`` (bool) tensors
+match the round's global model, every value is finite, the sample count is
+plausible for the site's data set, and the privacy events are valid. A refused
+update is recorded on its ``SiteUpdate`` (status rejected, with the reason) and
+in the ledger, and never counts.
+
+The expensive checks (hashing, the signature, unpacking tensors) run before any
+lock is taken; then, in one transaction, the ledger chain is locked first and
+the rows after it (the project's lock order), the state is checked again, and
+the outcome and its ledger entry are written together.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import hmac
+import json
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from celery import current_app
+from django.conf import settings
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from audit.ledger import append_entry, lock_chain
+from consortium.errors import ConflictError, ServiceError
+from consortium.models import Institution
+from consortium.services import key_fingerprint, validate_worker_public_key
+
+from .accounting import PrivacyEvent
+from .artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
+from .models import JobParticipant, Round, SiteCredential, SiteDataset, SiteUpdate, TrainingJob
+from .queues import CENTRAL_QUEUE
+
+TOKEN_PREFIX = "fls_"
+#: How many of the token's first characters are kept, to tell credentials apart.
+TOKEN_PREFIX_LENGTH = 12
+#: last_used_at is written at most this often per credential.
+LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
+#: The task the coordinator runs when an update is accepted (queued by name:
+#: the coordinator implements it).
+ROUND_MAYBE_CLOSE_TASK = "training.round_maybe_close"
+#: Largest metrics / pipeline / privacy-events JSON kept per update.
+MAX_METADATA_CHARS = 16_384
+
+
+class Events:
+    """Ledger event names written by this module."""
+
+    CREDENTIAL_CREATED = "site.credential_created"
+    CREDENTIAL_REVOKED = "site.credential_revoked"
+    UPDATE_ACCEPTED = "round.update_accepted"
+    UPDATE_REJECTED = "round.update_rejected"
+
+
+# --- Errors -------------------------------------------------------------------------------
+
+
+class UpdateRefused(ServiceError):
+    """An upload that was not taken. ``status`` is the HTTP status the API
+    answers; ``recorded`` says whether the refusal was written on the site's
+    ``SiteUpdate`` (rejected, with the reason) and in the ledger."""
+
+    code = "update_refused"
+    status = 400
+    recorded = False
+
+    def __init__(self, message: str, *, code: str, status: int, recorded: bool = False):
+        super().__init__(message, code=code)
+        self.status = status
+        self.recorded = recorded
+
+
+@dataclass
+class _Rejection:
+    """A failed check, before it is recorded."""
+
+    code: str
+    reason: str
+    status: int = 400
+
+    def refused(self, *, recorded: bool) -> UpdateRefused:
+        return UpdateRefused(self.reason, code=self.code, status=self.status, recorded=recorded)
+
+
+class _Reject(Exception):
+    def __init__(self, code: str, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.rejection = _Rejection(code=code, reason=reason, status=status)
+
+
+# --- Credentials ---------------------------------------------------------------------------
+
+
+def _hash_token(token: str) -> str:
+    return sha256_hex(token.encode("utf-8"))
+
+
+def _clean_label(label: str) -> str:
+    label = (label or "").strip()
+    if not label:
+        raise ValidationError({"label": "Name the worker (e.g. 'gpu-node-1'), to tell it apart."})
+    if len(label) > 100:
+        raise ValidationError({"label": "Use at most 100 characters."})
+    return label
+
+
+def site_credential_create(
+    *, acting_user, institution: Institution, label: str, public_key: str = ""
+) -> tuple[SiteCredential, str]:
+    """Create a site worker's credentials and return them with the token.
+
+    The token is returned once and never stored (only its SHA-256 and its first
+    characters are). ``public_key`` is the worker's Ed25519 public key (PEM);
+    left empty, the institution's registered worker key is used.
+    """
+    label = _clean_label(label)
+    try:
+        key = validate_worker_public_key(public_key)
+    except ValidationError as exc:
+        raise ValidationError({"public_key": exc.messages}) from None
+    key = key or (institution.worker_public_key or "").strip()
+    if not key:
+        raise ValidationError(
+            {
+                "public_key": "Paste the worker's Ed25519 public key (PEM), or register a "
+                "worker key on the institution first."
+            }
+        )
+    token = TOKEN_PREFIX + secrets.token_urlsafe(32)
+    with transaction.atomic():
+        credential = SiteCredential.objects.create(
+            institution=institution,
+            label=label,
+            token_prefix=token[:TOKEN_PREFIX_LENGTH],
+            token_hash=_hash_token(token),
+            public_key=key,
+            created_by=acting_user,
+        )
+        append_entry(
+            event=Events.CREDENTIAL_CREATED,
+            actor=acting_user,
+            subject=credential,
+            consortium_slug=institution.consortium.slug,
+            institution_slug=institution.slug,
+            payload={
+                "label": label,
+                "token_prefix": credential.token_prefix,
+                "key_fingerprint": key_fingerprint(key),
+            },
+        )
+    return credential, token
+
+
+def site_credential_revoke(*, acting_user, credential: SiteCredential) -> SiteCredential:
+    """Revoke a worker's credentials: its token is refused from now on, and so
+    are uploads in flight that have not been recorded yet."""
+    with transaction.atomic():
+        lock_chain()
+        credential = (
+            SiteCredential.objects.select_for_update(of=("self",))
+            .select_related("institution__consortium")
+            .get(pk=credential.pk)
+        )
+        if credential.revoked_at is not None:
+            raise ConflictError(
+                f"The credential '{credential.label}' ({credential.token_prefix}…) was already "
+                f"revoked on {credential.revoked_at:%Y-%m-%d %H:%M} UTC.",
+                code="already_revoked",
+            )
+        credential.revoked_at = timezone.now()
+        credential.revoked_by = acting_user
+        credential.save(update_fields=["revoked_at", "revoked_by"])
+        append_entry(
+            event=Events.CREDENTIAL_REVOKED,
+            actor=acting_user,
+            subject=credential,
+            consortium_slug=credential.institution.consortium.slug,
+            institution_slug=credential.institution.slug,
+            payload={"label": credential.label, "token_prefix": credential.token_prefix},
+        )
+    return credential
+
+
+def site_credential_authenticate(token: str) -> SiteCredential | None:
+    """The live credential this token belongs to, or None (unknown or revoked).
+
+    Tokens are looked up by their SHA-256, so no comparison runs over the
+    secret itself. ``last_used_at`` is written at most once a minute.
+    """
+    if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return None
+    digest = _hash_token(token)
+    credential = (
+        SiteCredential.objects.select_related("institution__consortium")
+        .filter(token_hash=digest)
+        .first()
+    )
+    if credential is None or not hmac.compare_digest(credential.token_hash, digest):
+        return None
+    if credential.revoked_at is not None:
+        return None
+    now = timezone.now()
+    if credential.last_used_at is None or now - credential.last_used_at >= LAST_USED_RESOLUTION:
+        SiteCredential.objects.filter(pk=credential.pk).filter(
+            Q(last_used_at__isnull=True) | Q(last_used_at__lte=now - LAST_USED_RESOLUTION)
+        ).update(last_used_at=now)
+        credential.last_used_at = now
+    return credential
+
+
+def site_token_revoked(token: str) -> bool:
+    """Whether ``token`` belongs to a revoked credential (to say so when refusing it)."""
+    if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
+        return False
+    return SiteCredential.objects.filter(
+        token_hash=_hash_token(token), revoked_at__isnull=False
+    ).exists()
+
+
+def site_actor_repr(credential: SiteCredential) -> str:
+    """How a site worker appears as the actor of a ledger entry."""
+    return (
+        f"site {credential.institution.slug} worker '{credential.label}' "
+        f"({credential.token_prefix}…)"
+    )
+
+
+# --- Reads for the site API ------------------------------------------------------------------
+
+
+def site_job(credential: SiteCredential, job_id: int) -> TrainingJob | None:
+    """The job, if the credential's institution is an active participant of it."""
+    return (
+        TrainingJob.objects.select_related("consortium")
+        .filter(
+            pk=job_id,
+            participants__institution_id=credential.institution_id,
+            participants__status=JobParticipant.Status.ACTIVE,
+        )
+        .first()
+    )
+
+
+# --- Receiving updates ---------------------------------------------------------------------
+
+
+@dataclass
+class VerifiedUpdate:
+    """What the checks established about an upload."""
+
+    samples: int
+    size_bytes: int
+    pipeline: list
+    privacy_events: list
+    metrics: dict
+
+
+@functools.lru_cache(maxsize=16)
+def _model_layout(digest: str) -> dict[str, tuple[str, tuple[int, ...], bool]]:
+    """``{name: (dtype, shape, floating)}`` of a stored global model. Artifacts
+    are content-addressed, so the layout of a digest never changes."""
+    from .fl.serialization import unpack_tensors
+
+    tensors = unpack_tensors(artifact_store().get(digest))
+    return {
+        name: (str(t.dtype).removeprefix("torch."), tuple(t.shape), t.is_floating_point())
+        for name, t in tensors.items()
+    }
+
+
+def _check_tensors(data: bytes, global_digest: str) -> None:
+    """The update's tensors against the global model's: names, shapes, dtypes,
+    finite values. Raises _Reject naming the tensor and what is wrong."""
+    import torch
+
+    from .fl.serialization import MalformedTensorFile, unpack_tensors
+
+    try:
+        tensors = unpack_tensors(data, max_bytes=settings.FL_MAX_UPDATE_BYTES)
+    except MalformedTensorFile as exc:
+        raise _Reject("malformed", str(exc)) from None
+    try:
+        layout = _model_layout(global_digest)
+    except ArtifactError as exc:
+        # The central side's own fault, nothing the site did: refused, not recorded,
+        # so the site can upload again once the store is repaired.
+        raise UpdateRefused(
+            f"The round's global model cannot be read here ({exc}); try again later.",
+            code="global_model_unavailable",
+            status=503,
+        ) from None
+    shape_text = lambda shape: "[" + ", ".join(str(d) for d in shape) + "]"  # noqa: E731
+    for name in sorted(tensors):
+        kind, _, base = name.partition("/")
+        if kind not in ("delta", "mask") or base not in layout:
+            raise _Reject(
+                "tensor_mismatch",
+                f"unexpected tensor {name!r}: an update holds delta/<name> and mask/<name> "
+                "for the tensors of the global model",
+            )
+        tensor = tensors[name]
+        _dtype, shape, floating = layout[base]
+        if not floating:
+            raise _Reject(
+                "tensor_mismatch",
+                f"unexpected tensor {name!r}: the global model's {base} is not floating-point "
+                "and is not trained",
+            )
+        want = torch.float32 if kind == "delta" else torch.bool
+        if tensor.dtype != want:
+            raise _Reject(
+                "tensor_mismatch",
+                f"{name} has dtype {str(tensor.dtype).removeprefix('torch.')}, expected "
+                f"{str(want).removeprefix('torch.')}",
+            )
+        if tuple(tensor.shape) != shape:
+            raise _Reject(
+                "tensor_mismatch",
+                f"{name} has shape {shape_text(tensor.shape)}, expected {shape_text(shape)} "
+                f"(the global model's {base})",
+            )
+    missing = [
+        f"delta/{base}"
+        for base, (_dtype, _shape, floating) in sorted(layout.items())
+        if floating and f"delta/{base}" not in tensors
+    ]
+    if missing:
+        raise _Reject("tensor_mismatch", f"missing tensor {missing[0]} (the global model has it)")
+    for name in sorted(tensors):
+        if name.startswith("delta/") and not bool(torch.isfinite(tensors[name]).all()):
+            raise _Reject("not_finite", f"NaN or infinity in {name}")
+
+
+def _json_safe(value: Any, what: str, depth: int = 0) -> None:
+    if depth > 8:
+        raise _Reject("bad_metadata", f"{what} is nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise _Reject("bad_metadata", f"{what} holds NaN or infinity")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise _Reject("bad_metadata", f"{what} has a key that is not a string")
+            _json_safe(item, what, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _json_safe(item, what, depth + 1)
+    elif not (value is None or isinstance(value, bool | int | float | str)):
+        raise _Reject("bad_metadata", f"{what} is not JSON")
+
+
+def _check_metadata(*, metrics, pipeline, privacy_events) -> tuple[dict, list, list]:
+    if not isinstance(metrics, dict):
+        raise _Reject("bad_metadata", "metrics must be a JSON object")
+    _json_safe(metrics, "metrics")
+    if not isinstance(pipeline, list) or not all(isinstance(f, dict) for f in pipeline):
+        raise _Reject("bad_metadata", "pipeline must be a JSON list of filters, each an object")
+    _json_safe(pipeline, "pipeline")
+    if not isinstance(privacy_events, list):
+        raise _Reject("bad_privacy_events", "privacy events must be a JSON list")
+    events = []
+    for i, raw in enumerate(privacy_events):
+        try:
+            events.append(PrivacyEvent.from_json(raw).to_json())
+        except (ValueError, TypeError) as exc:
+            raise _Reject("bad_privacy_events", f"privacy event {i}: {exc}") from None
+    for what, value in (("metrics", metrics), ("pipeline", pipeline), ("privacy events", events)):
+        if len(json.dumps(value)) > MAX_METADATA_CHARS:
+            raise _Reject("bad_metadata", f"{what} is longer than {MAX_METADATA_CHARS} characters")
+    return metrics, pipeline, events
+
+
+def _verify(
+    *,
+    credential: SiteCredential,
+    job: TrainingJob,
+    rnd: Round,
+    data: bytes,
+    samples: int,
+    update_digest: str,
+    signature: str,
+    metrics,
+    privacy_events,
+    pipeline,
+) -> VerifiedUpdate:
+    """Every check that needs no lock, in the order a site can act on. Raises _Reject."""
+    from .fl.signing import BadSignature, update_message, verify_update
+
+    limit = settings.FL_MAX_UPDATE_BYTES
+    if len(data) > limit:
+        raise _Reject(
+            "too_large", f"the update is {len(data)} bytes, over the limit of {limit}", 413
+        )
+    if not is_digest(update_digest) or sha256_hex(data) != update_digest:
+        raise _Reject("digest_mismatch", "digest mismatch: the upload was truncated or altered")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise _Reject(
+            "bad_samples", f"the sample count must be a whole number of at least 1, got {samples!r}"
+        )
+    slug = credential.institution.slug
+    try:
+        message = update_message(
+            job_id=job.pk,
+            round_index=rnd.index,
+            site=slug,
+            update_digest=update_digest,
+            samples=samples,
+        )
+        verify_update(credential.public_key, message, signature)
+    except BadSignature as exc:
+        raise _Reject(
+            "bad_signature",
+            f"the signature does not verify with the key of credential "
+            f"'{credential.label}' ({credential.token_prefix}…): {exc}",
+        ) from None
+    _check_tensors(data, rnd.global_model_in.digest)
+    key = job.spec.get("dataset_key")
+    dataset = SiteDataset.objects.filter(institution_id=credential.institution_id, key=key).first()
+    if dataset is None:
+        raise _Reject("bad_samples", f"{slug} no longer offers the data set '{key}'")
+    if not 1 <= samples <= dataset.num_records:
+        raise _Reject(
+            "bad_samples",
+            f"{samples} samples is not between 1 and the {dataset.num_records} records of "
+            f"'{key}' at {slug}",
+        )
+    metrics, pipeline, events = _check_metadata(
+        metrics=metrics, pipeline=pipeline, privacy_events=privacy_events
+    )
+    return VerifiedUpdate(
+        samples=samples,
+        size_bytes=len(data),
+        pipeline=pipeline,
+        privacy_events=events,
+        metrics=metrics,
+    )
+
+
+def _status_refusal(update: SiteUpdate | None, *, site: str, round_index: int, digest: str):
+    """None when the update may still be received; the duplicate itself when it
+    was already accepted with this digest; a refusal otherwise."""
+    if update is None:
+        return UpdateRefused(
+            f"No update was asked of {site} in round {round_index}.",
+            code="not_dispatched",
+            status=409,
+        )
+    if update.status == SiteUpdate.Status.DISPATCHED:
+        return None
+    if update.status == SiteUpdate.Status.ACCEPTED and update.update_digest == digest:
+        return update
+    if update.status == SiteUpdate.Status.REJECTED:
+        text = f"was rejected ({update.reject_reason})"
+    elif update.status == SiteUpdate.Status.ACCEPTED:
+        text = f"was already accepted with another digest ({update.update_digest[:12]}…)"
+    else:
+        text = f"is {update.get_status_display().lower()}"
+    return UpdateRefused(
+        f"The update of {site} for round {round_index} {text}: it takes no other upload.",
+        code="already_received",
+        status=409,
+    )
+
+
+def _load(credential: SiteCredential, job_id: int, round_index: int, *, lock: bool):
+    """The job, the round and the site's SiteUpdate row, or a refusal that is
+    not recorded (no such job or round for this site, the round not open)."""
+    job = (
+        TrainingJob.objects.select_related("consortium")
+        .filter(pk=job_id, participants__institution_id=credential.institution_id)
+        .first()
+    )
+    if job is None:
+        raise UpdateRefused("Not found.", code="not_found", status=404)
+    rounds = Round.objects.select_related("global_model_in")
+    if lock:
+        rounds = rounds.select_for_update(of=("self",))
+    rnd = rounds.filter(job=job, index=round_index).first()
+    if rnd is None:
+        raise UpdateRefused(
+            f"Job #{job.pk} has no round {round_index}.", code="no_such_round", status=404
+        )
+    if rnd.state != Round.State.OPEN:
+        raise UpdateRefused(
+            f"round closed: round {round_index} of job #{job.pk} is "
+            f"{rnd.get_state_display().lower()} and takes no updates.",
+            code="round_closed",
+            status=409,
+        )
+    updates = SiteUpdate.objects.filter(round=rnd, institution_id=credential.institution_id)
+    if lock:
+        updates = updates.select_for_update(of=("self",))
+    return job, rnd, updates.first()
+
+
+def _participation_rejection(credential: SiteCredential, job: TrainingJob) -> _Rejection | None:
+    """Rejections that come from who uploads, not from what: checked again under the locks."""
+    current = SiteCredential.objects.filter(pk=credential.pk).values("revoked_at").first()
+    if current is None or current["revoked_at"] is not None:
+        return _Rejection(
+            "credential_revoked",
+            f"the credential '{credential.label}' ({credential.token_prefix}…) is revoked",
+            401,
+        )
+    participant = JobParticipant.objects.filter(
+        job=job, institution_id=credential.institution_id
+    ).first()
+    if participant is None or participant.status != JobParticipant.Status.ACTIVE:
+        why = (
+            f" ({participant.removed_reason})" if participant and participant.removed_reason else ""
+        )
+        return _Rejection(
+            "not_participant",
+            f"{credential.institution.slug} no longer takes part in job #{job.pk}{why}",
+            403,
+        )
+    return None
+
+
+def _ledger_common(update: SiteUpdate, job: TrainingJob, rnd: Round, credential) -> dict:
+    return {
+        "job_id": job.pk,
+        "round": rnd.index,
+        "site": credential.institution.slug,
+        "credential": credential.token_prefix,
+        "global_model": rnd.global_model_in.digest,
+    }
+
+
+def _record_rejection(
+    update: SiteUpdate,
+    *,
+    job: TrainingJob,
+    rnd: Round,
+    credential: SiteCredential,
+    rejection: _Rejection,
+    update_digest: str,
+    size: int,
+) -> None:
+    update.status = SiteUpdate.Status.REJECTED
+    update.reject_reason = rejection.reason
+    update.received_at = timezone.now()
+    update.credential = credential
+    update.update_digest = update_digest if is_digest(update_digest) else ""
+    update.size_bytes = size
+    update.save(
+        update_fields=[
+            "status",
+            "reject_reason",
+            "received_at",
+            "credential",
+            "update_digest",
+            "size_bytes",
+        ]
+    )
+    append_entry(
+        event=Events.UPDATE_REJECTED,
+        actor_repr=site_actor_repr(credential),
+        subject=update,
+        consortium_slug=job.consortium.slug,
+        institution_slug=credential.institution.slug,
+        payload={
+            **_ledger_common(update, job, rnd, credential),
+            "code": rejection.code,
+            "reason": rejection.reason,
+            "update_digest": update.update_digest,
+            "size_bytes": size,
+        },
+    )
+
+
+def _record_acceptance(
+    update: SiteUpdate,
+    *,
+    job: TrainingJob,
+    rnd: Round,
+    credential: SiteCredential,
+    verified: VerifiedUpdate,
+    update_digest: str,
+    signature: str,
+) -> None:
+    update.status = SiteUpdate.Status.ACCEPTED
+    update.received_at = timezone.now()
+    update.samples = verified.samples
+    update.update_digest = update_digest
+    update.signature = signature
+    update.size_bytes = verified.size_bytes
+    update.pipeline = verified.pipeline
+    update.privacy_events = verified.privacy_events
+    update.metrics = verified.metrics
+    update.credential = credential
+    update.reject_reason = ""
+    update.save()
+    append_entry(
+        event=Events.UPDATE_ACCEPTED,
+        actor_repr=site_actor_repr(credential),
+        subject=update,
+        consortium_slug=job.consortium.slug,
+        institution_slug=credential.institution.slug,
+        payload={
+            **_ledger_common(update, job, rnd, credential),
+            "samples": verified.samples,
+            "update_digest": update_digest,
+            "signature": signature,
+            "size_bytes": verified.size_bytes,
+            "pipeline": verified.pipeline,
+            "privacy_events": verified.privacy_events,
+            "metrics": verified.metrics,
+        },
+    )
+    round_pk = rnd.pk
+    transaction.on_commit(
+        lambda: current_app.send_task(ROUND_MAYBE_CLOSE_TASK, args=[round_pk], queue=CENTRAL_QUEUE)
+    )
+
+
+def update_receive(
+    *,
+    credential: SiteCredential,
+    job_id: int,
+    round_index: int,
+    data: bytes,
+    samples: int,
+    update_digest: str,
+    signature: str,
+    metrics: dict,
+    privacy_events: list,
+    pipeline: list,
+) -> SiteUpdate:
+    """Receive, verify and record one site's update for one round.
+
+    Returns the accepted ``SiteUpdate``; ``update.duplicate`` is True when the
+    same update (same digest) had already been accepted: a repeated upload does
+    no harm and changes nothing. Raises :class:`UpdateRefused` otherwise, with
+    the HTTP status to answer and whether the refusal was recorded (a failed
+    check on an update the round asked for is; a closed round, an unknown job or
+    round, or an update already received are only refused).
+    """
+    credential = SiteCredential.objects.select_related("institution__consortium").get(
+        pk=credential.pk
+    )
+    site = credential.institution.slug
+    digest = update_digest if isinstance(update_digest, str) else ""
+
+    # Unlocked first look: a duplicate or a refused state costs no verification.
+    job, rnd, update = _load(credential, job_id, round_index, lock=False)
+    state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
+    if isinstance(state, SiteUpdate):
+        state.duplicate = True
+        return state
+    if state is not None:
+        raise state
+
+    rejection = _participation_rejection(credential, job)
+    verified = None
+    if rejection is None:
+        try:
+            verified = _verify(
+                credential=credential,
+                job=job,
+                rnd=rnd,
+                data=data,
+                samples=samples,
+                update_digest=digest,
+                signature=signature if isinstance(signature, str) else "",
+                metrics=metrics,
+                privacy_events=privacy_events,
+                pipeline=pipeline,
+            )
+        except _Reject as exc:
+            rejection = exc.rejection
+    if verified is not None:
+        try:
+            # Content-addressed and idempotent: stored before the transaction so the
+            # chain lock is not held while a large file is written.
+            artifact_store().put(data)
+        except (ArtifactError, OSError) as exc:
+            raise UpdateRefused(
+                f"The update could not be stored; try again ({exc}).",
+                code="storage_failed",
+                status=503,
+            ) from None
+
+    with transaction.atomic():
+        lock_chain()
+        job, rnd, update = _load(credential, job_id, round_index, lock=True)
+        state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
+        if isinstance(state, SiteUpdate):
+            state.duplicate = True
+            return state
+        if state is not None:
+            raise state
+        rejection = _participation_rejection(credential, job) or rejection
+        if rejection is not None:
+            _record_rejection(
+                update,
+                job=job,
+                rnd=rnd,
+                credential=credential,
+                rejection=rejection,
+                update_digest=digest,
+                size=len(data),
+            )
+        else:
+            _record_acceptance(
+                update,
+                job=job,
+                rnd=rnd,
+                credential=credential,
+                verified=verified,
+                update_digest=digest,
+                signature=signature,
+            )
+    if rejection is not None:
+        raise rejection.refused(recorded=True)
+    update.duplicate = False
+    return update
+
+
+def update_refuse_oversize(
+    *, credential: SiteCredential, job_id: int, round_index: int, size: int
+) -> None:
+    """Record an upload refused while it was read, for being over the size limit
+    (the API stops reading it). Raises :class:`UpdateRefused` (413) always."""
+    limit = settings.FL_MAX_UPDATE_BYTES
+    rejection = _Rejection(
+        "too_large", f"the update is over the limit of {limit} bytes ({size} or more)", 413
+    )
+    credential = SiteCredential.objects.select_related("institution__consortium").get(
+        pk=credential.pk
+    )
+    site = credential.institution.slug
+    with transaction.atomic():
+        lock_chain()
+        job, rnd, update = _load(credential, job_id, round_index, lock=True)
+        state = _status_refusal(update, site=site, round_index=round_index, digest="")
+        if isinstance(state, SiteUpdate):  # pragma: no cover - digest "" never matches
+            raise rejection.refused(recorded=False)
+        if state is not None:
+            raise state
+        rejection = _participation_rejection(credential, job) or rejection
+        _record_rejection(
+            update,
+            job=job,
+            rnd=rnd,
+            credential=credential,
+            rejection=rejection,
+            update_digest="",
+            size=size,
+        )
+    raise rejection.refused(recorded=True)
