@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint check bench-ledger clean
+.PHONY: demo demo-headless test lint check bench-ledger clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -12,11 +12,16 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev,worker]'
 	touch $(STAMP)
 
-## Seed the demo consortium and serve the dashboard at http://127.0.0.1:8000
+## The demo: seed the consortium, start the server, the coordinator and one site worker per
+## hospital, run an approved job through them, and serve the dashboard at http://127.0.0.1:8000
 demo: $(STAMP)
 	$(PY) manage.py migrate --noinput
-	$(PY) manage.py seed_demo
-	$(PY) manage.py runserver 127.0.0.1:8000
+	$(PY) manage.py demo
+
+## The same job run to completion without a dashboard: prints the metrics and the ledger head
+demo-headless: $(STAMP)
+	$(PY) manage.py migrate --noinput
+	$(PY) manage.py demo --no-serve --rounds 3
 
 ## Run the test suite (embedded SQLite by default; set DATABASE_URL etc. for the real services)
 test: $(STAMP)

@@ -4,8 +4,12 @@ import os
 from pathlib import Path
 
 from celery import Celery
+from kombu.transport import TRANSPORT_ALIASES
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "consortium.settings")
+# The embedded broker writes each message aside and renames it into place (consortium.broker):
+# kombu's own filesystem transport lets a consumer read a message before it is written.
+TRANSPORT_ALIASES["filesystem"] = "consortium.broker:Transport"
 
 app = Celery("consortium")
 app.config_from_object("django.conf:settings", namespace="CELERY")

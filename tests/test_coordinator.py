@@ -36,11 +36,9 @@ from .fl_harness import make_consortium3
 
 
 class InProcessClient:
-    """The site API through Django's test client (no sockets); models from the store.
-
-    Models are read from the artifact store rather than ``GET .../models/<digest>/`` because
-    the cyclic topology hands a site the previous site's result, which is not a GlobalModel
-    row (see the report on training.site_api)."""
+    """The site API through Django's test client (no sockets), as the real worker's client:
+    models too come through ``GET .../models/<digest>/`` (in a cyclic round, the previous
+    site's result, served to the site it was sent to)."""
 
     def __init__(self, token: str):
         self.client = Client()
@@ -52,7 +50,10 @@ class InProcessClient:
         return response.json()
 
     def model(self, job_id, digest):
-        return artifact_store().get(digest)
+        response = self.client.get(f"/api/site/jobs/{job_id}/models/{digest}/", **self.auth)
+        if response.status_code >= 400:
+            raise CentralError(response.content.decode(), status=response.status_code)
+        return response.content
 
     def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
         response = self.client.post(
@@ -189,10 +190,11 @@ def test_fedavg_job_runs_every_round_and_chains_its_models(c3, broker):
             "round_index": 1,
             "site": m["kwargs"]["site"],
             "spec_digest": job.spec_digest,
-            "global_digest": model0.digest,
+            "start_digest": model0.digest,
         }
         for m in first
     )
+    assert all(u.start_digest == model0.digest for u in SiteUpdate.objects.filter(round__job=job))
     assert model0.lineage_hash == coordinator.genesis_lineage(model0.digest)
 
     broker.deliver()
@@ -499,13 +501,12 @@ def test_cyclic_topology_visits_the_sites_in_turn(c3, broker):
         rnd = Round.objects.get(job=job, index=index)
         # Each site started from the previous site's result, and the round's model is the last.
         state = unpack_tensors(artifact_store().get(rnd.global_model_in.digest))
-        starts = [
-            m["kwargs"]["global_digest"] for m in tasks if m["kwargs"]["round_index"] == index
-        ]
+        starts = [m["kwargs"]["start_digest"] for m in tasks if m["kwargs"]["round_index"] == index]
         assert starts[0] == rnd.global_model_in.digest
         for position, slug in enumerate(visited):
             assert sha256_hex(pack_tensors(state)) == starts[position]
             update = rnd.updates.get(institution__slug=slug)
+            assert update.start_digest == starts[position] and update.sent_at is not None
             tensors = unpack_tensors(artifact_store().get(update.update_digest))
             delta = {
                 k.removeprefix("delta/"): v for k, v in tensors.items() if k.startswith("delta/")
@@ -517,6 +518,46 @@ def test_cyclic_topology_visits_the_sites_in_turn(c3, broker):
         *cyclic_order(slugs, 0),
         *cyclic_order(slugs, 1),
     ]
+
+
+def test_a_lost_cyclic_site_task_is_sent_again_from_the_same_start_model(c3, broker, settings):
+    from training.fl.aggregate import cyclic_order
+
+    settings.FL_REDISPATCH_AFTER_SECONDS = 60
+    job = _start(c3, broker, rounds=1, topology="cyclic", min_participants=2)
+    first, second, third = cyclic_order([s.slug for s in c3.sites], 0)
+    broker.deliver(drop_sites={second})
+    rnd = Round.objects.get(job=job, index=1)
+    rows = {u.institution.slug: u for u in rnd.updates.select_related("institution")}
+    assert rows[first].status == SiteUpdate.Status.ACCEPTED
+    assert rows[second].sent_at is not None and rows[second].start_digest
+    assert rows[second].start_digest != rnd.global_model_in.digest  # the first site's result
+    assert rows[third].sent_at is None and rows[third].start_digest == ""
+
+    # Only the site that was sent and never reported goes again, from the same model.
+    later = timezone.now() + dt.timedelta(seconds=61)
+    report = broker.run(coordinator.rounds_tick, now=later)
+    assert report.redispatched == [rows[second].pk]
+    (again,) = broker.messages
+    assert again["kwargs"]["site"] == second
+    assert again["kwargs"]["start_digest"] == rows[second].start_digest
+    broker.messages.clear()
+
+    # Its update is rejected after all: the third site starts from the second's start model.
+    SiteUpdate.objects.filter(pk=rows[second].pk).update(
+        status=SiteUpdate.Status.REJECTED, reject_reason="test"
+    )
+    assert broker.run(coordinator.round_maybe_close, rnd.pk) == "waiting"
+    (sent,) = broker.messages
+    assert sent["kwargs"]["site"] == third
+    assert sent["kwargs"]["start_digest"] == rows[second].start_digest
+    broker.deliver()
+    rnd.refresh_from_db()
+    assert rnd.state == Round.State.CLOSED
+    assert rnd.updates.get(institution__slug=third).start_digest == rows[second].start_digest
+    (closed,) = _entries("round.closed", job)
+    assert sorted(closed["sites"]) == sorted([first, third])
+    assert closed["rejected"] == {second: "test"}
 
 
 # --- Wiring ----------------------------------------------------------------------------------
@@ -602,6 +643,7 @@ def test_run_site_round_uses_no_database(tmp_path):
                 "open_round": {
                     "index": 3,
                     "global_model": global_digest,
+                    "start_model": global_digest,
                     "update_status": "dispatched",
                 },
             }
@@ -625,7 +667,7 @@ def test_run_site_round_uses_no_database(tmp_path):
         round_index=3,
         site="north",
         spec_digest=spec_digest(spec),
-        global_digest=global_digest,
+        start_digest=global_digest,
         config=config,
         client=CannedClient(),
     )
@@ -655,7 +697,7 @@ def test_run_site_round_uses_no_database(tmp_path):
             round_index=3,
             site="north",
             spec_digest="0" * 64,
-            global_digest=global_digest,
+            start_digest=global_digest,
             config=config,
             client=CannedClient(),
         )

@@ -83,7 +83,9 @@ def start_job(scene, *, seed: int = 0):
         deadline=timezone.now() + dt.timedelta(hours=1),
     )
     for institution in (cast.hospital_a, cast.hospital_b):
-        SiteUpdate.objects.create(round=rnd, institution=institution)
+        SiteUpdate.objects.create(
+            round=rnd, institution=institution, start_digest=digest, sent_at=timezone.now()
+        )
     return job, model, rnd
 
 
@@ -274,6 +276,7 @@ def test_a_signed_update_is_accepted_and_recorded(world, django_capture_on_commi
     assert payload["privacy_events"] == EVENTS
     assert payload["metrics"] == {"loss": 0.41, "accuracy": 0.8}
     assert payload["global_model"] == world.model.digest
+    assert payload["start_model"] == world.model.digest
     assert entry.institution_slug == "hospital-a"
     assert entry.consortium_slug == world.cast.consortium.slug
     assert (
@@ -676,6 +679,7 @@ def test_the_job_as_a_site_sees_it(world):
     assert body["state"] == "running"
     assert body["open_round"]["index"] == 1
     assert body["open_round"]["global_model"] == world.model.digest
+    assert body["open_round"]["start_model"] == world.model.digest
     assert body["open_round"]["update_status"] == "dispatched"
     assert body["dataset"]["num_records"] == 1000
 
@@ -710,6 +714,90 @@ def test_a_site_cannot_fetch_another_jobs_model(world):
     assert (
         client.get(f"/api/site/jobs/{other_job.pk}/models/{other_model.digest}/").status_code == 404
     )
+
+
+def _send_start_model(world, institution, *, seed: int) -> str:
+    """As a cyclic round does: ``institution`` is sent a model that is no GlobalModel (the
+    previous site's result), stored in the artifact store."""
+    digest = artifact_store().put(pack_tensors(global_state(seed)))
+    SiteUpdate.objects.filter(round=world.round, institution=institution).update(
+        start_digest=digest, sent_at=timezone.now()
+    )
+    return digest
+
+
+def test_a_site_can_fetch_the_model_it_was_sent_and_no_other(world, cast):
+    mine = _send_start_model(world, cast.hospital_a, seed=3)
+    theirs = _send_start_model(world, cast.hospital_b, seed=4)
+    stray = artifact_store().put(pack_tensors(global_state(5)))  # in the store, sent to no one
+    client = world.site.client()
+
+    response = client.get(f"/api/site/jobs/{world.job.pk}/models/{mine}/")
+    assert response.status_code == 200
+    assert response["X-Content-SHA256"] == mine
+    assert sha256_hex(response.content) == mine
+    assert client.get(f"/api/site/jobs/{world.job.pk}/").json()["open_round"]["start_model"] == (
+        mine
+    )
+    # The job's global models stay readable.
+    assert client.get(
+        f"/api/site/jobs/{world.job.pk}/models/{world.model.digest}/"
+    ).status_code == (200)
+    # Another site's start model, and an artifact that is no model of this site, are 404.
+    for digest in (theirs, stray):
+        response = client.get(f"/api/site/jobs/{world.job.pk}/models/{digest}/")
+        assert response.status_code == 404
+        assert response.json() == {"detail": "Not found.", "code": "not_found"}
+    # Site B reads its own start model, not site A's.
+    site_b = make_site(cast, institution=cast.hospital_b, label="b-node").client()
+    assert site_b.get(f"/api/site/jobs/{world.job.pk}/models/{theirs}/").status_code == 200
+    assert site_b.get(f"/api/site/jobs/{world.job.pk}/models/{mine}/").status_code == 404
+    # The start model of another job's round is not readable under this job's URL.
+    other_job, _other_model, other_round = start_job(world.scene, seed=9)
+    other_start = artifact_store().put(pack_tensors(global_state(6)))
+    SiteUpdate.objects.filter(round=other_round, institution=cast.hospital_a).update(
+        start_digest=other_start
+    )
+    assert client.get(f"/api/site/jobs/{world.job.pk}/models/{other_start}/").status_code == 404
+    assert client.get(f"/api/site/jobs/{other_job.pk}/models/{other_start}/").status_code == 200
+
+
+def test_an_update_is_checked_against_the_model_the_site_was_sent(world, cast):
+    """A cyclic site's start model is not the round's global model: the shapes are checked
+    against what the site was sent."""
+    shapes = {"net.0.weight": (4, 30), "net.0.bias": (4,)}
+    g = torch.Generator().manual_seed(7)
+    start = artifact_store().put(
+        pack_tensors({n: torch.randn(s, generator=g) for n, s in shapes.items()})
+    )
+    SiteUpdate.objects.filter(round=world.round, institution=cast.hospital_a).update(
+        start_digest=start
+    )
+    fitting = {f"delta/{n}": torch.zeros(s) for n, s in shapes.items()}
+    with mock.patch.object(sites.current_app, "send_task"):
+        assert upload(world, tensors=update_tensors(mask=False)).status_code == 400
+        assert site_update(world).status == SiteUpdate.Status.REJECTED
+        reason = site_update(world).reject_reason
+        assert "expected [4] (the net.0.bias of the model the site was sent)" in reason
+        site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
+        SiteUpdate.objects.filter(round=world.round, institution=cast.hospital_b).update(
+            start_digest=start
+        )
+        assert upload(world, site=site_b, tensors=fitting).status_code == 201
+
+
+def test_a_site_not_sent_the_round_yet_cannot_upload(world, cast):
+    SiteUpdate.objects.filter(round=world.round, institution=cast.hospital_a).update(
+        start_digest="", sent_at=None
+    )
+    response = upload(world)
+    assert response.status_code == 409
+    assert response.json()["code"] == "not_sent"
+    assert response.json()["recorded"] is False
+    assert site_update(world).status == SiteUpdate.Status.DISPATCHED
+    assert entries("round.update_rejected") == entries("round.update_accepted") == []
+    body = world.site.client().get(f"/api/site/jobs/{world.job.pk}/").json()
+    assert body["open_round"]["start_model"] is None
 
 
 def test_a_site_of_a_job_it_does_not_take_part_in_gets_404_on_upload(world, cast):

@@ -27,9 +27,12 @@ the round (recorded in the ledger); with fewer than ``min_participants`` left th
 Topologies: ``fedavg`` sends the global model to every site at once and averages their updates
 (weighted by samples, mask-aware, streaming). ``cyclic`` sends the model to one site at a time
 in :func:`training.fl.aggregate.cyclic_order`; each site starts from the previous site's
-result, and the round's model is the last result. For cyclic rounds a ``SiteUpdate`` row whose
-``dispatched_at`` still equals the round's ``opened_at`` has not been sent yet; sending it moves
-``dispatched_at`` on (a compare-and-set, so the next site is sent once).
+result, and the round's model is the last result. Every ``SiteUpdate`` records the model its
+site was sent (``start_digest``, which the site API serves to that site) and when
+(``sent_at``); a cyclic site's ``sent_at`` stays null until its turn comes, and sending it is a
+compare-and-set on that null, so the next site is sent once. A site's result is its delta
+applied to its own start model (or the start model unchanged when its update was rejected or
+never came), so the chain never depends on recomputing earlier sites.
 
 torch is imported inside the functions that need it: the web process imports this module
 (through the services and tasks) and never pays for torch.
@@ -207,14 +210,15 @@ def _store_state(state) -> tuple[str, int]:
     return artifact_store().put(data), len(data)
 
 
-def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, global_digest: str) -> None:
-    """Queue one site's training task once the transaction commits: ids and digests only."""
+def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_digest: str) -> None:
+    """Queue one site's training task once the transaction commits: ids and digests only
+    (``start_digest``: the model the site starts from, its ``SiteUpdate.start_digest``)."""
     kwargs = {
         "job_id": job.pk,
         "round_index": round_index,
         "site": slug,
         "spec_digest": job.spec_digest,
-        "global_digest": global_digest,
+        "start_digest": start_digest,
     }
     queue = site_queue(slug)
     transaction.on_commit(
@@ -409,8 +413,15 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         slugs = [p.institution.slug for p in check.eligible]
         cyclic = spec["topology"] == "cyclic"
         order = _cyclic_sites(slugs, index) if cyclic else slugs
+        # fedavg: every site is sent the global model now; cyclic: one at a time, below.
         SiteUpdate.objects.bulk_create(
-            SiteUpdate(round=rnd, institution=p.institution, dispatched_at=now)
+            SiteUpdate(
+                round=rnd,
+                institution=p.institution,
+                dispatched_at=now,
+                start_digest="" if cyclic else global_model.digest,
+                sent_at=None if cyclic else now,
+            )
             for p in check.eligible
         )
         _record(
@@ -430,20 +441,20 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         else:
             for slug in order:
                 _send_site_task(
-                    job=job, round_index=index, slug=slug, global_digest=global_model.digest
+                    job=job, round_index=index, slug=slug, start_digest=global_model.digest
                 )
     return rnd
 
 
 def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
-    """Send the cyclic round to ``slug`` once (compare-and-set on ``dispatched_at``)."""
-    sent_at = max(timezone.now(), rnd.opened_at + dt.timedelta(microseconds=1))
+    """Send the cyclic round to ``slug`` once, starting from ``digest`` (compare-and-set on
+    ``sent_at`` being null)."""
     claimed = SiteUpdate.objects.filter(
         round=rnd,
         institution__slug=slug,
         status=SiteUpdate.Status.DISPATCHED,
-        dispatched_at=rnd.opened_at,
-    ).update(dispatched_at=sent_at)
+        sent_at__isnull=True,
+    ).update(sent_at=timezone.now(), start_digest=digest)
     if not claimed:
         return False
     _record(
@@ -454,7 +465,7 @@ def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
         site=slug,
         start_digest=digest,
     )
-    _send_site_task(job=job, round_index=rnd.index, slug=slug, global_digest=digest)
+    _send_site_task(job=job, round_index=rnd.index, slug=slug, start_digest=digest)
     return True
 
 
@@ -503,19 +514,28 @@ def _apply_one(state: dict, digest: str) -> dict:
     return apply_update(state, delta)
 
 
-def _cyclic_state(global_state: dict, rnd: Round, upto: str | None = None) -> dict:
-    """The model after the accepted updates of the cyclic round, in the round's order (up to,
-    not including, site ``upto``)."""
-    slugs = list(rnd.updates.values_list("institution__slug", flat=True))
-    order = _cyclic_sites(slugs, rnd.index)
-    accepted = {u.institution.slug: u for u in _accepted(rnd)}
-    state = global_state
-    for slug in order:
-        if slug == upto:
-            break
-        if slug in accepted:
-            state = _apply_one(state, accepted[slug].update_digest)
+def _cyclic_rows(rnd: Round) -> list[SiteUpdate]:
+    """The round's ``SiteUpdate`` rows in the cyclic round's order."""
+    rows = {u.institution.slug: u for u in rnd.updates.select_related("institution")}
+    return [rows[slug] for slug in _cyclic_sites(list(rows), rnd.index)]
+
+
+def _site_result(update: SiteUpdate) -> dict:
+    """The model a sent cyclic site hands on: its delta applied to the model it was sent, or
+    that model unchanged when its update was rejected or never came."""
+    state = _load_state(update.start_digest)
+    if update.status == SiteUpdate.Status.ACCEPTED:
+        state = _apply_one(state, update.update_digest)
     return state
+
+
+def _cyclic_result(rnd: Round) -> dict:
+    """The cyclic round's model: the result of the last site it was sent to (sites are sent in
+    order, so the sent ones are a prefix of the order)."""
+    sent = [u for u in _cyclic_rows(rnd) if u.sent_at is not None and u.start_digest]
+    if not sent:
+        return _load_state(rnd.global_model_in.digest)
+    return _site_result(sent[-1])
 
 
 def _evaluate(spec: dict, dataset: SiteDataset, state: dict) -> dict:
@@ -625,23 +645,23 @@ def round_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
 
 
 def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
-    """Send the cyclic round to its next site once every site before it has reported."""
-    rows = {
-        slug: (status, sent)
-        for slug, status, sent in rnd.updates.values_list(
-            "institution__slug", "status", "dispatched_at"
-        )
-    }
-    for slug in _cyclic_sites(list(rows), rnd.index):
-        status, sent_at = rows[slug]
-        if status != SiteUpdate.Status.DISPATCHED:
+    """Send the cyclic round to its next site once every site before it has reported: it
+    starts from the previous site's result."""
+    previous = None
+    for update in _cyclic_rows(rnd):
+        if update.status != SiteUpdate.Status.DISPATCHED:
+            previous = update
             continue
-        if sent_at != rnd.opened_at:
+        if update.sent_at is not None:
             return  # in flight
-        state = _cyclic_state(_load_state(rnd.global_model_in.digest), rnd, upto=slug)
-        digest, _size = _store_state(state)
+        if previous is None:  # pragma: no cover - the first site is sent when the round opens
+            digest = rnd.global_model_in.digest
+        elif previous.status == SiteUpdate.Status.ACCEPTED:
+            digest, _size = _store_state(_site_result(previous))
+        else:
+            digest = previous.start_digest  # nothing to apply: hand its start model on
         with transaction.atomic():
-            _cyclic_send(rnd, job, slug, digest)
+            _cyclic_send(rnd, job, update.institution.slug, digest)
         return
 
 
@@ -656,11 +676,10 @@ def _aggregate_and_finish(round_id: int) -> str:
     parent = rnd.global_model_in
     try:
         dataset = _dataset_of(job, spec)
-        global_state = _load_state(parent.digest)
         if spec["topology"] == "cyclic":
-            state = _cyclic_state(global_state, rnd)
+            state = _cyclic_result(rnd)
         else:
-            state = _fedavg(global_state, updates)
+            state = _fedavg(_load_state(parent.digest), updates)
         digest, size = _store_state(state)
         metrics = _finite(_evaluate(spec, dataset, state))
     except (ValueError, ArtifactError, OSError, RuntimeError) as exc:
@@ -808,7 +827,7 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
             status=SiteUpdate.Status.DISPATCHED,
             round__state=Round.State.OPEN,
             round__job__state=JobState.RUNNING,
-            dispatched_at__lte=now - after,
+            sent_at__lte=now - after,  # a cyclic site not sent yet (null) is not lost
         )
         .select_related("round__job__consortium", "round__global_model_in", "institution")
         .order_by("pk")
@@ -846,26 +865,23 @@ def _resume(job: TrainingJob) -> bool:
 
 
 def _redispatch(update: SiteUpdate, now: dt.datetime) -> bool:
-    """Send again a site task that never reported (compare-and-set on ``dispatched_at``)."""
+    """Send again a site task that never reported, from the same start model (compare-and-set
+    on ``sent_at``)."""
     rnd = update.round
     job = rnd.job
-    if job.spec["topology"] == "cyclic":
-        if update.dispatched_at == rnd.opened_at:
-            return False  # not sent yet: its turn has not come
-        state = _cyclic_state(
-            _load_state(rnd.global_model_in.digest), rnd, upto=update.institution.slug
-        )
-        digest, _size = _store_state(state)
-    else:
-        digest = rnd.global_model_in.digest
+    if update.sent_at is None or not update.start_digest:
+        return False  # not sent yet: its turn has not come
     with transaction.atomic():
         moved = SiteUpdate.objects.filter(
-            pk=update.pk, status=SiteUpdate.Status.DISPATCHED, dispatched_at=update.dispatched_at
-        ).update(dispatched_at=max(now, rnd.opened_at + dt.timedelta(microseconds=1)))
+            pk=update.pk, status=SiteUpdate.Status.DISPATCHED, sent_at=update.sent_at
+        ).update(sent_at=now)
         if not moved:
             return False
         log.warning("sending round %s of %s to %s again", rnd.index, job, update.institution.slug)
         _send_site_task(
-            job=job, round_index=rnd.index, slug=update.institution.slug, global_digest=digest
+            job=job,
+            round_index=rnd.index,
+            slug=update.institution.slug,
+            start_digest=update.start_digest,
         )
     return True

@@ -308,7 +308,14 @@ class Round(models.Model):
 class SiteUpdate(models.Model):
     """One site's contribution to one round: dispatched, then received and
     verified (accepted) or refused (rejected, with the reason), or never
-    received (straggler)."""
+    received (straggler).
+
+    ``start_digest`` is the model the site was sent, and its update is a delta
+    relative to that model: for fedavg the round's global model, for cyclic the
+    previous site's result (an artifact, not a ``GlobalModel``). The site API
+    serves a site the start models of its own updates. ``sent_at`` is when the
+    site task was last sent; it stays null while a cyclic site waits for its
+    turn (``dispatched_at`` is when the site was asked for the round)."""
 
     class Status(models.TextChoices):
         DISPATCHED = "dispatched", "Dispatched"
@@ -331,6 +338,17 @@ class SiteUpdate(models.Model):
         SiteCredential, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
     )
     dispatched_at = models.DateTimeField(default=timezone.now)
+    start_digest = models.CharField(
+        max_length=64,
+        blank=True,
+        help_text="SHA-256 of the model the site was sent (its update is relative to it); "
+        "empty until it is sent.",
+    )
+    sent_at = models.DateTimeField(
+        null=True,
+        blank=True,
+        help_text="When the site task was last sent; null while a cyclic site waits its turn.",
+    )
     received_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:

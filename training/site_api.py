@@ -17,10 +17,13 @@ Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
 * ``GET  whoami/`` -- the site and credential the token belongs to;
 * ``GET  jobs/<job_id>/`` -- the job's canonical spec (``spec_text``, whose
   SHA-256 is ``spec_digest``), its state, the round now open, if any (with this
-  site's update status in it), and the site's own description of the data set;
-* ``GET  jobs/<job_id>/models/<digest>/`` -- a global model of that job, as the
-  packed tensor file (``application/octet-stream``) with an
-  ``X-Content-SHA256`` header;
+  site's update status and the model it was sent in it), and the site's own
+  description of the data set;
+* ``GET  jobs/<job_id>/models/<digest>/`` -- a global model of that job, or a
+  model this site was sent in that job (``SiteUpdate.start_digest``: in a cyclic
+  round, the previous site's result), as the packed tensor file
+  (``application/octet-stream``) with an ``X-Content-SHA256`` header. Any other
+  digest, another site's start model included, is 404;
 * ``POST jobs/<job_id>/rounds/<round_index>/update/`` -- the site's update.
 
 The upload format: the request body is the raw packed tensor file
@@ -74,7 +77,7 @@ from consortium.api.serializers import ErrorSerializer
 
 from . import sites
 from .artifacts import ArtifactError, artifact_store, is_digest
-from .models import GlobalModel, JobState, Round, SiteCredential, SiteDataset, SiteUpdate
+from .models import JobState, Round, SiteCredential, SiteDataset, SiteUpdate
 
 AUTH_KEYWORD = "Site"
 _READ_CHUNK = 1024 * 1024
@@ -203,6 +206,12 @@ class WhoAmISerializer(serializers.Serializer):
 class OpenRoundSerializer(serializers.Serializer):
     index = serializers.IntegerField()
     global_model = serializers.CharField(help_text="The digest of the round's global model.")
+    start_model = serializers.CharField(
+        allow_null=True,
+        help_text="The digest of the model this site was sent for the round (its update is "
+        "the delta from it): the global model, or in a cyclic round the previous site's "
+        "result. Null if the round has not reached this site (or asked nothing of it).",
+    )
     deadline = serializers.DateTimeField()
     update_status = serializers.ChoiceField(
         choices=SiteUpdate.Status.choices,
@@ -256,7 +265,9 @@ def _error(description: str) -> OpenApiResponse:
 
 
 _401 = _error("No site token, or an invalid or revoked one (also for a browser session).")
-_404 = _error("No such job for this site (or it does not take part), or no such model.")
+_404 = _error(
+    "No such job for this site (or it does not take part), or no such model for this site."
+)
 
 
 # --- Views -------------------------------------------------------------------------------------
@@ -313,6 +324,7 @@ class SiteJobView(SiteAPIView):
             open_round = {
                 "index": rnd.index,
                 "global_model": rnd.global_model_in.digest,
+                "start_model": (mine.start_digest or None) if mine else None,
                 "deadline": rnd.deadline,
                 "update_status": mine.status if mine else None,
             }
@@ -336,12 +348,14 @@ class SiteJobView(SiteAPIView):
 
 
 class SiteModelView(SiteAPIView):
-    """A global model of the job, as the packed tensor file."""
+    """A model of the job this site may read, as the packed tensor file."""
 
     @extend_schema(
         tags=["site"],
-        summary="Download a global model of the job (packed tensors)",
-        description="The body is the packed tensor file; its SHA-256 is in the "
+        summary="Download a global model of the job, or a model this site was sent",
+        description="The digest must be one of the job's global models, or the start model "
+        "of one of this site's updates in the job (in a cyclic round, the previous site's "
+        "result). The body is the packed tensor file; its SHA-256 is in the "
         "`X-Content-SHA256` header and equals the digest in the URL.",
         responses={
             (200, "application/octet-stream"): OpenApiResponse(
@@ -355,7 +369,7 @@ class SiteModelView(SiteAPIView):
         job = sites.site_job(self.credential, job_id)
         if job is None or not is_digest(digest):
             raise _not_found()
-        if not GlobalModel.objects.filter(job=job, digest=digest).exists():
+        if not sites.site_may_read_model(self.credential, job, digest):
             raise _not_found()
         try:
             data = artifact_store().get(digest)

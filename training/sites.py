@@ -4,15 +4,17 @@ A site worker holds no central database credentials (DESIGN section 2). It is
 known here by a :class:`~training.models.SiteCredential`: an API token (only its
 SHA-256 is stored; the token is shown once, when created) and the worker's
 Ed25519 public key. Through the REST API (``training.site_api``), authenticated
-as its site, it fetches the global model and uploads its signed update.
+as its site, it fetches the model it was sent and uploads its signed update.
 
 :func:`update_receive` verifies an update before it can count: the credential
 is live, the site takes part, the round is open and asked this site for an
-update, the size is within ``settings.FL_MAX_UPDATE_BYTES``, the bytes hash to
-the declared digest, the site's Ed25519 signature holds over
+update (and has sent it the round: a cyclic site waits its turn), the size is
+within ``settings.FL_MAX_UPDATE_BYTES``, the bytes hash to the declared digest,
+the site's Ed25519 signature holds over
 ``training.fl.signing.update_message(...)``, the file is a valid tensor
 container whose ``delta/<name>`` (float32) and ``mask/<name>`` (bool) tensors
-match the round's global model, every value is finite, the sample count is
+match the model the site was sent (``SiteUpdate.start_digest``, from which the
+update is a delta), every value is finite, the sample count is
 plausible for the site's data set, and the privacy events are valid. A refused
 update is recorded on its ``SiteUpdate`` (status rejected, with the reason) and
 in the ledger, and never counts.
@@ -48,7 +50,15 @@ from consortium.services import key_fingerprint, validate_worker_public_key
 
 from .accounting import PrivacyEvent
 from .artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
-from .models import JobParticipant, Round, SiteCredential, SiteDataset, SiteUpdate, TrainingJob
+from .models import (
+    GlobalModel,
+    JobParticipant,
+    Round,
+    SiteCredential,
+    SiteDataset,
+    SiteUpdate,
+    TrainingJob,
+)
 from .queues import CENTRAL_QUEUE
 
 TOKEN_PREFIX = "fls_"
@@ -261,6 +271,19 @@ def site_job(credential: SiteCredential, job_id: int) -> TrainingJob | None:
     )
 
 
+def site_may_read_model(credential: SiteCredential, job: TrainingJob, digest: str) -> bool:
+    """Whether the site may download model ``digest`` of ``job``: one of the job's global
+    models, or the model the site itself was sent for one of its rounds (in a cyclic round,
+    the previous site's result). Another site's start model is not among them."""
+    if not is_digest(digest):
+        return False
+    if GlobalModel.objects.filter(job=job, digest=digest).exists():
+        return True
+    return SiteUpdate.objects.filter(
+        round__job=job, institution_id=credential.institution_id, start_digest=digest
+    ).exists()
+
+
 # --- Receiving updates ---------------------------------------------------------------------
 
 
@@ -288,9 +311,10 @@ def _model_layout(digest: str) -> dict[str, tuple[str, tuple[int, ...], bool]]:
     }
 
 
-def _check_tensors(data: bytes, global_digest: str) -> None:
-    """The update's tensors against the global model's: names, shapes, dtypes,
-    finite values. Raises _Reject naming the tensor and what is wrong."""
+def _check_tensors(data: bytes, start_digest: str) -> None:
+    """The update's tensors against those of the model the site was sent: names,
+    shapes, dtypes, finite values. Raises _Reject naming the tensor and what is
+    wrong."""
     import torch
 
     from .fl.serialization import MalformedTensorFile, unpack_tensors
@@ -300,12 +324,12 @@ def _check_tensors(data: bytes, global_digest: str) -> None:
     except MalformedTensorFile as exc:
         raise _Reject("malformed", str(exc)) from None
     try:
-        layout = _model_layout(global_digest)
+        layout = _model_layout(start_digest)
     except ArtifactError as exc:
         # The central side's own fault, nothing the site did: refused, not recorded,
         # so the site can upload again once the store is repaired.
         raise UpdateRefused(
-            f"The round's global model cannot be read here ({exc}); try again later.",
+            f"The model this site was sent cannot be read here ({exc}); try again later.",
             code="global_model_unavailable",
             status=503,
         ) from None
@@ -316,14 +340,14 @@ def _check_tensors(data: bytes, global_digest: str) -> None:
             raise _Reject(
                 "tensor_mismatch",
                 f"unexpected tensor {name!r}: an update holds delta/<name> and mask/<name> "
-                "for the tensors of the global model",
+                "for the tensors of the model the site was sent",
             )
         tensor = tensors[name]
         _dtype, shape, floating = layout[base]
         if not floating:
             raise _Reject(
                 "tensor_mismatch",
-                f"unexpected tensor {name!r}: the global model's {base} is not floating-point "
+                f"unexpected tensor {name!r}: the model's {base} is not floating-point "
                 "and is not trained",
             )
         want = torch.float32 if kind == "delta" else torch.bool
@@ -337,7 +361,7 @@ def _check_tensors(data: bytes, global_digest: str) -> None:
             raise _Reject(
                 "tensor_mismatch",
                 f"{name} has shape {shape_text(tensor.shape)}, expected {shape_text(shape)} "
-                f"(the global model's {base})",
+                f"(the {base} of the model the site was sent)",
             )
     missing = [
         f"delta/{base}"
@@ -345,7 +369,9 @@ def _check_tensors(data: bytes, global_digest: str) -> None:
         if floating and f"delta/{base}" not in tensors
     ]
     if missing:
-        raise _Reject("tensor_mismatch", f"missing tensor {missing[0]} (the global model has it)")
+        raise _Reject(
+            "tensor_mismatch", f"missing tensor {missing[0]} (the model the site was sent has it)"
+        )
     for name in sorted(tensors):
         if name.startswith("delta/") and not bool(torch.isfinite(tensors[name]).all()):
             raise _Reject("not_finite", f"NaN or infinity in {name}")
@@ -394,6 +420,7 @@ def _verify(
     credential: SiteCredential,
     job: TrainingJob,
     rnd: Round,
+    start_digest: str,
     data: bytes,
     samples: int,
     update_digest: str,
@@ -432,7 +459,7 @@ def _verify(
             f"the signature does not verify with the key of credential "
             f"'{credential.label}' ({credential.token_prefix}…): {exc}",
         ) from None
-    _check_tensors(data, rnd.global_model_in.digest)
+    _check_tensors(data, start_digest)
     key = job.spec.get("dataset_key")
     dataset = SiteDataset.objects.filter(institution_id=credential.institution_id, key=key).first()
     if dataset is None:
@@ -465,6 +492,13 @@ def _status_refusal(update: SiteUpdate | None, *, site: str, round_index: int, d
             status=409,
         )
     if update.status == SiteUpdate.Status.DISPATCHED:
+        if update.sent_at is None or not update.start_digest:
+            return UpdateRefused(
+                f"Round {round_index} has not been sent to {site} yet (a cyclic round "
+                "reaches one site at a time): there is no model to update yet.",
+                code="not_sent",
+                status=409,
+            )
         return None
     if update.status == SiteUpdate.Status.ACCEPTED and update.update_digest == digest:
         return update
@@ -543,6 +577,7 @@ def _ledger_common(update: SiteUpdate, job: TrainingJob, rnd: Round, credential)
         "site": credential.institution.slug,
         "credential": credential.token_prefix,
         "global_model": rnd.global_model_in.digest,
+        "start_model": update.start_digest,
     }
 
 
@@ -678,6 +713,7 @@ def update_receive(
                 credential=credential,
                 job=job,
                 rnd=rnd,
+                start_digest=update.start_digest,
                 data=data,
                 samples=samples,
                 update_digest=digest,

@@ -52,9 +52,19 @@ def rounds_tick() -> dict:
     time_limit=settings.FL_SITE_TASK_HARD_LIMIT,
 )
 def site_train(
-    *, job_id: int, round_index: int, site: str, spec_digest: str, global_digest: str
+    *,
+    job_id: int,
+    round_index: int,
+    site: str,
+    spec_digest: str,
+    start_digest: str = "",
+    global_digest: str = "",
 ) -> dict:
-    """Train this site's update for one round and upload it (runs on ``site.<slug>``)."""
+    """Train this site's update for one round and upload it (runs on ``site.<slug>``).
+
+    ``start_digest`` is the model the site starts from (the round's global model, or for a
+    cyclic round the previous site's result). ``global_digest`` is its former name, still
+    taken from messages queued before the rename."""
     from .worker import WrongSite, run_site_round
 
     try:
@@ -63,7 +73,7 @@ def site_train(
             round_index=round_index,
             site=site,
             spec_digest=spec_digest,
-            global_digest=global_digest,
+            start_digest=start_digest or global_digest,
         )
     except WrongSite as exc:
         # A task for another site reached this worker: never run it, never requeue it here.

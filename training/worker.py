@@ -7,9 +7,11 @@ library. Its task message carries ids and digests only; everything else it fetch
 
 1. the job (``GET /api/site/jobs/<id>/``): the canonical spec must hash to the task's
    ``spec_digest`` (so the site trains exactly what its approver approved), and the site must
-   still be asked for an update in that round (a second delivery of a task whose update was
-   already accepted stops here);
-2. the global model by digest (``GET .../models/<digest>/``), checked against its SHA-256;
+   still be asked for an update in that round, from the model the task names (a second
+   delivery of a task whose update was already accepted stops here);
+2. the model the site starts from, by the task's ``start_digest`` (``GET .../models/<digest>/``),
+   checked against its SHA-256: the round's global model, or in a cyclic round the previous
+   site's result. The update is the delta from that model;
 3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``), local training
    (``training.fl.local.train_local``; DP-SGD happens there), the privacy pipeline on the
    update (``training.fl.filters.apply_pipeline``), all on site;
@@ -248,12 +250,13 @@ def run_site_round(
     round_index: int,
     site: str,
     spec_digest: str,
-    global_digest: str,
+    start_digest: str,
     config: WorkerConfig | None = None,
     client: CentralClient | None = None,
 ) -> dict:
     """Train this site's update for one round and upload it; returns a summary.
 
+    ``start_digest`` is the model the site was sent (its update is the delta from it).
     ``{"status": "accepted" | "duplicate" | "skipped", ...}``: ``skipped`` when the round no
     longer asks this site for an update (a second delivery, a closed round). Raises
     :class:`WrongSite`, :class:`IntegrityFailure`, :class:`CentralError` or ``ValueError``
@@ -291,10 +294,16 @@ def run_site_round(
             open_round or "no open round",
         )
         return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
+    sent = open_round.get("start_model")
+    if sent != start_digest:
+        raise IntegrityFailure(
+            f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
+            f"but the central server sent this site {(sent or 'nothing yet')[:12]}…"
+        )
 
-    model_bytes = client.model(job_id, global_digest)
-    if hashlib.sha256(model_bytes).hexdigest() != global_digest:
-        raise IntegrityFailure(f"the global model does not hash to {global_digest}")
+    model_bytes = client.model(job_id, start_digest)
+    if hashlib.sha256(model_bytes).hexdigest() != start_digest:
+        raise IntegrityFailure(f"the start model does not hash to {start_digest}")
 
     import torch
 
