@@ -103,7 +103,11 @@ def test_demo_runs_a_job_to_completion_on_real_processes(tmp_path):
     )
     assert done.returncode == 0, out + logs
     assert re.search(r"Round 2/2 closed .*4/4 updates accepted", out), out
-    assert re.search(r"Final model [0-9a-f]{16}…: validation accuracy [01]\.\d{3}", out), out
+    final = re.search(r"Final model [0-9a-f]{16}…: validation accuracy ([01]\.\d{3})", out)
+    assert final, out
+    # The model really learns under the agreement's DP-SGD: the majority class alone scores
+    # 0.63 on this validation set, and the demo's two rounds reach about 0.91-0.94.
+    assert float(final.group(1)) >= 0.8, out
     assert re.search(r"Ledger intact: \d+ entries, head hash [0-9a-f]{64}", out), out
     assert "Demo finished" in out
     # The site workers never reached for a database (theirs points at a missing folder).

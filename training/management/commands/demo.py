@@ -76,15 +76,19 @@ SITE_SLUGS = [slug for _name, slug, _country in HOSPITALS]
 CREDENTIAL_LABEL = "demo worker"
 
 #: What the demo trains on each bundled data set. The pipeline meets the seeded agreement's
-#: privacy floor (at most 40% shared, Gaussian noise) and its ε sets how many rounds fit the cap
-#: (ε 8 at δ 1e-5): noise multiplier 4 costs ε ≈ 1.85 for 3 rounds, 2.45 for 5, 8.08 for 40, and
-#: the hospitals' budgets are shared by every job, earlier demo runs included.
+#: privacy floor (at most 40% shared, DP-SGD at every site) and its ε sets how many jobs fit the
+#: cap (ε 8 at δ 1e-5, shared by every job, earlier demo runs included).
 #:
-#: The noise is added to each site's whole update (standard deviation: noise multiplier × clip
-#: norm, per shared coordinate), so with four sites it is far larger than the signal; logistic
-#: regression, whose decision does not depend on the scale of its weights, copes with it better
-#: than an MLP (which the registry also offers). ``--noise-multiplier`` shows the trade-off.
-NOISE_MULTIPLIER = 4.0
+#: DP-SGD (per-record clipping at 1.0, Gaussian noise of multiplier 2.5 on each batch of 16,
+#: Poisson-sampled) protects each patient's record and gains from privacy amplification by
+#: sampling: 5 rounds cost the smallest hospital (77 records) ε ≈ 2.1, and the breast-cancer
+#: model reaches about 0.93 validation accuracy (0.947 without any noise). Noise of the same
+#: ε added to each site's whole update instead (``gaussian_noise``: multiplier 4, clip norm 1)
+#: drowns four sites' signal: accuracy wandered between 0.31 and 0.88 in the same five rounds.
+#: Measured in-process with the same data, filters and aggregation on 2026-11-26.
+NOISE_MULTIPLIER = 2.5
+DP_SGD_CLIP = 1.0
+BATCH_SIZE = 16
 JOBS = {
     "breast-cancer": {
         "title": "Breast tumour classifier (demo)",
@@ -107,9 +111,9 @@ DEMO_TITLES = [job["title"] for job in JOBS.values()]
 
 def demo_pipeline(noise_multiplier: float = NOISE_MULTIPLIER) -> list[dict]:
     return [
+        {"filter": "dp_sgd", "noise_multiplier": noise_multiplier, "max_grad_norm": DP_SGD_CLIP},
         {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
         {"filter": "percentile_clipping", "percentile": 95.0},
-        {"filter": "gaussian_noise", "noise_multiplier": noise_multiplier, "clip_norm": 1.0},
     ]
 
 
@@ -123,7 +127,7 @@ def demo_spec(dataset: str, rounds: int, noise_multiplier: float = NOISE_MULTIPL
         "topology": "fedavg",
         "rounds": rounds,
         "local_epochs": 1,
-        "batch_size": 32,
+        "batch_size": BATCH_SIZE,
         "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
         "momentum_restart": True,
         "privacy_pipeline": demo_pipeline(noise_multiplier),
@@ -364,7 +368,7 @@ class Command(BaseCommand):
             "--noise-multiplier",
             type=float,
             default=NOISE_MULTIPLIER,
-            help="Gaussian noise multiplier of the sites' privacy pipeline (default 4; lower "
+            help="DP-SGD noise multiplier of the sites' privacy pipeline (default 2.5; lower "
             "learns more and spends more of the ε cap).",
         )
         parser.add_argument(
@@ -644,7 +648,7 @@ class Command(BaseCommand):
         epsilon = max((r.epsilon for r in job.reservations.all()), default=0.0)
         self.say(
             f"Job #{job.pk} “{job.title}” proposed by admin: {options['dataset']}, "
-            f"{spec['model']['name']}, {rounds} rounds, 4 hospitals, Gaussian noise ×"
+            f"{spec['model']['name']}, {rounds} rounds, 4 hospitals, DP-SGD noise ×"
             f"{options['noise_multiplier']:g}; projected ε {epsilon:.2f} per hospital "
             f"(cap 8 at δ 1e-5)."
         )

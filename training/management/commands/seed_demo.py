@@ -185,7 +185,7 @@ class Command(BaseCommand):
                 purpose="Tumour classification and lesion segmentation research.",
                 permitted_model_families=["linear", "mlp", "cnn", "unet"],
                 max_shared_fraction="0.4",
-                required_dp_mechanism="gaussian",
+                required_dp_mechanism="dp_sgd",
                 epsilon_cap="8",
                 delta="0.00001",
                 valid_from=today - dt.timedelta(days=1),
