@@ -1,12 +1,15 @@
 #!/usr/bin/env python
 """Aggregation benchmark: streaming FedAvg throughput and peak memory.
 
-    .venv/bin/python benchmarks/aggregation.py [--params N] [--repeats R]
+    .venv/bin/python benchmarks/aggregation.py [--params N] [--repeats R]   # R rounds, default 15
 
 (a) Throughput of ``StreamingFedAvg.add`` on an N-parameter float32 update (one tensor), as a
     ratio to a plain memory copy of the same bytes (``dst.copy_(src)`` into a warm buffer), both
-    measured in this run, best of R. Reported for the unmasked add (the common case), the masked
-    add (a site that shared 40% of coordinates), and a float64 accumulator.
+    measured in this run. The operations run round-robin, R rounds, and each keeps its best
+    time: on a shared machine the load changes from second to second, and interleaving exposes
+    the copy and the adds to the same moments. Reported for the unmasked add (the common case),
+    the masked add (a site that shared 40% of coordinates, bool mask as sent on the wire), and
+    a float64 accumulator.
 (b) Peak memory for 3, 10 and 50 sites: each case runs in a fresh child process, which builds the
     sites' updates one at a time (as they arrive from the network), folds each in and drops it,
     then takes the result. The figure is the growth of the child's peak RSS (``ru_maxrss``) over
@@ -32,14 +35,17 @@ import torch  # noqa: E402
 from training.fl.aggregate import StreamingFedAvg  # noqa: E402
 
 
-def best(fn, repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+def best_interleaved(cases: list[tuple[str, object]], rounds: int) -> dict[str, float]:
+    """Each case's best time over ``rounds`` round-robin rounds (after one warm-up call each)."""
+    for _label, fn in cases:
         fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
+    best = {label: float("inf") for label, _ in cases}
+    for _ in range(rounds):
+        for label, fn in cases:
+            start = time.perf_counter()
+            fn()
+            best[label] = min(best[label], time.perf_counter() - start)
+    return best
 
 
 def rss_mib() -> float:
@@ -69,7 +75,7 @@ def child(sites: int, params: int) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--params", type=int, default=10_000_000)
-    parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -84,27 +90,20 @@ def main() -> None:
     g = torch.Generator().manual_seed(0)
     src = torch.randn(n, generator=g)
     dst = torch.empty(n)
-    copy = best(lambda: dst.copy_(src), args.repeats)
     delta = {"w": src}
     mask = {"w": torch.rand(n, generator=g) < 0.4}
     agg32 = StreamingFedAvg(delta)
     agg64 = StreamingFedAvg(delta, dtype=torch.float64)
-    rows = [
-        ("copy_ (baseline)", copy),
-        (
-            "add, unmasked, float32 accumulator",
-            best(lambda: agg32.add(delta, None, 3.0), args.repeats),
-        ),
-        (
-            "add, masked 40%, float32 accumulator",
-            best(lambda: agg32.add(delta, mask, 3.0), args.repeats),
-        ),
-        (
-            "add, unmasked, float64 accumulator",
-            best(lambda: agg64.add(delta, None, 3.0), args.repeats),
-        ),
-        ("result() (once per round)", best(agg32.result, 3)),
+    cases = [
+        ("copy_ (baseline)", lambda: dst.copy_(src)),
+        ("add, unmasked, float32 accumulator", lambda: agg32.add(delta, None, 3.0)),
+        ("add, masked 40%, float32 accumulator", lambda: agg32.add(delta, mask, 3.0)),
+        ("add, unmasked, float64 accumulator", lambda: agg64.add(delta, None, 3.0)),
+        ("result() (once per round)", agg32.result),
     ]
+    times = best_interleaved(cases, args.repeats)
+    copy = times["copy_ (baseline)"]
+    rows = list(times.items())
     print("(a) throughput, update bytes per second")
     print(f"{'operation':40s} {'ms':>8s} {'GB/s':>7s} {'vs copy':>8s}")
     for label, seconds in rows:

@@ -3,7 +3,13 @@
 import pytest
 import torch
 
-from training.fl.aggregate import StreamingFedAvg, apply_update, cyclic_order, fedavg
+from training.fl.aggregate import (
+    MASK_CHUNK,
+    StreamingFedAvg,
+    apply_update,
+    cyclic_order,
+    fedavg,
+)
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
 
@@ -98,6 +104,51 @@ def test_float64_accumulator_matches():
     for name, value in agg.result().items():
         assert value.dtype == torch.float32
         torch.testing.assert_close(value, a[name], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_masked_add_across_chunks_equals_naive(dtype):
+    # A tensor spanning several MASK_CHUNK steps (and a ragged last one), masks as sent on the
+    # wire (bool), as uint8 and as float, one non-contiguous: the chunked add must not depend on
+    # where the chunks fall or on how the mask is stored.
+    shape = (5, MASK_CHUNK // 2 + 3)
+    g = torch.Generator().manual_seed(42)
+    updates = []
+    for i, kind in enumerate(["bool", "uint8", "float", "transposed", None]):
+        delta = {"w": torch.randn(shape, generator=g), "b": torch.randn(7, generator=g)}
+        keep = torch.rand(shape, generator=g) < 0.4
+        if kind == "uint8":
+            keep = keep.to(torch.uint8)
+        elif kind == "float":
+            keep = keep.float()
+        elif kind == "transposed":
+            keep = (torch.rand(shape[::-1], generator=g) < 0.4).t()
+        mask = None if kind is None else {"w": keep}
+        updates.append((delta, mask, float(i + 1)))
+    agg = StreamingFedAvg(updates[0][0], dtype=dtype)
+    for u in updates:
+        agg.add(*u)
+    got = agg.result()
+    for name in ("w", "b"):
+        num = sum(
+            w * d[name].double() * (m[name].double() if m and name in m else 1.0)
+            for d, m, w in updates
+        )
+        den = sum(
+            w * (m[name].double() if m and name in m else torch.ones(d[name].shape).double())
+            for d, m, w in updates
+        )
+        naive = torch.where(den > 0, num / den.clamp_min(1e-300), 0.0)
+        torch.testing.assert_close(got[name].double(), naive, atol=1e-6, rtol=0)
+    # the masked coordinates of the first site's mask really were left out: a coordinate only the
+    # unmasked last site shared keeps its value exactly
+    alone = ~(
+        updates[0][1]["w"]
+        | updates[1][1]["w"].bool()
+        | updates[2][1]["w"].bool()
+        | updates[3][1]["w"]
+    )
+    torch.testing.assert_close(got["w"][alone], updates[4][0]["w"][alone])
 
 
 @pytest.mark.parametrize(

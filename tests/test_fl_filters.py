@@ -8,11 +8,16 @@ import pytest
 import torch
 
 from training.accounting import PrivacyEvent, events_for_pipeline
+from training.fl import filters
 from training.fl.filters import (
+    EXACT_BELOW,
     FilteredUpdate,
     Workspace,
     apply_pipeline,
+    gaussian_noise_,
+    laplace_noise_,
     svt_gamma,
+    uniform_keys_,
     validate_filter,
 )
 
@@ -188,6 +193,102 @@ def test_chained_fractions_multiply():
     assert torch.count_nonzero(values) == round(0.5 * first)
 
 
+# --- large updates: the sampled bracket and its exact fallback ------------------------------
+
+LARGE = {"a.weight": (3, EXACT_BELOW // 2 + 11), "a.bias": (EXACT_BELOW // 4 + 1,)}
+
+
+@pytest.fixture(params=["bracket", "fallback"])
+def bracket_path(request, monkeypatch):
+    """Run a test with the sampled bracket, and again with a bracket that always misses (its
+    edges inverted), which must fall back to the exact full partition with the same result."""
+    if request.param == "fallback":
+        monkeypatch.setattr(filters, "BRACKET_SIGMAS", -1e9)
+    return request.param
+
+
+@pytest.mark.parametrize("fraction", [0.003, 0.4, 0.97])
+def test_topk_large_update_is_exact(bracket_path, fraction):
+    delta = update(20, LARGE)
+    n = sum(v.numel() for v in delta.values())
+    assert n > EXACT_BELOW
+    out = run(delta, [{"filter": "partial_sharing", "fraction": fraction, "strategy": "topk"}])
+    k = round(fraction * n)
+    mask = flat(out.mask, list(delta))
+    expected = torch.zeros(n, dtype=torch.bool)
+    expected[flat(delta).abs().topk(k).indices] = True
+    assert int(mask.sum()) == k and out.shared_fraction == k / n
+    assert torch.equal(mask, expected)  # continuous values: no ties, one right answer
+    sent = flat(out.delta, list(delta))
+    assert torch.equal(sent[mask], flat(delta)[mask])
+    assert torch.count_nonzero(sent[~mask]) == 0
+
+
+def test_topk_large_update_with_ties_is_exact(bracket_path):
+    values = torch.randn(EXACT_BELOW * 2, generator=gen(21))
+    values[::3] = 0.7  # a third of the coordinates tie, right at the boundary for 0.5
+    values[1::3] = -0.7
+    k = round(0.5 * values.numel())
+    kth = float(values.abs().topk(k).values[-1])
+    assert kth == pytest.approx(0.7)
+    masks = []
+    for seed in (1, 2):
+        out = run({"w": values}, [{"filter": "partial_sharing", "fraction": 0.5}], seed=seed)
+        mask = out.mask["w"]
+        assert int(mask.sum()) == k
+        assert bool((values.abs()[mask] >= kth).all())
+        assert bool((values.abs()[~mask] <= kth).all())
+        masks.append(mask)
+    assert not torch.equal(masks[0], masks[1])  # ties broken at random
+
+
+@pytest.mark.parametrize("strategy", ["topk", "random"])
+def test_percentile_large_update_after_sharing_is_exact(bracket_path, strategy):
+    delta = update(22, LARGE)
+    out = run(
+        delta,
+        [
+            {"filter": "partial_sharing", "fraction": 0.4, "strategy": strategy},
+            {"filter": "percentile_clipping", "percentile": 90},
+        ],
+    )
+    mask = flat(out.mask, list(delta))
+    q = out.notes["steps"][1]["clip_value"]
+    expected = np.percentile(flat(delta)[mask].abs().numpy(), 90)
+    assert q == pytest.approx(float(expected), rel=1e-6)
+    sent = flat(out.delta, list(delta))
+    assert torch.equal(sent[mask], flat(delta)[mask].clamp(-q, q))
+
+
+def test_random_sharing_large_update_exact_and_uniform(bracket_path):
+    values = torch.arange(EXACT_BELOW * 2, dtype=torch.float32)
+    out = run({"w": values}, [{"filter": "partial_sharing", "fraction": 0.3, "strategy": "random"}])
+    mask = out.mask["w"]
+    assert int(mask.sum()) == round(0.3 * values.numel())
+    half = values.numel() // 2
+    assert abs(float(mask[:half].float().mean()) - float(mask[half:].float().mean())) < 0.01
+
+
+def test_target_pipeline_above_torch_quantile_limit():
+    # partial_sharing + percentile + Gaussian noise on more than 2**24 values (odd count: a
+    # ragged last noise chunk): no size may fail.
+    n = 2**24 + 3
+    values = torch.randn(n, generator=gen(23))
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 90},
+        {"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0},
+    ]
+    out = run({"w": values}, spec)
+    mask = out.mask["w"]
+    assert int(mask.sum()) == round(0.4 * n)
+    q = out.notes["steps"][1]["clip_value"]
+    assert q == pytest.approx(float(np.percentile(values[mask].abs().numpy(), 90)), rel=1e-6)
+    sent = out.delta["w"]
+    assert torch.count_nonzero(sent[~mask]) == 0 and bool(torch.isfinite(sent).all())
+    assert float(sent[mask].double().std()) == pytest.approx(1.0, rel=0.01)  # noise dominates
+
+
 # --- clipping ------------------------------------------------------------------------------
 
 
@@ -287,6 +388,55 @@ def test_laplace_noise_scale():
     assert float(noise.std()) == pytest.approx(math.sqrt(2) * b, rel=0.05)
     assert abs(float(noise.mean())) < 0.05
     assert torch.isfinite(noise).all()
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 1_000_001])
+def test_gaussian_sampler_moments_and_tails(n):
+    out = gaussian_noise_(torch.empty(n), 2.5, gen(30))
+    assert bool(torch.isfinite(out).all())
+    if n < 1000:
+        return
+    z = out.double() / 2.5
+    assert abs(float(z.mean())) < 0.006  # 6 standard errors
+    assert float(z.std()) == pytest.approx(1.0, rel=0.005)
+    assert float((z**4).mean()) == pytest.approx(3.0, rel=0.03)  # kurtosis of a normal
+    assert float((z**3).mean()) == pytest.approx(0.0, abs=0.02)
+    # 24-bit uniforms: |z| <= sqrt(2 * 24 ln 2) = 5.77; P(|z| > 4) = 6.3e-5
+    assert float(z.abs().max()) <= math.sqrt(48 * math.log(2)) + 1e-4
+    assert 20 < int((z.abs() > 4).sum()) < 110
+    # both halves of each Box-Muller pair are normal (cos half, sin half)
+    for half in (z[: n // 2], z[n // 2 :]):
+        assert float(half.std()) == pytest.approx(1.0, rel=0.01)
+
+
+def test_laplace_sampler_moments_and_symmetry():
+    b = 0.8
+    x = laplace_noise_(torch.empty(1_000_001), b, gen(31)).double()
+    assert bool(torch.isfinite(x).all())
+    assert float(x.abs().mean()) == pytest.approx(b, rel=0.01)
+    assert float(x.std()) == pytest.approx(math.sqrt(2) * b, rel=0.01)
+    assert abs(float((x > 0).double().mean()) - 0.5) < 0.003
+    assert abs(float(x.mean())) < 0.01
+    # P(|x| > 3b) = e^-3
+    assert float((x.abs() > 3 * b).double().mean()) == pytest.approx(math.exp(-3), rel=0.03)
+    assert float(x.abs().max()) <= 24 * math.log(2) * b * (1 + 1e-6)
+
+
+def test_uniform_keys_range_and_mean():
+    u = uniform_keys_(torch.empty(500_001), gen(32)).double()
+    assert float(u.min()) > 0.0 and float(u.max()) <= 1.0
+    assert float(u.mean()) == pytest.approx(0.5, abs=0.003)
+    assert float(u.var()) == pytest.approx(1 / 12, rel=0.01)
+
+
+def test_noise_depends_only_on_the_generator():
+    a = gaussian_noise_(torch.empty(700_001), 1.0, gen(33))
+    b = gaussian_noise_(torch.empty(700_001), 1.0, gen(33))
+    c = gaussian_noise_(torch.empty(700_001), 1.0, gen(34))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    # a shorter draw is a prefix of a longer one: chunks depend on position, not on threads
+    d = gaussian_noise_(torch.empty(300_000), 1.0, gen(33))
+    assert torch.equal(d[: filters.NOISE_CHUNK], a[: filters.NOISE_CHUNK])
 
 
 def test_noise_only_on_shared_coordinates():
