@@ -265,7 +265,7 @@ def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
             client=InProcessClient(site.token),
         )
     closes = [m for m in broker.messages if m["name"] == "training.round_maybe_close"]
-    assert len(closes) == 3  # one per accepted update
+    assert len(closes) == 1  # asked by the round's last accepted update only
     assert broker.run(coordinator.round_maybe_close, rnd.pk) == "closed"
     assert broker.run(coordinator.round_maybe_close, rnd.pk) == "not_open"
     assert [e["round"] for e in _entries("round.closed", job)] == [1]
@@ -285,6 +285,18 @@ def test_site_task_delivered_twice_is_a_harmless_duplicate(c3, broker):
     update = SiteUpdate.objects.get(round__job=job, institution=site.institution)
     assert update.status == SiteUpdate.Status.ACCEPTED
     assert len(_entries("round.update_accepted", job)) == 1
+
+
+def test_a_site_reports_its_training_time_in_its_metrics(c3, broker):
+    """The round benchmark tells local compute from overhead by it (docs/performance.md)."""
+    job = _start(c3, broker, rounds=1)
+    site = c3.site(broker.messages[0]["kwargs"]["site"])
+    task = dict(broker.messages[0]["kwargs"])
+    broker.run(run_site_round, **task, config=site.config(), client=InProcessClient(site.token))
+    update = SiteUpdate.objects.get(round__job=job, institution=site.institution)
+    assert update.status == SiteUpdate.Status.ACCEPTED
+    assert isinstance(update.metrics["train_seconds"], float)
+    assert 0 <= update.metrics["train_seconds"] < 60
 
 
 def test_worker_refuses_a_task_for_another_site(c3, broker):

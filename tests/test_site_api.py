@@ -283,7 +283,24 @@ def test_a_signed_update_is_accepted_and_recorded(world, django_capture_on_commi
         "hospital-a" in entry.actor_repr and world.site.credential.token_prefix in entry.actor_repr
     )
     assert verify_chain().ok
-    # The coordinator is asked, by task name, whether the round can close.
+    # Hospital B is still expected: the coordinator is not asked to close the round yet.
+    send_task.assert_not_called()
+
+
+def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
+    world, cast, django_capture_on_commit_callbacks
+):
+    """The round closes on its last upload, accepted or rejected, not on the next tick."""
+    site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
+    with (
+        mock.patch.object(sites.current_app, "send_task") as send_task,
+        django_capture_on_commit_callbacks(execute=True),
+    ):
+        assert upload(world).status_code == 201
+        send_task.assert_not_called()
+        # Hospital B's update is the last one expected; it is rejected, and still counts.
+        rejected = upload(world, site=site_b, sign_with=world.site.private_pem)
+        assert rejected.json()["code"] == "bad_signature"
     send_task.assert_called_once_with(
         "training.round_maybe_close", args=[world.round.pk], queue="central"
     )
@@ -911,6 +928,10 @@ def test_simultaneous_uploads_count_once(cast, same):
         finally:
             connection.close()
 
+    # Hospital B is no longer expected: hospital A's update is the round's last.
+    SiteUpdate.objects.filter(round=_rnd, institution=cast.hospital_b).update(
+        status=SiteUpdate.Status.STRAGGLER
+    )
     with mock.patch.object(sites.current_app, "send_task") as send_task:
         threads = [threading.Thread(target=go, args=(kwargs,)) for kwargs in calls]
         for t in threads:

@@ -17,7 +17,10 @@ match the model the site was sent (``SiteUpdate.start_digest``, from which the
 update is a delta), every value is finite, the sample count is
 plausible for the site's data set, and the privacy events are valid. A refused
 update is recorded on its ``SiteUpdate`` (status rejected, with the reason) and
-in the ledger, and never counts.
+in the ledger, and never counts. The upload (accepted, or rejected and recorded)
+that leaves no site of a FedAvg round expected asks the coordinator to close the
+round (``training.round_maybe_close``); in a cyclic round every upload does, so
+the next site is sent.
 
 The expensive checks (hashing, the signature, unpacking tensors) run before any
 lock is taken; then, in one transaction, the ledger chain is locked first and
@@ -621,6 +624,7 @@ def _record_rejection(
             "size_bytes": size,
         },
     )
+    _ask_to_close(job, rnd)
 
 
 def _record_acceptance(
@@ -662,6 +666,21 @@ def _record_acceptance(
             "metrics": verified.metrics,
         },
     )
+    _ask_to_close(job, rnd)
+
+
+def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
+    """Once the transaction commits, ask the coordinator to close the round, when the update
+    just recorded (accepted or rejected) may let it move: in a FedAvg round, when no site is
+    still expected (the round then closes on its last upload, not on the next periodic tick);
+    in a cyclic round, always (the next site is sent once this one has reported).
+
+    Called under the chain lock, which every upload takes, so exactly one upload of a FedAvg
+    round sees no site left; a lost message costs one tick of ``rounds_tick``."""
+    if job.spec.get("topology") != "cyclic" and (
+        SiteUpdate.objects.filter(round_id=rnd.pk, status=SiteUpdate.Status.DISPATCHED).exists()
+    ):
+        return
     round_pk = rnd.pk
     transaction.on_commit(
         lambda: current_app.send_task(ROUND_MAYBE_CLOSE_TASK, args=[round_pk], queue=CENTRAL_QUEUE)

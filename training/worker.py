@@ -18,6 +18,8 @@ library. Its task message carries ids and digests only; everything else it fetch
 4. the packed update ``{"delta/<name>", "mask/<name>"}``, signed with the site's Ed25519 key
    over ``training.fl.signing.update_message(...)`` and uploaded
    (``POST .../rounds/<index>/update/``). Uploading the same update twice is harmless.
+   Its metrics carry the site's local training time (``train_seconds``), and the log line
+   of each task the seconds spent in each phase.
 
 With ``momentum_restart`` off, the optimizer state is kept on site under
 ``DATA_ROOT/.fl-state/<job id>/`` between rounds; it never leaves the site.
@@ -57,6 +59,25 @@ __all__ = [
 ]
 
 SLEEP_BEFORE_UPLOAD_ENV = "FL_TEST_SLEEP_BEFORE_UPLOAD"
+#: The metric in which a site reports its local training time (seconds, ``train_local``).
+TRAIN_SECONDS_METRIC = "train_seconds"
+
+
+class _PhaseClock:
+    """Seconds spent in each phase of a site task, for the log and the round benchmark."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+        return self.laps[name]
+
+    def summary(self) -> str:
+        return " ".join(f"{name}={seconds:.4f}" for name, seconds in self.laps.items())
 
 
 class WorkerConfigError(RuntimeError):
@@ -266,11 +287,13 @@ def run_site_round(
     if site != config.site_slug:
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
+    clock = _PhaseClock()
 
     from .spec import canonical_spec_text
     from .spec import spec_digest as digest_of_spec
 
     job = client.job(job_id)
+    clock.lap("job")
     spec_text = job.get("spec_text", "")
     local_digest = hashlib.sha256(spec_text.encode("utf-8")).hexdigest()
     spec = json.loads(spec_text)
@@ -304,6 +327,7 @@ def run_site_round(
     model_bytes = client.model(job_id, start_digest)
     if hashlib.sha256(model_bytes).hexdigest() != start_digest:
         raise IntegrityFailure(f"the start model does not hash to {start_digest}")
+    clock.lap("model")
 
     import torch
 
@@ -332,6 +356,7 @@ def run_site_round(
     optimizer_state = None if restart else _load_optimizer_state(state_path)
     dp_sgd = next((f for f in spec["privacy_pipeline"] if f["filter"] == "dp_sgd"), None)
     seed = int(hashlib.sha256(f"{job_id}:{round_index}:{site}".encode()).hexdigest()[:15], 16)
+    clock.lap("prepare")
     result = train_local(
         model,
         data,
@@ -344,6 +369,7 @@ def run_site_round(
         seed=seed,
         device=pick_device(),
     )
+    train_seconds = clock.lap("train")
     if not restart and result.optimizer_state is not None:
         _save_optimizer_state(state_path, result.optimizer_state)
 
@@ -366,6 +392,7 @@ def run_site_round(
         samples=result.samples,
     )
     signature = sign_update(config.signing_key_path.read_bytes(), message)
+    clock.lap("filter_sign")
 
     pause = float(os.environ.get(SLEEP_BEFORE_UPLOAD_ENV) or 0)
     if pause > 0:
@@ -379,18 +406,22 @@ def run_site_round(
         digest=digest,
         signature=signature,
         samples=result.samples,
-        metrics=_json_safe(result.metrics),
+        # The site's own training time, so that the round's critical path can be told
+        # from the platform's overhead (docs/performance.md, "Round overhead").
+        metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
         privacy_events=events,
         pipeline=spec["privacy_pipeline"],
     )
+    clock.lap("upload")
     outcome = "duplicate" if body.get("duplicate") else "accepted"
     log.info(
-        "job #%s round %s: update %s… %s (HTTP %s)",
+        "job #%s round %s: update %s… %s (HTTP %s); seconds: %s",
         job_id,
         round_index,
         digest[:12],
         outcome,
         status,
+        clock.summary(),
     )
     return {
         "status": outcome,

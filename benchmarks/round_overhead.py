@@ -1,0 +1,785 @@
+#!/usr/bin/env python
+"""Round overhead benchmark: wall time per round minus the sites' local compute.
+
+    .venv/bin/python benchmarks/round_overhead.py [--sites 10] [--rounds 10] [--warmup 2]
+
+Ten sites train a tiny model (logistic regression on the bundled breast-cancer set, each
+site its own share as a CSV file) through the real platform: the central server (Daphne),
+the coordinator (a Celery worker with beat on ``central``) and one ``manage.py
+run_site_worker`` process per site, on whatever broker and database the environment names.
+Every round goes the whole way: dispatch through the broker, the job and the model fetched
+over the site API, local training, signing, upload, central verification (digest, Ed25519
+signature, tensors), the ledger entries, the round closed by the last upload, aggregation,
+evaluation on the validation set, and the next round opened.
+
+Per measured round (the first ``--warmup`` rounds are left out: worker processes import
+torch and warm their caches there) it reports
+
+* wall: from the round's opening to the next round's opening (``Round.opened_at``);
+* local compute: each site's own ``train_local`` time, which the site reports in its update's
+  metrics (``train_seconds``); the critical path is the slowest site's, since every site
+  trains at once in its own process;
+* overhead = wall - critical path of local compute;
+
+and where the overhead goes, from the rows' timestamps and the site workers' phase timings.
+
+When ``flwr`` is importable (``pip install -e '.[bench]'``), the same workload (same model,
+same data split, same local training function, same rounds, FedAvg weighted by samples,
+central evaluation) runs in Flower's Ray-based simulation in the same run, measured the same
+way, and the ratio of the two overheads is printed.
+
+Database: on PostgreSQL (``DATABASE_URL``) the benchmark creates and drops
+``flc_bench_rounds`` on that server; on SQLite it uses a temporary file. The broker is
+``CELERY_BROKER_URL`` (its queues are purged first: give it a database of its own, e.g.
+``redis://127.0.0.1:6379/2``), else the embedded filesystem broker in a temporary folder.
+Artifacts and logs go to a temporary folder (``--keep`` keeps it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import os
+import platform
+import re
+import shutil
+import socket
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+BENCH_DB = "flc_bench_rounds"
+DATASET = "breast-cancer"
+MODEL = {"name": "logistic_regression", "params": {}}
+LOCAL = {
+    "local_epochs": 1,
+    "batch_size": 32,
+    "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
+}
+PHASES_RE = re.compile(r"job #(\d+) round (\d+): update .*; seconds: (.*)$")
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sites", type=int, default=10, help="number of sites (default 10)")
+    parser.add_argument("--rounds", type=int, default=10, help="measured rounds (default 10)")
+    parser.add_argument("--warmup", type=int, default=2, help="rounds left out (default 2)")
+    parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
+    parser.add_argument("--no-flower", action="store_true", help="skip Flower's simulation")
+    parser.add_argument("--flower-only", action="store_true", help="run only Flower's simulation")
+    parser.add_argument(
+        "--flower-actors",
+        type=int,
+        default=0,
+        help="Flower clients training at once (Ray actors, one CPU each); default: one per "
+        "core, Flower's own default (ten at once did not finish on a 2-core machine)",
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
+    return parser.parse_args()
+
+
+# --- a throwaway database, broker and artifact store ------------------------------------------
+
+
+def prepare_database(var: Path) -> tuple[str, callable]:
+    """Point DATABASE_URL at a fresh database; return a description and a cleanup."""
+    url = os.environ.get("DATABASE_URL", "")
+    if url.startswith(("postgres://", "postgresql://", "pgsql://")):
+        import psycopg2
+
+        parts = urlsplit(url)
+        admin = psycopg2.connect("postgresql://" + url.split("://", 1)[1])
+        admin.autocommit = True
+        with admin.cursor() as cursor:
+            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
+            cursor.execute(f"CREATE DATABASE {BENCH_DB}")
+        os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{BENCH_DB}"))
+
+        def cleanup():
+            from django.db import connections
+
+            connections.close_all()
+            with admin.cursor() as cursor:
+                cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
+            admin.close()
+
+        return f"PostgreSQL (database {BENCH_DB} on {parts.hostname}:{parts.port})", cleanup
+    os.environ["DATABASE_URL"] = f"sqlite:///{var}/bench.sqlite3"
+
+    def cleanup():
+        from django.db import connections
+
+        connections.close_all()
+
+    return f"SQLite (temporary file {var}/bench.sqlite3)", cleanup
+
+
+def prepare_environment(var: Path) -> str:
+    """The settings every process of the run shares (this one and its children)."""
+    os.environ["DJANGO_SETTINGS_MODULE"] = "consortium.settings"
+    os.environ["DJANGO_DEBUG"] = "false"  # DEBUG keeps every query: not production
+    os.environ["ARTIFACT_ROOT"] = str(var / "artifacts")
+    os.environ["EMAIL_URL"] = "dummymail://"
+    os.environ.setdefault("LOG_LEVEL", "INFO")
+    broker = os.environ.get("CELERY_BROKER_URL", "")
+    if not broker or broker.startswith("filesystem://"):
+        os.environ["CELERY_BROKER_URL"] = "filesystem://"
+        os.environ["CELERY_DATA_DIR"] = str(var / "broker")
+        return f"embedded filesystem broker (under {var / 'broker'})"
+    return f"{urlsplit(broker).scheme} at {urlsplit(broker).netloc}{urlsplit(broker).path}"
+
+
+def setup_django():
+    import logging
+
+    import django
+
+    django.setup()
+    from django.core.management import call_command
+
+    call_command("migrate", verbosity=0)
+    logging.getLogger("kombu.connection").setLevel(logging.ERROR)
+
+
+def purge_queues(names: list[str]) -> None:
+    from kombu import Exchange, Queue
+
+    from consortium.celery import app
+
+    with app.connection_for_write() as conn:
+        channel = conn.default_channel
+        for name in names:
+            Queue(name, Exchange(name), routing_key=name)(channel).declare()
+            channel.queue_purge(name)
+
+
+# --- the consortium ------------------------------------------------------------------------
+
+
+@dataclass
+class BenchSite:
+    slug: str
+    institution: object
+    approver: object
+    token: str
+    key_path: Path
+    data_root: Path
+    records: int
+
+
+def site_slugs(n: int) -> list[str]:
+    return [f"bench-{i:02d}" for i in range(1, n + 1)]
+
+
+def write_csv(folder: Path, data) -> None:
+    import csv
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with (folder / f"{DATASET}.csv").open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow([f"f{i}" for i in range(data.x_train.shape[1])] + ["label"])
+        for x, y in zip(data.x_train.tolist(), data.y_train.tolist(), strict=True):
+            writer.writerow([repr(v) for v in x] + [int(y)])
+
+
+def seed_consortium(n_sites: int, var: Path):
+    """A consortium of ``n_sites`` hospitals under an agreement in force, each offering its share
+    of the data set with site credentials; everything through the services (and the ledger)."""
+    from django.contrib.auth import get_user_model
+
+    from consortium import services as governance
+    from consortium.models import Role
+    from training.fl.data import demo_split
+    from training.fl.signing import generate_keypair
+    from training.services import dataset_register
+    from training.sites import site_credential_create
+
+    User = get_user_model()
+    admin = User.objects.create_user("bench-admin", is_staff=True, is_superuser=True)
+    consortium = governance.consortium_create(
+        acting_user=admin, name="Round overhead benchmark", slug="bench-rounds"
+    )
+    slugs = site_slugs(n_sites)
+    split = demo_split(DATASET, slugs)
+    sites = []
+    for slug in slugs:
+        institution = governance.institution_create(
+            acting_user=admin, consortium=consortium, name=f"Hospital {slug}", slug=slug
+        )
+        approver = User.objects.create_user(f"approver-{slug}", first_name="Approver")
+        governance.membership_grant(
+            acting_user=admin,
+            user=approver,
+            consortium=consortium,
+            role=Role.APPROVER,
+            institution=institution,
+        )
+        data = split[slug]
+        root = var / "sites" / slug / "data"
+        write_csv(root, data)
+        dataset_register(
+            acting_user=admin,
+            institution=institution,
+            key=DATASET,
+            description=f"{DATASET} at {slug}",
+            modality="tabular",
+            num_records=data.num_records,
+            input_shape=[30],
+            n_classes=2,
+        )
+        private_pem, public_pem = generate_keypair()
+        key_path = var / "sites" / slug / "signing-key.pem"
+        key_path.write_bytes(private_pem)
+        key_path.chmod(0o600)
+        _credential, token = site_credential_create(
+            acting_user=admin, institution=institution, label="bench", public_key=public_pem
+        )
+        sites.append(
+            BenchSite(slug, institution, approver, token, key_path, root, data.num_records)
+        )
+    today = dt.date.today()
+    version = governance.agreement_create(
+        acting_user=admin,
+        consortium=consortium,
+        title="Benchmark agreement",
+        purpose="Measure the platform's overhead per round.",
+        permitted_purposes=["classification"],
+        permitted_model_families=["linear"],
+        max_shared_fraction="1",
+        required_dp_mechanism="none",
+        epsilon_cap="8",
+        delta="0.00001",
+        valid_from=today - dt.timedelta(days=1),
+        valid_until=today + dt.timedelta(days=30),
+        text="A benchmark: the parties share model updates only.",
+    )
+    version = governance.agreement_version_publish(acting_user=admin, version=version)
+    for site in sites:
+        governance.agreement_sign(
+            acting_user=site.approver,
+            version=version,
+            institution=site.institution,
+            typed_name="Approver",
+            confirmed=True,
+            expected_digest=version.content_digest,
+        )
+    return admin, consortium, sites
+
+
+def job_spec(slugs: list[str], rounds: int) -> dict:
+    return {
+        "purpose": "classification",
+        "participants": list(slugs),
+        "dataset_key": DATASET,
+        "model": MODEL,
+        "topology": "fedavg",
+        "rounds": rounds,
+        **LOCAL,
+        "momentum_restart": True,
+        "privacy_pipeline": [],
+        "min_participants": len(slugs),
+        "round_timeout_seconds": 600,
+        "approval_ttl_hours": 24,
+    }
+
+
+def propose_and_approve(admin, consortium, sites, rounds: int):
+    from training import services
+    from training.models import Approval
+
+    job = services.job_propose(
+        acting_user=admin,
+        consortium=consortium,
+        title="Round overhead benchmark",
+        spec=job_spec([s.slug for s in sites], rounds),
+    )
+    for site in sites:  # the last approval queues training.job_start on "central"
+        services.approval_decide(
+            acting_user=site.approver,
+            job=job,
+            institution=site.institution,
+            decision=Approval.Decision.APPROVED,
+            spec_digest=job.spec_digest,
+            agreement_version_id=job.agreement_version_id,
+            reason="benchmark",
+        )
+    job.refresh_from_db()
+    return job
+
+
+# --- the processes -----------------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _http_ok(url: str) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own URL
+            return response.status == 200
+    except (urllib.error.URLError, OSError, ValueError):
+        return False
+
+
+def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
+    python = sys.executable
+    port = _free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"}
+    # Under ASGI Django runs each request's view in a thread of its own, and a persistent
+    # connection (CONN_MAX_AGE, 60 s by default) stays open per thread: ten sites exhaust
+    # PostgreSQL's max_connections (100) within a minute. Django's documentation asks for
+    # persistent connections to be off under ASGI; so does the server here.
+    server_env = {**env, "DATABASE_CONN_MAX_AGE": "0"}
+    sup.start(
+        "server",
+        [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "consortium.asgi:application"],
+        server_env,
+    )
+    sup.start(
+        "central-worker",
+        [
+            python,
+            "-m",
+            "celery",
+            "-A",
+            "consortium",
+            "worker",
+            "-B",
+            "-Q",
+            "central",
+            "--concurrency",
+            "1",
+            "--loglevel",
+            "INFO",
+            "--hostname",
+            "bench-central@%h",
+            "--schedule",
+            str(var / "celerybeat-schedule"),
+            "--without-gossip",
+            "--without-mingle",
+        ],
+        env,
+    )
+    no_db = f"sqlite:///{var / 'no-such-folder' / 'site-workers-have-no-database.sqlite3'}"
+    for site in sites:
+        site_env = {
+            **env,
+            "DATABASE_URL": no_db,
+            "SITE_SLUG": site.slug,
+            "CENTRAL_URL": url,
+            "SITE_TOKEN": site.token,
+            "SITE_SIGNING_KEY": str(site.key_path),
+            "DATA_ROOT": str(site.data_root),
+            # Ten sites share this machine's cores (in production each has its own): one
+            # thread each, as Ray gives each of Flower's actors, or their idle OpenMP
+            # threads spin on the cores the server needs.
+            "OMP_NUM_THREADS": "1",
+            "MKL_NUM_THREADS": "1",
+        }
+        sup.start(
+            f"site-{site.slug}",
+            [python, str(ROOT / "manage.py"), "run_site_worker", "--pool", "prefork"],
+            site_env,
+        )
+    return url
+
+
+def wait_for(what: str, ready, sup, deadline: float, every: float = 0.2) -> None:
+    while time.monotonic() < deadline:
+        if ready():
+            return
+        dead = sup.dead()
+        if dead:
+            raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+        time.sleep(every)
+    logs = "\n".join(f"--- {c.name} ---\n{c.tail(1500)}" for c in sup.children)
+    raise RuntimeError(f"timed out waiting for {what}\n{logs}")
+
+
+# --- measuring --------------------------------------------------------------------------------
+
+
+@dataclass
+class RoundFigures:
+    index: int
+    wall: float
+    compute: list[float]  # every site's train_seconds
+    phases: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def critical(self) -> float:
+        return max(self.compute)
+
+    @property
+    def overhead(self) -> float:
+        return self.wall - self.critical
+
+
+def platform_rounds(job, warmup: int, measured: int) -> list[RoundFigures]:
+    """Per measured round, from the rows' timestamps and the sites' reported training time."""
+    from training.models import GlobalModel, Round
+    from training.worker import TRAIN_SECONDS_METRIC
+
+    rounds = {r.index: r for r in Round.objects.filter(job=job)}
+    models = {m.round_index: m for m in GlobalModel.objects.filter(job=job)}
+    out = []
+    for index in range(warmup + 1, warmup + measured + 1):
+        rnd, nxt = rounds[index], rounds[index + 1]
+        updates = list(rnd.updates.all())
+        received = sorted(u.received_at for u in updates)
+        compute = [float(u.metrics[TRAIN_SECONDS_METRIC]) for u in updates]
+        s = lambda a, b: (b - a).total_seconds()  # noqa: E731
+        out.append(
+            RoundFigures(
+                index=index,
+                wall=s(rnd.opened_at, nxt.opened_at),
+                compute=compute,
+                phases={
+                    "open -> first update accepted": s(rnd.opened_at, received[0]),
+                    "first -> last update accepted": s(received[0], received[-1]),
+                    "last update -> round claimed for closing": s(received[-1], rnd.closed_at),
+                    "aggregate + evaluate + store": s(rnd.closed_at, models[index].created_at),
+                    "ledger, close, open the next round": s(
+                        models[index].created_at, nxt.opened_at
+                    ),
+                },
+            )
+        )
+    return out
+
+
+def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
+    """The phase timings the site workers log for each task (``training.worker``)."""
+    phases: dict[str, list[float]] = {}
+    for child in sup.children:
+        if not child.name.startswith("site-"):
+            continue
+        for line in child.tail(10_000_000).splitlines():
+            match = PHASES_RE.search(line)
+            if not match or int(match[1]) != job_id or int(match[2]) not in rounds:
+                continue
+            for item in match[3].split():
+                name, _, value = item.partition("=")
+                phases.setdefault(name, []).append(float(value))
+    return phases
+
+
+def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
+    from training.management.commands.demo import Supervisor
+    from training.models import TERMINAL_STATES, JobState
+    from training.queues import CENTRAL_QUEUE, site_queue
+
+    total_rounds = args.warmup + args.rounds + 1  # +1: the last measured round ends when it opens
+    admin, consortium, sites = seed_consortium(args.sites, var)
+    purge_queues([CENTRAL_QUEUE, *[site_queue(s.slug) for s in sites]])
+    log_dir = var / "logs"
+    log_dir.mkdir(parents=True, exist_ok=True)
+    sup = Supervisor(log_dir)
+    deadline = time.monotonic() + args.timeout
+    try:
+        started = time.monotonic()
+        url = start_processes(sup, sites, var)
+        wait_for("the central server", lambda: _http_ok(url + "/health/"), sup, deadline, 0.5)
+        wait_for(
+            "the workers",
+            lambda: all(" ready." in c.tail(100_000) for c in sup.children[1:]),
+            sup,
+            deadline,
+            0.5,
+        )
+        print(f"  {len(sup.children)} processes up in {time.monotonic() - started:.1f} s")
+        job = propose_and_approve(admin, consortium, sites, total_rounds)
+        started = time.monotonic()
+        while True:
+            job.refresh_from_db()
+            if job.state in TERMINAL_STATES:
+                break
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"timed out: job #{job.pk} is {job.state}")
+            dead = sup.dead()
+            if dead:
+                raise RuntimeError(f"{dead[0].name} exited:\n{dead[0].tail()}")
+            time.sleep(0.5)
+        if job.state != JobState.COMPLETED:
+            logs = "\n".join(f"--- {c.name} ---\n{c.tail(1500)}" for c in sup.children)
+            raise RuntimeError(f"job #{job.pk} {job.state}: {job.end_reason}\n{logs}")
+        print(f"  {total_rounds} rounds in {time.monotonic() - started:.1f} s")
+        figures = platform_rounds(job, args.warmup, args.rounds)
+        phases = site_phases(sup, job.pk, range(args.warmup + 1, args.warmup + args.rounds + 1))
+        from audit.ledger import verify_chain
+
+        result = verify_chain()
+        if not result.ok:
+            raise RuntimeError(f"the ledger does not verify: {result.summary()}")
+        return figures, phases
+    finally:
+        sup.stop_all()
+
+
+# --- Flower's simulation of the same workload --------------------------------------------------
+
+
+def _flower_client_fn(context):
+    """A Flower client for one site: the platform's own engine (``training.fl``) trains it."""
+    import numpy as np
+    import torch
+    from flwr.client import NumPyClient
+
+    from training.fl.data import demo_split
+    from training.fl.local import train_local
+    from training.fl.models import build_model
+    from training.registry import model_registry
+
+    slugs = site_slugs(int(os.environ["BENCH_SITES"]))
+    slug = slugs[int(context.node_config["partition-id"])]
+
+    class Client(NumPyClient):
+        def fit(self, parameters, config):
+            data = demo_split(DATASET, slugs)[slug]
+            model = build_model(
+                model_registry()[MODEL["name"]].class_path,
+                input_shape=[30],
+                n_classes=2,
+                params=MODEL["params"],
+            )
+            names = list(model.state_dict())
+            model.load_state_dict(
+                {n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, parameters, strict=True)}
+            )
+            seed = int(config.get("server_round", 0)) * 1000 + slugs.index(slug)
+            started = time.perf_counter()
+            result = train_local(
+                model,
+                data,
+                epochs=LOCAL["local_epochs"],
+                batch_size=LOCAL["batch_size"],
+                optimizer=LOCAL["optimizer"],
+                momentum_restart=True,
+                seed=seed,
+                device="cpu",
+            )
+            seconds = time.perf_counter() - started
+            state = model.state_dict()  # trained in place: start + delta
+            return (
+                [state[n].detach().cpu().numpy() for n in names],
+                result.samples,
+                {"train_seconds": seconds},
+            )
+
+    return Client().to_client()
+
+
+def run_flower(args) -> list[RoundFigures]:
+    """The same workload in Flower's (Ray-based) simulation: same model and initial weights,
+    same data split, same local training, FedAvg weighted by samples, central evaluation on the
+    validation set after each round."""
+    import logging
+
+    import flwr
+    import torch
+    from flwr.common import ndarrays_to_parameters
+    from flwr.server import ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import start_simulation
+
+    from training.fl.data import load_validation_set
+    from training.fl.evaluate import evaluate
+    from training.fl.models import build_model
+    from training.registry import model_registry
+
+    logging.getLogger("flwr").setLevel(logging.WARNING)
+    os.environ["BENCH_SITES"] = str(args.sites)
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    )
+    total_rounds = args.warmup + args.rounds + 1
+
+    def fresh_model():
+        return build_model(
+            model_registry()[MODEL["name"]].class_path,
+            input_shape=[30],
+            n_classes=2,
+            params=MODEL["params"],
+        )
+
+    torch.manual_seed(0)
+    model0 = fresh_model()
+    names = list(model0.state_dict())
+    x_val, y_val = load_validation_set(DATASET)
+
+    def evaluate_fn(server_round, parameters, config):
+        model = fresh_model()
+        model.load_state_dict(
+            {n: torch.from_numpy(p) for n, p in zip(names, parameters, strict=True)}
+        )
+        metrics = evaluate(model, x_val, y_val, modality="tabular")
+        return float(metrics.get("loss", 0.0)), {"accuracy": metrics.get("accuracy")}
+
+    opened: dict[int, float] = {}
+    compute: dict[int, list[float]] = {}
+
+    class TimedFedAvg(FedAvg):
+        def configure_fit(self, server_round, parameters, client_manager):
+            opened[server_round] = time.perf_counter()
+            return super().configure_fit(server_round, parameters, client_manager)
+
+        def aggregate_fit(self, server_round, results, failures):
+            if failures:
+                raise RuntimeError(f"Flower round {server_round}: {failures}")
+            compute[server_round] = [float(r.metrics["train_seconds"]) for _c, r in results]
+            return super().aggregate_fit(server_round, results, failures)
+
+    strategy = TimedFedAvg(
+        fraction_fit=1.0,
+        fraction_evaluate=0.0,
+        min_fit_clients=args.sites,
+        min_available_clients=args.sites,
+        min_evaluate_clients=0,
+        evaluate_fn=evaluate_fn,
+        on_fit_config_fn=lambda r: {"server_round": r},
+        initial_parameters=ndarrays_to_parameters(
+            [t.detach().numpy() for t in model0.state_dict().values()]
+        ),
+    )
+    actors = args.flower_actors or os.cpu_count() or 1
+    start_simulation(
+        client_fn=_flower_client_fn,
+        num_clients=args.sites,
+        config=ServerConfig(num_rounds=total_rounds),
+        strategy=strategy,
+        # Ray schedules a client per CPU it is told of: "actors" at once.
+        client_resources={"num_cpus": 1, "num_gpus": 0.0},
+        ray_init_args={
+            "num_cpus": actors,
+            "include_dashboard": False,
+            "log_to_driver": False,
+            "object_store_memory": 100 * 1024 * 1024,
+            "runtime_env": {
+                "env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], "BENCH_SITES": str(args.sites)}
+            },
+        },
+    )
+    print(f"  flwr {flwr.__version__}, {actors} Ray actors")
+    out = []
+    for index in range(args.warmup + 1, args.warmup + args.rounds + 1):
+        out.append(
+            RoundFigures(
+                index=index, wall=opened[index + 1] - opened[index], compute=compute[index]
+            )
+        )
+    return out
+
+
+# --- the report ------------------------------------------------------------------------------
+
+
+def describe(rounds: list[RoundFigures]) -> dict:
+    wall = [r.wall for r in rounds]
+    over = [r.overhead for r in rounds]
+    crit = [r.critical for r in rounds]
+    return {
+        "wall_median": statistics.median(wall),
+        "critical_median": statistics.median(crit),
+        "compute_sum_median": statistics.median(sum(r.compute) for r in rounds),
+        "overhead_median": statistics.median(over),
+        "overhead_mean": statistics.fmean(over),
+        "overhead_min": min(over),
+        "overhead_max": max(over),
+    }
+
+
+def print_figures(title: str, rounds: list[RoundFigures]) -> dict:
+    d = describe(rounds)
+    print(f"{title}: {len(rounds)} measured rounds")
+    print(
+        f"    wall per round (median):             {d['wall_median']:8.4f} s\n"
+        f"    local compute, critical path (median): {d['critical_median']:6.4f} s   "
+        f"(all sites summed: {d['compute_sum_median']:.4f} s)\n"
+        f"    overhead = wall - critical path:     {d['overhead_median']:8.4f} s median, "
+        f"{d['overhead_mean']:.4f} mean, {d['overhead_min']:.4f} to {d['overhead_max']:.4f}"
+    )
+    print("    per round overhead: " + ", ".join(f"r{r.index} {r.overhead:.3f}" for r in rounds))
+    return d
+
+
+def print_breakdown(rounds: list[RoundFigures], phases: dict[str, list[float]]) -> None:
+    print("    where the wall time goes (median over rounds):")
+    for name in rounds[0].phases:
+        print(f"      {name:<44} {statistics.median(r.phases[name] for r in rounds):8.4f} s")
+    if phases:
+        print("    site task phases (median over every site and round, seconds):")
+        print(
+            "      "
+            + "  ".join(
+                f"{name} {statistics.median(values):.4f}" for name, values in phases.items()
+            )
+        )
+
+
+def main() -> int:
+    args = parse_args()
+    var = Path(tempfile.mkdtemp(prefix="flc_bench_rounds_"))
+    where = broker = "n/a"
+    cleanup = None
+    try:
+        print(
+            f"round overhead benchmark, {dt.date.today()} on {platform.node()}: "
+            f"{os.cpu_count()} cores, Python {platform.python_version()}"
+        )
+        print(
+            f"workload: {args.sites} sites, {MODEL['name']} on {DATASET}, "
+            f"{LOCAL['local_epochs']} local epoch, batch {LOCAL['batch_size']}; "
+            f"{args.rounds} measured rounds after {args.warmup} warm-up rounds"
+        )
+        ours = None
+        if not args.flower_only:
+            where, cleanup = prepare_database(var)
+            broker = prepare_environment(var)
+            setup_django()
+            print(f"database: {where}; broker: {broker}")
+            print("the platform (server, coordinator, site workers as processes):")
+            ours, phases = run_platform(args, var)
+            d_ours = print_figures("the platform", ours)
+            print_breakdown(ours, phases)
+        theirs = None
+        if not args.no_flower:
+            try:
+                import flwr  # noqa: F401
+            except ImportError:
+                print("Flower: not installed (pip install -e '.[bench]'); skipped")
+            else:
+                print("Flower's simulation of the same workload:")
+                theirs = run_flower(args)
+                d_theirs = print_figures("Flower (simulation)", theirs)
+        if ours and theirs:
+            ratio = d_ours["overhead_median"] / d_theirs["overhead_median"]
+            print(
+                f"ratio of median overheads, platform / Flower: {ratio:.2f} "
+                f"({d_ours['overhead_median']:.4f} s / {d_theirs['overhead_median']:.4f} s)"
+            )
+    finally:
+        if cleanup is not None:
+            cleanup()
+        if args.keep:
+            print(f"kept {var}")
+        else:
+            shutil.rmtree(var, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        raise SystemExit(main())
