@@ -61,6 +61,7 @@ from audit.ledger import append_entry, lock_chain
 from . import services
 from .accounting import PrivacyEvent, events_for_pipeline, project_budget
 from .artifacts import ArtifactError, artifact_store
+from .contributions import round_score
 from .models import (
     GlobalModel,
     JobParticipant,
@@ -736,6 +737,7 @@ def _aggregate_and_finish(round_id: int) -> str:
             _complete(job, model)
         else:
             round_open(job, rnd.index + 1, model)
+    round_score(rnd.pk)  # contribution scores, after the commit: own transaction, never raises
     return "closed"
 
 

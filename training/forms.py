@@ -198,6 +198,14 @@ class JobForm(forms.Form):
         help_text="Every approval must be in within this time, or the job expires.",
     )
 
+    contribution = forms.CharField(
+        label="Contribution scoring (JSON, optional)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "class": "mono"}),
+        help_text='E.g. {"method": "leave_one_out"} or {"method": "shapley_sampled", '
+        '"permutations": 50}. Empty: "auto", exact Shapley values up to 8 sites, sampled above.',
+    )
+
     def __init__(self, *args, institutions, dataset_keys=(), **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["participants"].choices = [(i.slug, i.name) for i in institutions]
@@ -208,6 +216,9 @@ class JobForm(forms.Form):
 
     def clean_model_params(self):
         return _json_object(self.cleaned_data["model_params"], "model parameters")
+
+    def clean_contribution(self):
+        return _json_object(self.cleaned_data["contribution"], "contribution scoring")
 
     def clean_privacy_pipeline(self):
         text = (self.cleaned_data["privacy_pipeline"] or "").strip()
@@ -249,6 +260,8 @@ class JobForm(forms.Form):
         }
         if d.get("min_participants") is not None:
             spec["min_participants"] = d["min_participants"]
+        if d.get("contribution"):
+            spec["contribution"] = d["contribution"]
         return spec
 
     @staticmethod
@@ -282,6 +295,7 @@ class JobForm(forms.Form):
             ),
             "round_timeout_seconds": spec.get("round_timeout_seconds"),
             "approval_ttl_hours": spec.get("approval_ttl_hours"),
+            "contribution": pretty_json(spec["contribution"]) if spec.get("contribution") else "",
         }
 
 

@@ -359,3 +359,41 @@ class SiteUpdate(models.Model):
 
     def __str__(self) -> str:
         return f"{self.institution} in {self.round} ({self.status})"
+
+
+class ContributionScore(models.Model):
+    """One site's contribution score for one round, for display queries.
+
+    The truth is the ``contribution.scored`` ledger entry (``ledger_seq``) written in the same
+    transaction, which also holds the coalition values the score was computed from
+    (``training.contributions``); these rows only make the pages' per-institution sums one
+    query. ``metric`` is what a coalition was valued by (accuracy, Dice), ``method`` the method
+    actually used (``auto`` resolved)."""
+
+    job = models.ForeignKey(
+        TrainingJob, on_delete=models.CASCADE, related_name="contribution_scores"
+    )
+    round = models.ForeignKey(Round, on_delete=models.CASCADE, related_name="contribution_scores")
+    round_index = models.PositiveIntegerField()
+    institution = models.ForeignKey(
+        Institution, on_delete=models.PROTECT, related_name="contribution_scores"
+    )
+    method = models.CharField(max_length=32)
+    metric = models.CharField(max_length=32)
+    score = models.FloatField()
+    ledger_seq = models.PositiveBigIntegerField(
+        help_text="Sequence number of the contribution.scored ledger entry."
+    )
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["job", "round_index", "institution__name"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["round", "institution"], name="uniq_contribution_round_site"
+            )
+        ]
+        indexes = [models.Index(fields=["institution", "job"])]
+
+    def __str__(self) -> str:
+        return f"{self.institution} r{self.round_index} of {self.job}: {self.score:.4f}"

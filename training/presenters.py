@@ -37,6 +37,7 @@ SPEC_PATH_FIELDS = {
     "min_participants": "min_participants",
     "round_timeout_seconds": "round_timeout_seconds",
     "approval_ttl_hours": "approval_ttl_hours",
+    "contribution": "contribution",
 }
 
 

@@ -15,7 +15,11 @@ Normalisation rules (so equal jobs get equal digests):
 * ``dp_sgd`` acts during local training, before any filter on the update, so the
   normalised pipeline lists it first; the other filters keep their order, which
   is the order they are applied to the update.
-* Every optional field is present in the output with its default.
+* Every optional field is present in the output with its default, except
+  ``contribution``: it is present only when it differs from
+  :data:`CONTRIBUTION_DEFAULTS` (specs written before it existed keep their
+  digests, and so their approvals); :func:`contribution_settings` reads it with
+  the defaults filled in.
 
 This module imports neither torch nor Django models; model architectures come
 from :mod:`training.registry`.
@@ -63,6 +67,23 @@ DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 LAYER_NAME_MAX_LEN = 200
 
 ROOT = "$"  # the error path of the spec as a whole
+
+#: How contributions are scored each round (training.contributions): ``auto`` is exact
+#: Shapley values up to CONTRIBUTION_EXACT_MAX sites and GTG-Shapley sampling above.
+CONTRIBUTION_METHODS = ("auto", "leave_one_out", "shapley_exact", "shapley_sampled")
+CONTRIBUTION_EXACT_MAX = 8  # training.fl.contribution.EXACT_MAX_PLAYERS (no torch import here)
+CONTRIBUTION_DEFAULTS = {
+    "method": "auto",
+    "permutations": 100,
+    "tolerance": 0.02,
+    "truncation": 0.005,
+}
+#: The parameters of the sampled method (also taken by ``auto``, which may sample).
+CONTRIBUTION_SAMPLING = {
+    "permutations": ("int", 1, 10000),
+    "tolerance": ("float", 0, 1),
+    "truncation": ("float", 0, 1),
+}
 
 
 class SpecError(ValueError):
@@ -198,6 +219,7 @@ _TOP_LEVEL = (
     "min_participants",
     "round_timeout_seconds",
     "approval_ttl_hours",
+    "contribution",
 )
 
 
@@ -398,6 +420,87 @@ def _check_pipeline(c: _Checker, raw: Mapping) -> list[dict] | None:
     return out
 
 
+def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | None) -> Any:
+    """The normalised ``contribution`` object, or ``_MISSING`` when it is the default."""
+    value = raw.get("contribution", _MISSING)
+    if value is _MISSING:
+        return _MISSING
+    if not isinstance(value, Mapping):
+        c.error("contribution", 'must be an object like {"method": "auto"}')
+        return None
+    c.unknown_keys(value, ("method", *CONTRIBUTION_SAMPLING), "contribution", "field")
+    method = c.field(
+        value,
+        "method",
+        "contribution.method",
+        _Choice(CONTRIBUTION_METHODS, default=CONTRIBUTION_DEFAULTS["method"]),
+    )
+    if method is None:
+        return None
+    out: dict[str, Any] = {"method": method}
+    ok = True
+    if method == "shapley_exact" and participants and len(participants) > CONTRIBUTION_EXACT_MAX:
+        c.error(
+            "contribution.method",
+            f"exact Shapley values evaluate 2^n coalitions each round: at most "
+            f"{CONTRIBUTION_EXACT_MAX} participants (this job has {len(participants)}); "
+            'use "auto" or "shapley_sampled"',
+        )
+        ok = False
+    sampling = method in ("auto", "shapley_sampled")
+    for key, (kind, lo, hi) in CONTRIBUTION_SAMPLING.items():
+        path = f"contribution.{key}"
+        if not sampling:
+            if key in value:
+                c.error(path, f'applies only to "shapley_sampled" (and "auto"), not to {method}')
+                ok = False
+            continue
+        number = c.field(value, key, path, _Num(kind, lo, hi, default=CONTRIBUTION_DEFAULTS[key]))
+        ok = ok and number is not None
+        out[key] = number
+    if not ok:
+        return None
+    return _MISSING if out == CONTRIBUTION_DEFAULTS else out
+
+
+def contribution_settings(spec: Mapping) -> dict:
+    """The job's contribution scoring with every default filled in (``contribution`` is
+    left out of a normalised spec when it is the default)."""
+    given = spec.get("contribution")
+    if not given:
+        return dict(CONTRIBUTION_DEFAULTS)
+    out = {"method": given.get("method", CONTRIBUTION_DEFAULTS["method"])}
+    if out["method"] in ("auto", "shapley_sampled"):
+        for key in CONTRIBUTION_SAMPLING:
+            out[key] = given.get(key, CONTRIBUTION_DEFAULTS[key])
+    return out
+
+
+def describe_contribution(spec: Mapping) -> str:
+    """One plain-English sentence on how each site's contribution will be scored."""
+    settings = contribution_settings(spec)
+    method = settings["method"]
+    metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    base = (
+        "Each round, each site's contribution is scored centrally from the updates it shared, "
+        f"by the {metric} on the consortium's validation set of the models its updates make "
+    )
+    if method == "leave_one_out":
+        return base + "with and without it (leave-one-out)."
+    exact = "with every subset of the other sites (exact Shapley values)"
+    if method == "shapley_exact":
+        return base + exact + "."
+    sampled = (
+        f"in at most {settings['permutations']} sampled orderings of the sites (GTG-Shapley), "
+        f"stopping early within an ordering once the remaining sites change the {metric} by "
+        f"less than {_num(settings['truncation'])}, and when the estimates move by less "
+        f"than {_percent(settings['tolerance'])}%"
+    )
+    if method == "shapley_sampled":
+        return base + sampled + "."
+    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {sampled}."
+
+
 def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) -> dict:
     """Check a submitted spec and return its normalised form, or raise :class:`SpecError`.
 
@@ -483,6 +586,9 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
     out["approval_ttl_hours"] = c.field(
         raw, "approval_ttl_hours", "approval_ttl_hours", _Num("int", 1, 720, default=168)
     )
+    contribution = _check_contribution(c, raw, participants)
+    if contribution is not _MISSING:
+        out["contribution"] = contribution
 
     if c.errors:
         raise SpecError(c.errors)
