@@ -63,7 +63,7 @@ class LedgerEntry(models.Model):
     subject_type = models.CharField(max_length=64, blank=True)
     subject_id = models.CharField(max_length=64, blank=True)
     # Slugs, not foreign keys: the entry must outlive and never follow the rows it names.
-    consortium_slug = models.CharField(max_length=64, blank=True, db_index=True)
+    consortium_slug = models.CharField(max_length=64, blank=True)
     institution_slug = models.CharField(max_length=64, blank=True, db_index=True)
     payload_text = models.TextField()
     created_at = models.DateTimeField()
@@ -71,7 +71,15 @@ class LedgerEntry(models.Model):
     class Meta:
         ordering = ["seq"]
         verbose_name_plural = "ledger entries"
-        indexes = [models.Index(fields=["created_at"])]
+        indexes = [
+            models.Index(fields=["created_at"]),
+            # A consortium's entries newest first (the ledger page, the live pages' catch-up):
+            # without the seq in the index the database sorts every entry of the consortium to
+            # show fifty (272 ms at 100,000 entries on SQLite; 1 ms with it).
+            models.Index(fields=["consortium_slug", "seq"], name="ledger_consortium_seq"),
+            # The history of one object (a job's page).
+            models.Index(fields=["subject_type", "subject_id", "seq"], name="ledger_subject_seq"),
+        ]
         triggers = [
             pgtrigger.Protect(
                 name="ledger_no_delete",

@@ -1,4 +1,4 @@
-"""Auditor pages (namespace ``audit``)."""
+"""Auditor pages (namespace ``audit``): the ledger and the contribution reports."""
 
 from django.urls import path
 
@@ -11,5 +11,15 @@ urlpatterns = [
         "consortia/<slug:slug>/ledger/verify/",
         views.LedgerVerifyView.as_view(),
         name="ledger-verify",
+    ),
+    path(
+        "consortia/<slug:slug>/jobs/<int:pk>/report/",
+        views.JobReportView.as_view(),
+        name="job-report",
+    ),
+    path(
+        "consortia/<slug:slug>/institutions/<slug:inst_slug>/report/",
+        views.InstitutionReportView.as_view(),
+        name="institution-report",
     ),
 ]

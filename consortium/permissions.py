@@ -160,6 +160,16 @@ rules.add_perm("consortium.withdraw_consent", is_approver | is_institution_admin
 rules.add_perm("audit.view_ledger", is_auditor | is_consortium_admin)
 rules.add_perm("audit.verify_ledger", is_auditor | is_consortium_admin)
 
+# Contribution reports (built from the ledger; exporting one is itself a ledger entry).
+# A job's report covers every participant: obj is the job; auditors and the consortium's admins.
+rules.add_perm("audit.export_job_report", is_auditor | is_consortium_admin)
+# An institution's own report: obj is the institution; also its approvers and administrators,
+# who answer for its data, but not other institutions' members.
+rules.add_perm(
+    "audit.export_institution_report",
+    is_auditor | is_consortium_admin | is_approver | is_institution_admin,
+)
+
 
 @rules.predicate
 def is_approver_of_any(user, obj) -> bool:

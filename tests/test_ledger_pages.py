@@ -187,3 +187,25 @@ def test_admin_is_read_only(cast, client, django_user_model):
     ).status_code in (302, 403)
     entry.refresh_from_db()
     assert entry.event != "x"
+
+
+def test_the_event_filter_offers_every_event_and_reads_only_new_entries(cast):
+    from django.test.utils import CaptureQueriesContext
+
+    from audit import selectors
+
+    slug = cast.consortium.slug
+    first = selectors.ledger_event_names(slug)
+    assert "consortium.created" in first and "bench.never" not in first
+    append_entry(event="bench.never", consortium_slug=slug)
+    append_entry(event="bench.never", consortium_slug="elsewhere")
+    assert selectors.ledger_event_names(slug) == sorted({*first, "bench.never"})
+    assert "consortium.created" not in selectors.ledger_event_names("elsewhere")
+    # A remembered head that is no longer in the ledger (a reset database) starts again.
+    seq, _hash, names = selectors._events_seen[slug]
+    selectors._events_seen[slug] = (seq, "0" * 64, frozenset({"stale.event"}))
+    assert "stale.event" not in selectors.ledger_event_names(slug)
+    # Unchanged ledger: a few indexed queries, whatever its length.
+    with CaptureQueriesContext(connection) as queries:
+        selectors.ledger_event_names(slug)
+    assert len(queries) <= 2, [q["sql"] for q in queries.captured_queries]

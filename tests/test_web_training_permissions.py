@@ -363,6 +363,38 @@ def test_approver_inbox_queries_do_not_grow_with_jobs(one_job):
     assert _queries(client, url) == with_one
 
 
+def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
+    from training import views as training_views
+
+    cast = one_job
+    settings.DEBUG = False
+    training_views.INBOX_PER_PAGE, saved = 3, training_views.INBOX_PER_PAGE
+    try:
+        _more_jobs(cast, 4)  # five jobs wait on hospital A's approver
+        client = cast.client_for("approver")
+        url = reverse("training:approval-inbox", kwargs={"slug": cast.consortium.slug})
+        first, second = client.get(url), client.get(url + "?page=2")
+        ids = [r.job.pk for r in first.context["pending"]]
+        ids += [r.job.pk for r in second.context["pending"]]
+        assert sorted(ids) == sorted(TrainingJob.objects.values_list("pk", flat=True))
+        assert first.context["page_obj"].paginator.count == 5
+        assert "Page 1 of 2" in first.content.decode()
+        job = TrainingJob.objects.order_by("pk").first()
+        services.approval_decide(
+            acting_user=cast.approver,
+            job=job,
+            institution=cast.hospital_a,
+            decision="approved",
+            reason="",
+            spec_digest=job.spec_digest,
+            agreement_version_id=job.agreement_version_id,
+        )
+        left = client.get(url).context["page_obj"].paginator.count
+        assert left == 4
+    finally:
+        training_views.INBOX_PER_PAGE = saved
+
+
 def test_the_unread_count_is_one_query(one_job):
     """The top bar's count is one COUNT query, whatever the number of notifications."""
     cast = one_job
@@ -373,3 +405,92 @@ def test_the_unread_count_is_one_query(one_job):
     counts = [q["sql"] for q in ctx.captured_queries if "COUNT(" in q["sql"].upper()]
     unread = [q for q in counts if "read_at" in q and "IS NULL" in q.upper()]
     assert len(unread) == 1
+
+
+# --- Contribution reports (audit namespace): the same matrix ----------------------------------
+
+REPORT_READERS = {"auditor", "admin"}  # audit.export_job_report
+# audit.export_institution_report on hospital A: auditors, admins, and hospital A's approver and
+# administrator; not hospital B's member ("other_member"), nor A's steward or researcher.
+INSTITUTION_REPORT_READERS = {"auditor", "admin", "approver", "inst_admin"}
+
+
+def export_csv(s, who):
+    return {"format": "csv"}
+
+
+def export_pdf(s, who):
+    return {"format": "pdf"}
+
+
+REPORT_ROUTES = [
+    ("job-report", awaiting, "get", REPORT_READERS, 200, None),
+    ("job-report", awaiting, "post", REPORT_READERS, 200, export_csv),
+    ("job-report", draft, "get", REPORT_READERS, 200, None),
+    ("institution-report", hospital_a, "get", INSTITUTION_REPORT_READERS, 200, None),
+    ("institution-report", hospital_a, "post", INSTITUTION_REPORT_READERS, 200, export_pdf),
+]
+
+
+def _report_matrix():
+    for name, kwargs, method, allowed, ok, data in REPORT_ROUTES:
+        for persona in PERSONAS:
+            if persona == "anonymous":
+                expected = LOGIN
+            elif persona in allowed:
+                expected = ok
+            else:
+                expected = 404
+            yield pytest.param(
+                name,
+                kwargs,
+                method,
+                persona,
+                expected,
+                data,
+                id=f"{method}-{name}-{kwargs.__name__}-{persona}",
+            )
+
+
+@pytest.mark.parametrize(
+    ("url_name", "kwargs", "method", "persona", "expected", "data"), list(_report_matrix())
+)
+def test_report_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
+    from audit.models import LedgerEntry
+
+    client = scene.cast.client_for(persona)
+    url = reverse(f"audit:{url_name}", kwargs=kwargs(scene))
+    before = LedgerEntry.objects.filter(event="report.exported").count()
+    if method == "get":
+        response = client.get(url)
+    else:
+        response = client.post(url, data(scene, persona) if data else {})
+    exported = LedgerEntry.objects.filter(event="report.exported").count() - before
+    if expected == LOGIN:
+        assert response.status_code == 302
+        assert response.url == f"{reverse('login')}?next={url}"
+        assert exported == 0
+        return
+    assert response.status_code == expected
+    if method == "post":
+        # Only an allowed export writes its ledger entry; a refused one writes nothing.
+        assert exported == (1 if expected == 200 else 0)
+        if expected == 200:
+            assert response["Content-Disposition"].startswith("attachment;")
+
+
+@pytest.mark.parametrize(
+    ("url_name", "kwargs"),
+    [
+        ("job-report", lambda s: {**consortium(s), "pk": 999_999}),
+        ("institution-report", lambda s: {**consortium(s), "inst_slug": "no-such-site"}),
+        ("job-report", lambda s: {"slug": "no-such-consortium", "pk": s.awaiting.pk}),
+    ],
+    ids=["job", "institution", "consortium"],
+)
+@pytest.mark.parametrize("persona", ["admin", "auditor"])
+def test_a_missing_report_subject_is_the_same_404(scene, url_name, kwargs, persona):
+    client = scene.cast.client_for(persona)
+    url = reverse(f"audit:{url_name}", kwargs=kwargs(scene))
+    assert client.get(url).status_code == 404
+    assert client.post(url, {"format": "csv"}).status_code == 404

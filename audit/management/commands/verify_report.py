@@ -1,0 +1,57 @@
+"""``manage.py verify_report FILE``: check a contribution report against the ledger it names.
+
+Exit status 0 when the named head is in the chain, the chain verifies up to it and every figure
+matches the report recomputed from the ledger; 1 when anything differs (each differing figure is
+named); 2 when the file cannot be read as a contribution report. See :mod:`audit.report_verify`.
+"""
+
+from __future__ import annotations
+
+from django.core.management.base import BaseCommand, CommandError
+
+from audit.report_formats import MalformedReport
+from audit.report_verify import MAX_LISTED, verify_report_bytes
+from audit.reports import ReportError
+
+
+class Command(BaseCommand):
+    help = "Check that a contribution report (CSV, JSON or PDF) matches the ledger it names."
+
+    def add_arguments(self, parser):
+        parser.add_argument("file", help="The report file.")
+
+    def handle(self, *args, file, **options):
+        try:
+            with open(file, "rb") as handle:
+                data = handle.read()
+        except OSError as exc:
+            raise CommandError(f"cannot read {file}: {exc.strerror or exc}", returncode=2) from None
+        try:
+            outcome = verify_report_bytes(data)
+        except (MalformedReport, ReportError) as exc:
+            raise CommandError(
+                f"{file} is not a readable contribution report: {exc}", returncode=2
+            ) from None
+        head = outcome.head
+        self.stdout.write(
+            f"{file}: {outcome.fmt.upper()} report for {outcome.scope.label} in "
+            f"{outcome.scope.consortium}, made from ledger entry #{head.seq} "
+            f"({head.entry_count} entries, head {head.entry_hash})"
+        )
+        for line in outcome.matched:
+            self.stdout.write(self.style.SUCCESS(f"  match: {line}"))
+        for difference in outcome.differences[:MAX_LISTED]:
+            self.stdout.write(self.style.ERROR(f"  DIFFERS: {difference}"))
+        if len(outcome.differences) > MAX_LISTED:
+            self.stdout.write(
+                self.style.ERROR(f"  ... and {len(outcome.differences) - MAX_LISTED} more")
+            )
+        for line in outcome.failed:
+            self.stdout.write(self.style.ERROR(f"  FAILED: {line}"))
+        for line in outcome.notes:
+            self.stdout.write(f"  note: {line}")
+        if not outcome.ok:
+            raise CommandError(
+                f"{file} does NOT match the ledger: {'; '.join(outcome.failed)}", returncode=1
+            )
+        self.stdout.write(self.style.SUCCESS(f"{file} matches the ledger."))
