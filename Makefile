@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: demo demo-headless test lint check bench-ledger clean
+.PHONY: demo demo-headless test test-browser lint check bench-ledger bench-rounds bench-pages clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,6 +27,11 @@ demo-headless: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest $(PYTEST_ARGS)
 
+## Only the browser journeys (Playwright driving Debian's chromium against the real stack);
+## screenshots land in var/test-artifacts/browser/
+test-browser: $(STAMP)
+	$(PY) -m pytest -m browser $(PYTEST_ARGS)
+
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -38,6 +43,16 @@ check: $(STAMP)
 
 bench-ledger: $(STAMP)
 	$(PY) benchmarks/ledger.py
+
+## Overhead per round with ten real site workers; beside Flower's simulation when the
+## bench extra is installed (pip install -e '.[bench]')
+bench-rounds: $(STAMP)
+	$(PY) benchmarks/round_overhead.py $(BENCH_ARGS)
+
+## Server time (95th percentile) and queries of the main pages with 100 institutions,
+## 1,000 jobs and 100,000 ledger entries, against the same pages with a tenth of the data
+bench-pages: $(STAMP)
+	$(PY) benchmarks/pages.py $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) var db.sqlite3 db.sqlite3-wal db.sqlite3-shm staticfiles

@@ -22,6 +22,7 @@ from typing import Any
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from . import live
 from .canonical import canonical_json, sha256_hex
 from .models import LedgerEntry, LedgerHead
 
@@ -298,6 +299,9 @@ def append_entry(
         else:
             entry.save(force_insert=True)
             LedgerHead.objects.filter(pk=1).update(seq=seq, entry_hash=entry_hash)
+        groups = live.groups_for(consortium_slug, (payload or {}).get("job_id"))
+        if groups:
+            transaction.on_commit(functools.partial(live.announce, groups, seq))
     return entry
 
 

@@ -231,9 +231,11 @@ class ChainWriter:
     """Writes a valid chain fast (COPY on PostgreSQL, executemany on SQLite),
     timing the hashlib part of the work on the way: the baseline for (b)."""
 
-    def __init__(self):
-        self.seq = 0
-        self.prev = "0" * 64
+    def __init__(self, consortium_slug: str = "bench", *, seq: int = 0, prev: str = "0" * 64):
+        # ``seq``/``prev``: continue an existing chain (its head) instead of starting one.
+        self.consortium_slug = consortium_slug
+        self.seq = seq
+        self.prev = prev
         self.hash_seconds = 0.0
         self.hashed = 0
 
@@ -255,7 +257,7 @@ class ChainWriter:
                     actor_repr="system",
                     subject_type="training.siteupdate",
                     subject_id=str(seq),
-                    consortium_slug="bench",
+                    consortium_slug=self.consortium_slug,
                     institution_slug=f"hospital-{seq % 7}",
                     payload_text=canonical_json(payload(seq)),
                     created_at=created,

@@ -141,7 +141,11 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
         "PRAGMA synchronous=NORMAL;",
     }
 else:
-    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=60))
+    # 0 by default: under Daphne (ASGI) every request runs in a thread of its own, and a
+    # persistent connection per thread exhausted PostgreSQL's 100 connections within a minute of
+    # ten site workers uploading (Django's docs: disable persistent connections under ASGI).
+    # A WSGI deployment, or the Celery workers, may set DATABASE_CONN_MAX_AGE.
+    DATABASES["default"].setdefault("CONN_MAX_AGE", env.int("DATABASE_CONN_MAX_AGE", default=0))
     DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASE_IS_POSTGRES = DATABASES["default"]["ENGINE"] in {
     "django.db.backends.postgresql",
@@ -186,6 +190,12 @@ USE_TZ = True
 # --- Static files -----------------------------------------------------------------
 STATIC_URL = "/static/"
 STATICFILES_DIRS = [BASE_DIR / "static"]
+STATICFILES_FINDERS = [
+    "django.contrib.staticfiles.finders.FileSystemFinder",
+    "django.contrib.staticfiles.finders.AppDirectoriesFinder",
+    # plotly.js from the installed plotly package, as vendor/plotly.min.js (no CDN).
+    "consortium.staticfinders.PlotlyFinder",
+]
 STATIC_ROOT = Path(env.str("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -292,6 +302,9 @@ if CHANNEL_LAYER_URL:
 else:
     # Per process only: fine for one process, never across web and worker.
     CHANNEL_LAYERS = {"default": {"BACKEND": "channels.layers.InMemoryChannelLayer"}}
+# Live pages also poll the ledger head this often (seconds): the in-memory layer does not carry
+# the coordinator's wake-ups across processes, and a lost wake-up costs at most this much.
+LIVE_POLL_SECONDS = env.float("LIVE_POLL_SECONDS", default=1.0)
 
 # --- REST API ----------------------------------------------------------------------
 REST_FRAMEWORK = {

@@ -46,6 +46,9 @@ from .viewmixins import (
 # authenticate and has nothing to check for an account created a moment ago.
 _LOGIN_BACKEND = "django.contrib.auth.backends.ModelBackend"
 
+#: Ledger entries the consortium dashboard lists (to those who may read the ledger).
+RECENT_ENTRIES = 10
+
 
 # --- Overview and dashboard --------------------------------------------------------
 
@@ -71,7 +74,12 @@ class ConsortiumDetailView(GovernancePage):
         return self.consortium
 
     def get_context_data(self, **kwargs):
+        # Lazy imports: the governance app does not depend on the others at import time.
+        from audit.models import LedgerEntry
+        from training.live import consortium_live_state
+
         dashboard = selectors.consortium_dashboard(self.request.user, self.consortium)
+        can_view_ledger = self.can("audit.view_ledger", self.consortium)
         # Per institution, its standing under each agreement's current version.
         rows = []
         for institution in dashboard.institutions:
@@ -82,7 +90,15 @@ class ConsortiumDetailView(GovernancePage):
         return super().get_context_data(
             dashboard=dashboard,
             institution_rows=rows,
-            can_view_ledger=self.can("audit.view_ledger", self.consortium),
+            can_view_ledger=can_view_ledger,
+            consortium_live=consortium_live_state(self.consortium),
+            recent_entries=(
+                LedgerEntry.objects.filter(consortium_slug=self.consortium.slug).order_by("-seq")[
+                    :RECENT_ENTRIES
+                ]
+                if can_view_ledger
+                else []
+            ),
             can_add_institution=self.can("consortium.add_institution", self.consortium),
             can_manage_agreements=self.can("consortium.manage_agreements", self.consortium),
             **kwargs,
@@ -144,6 +160,14 @@ class InstitutionCreateView(GovernanceForm):
         )
 
 
+def _institution_accountability(user, institution):
+    """The institution's contributions and privacy spent, job by job (issue 5). Imported here:
+    the governance app does not depend on the training app at import time."""
+    from training.selectors import institution_accountability
+
+    return institution_accountability(user, institution)
+
+
 class InstitutionDetailView(InstitutionMixin, GovernancePage):
     permission_required = "consortium.view_institution"
     template_name = "consortium/institution_detail.html"
@@ -160,6 +184,7 @@ class InstitutionDetailView(InstitutionMixin, GovernancePage):
             withdrawals=institution.withdrawals.select_related("agreement"),
             fingerprint=services.key_fingerprint(institution.worker_public_key),
             can_edit=self.can("consortium.change_institution", institution),
+            accountability=_institution_accountability(self.request.user, institution),
             **kwargs,
         )
 

@@ -39,6 +39,7 @@ from consortium.viewmixins import (
 from . import selectors, services, sites
 from .compliance import ComplianceError
 from .forms import CancelForm, DatasetForm, DecisionForm, JobForm
+from .live import job_live_state
 from .models import (
     Approval,
     JobParticipant,
@@ -56,9 +57,10 @@ from .presenters import (
     spec_rows,
     split_spec_error,
 )
-from .spec import describe_pipeline, shared_fraction
+from .spec import describe_contribution, describe_pipeline, shared_fraction
 
 JOBS_PER_PAGE = 25
+INBOX_PER_PAGE = 25
 NOTIFICATIONS_PER_PAGE = 50
 EDITABLE_STATES = (JobState.DRAFT, JobState.AWAITING_APPROVAL)
 
@@ -437,6 +439,9 @@ class JobDetailView(JobMixin, GovernancePage):
             shared_percent=percent(shared_fraction(spec)),
             spec_pretty=services.job_spec_json(job),
             participants=participants,
+            contribution_text=describe_contribution(spec),
+            accountability=selectors.job_accountability(job),
+            live_state=job_live_state(job),
             ledger=LedgerEntry.objects.filter(
                 subject_type=TrainingJob._meta.label_lower, subject_id=str(job.pk)
             ).order_by("seq"),
@@ -494,16 +499,16 @@ class ApprovalInboxView(GovernancePage):
         return self.consortium
 
     def get_context_data(self, **kwargs):
-        pending = [
-            r
-            for r in selectors.approver_inbox(self.request.user)
-            if r.job.consortium_id == self.consortium.pk
-        ]
+        inbox = selectors.approver_inbox(self.request.user, self.consortium)
+        page = Paginator(inbox, INBOX_PER_PAGE).get_page(self.request.GET.get("page"))
+        pending = page.object_list
         is_approver = any(
             g.consortium_id == self.consortium.pk and g.role == Role.APPROVER
             for g in grants_of(self.request.user)
         )
-        return super().get_context_data(pending=pending, is_approver=is_approver, **kwargs)
+        return super().get_context_data(
+            pending=pending, page_obj=page, is_approver=is_approver, **kwargs
+        )
 
 
 class JobReviewView(JobMixin, GovernanceForm):
@@ -564,6 +569,7 @@ class JobReviewView(JobMixin, GovernanceForm):
         awaiting = [i for i in institutions if i.pk not in decisions]
         return super().get_context_data(
             review=job_review(job, institutions, decisions),
+            contribution_text=describe_contribution(job.spec),
             awaiting=awaiting,
             open_for_decision=job.state == JobState.AWAITING_APPROVAL and bool(awaiting),
             stale_message=self.stale_message,

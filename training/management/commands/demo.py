@@ -360,6 +360,13 @@ class Command(BaseCommand):
             help="Run the job to completion, print the result and stop (no dashboard).",
         )
         parser.add_argument("--rounds", type=int, default=5, help="Rounds (default 5).")
+        parser.add_argument(
+            "--no-job",
+            action="store_true",
+            help="Start the consortium, the server, the coordinator and the site workers, but "
+            "propose no job: propose one in the browser as admin and approve it as each "
+            "hospital's approver (the browser tests drive it this way).",
+        )
         parser.add_argument("--port", type=int, default=8000, help="Dashboard port (default 8000).")
         parser.add_argument(
             "--dataset", choices=sorted(JOBS), default="breast-cancer", help="Bundled data set."
@@ -392,6 +399,8 @@ class Command(BaseCommand):
     def handle(self, *args, **options):
         if options["rounds"] < 1:
             raise CommandError("--rounds must be at least 1")
+        if options["no_job"] and options["no_serve"]:
+            raise CommandError("--no-job needs the dashboard: it cannot be used with --no-serve")
         self.serve = not options["no_serve"]
         self.var = Path(options["var_dir"]).resolve()
         self.started = time.monotonic()
@@ -562,6 +571,16 @@ class Command(BaseCommand):
             f"({time.monotonic() - self.started:.1f} s). Logs: {self.sup.log_dir}"
         )
 
+        if options["no_job"]:
+            self.say("")
+            self.say(self._seed_logins())
+            self.say(
+                f"Dashboard: {url}/ — no job proposed: sign in as admin to propose one; "
+                "press Ctrl-C to stop",
+                self.style.SUCCESS,
+            )
+            self._serve_forever(server)
+            return
         job = self._propose_and_approve(consortium, options)
         if self.serve:
             self.say("")
@@ -584,6 +603,9 @@ class Command(BaseCommand):
             f"The server and the workers keep running: {url}/ — press Ctrl-C to stop.",
             self.style.SUCCESS,
         )
+        self._serve_forever(server)
+
+    def _serve_forever(self, server) -> None:
         while True:
             time.sleep(1.0)
             self._check_children(fatal=False)

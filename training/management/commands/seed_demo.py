@@ -136,9 +136,13 @@ class Command(BaseCommand):
                 slug=DEMO_SLUG,
                 description="Four hospitals training tumour models together without pooling data.",
             )
+        # Signed in but a member of nothing: shows that a stranger to the consortium sees none
+        # of it (every page and socket answers "not found").
+        self._user("visitor", "Casey Visitor", password)
         auditor = self._user("auditor", "Sam Patel", password)
         self._member(auditor, consortium, Role.AUDITOR)
         logins.append(("auditor", "auditor"))
+        logins.append(("visitor", "signed in, member of nothing (sees nothing)"))
 
         institutions = []
         for index, (name, slug, country) in enumerate(HOSPITALS):

@@ -1,0 +1,10 @@
+"""Websocket routes: one socket per live page, at the page's own path under ``/ws/``."""
+
+from django.urls import path
+
+from training.consumers import ConsortiumLiveConsumer, JobLiveConsumer
+
+websocket_urlpatterns = [
+    path("ws/consortia/<slug:slug>/", ConsortiumLiveConsumer.as_asgi(), name="live-consortium"),
+    path("ws/consortia/<slug:slug>/jobs/<int:pk>/", JobLiveConsumer.as_asgi(), name="live-job"),
+]
