@@ -214,6 +214,22 @@ def _job_id(page) -> int:
 def test_1_the_administrator_proposes_a_job_and_a_breaking_one_is_refused(stack, browser):
     context, page = _context(browser, stack, "admin")
     try:
+        # The dashboard: the institutions table sorts and filters in place; the live panel
+        # lists the jobs by state.
+        page.goto(f"/consortia/{SLUG}/")
+        rows = page.locator("#institutions tbody tr:not([hidden])")
+        assert rows.count() == len(SITES)
+        page.get_by_label("Find an institution").fill("barts")
+        assert rows.count() == 1 and "Barts" in rows.first.inner_text()
+        page.get_by_label("Find an institution").fill("")
+        header = page.locator("#institutions th").first
+        header.get_by_role("button").click()
+        header.get_by_role("button").click()
+        assert header.get_attribute("aria-sort") == "descending"
+        names = rows.evaluate_all("rs => rs.map(r => r.cells[0].innerText)")
+        assert names == sorted(names, key=str.lower, reverse=True), names
+        page.wait_for_selector("#consortium-live-status:has-text('updates live')")
+
         # Sharing the whole model breaks the agreement's 40% ceiling; no DP-SGD breaks its
         # required mechanism. Refused, with the terms named, and nothing created.
         breaking = [{"filter": "partial_sharing", "fraction": 1.0, "strategy": "topk"}]
@@ -337,9 +353,22 @@ def test_4_the_auditor_verifies_the_ledger_and_downloads_reports(stack, browser)
         sites_in_csv = {value for row in rows for value in row.values()}
         assert any(slug in sites_in_csv for slug in SITES), csv_text[:1000]
         with page.expect_download() as info:
+            page.get_by_role("button", name="Export JSON").click()
+        document = json.loads(Path(info.value.path()).read_text(encoding="utf-8"))
+        assert head_hash in json.dumps(document)
+        scores = {row["institution"]: row["score"] for row in document["summary"]}
+        assert set(scores) == set(SITES) and all(v is not None for v in scores.values())
+        with page.expect_download() as info:
             page.get_by_role("button", name="Export PDF").click()
         pdf = Path(info.value.path()).read_bytes()
         assert pdf.startswith(b"%PDF-")
+        from pypdf import PdfReader
+
+        text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+        assert head_hash[:16] in text.replace("\n", ""), text[:2000]
+        # Each export is itself a ledger entry: the ledger page lists them.
+        page.goto(f"/consortia/{SLUG}/ledger/?event=report.exported")
+        assert page.locator("main").inner_text().count("report.exported") >= 3
         _shot(page, "4-auditor-report")
     finally:
         context.close()
