@@ -35,8 +35,22 @@ GAUSSIAN = {
 ROUND_SCORES = {
     1: {"hospital-a": 0.25},
     2: {"hospital-a": 0.125, "hospital-b": -0.0625},
-    3: {"hospital-a": 0.5, "hospital-b": 0.1},
+    3: {"hospital-a": 0.5, "hospital-b": 0.125},
 }
+#: The full coalition's value in every planted round; leave-one-out then records, for each site,
+#: the coalition without it at FULL_VALUE - score (binary fractions: the subtraction is exact, so
+#: verify_report's recomputation from the coalition values gives the scores bit for bit).
+FULL_VALUE = 0.75
+
+
+def loo_coalitions(scores: dict) -> list[dict]:
+    sites = sorted(scores)
+    rows = [{"sites": sites, "value": FULL_VALUE}]
+    for site in sites:
+        rows.append({"sites": [s for s in sites if s != site], "value": FULL_VALUE - scores[site]})
+    return rows
+
+
 SAMPLES = {"hospital-a": 300, "hospital-b": 200}
 
 
@@ -122,7 +136,7 @@ def plant(cast, *, withdraw: bool = True) -> Planted:
                 "params": {},
                 "metric": "accuracy",
                 "sites": sorted(scores),
-                "coalitions": [{"sites": sorted(scores), "value": 0.75}],
+                "coalitions": loo_coalitions(scores),
                 "scores": scores,
                 "evaluations": len(scores) + 1,
             },
