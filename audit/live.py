@@ -16,7 +16,11 @@ complete and ordered whatever the layer.
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
+import queue
+import threading
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +44,79 @@ def groups_for(consortium_slug: str, job_id) -> list[str]:
 
 
 def announce(groups: list[str], seq: int) -> None:
-    """Send the wake-up to ``groups``; log and carry on if the channel layer fails."""
+    """Wake the pages listening to ``groups``, without slowing the commit that called it.
+
+    On the in-memory layer (the embedded default) only consumers of this very process can hear,
+    so it sends only to groups that have one here (a dictionary lookup otherwise: appending stays
+    as fast as without live pages). On a layer that crosses processes (Redis), a send is a round
+    trip: it is handed to a background thread that sends with its own event loop, coalescing a
+    burst to the newest sequence number per group. Either way a failure is logged, never raised.
+    """
     if not groups:
         return
-    from asgiref.sync import async_to_sync
-    from channels.layers import get_channel_layer
+    from channels.layers import InMemoryChannelLayer, get_channel_layer
 
     try:
         layer = get_channel_layer()
         if layer is None:
             return
-        message = {"type": APPENDED, "seq": seq}
-        for group in groups:
-            async_to_sync(layer.group_send)(group, message)
+        if isinstance(layer, InMemoryChannelLayer):
+            listened = [g for g in groups if layer.groups.get(g)]
+            if listened:
+                from asgiref.sync import async_to_sync
+
+                async_to_sync(_send)(layer, dict.fromkeys(listened, seq))
+            return
+        _sender.submit(groups, seq)
     except Exception as exc:  # the ledger write has committed; the pages will poll instead
         log.warning("live update for ledger entry #%s not sent: %s", seq, exc)
+
+
+async def _send(layer, latest: dict[str, int]) -> None:
+    for group, seq in latest.items():
+        await layer.group_send(group, {"type": APPENDED, "seq": seq})
+
+
+class _BackgroundSender:
+    """One daemon thread per process (started lazily, again after a fork) that sends wake-ups."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._pid = 0
+
+    def submit(self, groups: list[str], seq: int) -> None:
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                if self._pid != os.getpid():
+                    self._queue = queue.SimpleQueue()  # a forked child's copy is not ours
+                self._pid = os.getpid()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._queue,), name="ledger-live-wakeups", daemon=True
+                )
+                self._thread.start()
+            self._queue.put((tuple(groups), seq))
+
+    @staticmethod
+    def _run(work: queue.SimpleQueue) -> None:
+        from channels.layers import get_channel_layer
+
+        loop = asyncio.new_event_loop()
+        while True:
+            groups, seq = work.get()
+            latest = dict.fromkeys(groups, seq)
+            while True:  # coalesce what piled up meanwhile
+                try:
+                    more, newer = work.get_nowait()
+                except queue.Empty:
+                    break
+                for group in more:
+                    latest[group] = max(latest.get(group, 0), newer)
+            try:
+                loop.run_until_complete(_send(get_channel_layer(), latest))
+            except Exception as exc:
+                log.warning("live updates up to ledger entry #%s not sent: %s", seq, exc)
+
+
+_sender = _BackgroundSender()

@@ -51,12 +51,16 @@ class LedgerEntry(models.Model):
     prev_hash = models.CharField(max_length=64)
     entry_hash = models.CharField(max_length=64, unique=True)
     event = models.CharField(max_length=64, db_index=True)
+    # No index on the actor: every index is written on every append (the ledger's throughput
+    # is its commit rate), and the only query by actor is the SET NULL when a user is deleted,
+    # rare enough to scan for.
     actor = models.ForeignKey(
         settings.AUTH_USER_MODEL,
         null=True,
         blank=True,
         on_delete=models.SET_NULL,
         related_name="ledger_entries",
+        db_index=False,
     )
     actor_id_at_write = models.BigIntegerField(null=True, blank=True)
     actor_repr = models.CharField(max_length=255)

@@ -328,3 +328,24 @@ def test_the_consortium_page_lists_recent_entries_only_to_ledger_readers(cast, s
     assert 'id="recent-entries"' not in researcher and "job.proposed" not in researcher
     for html in (auditor, researcher):
         assert 'id="jobs-by-state"' in html and "Awaiting approval: <strong>1</strong>" in html
+
+
+def test_the_wake_up_alone_delivers_without_waiting_for_the_poll(cast, scene, settings):
+    """With the poll far away, a change still arrives at once: through the in-memory layer in
+    this process on the embedded default, through Redis (and the background sender) when the
+    suite runs with CHANNEL_LAYER_URL."""
+    settings.LIVE_POLL_SECONDS = 60
+    job = scene.propose()
+
+    async def go():
+        communicator, connected, _ = await _open(job_path(job), cast.researcher)
+        assert connected
+        await communicator.receive_json_from(timeout=20)
+        started = asyncio.get_running_loop().time()
+        await sync_to_async(scene.decide)(job, cast.hospital_a)
+        message = await _next_with(communicator, lambda m: m["entries"], timeout=10)
+        assert [e["event"] for e in message["entries"]] == ["job.decision"]
+        assert asyncio.get_running_loop().time() - started < 10
+        await communicator.disconnect()
+
+    asyncio.run(go())
