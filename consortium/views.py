@@ -31,6 +31,7 @@ from .forms import (
     WithdrawForm,
 )
 from .models import CONSORTIUM_ROLES, INSTITUTION_ROLES, Role
+from .tables import InstitutionTable
 from .viewmixins import (
     ANYONE,
     SIGNED_IN,
@@ -80,16 +81,31 @@ class ConsortiumDetailView(GovernancePage):
 
         dashboard = selectors.consortium_dashboard(self.request.user, self.consortium)
         can_view_ledger = self.can("audit.view_ledger", self.consortium)
-        # Per institution, its standing under each agreement's current version.
+        # Per institution, its standing under each agreement's current version; the table sorts
+        # and pages by query string, and ?q= keeps the institutions whose name or slug has it.
+        query = self.request.GET.get("q", "").strip()
         rows = []
         for institution in dashboard.institutions:
-            cells = []
-            for status in dashboard.statuses:
-                cells.append(_standing(status, institution))
-            rows.append({"institution": institution, "cells": cells})
+            if query and query.lower() not in f"{institution.name} {institution.slug}".lower():
+                continue
+            row = {
+                "institution": institution,
+                "name": institution.name,
+                "country": institution.country,
+                "worker_key": bool(institution.worker_public_key),
+            }
+            for i, status in enumerate(dashboard.statuses):
+                standing = _standing(status, institution)
+                row[f"standing_{i}"] = standing
+                row[f"standing_{i}_key"] = standing["label"]
+            rows.append(row)
+        table = InstitutionTable.for_dashboard(
+            rows, [s.agreement.title for s in dashboard.statuses], self.request
+        )
         return super().get_context_data(
             dashboard=dashboard,
-            institution_rows=rows,
+            institutions_table=table,
+            institution_query=query,
             can_view_ledger=can_view_ledger,
             consortium_live=consortium_live_state(self.consortium),
             recent_entries=(

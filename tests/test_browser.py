@@ -214,18 +214,23 @@ def _job_id(page) -> int:
 def test_1_the_administrator_proposes_a_job_and_a_breaking_one_is_refused(stack, browser):
     context, page = _context(browser, stack, "admin")
     try:
-        # The dashboard: the institutions table sorts and filters in place; the live panel
-        # lists the jobs by state.
+        # The dashboard: the institutions table (django-tables2) sorts and filters on the
+        # server, swapped in by htmx; the live panel lists the jobs by state.
         page.goto(f"/consortia/{SLUG}/")
-        rows = page.locator("#institutions tbody tr:not([hidden])")
+        rows = page.locator("#institutions tbody tr")
         assert rows.count() == len(SITES)
         page.get_by_label("Find an institution").fill("barts")
-        assert rows.count() == 1 and "Barts" in rows.first.inner_text()
-        page.get_by_label("Find an institution").fill("")
-        header = page.locator("#institutions th").first
-        header.get_by_role("button").click()
-        header.get_by_role("button").click()
-        assert header.get_attribute("aria-sort") == "descending"
+        page.get_by_role("button", name="Find").click()
+        page.wait_for_function("document.querySelectorAll('#institutions tbody tr').length === 1")
+        assert "Barts" in rows.first.inner_text()
+        page.get_by_role("link", name="Show all").click()
+        page.wait_for_function(
+            f"document.querySelectorAll('#institutions tbody tr').length === {len(SITES)}"
+        )
+        # Ascending by name is the default: the header's link asks for descending.
+        page.locator("#institutions thead th").first.get_by_role("link").click()
+        page.wait_for_function("location.search.includes('sort=-name')")
+        page.wait_for_load_state()
         names = rows.evaluate_all("rs => rs.map(r => r.cells[0].innerText)")
         assert names == sorted(names, key=str.lower, reverse=True), names
         page.wait_for_selector("#consortium-live-status:has-text('updates live')")
@@ -295,6 +300,11 @@ def test_2_3_each_approver_reviews_and_approves_and_the_job_page_updates_live(st
             "document.querySelector('#job-heading').innerText.includes('Completed')"
         )
         assert watched.locator("#live-activity li").count() > 0
+        # ... and so were the contributions (scored after the last round) and the history.
+        watched.wait_for_function(
+            "!document.querySelector('#contributions').innerText.includes('not scored')"
+        )
+        assert "contribution.job_scored" in watched.locator("#history").inner_text()
         _shot(watched, "3-job-completed-live")
     finally:
         watcher.close()

@@ -662,3 +662,29 @@ def test_the_slug_of_the_add_page_is_reserved(cast):
             u("institution-create", slug=cast.consortium.slug), {"name": "New"}
         )
     assert "reserved" in str(response.context["form"].errors["slug"])
+
+
+def test_the_dashboards_institutions_table_filters_sorts_and_pages_on_the_server(cast):
+    import re
+
+    from consortium import tables
+
+    url = f"/consortia/{cast.consortium.slug}/"
+    client = cast.client_for("admin")
+
+    def names(query: str) -> list[str]:
+        html = client.get(url + query).content.decode()
+        body = html.split('id="institutions"', 1)[1].split("</table>", 1)[0]
+        return re.findall(r'<td >\s*<a href="[^"]+">([^<]+)</a>', body) or re.findall(
+            r'<a href="/consortia/[^"]+/institutions/[^"]+/">([^<]+)</a>', body
+        )
+
+    assert names("") == sorted(names(""))
+    assert names("?sort=-name") == sorted(names(""), reverse=True)
+    assert names("?q=" + cast.hospital_b.name.split()[-1]) == [cast.hospital_b.name]
+    everyone = names("")
+    saved, tables.INSTITUTIONS_PER_PAGE = tables.INSTITUTIONS_PER_PAGE, 1
+    try:
+        assert names("?page=2") == [everyone[1]]  # one a page, by name
+    finally:
+        tables.INSTITUTIONS_PER_PAGE = saved

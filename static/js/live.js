@@ -100,25 +100,20 @@
     while (list.children.length > 20) list.lastElementChild.remove();
   }
 
-  // Sections rendered by the server (the heading's state, decisions, contributions, history)
-  // carry data-live-refresh and an id: after a change, fetch this page once more and swap them
-  // in place, so the whole page stays current without a reload. Debounced: a round closing
-  // writes several entries at once.
+  // Sections rendered by the server (the heading's state, the decisions, contributions, history)
+  // are swapped in place by htmx after a change: the hidden #live-refresher asks for this page
+  // once (hx-select + hx-select-oob pick the sections out of it), so the whole page stays current
+  // without a reload. Debounced: a round closing writes several entries at once.
   let refreshTimer = null;
   function scheduleRefresh() {
     clearTimeout(refreshTimer);
-    refreshTimer = setTimeout(refreshSections, 400);
+    refreshTimer = setTimeout(() => {
+      if (window.htmx) window.htmx.trigger("#live-refresher", "live-refresh");
+    }, 400);
   }
-  async function refreshSections() {
-    const response = await fetch(location.href, { headers: { "X-Live-Refresh": "1" } });
-    if (!response.ok) return;
-    const fresh = new DOMParser().parseFromString(await response.text(), "text/html");
-    for (const el of document.querySelectorAll("[data-live-refresh][id]")) {
-      const replacement = fresh.getElementById(el.id);
-      if (replacement) el.replaceWith(document.importNode(replacement, true));
-    }
+  document.body.addEventListener("htmx:afterSettle", () => {
     root.dataset.refreshed = String(Number(root.dataset.refreshed || 0) + 1);
-  }
+  });
 
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";

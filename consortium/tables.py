@@ -1,0 +1,50 @@
+"""Server-side tables (django-tables2): sorted and paged by query string, so a link shows the
+same rows to everyone and nothing depends on JavaScript."""
+
+from __future__ import annotations
+
+import django_tables2 as tables
+from django.urls import reverse
+
+#: Rows per page of the consortium's institutions.
+INSTITUTIONS_PER_PAGE = 25
+
+_BADGE = '<span class="badge {{ value.tone }}">{{ value.label }}</span>'
+_KEY = (
+    '{% if value %}<span class="badge ok">registered</span>'
+    '{% else %}<span class="badge warn">missing</span>{% endif %}'
+)
+
+
+class InstitutionTable(tables.Table):
+    """The consortium dashboard's institutions, with their standing under each agreement (one
+    column per agreement, added by :meth:`for_dashboard`). Rows are dicts from the view:
+    ``{"institution", "name", "country", "worker_key", "standing_<n>"...}``."""
+
+    name = tables.Column(
+        verbose_name="Institution",
+        linkify=lambda record: reverse(
+            "consortium:institution-detail",
+            args=[record["institution"].consortium.slug, record["institution"].slug],
+        ),
+    )
+    country = tables.Column(default="—")
+    worker_key = tables.TemplateColumn(_KEY, verbose_name="Worker key")
+
+    class Meta:
+        attrs = {"id": "institutions"}
+        order_by = ("name",)
+        empty_text = "No institutions match."
+
+    @classmethod
+    def for_dashboard(cls, rows: list[dict], agreement_titles: list[str], request):
+        extra = [
+            (
+                f"standing_{i}",
+                tables.TemplateColumn(_BADGE, verbose_name=title, order_by=(f"standing_{i}_key",)),
+            )
+            for i, title in enumerate(agreement_titles)
+        ]
+        table = cls(rows, extra_columns=extra, request=request)
+        table.paginate(page=request.GET.get("page", 1), per_page=INSTITUTIONS_PER_PAGE)
+        return table
