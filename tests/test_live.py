@@ -349,3 +349,31 @@ def test_the_wake_up_alone_delivers_without_waiting_for_the_poll(cast, scene, se
         await communicator.disconnect()
 
     asyncio.run(go())
+
+
+def test_a_site_near_its_cap_shows_a_budget_warning(cast, scene):
+    """Privacy spent is replayed from the accepted updates' recorded events; at 80% of the
+    agreement's cap the job page warns (live, like everything in the state)."""
+    from django.utils import timezone
+
+    from training.models import GlobalModel, Round, SiteUpdate
+
+    job = scene.propose()
+    model = GlobalModel.objects.create(job=job, round_index=0, digest="0" * 64, lineage_hash="1")
+    rnd = Round.objects.create(job=job, index=1, global_model_in=model, deadline=timezone.now())
+    heavy = {"mechanism": "gaussian", "params": {"noise_multiplier": 0.6}, "count": 1}
+    light = {"mechanism": "gaussian", "params": {"noise_multiplier": 50.0}, "count": 1}
+    for institution, event in ((cast.hospital_a, heavy), (cast.hospital_b, light)):
+        SiteUpdate.objects.create(
+            round=rnd,
+            institution=institution,
+            status=SiteUpdate.Status.ACCEPTED,
+            samples=10,
+            privacy_events=[{**event, "source": "gaussian_noise"}],
+        )
+    state = job_live_state(job)
+    spent = {p["institution"]: p["spent"] for p in state["series"]["privacy"]}
+    assert spent[cast.hospital_a.name] >= 0.8 * 8 > spent[cast.hospital_b.name]
+    assert len(state["budget_warnings"]) == 1
+    assert state["budget_warnings"][0].startswith(f"{cast.hospital_a.name} has spent ε")
+    assert state["round"]["reported"] == 2 and state["round"]["percent"] == 100
