@@ -54,8 +54,13 @@ def parse_args():
 # --- a throwaway database ---------------------------------------------------------
 
 
-def prepare_database() -> tuple[str, callable]:
-    """Point DATABASE_URL at a fresh database; return a description and a cleanup."""
+def prepare_database(folder: Path | None = None) -> tuple[str, callable]:
+    """Point DATABASE_URL at a fresh database; return a description and a cleanup.
+
+    PostgreSQL: the database ``BENCH_DB`` on the server DATABASE_URL names, created afresh and
+    dropped by the cleanup. SQLite: ``bench.sqlite3`` in ``folder`` (which the caller keeps;
+    other processes of a benchmark may open it), or in a temporary folder the cleanup removes.
+    """
     url = os.environ.get("DATABASE_URL", "")
     if url.startswith(("postgres://", "postgresql://", "pgsql://")):
         import psycopg2
@@ -73,20 +78,25 @@ def prepare_database() -> tuple[str, callable]:
 
             connections.close_all()
             with admin.cursor() as cursor:
-                cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
+                # FORCE: a benchmark's server processes may still hold a connection.
+                cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
             admin.close()
 
         return f"PostgreSQL (database {BENCH_DB} on {parts.hostname}:{parts.port})", cleanup
-    folder = tempfile.TemporaryDirectory(prefix="flc_bench_ledger_")
-    os.environ["DATABASE_URL"] = f"sqlite:///{folder.name}/bench.sqlite3"
+    temporary = None
+    if folder is None:
+        temporary = tempfile.TemporaryDirectory(prefix="flc_bench_")
+        folder = Path(temporary.name)
+    os.environ["DATABASE_URL"] = f"sqlite:///{folder}/bench.sqlite3"
 
     def cleanup():
         from django.db import connections
 
         connections.close_all()
-        folder.cleanup()
+        if temporary is not None:
+            temporary.cleanup()
 
-    return f"SQLite (temporary file {folder.name}/bench.sqlite3)", cleanup
+    return f"SQLite (temporary file {folder}/bench.sqlite3)", cleanup
 
 
 def setup_django():

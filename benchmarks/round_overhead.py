@@ -53,10 +53,11 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 BENCH_DB = "flc_bench_rounds"
 DATASET = "breast-cancer"
 MODEL = {"name": "logistic_regression", "params": {}}
@@ -91,36 +92,12 @@ def parse_args():
 
 
 def prepare_database(var: Path) -> tuple[str, callable]:
-    """Point DATABASE_URL at a fresh database; return a description and a cleanup."""
-    url = os.environ.get("DATABASE_URL", "")
-    if url.startswith(("postgres://", "postgresql://", "pgsql://")):
-        import psycopg2
+    """A fresh database (``flc_bench_rounds`` on PostgreSQL, ``var/bench.sqlite3`` on SQLite,
+    where the server and the coordinator open it too): the ledger benchmark's helper."""
+    import ledger as bench_ledger
 
-        parts = urlsplit(url)
-        admin = psycopg2.connect("postgresql://" + url.split("://", 1)[1])
-        admin.autocommit = True
-        with admin.cursor() as cursor:
-            cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB}")
-            cursor.execute(f"CREATE DATABASE {BENCH_DB}")
-        os.environ["DATABASE_URL"] = urlunsplit(parts._replace(path=f"/{BENCH_DB}"))
-
-        def cleanup():
-            from django.db import connections
-
-            connections.close_all()
-            with admin.cursor() as cursor:
-                cursor.execute(f"DROP DATABASE IF EXISTS {BENCH_DB} WITH (FORCE)")
-            admin.close()
-
-        return f"PostgreSQL (database {BENCH_DB} on {parts.hostname}:{parts.port})", cleanup
-    os.environ["DATABASE_URL"] = f"sqlite:///{var}/bench.sqlite3"
-
-    def cleanup():
-        from django.db import connections
-
-        connections.close_all()
-
-    return f"SQLite (temporary file {var}/bench.sqlite3)", cleanup
+    bench_ledger.BENCH_DB = BENCH_DB
+    return bench_ledger.prepare_database(var)
 
 
 def prepare_environment(var: Path) -> str:
