@@ -61,7 +61,10 @@ def parse_args():
     parser.add_argument("--small-entries", type=int, default=100_000, help="the short ledger")
     parser.add_argument("--sites", type=int, default=10, help="sites in the job")
     parser.add_argument("--spool", action="store_true", help="write to a spooled temp file")
-    return parser.parse_args()
+    args = parser.parse_args()
+    if args.sites < 4:  # the planted withdrawal is the fourth site's
+        parser.error("--sites must be at least 4")
+    return args
 
 
 def prepare_database():
