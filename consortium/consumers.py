@@ -74,8 +74,14 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
     def state_of(self, target) -> dict:
         raise NotImplementedError
 
-    def entries_query(self, target, since: int):
+    def consortium_slug_of(self, target) -> str:
         raise NotImplementedError
+
+    def entries_query(self, target, since: int):
+        """The page's consortium's entries after ``since`` (the (consortium, seq) index)."""
+        return LedgerEntry.objects.filter(
+            consortium_slug=self.consortium_slug_of(target), seq__gt=since
+        )
 
     # --- Synchronous parts, run in a thread ---------------------------------------------------
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 from audit import live
-from audit.models import LedgerEntry
 from consortium.consumers import LedgerLiveConsumer
 
 
@@ -33,8 +32,8 @@ class JobLiveConsumer(LedgerLiveConsumer):
     def groups_of(self, target) -> list[str]:
         return [live.job_group(target.pk)]
 
-    def entries_query(self, target, since: int):
-        return LedgerEntry.objects.filter(consortium_slug=target.consortium.slug, seq__gt=since)
+    def consortium_slug_of(self, target) -> str:
+        return target.consortium.slug
 
     def relevant(self, entry, target) -> bool:
         # Entries about the job carry its id at the top of the payload (every service and the
@@ -63,8 +62,8 @@ class ConsortiumLiveConsumer(LedgerLiveConsumer):
     def groups_of(self, target) -> list[str]:
         return [live.consortium_group(target.slug)]
 
-    def entries_query(self, target, since: int):
-        return LedgerEntry.objects.filter(consortium_slug=target.slug, seq__gt=since)
+    def consortium_slug_of(self, target) -> str:
+        return target.slug
 
     def shows_entries(self, user, target) -> bool:
         # The ledger's entries are the auditors' and administrators' page; others see the state.

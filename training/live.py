@@ -72,7 +72,7 @@ def _round_state(job: TrainingJob, rnd: Round | None, names: dict[int, str]) -> 
     }
 
 
-def job_live_state(job: TrainingJob) -> dict:
+def job_live_state(job: TrainingJob, *, account=None) -> dict:
     """The job's progress, its latest round and the chart series, as plain JSON data.
 
     The job is read afresh (a consumer holds its instance for the socket's lifetime).
@@ -102,7 +102,8 @@ def job_live_state(job: TrainingJob) -> dict:
         if value is not None:
             losses.setdefault(names.get(institution_id, str(institution_id)), {})[index] = value
 
-    account = job_accountability(job)
+    if account is None:  # the job page passes the one it already has
+        account = job_accountability(job)
     privacy, contribution, warnings = [], [], []
     for row in account.rows:
         name = row.institution.name
@@ -164,28 +165,16 @@ def consortium_live_state(consortium) -> dict:
     """The consortium dashboard's live part: jobs by state, the approvals each institution still
     owes, and the newest running jobs' progress. Four queries, each an aggregate or a bounded
     list, whatever the number of jobs (pinned by a test and by benchmarks/pages.py)."""
-    from django.db.models import Count, Exists, OuterRef
+    from django.db.models import Count
 
-    from .models import Approval, JobParticipant
+    from .selectors import undecided_participations
 
     jobs = TrainingJob.objects.filter(consortium=consortium)
     labels = dict(JobState.choices)
     by_state = dict(jobs.order_by().values_list("state").annotate(n=Count("pk")))
-    # A decision counts only for the spec and agreement version it was made under
-    # (selectors.is_valid_approval).
-    valid_decision = Approval.objects.filter(
-        job_id=OuterRef("job_id"),
-        institution_id=OuterRef("institution_id"),
-        spec_digest=OuterRef("job__spec_digest"),
-        agreement_version_id=OuterRef("job__agreement_version_id"),
-    )
     owed = (
-        JobParticipant.objects.filter(
-            job__consortium=consortium,
-            job__state=JobState.AWAITING_APPROVAL,
-            status=JobParticipant.Status.ACTIVE,
-        )
-        .filter(~Exists(valid_decision))
+        undecided_participations()
+        .filter(job__consortium=consortium)
         .order_by()
         .values_list("institution__name")
         .annotate(n=Count("pk"))

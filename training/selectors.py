@@ -75,6 +75,23 @@ class PendingReview:
     institutions: list  # the user's institutions whose decision is awaited
 
 
+def undecided_participations() -> QuerySet[JobParticipant]:
+    """Active participations in jobs awaiting approval that have no valid decision yet: the
+    SQL form of :func:`is_valid_approval` (same spec digest and agreement version), for the
+    approver's inbox and the dashboard's count of approvals owed."""
+    from django.db.models import Exists, OuterRef
+
+    valid_decision = Approval.objects.filter(
+        job_id=OuterRef("job_id"),
+        institution_id=OuterRef("institution_id"),
+        spec_digest=OuterRef("job__spec_digest"),
+        agreement_version_id=OuterRef("job__agreement_version_id"),
+    )
+    return JobParticipant.objects.filter(
+        job__state=JobState.AWAITING_APPROVAL, status=JobParticipant.Status.ACTIVE
+    ).filter(~Exists(valid_decision))
+
+
 class Inbox(Sequence):
     """The jobs waiting on a user's decision, as a lazy sequence of :class:`PendingReview`.
 
@@ -120,21 +137,10 @@ class Inbox(Sequence):
 def approver_inbox(user, consortium=None) -> Inbox:
     """Jobs awaiting a decision from one of the user's institutions (in ``consortium``, if
     given), earliest deadline first."""
-    from django.db.models import Exists, OuterRef
-
     approver_of = {g.institution_id for g in grants_of(user) if g.role == Role.APPROVER}
-    valid_decision = Approval.objects.filter(
-        job_id=OuterRef("job_id"),
-        institution_id=OuterRef("institution_id"),
-        spec_digest=OuterRef("job__spec_digest"),
-        agreement_version_id=OuterRef("job__agreement_version_id"),
+    waiting = undecided_participations().filter(
+        job__in=jobs_visible_to(user), institution_id__in=approver_of
     )
-    waiting = JobParticipant.objects.filter(
-        job__in=jobs_visible_to(user),
-        job__state=JobState.AWAITING_APPROVAL,
-        status=JobParticipant.Status.ACTIVE,
-        institution_id__in=approver_of,
-    ).filter(~Exists(valid_decision))
     if consortium is not None:
         waiting = waiting.filter(job__consortium=consortium)
     jobs = TrainingJob.objects.filter(pk__in=waiting.values("job_id")).order_by(

@@ -433,6 +433,7 @@ class JobDetailView(JobMixin, GovernancePage):
                 }
             )
         user = self.request.user
+        accountability = selectors.job_accountability(job)
         return super().get_context_data(
             spec_rows=spec_rows(spec),
             pipeline=describe_pipeline(spec),
@@ -440,8 +441,8 @@ class JobDetailView(JobMixin, GovernancePage):
             spec_pretty=services.job_spec_json(job),
             participants=participants,
             contribution_text=describe_contribution(spec),
-            accountability=selectors.job_accountability(job),
-            live_state=job_live_state(job),
+            accountability=accountability,
+            live_state=job_live_state(job, account=accountability),
             ledger=LedgerEntry.objects.filter(
                 subject_type=TrainingJob._meta.label_lower, subject_id=str(job.pk)
             ).order_by("seq"),
