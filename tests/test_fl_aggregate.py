@@ -4,12 +4,12 @@ import pytest
 import torch
 
 from training.fl.aggregate import (
-    MASK_CHUNK,
     StreamingFedAvg,
     apply_update,
     cyclic_order,
     fedavg,
 )
+from training.fl.kernels import CHUNK
 
 SHAPES = {"conv.weight": (4, 3, 3, 3), "conv.bias": (4,), "fc.weight": (10, 36), "fc.bias": (10,)}
 
@@ -108,10 +108,10 @@ def test_float64_accumulator_matches():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_masked_add_across_chunks_equals_naive(dtype):
-    # A tensor spanning several MASK_CHUNK steps (and a ragged last one), masks as sent on the
+    # A tensor spanning several kernel CHUNKs (and a ragged last one), masks as sent on the
     # wire (bool), as uint8 and as float, one non-contiguous: the chunked add must not depend on
     # where the chunks fall or on how the mask is stored.
-    shape = (5, MASK_CHUNK // 2 + 3)
+    shape = (5, CHUNK // 2 + 3)
     g = torch.Generator().manual_seed(42)
     updates = []
     for i, kind in enumerate(["bool", "uint8", "float", "transposed", None]):

@@ -269,6 +269,66 @@ def test_random_sharing_large_update_exact_and_uniform(bracket_path):
     assert abs(float(mask[:half].float().mean()) - float(mask[half:].float().mean())) < 0.01
 
 
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("noise", ["gaussian_noise", "laplace_noise"])
+def test_topk_then_clip_then_noise_norms_are_exact(bracket_path, ties, noise):
+    """The clip's norms come from the scans' sums (no pass of their own): they must equal the
+    norms of the values actually clipped and shared, ties at the top-k threshold included."""
+    values = torch.randn(EXACT_BELOW * 3 + 17, generator=gen(24))
+    if ties:
+        values[::5] = 0.9  # ties right at the 0.4 boundary (the 60th percentile of |N(0,1)|)
+    k = round(0.4 * values.numel())
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 80},
+        {"filter": noise, "epsilon": 1e13, "sensitivity": 1e-9}
+        if noise == "laplace_noise"
+        else {"filter": noise, "noise_multiplier": 1e-12, "clip_norm": 1e-9},
+    ]
+    out = run({"w": values}, spec)
+    mask = out.mask["w"]
+    assert int(mask.sum()) == k
+    q = out.notes["steps"][1]["clip_value"]
+    shared = values[mask].double()
+    assert q == pytest.approx(float(np.percentile(shared.abs().numpy(), 80)), rel=1e-6)
+    clipped = shared.clamp(-q, q)
+    step = out.notes["steps"][2]
+    if noise == "laplace_noise":
+        assert step["l1_before"] == pytest.approx(float(clipped.abs().sum()), rel=1e-9)
+        expected = clipped * (1e-9 / float(clipped.abs().sum()))
+    else:
+        assert step["l2_before"] == pytest.approx(float(clipped.norm()), rel=1e-9)
+        expected = clipped * (1e-9 / float(clipped.norm()))
+    sent = out.delta["w"]
+    assert torch.count_nonzero(sent[~mask]) == 0
+    assert torch.allclose(sent[mask].double(), expected, rtol=1e-5, atol=1e-20)
+
+
+def test_topk_looks_ahead_for_the_percentile(monkeypatch):
+    """top-k followed by percentile_clipping on a large update: one scan finds both."""
+    calls = []
+    real = filters._bands
+    monkeypatch.setattr(
+        filters, "_bands", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw)
+    )
+    values = torch.randn(EXACT_BELOW * 2, generator=gen(25))
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 95},
+    ]
+    out = run({"w": values}, spec)
+    assert calls == [2]  # one scan, two brackets
+    mask = out.mask["w"]
+    q = out.notes["steps"][1]["clip_value"]
+    assert q == pytest.approx(float(np.percentile(values[mask].abs().numpy(), 95)), rel=1e-6)
+    assert torch.equal(out.delta["w"][mask], values[mask].clamp(-q, q))
+    # with another filter in between, the percentile scans on its own
+    calls.clear()
+    laplace = {"filter": "laplace_noise", "epsilon": 1.0, "sensitivity": 1.0}
+    run({"w": values}, [spec[0], laplace, spec[1]])
+    assert calls == [1, 1]
+
+
 def test_target_pipeline_above_torch_quantile_limit():
     # partial_sharing + percentile + Gaussian noise on more than 2**24 values (odd count: a
     # ragged last noise chunk): no size may fail.

@@ -29,10 +29,9 @@ from collections.abc import Iterable, Mapping, Sequence
 
 import torch
 
-__all__ = ["MASK_CHUNK", "StreamingFedAvg", "apply_update", "cyclic_order", "fedavg"]
+from training.fl import kernels
 
-#: Coordinates per step of a masked add (a 4 MiB float32 scratch: stays in this CPU's L3).
-MASK_CHUNK = 1 << 20
+__all__ = ["StreamingFedAvg", "apply_update", "cyclic_order", "fedavg"]
 
 
 class StreamingFedAvg:
@@ -55,7 +54,6 @@ class StreamingFedAvg:
         self._sum = {name: torch.zeros(shape, dtype=dtype) for name, shape in self._shapes.items()}
         self._full = dict.fromkeys(self._shapes, 0.0)
         self._coord: dict[str, torch.Tensor] = {}
-        self._scratch: torch.Tensor | None = None
         self.sites = 0
 
     def reset(self) -> None:
@@ -67,40 +65,32 @@ class StreamingFedAvg:
         self._full = dict.fromkeys(self._shapes, 0.0)
         self.sites = 0
 
-    def _scratch_chunk(self, numel: int) -> torch.Tensor:
-        size = min(MASK_CHUNK, numel)
-        if self._scratch is None or self._scratch.numel() < size:
-            self._scratch = torch.empty(size, dtype=self.dtype)
-        return self._scratch
-
     def _add_masked(
         self, name: str, value: torch.Tensor, mask: torch.Tensor, weight: float
     ) -> None:
-        """``sum += w * mask * value`` and ``coord += w * mask``, one cache-sized chunk at a time.
+        """``sum += w * mask * value`` and ``coord += w * mask`` in one compiled pass
+        (:func:`training.fl.kernels.masked_accumulate`), chunked on the kernel thread pool.
 
-        The bool mask is read through a ``uint8`` view: torch converts uint8 to float with
-        vectorised code but bool to float one element at a time (about 4x slower here), and a
-        mixed bool/float kernel first makes a fresh full-size float copy. Converting a chunk into
-        a small reused scratch keeps the float mask in cache for the two adds that read it, so
-        the memory traffic is the update, the mask bytes and the two accumulators.
+        Eager torch needs three calls (convert the mask to float, add it, multiply-add the
+        value) and so reads the update and the sums several times; the fused loop reads the
+        update, the mask bytes and both sums once (docs/performance.md, "Aggregation").
         """
         acc = self._sum[name].view(-1)
         coord = self._coord.get(name)
         if coord is None:
             coord = self._coord[name] = torch.zeros(self._shapes[name], dtype=self.dtype)
-        coord = coord.view(-1)
-        flat_value = value.reshape(-1)
         flat_mask = mask.reshape(-1)
         if flat_mask.dtype == torch.bool:
             flat_mask = flat_mask.view(torch.uint8)
-        n = acc.numel()
-        scratch = self._scratch_chunk(n)
-        step = scratch.numel()
-        for start in range(0, n, step):
-            end = min(start + step, n)
-            mf = scratch[: end - start].copy_(flat_mask[start:end])
-            coord[start:end].add_(mf, alpha=weight)
-            acc[start:end].addcmul_(flat_value[start:end], mf, value=weight)
+        elif flat_mask.dtype != torch.uint8:
+            flat_mask = (flat_mask != 0).view(torch.uint8)
+        flat_value = value.detach().reshape(-1)
+        if flat_value.dtype != torch.float32:
+            flat_value = flat_value.float()
+        a, c = acc.numpy(), coord.view(-1).numpy()
+        v, m = flat_value.contiguous().numpy(), flat_mask.contiguous().numpy()
+        w = a.dtype.type(weight)
+        kernels.run_chunks(lambda s, e: kernels.masked_accumulate(a, c, v, m, w, s, e), a.size)
 
     def add(
         self,

@@ -79,7 +79,6 @@ from __future__ import annotations
 import math
 import threading
 from collections.abc import Callable, Mapping
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -87,6 +86,7 @@ import numpy as np
 import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
+from training.fl import kernels
 from training.spec import _MISSING, FILTER_PARAMS, _LayerList
 
 __all__ = [
@@ -115,6 +115,8 @@ UPDATE_FILTERS = (
     "gaussian_noise",
     "svt",
 )
+#: Pipeline entries that do not act on the update here.
+_NOT_ON_UPDATE = ("exclude_layers", "dp_sgd")
 #: ``gamma`` (the SVT value bound) is this multiple of the job's ``threshold``.
 SVT_GAMMA_FACTOR = 2.0
 #: Values per noise task (its keystream and Box-Muller scratch stay in the core's L2 cache).
@@ -208,19 +210,6 @@ def svt_gamma(threshold: float) -> float:
 
 # --- noise ---------------------------------------------------------------------------------
 
-_pool: ThreadPoolExecutor | None = None
-_pool_lock = threading.Lock()
-
-
-def _executor() -> ThreadPoolExecutor:
-    global _pool
-    with _pool_lock:
-        if _pool is None:
-            _pool = ThreadPoolExecutor(
-                max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fl-noise"
-            )
-        return _pool
-
 
 def _keystream_chunks(
     out: torch.Tensor,
@@ -255,7 +244,7 @@ def _keystream_chunks(
         encryptor.update_into(_zero_bytes(words.nbytes), memoryview(words).cast("B"))
         fill(flat[start:end], words)
 
-    list(_executor().map(work, range(0, n, NOISE_CHUNK)))
+    list(kernels._executor().map(work, range(0, n, NOISE_CHUNK)))
 
 
 _zeros = b""
@@ -357,70 +346,125 @@ def _laplace_scalar(scale: float, generator: torch.Generator) -> float:
 
 # --- the state the filters share -----------------------------------------------------------
 
+_NO_MASK = np.zeros(1, dtype=np.uint8)
+
 
 class _State:
     """The flat update and its shared set while the pipeline runs.
 
-    Invariant: ``values`` is 0 wherever ``maskf`` is 0. ``maskf`` (float32 0/1, None = all
-    shared) is float so that masking is one vectorised multiply; ``maskb`` is the same set as
-    bool when a filter produced it that way (None otherwise: built at the end). ``ranked``, while
-    the values are unchanged, is ``(scores, offset)``: a flat tensor whose ascending order
-    statistics from rank ``offset`` on are exactly the shared coordinates' ``|values|`` (plus a
-    sorted sample of those scores, when one was drawn).
+    The shared set is the coordinates where ``maskb`` (bool, None = all) is True *and*
+    ``|values| >= floor``: a top-k selection records its threshold as ``floor`` instead of
+    writing a mask, and the values the filters mean are ``clip(values, ±clip)`` on shared
+    coordinates: a percentile clip is only recorded too. Both are applied by the next pass that
+    writes the values anyway (noise, or the end of the pipeline): :meth:`finish`. Invariant:
+    ``values`` is 0 wherever ``maskb`` is False (and below ``floor`` it is not shared, whatever
+    it holds). ``chunk_counts``, when known, is the number of shared coordinates in each
+    :data:`kernels.CHUNK`-sized chunk. ``norms`` caches ``(L2², L1)`` of the meant values while
+    known. ``ranked``, while the meant values are unchanged, is ``(offset, sample)``: the
+    scores' ascending order statistics from rank ``offset`` on are exactly the shared
+    ``|values|``, and ``sample`` is a sorted sample of scores with the same order statistics
+    from that rank on (drawn before a top-k, still valid after it).
     """
 
     def __init__(self, values: torch.Tensor, ws: Workspace, generator: torch.Generator):
         self.values = values
+        self.array = values.numpy()
         self.n = values.numel()
         self.ws = ws
         self.generator = generator
-        self.maskf: torch.Tensor | None = None
         self.maskb: torch.Tensor | None = None
         self.shared = self.n
-        self.ranked: tuple[torch.Tensor, int, np.ndarray | None] | None = None
-        self._mask_slot = 0
+        self.floor = 0.0
+        self.clip = math.inf
+        self.chunk_counts: np.ndarray | None = None
+        self.norms: tuple[float, float] | None = None
+        self.ranked: tuple[int, np.ndarray | None] | None = None
+        #: Bands found ahead for the ranks a coming percentile will ask (see _keep_top_lazily).
+        self.prepared: dict[tuple[int, ...], _Band] = {}
+        #: The filters after the one running (for the look-ahead).
+        self.upcoming: list[dict] = []
         self._bool_slot = 0
 
-    def new_mask_buffer(self) -> torch.Tensor:
-        # Two mask buffers alternate, so the current mask can be read while the next is built.
-        self._mask_slot ^= 1
-        return self.ws.get(f"mask{self._mask_slot}", self.n)
+    @property
+    def mask(self) -> np.ndarray:
+        """``maskb`` as uint8 for the kernels (a dummy when it is None)."""
+        return _NO_MASK if self.maskb is None else self.maskb.view(torch.uint8).numpy()
 
     def new_bool_buffer(self) -> torch.Tensor:
+        # Two buffers alternate, so the current mask can be read while the next is built.
         self._bool_slot ^= 1
         return self.ws.get(f"maskb{self._bool_slot}", self.n, torch.bool)
 
-    def scores_with_unshared_at(self, scores: torch.Tensor, fill: float) -> torch.Tensor:
-        """``scores`` (float, >= 0) with unshared coordinates set to ``fill`` (< 0), exactly."""
-        if self.maskf is not None:
-            _fill_outside(scores, self.maskf, fill, self.ws.get("tmp", self.n))
-        return scores
-
-    def apply_mask(self, maskb: torch.Tensor, count: int) -> None:
-        """Unshare every coordinate where the bool ``maskb`` is False."""
-        maskf = self.new_mask_buffer()
-        _bool_to_float(maskb, maskf)
-        self.values.mul_(maskf)
-        self.maskf, self.maskb = maskf, maskb
-        self.shared = count
-        self.ranked = None
+    def set_mask(self, maskb: torch.Tensor, count: int, chunk_counts: list | None = None) -> None:
+        """The shared set is now ``maskb`` (``values`` already 0 outside it)."""
+        self.maskb, self.shared, self.floor = maskb, count, 0.0
+        self.chunk_counts = None if chunk_counts is None else np.asarray(chunk_counts)
+        self.touched()
 
     def touched(self) -> None:
+        self.norms = None
         self.ranked = None
+        self.prepared = {}
+
+    def finish(self, factor: float = 1.0, noise: np.ndarray | None = None) -> None:
+        """Write ``factor * clip(values) + noise`` on shared coordinates, 0 elsewhere, and the
+        shared set as a mask if a top-k left only its threshold: one pass.
+
+        ``noise`` holds one draw per shared coordinate, in order, plus a spare slot (None: no
+        noise).
+        """
+        pending = self.floor > 0 or self.clip != math.inf
+        if noise is None and factor == 1.0 and not pending:
+            return
+        has_mask, mask = self.maskb is not None, self.mask
+        mask_out = self.new_bool_buffer() if self.floor > 0 else self.maskb
+        out = _NO_MASK if mask_out is None else mask_out.view(torch.uint8).numpy()
+        draws = _EMPTY if noise is None else noise
+        starts = kernels.chunk_starts(self.n)
+        firsts = [0] * len(starts)
+        if noise is not None:  # where each chunk's draws begin
+            if has_mask or self.floor > 0:
+                counts = self.shared_per_chunk()
+                firsts = np.concatenate(([0], np.cumsum(counts)[:-1])).tolist()
+            else:
+                firsts = list(starts)
+        first_of = dict(zip(starts, firsts, strict=True))
+        floor, clip, array = self.floor, self.clip, self.array
+        kernels.run_chunks(
+            lambda s, e: kernels.finish_values(
+                array, mask, has_mask, floor, clip, factor, draws, first_of[s], out, s, e
+            ),
+            self.n,
+        )
+        norms = self.norms
+        self.maskb, self.floor, self.clip = mask_out, 0.0, math.inf
+        self.touched()
+        if noise is None and factor == 1.0:
+            self.norms = norms  # the clipped values are what the norms were of
+
+    def shared_per_chunk(self) -> np.ndarray:
+        if self.chunk_counts is None:
+            if self.floor > 0:
+                raise AssertionError("a pending top-k threshold always knows its chunk counts")
+            mask = self.mask
+            self.chunk_counts = np.asarray(
+                kernels.run_chunks(lambda s, e: int(np.count_nonzero(mask[s:e])), self.n)
+            )
+        return self.chunk_counts
+
+    def current_norms(self) -> tuple[float, float]:
+        """``(L2, L1)`` of the meant values (clipped, shared only)."""
+        if self.norms is None:
+            floor, clip, array = self.floor, self.clip, self.array
+            parts = kernels.run_chunks(
+                lambda s, e: kernels.shared_norms(array, floor, clip, s, e), self.n
+            )
+            self.norms = (sum(p[0] for p in parts), sum(p[1] for p in parts))
+        sumsq, l1 = self.norms
+        return math.sqrt(sumsq), l1
 
 
-def _bool_to_float(maskb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    # Through uint8: torch converts uint8 to float with vectorised code, bool one by one (4x).
-    return out.copy_(maskb.view(torch.uint8))
-
-
-def _fill_outside(
-    scores: torch.Tensor, maskf: torch.Tensor, fill: float, tmp: torch.Tensor
-) -> torch.Tensor:
-    """Set ``scores`` to ``fill`` where ``maskf`` is 0, leaving the rest bit-for-bit unchanged."""
-    scores.mul_(maskf)
-    torch.sub(maskf, 1.0, out=tmp).mul_(-fill)
-    return scores.add_(tmp)  # kept: s + 0 (exact); others: 0 + fill
+_EMPTY = np.empty(0, dtype=np.float32)
 
 
 # --- exact order statistics ----------------------------------------------------------------
@@ -431,48 +475,65 @@ EXACT_BELOW = 1 << 18
 BRACKET_SAMPLE = 1 << 16
 #: Half-width of the bracket, in binomial standard deviations of the sample count (plus 2).
 BRACKET_SIGMAS = 6.0
-#: Scores per task of the bracket's scan.
-SCAN_CHUNK = 1 << 20
 
 
 @dataclass
 class _Band:
-    """The scores in a bracket ``[lo, hi]`` (``values``, at positions ``idx``); ``below`` scores
-    are smaller than ``lo`` and ``count_ge`` are at least ``lo``."""
+    """The scores in a bracket ``[lo, hi]``: the ``size`` values of ``values`` that come after
+    its ``offset`` smallest (``values`` may hold a second band's scores too, all above or all
+    below this one's). ``below`` scores are smaller than ``lo``; per
+    :data:`kernels.CHUNK`-sized chunk, ``chunk_ge`` are at least ``lo``. For the last bracket
+    of a scan, ``above`` scores exceed ``hi`` and ``sumsq_below``/``l1_below`` sum the shared
+    scores below ``lo`` (for a second bracket: only those above the first one, see
+    :func:`_bands`). ``segments`` are ``(start, count)`` of each chunk's gathered scores and
+    positions in the workspace: valid until the next scan (:func:`_positions_of`)."""
 
+    lo: float
+    hi: float
     below: int
-    count_ge: int
-    idx: np.ndarray
+    chunk_ge: np.ndarray
     values: np.ndarray
+    offset: int
+    size: int
+    segments: list[tuple[int, int]]
+    above: int = 0
+    sumsq_below: float = 0.0
+    l1_below: float = 0.0
 
 
-def _sorted_sample(st: _State, scores: torch.Tensor) -> np.ndarray:
+def _scores(st: _State, source: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
+    """Scores of ``source`` at ``at``: ``|value|``, and -1 where the coordinate is unshared."""
+    s = np.abs(source[at])
+    if st.floor > 0:
+        s[s < st.floor] = -1.0
+    if st.maskb is not None:
+        s[st.mask[at] == 0] = -1.0
+    return s
+
+
+def _sorted_sample(st: _State, source: np.ndarray) -> np.ndarray:
     """BRACKET_SAMPLE scores drawn uniformly with replacement, sorted."""
-    picks = torch.randint(0, scores.numel(), (BRACKET_SAMPLE,), generator=st.generator)
-    return np.sort(scores[picks].numpy())
+    picks = torch.randint(0, source.size, (BRACKET_SAMPLE,), generator=st.generator).numpy()
+    return np.sort(_scores(st, source, picks))
 
 
-def _band(
-    st: _State,
-    scores: torch.Tensor,
-    r_min: int,
-    r_max: int,
-    ge_out: torch.Tensor,
-    sample: np.ndarray,
-) -> _Band | None:
-    """Bracket the ascending ranks ``r_min..r_max`` of ``scores`` with ``sample``'s quantiles.
+def _bands(
+    st: _State, source: np.ndarray, ranges: list[tuple[int, int]], sample: np.ndarray
+) -> list[_Band | None]:
+    """Bracket one or two ascending rank ranges ``(r_min, r_max)`` of the scores with
+    ``sample``'s quantiles, in one scan.
 
     Floyd and Rivest's idea ("Expected time bounds for selection", 1975): the sampled scores'
     quantiles around ``r / n`` enclose the rank-``r`` score unless the sample count below it is
     more than BRACKET_SIGMAS binomial standard deviations off (probability about 1e-9); then one
-    scan counts the scores below the bracket and gathers the few inside it (about 2% of them).
-    Returns None when the bracket missed (the caller then partitions everything): the answer
-    never depends on the sample, only the time does. ``ge_out`` receives ``scores >= lo``.
-
-    The scan runs in chunks on the thread pool with numpy (which releases the GIL): its compares
-    beat torch's here, and ``flatnonzero``, the costliest step, is single-threaded otherwise.
+    compiled scan (:func:`training.fl.kernels.band_scan`) counts the scores below each bracket
+    and gathers the few inside (about 2% of them per bracket). A bracket that missed comes back
+    as None (the caller then partitions everything): the answer never depends on the sample,
+    only the time does. With two ranges, the second band's sums cover the scores between the
+    two brackets only. Everything gathered lands in workspace buffers (fresh memory is slow to
+    touch here).
     """
-    n = scores.numel()
+    n = source.size
     s = sample.size
 
     def edge(r: int, side: int) -> float:
@@ -485,91 +546,204 @@ def _band(
             return math.inf
         return float(sample[j])
 
-    lo, hi = edge(r_min, -1), edge(r_max, 1)
-    values, ge = scores.numpy(), ge_out.numpy()
-    inside = st.ws.get("band", n, torch.bool).numpy()
+    brackets = [(edge(r_min, -1), edge(r_max, 1)) for r_min, r_max in ranges]
+    (lo1, hi1), (lo2, hi2) = brackets[0], brackets[-1]
+    sum_lo = hi1 if len(brackets) == 2 else -0.5
+    # Unshared values are 0, so above a positive bracket the mask changes nothing: not reading
+    # it saves a tenth of the scan's memory traffic.
+    has_mask = st.maskb is not None and not (lo1 > 0 and source is st.array)
+    mask = st.mask
+    floor = st.floor if source is st.array else 0.0
+    idx, scores = _band_buffers(st)
 
-    def scan(start: int) -> tuple[int, np.ndarray, np.ndarray]:
-        end = min(start + SCAN_CHUNK, n)
-        seg, seg_ge, seg_in = values[start:end], ge[start:end], inside[start:end]
-        np.greater_equal(seg, lo, out=seg_ge)
-        np.less_equal(seg, hi, out=seg_in)
-        np.logical_and(seg_in, seg_ge, out=seg_in)
-        idx = np.flatnonzero(seg_in)
-        return int(np.count_nonzero(seg_ge)), idx + start, seg[idx]
+    def scan(start: int, end: int) -> tuple:
+        inside, *counts = kernels.band_scan(
+            source, mask, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, start, end,
+            idx[start:end], scores[start:end],
+        )  # fmt: skip
+        return start, inside, *counts
 
-    parts = list(_executor().map(scan, range(0, n, SCAN_CHUNK)))
-    count_ge = sum(p[0] for p in parts)
-    below = n - count_ge
-    idx = np.concatenate([p[1] for p in parts])
-    if below > r_min or r_max >= below + idx.size:
-        return None
-    return _Band(below, count_ge, idx, np.concatenate([p[2] for p in parts]))
+    parts = kernels.run_chunks(scan, n)
+    segments = [(p[0], p[1]) for p in parts]
+    total = sum(c for _, c in segments)
+    union = st.ws.get("band_union", total).numpy()
+    if total:
+        np.concatenate([scores[a : a + c] for a, c in segments], out=union)
+    if len(ranges) == 1:
+        places = [(0, total)]
+    else:  # the union in sorted order: the first band's scores, then from lo2 on the second's
+        above_lo2 = int(np.count_nonzero(union >= lo2))
+        places = [(0, int(np.count_nonzero(union <= hi1))), (total - above_lo2, above_lo2)]
+    out: list[_Band | None] = []
+    for k, ((r_min, r_max), (lo, hi), (offset, size)) in enumerate(
+        zip(ranges, brackets, places, strict=True)
+    ):
+        chunk_ge = np.array([p[2 + k] for p in parts], dtype=np.int64)
+        below = n - int(chunk_ge.sum())
+        band = _Band(lo, hi, below, chunk_ge, union, offset, size, segments)
+        out.append(None if below > r_min or r_max >= below + size else band)
+    if out[-1] is not None:
+        out[-1].above = sum(p[4] for p in parts)
+        out[-1].sumsq_below = sum(p[5] for p in parts)
+        out[-1].l1_below = sum(p[6] for p in parts)
+    return out
+
+
+def _band_buffers(st: _State) -> tuple[np.ndarray, np.ndarray]:
+    """Where a scan gathers each chunk's positions and scores (each chunk at its own start)."""
+    positions = torch.int32 if st.n < 2**31 else torch.int64
+    return (
+        st.ws.get("band_idx", st.n, positions).numpy(),
+        st.ws.get("band_scores", st.n).numpy(),
+    )
+
+
+def _positions_of(st: _State, band: _Band, score: float) -> np.ndarray:
+    """The positions of ``band``'s scores equal to ``score`` (from the latest scan)."""
+    idx, scores = _band_buffers(st)
+    return kernels.concat(
+        (idx[a : a + c][scores[a : a + c] == score] for a, c in band.segments), np.int64
+    ).astype(np.int64)
+
+
+def _below_per_chunk(st: _State, band: _Band, score: float) -> np.ndarray:
+    """Per chunk, how many of ``band``'s gathered scores are below ``score``."""
+    scores = _band_buffers(st)[1]
+    return np.array(
+        [np.count_nonzero(scores[a : a + c] < score) for a, c in band.segments], dtype=np.int64
+    )
 
 
 def _order_stats(
-    st: _State, scores: torch.Tensor, ranks: list[int], sample: np.ndarray | None = None
-) -> list[float]:
-    """The exact values at ascending ``ranks`` (sorted, 0-based) of flat ``scores``.
+    st: _State, source: np.ndarray, ranks: list[int], sample: np.ndarray | None = None
+) -> tuple[list[float], _Band | None]:
+    """The exact scores at ascending ``ranks`` (sorted, 0-based), and the band they came from
+    (None when they came from a full partition).
 
     ``sample``: a :func:`_sorted_sample` of these very scores, if one was drawn already.
     """
-    n = scores.numel()
+    n = source.size
     if n >= EXACT_BELOW:
         if sample is None:
-            sample = _sorted_sample(st, scores)
-        ge = st.ws.get("ge", n, torch.bool)
-        band = _band(st, scores, ranks[0], ranks[-1], ge, sample)
+            sample = _sorted_sample(st, source)
+        band = _bands(st, source, [(ranks[0], ranks[-1])], sample)[0]
         if band is not None:
-            local = [r - band.below for r in ranks]
-            band.values.partition(local)  # a fresh copy, small
-            return [float(band.values[r]) for r in local]
-    part = st.ws.get("part", n, scores.dtype)
-    part.copy_(scores)
-    arr = part.numpy()
+            return _pick(st, band, ranks), band
+    arr = st.ws.get("part", n).numpy()
+    arr[...] = _scores(st, source, slice(None))
     arr.partition(ranks[0])  # one kth: numpy's multi-kth partition is several times slower
     out = [float(arr[ranks[0]])]
     for r in ranks[1:]:
         out.append(float(arr[r]) if r == ranks[0] else float(arr[ranks[0] + 1 : r + 1].min()))
-    return out
+    return out, None
+
+
+def _pick(st: _State, band: _Band, ranks: list[int]) -> list[float]:
+    """The scores at ``ranks`` from the band that brackets them."""
+    local = [band.offset + r - band.below for r in ranks]
+    picked = st.ws.get("pick", band.values.size).numpy()
+    picked[...] = band.values
+    picked.partition(local)
+    return [float(picked[r]) for r in local]
+
+
+def _random_subset(st: _State, candidates: np.ndarray, count: int) -> np.ndarray:
+    return candidates[torch.randperm(candidates.size, generator=st.generator)[:count].numpy()]
+
+
+def _keep_top_lazily(st: _State, k: int) -> bool:
+    """Share the ``k`` largest ``|values|`` by recording the threshold (``st.floor``) instead of
+    writing a mask: the pass that writes the values later applies it. Ties at the threshold are
+    broken uniformly at random by zeroing the surplus (then below the floor). Returns False,
+    changing nothing, where this does not apply (small updates, a bracket miss, a threshold of
+    0); the caller then takes :func:`_select_top`.
+
+    Look-ahead: when the next filter is ``percentile_clipping``, the ranks it will ask are
+    known now (the shared set will be the top ``k``), so the same scan brackets them too and
+    the clip needs no scan of its own (``st.prepared``).
+    """
+    n = st.n
+    if n < EXACT_BELOW or k == 0:
+        return False
+    r = n - k
+    ranges = [(r, r)]
+    coming = next((f for f in st.upcoming if f["filter"] not in _NOT_ON_UPDATE), None)
+    clip_ranks = None
+    if coming is not None and coming["filter"] == "percentile_clipping":
+        clip_ranks = _percentile_ranks(k, coming["percentile"], r)[0]
+        ranges.append((clip_ranks[0], clip_ranks[-1]))
+    sample = _sorted_sample(st, st.array)
+    bands = _bands(st, st.array, ranges, sample)
+    band = bands[0]
+    if band is None:
+        return False
+    kth = _pick(st, band, [r])[0]
+    if kth <= 0:
+        return False
+    chunk_counts = band.chunk_ge - _below_per_chunk(st, band, kth)
+    surplus = int(chunk_counts.sum()) - k
+    if surplus > 0:
+        drop = _random_subset(st, _positions_of(st, band, kth), surplus)
+        st.array[drop] = 0.0
+        chunk_counts -= np.bincount(drop // kernels.CHUNK, minlength=chunk_counts.size)
+    st.floor, st.shared, st.chunk_counts = kth, k, chunk_counts
+    st.touched()
+    st.ranked = (n - k, sample)  # the shared |values| are exactly the top k scores
+    ahead = bands[-1] if clip_ranks is not None else None
+    if ahead is not None and band.hi < ahead.lo:
+        # Every score from the second bracket up is shared and unchanged, so its band holds
+        # for the ranks after the selection; its sums cover the scores between the brackets,
+        # and the first band's kept scores (less the dropped ties, each equal to kth) join them.
+        sumsq, l1 = kernels.band_sums(band.values, kth, band.hi, math.inf)
+        ahead.sumsq_below += sumsq - max(surplus, 0) * kth * kth
+        ahead.l1_below += l1 - max(surplus, 0) * kth
+        st.prepared[tuple(clip_ranks)] = ahead
+    return True
 
 
 def _select_top(
-    st: _State, scores: torch.Tensor, k: int
-) -> tuple[torch.Tensor, float | None, np.ndarray | None]:
+    st: _State, source: np.ndarray, k: int, *, unshare: bool
+) -> tuple[torch.Tensor, float | None, list[int]]:
     """A bool mask of exactly ``k`` coordinates of highest score (ties broken at random).
 
-    ``scores`` must be below every candidate's score where a coordinate may not be chosen.
-    Returns the mask, the ``k``-th largest score (None when ``k`` is 0) and the sorted sample
-    of ``scores`` drawn on the way (None if none was).
+    Scores are ``|source|`` on shared coordinates (unshared ones are never chosen). With
+    ``unshare`` the values outside the mask are set to 0 in the same pass (the caller then
+    makes it the shared set). Returns the mask, the ``k``-th largest score (None when ``k`` is
+    0) and how many were chosen in each :data:`kernels.CHUNK`-sized chunk.
     """
     n = st.n
     mask = st.new_bool_buffer()
     if k == 0:
-        return mask.zero_(), None, None
-    r = n - k  # ascending rank of the k-th largest
-    sample = _sorted_sample(st, scores) if n >= EXACT_BELOW else None
-    band = _band(st, scores, r, r, mask, sample) if sample is not None else None
-    if band is not None:
-        local = r - band.below
-        picked = band.values.copy()
-        picked.partition(local)
-        kth = float(picked[local])
-        # mask is scores >= lo; inside the band, keep only scores >= kth.
-        low = band.values < kth
-        mask[torch.from_numpy(band.idx[low])] = False
-        count = band.count_ge - int(np.count_nonzero(low))
-        tied = lambda: torch.from_numpy(band.idx[band.values == kth])  # noqa: E731
-    else:
-        kth = _order_stats(st, scores, [r], sample)[0]
-        torch.ge(scores, kth, out=mask)
-        count = int(torch.count_nonzero(mask))  # on bool: ~30x faster than on float
-        tied = lambda: torch.nonzero(scores == kth).flatten()  # noqa: E731
-    if count > k:  # ties at the boundary: drop the surplus uniformly at random
-        candidates = tied()
-        drop = candidates[torch.randperm(candidates.numel(), generator=st.generator)[: count - k]]
-        mask[drop] = False
-    return mask, kth, sample
+        if unshare:
+            st.values.zero_()
+        return mask.zero_(), None, [0] * len(kernels.chunk_starts(n))
+    found, band = _order_stats(st, source, [n - k])  # rank of the k-th largest
+    kth = found[0]
+    has_mask, in_mask, out_mask = st.maskb is not None, st.mask, mask.view(torch.uint8).numpy()
+    values = st.array if unshare else _EMPTY_VALUES
+    counts = kernels.run_chunks(
+        lambda s, e: kernels.keep_at_least(
+            source, in_mask, has_mask, kth, values, out_mask, unshare, s, e
+        ),
+        n,
+    )
+    surplus = sum(counts) - k
+    if surplus > 0:  # ties at the boundary: drop the surplus uniformly at random
+        if band is not None:
+            tied = _positions_of(st, band, kth)
+        else:
+            tied = np.flatnonzero(_scores(st, source, slice(None)) == kth)
+        drop = _random_subset(st, tied, surplus)
+        out_mask[drop] = 0
+        if unshare:
+            st.array[drop] = 0.0
+        counts = (
+            np.asarray(counts) - np.bincount(drop // kernels.CHUNK, minlength=len(counts))
+        ).tolist()
+    return mask, kth, counts
+
+
+_EMPTY_VALUES = np.zeros(1, dtype=np.float32)
 
 
 # --- the filters ---------------------------------------------------------------------------
@@ -581,90 +755,93 @@ def _partial_sharing(st: _State, f: dict, notes: dict) -> None:
     notes.update(strategy=f["strategy"], candidates=m, kept=k)
     if k >= m:
         return
+    if st.clip != math.inf:
+        st.finish()  # a pending clip changes the scores
     if f["strategy"] == "topk":
-        scores = torch.abs(st.values, out=st.ws.get("abs", st.n))
-        st.scores_with_unshared_at(scores, -1.0)
-        mask, kth, sample = _select_top(st, scores, k)
+        if _keep_top_lazily(st, k):
+            notes["threshold"] = st.floor
+            return
+        mask, kth, counts = _select_top(st, st.array, k, unshare=True)
         notes["threshold"] = kth
-        st.apply_mask(mask, k)
-        # The shared |values| are exactly the top k scores; the sample is still theirs.
-        st.ranked = (scores, st.n - k, sample)
+        st.set_mask(mask, k, counts)
     else:
+        st.finish()  # the keys need the shared set as a mask
         keys = st.ws.get("keys", st.n)
         uniform_keys_(keys, st.generator)
-        st.scores_with_unshared_at(keys, -1.0)
-        mask = _select_top(st, keys, k)[0]
-        st.apply_mask(mask, k)
+        mask, _kth, counts = _select_top(st, keys.numpy(), k, unshare=True)
+        st.set_mask(mask, k, counts)
 
 
-def _ranked(st: _State) -> tuple[torch.Tensor, int, np.ndarray | None]:
-    """``(scores, offset, sample)``: ascending order statistics of ``scores`` from ``offset`` on
-    are the shared ``|values|``; ``sample``, if not None, is a sorted sample of ``scores``."""
-    if st.ranked is None:
-        scores = torch.abs(st.values, out=st.ws.get("abs", st.n))
-        # Unshared coordinates rank first (-1 < every |v|): the shared ones are the top block.
-        st.ranked = (st.scores_with_unshared_at(scores, -1.0), st.n - st.shared, None)
-    return st.ranked
-
-
-def _percentile(st: _State, percentile: float) -> float:
-    """The exact ``percentile`` of the shared ``|values|`` (numpy's "linear" method)."""
-    scores, offset, sample = _ranked(st)
-    m = st.shared
+def _percentile_ranks(m: int, percentile: float, offset: int) -> tuple[list[int], float]:
+    """The ascending ranks whose scores give the ``percentile`` of ``m`` shared scores that
+    start at rank ``offset`` (numpy's "linear" method), and the interpolation weight."""
     pos = percentile / 100.0 * (m - 1)
     lo = math.floor(pos)
     interpolate = pos > lo and lo + 1 < m
     ranks = [offset + lo, offset + lo + 1] if interpolate else [offset + lo]
-    found = _order_stats(st, scores, ranks, sample)
+    return ranks, pos - lo
+
+
+def _percentile(st: _State, percentile: float) -> tuple[float, _Band | None]:
+    """The exact ``percentile`` of the shared ``|values|`` (numpy's "linear" method), and the
+    band it was found in (if any)."""
+    if st.clip != math.inf:
+        st.finish()  # a pending clip changes the scores
+    offset, sample = st.ranked or (st.n - st.shared, None)
+    ranks, weight = _percentile_ranks(st.shared, percentile, offset)
+    band = st.prepared.get(tuple(ranks))
+    if band is not None:
+        found = _pick(st, band, ranks)
+    else:
+        found, band = _order_stats(st, st.array, ranks, sample)
     a = found[0]
-    b = found[1] if interpolate else a
-    return float(np.float32(a + (b - a) * (pos - lo)))
+    b = found[-1]
+    return float(np.float32(a + (b - a) * weight)), band
 
 
 def _percentile_clipping(st: _State, f: dict, notes: dict) -> None:
     if st.shared == 0:
         notes.update(clip_value=None)
         return
-    q = _percentile(st, f["percentile"])
-    st.values.clamp_(-q, q)
+    q, band = _percentile(st, f["percentile"])
+    st.clip = q  # applied by the next pass that writes the values (State.finish)
     st.touched()
+    if band is not None:
+        # The clipped norms without another pass: scores below the band are below q, those
+        # above it are clipped to q, and the band's own are known.
+        sumsq, l1 = kernels.band_sums(band.values, max(band.lo, 0.0), band.hi, q)
+        st.norms = (
+            band.sumsq_below + sumsq + band.above * q * q,
+            band.l1_below + l1 + band.above * q,
+        )
     notes.update(clip_value=q)
 
 
 def _clip_scale(st: _State, bound: float, ord_: int) -> tuple[float, float, float]:
     """``(norm, clipped norm, factor)``: multiplying by ``factor`` clips the update to ``bound``."""
-    if ord_ == 1:
-        tmp = torch.abs(st.values, out=st.ws.get("tmp", st.n))
-        norm = float(tmp.sum())
-    else:
-        norm = float(torch.linalg.vector_norm(st.values))
-    # float32 reductions (float64 ones cost ~30 passes: mixed-dtype kernels are not vectorised);
-    # their relative error, ~1e-7, is covered by _CLIP_MARGIN.
+    l2, l1 = st.current_norms()
+    norm = l1 if ord_ == 1 else l2
+    # Norms are float64 sums of float32 values; the margin covers float32 rounding of the result.
     factor = bound / norm * _CLIP_MARGIN if norm > bound else 1.0
     return norm, min(norm, bound), factor
 
 
-def _clip_and_add_noise(st: _State, factor: float, noise: torch.Tensor | None) -> None:
-    """``values = factor * values + noise`` on shared coordinates (0 elsewhere), fused."""
-    if noise is None:
-        if factor != 1.0:
-            st.values.mul_(factor)
-    else:
-        torch.add(noise, st.values, alpha=factor, out=st.values)
-        if st.maskf is not None:
-            st.values.mul_(st.maskf)
-    st.touched()
+def _draws(st: _State, fill: Callable[[torch.Tensor], torch.Tensor]) -> np.ndarray | None:
+    """One fresh noise draw per shared coordinate (compact), or None when nothing is shared."""
+    if not st.shared:
+        return None
+    draws = st.ws.get("noise", st.shared + 1)  # a spare slot: see kernels.finish_values
+    fill(draws[: st.shared])
+    draws[st.shared] = 0.0
+    return draws.numpy()
 
 
 def _laplace_noise(st: _State, f: dict, notes: dict) -> list[dict]:
     eps, sens = f["epsilon"], f["sensitivity"]
     before, after, factor = _clip_scale(st, sens, 1)
     scale = sens / eps
-    noise = None
-    if st.shared:
-        noise = st.ws.get("noise", st.n)
-        laplace_noise_(noise, scale, st.generator)
-    _clip_and_add_noise(st, factor, noise)
+    noise = _draws(st, lambda out: laplace_noise_(out, scale, st.generator))
+    st.finish(factor, noise)
     notes.update(l1_before=before, l1_clipped=after, scale=scale)
     return [_event("laplace", {"epsilon": eps}, "laplace_noise")]
 
@@ -673,10 +850,8 @@ def _gaussian_noise(st: _State, f: dict, notes: dict) -> list[dict]:
     z, clip = f["noise_multiplier"], f["clip_norm"]
     before, after, factor = _clip_scale(st, clip, 2)
     std = z * clip
-    noise = None
-    if st.shared:
-        noise = gaussian_noise_(st.ws.get("noise", st.n), std, st.generator)
-    _clip_and_add_noise(st, factor, noise)
+    noise = _draws(st, lambda out: gaussian_noise_(out, std, st.generator))
+    st.finish(factor, noise)
     notes.update(l2_before=before, l2_clipped=after, std=std)
     return [_event("gaussian", {"noise_multiplier": z}, "gaussian_noise")]
 
@@ -686,15 +861,20 @@ def _svt(st: _State, f: dict, notes: dict) -> list[dict]:
     gamma = svt_gamma(threshold)
     ws, n = st.ws, st.n
     target = round(f["fraction"] * st.shared)
+    st.finish()
     st.values.clamp_(-gamma, gamma)
     # candidates: shared and not selected yet (float 0/1); selected: chosen so far.
     candidates = ws.get("svt_cand", n)
-    if st.maskf is None:
+    if st.maskb is None:
         candidates.fill_(1.0)
     else:
-        candidates.copy_(st.maskf)
+        _bool_to_float(st.maskb, candidates)
+    # From here the candidates carry the shared set; the selections below see every
+    # coordinate as shared, and the final mask is set at the end.
+    st.maskb = None
     selected = ws.get("svt_sel", n).zero_()
     noise, scratch = ws.get("noise", n), ws.get("scratch", n)
+    positives = ws.get("svt_pos", n)
     chosen, passes, per_pass = 0, 0, []
     eps_threshold = eps_queries = eps / 4.0
     eps_release = eps / 2.0
@@ -705,16 +885,15 @@ def _svt(st: _State, f: dict, notes: dict) -> list[dict]:
         # Noisy queries |v_i| + Lap(2 c gamma / eps2) against the noisy threshold.
         laplace_noise_(noise, 2.0 * c * gamma / eps_queries, st.generator)
         noise.add_(torch.abs(st.values, out=scratch))
-        positives = st.new_mask_buffer()
         hits = torch.ge(noise, noisy_threshold, out=ws.get("bool", n, torch.bool))
-        positives.copy_(hits).mul_(candidates)
+        _bool_to_float(hits, positives).mul_(candidates)
         found = int(torch.count_nonzero(hits.copy_(positives)))
         if found > c:
             # First c positives of a uniformly random scan order == a uniform c-subset of them.
             keys = ws.get("keys", n)
             uniform_keys_(keys, st.generator)
-            _fill_outside(keys, positives, -1.0, ws.get("tmp", n))
-            _bool_to_float(_select_top(st, keys, c)[0], positives)
+            keys.mul_(positives)  # 0 outside the positives: never among the top c (keys > 0)
+            _bool_to_float(_select_top(st, keys.numpy(), c, unshare=False)[0], positives)
             found = c
         if found:
             # Release this pass's values with Lap(c gamma / eps3), then clip (post-processing).
@@ -726,12 +905,14 @@ def _svt(st: _State, f: dict, notes: dict) -> list[dict]:
         chosen += found
         per_pass.append(found)
     st.values.mul_(selected)
-    mask = st.new_mask_buffer()
-    mask.copy_(selected)
-    st.maskf, st.maskb, st.shared = mask, None, chosen
-    st.touched()
+    st.set_mask(torch.ne(selected, 0.0, out=st.new_bool_buffer()), chosen)
     notes.update(gamma=gamma, target=target, selected=chosen, passes=passes, per_pass=per_pass)
     return [_event("pure_epsilon", {"epsilon": eps * passes}, "svt")]
+
+
+def _bool_to_float(maskb: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    # Through uint8: torch converts uint8 to float with vectorised code, bool one by one (4x).
+    return out.copy_(maskb.view(torch.uint8))
 
 
 def _event(mechanism: str, params: dict, source: str) -> dict:
@@ -802,7 +983,8 @@ def apply_pipeline(
 
     events: list[dict] = []
     steps: list[dict] = []
-    for f in filters:
+    for i, f in enumerate(filters):
+        st.upcoming = filters[i + 1 :]
         name = f["filter"]
         if name == "exclude_layers":
             steps.append({"filter": name, "excluded": sorted(excluded)})
@@ -815,19 +997,15 @@ def apply_pipeline(
         step["shared_after"] = st.shared
         steps.append(step)
 
+    st.finish()  # a clip still pending
     out: dict[str, torch.Tensor] = {}
-    mask_out: dict[str, torch.Tensor] | None = None
-    if st.maskf is not None:
-        maskb = st.maskb
-        if maskb is None:
-            maskb = torch.ne(st.maskf, 0.0, out=ws.get("mask_bool", n, torch.bool))
-        mask_out = {}
+    mask_out: dict[str, torch.Tensor] | None = None if st.maskb is None else {}
     offset = 0
     for name in kept:
         shape, size = delta[name].shape, delta[name].numel()
         out[name] = values[offset : offset + size].view(shape)
         if mask_out is not None:
-            mask_out[name] = maskb[offset : offset + size].view(shape)
+            mask_out[name] = st.maskb[offset : offset + size].view(shape)
         offset += size
     notes = {"total": total, "shared": st.shared, "excluded": sorted(excluded), "steps": steps}
     return FilteredUpdate(

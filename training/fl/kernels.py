@@ -1,0 +1,324 @@
+"""Compiled loops for the engine's hot paths: the masked FedAvg add and the privacy pipeline.
+
+Why compiled: every eager torch or numpy call reads and writes its whole operand, so a filter that
+needs "compare, count, gather, mask, clip, scale, add noise" pays one memory pass per verb. On a
+10-million-value update a pass costs about as much as the whole aggregation of that update, and
+the benchmarks' targets (docs/performance.md, "Aggregation" and "Privacy filters") leave room for
+only a few passes. Each kernel here does in one pass what took three to six eager calls.
+
+numba (a well-kept LLVM-based compiler for numeric Python, part of the ``worker`` extra) compiles
+them on first use and caches the machine code beside this file (``cache=True``), so a site worker
+pays the compilation once per installation, not once per process. Every kernel is
+``nogil=True`` and works on a ``[start, end)`` slice of flat arrays: the callers split the work
+into chunks on a small thread pool (:func:`run_chunks`), which both uses the cores and keeps the
+results independent of the thread count. No kernel allocates memory proportional to its input.
+
+Conventions: a *mask* is a flat ``uint8`` array (a bool tensor's bytes), 1 where the coordinate
+is shared; ``has_mask`` False means every coordinate is shared (the mask argument is then
+ignored: pass any uint8 array). A *score* is ``|value|`` for a shared coordinate and ``-1`` for
+an unshared one, so unshared coordinates rank below every shared one.
+
+Hand-written (DESIGN section 7): no library fuses these particular steps.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
+
+import numpy as np
+from numba import njit
+
+__all__ = [
+    "CHUNK",
+    "band_scan",
+    "chunk_starts",
+    "finish_values",
+    "keep_at_least",
+    "masked_accumulate",
+    "run_chunks",
+    "shared_norms",
+]
+
+#: Coordinates per task on the pool: large enough that a call's overhead (a few microseconds)
+#: is noise, small enough that two threads share the work evenly.
+CHUNK = 1 << 20
+
+_T = TypeVar("_T")
+_pool: ThreadPoolExecutor | None = None
+_pool_lock = threading.Lock()
+
+
+def _executor() -> ThreadPoolExecutor:
+    global _pool
+    with _pool_lock:
+        if _pool is None:
+            import torch
+
+            _pool = ThreadPoolExecutor(
+                max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fl-kernel"
+            )
+        return _pool
+
+
+def chunk_starts(n: int, chunk: int = CHUNK) -> range:
+    return range(0, n, chunk)
+
+
+def run_chunks(work: Callable[[int, int], _T], n: int, chunk: int = CHUNK) -> list[_T]:
+    """``[work(start, end) for each chunk]``, on the pool when there is more than one chunk."""
+    starts = chunk_starts(n, chunk)
+    if len(starts) <= 1:
+        return [work(s, min(s + chunk, n)) for s in starts]
+    return list(_executor().map(lambda s: work(s, min(s + chunk, n)), starts))
+
+
+def concat(parts: Iterable[np.ndarray], dtype: type) -> np.ndarray:
+    parts = list(parts)
+    return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
+
+
+# Writing the loops: every kernel first slices its ``[start, end)`` views and loops over
+# ``range(view.size)``; a loop over ``range(start, end)`` indexing the full array is several times
+# slower, because numba must then allow for negative (wrap-around) indices and LLVM no longer
+# vectorises it. Data-dependent choices are written as selects, not branches (a 40/60 branch
+# mispredicts constantly); the one rare branch left (gathering the band) tests a single
+# comparison first.
+
+#: Values per block of the band scan: its vectorised counting loop and its gathering loop both
+#: read the block while it is in the L1 cache.
+SCAN_BLOCK = 4096
+_FASTMATH = {"reassoc", "contract"}  # lets LLVM vectorise the float64 sums
+
+
+# --- aggregation ---------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def masked_accumulate(acc, coord, value, mask, weight, start, end):  # pragma: no cover - jitted
+    """``acc += weight * mask * value`` and ``coord += weight * mask`` over ``[start, end)``.
+
+    One pass over the five arrays instead of torch's convert-mask, add, multiply-add.
+    """
+    a, c, v, m = acc[start:end], coord[start:end], value[start:end], mask[start:end]
+    w = weight  # pass it in the accumulator's dtype (numpy scalar) to keep the loop in it
+    for i in range(a.size):
+        mw = w * m[i]
+        a[i] += mw * v[i]
+        c[i] += mw
+
+
+# --- order statistics ------------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def _block_stats(v, m, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, flags):  # pragma: no cover
+    """Counts and sums for one block, and ``flags[i] = 1`` where the score is in either
+    bracket: branch-free, so LLVM vectorises it."""
+    ge1 = 0
+    ge2 = 0
+    above2 = 0
+    sumsq = 0.0
+    l1 = 0.0
+    one = np.float32(1.0)
+    zero = np.float32(0.0)
+    for i in range(v.size):
+        s = abs(v[i])
+        s = s if s >= floor else -one
+        if has_mask:
+            keep = np.float32(m[i] != 0)
+            s = s * keep + (keep - one)  # -1 where unshared
+        ge1 += s >= lo1
+        ge2 += s >= lo2
+        above2 += s > hi2
+        flags[i] = ((s >= lo1) & (s <= hi1)) | ((s >= lo2) & (s <= hi2))
+        t = np.float64(s if (s > sum_lo) & (s < lo2) else zero)
+        sumsq += t * t
+        l1 += t
+    return ge1, ge2, above2, sumsq, l1
+
+
+@njit(nogil=True, cache=True)
+def _block_gather(
+    v, m, has_mask, floor, flags, base, idx_out, score_out, inside
+):  # pragma: no cover - jitted
+    """Append the flagged scores of one block, eight flags at a time: most eight-byte words of
+    flags are zero (the band holds a few percent of the scores), and skipping them is one
+    well-predicted comparison. The output arrays need room for ``inside + v.size`` entries."""
+    words = flags.view(np.uint64)
+    for w in range(words.size):
+        if words[w] == 0:
+            continue
+        for i in range(8 * w, min(8 * w + 8, v.size)):
+            s = abs(v[i])
+            if s < floor or (has_mask and m[i] == 0):
+                s = np.float32(-1.0)
+            # Written whatever the flag, kept only if flagged: no branch to mispredict.
+            idx_out[inside] = base + i
+            score_out[inside] = s
+            inside += flags[i]
+    return inside
+
+
+@njit(nogil=True, cache=True)
+def band_scan(
+    values, mask, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, start, end, idx_out, score_out
+):  # pragma: no cover - jitted
+    """Count the scores of ``values[start:end]`` against two brackets ``[lo1, hi1]`` and
+    ``[lo2, hi2]`` (``lo1 <= lo2``, ``hi1 <= hi2``; pass the same one twice for one), and
+    gather those inside either.
+
+    Coordinates with ``|value| < floor`` count as unshared (see :func:`finish_values`). Writes
+    the positions and scores of the gathered ones, in position order, to the front of
+    ``idx_out``/``score_out`` (each at least ``end - start`` long) and returns
+    ``(inside, count_ge_lo1, count_ge_lo2, count_above_hi2, sumsq, l1)``: the number
+    gathered, the scores at least ``lo1``, at least ``lo2``, above ``hi2``, and the sum of
+    squares and of the scores strictly between ``sum_lo`` and ``lo2``. The sums let a clip to
+    a bound inside the second bracket know the clipped norm without another pass.
+    """
+    v = values[start:end]
+    m = mask[start:end] if has_mask else mask[:1]
+    floor32 = np.float32(floor)
+    # Every score is at least -1, and float32 cannot hold an infinite edge's neighbours.
+    lo1_32, lo2_32 = np.float32(max(lo1, -1.0)), np.float32(max(lo2, -1.0))
+    hi1_32, hi2_32 = np.float32(min(hi1, 3.0e38)), np.float32(min(hi2, 3.0e38))
+    sum_lo32 = np.float32(sum_lo)
+    flags = np.zeros(SCAN_BLOCK, dtype=np.uint8)  # whole words: the tail stays 0
+    inside = 0
+    ge1 = 0
+    ge2 = 0
+    above2 = 0
+    sumsq = 0.0
+    l1 = 0.0
+    for b in range(0, v.size, SCAN_BLOCK):
+        e = min(b + SCAN_BLOCK, v.size)
+        vb = v[b:e]
+        mb = m[b:e] if has_mask else m
+        if e - b < SCAN_BLOCK:
+            flags[:] = 0
+        g1, g2, a2, sq, a1 = _block_stats(
+            vb, mb, has_mask, floor32, lo1_32, hi1_32, lo2_32, hi2_32, sum_lo32, flags
+        )
+        ge1 += g1
+        ge2 += g2
+        above2 += a2
+        sumsq += sq
+        l1 += a1
+        inside = _block_gather(
+            vb, mb, has_mask, floor32, flags, start + b, idx_out, score_out, inside
+        )
+    return inside, ge1, ge2, above2, sumsq, l1
+
+
+@njit(nogil=True, cache=True)
+def keep_at_least(
+    scores, mask, has_mask, kth, values, mask_out, unshare, start, end
+):  # pragma: no cover - jitted
+    """Mark the coordinates whose score is at least ``kth``; returns how many.
+
+    The score is ``|scores[i]|`` (``-1`` where ``mask`` says unshared). Writes ``mask_out``
+    (uint8) and, with ``unshare``, sets ``values`` to 0 where a coordinate is not marked.
+    ``scores`` may be ``values`` itself (top-k) or separate keys (random selection).
+    """
+    sc, out = scores[start:end], mask_out[start:end]
+    m = mask[start:end] if has_mask else mask[:1]
+    vals = values[start:end] if unshare else values[:1]
+    k32 = np.float32(kth)
+    kept = 0
+    for i in range(sc.size):
+        keep = abs(sc[i]) >= k32
+        if has_mask:
+            keep = keep & (m[i] != 0)
+        out[i] = keep
+        kept += keep
+        if unshare:
+            vals[i] = vals[i] * np.float32(keep)
+    return kept
+
+
+# --- norms and the final pass ------------------------------------------------------------------
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def shared_norms(values, floor, clip, start, end):  # pragma: no cover - jitted
+    """``(sum of squares, sum of absolute values)`` of ``values[start:end]`` clipped to
+    ``[-clip, clip]`` (pass ``inf`` for none), counting only ``|value| >= floor``. Unshared
+    coordinates hold 0, so they add 0."""
+    v = values[start:end]
+    f = np.float32(floor)
+    c = np.float32(min(clip, 3.0e38))
+    sumsq = 0.0
+    l1 = 0.0
+    for i in range(v.size):
+        s = abs(v[i])
+        t = np.float64(min(s, c) if s >= f else np.float32(0.0))
+        sumsq += t * t
+        l1 += t
+    return sumsq, l1
+
+
+@njit(nogil=True, cache=True)
+def finish_values(
+    values, mask, has_mask, floor, clip, factor, noise, noise_at, mask_out, start, end
+):  # pragma: no cover - jitted
+    """``values = factor * clip(values) + noise`` on shared coordinates, 0 elsewhere, in place.
+
+    A coordinate is shared where ``mask`` says so and ``|value| >= floor``: a top-k selection
+    only records its threshold as ``floor``, and this pass, which writes the values anyway,
+    applies it. With ``floor > 0`` the resulting shared set is written to ``mask_out`` (uint8,
+    may be ``mask`` itself). ``clip`` bounds ``|values|`` first (``inf``: no bound). ``noise``
+    is compact: one draw per shared coordinate, in order, this chunk's first at
+    ``noise[noise_at]``, plus one spare slot at the end (read, never used, after the last
+    shared coordinate). Pass an empty ``noise`` for none. Returns the index after this chunk's
+    last draw.
+    """
+    v = values[start:end]
+    m = mask[start:end] if has_mask else mask[:1]
+    selects = floor > 0
+    out = mask_out[start:end] if selects else mask_out[:1]
+    fl = np.float32(floor)
+    f = np.float32(factor)
+    c = np.float32(min(clip, 3.0e38))
+    with_noise = noise.size > 0
+    j = noise_at
+    if not has_mask and not selects:
+        if with_noise:
+            z = noise[noise_at : noise_at + v.size]
+            for i in range(v.size):
+                v[i] = min(max(v[i], -c), c) * f + z[i]
+            return j + v.size
+        for i in range(v.size):
+            v[i] = min(max(v[i], -c), c) * f
+        return j
+    for i in range(v.size):
+        x = v[i]
+        keep = abs(x) >= fl
+        if has_mask:
+            keep = keep & (m[i] != 0)
+        if selects:
+            out[i] = keep
+        x = min(max(x, -c), c) * f
+        if with_noise:
+            x += noise[j]
+            j += keep
+        v[i] = x if keep else np.float32(0.0)
+    return j
+
+
+@njit(nogil=True, cache=True, fastmath=_FASTMATH)
+def band_sums(scores, lo, hi, clip):  # pragma: no cover - jitted
+    """``(sum of squares, sum)`` of ``min(score, clip)`` over the scores in ``[lo, hi]``
+    (scores as gathered by :func:`band_scan`: ``-1`` marks an unshared coordinate)."""
+    sumsq = 0.0
+    total = 0.0
+    lo32 = np.float32(max(lo, -1.0))
+    hi32 = np.float32(min(hi, 3.0e38))
+    c = np.float32(min(clip, 3.0e38))
+    for i in range(scores.size):
+        s = scores[i]
+        t = np.float64(min(s, c) if (s >= lo32) & (s <= hi32) else np.float32(0.0))
+        sumsq += t * t
+        total += t
+    return sumsq, total
