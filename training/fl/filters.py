@@ -283,7 +283,8 @@ def gaussian_noise_(out: torch.Tensor, std: float, generator: torch.Generator) -
     Box and Muller (1958): for U1 on (0, 1] and U2 uniform, ``sqrt(-2 ln U1) cos(2 pi U2)`` and
     ``... sin(...)`` are independent standard normals. Uniforms have 24 bits, as in torch's own
     float sampler, so the tails end at 5.77 std. numpy's float32 log/sin/cos are vectorised
-    (AVX-512 here); each chunk's work stays in cache.
+    (AVX-512 here), and the compiled steps around them (kernels.box_muller_*) make the rest
+    one pass each; each chunk's work stays in cache.
     """
 
     def fill(chunk: np.ndarray, words: np.ndarray) -> None:
@@ -291,16 +292,11 @@ def gaussian_noise_(out: torch.Tensor, std: float, generator: torch.Generator) -
         h = (m + 1) // 2
         radius = _thread_scratch("radius", h, np.float32)
         angle = _thread_scratch("angle", h, np.float32)
-        _unit_interval(words[:h], radius)
-        np.log(radius, out=radius)
-        radius *= np.float32(-2.0)
-        np.maximum(radius, 0.0, out=radius)  # -2 ln u >= 0 (guards a -0.0 from log(1))
-        np.sqrt(radius, out=radius)
-        radius *= np.float32(std)
         # Fresh words for every angle: with an odd m the chunk has one word more (extra_words),
         # never a reuse of a radius word, which would tie that draw's angle to a radius.
-        _unit_interval(words[h : 2 * h], angle)
-        angle *= np.float32(2.0 * math.pi)
+        kernels.box_muller_uniforms(words[: 2 * h], radius, angle)
+        np.log(radius, out=radius)
+        kernels.box_muller_radius(radius, std)
         np.cos(angle, out=chunk[:h])
         chunk[:h] *= radius
         rest = m - h

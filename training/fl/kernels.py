@@ -292,6 +292,15 @@ def finish_values(
         for i in range(v.size):
             v[i] = min(max(v[i], -c), c) * f
         return j
+    if selects and with_noise and not has_mask:  # top-k, clip, noise: the common pipeline
+        for i in range(v.size):  # written out: LLVM does not unswitch the general loop
+            x = v[i]
+            keep = abs(x) >= fl
+            out[i] = keep
+            x = min(max(x, -c), c) * f + noise[j]
+            j += keep
+            v[i] = x if keep else np.float32(0.0)
+        return j
     for i in range(v.size):
         x = v[i]
         keep = abs(x) >= fl
@@ -322,3 +331,28 @@ def band_sums(scores, lo, hi, clip):  # pragma: no cover - jitted
         sumsq += t * t
         total += t
     return sumsq, total
+
+
+# --- Box-Muller around numpy's vectorised log, cos and sin ------------------------------------
+
+
+@njit(nogil=True, cache=True)
+def box_muller_uniforms(words, radius, angle):  # pragma: no cover - jitted
+    """From ``radius.size + angle.size`` words: ``radius = u`` and ``angle = 2 pi u'``, with
+    ``u = (j + 1) / 2**24`` for a word's low 24 bits ``j`` (uniform on (0, 1], exact in
+    float32, so ``log(u)`` is finite and at most 0)."""
+    scale = np.float32(2.0**-24)
+    turn = np.float32(2.0 * np.pi)
+    h = radius.size
+    for i in range(h):
+        radius[i] = np.float32(np.int32(words[i] & 0xFFFFFF) + 1) * scale
+    for i in range(angle.size):
+        angle[i] = np.float32(np.int32(words[h + i] & 0xFFFFFF) + 1) * scale * turn
+
+
+@njit(nogil=True, cache=True)
+def box_muller_radius(log_u, std):  # pragma: no cover - jitted
+    """In place: ``std * sqrt(-2 log u)`` from ``log u`` (a ``-0.0`` from ``log(1)`` gives 0)."""
+    s = np.float32(std)
+    for i in range(log_u.size):
+        log_u[i] = np.sqrt(max(log_u[i] * np.float32(-2.0), np.float32(0.0))) * s
