@@ -60,6 +60,10 @@ def child(sites: int, params: int) -> None:
     template = {"w": torch.zeros(params)}
     agg = StreamingFedAvg(template)
     g = torch.Generator().manual_seed(0)
+    # Load the compiled kernels first: numba's code is a fixed cost of the process (about
+    # 50 MiB), not memory that grows with the sites.
+    warm = StreamingFedAvg({"w": torch.zeros(8)})
+    warm.add({"w": torch.ones(8)}, {"w": torch.ones(8, dtype=torch.bool)}, 1.0)
     base = rss_mib()
     peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     for i in range(sites):

@@ -304,6 +304,34 @@ def test_topk_then_clip_then_noise_norms_are_exact(bracket_path, ties, noise):
     assert torch.allclose(sent[mask].double(), expected, rtol=1e-5, atol=1e-20)
 
 
+@pytest.mark.parametrize("first", ["topk", "random"])
+def test_chained_sharing_on_a_large_update_is_exact(bracket_path, first):
+    """A second top-k picks among the first stage's coordinates only, whether the first left a
+    mask (random) or only its threshold (top-k), and then clips and adds noise to those."""
+    delta = update(26, LARGE)
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.5, "strategy": first},
+        {"filter": "partial_sharing", "fraction": 0.5, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 50},
+    ]
+    out = run(delta, spec)
+    values = flat(delta)
+    n = values.numel()
+    first_kept = round(0.5 * n)
+    k = round(0.5 * first_kept)
+    mask = flat(out.mask, list(delta))
+    assert int(mask.sum()) == k
+    if first == "topk":
+        expected = torch.zeros(n, dtype=torch.bool)
+        expected[values.abs().topk(k).indices] = True
+        assert torch.equal(mask, expected)
+    q = out.notes["steps"][2]["clip_value"]
+    assert q == pytest.approx(float(np.percentile(values[mask].abs().numpy(), 50)), rel=1e-6)
+    sent = flat(out.delta, list(delta))
+    assert torch.equal(sent[mask], values[mask].clamp(-q, q))
+    assert torch.count_nonzero(sent[~mask]) == 0
+
+
 def test_topk_looks_ahead_for_the_percentile(monkeypatch):
     """top-k followed by percentile_clipping on a large update: one scan finds both."""
     calls = []
