@@ -355,7 +355,7 @@ class _State:
     writes the values anyway (noise, or the end of the pipeline): :meth:`finish`. Invariant:
     ``values`` is 0 wherever ``maskb`` is False (and below ``floor`` it is not shared, whatever
     it holds). ``chunk_counts``, when known, is the number of shared coordinates in each
-    :data:`kernels.CHUNK`-sized chunk. ``norms`` caches ``(L2², L1)`` of the meant values while
+    :func:`kernels.chunk_size` chunk. ``norms`` caches ``(L2², L1)`` of the meant values while
     known. ``ranked``, while the meant values are unchanged, is ``(offset, sample)``: the
     scores' ascending order statistics from rank ``offset`` on are exactly the shared
     ``|values|``, and ``sample`` is a sorted sample of scores with the same order statistics
@@ -478,7 +478,7 @@ class _Band:
     """The scores in a bracket ``[lo, hi]``: the ``size`` values of ``values`` that come after
     its ``offset`` smallest (``values`` may hold a second band's scores too, all above or all
     below this one's). ``below`` scores are smaller than ``lo``; per
-    :data:`kernels.CHUNK`-sized chunk, ``chunk_ge`` are at least ``lo``. For the last bracket
+    :func:`kernels.chunk_size` chunk, ``chunk_ge`` are at least ``lo``. For the last bracket
     of a scan, ``above`` scores exceed ``hi`` and ``sumsq_below``/``l1_below`` sum the shared
     scores below ``lo`` (for a second bracket: only those above the first one, see
     :func:`_bands`). ``segments`` are ``(start, count)`` of each chunk's gathered scores and
@@ -681,7 +681,7 @@ def _keep_top_lazily(st: _State, k: int) -> bool:
     if surplus > 0:
         drop = _random_subset(st, _positions_of(st, band, kth), surplus)
         st.array[drop] = 0.0
-        chunk_counts -= np.bincount(drop // kernels.CHUNK, minlength=chunk_counts.size)
+        chunk_counts -= np.bincount(kernels.chunk_of(drop, st.n), minlength=chunk_counts.size)
     st.floor, st.shared, st.chunk_counts = kth, k, chunk_counts
     st.touched()
     st.ranked = (n - k, sample)  # the shared |values| are exactly the top k scores
@@ -705,7 +705,7 @@ def _select_top(
     Scores are ``|source|`` on shared coordinates (unshared ones are never chosen). With
     ``unshare`` the values outside the mask are set to 0 in the same pass (the caller then
     makes it the shared set). Returns the mask, the ``k``-th largest score (None when ``k`` is
-    0) and how many were chosen in each :data:`kernels.CHUNK`-sized chunk.
+    0) and how many were chosen in each :func:`kernels.chunk_size` chunk.
     """
     n = st.n
     mask = st.new_bool_buffer()
@@ -734,7 +734,7 @@ def _select_top(
         if unshare:
             st.array[drop] = 0.0
         counts = (
-            np.asarray(counts) - np.bincount(drop // kernels.CHUNK, minlength=len(counts))
+            np.asarray(counts) - np.bincount(kernels.chunk_of(drop, n), minlength=len(counts))
         ).tolist()
     return mask, kth, counts
 

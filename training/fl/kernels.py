@@ -33,7 +33,10 @@ from numba import njit
 
 __all__ = [
     "CHUNK",
+    "MIN_CHUNK",
     "band_scan",
+    "chunk_of",
+    "chunk_size",
     "chunk_starts",
     "finish_values",
     "keep_at_least",
@@ -42,9 +45,12 @@ __all__ = [
     "shared_norms",
 ]
 
-#: Coordinates per task on the pool: large enough that a call's overhead (a few microseconds)
-#: is noise, small enough that two threads share the work evenly.
+#: Coordinates per task on the pool, at most: large enough that a call's overhead (a few
+#: microseconds, under the GIL) is noise. With many cores the chunks shrink (:func:`chunk_size`)
+#: so that every thread gets several.
 CHUNK = 1 << 20
+#: ... and at least.
+MIN_CHUNK = 1 << 16
 
 _T = TypeVar("_T")
 _pool: ThreadPoolExecutor | None = None
@@ -63,16 +69,31 @@ def _executor() -> ThreadPoolExecutor:
         return _pool
 
 
-def chunk_starts(n: int, chunk: int = CHUNK) -> range:
-    return range(0, n, chunk)
+def chunk_size(n: int) -> int:
+    """Coordinates per task for an array of ``n``: about four tasks per pool thread, a multiple
+    of SCAN_BLOCK, between MIN_CHUNK and CHUNK. Every pass over the same array uses the same
+    chunks, so per-chunk counts from one pass line up with the next."""
+    per_task = -(-n // (4 * _executor()._max_workers))
+    per_task = -(-per_task // SCAN_BLOCK) * SCAN_BLOCK
+    return min(CHUNK, max(MIN_CHUNK, per_task))
 
 
-def run_chunks(work: Callable[[int, int], _T], n: int, chunk: int = CHUNK) -> list[_T]:
+def chunk_starts(n: int) -> range:
+    return range(0, n, chunk_size(n))
+
+
+def chunk_of(positions: np.ndarray, n: int) -> np.ndarray:
+    """The chunk index of each position in an array of ``n``."""
+    return positions // chunk_size(n)
+
+
+def run_chunks(work: Callable[[int, int], _T], n: int) -> list[_T]:
     """``[work(start, end) for each chunk]``, on the pool when there is more than one chunk."""
-    starts = chunk_starts(n, chunk)
+    size = chunk_size(n)
+    starts = range(0, n, size)
     if len(starts) <= 1:
-        return [work(s, min(s + chunk, n)) for s in starts]
-    return list(_executor().map(lambda s: work(s, min(s + chunk, n)), starts))
+        return [work(s, min(s + size, n)) for s in starts]
+    return list(_executor().map(lambda s: work(s, min(s + size, n)), starts))
 
 
 def concat(parts: Iterable[np.ndarray], dtype: type) -> np.ndarray:
