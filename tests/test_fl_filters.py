@@ -332,6 +332,37 @@ def test_chained_sharing_on_a_large_update_is_exact(bracket_path, first):
     assert torch.count_nonzero(sent[~mask]) == 0
 
 
+def test_many_threads_small_chunks_same_result(monkeypatch):
+    """On a many-core site the passes split into smaller chunks: per-chunk counts from the scan
+    must still line up with the final pass, and the answer must not depend on the chunking
+    (the noise is drawn by position, not by chunk)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from training.fl import kernels
+
+    values = torch.randn(EXACT_BELOW * 3 + 5, generator=gen(27))
+    spec = [
+        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+        {"filter": "percentile_clipping", "percentile": 90},
+        {"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0},
+    ]
+    two = run({"w": values}, spec, seed=3)
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        monkeypatch.setattr(kernels, "_pool", pool)
+        assert kernels.chunk_size(values.numel()) == kernels.MIN_CHUNK
+        many = run({"w": values}, spec, seed=3)
+    assert torch.equal(two.mask["w"], many.mask["w"])
+    # Sums over other chunk boundaries may round differently in their last bits.
+    torch.testing.assert_close(two.delta["w"], many.delta["w"], rtol=1e-6, atol=0)
+    for a, b in zip(two.notes["steps"], many.notes["steps"], strict=True):
+        assert a.keys() == b.keys()
+        for key, value in a.items():
+            if isinstance(value, float):
+                assert value == pytest.approx(b[key], rel=1e-12), key
+            else:
+                assert value == b[key], key
+
+
 def test_topk_looks_ahead_for_the_percentile(monkeypatch):
     """top-k followed by percentile_clipping on a large update: one scan finds both."""
     calls = []
