@@ -423,6 +423,19 @@ def test_percentile_clipping_bound_and_value(percentile):
     assert torch.equal(values, flat(delta).clamp(-q, q))
 
 
+def test_percentile_interpolates_between_true_order_statistics():
+    # After numpy partitions at k, the element at k + 1 is usually, not always, the next order
+    # statistic: on this array it is not (found by search), and interpolating with it gave a
+    # wrong percentile.
+    values = torch.from_numpy(
+        np.abs(np.random.default_rng(909969229).standard_normal(1946).astype(np.float32))
+    )
+    p = (594 + 0.5) / (1946 - 1) * 100  # halfway between ranks 594 and 595
+    out = run({"w": values}, [{"filter": "percentile_clipping", "percentile": p}])
+    expected = np.percentile(values.numpy().astype(np.float64), p)
+    assert out.notes["steps"][0]["clip_value"] == pytest.approx(float(expected), rel=1e-6)
+
+
 def test_percentile_among_shared_coordinates_only():
     delta = update(7)
     out = run(

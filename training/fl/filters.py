@@ -627,20 +627,41 @@ def _order_stats(
             return _pick(st, band, ranks), band
     arr = st.ws.get("part", n).numpy()
     arr[...] = _scores(st, source, slice(None))
-    arr.partition(ranks[0])  # one kth: numpy's multi-kth partition is several times slower
-    out = [float(arr[ranks[0]])]
-    for r in ranks[1:]:
-        out.append(float(arr[r]) if r == ranks[0] else float(arr[ranks[0] + 1 : r + 1].min()))
-    return out, None
+    return _select_in_place(arr, ranks), None
 
 
 def _pick(st: _State, band: _Band, ranks: list[int]) -> list[float]:
-    """The scores at ``ranks`` from the band that brackets them."""
-    local = [band.offset + r - band.below for r in ranks]
-    picked = st.ws.get("pick", band.values.size).numpy()
-    picked[...] = band.values
-    picked.partition(local)
-    return [float(picked[r]) for r in local]
+    """The scores at ascending ``ranks`` from the band that brackets them, from a copy (of the
+    band's own scores only, when the gathered scores hold another band too)."""
+    values = band.values
+    first = band.offset + ranks[0] - band.below
+    if band.offset > 0:  # a second band: its scores are all above the first band's
+        values = values[values >= band.lo]
+        first -= band.offset
+    picked = st.ws.get("pick", values.size).numpy()
+    picked[...] = values
+    return _select_in_place(picked, [first + r - ranks[0] for r in ranks])
+
+
+def _select_in_place(arr: np.ndarray, ranks: list[int]) -> list[float]:
+    """The values at ascending ``ranks`` of ``arr`` (reordered): one partition at the first,
+    then the rest among the values after it (the next rank is their minimum). numpy's
+    multi-kth partition is several times slower; and after a partition at ``k`` only
+    ``arr[k]`` is known: ``arr[k + 1]`` is *not* the next order statistic."""
+    first = ranks[0]
+    arr.partition(first)
+    out = [float(arr[first])]
+    for r in ranks[1:]:
+        step = r - first
+        if step == 0:
+            out.append(out[0])
+        elif step == 1:
+            out.append(float(arr[first + 1 :].min()))
+        else:
+            tail = arr[first + 1 :]
+            tail.partition(step - 1)
+            out.append(float(tail[step - 1]))
+    return out
 
 
 def _random_subset(st: _State, candidates: np.ndarray, count: int) -> np.ndarray:
