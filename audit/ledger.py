@@ -417,16 +417,31 @@ def verify_chain(*, chunk_size: int = 5000) -> VerificationResult:
     The rows and the head are read from one snapshot, so entries appended while
     the walk runs cannot look like a broken tail: on PostgreSQL a read-only
     REPEATABLE READ transaction (which also spares the server-side cursor the
-    copy a WITH HOLD cursor makes in autocommit); on SQLite (WAL) the head is
-    read while the rows' statement is still open, inside its read transaction.
-    Inside a caller's transaction the caller's snapshot is used as it is.
+    copy a WITH HOLD cursor makes in autocommit); on SQLite (WAL) a deferred read
+    transaction, whose snapshot holds from its first read to its end. (Reading the
+    head while the rows' statement is open is not enough there: a chain that fits
+    in the first fetch ends the statement, and with it the snapshot, before the
+    head is read.) Inside a caller's transaction the caller's snapshot is used as
+    it is.
     """
     connection = transaction.get_connection(LedgerEntry.objects.db)
-    if connection.vendor == "postgresql" and not connection.in_atomic_block:
+    if connection.in_atomic_block:
+        return _verify_snapshot(chunk_size)
+    if connection.vendor == "postgresql":
         with transaction.atomic(using=LedgerEntry.objects.db):
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
             return _verify_snapshot(chunk_size)
+    if connection.vendor == "sqlite":
+        # Not transaction.atomic(): the settings make its BEGIN IMMEDIATE, which takes the
+        # write lock and would stall every writer for the whole walk.
+        with connection.cursor() as cursor:
+            cursor.execute("BEGIN DEFERRED")
+        try:
+            return _verify_snapshot(chunk_size)
+        finally:
+            with connection.cursor() as cursor:
+                cursor.execute("COMMIT")  # read only: nothing to keep or undo
     return _verify_snapshot(chunk_size)
 
 

@@ -149,6 +149,77 @@ def test_verify_with_small_chunks():
     assert verify_chain(chunk_size=2).ok
 
 
+def append_during_walk_scenario() -> None:
+    """Three entries; then a verification during which another connection commits a fourth
+    between the read of the rows and the read of the head. The walk must see one snapshot
+    (3 entries, head 3), not report the fourth as deleted entries."""
+    import threading
+
+    from django.db import connections
+
+    make_chain(3)
+    real_read_head = ledger._read_head
+
+    def append_elsewhere_then_read_head():
+        failures = []
+
+        def other_writer():
+            try:
+                append_entry(event="test.concurrent", payload={"n": 1})
+            except Exception as exc:  # noqa: BLE001 - reported below
+                failures.append(exc)
+            finally:
+                connections.close_all()
+
+        writer = threading.Thread(target=other_writer)
+        writer.start()
+        writer.join()
+        assert not failures, failures
+        return real_read_head()
+
+    ledger._read_head = append_elsewhere_then_read_head
+    try:
+        result = verify_chain()
+    finally:
+        ledger._read_head = real_read_head
+    assert result.ok, result.reason
+    assert result.entry_count == 3
+    assert LedgerHead.objects.get(pk=1).seq == 4 and verify_chain().entry_count == 4
+
+
+@pytest.mark.django_db(transaction=True)
+def test_verify_is_not_fooled_by_an_append_during_the_walk(tmp_path):
+    if connection.vendor == "postgresql":
+        append_during_walk_scenario()
+        return
+    # SQLite: the test database is in memory (shared cache: table locks, no WAL snapshots), so
+    # the scenario runs against a WAL database file, as deployed, in a process of its own.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {**os.environ, "DATABASE_URL": f"sqlite:///{tmp_path / 'ledger.sqlite3'}"}
+    script = (
+        "import django; django.setup()\n"
+        "from django.core.management import call_command\n"
+        "call_command('migrate', verbosity=0)\n"
+        "from tests.test_ledger import append_during_walk_scenario\n"
+        "append_during_walk_scenario()\n"
+        "print('scenario ok')\n"
+    )
+    root = Path(__file__).resolve().parent.parent
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=root,
+        env={**env, "DJANGO_SETTINGS_MODULE": "consortium.settings"},
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert done.returncode == 0 and "scenario ok" in done.stdout, done.stderr[-3000:]
+
+
 @pytest.mark.parametrize(
     ("case", "sql"),
     [
