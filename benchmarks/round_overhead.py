@@ -386,6 +386,23 @@ def wait_for(what: str, ready, sup, deadline: float, every: float = 0.2) -> None
     raise RuntimeError(f"timed out waiting for {what}\n{logs}")
 
 
+def wait_for_quiet_ledger(deadline: float, quiet: float = 1.0) -> None:
+    """Wait until nothing has been appended to the ledger for ``quiet`` seconds: the job is
+    complete when its last round closes, but the coordinator scores that round's
+    contributions (a ledger entry) after the commit, and the chain is verified once the
+    writers are done."""
+    from audit.models import LedgerHead
+
+    last, since = None, time.monotonic()
+    while time.monotonic() < deadline:
+        seq = LedgerHead.objects.filter(pk=1).values_list("seq", flat=True).first()
+        if seq != last:
+            last, since = seq, time.monotonic()
+        elif time.monotonic() - since >= quiet:
+            return
+        time.sleep(0.1)
+
+
 # --- measuring --------------------------------------------------------------------------------
 
 
@@ -494,6 +511,7 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
             logs = "\n".join(f"--- {c.name} ---\n{c.tail(1500)}" for c in sup.children)
             raise RuntimeError(f"job #{job.pk} {job.state}: {job.end_reason}\n{logs}")
         print(f"  {total_rounds} rounds in {time.monotonic() - started:.1f} s")
+        wait_for_quiet_ledger(deadline)
         figures = platform_rounds(job, args.warmup, args.rounds)
         phases = site_phases(sup, job.pk, range(args.warmup + 1, args.warmup + args.rounds + 1))
         from audit.ledger import verify_chain

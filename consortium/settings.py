@@ -236,6 +236,16 @@ DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="consortium@localhost
 # queues that needs no server. The folders are created by consortium.celery.
 CELERY_DATA_DIR = Path(env.str("CELERY_DATA_DIR", default=str(BASE_DIR / "var" / "broker")))
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+# How often a consumer of the embedded broker looks for a message (seconds): each look lists
+# the broker's folder, about 0.4% of a core per idle consumer at 50 ms and 1.7% at 10 ms. The
+# coordinator (the worker that consumes "central", see consortium.celery) looks more often:
+# it is one process, and its pick-up of the round's last upload is on every round's critical
+# path; the site workers, one per hospital, keep the slower pace (docs/performance.md,
+# "Round overhead").
+EMBEDDED_BROKER_POLL_SECONDS = env.float("EMBEDDED_BROKER_POLL_SECONDS", default=0.05)
+EMBEDDED_BROKER_CENTRAL_POLL_SECONDS = env.float(
+    "EMBEDDED_BROKER_CENTRAL_POLL_SECONDS", default=0.01
+)
 if CELERY_BROKER_URL.startswith("filesystem://"):
     CELERY_BROKER_TRANSPORT_OPTIONS = {
         "data_folder_in": str(CELERY_DATA_DIR / "out"),
@@ -245,7 +255,7 @@ if CELERY_BROKER_URL.startswith("filesystem://"):
         # which a worker and a sender started from different folders would not share.
         "control_folder": str(CELERY_DATA_DIR / "control"),
         "store_processed": False,
-        "polling_interval": 0.05,
+        "polling_interval": EMBEDDED_BROKER_POLL_SECONDS,
     }
 # Celery's result store is never the truth (round state lives in our rows).
 CELERY_RESULT_BACKEND = env.str("CELERY_RESULT_BACKEND", default=None) or None

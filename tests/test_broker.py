@@ -65,3 +65,27 @@ def test_messages_arrive_whole_while_a_consumer_polls(tmp_path):
     assert not errors, errors
     assert len(received) == sent and all(m == body for m in received)
     assert not [p for p in (tmp_path / "out").iterdir() if p.name.startswith(".tmp-")]
+
+
+def _worker_conf(**transport):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(broker_transport_options=transport, task_default_queue="central")
+
+
+def test_the_coordinator_polls_the_embedded_broker_faster_than_the_sites(settings):
+    """The coordinator's pick-up of a round's last upload is on every round's critical path;
+    ten site workers polling as fast would burn the cores (docs/performance.md)."""
+    from consortium.celery import _coordinator_polls_faster
+
+    settings.EMBEDDED_BROKER_CENTRAL_POLL_SECONDS = 0.01
+    for queues in ("central", ["central"], "site.a,central", None):
+        conf = _worker_conf(polling_interval=0.05, store_processed=False)
+        _coordinator_polls_faster(conf=conf, options={"queues": queues})
+        assert conf.broker_transport_options == {"polling_interval": 0.01, "store_processed": False}
+    site = _worker_conf(polling_interval=0.05)
+    _coordinator_polls_faster(conf=site, options={"queues": "site.hospital-a"})
+    assert site.broker_transport_options == {"polling_interval": 0.05}
+    redis = _worker_conf()  # no polling: nothing to change
+    _coordinator_polls_faster(conf=redis, options={"queues": "central"})
+    assert redis.broker_transport_options == {}

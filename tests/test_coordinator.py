@@ -30,14 +30,14 @@ from training.models import (
     Round,
     SiteUpdate,
 )
-from training.worker import CentralError, WrongSite, run_site_round
+from training.worker import CentralError, RoundModel, WrongSite, run_site_round
 
 from .fl_harness import make_consortium3
 
 
 class InProcessClient:
     """The site API through Django's test client (no sockets), as the real worker's client:
-    models too come through ``GET .../models/<digest>/`` (in a cyclic round, the previous
+    models too come through ``GET .../rounds/<index>/model/`` (in a cyclic round, the previous
     site's result, served to the site it was sent to)."""
 
     def __init__(self, token: str):
@@ -54,6 +54,20 @@ class InProcessClient:
         if response.status_code >= 400:
             raise CentralError(response.content.decode(), status=response.status_code)
         return response.content
+
+    def round_model(self, job_id, round_index):
+        response = self.client.get(
+            f"/api/site/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
+        )
+        if response.status_code >= 400:
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
+        return RoundModel(
+            data=response.content,
+            digest=response["X-Content-SHA256"],
+            spec_digest=response["X-Spec-Digest"],
+        )
 
     def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
         response = self.client.post(
@@ -652,16 +666,12 @@ def test_run_site_round_uses_no_database(tmp_path):
                 "id": job_id,
                 "spec_text": text,
                 "spec_digest": spec_digest(spec),
-                "open_round": {
-                    "index": 3,
-                    "global_model": global_digest,
-                    "start_model": global_digest,
-                    "update_status": "dispatched",
-                },
             }
 
-        def model(self, job_id, digest):
-            return global_bytes
+        def round_model(self, job_id, round_index):
+            return RoundModel(
+                data=global_bytes, digest=global_digest, spec_digest=spec_digest(spec)
+            )
 
         def upload(self, job_id, round_index, **kwargs):
             uploads.append(kwargs)
@@ -713,3 +723,216 @@ def test_run_site_round_uses_no_database(tmp_path):
             config=config,
             client=CannedClient(),
         )
+
+
+# --- The site worker's requests: one before training, from a job's second round on -------------
+
+
+def _count_requests(monkeypatch) -> list[tuple[str, str]]:
+    """(request, token) for every job and round-model request a site worker makes here."""
+    calls = []
+    for name in ("job", "round_model"):
+        original = getattr(InProcessClient, name)
+
+        def counting(self, *args, _name=name, _original=original):
+            calls.append((_name, self.auth["HTTP_AUTHORIZATION"].removeprefix("Site ")))
+            return _original(self, *args)
+
+        monkeypatch.setattr(InProcessClient, name, counting)
+    return calls
+
+
+def test_a_site_fetches_its_job_once_per_spec_digest(c3, broker, monkeypatch):
+    """The spec is immutable for its digest: after the first round a site asks only for the
+    round's model before it trains (docs/performance.md, "Round overhead")."""
+    calls = _count_requests(monkeypatch)
+    job = _start(c3, broker, rounds=3)
+    broker.deliver()
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED
+    for site in c3.sites:
+        mine = [name for name, token in calls if token == site.token]
+        assert mine.count("round_model") == 3
+        assert mine.count("job") == 1
+
+
+def _run_round_one(c3, broker):
+    """Run round 1's site tasks and its close; round 2's site tasks are left in broker.lost."""
+    for message in list(broker.messages):
+        broker.messages.remove(message)
+        site = c3.site(message["kwargs"]["site"])
+        broker.run(
+            run_site_round,
+            **message["kwargs"],
+            config=site.config(),
+            client=InProcessClient(site.token),
+        )
+    broker.deliver(only_central=True)
+    return {m["kwargs"]["site"]: m["kwargs"] for m in broker.lost}
+
+
+def test_a_revoked_site_is_refused_though_it_knows_the_job(c3, broker, cast):
+    from training.models import SiteCredential
+    from training.sites import site_credential_revoke
+
+    job = _start(c3, broker, rounds=2, min_participants=2)
+    round_two = _run_round_one(c3, broker)
+    assert Round.objects.get(job=job, index=2).state == Round.State.OPEN
+    revoked = c3.sites[0]
+    site_credential_revoke(
+        acting_user=cast.admin,
+        credential=SiteCredential.objects.get(institution=revoked.institution),
+    )
+    with pytest.raises(CentralError) as refused:
+        broker.run(
+            run_site_round,
+            **round_two[revoked.slug],
+            config=revoked.config(),
+            client=InProcessClient(revoked.token),
+        )
+    assert refused.value.status == 401
+    update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=revoked.institution)
+    assert update.status == SiteUpdate.Status.DISPATCHED
+    # The others train round 2 from what they already know.
+    other = c3.sites[1]
+    result = broker.run(
+        run_site_round,
+        **round_two[other.slug],
+        config=other.config(),
+        client=InProcessClient(other.token),
+    )
+    assert result["status"] == "accepted"
+
+
+# --- The site worker's checks, without a database ---------------------------------------------
+
+
+class _Central:
+    """A canned central server for one job (id 9) and round (3): counts the requests."""
+
+    def __init__(self, tmp_path):
+        import hashlib
+
+        import torch
+
+        from training.fl.data import demo_split
+        from training.fl.models import build_model
+        from training.fl.serialization import pack_tensors, state_to_cpu_float
+        from training.fl.signing import generate_keypair
+        from training.spec import canonical_spec_text, spec_digest, validate_spec
+        from training.worker import WorkerConfig
+
+        from .fl_harness import job_spec, write_site_csv
+
+        self.spec = validate_spec(job_spec(["north", "south"]))
+        self.text = canonical_spec_text(self.spec)
+        self.digest = spec_digest(self.spec)
+        torch.manual_seed(0)
+        model = build_model("training.fl.models.LogisticRegression", input_shape=[30], n_classes=2)
+        self.model = pack_tensors(state_to_cpu_float(model.state_dict()))
+        self.model_digest = hashlib.sha256(self.model).hexdigest()
+        write_site_csv(tmp_path / "data", demo_split("breast-cancer", ["north", "south"])["north"])
+        private_pem, _public_pem = generate_keypair()
+        (tmp_path / "key.pem").write_bytes(private_pem)
+        self.config = WorkerConfig(
+            site_slug="north",
+            central_url="http://central.invalid",
+            token="fls_" + tmp_path.name,
+            signing_key_path=tmp_path / "key.pem",
+            data_root=tmp_path / "data",
+        )
+        self.sent = RoundModel(data=self.model, digest=self.model_digest, spec_digest=self.digest)
+        self.refusal: CentralError | None = None
+        self.calls: list[str] = []
+        self.uploads: list[dict] = []
+
+    def job(self, job_id):
+        self.calls.append("job")
+        return {"id": job_id, "spec_text": self.text, "spec_digest": self.digest}
+
+    def round_model(self, job_id, round_index):
+        self.calls.append("round_model")
+        if self.refusal is not None:
+            raise self.refusal
+        return self.sent
+
+    def upload(self, job_id, round_index, **kwargs):
+        self.calls.append("upload")
+        self.uploads.append(kwargs)
+        return 201, {"duplicate": False}
+
+    def run(self, **task):
+        task = {"spec_digest": self.digest, "start_digest": self.model_digest, **task}
+        return run_site_round(
+            job_id=9, round_index=3, site="north", config=self.config, client=self, **task
+        )
+
+
+def test_the_job_spec_is_fetched_once_per_digest_and_always_checked(tmp_path):
+    from dataclasses import replace
+
+    from training.worker import IntegrityFailure, job_spec
+
+    central = _Central(tmp_path)
+    first = job_spec(central, central.config, 9, central.digest)
+    first.spec["rounds"] = 999  # a task's own copy: the kept spec is untouched
+    again = job_spec(central, central.config, 9, central.digest)
+    assert central.calls == ["job"]
+    assert again.spec == central.spec
+    assert (again.input_shape, again.n_classes) == (None, None)  # none given: the local data's
+
+    # Another digest is another spec: fetched, and refused when the server's does not match,
+    # every time (a refused spec is not kept).
+    for _ in range(2):
+        with pytest.raises(IntegrityFailure, match="the job changed since the task was sent"):
+            job_spec(central, central.config, 9, "0" * 64)
+    assert central.calls == ["job", "job", "job"]
+    # Another credential keeps its own.
+    job_spec(central, replace(central.config, token="fls_other"), 9, central.digest)
+    assert central.calls == ["job", "job", "job", "job"]
+
+
+def test_a_site_trains_only_from_the_model_and_spec_its_task_names(tmp_path):
+    from training.worker import IntegrityFailure
+
+    central = _Central(tmp_path)
+    assert central.run()["status"] == "accepted"
+    assert central.run()["status"] == "accepted"
+    assert central.calls == ["round_model", "job", "upload", "round_model", "upload"]
+
+    # The server sends another model, or bytes that are not the model it names, or says the
+    # job's spec is not the one the task carries: refused before training, every time.
+    for sent in (
+        RoundModel(data=central.model, digest="f" * 64, spec_digest=central.digest),
+        RoundModel(
+            data=central.model + b"x", digest=central.model_digest, spec_digest=central.digest
+        ),
+        RoundModel(data=central.model, digest=central.model_digest, spec_digest="e" * 64),
+    ):
+        central.sent, central.calls = sent, []
+        with pytest.raises(IntegrityFailure):
+            central.run()
+        assert central.calls == ["round_model"]
+
+
+@pytest.mark.parametrize(
+    "code", ["already_received", "round_closed", "job_not_running", "not_dispatched"]
+)
+def test_a_site_skips_a_round_that_no_longer_asks_it(tmp_path, code):
+    central = _Central(tmp_path)
+    central.refusal = CentralError("409", status=409, body={"detail": "no", "code": code})
+    assert central.run()["status"] == "skipped"
+    assert central.calls == ["round_model"]  # no job request, no training, no upload
+
+
+def test_a_site_not_sent_the_round_or_refused_fails_its_task(tmp_path):
+    from training.worker import IntegrityFailure
+
+    central = _Central(tmp_path)
+    central.refusal = CentralError("409", status=409, body={"detail": "no", "code": "not_sent"})
+    with pytest.raises(IntegrityFailure):
+        central.run()
+    central.refusal = CentralError("401", status=401, body={"detail": "revoked"})
+    with pytest.raises(CentralError):
+        central.run()
+    assert central.uploads == []

@@ -817,6 +817,128 @@ def test_a_site_not_sent_the_round_yet_cannot_upload(world, cast):
     assert body["open_round"]["start_model"] is None
 
 
+# --- The round's start model: what a site worker asks before it trains ------------------------
+
+
+def round_model(world, *, round_index: int = 1, site: Site | None = None, job_id=None):
+    return (
+        (site or world.site)
+        .client()
+        .get(f"/api/site/jobs/{job_id or world.job.pk}/rounds/{round_index}/model/")
+    )
+
+
+def test_the_round_model_is_the_start_model_with_the_spec_digest(world):
+    response = round_model(world)
+    assert response.status_code == 200, response.content
+    assert response["Content-Type"] == "application/octet-stream"
+    assert response["X-Content-SHA256"] == world.model.digest
+    assert response["X-Spec-Digest"] == world.job.spec_digest
+    assert sha256_hex(response.content) == world.model.digest
+
+
+def test_the_round_model_is_the_model_the_site_was_sent(world, cast):
+    """In a cyclic round, the previous site's result: each site gets its own start model."""
+    mine = _send_start_model(world, cast.hospital_a, seed=3)
+    theirs = _send_start_model(world, cast.hospital_b, seed=4)
+    response = round_model(world)
+    assert response["X-Content-SHA256"] == mine != theirs
+    assert sha256_hex(response.content) == mine
+
+
+def _accept(world):
+    with mock.patch.object(sites.current_app, "send_task"):
+        assert upload(world).status_code == 201
+
+
+def _no_update_row(world):
+    SiteUpdate.objects.filter(round=world.round, institution=world.cast.hospital_a).delete()
+
+
+@pytest.mark.parametrize(
+    ("arrange", "code"),
+    [
+        (_accept, "already_received"),
+        (
+            lambda w: Round.objects.filter(pk=w.round.pk).update(state=Round.State.AGGREGATING),
+            "round_closed",
+        ),
+        (
+            lambda w: services.job_cancel(acting_user=w.cast.admin, job=w.job, reason="stop"),
+            "job_not_running",
+        ),
+        (_no_update_row, "not_dispatched"),
+        (
+            lambda w: SiteUpdate.objects.filter(
+                round=w.round, institution=w.cast.hospital_a
+            ).update(start_digest="", sent_at=None),
+            "not_sent",
+        ),
+    ],
+)
+def test_the_round_model_says_why_the_site_must_not_train(world, arrange, code):
+    arrange(world)
+    response = round_model(world)
+    assert response.status_code == 409, response.content
+    assert response.json()["code"] == code
+    assert response.json()["detail"]
+
+
+def test_the_round_model_of_a_job_or_round_the_site_cannot_see_is_404(world, cast):
+    assert round_model(world, round_index=7).status_code == 404
+    assert round_model(world, job_id=999999).status_code == 404
+    other_job, _model, _rnd = start_job(world.scene, seed=9)
+    JobParticipant.objects.filter(job=other_job, institution=cast.hospital_a).update(
+        status=JobParticipant.Status.REMOVED
+    )
+    removed = round_model(world, job_id=other_job.pk)
+    missing = round_model(world, job_id=999999)
+    assert removed.status_code == missing.status_code == 404
+    assert removed.json() == missing.json()
+
+
+def test_a_revoked_site_gets_no_round_model(world, cast):
+    sites.site_credential_revoke(acting_user=cast.steward, credential=world.site.credential)
+    response = round_model(world)
+    assert response.status_code == 401
+    assert "revoked" in response.json()["detail"]
+
+
+# --- What a round costs the database (docs/performance.md, "Round overhead") -------------------
+
+
+def test_the_round_model_costs_two_queries(world, django_assert_num_queries):
+    round_model(world)  # the credential's last_used_at is written at most once a minute
+    with django_assert_num_queries(2):  # the credential; the site's row with round and job
+        assert round_model(world).status_code == 200
+
+
+def test_the_queries_an_upload_costs(world, django_assert_num_queries):
+    """Authentication 1, who may upload 1, the unlocked first look 2 (participant with job;
+    the site's row with its round), the data set 1; under the chain lock: the lock 1, the
+    round and the row 2, the participation again 1, the row written 1, the ledger entry (3
+    on SQLite, 2 on PostgreSQL, where the entry and the head are written in one statement),
+    whether any site is still expected 1; and 4 transaction statements (savepoints here).
+    Before the two looks were trimmed it was 24 on SQLite (23 on PostgreSQL)."""
+    from django.db import connection
+
+    round_model(world)  # writes the credential's last_used_at, not counted below
+    data = pack_tensors(update_tensors())
+    expected = 17 if connection.vendor == "postgresql" else 18
+    with mock.patch.object(sites.current_app, "send_task"), django_assert_num_queries(expected):
+        assert upload(world, data=data).status_code == 201
+
+
+def test_a_duplicate_upload_costs_four_queries(world, django_assert_num_queries):
+    """A repeated upload stops at the unlocked first look (authentication, who may upload,
+    the participant, the site's row): no verification, no lock."""
+    data = pack_tensors(update_tensors())
+    with mock.patch.object(sites.current_app, "send_task"):
+        assert upload(world, data=data).status_code == 201
+        with django_assert_num_queries(4):
+            assert upload(world, data=data).status_code == 200
+
+
 def test_a_site_of_a_job_it_does_not_take_part_in_gets_404_on_upload(world, cast):
     from .training_fixtures import add_institution
 

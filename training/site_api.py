@@ -24,6 +24,16 @@ Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
   round, the previous site's result), as the packed tensor file
   (``application/octet-stream``) with an ``X-Content-SHA256`` header. Any other
   digest, another site's start model included, is 404;
+* ``GET  jobs/<job_id>/rounds/<round_index>/model/`` -- the model this site must
+  train from in that round (its ``SiteUpdate.start_digest``), only while the round
+  asks the site for an update: the packed tensor file, with ``X-Content-SHA256``
+  (the start model's digest) and ``X-Spec-Digest`` (the job's spec digest)
+  headers. 409 with a ``code`` when the site must not train now
+  (``job_not_running``, ``round_closed``, ``already_received``,
+  ``not_dispatched``, ``not_sent``). This is the one request a site worker makes
+  before training each round: the job's spec is immutable for its digest, so a
+  worker fetches ``jobs/<job_id>/`` once per spec digest and checks every later
+  round's ``X-Spec-Digest`` against its task;
 * ``POST jobs/<job_id>/rounds/<round_index>/update/`` -- the site's update.
 
 The upload format: the request body is the raw packed tensor file
@@ -179,6 +189,26 @@ class SiteAPIView(APIView):
 
 def _not_found() -> exceptions.NotFound:
     return exceptions.NotFound("Not found.")
+
+
+class _NotAsked(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "not_asked"
+
+
+def _model_response(digest: str) -> HttpResponse:
+    """A stored model as the packed tensor file, with its digest."""
+    try:
+        data = artifact_store().get(digest)
+    except ArtifactError:
+        raise exceptions.APIException(
+            "The model file is missing or damaged in the artifact store; the operators "
+            "are told by the logs."
+        ) from None
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["X-Content-SHA256"] = digest
+    response["Content-Disposition"] = f'attachment; filename="{digest}.flt"'
+    return response
 
 
 # --- Serializers -----------------------------------------------------------------------------
@@ -371,16 +401,40 @@ class SiteModelView(SiteAPIView):
             raise _not_found()
         if not sites.site_may_read_model(self.credential, job, digest):
             raise _not_found()
+        return _model_response(digest)
+
+
+class SiteRoundModelView(SiteAPIView):
+    """The model this site must train from in a round, while the round asks it for an update."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="Download the model this site must train from in a round (or why not to train)",
+        description="While the round asks this site for an update, the model the site was "
+        "sent for it (the round's global model, or in a cyclic round the previous site's "
+        "result) as the packed tensor file; its SHA-256 is in the `X-Content-SHA256` header "
+        "and the job's spec digest in `X-Spec-Digest`. 409 with a `code` when the site must "
+        "not train: `job_not_running`, `round_closed`, `already_received` (e.g. a second "
+        "delivery of the task), `not_dispatched` (the round asks nothing of this site), "
+        "`not_sent` (a cyclic round has not reached it yet).",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The packed tensor file."
+            ),
+            401: _401,
+            404: _404,
+            409: _error("The round does not ask this site for an update now (see `code`)."),
+        },
+    )
+    def get(self, request, job_id: int, round_index: int):
         try:
-            data = artifact_store().get(digest)
-        except ArtifactError:
-            raise exceptions.APIException(
-                "The model file is missing or damaged in the artifact store; the operators "
-                "are told by the logs."
-            ) from None
-        response = HttpResponse(data, content_type="application/octet-stream")
-        response["X-Content-SHA256"] = digest
-        response["Content-Disposition"] = f'attachment; filename="{digest}.flt"'
+            update = sites.site_round_start(self.credential, job_id, round_index)
+        except sites.NotAsked as exc:
+            raise _NotAsked(str(exc), code=exc.code) from None
+        if update is None:
+            raise _not_found()
+        response = _model_response(update.start_digest)
+        response["X-Spec-Digest"] = update.round.job.spec_digest
         return response
 
 
@@ -602,6 +656,11 @@ urlpatterns = [
         "site/jobs/<int:job_id>/models/<str:digest>/",
         SiteModelView.as_view(),
         name="site-model",
+    ),
+    path(
+        "site/jobs/<int:job_id>/rounds/<int:round_index>/model/",
+        SiteRoundModelView.as_view(),
+        name="site-round-model",
     ),
     path(
         "site/jobs/<int:job_id>/rounds/<int:round_index>/update/",

@@ -43,7 +43,7 @@ from celery import current_app
 from django.conf import settings
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Exists, Q
 from django.utils import timezone
 
 from audit.ledger import append_entry, lock_chain
@@ -56,6 +56,7 @@ from .artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
 from .models import (
     GlobalModel,
     JobParticipant,
+    JobState,
     Round,
     SiteCredential,
     SiteDataset,
@@ -119,6 +120,16 @@ class _Reject(Exception):
     def __init__(self, code: str, reason: str, status: int = 400):
         super().__init__(reason)
         self.rejection = _Rejection(code=code, reason=reason, status=status)
+
+
+def _one(queryset):
+    """The row of a query on a unique key, or None. ``get()`` leaves ordering out of the SQL
+    (``first()`` orders by the primary key or the model's ordering, which costs a join or a
+    sort and compiling them): the site API runs these lookups on every request."""
+    try:
+        return queryset.get()
+    except queryset.model.DoesNotExist:
+        return None
 
 
 # --- Credentials ---------------------------------------------------------------------------
@@ -223,10 +234,8 @@ def site_credential_authenticate(token: str) -> SiteCredential | None:
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = _hash_token(token)
-    credential = (
-        SiteCredential.objects.select_related("institution__consortium")
-        .filter(token_hash=digest)
-        .first()
+    credential = _one(
+        SiteCredential.objects.select_related("institution__consortium").filter(token_hash=digest)
     )
     if credential is None or not hmac.compare_digest(credential.token_hash, digest):
         return None
@@ -263,15 +272,79 @@ def site_actor_repr(credential: SiteCredential) -> str:
 
 def site_job(credential: SiteCredential, job_id: int) -> TrainingJob | None:
     """The job, if the credential's institution is an active participant of it."""
-    return (
-        TrainingJob.objects.select_related("consortium")
-        .filter(
+    return _one(
+        TrainingJob.objects.select_related("consortium").filter(
             pk=job_id,
             participants__institution_id=credential.institution_id,
             participants__status=JobParticipant.Status.ACTIVE,
         )
-        .first()
     )
+
+
+class NotAsked(ConflictError):
+    """The round does not ask the site for an update now, so the site must not train for it:
+    ``code`` says why (``job_not_running``, ``round_closed``, ``already_received``,
+    ``not_dispatched``, ``not_sent``). The API answers 409 with it."""
+
+    code = "not_asked"
+
+
+def site_round_start(credential: SiteCredential, job_id: int, round_index: int) -> SiteUpdate:
+    """The site's ``SiteUpdate`` of round ``round_index`` of job ``job_id`` (with its round and
+    job), while that round asks the site for an update: its ``start_digest`` is the model the
+    site must train from now.
+
+    This is the one check a site worker needs each round (its job spec is immutable for its
+    digest and cached on site): one query when the answer is yes. Returns None when the job is
+    not one the site actively takes part in, or has no such round (the API's 404, the same as
+    for a missing job); raises :class:`NotAsked` when the site must not train: the job no
+    longer runs, the round is closed, the site's update was already received (a second
+    delivery of the task), the round asked nothing of the site, or (cyclic) has not reached it.
+    """
+    update = _one(
+        SiteUpdate.objects.select_related("round__job").filter(
+            round__job_id=job_id,
+            round__index=round_index,
+            institution_id=credential.institution_id,
+            # One join: the same participant row is the site's, and active.
+            round__job__participants__institution_id=credential.institution_id,
+            round__job__participants__status=JobParticipant.Status.ACTIVE,
+        )
+    )
+    site = credential.institution.slug
+    if update is None:
+        if (
+            site_job(credential, job_id) is None
+            or not Round.objects.filter(job_id=job_id, index=round_index).exists()
+        ):
+            return None
+        raise NotAsked(
+            f"No update is asked of {site} in round {round_index}.", code="not_dispatched"
+        )
+    rnd, job = update.round, update.round.job
+    if job.state != JobState.RUNNING:
+        raise NotAsked(
+            f"Job #{job.pk} is {job.get_state_display().lower()}: it takes no updates.",
+            code="job_not_running",
+        )
+    if rnd.state != Round.State.OPEN:
+        raise NotAsked(
+            f"Round {round_index} of job #{job.pk} is {rnd.get_state_display().lower()}.",
+            code="round_closed",
+        )
+    if update.status != SiteUpdate.Status.DISPATCHED:
+        raise NotAsked(
+            f"The update of {site} for round {round_index} was already received "
+            f"({update.get_status_display().lower()}).",
+            code="already_received",
+        )
+    if update.sent_at is None or not update.start_digest:
+        raise NotAsked(
+            f"Round {round_index} has not been sent to {site} yet (a cyclic round reaches one "
+            "site at a time).",
+            code="not_sent",
+        )
+    return update
 
 
 def site_may_read_model(credential: SiteCredential, job: TrainingJob, digest: str) -> bool:
@@ -464,7 +537,7 @@ def _verify(
         ) from None
     _check_tensors(data, start_digest)
     key = job.spec.get("dataset_key")
-    dataset = SiteDataset.objects.filter(institution_id=credential.institution_id, key=key).first()
+    dataset = _one(SiteDataset.objects.filter(institution_id=credential.institution_id, key=key))
     if dataset is None:
         raise _Reject("bad_samples", f"{slug} no longer offers the data set '{key}'")
     if not 1 <= samples <= dataset.num_records:
@@ -518,20 +591,8 @@ def _status_refusal(update: SiteUpdate | None, *, site: str, round_index: int, d
     )
 
 
-def _load(credential: SiteCredential, job_id: int, round_index: int, *, lock: bool):
-    """The job, the round and the site's SiteUpdate row, or a refusal that is
-    not recorded (no such job or round for this site, the round not open)."""
-    job = (
-        TrainingJob.objects.select_related("consortium")
-        .filter(pk=job_id, participants__institution_id=credential.institution_id)
-        .first()
-    )
-    if job is None:
-        raise UpdateRefused("Not found.", code="not_found", status=404)
-    rounds = Round.objects.select_related("global_model_in")
-    if lock:
-        rounds = rounds.select_for_update(of=("self",))
-    rnd = rounds.filter(job=job, index=round_index).first()
+def _check_round(rnd: Round | None, job: TrainingJob, round_index: int) -> None:
+    """A refusal that is not recorded when the round does not exist or is not open."""
     if rnd is None:
         raise UpdateRefused(
             f"Job #{job.pk} has no round {round_index}.", code="no_such_round", status=404
@@ -543,24 +604,68 @@ def _load(credential: SiteCredential, job_id: int, round_index: int, *, lock: bo
             code="round_closed",
             status=409,
         )
-    updates = SiteUpdate.objects.filter(round=rnd, institution_id=credential.institution_id)
-    if lock:
-        updates = updates.select_for_update(of=("self",))
-    return job, rnd, updates.first()
 
 
-def _participation_rejection(credential: SiteCredential, job: TrainingJob) -> _Rejection | None:
-    """Rejections that come from who uploads, not from what: checked again under the locks."""
-    current = SiteCredential.objects.filter(pk=credential.pk).values("revoked_at").first()
-    if current is None or current["revoked_at"] is not None:
+def _first_look(credential: SiteCredential, job_id: int, round_index: int):
+    """Unlocked: the job (through the site's participant row, which the participation check
+    reads too), the round and the site's ``SiteUpdate`` row, in two queries; or a refusal that
+    is not recorded (no such job or round for this site, the round not open)."""
+    participant = _one(
+        JobParticipant.objects.select_related("job__consortium").filter(
+            job_id=job_id, institution_id=credential.institution_id
+        )
+    )
+    if participant is None:
+        raise UpdateRefused("Not found.", code="not_found", status=404)
+    job = participant.job
+    update = _one(
+        SiteUpdate.objects.select_related("round__global_model_in").filter(
+            round__job=job, round__index=round_index, institution_id=credential.institution_id
+        )
+    )
+    if update is not None:
+        rnd = update.round
+    else:
+        rnd = _one(
+            Round.objects.select_related("global_model_in").filter(job=job, index=round_index)
+        )
+    _check_round(rnd, job, round_index)
+    return job, rnd, update, participant
+
+
+def _locked_look(credential: SiteCredential, job: TrainingJob, round_index: int):
+    """Under the chain lock: the round and the site's ``SiteUpdate`` row read again and locked,
+    the round first (the coordinator's claim of a round updates the round, then its rows), since
+    either may have moved since the first look. The job's spec and consortium do not move."""
+    rnd = _one(
+        Round.objects.select_for_update(of=("self",))
+        .select_related("global_model_in")
+        .filter(job=job, index=round_index)
+    )
+    _check_round(rnd, job, round_index)
+    update = _one(
+        SiteUpdate.objects.select_for_update(of=("self",)).filter(
+            round=rnd, institution_id=credential.institution_id
+        )
+    )
+    return rnd, update
+
+
+def _participation_rejection(
+    credential: SiteCredential,
+    job: TrainingJob,
+    *,
+    live: bool,
+    participant: JobParticipant | None,
+) -> _Rejection | None:
+    """Rejections that come from who uploads, not from what: a credential no longer live, a
+    site no longer taking part."""
+    if not live:
         return _Rejection(
             "credential_revoked",
             f"the credential '{credential.label}' ({credential.token_prefix}…) is revoked",
             401,
         )
-    participant = JobParticipant.objects.filter(
-        job=job, institution_id=credential.institution_id
-    ).first()
     if participant is None or participant.status != JobParticipant.Status.ACTIVE:
         why = (
             f" ({participant.removed_reason})" if participant and participant.removed_reason else ""
@@ -571,6 +676,21 @@ def _participation_rejection(credential: SiteCredential, job: TrainingJob) -> _R
             403,
         )
     return None
+
+
+def _participation_now(credential: SiteCredential, job: TrainingJob) -> _Rejection | None:
+    """The participation check on fresh rows, in one query: under the locks, since the
+    credential may have been revoked, or the site removed from the job, since the request was
+    authenticated (revocation and removal take the chain lock, so what is read here holds
+    until the outcome commits)."""
+    still_live = SiteCredential.objects.filter(pk=credential.pk, revoked_at__isnull=True)
+    participant = _one(
+        JobParticipant.objects.filter(job=job, institution_id=credential.institution_id).annotate(
+            credential_live=Exists(still_live)
+        )
+    )
+    live = participant.credential_live if participant is not None else still_live.exists()
+    return _participation_rejection(credential, job, live=live, participant=participant)
 
 
 def _ledger_common(update: SiteUpdate, job: TrainingJob, rnd: Round, credential) -> dict:
@@ -709,14 +829,12 @@ def update_receive(
     check on an update the round asked for is; a closed round, an unknown job or
     round, or an update already received are only refused).
     """
-    credential = SiteCredential.objects.select_related("institution__consortium").get(
-        pk=credential.pk
-    )
     site = credential.institution.slug
     digest = update_digest if isinstance(update_digest, str) else ""
 
-    # Unlocked first look: a duplicate or a refused state costs no verification.
-    job, rnd, update = _load(credential, job_id, round_index, lock=False)
+    # Unlocked first look: a duplicate or a refused state costs no verification. The
+    # credential is as authenticated; everything is read again under the locks below.
+    job, rnd, update, participant = _first_look(credential, job_id, round_index)
     state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
     if isinstance(state, SiteUpdate):
         state.duplicate = True
@@ -724,7 +842,9 @@ def update_receive(
     if state is not None:
         raise state
 
-    rejection = _participation_rejection(credential, job)
+    rejection = _participation_rejection(
+        credential, job, live=credential.revoked_at is None, participant=participant
+    )
     verified = None
     if rejection is None:
         try:
@@ -757,14 +877,14 @@ def update_receive(
 
     with transaction.atomic():
         lock_chain()
-        job, rnd, update = _load(credential, job_id, round_index, lock=True)
+        rnd, update = _locked_look(credential, job, round_index)
         state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
         if isinstance(state, SiteUpdate):
             state.duplicate = True
             return state
         if state is not None:
             raise state
-        rejection = _participation_rejection(credential, job) or rejection
+        rejection = _participation_now(credential, job) or rejection
         if rejection is not None:
             _record_rejection(
                 update,
@@ -800,19 +920,17 @@ def update_refuse_oversize(
     rejection = _Rejection(
         "too_large", f"the update is over the limit of {limit} bytes ({size} or more)", 413
     )
-    credential = SiteCredential.objects.select_related("institution__consortium").get(
-        pk=credential.pk
-    )
     site = credential.institution.slug
     with transaction.atomic():
         lock_chain()
-        job, rnd, update = _load(credential, job_id, round_index, lock=True)
+        job, _rnd, _update, _participant = _first_look(credential, job_id, round_index)
+        rnd, update = _locked_look(credential, job, round_index)
         state = _status_refusal(update, site=site, round_index=round_index, digest="")
         if isinstance(state, SiteUpdate):  # pragma: no cover - digest "" never matches
             raise rejection.refused(recorded=False)
         if state is not None:
             raise state
-        rejection = _participation_rejection(credential, job) or rejection
+        rejection = _participation_now(credential, job) or rejection
         _record_rejection(
             update,
             job=job,

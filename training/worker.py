@@ -5,13 +5,18 @@ it is configured from its environment and talks to the central server only throu
 REST API (``training.site_api``), authenticated as its site, with urllib from the standard
 library. Its task message carries ids and digests only; everything else it fetches and checks:
 
-1. the job (``GET /api/site/jobs/<id>/``): the canonical spec must hash to the task's
-   ``spec_digest`` (so the site trains exactly what its approver approved), and the site must
-   still be asked for an update in that round, from the model the task names (a second
-   delivery of a task whose update was already accepted stops here);
-2. the model the site starts from, by the task's ``start_digest`` (``GET .../models/<digest>/``),
-   checked against its SHA-256: the round's global model, or in a cyclic round the previous
-   site's result. The update is the delta from that model;
+1. the model the site starts from (``GET /api/site/jobs/<id>/rounds/<index>/model/``), which
+   the central server sends only while the round still asks this site for an update: a 409
+   (the update was already received, e.g. a second delivery of the task; the round closed;
+   the job stopped) ends the task with nothing to do. The model must be the task's
+   ``start_digest`` (its header, and its SHA-256), and the job's spec digest (its
+   ``X-Spec-Digest`` header) the task's ``spec_digest``: the round's global model, or in a
+   cyclic round the previous site's result. The update is the delta from that model;
+2. the job (``GET /api/site/jobs/<id>/``), once per spec digest: the canonical spec must hash
+   to the task's ``spec_digest`` (so the site trains exactly what its approver approved).
+   A spec is immutable for its digest, so it is kept in memory (:func:`job_spec`, per
+   credential, job and digest) and every later round costs one request before training,
+   not two; a task with another digest fetches and checks the job again;
 3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``), local training
    (``training.fl.local.train_local``; DP-SGD happens there), the privacy pipeline on the
    update (``training.fl.filters.apply_pipeline``), all on site;
@@ -39,9 +44,11 @@ import json
 import logging
 import os
 import secrets
+import threading
 import time
 import urllib.error
 import urllib.request
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -52,9 +59,12 @@ __all__ = [
     "CentralClient",
     "CentralError",
     "IntegrityFailure",
+    "JobSpec",
+    "RoundModel",
     "WorkerConfig",
     "WorkerConfigError",
     "WrongSite",
+    "job_spec",
     "run_site_round",
 ]
 
@@ -143,6 +153,15 @@ class WorkerConfig:
         return self.data_root / ".fl-state" / str(int(job_id))
 
 
+@dataclass(frozen=True)
+class RoundModel:
+    """The model a site must train from in a round, as the central server sent it."""
+
+    data: bytes
+    digest: str  # the X-Content-SHA256 header: the start model's digest
+    spec_digest: str  # the X-Spec-Digest header: the job's spec digest
+
+
 class CentralClient:
     """The central site API over urllib, authenticated as the site (``Authorization: Site``)."""
 
@@ -180,6 +199,19 @@ class CentralClient:
         _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/models/{digest}/")
         return data
 
+    def round_model(self, job_id: int, round_index: int) -> RoundModel:
+        """The model to train from in the round; CentralError (409, with a ``code`` in its
+        body) when the round does not ask this site for an update now."""
+        _status, headers, data = self._request(
+            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/"
+        )
+        headers = {name.lower(): value for name, value in headers.items()}
+        return RoundModel(
+            data=data,
+            digest=headers.get("x-content-sha256", ""),
+            spec_digest=headers.get("x-spec-digest", ""),
+        )
+
     def upload(
         self,
         job_id: int,
@@ -208,6 +240,80 @@ class CentralClient:
             },
         )
         return status, json.loads(body)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job's spec as its approvers approved it (checked against its digest), and this
+    site's description of the job's data set as the central server gave it."""
+
+    spec_text: str
+    input_shape: tuple[int, ...] | None
+    n_classes: int | None
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_text)  # a fresh dict each time: the cache stays intact
+
+
+#: Verified job specs, per (worker configuration, job id, spec digest); least recently used
+#: out first. A spec never changes for its digest, so an entry never goes stale.
+_SPECS: OrderedDict[tuple, JobSpec] = OrderedDict()
+_SPECS_LOCK = threading.Lock()
+_SPECS_KEPT = 16
+
+
+def job_spec(client, config: WorkerConfig, job_id: int, spec_digest: str) -> JobSpec:
+    """The job's spec for a task that carries ``spec_digest``: fetched (``GET
+    .../jobs/<id>/``) and checked the first time, from memory afterwards.
+
+    The canonical spec text must hash to ``spec_digest``, the server must name the same
+    digest, and the text must be the canonical form of the spec it encodes; otherwise
+    :class:`IntegrityFailure` (the job changed since the task was sent). Only a spec that
+    passed is kept, under the digest it was checked against, so a task with another digest
+    never uses it. The key holds the worker's configuration (its central server and token),
+    so two credentials never share an entry."""
+    from .spec import canonical_spec_text
+    from .spec import spec_digest as digest_of_spec
+
+    key = (config, int(job_id), spec_digest)
+    with _SPECS_LOCK:
+        known = _SPECS.get(key)
+        if known is not None:
+            _SPECS.move_to_end(key)
+            return known
+    job = client.job(job_id)
+    spec_text = job.get("spec_text", "")
+    spec = json.loads(spec_text)
+    if (
+        hashlib.sha256(spec_text.encode("utf-8")).hexdigest() != spec_digest
+        or job.get("spec_digest") != spec_digest
+        or digest_of_spec(spec) != spec_digest
+        or canonical_spec_text(spec) != spec_text
+    ):
+        raise IntegrityFailure(
+            f"job #{job_id}'s spec does not match the digest this task carries "
+            f"({spec_digest[:12]}…): the job changed since the task was sent"
+        )
+    dataset = job.get("dataset") or {}
+    shape = dataset.get("input_shape")
+    known = JobSpec(
+        spec_text=spec_text,
+        input_shape=tuple(shape) if shape else None,
+        n_classes=dataset.get("n_classes") or None,
+    )
+    with _SPECS_LOCK:
+        _SPECS[key] = known
+        while len(_SPECS) > _SPECS_KEPT:
+            _SPECS.popitem(last=False)
+    return known
+
+
+#: The codes of a 409 from the round-model request that mean the task has nothing left to
+#: do (a second delivery, a closed round, a stopped job), not that anything is wrong.
+_NOTHING_TO_DO = frozenset(
+    {"already_received", "round_closed", "job_not_running", "not_dispatched"}
+)
 
 
 def _json_safe(value):
@@ -289,45 +395,43 @@ def run_site_round(
     client = client or CentralClient(config)
     clock = _PhaseClock()
 
-    from .spec import canonical_spec_text
-    from .spec import spec_digest as digest_of_spec
-
-    job = client.job(job_id)
-    clock.lap("job")
-    spec_text = job.get("spec_text", "")
-    local_digest = hashlib.sha256(spec_text.encode("utf-8")).hexdigest()
-    spec = json.loads(spec_text)
-    if (
-        local_digest != spec_digest
-        or job.get("spec_digest") != spec_digest
-        or digest_of_spec(spec) != spec_digest
-        or canonical_spec_text(spec) != spec_text
-    ):
+    try:
+        sent = client.round_model(job_id, round_index)
+    except CentralError as exc:
+        code = exc.body.get("code") if isinstance(exc.body, dict) else None
+        if exc.status == 409 and code in _NOTHING_TO_DO:
+            log.info(
+                "job #%s round %s: no update is asked of %s now (%s); nothing to do",
+                job_id,
+                round_index,
+                site,
+                exc.body.get("detail", code),
+            )
+            return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
+        if exc.status == 409 and code == "not_sent":
+            raise IntegrityFailure(
+                f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
+                "but the central server has sent this site nothing yet"
+            ) from None
+        raise
+    if sent.spec_digest != spec_digest:
         raise IntegrityFailure(
-            f"job #{job_id}'s spec does not match the digest this task carries "
-            f"({spec_digest[:12]}…): the job changed since the task was sent"
+            f"job #{job_id}'s spec digest is {sent.spec_digest[:12]}… on the central server, "
+            f"not the {spec_digest[:12]}… this task carries: the job changed since the task "
+            "was sent"
         )
-    open_round = job.get("open_round") or {}
-    if open_round.get("index") != round_index or open_round.get("update_status") != "dispatched":
-        log.info(
-            "job #%s round %s: no update is asked of %s now (%s); nothing to do",
-            job_id,
-            round_index,
-            site,
-            open_round or "no open round",
-        )
-        return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
-    sent = open_round.get("start_model")
-    if sent != start_digest:
+    if sent.digest != start_digest:
         raise IntegrityFailure(
             f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
-            f"but the central server sent this site {(sent or 'nothing yet')[:12]}…"
+            f"but the central server sent this site {(sent.digest or 'nothing')[:12]}…"
         )
-
-    model_bytes = client.model(job_id, start_digest)
+    model_bytes = sent.data
     if hashlib.sha256(model_bytes).hexdigest() != start_digest:
         raise IntegrityFailure(f"the start model does not hash to {start_digest}")
     clock.lap("model")
+    job = job_spec(client, config, job_id, spec_digest)
+    spec = job.spec
+    clock.lap("job")
 
     import torch
 
@@ -342,11 +446,10 @@ def run_site_round(
     data = load_site_data(
         data_root=config.data_root, dataset_key=spec["dataset_key"], site_slug=site
     )
-    dataset = job.get("dataset") or {}
     model = build_model(
         model_registry()[spec["model"]["name"]].class_path,
-        input_shape=dataset.get("input_shape") or data.input_shape,
-        n_classes=dataset.get("n_classes") or data.n_classes,
+        input_shape=list(job.input_shape) if job.input_shape else data.input_shape,
+        n_classes=job.n_classes or data.n_classes,
         params=spec["model"].get("params") or {},
     )
     model.load_state_dict(unpack_tensors(model_bytes))
