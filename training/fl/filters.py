@@ -28,20 +28,23 @@ Decisions (each one tested in ``tests/test_fl_filters.py``):
   interpolation (equal to ``torch.quantile`` where that works), for any size: ``torch.quantile``
   refuses more than 2^24 elements.
 * **Exact order statistics, fast.** The top-k threshold and the percentile are exact order
-  statistics found without sorting or partitioning the whole update (:func:`_band`): the
+  statistics found without sorting or partitioning the whole update (:func:`_bands`): the
   quantiles of a sample of 65,536 scores bracket the rank asked for, one chunked scan counts the
   scores below the bracket and gathers the ~2% inside it, and a partition of those gives the exact
   value. If the bracket misses (about 1e-5 per call, or on adversarial data), everything is
   partitioned in place instead: the result never depends on the sample, only the time does.
-  After a top-k ``partial_sharing`` the scores and their sample are reused for the percentile.
+  A top-k ``partial_sharing`` followed by ``percentile_clipping`` brackets both ranks in the same
+  scan (the percentile's ranks are known once ``k`` is), which also sums what the clipped norm
+  needs.
 * **Clipping margin.** L1 and L2 clips scale by ``bound / norm * (1 - 2**-20)`` so that the bound
   holds after float32 rounding (a DP guarantee needs the bound to hold, not almost hold).
 * **Noise.** Gaussian noise is Box-Muller, Laplace noise the inverse CDF, both on 24-bit
   uniforms (as torch's own float samplers; Gaussian tails end at 5.77 std, Laplace tails at about
   16.6 b) made from AES-128-CTR keystream (``cryptography``/OpenSSL, AES-NI), in chunks of
-  :data:`NOISE_CHUNK` values on a small thread pool, with numpy's vectorised float32 log, sqrt,
-  sin and cos. The AES key is 128 bits drawn from the caller's ``generator``; chunk ``i`` uses
-  counter block ``i * 2**64``, so results depend only on the generator, not on the thread count.
+  :data:`NOISE_CHUNK` values on a small thread pool, with numpy's vectorised float32 log, sin
+  and cos. Noise is drawn only for the shared coordinates, one draw each in order. The AES key
+  is 128 bits drawn from the caller's ``generator``; chunk ``i`` uses counter block
+  ``i * 2**64``, so results depend only on the generator, not on the thread count.
   This is about 3x faster than torch's single-threaded Mersenne Twister sampler and, unlike it,
   its output does not reveal the generator state. Like every textbook floating-point sampler it
   is not hardened against the floating-point attacks of Mironov (2012), and the noise is only as
@@ -66,12 +69,14 @@ Decisions (each one tested in ``tests/test_fl_filters.py``):
   selection is close to uniform: that is the price of update-level pure DP, not a bug.
 
 Performance: everything runs on one flat float32 copy of the shared parameters, in place, and every
-large scratch buffer comes from a :class:`Workspace`; clipping, noise and masking are fused where
-one torch call can do it (``noise + factor * values``, then the mask). Costs, and what did not
-help, are in docs/performance.md, "Privacy filters". Pass one workspace per site worker to reuse
-the buffers across rounds: the returned tensors are then views into the workspace and are
-overwritten by the next call with it (serialise the update first). Without a workspace each call
-allocates its own.
+large scratch buffer comes from a :class:`Workspace`. The loops over the whole update are
+compiled (:mod:`training.fl.kernels`), and as few as possible: a top-k records its threshold and a
+percentile clip its bound instead of writing the values (:class:`_State`), and the one pass that
+writes them anyway (with the noise, or at the end) applies both; the clipped norm comes from the
+selection's scan. Costs, and what did not help, are in docs/performance.md, "Privacy filters".
+Pass one workspace per site worker to reuse the buffers across rounds: the returned tensors are
+then views into the workspace and are overwritten by the next call with it (serialise the update
+first). Without a workspace each call allocates its own.
 """
 
 from __future__ import annotations
