@@ -313,8 +313,16 @@ def finish_values(
         for i in range(v.size):
             v[i] = min(max(v[i], -c), c) * f
         return j
+    # The common cases written out: LLVM does not unswitch the general loop below.
+    if selects and not has_mask and not with_noise:  # top-k (and a clip), no noise
+        for i in range(v.size):
+            x = v[i]
+            keep = abs(x) >= fl
+            out[i] = keep
+            v[i] = min(max(x, -c), c) * f if keep else np.float32(0.0)
+        return j
     if selects and with_noise and not has_mask:  # top-k, clip, noise: the common pipeline
-        for i in range(v.size):  # written out: LLVM does not unswitch the general loop
+        for i in range(v.size):
             x = v[i]
             keep = abs(x) >= fl
             out[i] = keep
