@@ -505,7 +505,7 @@ class _Band:
 def _scores(st: _State, source: np.ndarray, at: np.ndarray | slice) -> np.ndarray:
     """Scores of ``source`` at ``at``: ``|value|``, and -1 where the coordinate is unshared."""
     s = np.abs(source[at])
-    if st.floor > 0:
+    if st.floor > 0 and source is st.array:  # the threshold is on the values, not on keys
         s[s < st.floor] = -1.0
     if st.maskb is not None:
         s[st.mask[at] == 0] = -1.0
