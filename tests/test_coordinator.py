@@ -265,10 +265,8 @@ def test_job_start_twice_does_nothing_the_second_time(c3, broker):
     assert len(broker.site_tasks()) == 3
 
 
-def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
-    job = _start(c3, broker, rounds=2)
-    # Run the site tasks but hold the central messages back.
-    rnd = Round.objects.get(job=job, index=1)
+def _run_queued_site_tasks(c3, broker):
+    """Run every queued site task (in process, as its site), leaving central messages queued."""
     for message in list(broker.messages):
         broker.messages.remove(message)
         site = c3.site(message["kwargs"]["site"])
@@ -278,6 +276,13 @@ def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
             config=site.config(),
             client=InProcessClient(site.token),
         )
+
+
+def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
+    job = _start(c3, broker, rounds=2)
+    # Run the site tasks but hold the central messages back.
+    rnd = Round.objects.get(job=job, index=1)
+    _run_queued_site_tasks(c3, broker)
     closes = [m for m in broker.messages if m["name"] == "training.round_maybe_close"]
     assert len(closes) == 1  # asked by the round's last accepted update only
     assert broker.run(coordinator.round_maybe_close, rnd.pk) == "closed"
@@ -758,15 +763,7 @@ def test_a_site_fetches_its_job_once_per_spec_digest(c3, broker, monkeypatch):
 
 def _run_round_one(c3, broker):
     """Run round 1's site tasks and its close; round 2's site tasks are left in broker.lost."""
-    for message in list(broker.messages):
-        broker.messages.remove(message)
-        site = c3.site(message["kwargs"]["site"])
-        broker.run(
-            run_site_round,
-            **message["kwargs"],
-            config=site.config(),
-            client=InProcessClient(site.token),
-        )
+    _run_queued_site_tasks(c3, broker)
     broker.deliver(only_central=True)
     return {m["kwargs"]["site"]: m["kwargs"] for m in broker.lost}
 
