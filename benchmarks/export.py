@@ -38,7 +38,6 @@ import gc
 import hashlib
 import importlib.util
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -306,15 +305,7 @@ def main() -> int:
         bench_ledger.setup_django()
         from django.db import connection
 
-        print(
-            f"export benchmark, {dt.date.today()} on {platform.node()}: "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}"
-        )
-        if connection.vendor == "sqlite":
-            server = ".".join(map(str, connection.Database.sqlite_version_info))
-        else:
-            server = str(connection.cursor().connection.server_version)
-        print(f"database: {where}, server {connection.vendor} {server}")
+        bench_ledger.print_setting("export benchmark", where)
         print(
             f"one job, {args.sites} sites, {args.sites + 3} entries a round; CSV to "
             f"{'a spooled temporary file' if args.spool else 'a hashing sink'}"

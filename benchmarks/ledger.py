@@ -407,22 +407,27 @@ def bench_verify(total: int, small: int, chunk_size: int) -> dict:
     return out
 
 
+def print_setting(title: str, where: str) -> None:
+    """The benchmark's first lines: date, machine, Python, and the database it measures."""
+    from django.db import connection
+
+    print(
+        f"{title}, {dt.date.today()} on {platform.node()}: "
+        f"{os.cpu_count()} cores, Python {platform.python_version()}"
+    )
+    if connection.vendor == "sqlite":
+        server = ".".join(map(str, connection.Database.sqlite_version_info))
+    else:
+        server = str(connection.cursor().connection.server_version)
+    print(f"database: {where}, server {connection.vendor} {server}")
+
+
 def main() -> int:
     args = parse_args()
     where, cleanup = prepare_database()
     try:
         setup_django()
-        from django.db import connection
-
-        print(
-            f"ledger benchmark, {dt.date.today()} on {platform.node()}: "
-            f"{os.cpu_count()} cores, Python {platform.python_version()}"
-        )
-        if connection.vendor == "sqlite":
-            server = ".".join(map(str, connection.Database.sqlite_version_info))
-        else:
-            server = str(connection.cursor().connection.server_version)
-        print(f"database: {where}, server {connection.vendor} {server}")
+        print_setting("ledger benchmark", where)
         print()
         a = bench_appends(args.appends)
         print(

@@ -22,6 +22,7 @@ from consortium.models import Membership, Role
 from consortium.viewmixins import GovernancePage, PermissionRequiredMixin
 
 from .factories import UserFactory
+from .permission_matrix import LOGIN, permission_cases
 
 pytestmark = pytest.mark.django_db
 
@@ -41,7 +42,6 @@ INSTITUTION_KEEPERS = {"admin", "inst_admin", "steward"}  # consortium.change_in
 MEMBER_MANAGERS = {"admin", "inst_admin"}  # hospital A's memberships and invitations
 APPROVERS = {"approver"}
 WITHDRAWERS = {"approver", "inst_admin"}
-LOGIN = "login"
 
 
 @dataclass
@@ -211,32 +211,6 @@ ROUTES = [
 ]
 
 
-def _matrix():
-    for name, kwargs, method, allowed, ok, data in ROUTES:
-        for persona in PERSONAS:
-            if persona == "anonymous":
-                expected = LOGIN
-            elif persona in allowed:
-                expected = ok
-            else:
-                expected = 404
-            yield pytest.param(
-                name, kwargs, method, persona, expected, data, id=f"{method}-{name}-{persona}"
-            )
-    # The overview: members are sent on to their one consortium; an outsider sees
-    # an empty list.
-    for persona in PERSONAS:
-        expected = {"anonymous": LOGIN, "outsider": 200}.get(persona, 302)
-        yield pytest.param(
-            "overview", lambda s: {}, "get", persona, expected, None, id=f"get-overview-{persona}"
-        )
-    # An invitation link opens for anyone holding it.
-    for persona in PERSONAS:
-        yield pytest.param(
-            "invitation-accept", token, "get", persona, 200, None, id=f"get-invitation-{persona}"
-        )
-
-
 def _request(scene, name, kwargs, method, persona, data):
     client = scene.cast.client_for(persona)
     url = reverse(f"consortium:{name}", kwargs=kwargs(scene))
@@ -246,7 +220,8 @@ def _request(scene, name, kwargs, method, persona, data):
 
 
 @pytest.mark.parametrize(
-    ("url_name", "kwargs", "method", "persona", "expected", "data"), list(_matrix())
+    ("url_name", "kwargs", "method", "persona", "expected", "data"),
+    list(permission_cases(ROUTES, PERSONAS)),
 )
 def test_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
     url, response = _request(scene, url_name, kwargs, method, persona, data)

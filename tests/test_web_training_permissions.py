@@ -20,6 +20,7 @@ from training import services
 from training.models import TrainingJob
 
 from .factories import UserFactory
+from .permission_matrix import LOGIN, permission_cases
 from .test_web_training import (
     KEY,
     agreement_in_force,
@@ -48,7 +49,6 @@ DATA_KEEPERS = {"steward", "inst_admin"}  # training.manage_datasets at hospital
 PROPOSERS = {"admin", "researcher", "other_member"}  # admins and any researcher
 JOB_OWNERS = {"admin", "researcher"}  # the consortium admin and the job's proposer
 APPROVERS = {"approver"}  # hospital A's approver (hospital A takes part)
-LOGIN = "login"
 
 
 @dataclass
@@ -176,28 +176,9 @@ ROUTES = [
 ]
 
 
-def _matrix():
-    for name, kwargs, method, allowed, ok, data in ROUTES:
-        for persona in PERSONAS:
-            if persona == "anonymous":
-                expected = LOGIN
-            elif persona in allowed:
-                expected = ok
-            else:
-                expected = 404
-            yield pytest.param(
-                name,
-                kwargs,
-                method,
-                persona,
-                expected,
-                data,
-                id=f"{method}-{name}-{kwargs.__name__}-{persona}",
-            )
-
-
 @pytest.mark.parametrize(
-    ("url_name", "kwargs", "method", "persona", "expected", "data"), list(_matrix())
+    ("url_name", "kwargs", "method", "persona", "expected", "data"),
+    list(permission_cases(ROUTES, PERSONAS)),
 )
 def test_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
     client = scene.cast.client_for(persona)
@@ -432,28 +413,9 @@ REPORT_ROUTES = [
 ]
 
 
-def _report_matrix():
-    for name, kwargs, method, allowed, ok, data in REPORT_ROUTES:
-        for persona in PERSONAS:
-            if persona == "anonymous":
-                expected = LOGIN
-            elif persona in allowed:
-                expected = ok
-            else:
-                expected = 404
-            yield pytest.param(
-                name,
-                kwargs,
-                method,
-                persona,
-                expected,
-                data,
-                id=f"{method}-{name}-{kwargs.__name__}-{persona}",
-            )
-
-
 @pytest.mark.parametrize(
-    ("url_name", "kwargs", "method", "persona", "expected", "data"), list(_report_matrix())
+    ("url_name", "kwargs", "method", "persona", "expected", "data"),
+    list(permission_cases(REPORT_ROUTES, PERSONAS)),
 )
 def test_report_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
     from audit.models import LedgerEntry

@@ -49,6 +49,7 @@ from audit.ledger import append_entry, lock_chain
 from audit.models import LedgerEntry
 
 from .models import ContributionScore, JobState, Round, SiteUpdate, TrainingJob
+from .selectors import round_with_job
 from .spec import contribution_settings
 
 log = logging.getLogger(__name__)
@@ -152,11 +153,7 @@ def round_score(round_id: int) -> str:
     is closed whatever happens here. Returns ``"scored"``, ``"unavailable"``, ``"already"``
     or ``"error"``."""
     try:
-        rnd = (
-            Round.objects.select_related("job__consortium", "global_model_in")
-            .filter(pk=round_id)
-            .first()
-        )
+        rnd = round_with_job(round_id)
         if rnd is None or rnd.state != Round.State.CLOSED:
             return "error"
         if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):

@@ -74,7 +74,7 @@ from .models import (
 )
 from .queues import site_queue
 from .registry import model_registry
-from .selectors import committed_privacy_events
+from .selectors import committed_privacy_events, round_with_job
 
 log = logging.getLogger(__name__)
 
@@ -597,11 +597,7 @@ def round_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
     ``"not_open"``, ``"waiting"``, ``"closed"`` or ``"failed"``.
     """
     now = now or timezone.now()
-    rnd = (
-        Round.objects.select_related("job__consortium", "global_model_in")
-        .filter(pk=round_id)
-        .first()
-    )
+    rnd = round_with_job(round_id)
     if rnd is None or rnd.state != Round.State.OPEN:
         return "not_open"
     job = rnd.job

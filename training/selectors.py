@@ -17,9 +17,20 @@ from .models import (
     JobParticipant,
     JobState,
     PrivacyReservation,
+    Round,
     SiteDataset,
     TrainingJob,
 )
+
+
+def round_with_job(round_id: int) -> Round | None:
+    """A round with its job, the job's consortium and the round's starting model: what the
+    coordinator and the contribution scorer read before working on a round."""
+    return (
+        Round.objects.select_related("job__consortium", "global_model_in")
+        .filter(pk=round_id)
+        .first()
+    )
 
 
 def jobs_visible_to(user) -> QuerySet[TrainingJob]:
