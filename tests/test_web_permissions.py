@@ -211,6 +211,22 @@ ROUTES = [
 ]
 
 
+def _matrix():
+    yield from permission_cases(ROUTES, PERSONAS)
+    # The overview: members are sent on to their one consortium; an outsider sees
+    # an empty list.
+    for persona in PERSONAS:
+        expected = {"anonymous": LOGIN, "outsider": 200}.get(persona, 302)
+        yield pytest.param(
+            "overview", lambda s: {}, "get", persona, expected, None, id=f"get-overview-{persona}"
+        )
+    # An invitation link opens for anyone holding it.
+    for persona in PERSONAS:
+        yield pytest.param(
+            "invitation-accept", token, "get", persona, 200, None, id=f"get-invitation-{persona}"
+        )
+
+
 def _request(scene, name, kwargs, method, persona, data):
     client = scene.cast.client_for(persona)
     url = reverse(f"consortium:{name}", kwargs=kwargs(scene))
@@ -221,7 +237,7 @@ def _request(scene, name, kwargs, method, persona, data):
 
 @pytest.mark.parametrize(
     ("url_name", "kwargs", "method", "persona", "expected", "data"),
-    list(permission_cases(ROUTES, PERSONAS)),
+    list(_matrix()),
 )
 def test_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
     url, response = _request(scene, url_name, kwargs, method, persona, data)
