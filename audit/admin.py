@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from django.contrib import admin
 
-from .models import LedgerEntry, LedgerHead
+from audit.models import LedgerEntry, LedgerHead
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):

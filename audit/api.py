@@ -22,12 +22,11 @@ from rest_framework import mixins, serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from consortium import selectors
-from consortium.api.permissions import VISIBLE, GovernanceViewSet
-from consortium.api.serializers import ErrorSerializer, consortium_field
-
-from .ledger import verify_chain
-from .models import LedgerEntry
+from audit.ledger.chain import verify_chain
+from audit.models import LedgerEntry
+from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
+from consortium.governance import selectors
+from consortium.governance.api.serializers import ErrorSerializer, consortium_field
 
 
 def ledger_consortium_slugs(user) -> list[str]:

@@ -3,7 +3,7 @@
 Hand-written on purpose: django-auditlog and django-simple-history hang on model
 signals (bypassed by ``update()``, ``bulk_create`` and raw SQL) and neither chains
 hashes. Each entry stores its payload as canonical JSON *text* and
-``entry_hash = sha256(prev_hash || canonical_json(entry))``; see ``audit.ledger``.
+``entry_hash = sha256(prev_hash || canonical_json(entry))``; see ``audit.ledger.chain``.
 """
 
 from __future__ import annotations

@@ -6,7 +6,8 @@ ones the user can see, so a consortium the user may not read and one that does
 not exist give the same 404.
 
 Reports: ``audit.export_job_report`` on the job, ``audit.export_institution_report`` on the
-institution (see ``consortium.permissions``), enforced by the permission-by-default base view.
+institution (see ``consortium.governance.permissions``), enforced by the permission-by-default base
+view.
 """
 
 from __future__ import annotations
@@ -23,15 +24,15 @@ from django.utils import timezone
 from django.utils.functional import cached_property
 from django.views import View
 
-from consortium.selectors import consortia_visible_to, institutions_visible_to
-from consortium.viewmixins import GovernancePage, first_or_404
-
-from .forms import LedgerFilterForm
-from .ledger import verify_chain
-from .models import LedgerEntry
-from .reports import FORMATS, ContributionReport, ReportError, Scope, as_of, ledger_head
-from .selectors import ledger_event_names
-from .services import CONTENT_TYPES, report_export, spool
+from audit.forms import LedgerFilterForm
+from audit.ledger.chain import verify_chain
+from audit.ledger.selectors import ledger_event_names
+from audit.models import LedgerEntry
+from audit.reports.build import FORMATS, ContributionReport, ReportError, Scope, as_of, ledger_head
+from audit.reports.services import CONTENT_TYPES, report_export, spool
+from consortium.core.pages import first_or_404
+from consortium.governance.pages import GovernancePage
+from consortium.governance.selectors import consortia_visible_to, institutions_visible_to
 
 PAGE_SIZE = 50
 SESSION_KEY = "audit_ledger_verification"
@@ -132,7 +133,8 @@ class LedgerVerifyView(LoginRequiredMixin, View):
 class _ReportView(GovernancePage):
     """The report's page (GET: the summary at the current ledger head, and the export buttons)
     and its export (POST ``format`` and the ``head`` the page showed: the file is made from that
-    head, recorded in the ledger, then sent; see ``audit.services`` for why it is spooled)."""
+    head, recorded in the ledger, then sent; see ``audit.reports.services`` for why it is
+    spooled)."""
 
     template_name = "audit/report.html"
 
@@ -203,7 +205,7 @@ class JobReportView(_ReportView):
 
     @cached_property
     def job(self):
-        from training.selectors import jobs_visible_to
+        from training.jobs.selectors import jobs_visible_to
 
         return first_or_404(
             jobs_visible_to(self.request.user), consortium=self.consortium, pk=self.kwargs["pk"]

@@ -19,7 +19,7 @@ Measured at ``--small-entries`` and ``--entries`` (default 100,000 and 1,000,000
 baseline from the same run: merely iterating the same ledger rows once (``values_list(...)
 .iterator()``, the columns the report reads), without parsing them.
 
-* throughput: ledger entries per second of the whole export (``audit.report_formats.write_report``
+* throughput: ledger entries per second of the whole export (``audit.reports.formats.write_report``
   of the CSV: two ordered passes over the ledger, every payload parsed, every row formatted and
   hashed), and as a ratio to the baseline;
 * memory: the growth of the process's peak RSS during one export (VmHWM reset before it), and the
@@ -94,7 +94,7 @@ class HistoryWriter(bench_ledger.ChainWriter):
         self.started = False
 
     def _next_entries(self):
-        from audit.canonical import canonical_json
+        from audit.ledger.canonical import canonical_json
 
         if not self.started:
             self.started = True
@@ -202,8 +202,8 @@ class HistoryWriter(bench_ledger.ChainWriter):
     def extend_to(self, total: int, batch: int = 20_000) -> None:
         from django.db import connection
 
-        from audit.canonical import canonical_json
-        from audit.ledger import entry_canonical_text
+        from audit.ledger.canonical import canonical_json
+        from audit.ledger.chain import entry_canonical_text
         from audit.models import LedgerHead
 
         while self.seq < total:
@@ -251,9 +251,9 @@ class NullSink:
 
 
 def export_once(spool: bool) -> tuple[float, str, int, int]:
-    from audit.report_formats import write_report
-    from audit.reports import Scope, build_report
-    from audit.services import spool as make_spool
+    from audit.reports.build import Scope, build_report
+    from audit.reports.formats import write_report
+    from audit.reports.services import spool as make_spool
 
     report = build_report(Scope("job", CONSORTIUM, job_id=JOB_ID))
     out = make_spool() if spool else NullSink()
@@ -320,7 +320,7 @@ def main() -> int:
                 with connection.cursor() as cursor:
                     cursor.execute("VACUUM ANALYZE audit_ledgerentry")
             fill = time.perf_counter() - started
-            from audit.ledger import verify_chain
+            from audit.ledger.chain import verify_chain
 
             assert verify_chain().ok
             if not results:

@@ -117,7 +117,7 @@ def setup_django():
 def reset_ledger():
     from django.db import connection
 
-    from audit.ledger import GENESIS_HASH
+    from audit.ledger.chain import GENESIS_HASH
     from audit.models import LedgerHead
 
     with connection.cursor() as cursor:
@@ -167,8 +167,8 @@ def bench_appends(n: int) -> dict:
     from django.db import transaction
     from django.utils import timezone
 
-    from audit.canonical import canonical_json
-    from audit.ledger import append_entry
+    from audit.ledger.canonical import canonical_json
+    from audit.ledger.chain import append_entry
     from audit.models import LedgerEntry
 
     def plain_inserts() -> float:
@@ -207,7 +207,7 @@ def bench_appends(n: int) -> dict:
 
     from django.db import connection
 
-    from audit import ledger
+    from audit.ledger import chain as ledger
 
     # Interleaved, best of three each: the machine's noise hits all alike.
     plain, chained, orm_chained = [], [], []
@@ -252,8 +252,8 @@ class ChainWriter:
     def extend_to(self, total: int, batch: int = 20_000) -> None:
         from django.db import connection
 
-        from audit.canonical import canonical_json
-        from audit.ledger import entry_canonical_text
+        from audit.ledger.canonical import canonical_json
+        from audit.ledger.chain import entry_canonical_text
         from audit.models import LedgerHead
 
         while self.seq < total:
@@ -341,7 +341,7 @@ class ChainWriter:
 
 
 def time_verify(chunk_size: int) -> tuple[float, object]:
-    from audit.ledger import verify_chain
+    from audit.ledger.chain import verify_chain
 
     gc.collect()
     started = time.perf_counter()
@@ -350,7 +350,7 @@ def time_verify(chunk_size: int) -> tuple[float, object]:
 
 
 def time_read_only(chunk_size: int) -> float:
-    from audit.ledger import _rows
+    from audit.ledger.chain import _rows
 
     started = time.perf_counter()
     for _ in _rows(chunk_size):
@@ -361,7 +361,7 @@ def time_read_only(chunk_size: int) -> float:
 def memory_of_verify(chunk_size: int) -> dict:
     import tracemalloc
 
-    from audit.ledger import verify_chain
+    from audit.ledger.chain import verify_chain
 
     gc.collect()
     can_reset = reset_peak_rss()

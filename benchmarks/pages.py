@@ -70,10 +70,10 @@ class Builder:
     def __init__(self):
         from django.contrib.auth import get_user_model
 
-        from consortium.models import Consortium
-        from consortium.selectors import current_version
+        from consortium.governance.models import Consortium
+        from consortium.governance.selectors import current_version
+        from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
         from training.management.commands.demo import demo_spec
-        from training.spec import canonical_spec_text, spec_digest, validate_spec
 
         self.User = get_user_model()
         self.consortium = Consortium.objects.get(slug="demo")
@@ -88,8 +88,8 @@ class Builder:
         return list(self.consortium.institutions.order_by("pk"))
 
     def grow_institutions(self, total: int) -> None:
-        from consortium import services
-        from consortium.models import Role
+        from consortium.governance import services
+        from consortium.governance.models import Role
 
         have = self.consortium.institutions.count()
         for i in range(have, total):
@@ -182,7 +182,7 @@ class Builder:
         """A completed job with its rounds, updates, models and scores: the job page's case."""
         from django.utils import timezone
 
-        from training.accounting import events_for_pipeline
+        from training.jobs.accounting import events_for_pipeline
         from training.models import (
             ContributionScore,
             GlobalModel,

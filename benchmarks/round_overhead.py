@@ -173,12 +173,12 @@ def seed_consortium(n_sites: int, var: Path):
     of the data set with site credentials; everything through the services (and the ledger)."""
     from django.contrib.auth import get_user_model
 
-    from consortium import services as governance
-    from consortium.models import Role
+    from consortium.governance import services as governance
+    from consortium.governance.models import Role
     from training.fl.data import demo_split
     from training.fl.signing import generate_keypair
-    from training.services import dataset_register
-    from training.sites import site_credential_create
+    from training.jobs.services import dataset_register
+    from training.rounds.sites import site_credential_create
 
     User = get_user_model()
     admin = User.objects.create_user("bench-admin", is_staff=True, is_superuser=True)
@@ -270,7 +270,7 @@ def job_spec(slugs: list[str], rounds: int) -> dict:
 
 
 def propose_and_approve(admin, consortium, sites, rounds: int):
-    from training import services
+    from training.jobs import services
     from training.models import Approval
 
     job = services.job_propose(
@@ -425,7 +425,7 @@ class RoundFigures:
 def platform_rounds(job, warmup: int, measured: int) -> list[RoundFigures]:
     """Per measured round, from the rows' timestamps and the sites' reported training time."""
     from training.models import GlobalModel, Round
-    from training.worker import TRAIN_SECONDS_METRIC
+    from training.site.worker import TRAIN_SECONDS_METRIC
 
     rounds = {r.index: r for r in Round.objects.filter(job=job)}
     models = {m.round_index: m for m in GlobalModel.objects.filter(job=job)}
@@ -456,7 +456,7 @@ def platform_rounds(job, warmup: int, measured: int) -> list[RoundFigures]:
 
 
 def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
-    """The phase timings the site workers log for each task (``training.worker``)."""
+    """The phase timings the site workers log for each task (``training.site.worker``)."""
     phases: dict[str, list[float]] = {}
     for child in sup.children:
         if not child.name.startswith("site-"):
@@ -474,7 +474,7 @@ def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
 def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
     from training.management.commands.demo import Supervisor
     from training.models import TERMINAL_STATES, JobState
-    from training.queues import CENTRAL_QUEUE, site_queue
+    from training.rounds.queues import CENTRAL_QUEUE, site_queue
 
     total_rounds = args.warmup + args.rounds + 1  # +1: the last measured round ends when it opens
     admin, consortium, sites = seed_consortium(args.sites, var)
@@ -514,7 +514,7 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
         wait_for_quiet_ledger(deadline)
         figures = platform_rounds(job, args.warmup, args.rounds)
         phases = site_phases(sup, job.pk, range(args.warmup + 1, args.warmup + args.rounds + 1))
-        from audit.ledger import verify_chain
+        from audit.ledger.chain import verify_chain
 
         result = verify_chain()
         if not result.ok:
@@ -536,7 +536,7 @@ def _flower_client_fn(context):
     from training.fl.data import demo_split
     from training.fl.local import train_local
     from training.fl.models import build_model
-    from training.registry import model_registry
+    from training.jobs.registry import model_registry
 
     slugs = site_slugs(int(os.environ["BENCH_SITES"]))
     slug = slugs[int(context.node_config["partition-id"])]
@@ -593,7 +593,7 @@ def run_flower(args) -> list[RoundFigures]:
     from training.fl.data import load_validation_set
     from training.fl.evaluate import evaluate
     from training.fl.models import build_model
-    from training.registry import model_registry
+    from training.jobs.registry import model_registry
 
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ["BENCH_SITES"] = str(args.sites)

@@ -1,7 +1,8 @@
-"""The Django project package and the governance app (consortia, institutions,
-memberships, data-use agreements). Importing it loads the Celery app so that
-``shared_task`` binds to it."""
+"""The Django project package: settings, URLconfs, ASGI/WSGI, websocket routing, the Celery
+app and the health check. The governance app lives in ``consortium.governance`` and the base
+library every app builds on in ``consortium.core`` (see docs/architecture.md). Importing this
+package loads the Celery app so that ``shared_task`` binds to it."""
 
-from .celery import app as celery_app
+from consortium.celery import app as celery_app
 
 __all__ = ["celery_app"]

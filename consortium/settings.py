@@ -85,7 +85,7 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "axes",
-    "consortium",
+    "consortium.governance",
     "audit",
     "training",
 ]
@@ -118,8 +118,8 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
-                "consortium.context_processors.navigation",
-                "training.context_processors.notifications",
+                "consortium.governance.context_processors.navigation",
+                "training.jobs.context_processors.notifications",
             ],
         },
     },
@@ -209,7 +209,7 @@ STORAGES = {
         )
     },
     # Model files (global models, site updates), content-addressed by SHA-256
-    # (training.artifacts). Any Django storage backend works here: for S3, install
+    # (training.rounds.artifacts). Any Django storage backend works here: for S3, install
     # django-storages and use {"BACKEND": "storages.backends.s3.S3Storage",
     # "OPTIONS": {"bucket_name": ...}}. The default is a local folder.
     "artifacts": {
@@ -267,7 +267,7 @@ CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_DEFAULT_QUEUE = "central"
 # The coordinator's tasks run on "central"; training.site_train is routed by its sender
-# to "site.<slug>" (training.queues).
+# to "site.<slug>" (training.rounds.queues).
 CELERY_TASK_ROUTES = {
     name: {"queue": "central"}
     for name in (
@@ -285,7 +285,7 @@ CELERY_BEAT_SCHEDULE = {
 # The largest site update (a packed tensor file) the API accepts, in bytes; the
 # request body is refused while it is read once it passes this.
 FL_MAX_UPDATE_BYTES = env.int("FL_MAX_UPDATE_BYTES", default=200 * 1024 * 1024)
-# The coordinator and the site task (training.coordinator, training.tasks).
+# The coordinator and the site task (training.rounds.coordinator, training.rounds.tasks).
 FL_SITE_TASK_SOFT_LIMIT = env.int("FL_SITE_TASK_SOFT_LIMIT", default=1800)
 FL_SITE_TASK_HARD_LIMIT = env.int("FL_SITE_TASK_HARD_LIMIT", default=FL_SITE_TASK_SOFT_LIMIT + 120)
 # A site task that has not reported after this long is sent again (a killed worker's
@@ -327,7 +327,7 @@ REST_FRAMEWORK = {
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,
-    "EXCEPTION_HANDLER": "consortium.api.exceptions.exception_handler",
+    "EXCEPTION_HANDLER": "consortium.core.api.exceptions.exception_handler",
 }
 SPECTACULAR_SETTINGS = {
     "TITLE": "FL Consortium API",
@@ -341,8 +341,8 @@ SPECTACULAR_SETTINGS = {
     "COMPONENT_SPLIT_REQUEST": True,
     # Two "status" fields with different choices: name their enums.
     "ENUM_NAME_OVERRIDES": {
-        "VersionStatusEnum": "consortium.models.AgreementVersion.Status",
-        "InvitationStatusEnum": "consortium.api.serializers.INVITATION_STATUSES",
+        "VersionStatusEnum": "consortium.governance.models.AgreementVersion.Status",
+        "InvitationStatusEnum": "consortium.governance.api.serializers.INVITATION_STATUSES",
         "JobStateEnum": "training.models.JobState",
         "ParticipantStatusEnum": "training.models.JobParticipant.Status",
         "ReservationStatusEnum": "training.models.PrivacyReservation.Status",

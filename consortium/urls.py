@@ -5,15 +5,15 @@ from django.contrib import admin
 from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
-from .health import health_view
+from consortium.health import health_view
 
 urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("health/", health_view, name="health"),
-    path("api/", include("consortium.api.urls")),
+    path("api/", include("consortium.api_urls")),
     path("", include("audit.urls")),
     path("", include("training.urls")),
-    path("", include("consortium.web_urls")),
+    path("", include("consortium.governance.urls")),
 ]

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 from django.test import Client
 
-from consortium import services
-from consortium.models import Role
+from consortium.governance import services
+from consortium.governance.models import Role
 
 from .factories import PASSWORD, MembershipFactory, UserFactory
 

@@ -8,7 +8,7 @@ from decimal import Decimal
 import factory
 from django.contrib.auth import get_user_model
 
-from consortium.models import (
+from consortium.governance.models import (
     Agreement,
     AgreementVersion,
     Consortium,

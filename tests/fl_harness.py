@@ -2,7 +2,7 @@
 hospitals that hold real data (the bundled breast-cancer set split across them), each
 with site credentials, an Ed25519 key and a data folder, and a job over them.
 
-Everything goes through the services, so ``audit.ledger.verify_chain()`` holds.
+Everything goes through the services, so ``audit.ledger.chain.verify_chain()`` holds.
 """
 
 from __future__ import annotations
@@ -13,8 +13,8 @@ from pathlib import Path
 
 from training.fl.data import demo_split
 from training.fl.signing import generate_keypair
-from training.sites import site_credential_create
-from training.worker import WorkerConfig
+from training.rounds.sites import site_credential_create
+from training.site.worker import WorkerConfig
 
 from .training_fixtures import (
     TrainingScene,
@@ -77,7 +77,7 @@ class Consortium3:
     def propose_and_approve(self, **overrides):
         """A job over the three sites, approved by all three (job_start not yet run)."""
         spec = job_spec([s.slug for s in self.sites], **overrides)
-        from training.services import job_propose
+        from training.jobs.services import job_propose
 
         job = job_propose(
             acting_user=self.scene.cast.researcher,

@@ -19,9 +19,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from audit.ledger import append_entry
-from consortium import services as governance
-from training import services
+from audit.ledger.chain import append_entry
+from consortium.governance import services as governance
+from training.jobs import services
 
 from .test_web_training import agreement_in_force, register_datasets, spec_for
 

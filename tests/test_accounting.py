@@ -15,7 +15,7 @@ import dp_accounting
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from training.accounting import (
+from training.jobs.accounting import (
     RDP_ORDERS,
     BudgetProjection,
     PrivacyEvent,
@@ -98,7 +98,7 @@ def test_dp_accounting_gaussian_rdp_is_alpha_over_two_z_squared(z):
     for order, rdp in zip(orders, accountant._rdp, strict=True):
         assert rdp == pytest.approx(order / (2 * z * z), rel=1e-12)
     # The accountant's own per-mechanism curve over its fixed orders is the same closed form.
-    from training.accounting import _unit_rdp
+    from training.jobs.accounting import _unit_rdp
 
     for order, rdp in zip(RDP_ORDERS, _unit_rdp(("gaussian", float(z))), strict=True):
         assert rdp == pytest.approx(order / (2 * z * z), rel=1e-12)
@@ -436,7 +436,7 @@ def test_fifty_event_replay_is_fast_once_mechanisms_are_known():
 def test_module_imports_neither_django_nor_torch():
     code = (
         "import sys\n"
-        "from training.accounting import PrivacyEvent, epsilon_spent\n"
+        "from training.jobs.accounting import PrivacyEvent, epsilon_spent\n"
         "epsilon_spent([PrivacyEvent('gaussian', {'noise_multiplier': 1.0})], delta=1e-5)\n"
         "bad = sorted(m for m in ('django', 'torch') if m in sys.modules)\n"
         "assert not bad, bad\n"

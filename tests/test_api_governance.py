@@ -14,10 +14,10 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services
-from consortium.models import (
+from consortium.governance import services
+from consortium.governance.models import (
     AgreementVersion,
     Institution,
     Invitation,
@@ -26,7 +26,7 @@ from consortium.models import (
     Signature,
     Withdrawal,
 )
-from consortium.services import Events
+from consortium.governance.services import Events
 
 TODAY = dt.date.today()
 TERMS = {

@@ -13,11 +13,13 @@ from django.core.exceptions import ImproperlyConfigured
 from django.urls import reverse
 from rest_framework.test import APIClient, APIRequestFactory, force_authenticate
 
+from audit import api_urls as audit_api_urls
 from audit.models import LedgerEntry
-from consortium import services
-from consortium.api import urls as api_urls
-from consortium.api.views import InstitutionViewSet
-from consortium.models import Membership, Role
+from consortium.governance import services
+from consortium.governance.api import urls as governance_api_urls
+from consortium.governance.api.views import InstitutionViewSet
+from consortium.governance.models import Membership, Role
+from training import api_urls as training_api_urls
 
 from .factories import UserFactory
 
@@ -305,9 +307,12 @@ def test_matrix(scene, who, name, method, url_fn, body_fn, codes):
 
 
 def test_every_routed_action_is_in_its_permission_map():
-    for _prefix, viewset, _basename in api_urls.router.registry:
+    routers = [governance_api_urls.router, audit_api_urls.router, training_api_urls.router]
+    for router, (_prefix, viewset, _basename) in (
+        (router, entry) for router in routers for entry in router.registry
+    ):
         routed = set()
-        for route in api_urls.router.get_routes(viewset):
+        for route in router.get_routes(viewset):
             routed |= {a for a in route.mapping.values() if hasattr(viewset, a)}
         assert routed <= set(viewset.permission_map), viewset
         assert routed, viewset

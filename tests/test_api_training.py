@@ -11,11 +11,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services as governance
-from consortium.models import Notification
-from training import services
+from consortium.governance import services as governance
+from consortium.governance.models import Notification
+from training.jobs import services
+from training.jobs.services import Events
 from training.models import (
     Approval,
     JobParticipant,
@@ -24,7 +25,6 @@ from training.models import (
     SiteDataset,
     TrainingJob,
 )
-from training.services import Events
 
 TODAY = dt.date.today()
 TERMS = dict(

@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 from rest_framework.test import APIClient
 
-from consortium import services as governance
-from consortium.models import Notification
-from training import services
+from consortium.governance import services as governance
+from consortium.governance.models import Notification
+from training.jobs import services
 from training.models import SiteDataset, TrainingJob
 
 from .factories import UserFactory

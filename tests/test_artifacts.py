@@ -8,7 +8,7 @@ import hashlib
 import pytest
 from django.core.files.storage import storages
 
-from training.artifacts import (
+from training.rounds.artifacts import (
     ArtifactCorrupt,
     ArtifactMissing,
     ArtifactStore,

@@ -17,11 +17,11 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from training import contributions, coordinator
 from training.fl.contribution import scores_from_coalitions
 from training.models import ContributionScore, GlobalModel, JobState, Round
+from training.rounds import contributions, coordinator
 
 from .test_coordinator import _entries, _start, broker, c3  # noqa: F401 - fixtures
 
@@ -213,7 +213,7 @@ def test_job_and_institution_pages_show_contributions_in_constant_queries(c3, br
 
 
 def test_job_accountability_figures(c3, broker):  # noqa: F811
-    from training.selectors import job_accountability
+    from training.jobs.selectors import job_accountability
 
     job = _run(c3, broker, rounds=2)
     job = type(job).objects.select_related("agreement_version").get(pk=job.pk)
@@ -242,7 +242,7 @@ def test_a_report_of_a_scored_job_verifies_and_a_forged_round_score_is_caught(
     verify_report recomputing each round's scores from its recorded coalition values."""
     from django.core.management.base import CommandError
 
-    from audit.ledger import append_entry
+    from audit.ledger.chain import append_entry
 
     job = _run(c3, broker, rounds=2)
     path = tmp_path / "report.json"

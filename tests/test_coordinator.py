@@ -1,10 +1,10 @@
-"""The coordinator (training.coordinator) driven round by round, without a real worker.
+"""The coordinator (training.rounds.coordinator) driven round by round, without a real worker.
 
 Messages the code sends (``current_app.send_task``) are caught in an in-memory list and
 delivered by hand: central tasks call the coordinator, site tasks run the real site worker
-code (``training.worker.run_site_round``: real local training, privacy filters, packing and
+code (``training.site.worker.run_site_round``: real local training, privacy filters, packing and
 Ed25519 signing) against the site API through Django's test client, so every update is
-verified and recorded by ``training.sites.update_receive``.
+verified and recorded by ``training.rounds.sites.update_receive``.
 """
 
 from __future__ import annotations
@@ -16,13 +16,11 @@ import pytest
 from django.test import Client
 from django.utils import timezone
 
-from audit.canonical import canonical_json
-from audit.ledger import verify_chain
+from audit.ledger.canonical import canonical_json
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.celery import app
-from training import coordinator
-from training.accounting import PrivacyEvent
-from training.artifacts import artifact_store
+from training.jobs.accounting import PrivacyEvent
 from training.models import (
     GlobalModel,
     JobState,
@@ -30,7 +28,9 @@ from training.models import (
     Round,
     SiteUpdate,
 )
-from training.worker import CentralError, RoundModel, WrongSite, run_site_round
+from training.rounds import coordinator
+from training.rounds.artifacts import artifact_store
+from training.site.worker import CentralError, RoundModel, WrongSite, run_site_round
 
 from .fl_harness import make_consortium3
 
@@ -377,7 +377,7 @@ def test_deadline_without_the_minimum_fails_the_round_and_the_job(c3, broker):
 
 def _spend_elsewhere(c3, institution, epsilon):
     """Another job at ``institution`` holds a live reservation of ``epsilon`` (pure ε)."""
-    from training.services import job_create_draft
+    from training.jobs.services import job_create_draft
 
     from .fl_harness import job_spec
 
@@ -499,7 +499,7 @@ def test_an_approved_job_whose_start_was_lost_is_started_by_the_tick(c3, broker)
 
 
 def test_open_rounds_of_a_cancelled_job_fail(c3, broker):
-    from training.services import job_cancel
+    from training.jobs.services import job_cancel
 
     job = _start(c3, broker)
     job_cancel(acting_user=c3.scene.cast.admin, job=job, reason="The study was stopped.")
@@ -595,7 +595,7 @@ def test_a_lost_cyclic_site_task_is_sent_again_from_the_same_start_model(c3, bro
 
 
 def test_tasks_are_routed_and_scheduled(settings):
-    import training.tasks as tasks
+    import training.rounds.tasks as tasks
 
     for name in ("training.job_start", "training.round_maybe_close", "training.rounds_tick"):
         assert settings.CELERY_TASK_ROUTES[name] == {"queue": "central"}
@@ -649,8 +649,8 @@ def test_run_site_round_uses_no_database(tmp_path):
     from training.fl.models import build_model
     from training.fl.serialization import pack_tensors, state_to_cpu_float, unpack_tensors
     from training.fl.signing import generate_keypair, update_message, verify_update
-    from training.spec import canonical_spec_text, spec_digest, validate_spec
-    from training.worker import WorkerConfig
+    from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
+    from training.site.worker import WorkerConfig
 
     from .fl_harness import job_spec, write_site_csv
 
@@ -716,7 +716,7 @@ def test_run_site_round_uses_no_database(tmp_path):
     assert set(tensors) == {"delta/linear.weight", "delta/linear.bias"}
 
     # A spec that changed since the task was sent is refused before any training.
-    from training.worker import IntegrityFailure
+    from training.site.worker import IntegrityFailure
 
     with pytest.raises(IntegrityFailure):
         run_site_round(
@@ -770,7 +770,7 @@ def _run_round_one(c3, broker):
 
 def test_a_revoked_site_is_refused_though_it_knows_the_job(c3, broker, cast):
     from training.models import SiteCredential
-    from training.sites import site_credential_revoke
+    from training.rounds.sites import site_credential_revoke
 
     job = _start(c3, broker, rounds=2, min_participants=2)
     round_two = _run_round_one(c3, broker)
@@ -816,8 +816,8 @@ class _Central:
         from training.fl.models import build_model
         from training.fl.serialization import pack_tensors, state_to_cpu_float
         from training.fl.signing import generate_keypair
-        from training.spec import canonical_spec_text, spec_digest, validate_spec
-        from training.worker import WorkerConfig
+        from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
+        from training.site.worker import WorkerConfig
 
         from .fl_harness import job_spec, write_site_csv
 
@@ -868,7 +868,7 @@ class _Central:
 def test_the_job_spec_is_fetched_once_per_digest_and_always_checked(tmp_path):
     from dataclasses import replace
 
-    from training.worker import IntegrityFailure, job_spec
+    from training.site.worker import IntegrityFailure, job_spec
 
     central = _Central(tmp_path)
     first = job_spec(central, central.config, 9, central.digest)
@@ -890,7 +890,7 @@ def test_the_job_spec_is_fetched_once_per_digest_and_always_checked(tmp_path):
 
 
 def test_a_site_trains_only_from_the_model_and_spec_its_task_names(tmp_path):
-    from training.worker import IntegrityFailure
+    from training.site.worker import IntegrityFailure
 
     central = _Central(tmp_path)
     assert central.run()["status"] == "accepted"
@@ -923,7 +923,7 @@ def test_a_site_skips_a_round_that_no_longer_asks_it(tmp_path, code):
 
 
 def test_a_site_not_sent_the_round_or_refused_fails_its_task(tmp_path):
-    from training.worker import IntegrityFailure
+    from training.site.worker import IntegrityFailure
 
     central = _Central(tmp_path)
     central.refusal = CentralError("409", status=409, body={"detail": "no", "code": "not_sent"})

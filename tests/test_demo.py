@@ -24,8 +24,8 @@ import pytest
 from django.conf import settings
 from django.core.management import call_command
 
-from consortium.models import Consortium
-from training import services
+from consortium.governance.models import Consortium
+from training.jobs import services
 from training.management.commands.demo import (
     CREDENTIAL_LABEL,
     JOBS,

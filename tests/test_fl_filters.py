@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 
-from training.accounting import PrivacyEvent, events_for_pipeline
 from training.fl import filters
 from training.fl.filters import (
     EXACT_BELOW,
@@ -20,6 +19,7 @@ from training.fl.filters import (
     uniform_keys_,
     validate_filter,
 )
+from training.jobs.accounting import PrivacyEvent, events_for_pipeline
 
 
 def gen(seed=0):

@@ -12,7 +12,6 @@ import pytest
 import torch
 from torch import nn
 
-from training.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
 from training.fl import local
 from training.fl.data import SiteData, demo_split, load_validation_set
 from training.fl.evaluate import apply_delta, evaluate
@@ -25,6 +24,7 @@ from training.fl.local import (
     train_local,
 )
 from training.fl.models import MLP, LogisticRegression, SmallUNet, build_model
+from training.jobs.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
 
 SGD = {"name": "sgd", "lr": 0.05, "momentum": 0.9}
 

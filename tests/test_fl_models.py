@@ -28,7 +28,7 @@ from training.fl.serialization import (
     state_to_cpu_float,
     unpack_tensors,
 )
-from training.registry import builtin_models
+from training.jobs.registry import builtin_models
 
 ROOT = Path(__file__).resolve().parents[1]
 FL_DIR = ROOT / "training" / "fl"

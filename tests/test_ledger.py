@@ -9,12 +9,12 @@ from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
 from django.db import connection
 
-from audit import ledger
-from audit.canonical import canonical_json, sha256_hex
-from audit.ledger import GENESIS_HASH, append_entry, verify_chain
+from audit.ledger import chain as ledger
+from audit.ledger.canonical import canonical_json, sha256_hex
+from audit.ledger.chain import GENESIS_HASH, append_entry, verify_chain
 from audit.models import LedgerEntry, LedgerHead
-from consortium import services
-from consortium.models import Institution
+from consortium.governance import services
+from consortium.governance.models import Institution
 
 from .factories import UserFactory
 

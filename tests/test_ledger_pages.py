@@ -8,7 +8,7 @@ import pytest
 from django.db import connection
 from django.urls import reverse
 
-from audit.ledger import append_entry
+from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
 
 pytestmark = pytest.mark.django_db
@@ -192,7 +192,7 @@ def test_admin_is_read_only(cast, client, django_user_model):
 def test_the_event_filter_offers_every_event_and_reads_only_new_entries(cast):
     from django.test.utils import CaptureQueriesContext
 
-    from audit import selectors
+    from audit.ledger import selectors
 
     slug = cast.consortium.slug
     first = selectors.ledger_event_names(slug)

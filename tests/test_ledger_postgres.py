@@ -14,7 +14,7 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import DatabaseError, connection, transaction
 
-from audit.ledger import append_entry, verify_chain
+from audit.ledger.chain import append_entry, verify_chain
 from audit.models import LedgerEntry
 
 from .factories import UserFactory
@@ -95,7 +95,7 @@ CHILD = textwrap.dedent(
     import django
     django.setup()
     from django.db import connection
-    from audit.ledger import append_entry
+    from audit.ledger.chain import append_entry
 
     worker, count, start_file = int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3])
     connection.ensure_connection()          # connect before the start line

@@ -17,12 +17,12 @@ from django.conf import settings as django_settings
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
-from audit import live
-from consortium import services as governance
+from audit.ledger import live
+from consortium.governance import services as governance
 from consortium.routing import websocket_urlpatterns
-from training import services
-from training.live import consortium_live_state, job_live_state
+from training.jobs import services
 from training.models import JobState
+from training.rounds.live import consortium_live_state, job_live_state
 
 from .training_fixtures import make_scene
 

@@ -15,10 +15,19 @@ from django.core.management.base import CommandError
 from django.db import connection
 from pypdf import PdfReader
 
-from audit import report_pdf
-from audit.ledger import append_entry
+from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
-from audit.report_formats import (
+from audit.reports import pdf as report_pdf
+from audit.reports.build import (
+    EXPORT_EVENT,
+    ContributionReport,
+    Scope,
+    build_report,
+    institution_scope,
+    job_scope,
+    ledger_head,
+)
+from audit.reports.formats import (
     COLUMNS,
     MalformedReport,
     csv_document,
@@ -29,17 +38,8 @@ from audit.report_formats import (
     report_bytes,
     unescape_cell,
 )
-from audit.reports import (
-    EXPORT_EVENT,
-    ContributionReport,
-    Scope,
-    build_report,
-    institution_scope,
-    job_scope,
-    ledger_head,
-)
-from audit.services import report_export
-from training.accounting import PrivacyEvent, epsilon_spent
+from audit.reports.services import report_export
+from training.jobs.accounting import PrivacyEvent, epsilon_spent
 
 from .report_fixtures import FORMULA_REASON, ROUND_SCORES, plant
 
@@ -242,7 +242,7 @@ def test_an_institution_report_renders_in_every_format(planted):
 
 
 def test_a_job_without_rounds_still_reports_its_participants(cast):
-    from training import services
+    from training.jobs import services
 
     from .test_web_training import agreement_in_force, register_datasets, spec_for
 
@@ -507,7 +507,7 @@ def test_a_scope_that_names_an_unknown_job_fails(planted, tmp_path):
 
 
 def test_a_privacy_event_that_cannot_be_replayed_is_a_clear_report_error(planted):
-    from audit.reports import ReportError
+    from audit.reports.build import ReportError
 
     append_entry(
         event="round.update_accepted",

@@ -10,10 +10,10 @@ import pytest
 from django.urls import reverse
 from pypdf import PdfReader
 
-from audit.ledger import append_entry
+from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
-from audit.report_formats import read_document
-from audit.reports import ledger_head
+from audit.reports.build import ledger_head
+from audit.reports.formats import read_document
 
 from .report_fixtures import plant
 

@@ -6,10 +6,10 @@ import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import call_command
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.models import Consortium, Role
-from consortium.selectors import agreement_status
+from consortium.governance.models import Consortium, Role
+from consortium.governance.selectors import agreement_status
 from training.fl.data import DEMO_SITES, demo_split
 from training.models import SiteDataset
 

@@ -9,12 +9,12 @@ from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services
-from consortium.errors import ConflictError, ServiceError
-from consortium.models import Membership, Role, Signature
-from consortium.selectors import agreement_status
+from consortium.core.errors import ConflictError, ServiceError
+from consortium.governance import services
+from consortium.governance.models import Membership, Role, Signature
+from consortium.governance.selectors import agreement_status
 
 from .factories import UserFactory
 

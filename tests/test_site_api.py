@@ -17,12 +17,11 @@ from django.conf import settings as django_settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from training import services, sites
-from training.artifacts import artifact_store
 from training.fl.serialization import pack_tensors, sha256_hex
 from training.fl.signing import generate_keypair, sign_update, update_message
+from training.jobs import services
 from training.models import (
     GlobalModel,
     JobParticipant,
@@ -31,6 +30,8 @@ from training.models import (
     SiteCredential,
     SiteUpdate,
 )
+from training.rounds import sites
+from training.rounds.artifacts import artifact_store
 
 from .training_fixtures import make_scene
 
@@ -510,7 +511,7 @@ def test_an_oversize_upload_is_refused_with_413(world, settings):
 def test_the_body_reader_stops_at_the_limit(world, settings):
     from io import BytesIO
 
-    from training import site_api
+    from training.rounds import site_api
 
     settings.FL_MAX_UPDATE_BYTES = 1000
     request = mock.Mock()

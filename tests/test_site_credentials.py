@@ -12,13 +12,13 @@ from django.core.exceptions import ValidationError
 from django.urls import reverse
 from django.utils import timezone
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services as governance
-from consortium.errors import ConflictError
-from training import sites
+from consortium.core.errors import ConflictError
+from consortium.governance import services as governance
 from training.fl.signing import generate_keypair
 from training.models import SiteCredential
+from training.rounds import sites
 
 pytestmark = pytest.mark.django_db
 

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
-from training.registry import ModelSpec, builtin_models, get_model, model_registry
-from training.spec import (
+from training.jobs.registry import ModelSpec, builtin_models, get_model, model_registry
+from training.jobs.spec import (
     FILTER_NAMES,
     SPEC_SCHEMA_VERSION,
     SpecError,
@@ -651,7 +651,7 @@ def test_modules_import_without_django_settings_torch_or_models():
     """The web process imports these; they must not pull in torch or Django models."""
     code = (
         "import sys\n"
-        "from training import registry, spec\n"
+        "from training.jobs import registry, spec\n"
         "assert sorted(registry.model_registry()) == sorted(registry.builtin_models())\n"
         "s = spec.validate_spec({'purpose': 'classification', 'participants': ['a'],"
         " 'dataset_key': 'd', 'model': {'name': 'mlp'}, 'rounds': 1,"

@@ -2,7 +2,7 @@
 
 Two OS processes (two connections, two transactions) propose a job each for the
 same institution; each job fits the institution's remaining ε on its own, not
-both together. ``training.services`` locks the institutions' rows before the
+both together. ``training.jobs.services`` locks the institutions' rows before the
 budget check, so the second proposal waits for the first to commit, replays its
 reservation and is refused. PostgreSQL only (on SQLite, IMMEDIATE transactions
 serialise every writer anyway); skipped there.
@@ -21,12 +21,12 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from training.accounting import PrivacyEvent, epsilon_spent
+from training.jobs.accounting import PrivacyEvent, epsilon_spent
+from training.jobs.selectors import live_reservations
+from training.jobs.services import Events
 from training.models import JobState, PrivacyReservation, TrainingJob
-from training.selectors import live_reservations
-from training.services import Events
 
 from .training_fixtures import COSTLY, agreement_in_force, make_spec, offer_datasets
 
@@ -48,10 +48,10 @@ CHILD = textwrap.dedent(
     django.setup()
     from django.contrib.auth import get_user_model
     from django.db import connection
-    from consortium.models import Consortium
-    from training.accounting import PrivacyEvent, epsilon_spent
-    from training.compliance import ComplianceError
-    from training.services import job_propose
+    from consortium.governance.models import Consortium
+    from training.jobs.accounting import PrivacyEvent, epsilon_spent
+    from training.jobs.compliance import ComplianceError
+    from training.jobs.services import job_propose
 
     worker, start_file, out_file = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     spec = json.loads(sys.argv[4])

@@ -10,14 +10,16 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.utils import timezone
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services as governance
-from consortium.errors import ConflictError, ServiceError
-from consortium.models import Notification
-from training import services
-from training.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
-from training.compliance import ComplianceError, check_job_compliance
+from consortium.core.errors import ConflictError, ServiceError
+from consortium.governance import services as governance
+from consortium.governance.models import Notification
+from training.jobs import services
+from training.jobs.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
+from training.jobs.compliance import ComplianceError, check_job_compliance
+from training.jobs.services import TRANSITIONS, Events, InvalidTransition
+from training.jobs.spec import spec_digest, validate_spec
 from training.models import (
     Approval,
     JobParticipant,
@@ -25,8 +27,6 @@ from training.models import (
     PrivacyReservation,
     TrainingJob,
 )
-from training.services import TRANSITIONS, Events, InvalidTransition
-from training.spec import spec_digest, validate_spec
 
 from .training_fixtures import (
     CHEAP,
@@ -774,7 +774,7 @@ def test_overdue_jobs_expire(scene):
 def test_the_expire_jobs_command_and_task(scene):
     from io import StringIO
 
-    from training.tasks import expire_overdue_jobs
+    from training.rounds.tasks import expire_overdue_jobs
 
     first, second = scene.propose(title="One"), scene.propose(title="Two", **CHEAP)
     TrainingJob.objects.filter(pk=first.pk).update(

@@ -19,10 +19,10 @@ from django.contrib.auth import get_user_model
 from django.urls import reverse
 from django.utils import timezone
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import selectors, services
-from consortium.models import (
+from consortium.governance import selectors, services
+from consortium.governance.models import (
     Agreement,
     AgreementVersion,
     Institution,
@@ -32,7 +32,7 @@ from consortium.models import (
     Signature,
     Withdrawal,
 )
-from consortium.services import Events
+from consortium.governance.services import Events
 
 pytestmark = pytest.mark.django_db
 
@@ -667,7 +667,7 @@ def test_the_slug_of_the_add_page_is_reserved(cast):
 def test_the_dashboards_institutions_table_filters_sorts_and_pages_on_the_server(cast):
     import re
 
-    from consortium import tables
+    from consortium.governance import tables
 
     url = f"/consortia/{cast.consortium.slug}/"
     client = cast.client_for("admin")

@@ -17,9 +17,10 @@ from django.urls import reverse
 from django.utils import timezone
 from django.views.generic import TemplateView
 
-from consortium import services
-from consortium.models import Membership, Role
-from consortium.viewmixins import GovernancePage, PermissionRequiredMixin
+from consortium.core.pages import PermissionRequiredMixin
+from consortium.governance import services
+from consortium.governance.models import Membership, Role
+from consortium.governance.pages import GovernancePage
 
 from .factories import UserFactory
 from .permission_matrix import LOGIN, permission_cases

@@ -3,7 +3,7 @@
 A steward registers the site's data sets, an administrator proposes a job
 through the form, each hospital's approver reads the review page and decides,
 and the job moves on. Each flow asserts on the rows it leaves, on the ledger
-entries (``training.services.Events``) and that the chain still verifies.
+entries (``training.jobs.services.Events``) and that the chain still verifies.
 """
 
 from __future__ import annotations
@@ -18,11 +18,12 @@ from html.parser import HTMLParser
 import pytest
 from django.urls import reverse
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium import services as governance
-from consortium.models import Notification, Role
-from training.forms import DEFAULT_PIPELINE
+from consortium.governance import services as governance
+from consortium.governance.models import Notification, Role
+from training.jobs.forms import DEFAULT_PIPELINE
+from training.jobs.services import Events
 from training.models import (
     Approval,
     JobParticipant,
@@ -31,7 +32,6 @@ from training.models import (
     SiteDataset,
     TrainingJob,
 )
-from training.services import Events
 
 from .factories import MembershipFactory, UserFactory
 
@@ -135,7 +135,7 @@ def spec_for(cast, **overrides):
 
 
 def register_datasets(cast, key=KEY):
-    from training import services
+    from training.jobs import services
 
     for institution in (cast.hospital_a, cast.hospital_b):
         services.dataset_register(
@@ -401,7 +401,7 @@ def test_a_job_without_partial_sharing_breaks_the_shared_fraction_term(ready):
 
 def test_a_participant_without_the_data_set_is_named(world):
     cast = world.cast
-    from training import services
+    from training.jobs import services
 
     services.dataset_register(
         acting_user=cast.steward,

@@ -15,8 +15,8 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from consortium import services as governance
-from training import services
+from consortium.governance import services as governance
+from training.jobs import services
 from training.models import TrainingJob
 
 from .factories import UserFactory
@@ -345,7 +345,7 @@ def test_approver_inbox_queries_do_not_grow_with_jobs(one_job):
 
 
 def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
-    from training import views as training_views
+    from training.jobs import views as training_views
 
     cast = one_job
     settings.DEBUG = False

@@ -31,12 +31,12 @@ from django.conf import settings as django_settings
 from django.core.handlers.wsgi import WSGIHandler
 from kombu import Exchange, Queue
 
-import training.tasks  # noqa: F401 - registers the tasks this process runs from "central"
-from audit.ledger import verify_chain
+import training.rounds.tasks  # noqa: F401 - registers the tasks this process runs from "central"
+from audit.ledger.chain import verify_chain
 from consortium.celery import app
-from training import coordinator
 from training.models import GlobalModel, JobState, Round, SiteUpdate
-from training.queues import CENTRAL_QUEUE, site_queue
+from training.rounds import coordinator
+from training.rounds.queues import CENTRAL_QUEUE, site_queue
 
 from .fl_harness import make_consortium3
 

@@ -2,7 +2,7 @@
 each institution, and a valid job spec.
 
 Everything here goes through the services, so the ledger stays a true record
-and ``audit.ledger.verify_chain()`` holds afterwards. Plain functions take the
+and ``audit.ledger.chain.verify_chain()`` holds afterwards. Plain functions take the
 ``cast`` (tests/conftest.py); the ``scene`` fixture combines them::
 
     from .training_fixtures import make_scene
@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from consortium import services as governance
-from consortium.models import Role
+from consortium.governance import services as governance
+from consortium.governance.models import Role
 
 from .factories import MembershipFactory, UserFactory
 
@@ -178,7 +178,7 @@ def offer_dataset(
     n_classes: int = 2,
 ):
     """``institution`` offers a data set (registered through the service, as a steward would)."""
-    from training.services import dataset_register
+    from training.jobs.services import dataset_register
 
     return dataset_register(
         acting_user=cast.admin,
@@ -206,7 +206,7 @@ class TrainingScene:
     datasets: list = field(default_factory=list)
 
     def propose(self, *, user=None, title: str = "Tumour classifier", **spec_overrides):
-        from training.services import job_propose
+        from training.jobs.services import job_propose
 
         return job_propose(
             acting_user=user or self.cast.researcher,
@@ -220,7 +220,7 @@ class TrainingScene:
 
     def decide(self, job, institution, decision: str = "approved", reason: str = "", **kw):
         """The institution's approver decides on what the job is now (digest, version)."""
-        from training.services import approval_decide
+        from training.jobs.services import approval_decide
 
         job.refresh_from_db()
         return approval_decide(

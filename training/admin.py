@@ -1,11 +1,10 @@
 """Read-only admin for operators: jobs, decisions and budgets change only
-through ``training.services``, which write the ledger."""
+through ``training.jobs.services``, which write the ledger."""
 
 from django.contrib import admin
 
-from consortium.admin import ReadOnlyAdmin
-
-from .models import Approval, JobParticipant, PrivacyReservation, SiteDataset, TrainingJob
+from consortium.governance.admin import ReadOnlyAdmin
+from training.models import Approval, JobParticipant, PrivacyReservation, SiteDataset, TrainingJob
 
 
 class ParticipantInline(admin.TabularInline):

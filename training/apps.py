@@ -6,6 +6,6 @@ class TrainingConfig(AppConfig):
     verbose_name = "Federated training"
 
     def ready(self) -> None:
-        from . import permissions, receivers  # noqa: F401 - registers rules and receivers
+        from training.jobs import permissions, receivers  # noqa: F401 - registers rules and receivers
 
         receivers.connect()

@@ -1,6 +1,6 @@
 """Training jobs: what each site offers, the jobs proposed over those offers,
 each hospital's decision, and the privacy budget each job reserves
-(DESIGN sections 3 and 4). Rows are written only through ``training.services``.
+(DESIGN sections 3 and 4). Rows are written only through ``training.jobs.services``.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import Q
 from django.utils import timezone
 
-from consortium.models import AgreementVersion, Consortium, Institution
+from consortium.governance.models import AgreementVersion, Consortium, Institution
 
 
 class Modality(models.TextChoices):
@@ -172,7 +172,7 @@ class PrivacyReservation(models.Model):
     """The privacy events one job will spend at one institution, reserved when
     the job is proposed so that two jobs cannot both fit a cap only one fits.
 
-    ``events_text`` is canonical JSON of ``training.accounting.PrivacyEvent``
+    ``events_text`` is canonical JSON of ``training.jobs.accounting.PrivacyEvent``
     records: budgets are always replayed from these by the accountant, never
     summed by hand. A released reservation (job rejected, cancelled, expired,
     or the institution removed) no longer counts.
@@ -366,7 +366,7 @@ class ContributionScore(models.Model):
 
     The truth is the ``contribution.scored`` ledger entry (``ledger_seq``) written in the same
     transaction, which also holds the coalition values the score was computed from
-    (``training.contributions``); these rows only make the pages' per-institution sums one
+    (``training.rounds.contributions``); these rows only make the pages' per-institution sums one
     query. ``metric`` is what a coalition was valued by (accuracy, Dice), ``method`` the method
     actually used (``auto`` resolved)."""
 

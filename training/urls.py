@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from . import views
+from training.jobs import views
 
 app_name = "training"
 

@@ -31,8 +31,8 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .aggregate import StreamingFedAvg
-from .evaluate import evaluate
+from training.fl.aggregate import StreamingFedAvg
+from training.fl.evaluate import evaluate
 
 __all__ = ["COMBINES", "CoalitionUtility", "metric_for"]
 

@@ -21,7 +21,8 @@ Decisions (each one tested in ``tests/test_fl_filters.py``):
 * **Fractions are global, not per tensor.** ``partial_sharing`` keeps exactly
   ``round(fraction * m)`` (Python's ``round``) of the ``m`` coordinates still shared, counted over
   the whole update, so top-k picks the largest ``|values|`` wherever they are, and a chain of
-  fractions multiplies, as :func:`training.spec.shared_fraction` assumes. Ties at the top-k boundary
+  fractions multiplies, as :func:`training.jobs.spec.shared_fraction` assumes. Ties at the top-k
+  boundary
   and the random strategy's keys are broken uniformly at random.
 * **Percentile.** ``percentile_clipping`` clips to ``±q``, where ``q`` is the exact ``p``-th
   percentile of ``|values|`` over the shared coordinates, with numpy's default ``"linear"``
@@ -92,7 +93,7 @@ import torch
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 
 from training.fl import kernels
-from training.spec import _MISSING, FILTER_PARAMS, _LayerList
+from training.jobs.spec import _MISSING, FILTER_PARAMS, _LayerList
 
 __all__ = [
     "BRACKET_SAMPLE",
@@ -138,7 +139,7 @@ class FilteredUpdate:
     ``delta``: the shared tensors (excluded layers are absent; unshared coordinates hold 0).
     ``mask``: per tensor, True where the coordinate is shared; None when every coordinate of every
     tensor in ``delta`` is shared. ``events``: privacy events as
-    :meth:`training.accounting.PrivacyEvent.to_json` dicts, ``count`` 1 each (one round).
+    :meth:`training.jobs.accounting.PrivacyEvent.to_json` dicts, ``count`` 1 each (one round).
     ``shared_fraction``: coordinates shared / coordinates of the whole input update.
     ``notes``: what each filter did (thresholds, norms, passes), for the round's record.
     """

@@ -27,7 +27,7 @@ With ``dp_sgd={"noise_multiplier": z, "max_grad_norm": C}`` every step
 4. takes an optimizer step with that gradient.
 
 An epoch is ``ceil(N / batch_size)`` steps, so a round takes ``local_epochs * ceil(N /
-batch_size)`` steps, exactly what ``training.accounting.events_for_pipeline`` projects. The
+batch_size)`` steps, exactly what ``training.jobs.accounting.events_for_pipeline`` projects. The
 round's event is ``{"mechanism": "sampled_gaussian", "params": {"noise_multiplier": z,
 "sample_rate": q, "steps": steps_taken}, "count": 1, "source": "dp_sgd"}``.
 
@@ -332,7 +332,7 @@ def train_local(
                     count += len(idx)
                 epoch_losses.append(total / count)
         else:
-            sample_rate = min(1.0, batch_size / n)  # as training.accounting projects it
+            sample_rate = min(1.0, batch_size / n)  # as training.jobs.accounting projects it
             expected = sample_rate * n
             secret = secrets.randbits(63) if dp_seed is None else int(dp_seed)
             sampler = torch.Generator().manual_seed(secret)

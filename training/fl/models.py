@@ -1,6 +1,6 @@
 """The built-in model architectures, in plain PyTorch (no Django import).
 
-``training.registry`` names these classes by dotted path (``training.fl.models.MLP`` ...) and
+``training.jobs.registry`` names these classes by dotted path (``training.fl.models.MLP`` ...) and
 the site worker builds them with :func:`build_model`. Every class follows the registry's
 constructor contract::
 

@@ -18,8 +18,8 @@ import os
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.reports import FORMATS, ReportError, institution_scope, job_scope, ledger_head
-from audit.services import report_export
+from audit.reports.build import FORMATS, ReportError, institution_scope, job_scope, ledger_head
+from audit.reports.services import report_export
 
 
 class Command(BaseCommand):
@@ -86,7 +86,7 @@ class Command(BaseCommand):
 
     @staticmethod
     def _subject(scope):
-        from consortium.models import Institution
+        from consortium.governance.models import Institution
         from training.models import TrainingJob
 
         if scope.kind == "job":

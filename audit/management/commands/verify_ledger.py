@@ -11,7 +11,7 @@ import time
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 
 
 class Command(BaseCommand):

@@ -2,16 +2,16 @@
 
 Exit status 0 when the named head is in the chain, the chain verifies up to it and every figure
 matches the report recomputed from the ledger; 1 when anything differs (each differing figure is
-named); 2 when the file cannot be read as a contribution report. See :mod:`audit.report_verify`.
+named); 2 when the file cannot be read as a contribution report. See :mod:`audit.reports.verify`.
 """
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.report_formats import MalformedReport
-from audit.report_verify import MAX_LISTED, verify_report_bytes
-from audit.reports import ReportError
+from audit.reports.build import ReportError
+from audit.reports.formats import MalformedReport
+from audit.reports.verify import MAX_LISTED, verify_report_bytes
 
 
 class Command(BaseCommand):

@@ -6,7 +6,7 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
 1. seeds the demo consortium (``seed_demo``: four hospitals, an agreement in force) and makes
    sure every hospital has site-worker credentials: an Ed25519 key under
    ``<var>/sites/<slug>/signing-key.pem`` and a token under ``<var>/sites/<slug>/token`` (both
-   0600), registered through :func:`training.sites.site_credential_create` by the hospital's
+   0600), registered through :func:`training.rounds.sites.site_credential_create` by the hospital's
    data steward. They are reused while the files and an active credential match, so a second
    run changes nothing;
 2. starts the central web server (Daphne) as a subprocess, on ``--port`` or, with
@@ -16,8 +16,8 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    worker per hospital (``manage.py run_site_worker``, queue ``site.<slug>``). A site worker
    gets a ``DATABASE_URL`` that points into a folder that does not exist: it must not need the
    database, and any query would fail its round;
-4. proposes a job as the administrator (:func:`training.services.job_propose`) and has each
-   hospital's approver approve it (:func:`training.services.approval_decide`); the last
+4. proposes a job as the administrator (:func:`training.jobs.services.job_propose`) and has each
+   hospital's approver approve it (:func:`training.jobs.services.approval_decide`); the last
    approval queues ``training.job_start`` on ``central``;
 5. follows the job round by round and prints the final metrics, the number of ledger entries
    and the verified ledger head. With ``--no-serve`` it then stops everything and exits 0 (or
@@ -53,12 +53,13 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.ledger import verify_chain
+from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.errors import ServiceError
-from consortium.models import Consortium
-from training import services
+from consortium.core.errors import ServiceError
+from consortium.governance.models import Consortium
 from training.fl.signing import generate_keypair
+from training.jobs import services
+from training.management.commands.seed_demo import DEMO_SLUG, HOSPITALS
 from training.models import (
     TERMINAL_STATES,
     Approval,
@@ -68,9 +69,7 @@ from training.models import (
     SiteUpdate,
     TrainingJob,
 )
-from training.sites import site_credential_create, site_credential_revoke
-
-from .seed_demo import DEMO_SLUG, HOSPITALS
+from training.rounds.sites import site_credential_create, site_credential_revoke
 
 SITE_SLUGS = [slug for _name, slug, _country in HOSPITALS]
 CREDENTIAL_LABEL = "demo worker"
@@ -646,7 +645,7 @@ class Command(BaseCommand):
         raise DemoFailed(f"timed out waiting for {what}\n{logs}")
 
     def _propose_and_approve(self, consortium, options) -> TrainingJob:
-        from training.compliance import ComplianceError
+        from training.jobs.compliance import ComplianceError
 
         User = get_user_model()
         admin = User.objects.get(username="admin")

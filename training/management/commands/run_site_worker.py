@@ -8,7 +8,7 @@ is initialised once and in the process that uses it. Whether a GPU is usable is
 asked of a short-lived subprocess, so this process never imports torch.
 
 The worker is configured from its environment (``SITE_SLUG``, ``CENTRAL_URL``,
-``SITE_TOKEN``, ``SITE_SIGNING_KEY``, ``DATA_ROOT``: see ``training.worker``)
+``SITE_TOKEN``, ``SITE_SIGNING_KEY``, ``DATA_ROOT``: see ``training.site.worker``)
 and checked before it starts; it needs no database.
 """
 
@@ -19,8 +19,8 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from training.queues import site_queue
-from training.worker import WorkerConfig, WorkerConfigError
+from training.rounds.queues import site_queue
+from training.site.worker import WorkerConfig, WorkerConfigError
 
 
 def cuda_available() -> bool:

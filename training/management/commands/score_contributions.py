@@ -2,7 +2,7 @@
 contribution entry yet, then the job's total if it has completed.
 
 The coordinator scores each round right after closing it, in a transaction of its own
-(``training.contributions``); a coordinator killed between the two commits, or a job that ran
+(``training.rounds.contributions``); a coordinator killed between the two commits, or a job that ran
 before contribution scoring existed, leaves rounds unscored. This command fills them in; rounds
 already scored (or recorded as unavailable) are left as they are.
 """
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from training.contributions import job_score_missing
 from training.models import TrainingJob
+from training.rounds.contributions import job_score_missing
 
 
 class Command(BaseCommand):

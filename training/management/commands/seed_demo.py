@@ -18,10 +18,10 @@ from django.core.management.base import BaseCommand
 from django.db import transaction
 from django.utils import timezone
 
-from consortium import services
-from consortium.models import Consortium, Role
-from consortium.selectors import agreement_status, current_version
-from training import services as training_services
+from consortium.governance import services
+from consortium.governance.models import Consortium, Role
+from consortium.governance.selectors import agreement_status, current_version
+from training.jobs import services as training_services
 from training.models import SiteDataset
 
 DEMO_SLUG = "demo"

@@ -1,0 +1,824 @@
+"""Contribution reports, built from the ledger alone, up to a stated head (issue 5).
+
+A report covers one training job, or one institution across its jobs, and says per institution:
+the contribution score (the job's total and each round's), the samples it trained on, the rounds
+its update went into, its rejected updates, the privacy it spent (ε at the agreement's δ, against
+the agreement's cap), and any withdrawal of consent with the global models derived from the
+withdrawn institution's contributions.
+
+Every figure is computed from ledger entries with ``seq <= head.seq`` and nothing else (no
+training row is read), so anyone holding the ledger can recompute a report later:
+``manage.py verify_report`` does exactly that (:mod:`audit.reports.verify`). The head a report
+was made from is part of the report: its seq, its entry hash, the number of entries up to it and
+its time (which is also the report's "as of" date: a report carries no wall-clock time, so the
+same head gives the same bytes).
+
+Where each figure comes from:
+
+* score: ``contribution.job_scored`` (the job's total per site, at completion; null before), and
+  per round ``contribution.scored``; ``score_rounds_sum`` adds the round scores in ledger order;
+* samples and updates accepted: ``round.update_accepted``; rejected: ``round.update_rejected``;
+* rounds participated: the ``round.closed`` entries whose ``sites`` name the institution (its
+  update went into that round's global model);
+* privacy: the ``privacy_events`` of the institution's accepted updates, replayed by
+  :func:`training.jobs.accounting.epsilon_spent` at the δ of the job's agreement version (found from
+  ``job.proposed``'s ``agreement_digest`` and ``job.agreement_rebound`` in the
+  ``agreement.version_published`` entries, which carry the terms). ``epsilon_spent`` replays the
+  job's events, ``epsilon_total`` everything the institution spent in the consortium up to the
+  head, and ``within_cap`` compares the total with the cap. Identical events are merged by adding
+  their counts before the replay (composition of the same mechanism is what ``count`` means), so
+  the memory a replay needs is bounded by the number of *distinct* events, not the ledger's length;
+* withdrawals: ``consent.withdrawn``; a global model (``round.closed``: digest, round, lineage
+  hash) is derived from an institution's contributions when its round, or an earlier round of the
+  same job, used that institution's update (each round's model is built from the previous one).
+
+Streaming: :meth:`ContributionReport.records` reads the ledger twice, each time as one ordered,
+chunked pass (``iterator()``): the first pass builds the summaries (state bounded by the number
+of jobs and institutions), the second yields the per-update, per-round and per-model records as
+it meets their entries. Memory does not grow with the ledger's length, however long it is
+(``benchmarks/export.py`` measures it).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import json
+import math
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.db import transaction
+
+from audit.ledger.chain import GENESIS_HASH, format_timestamp
+from audit.models import LedgerEntry, LedgerHead
+from training.jobs.accounting import PrivacyEvent, epsilon_spent
+
+SCHEMA = "flc.contribution-report"
+SCHEMA_VERSION = 1
+FORMATS = ("csv", "json", "pdf")
+CHUNK_SIZE = 2000
+
+#: The ledger event written for every export.
+EXPORT_EVENT = "report.exported"
+
+# Record types, in the order a report lists them (the first three come from the first pass).
+RECORD_TYPES = (
+    "report",
+    "summary",
+    "withdrawal",
+    "update",
+    "round_score",
+    "model",
+    "derived_model",
+)
+# The JSON document's list for each record type ("report" is the document's header).
+GROUPS = {
+    "summary": "summary",
+    "withdrawal": "withdrawals",
+    "update": "updates",
+    "round_score": "round_scores",
+    "model": "models",
+    "derived_model": "derived_models",
+}
+
+# Each record type's fields, in order (the CSV has the union as fixed columns).
+RECORD_FIELDS: dict[str, tuple[str, ...]] = {
+    "report": ("consortium", "title", "at"),
+    "summary": (
+        "job_id",
+        "institution",
+        "score",
+        "score_rounds_sum",
+        "score_method",
+        "score_metric",
+        "samples",
+        "rounds_participated",
+        "updates_accepted",
+        "updates_rejected",
+        "epsilon_spent",
+        "epsilon_total",
+        "epsilon_cap",
+        "delta",
+        "within_cap",
+    ),
+    "withdrawal": ("institution", "ledger_seq", "at", "detail"),
+    "update": (
+        "job_id",
+        "round",
+        "institution",
+        "status",
+        "samples",
+        "update_digest",
+        "ledger_seq",
+        "detail",
+    ),
+    "round_score": (
+        "job_id",
+        "round",
+        "institution",
+        "score",
+        "score_method",
+        "score_metric",
+        "ledger_seq",
+    ),
+    "model": ("job_id", "round", "model_digest", "lineage_hash", "ledger_seq", "detail"),
+    "derived_model": (
+        "institution",
+        "job_id",
+        "round",
+        "model_digest",
+        "lineage_hash",
+        "ledger_seq",
+    ),
+}
+
+INT_FIELDS = frozenset(
+    {
+        "job_id",
+        "round",
+        "samples",
+        "rounds_participated",
+        "updates_accepted",
+        "updates_rejected",
+        "ledger_seq",
+    }
+)
+FLOAT_FIELDS = frozenset(
+    {"score", "score_rounds_sum", "epsilon_spent", "epsilon_total", "epsilon_cap", "delta"}
+)
+BOOL_FIELDS = frozenset({"within_cap"})
+# Figures replayed through the accountant (scipy): compared with a relative tolerance, since
+# another numerical library build may differ in the last bits. Every other figure is exact.
+TOLERANT_FIELDS = frozenset({"epsilon_spent", "epsilon_total"})
+EPSILON_REL_TOL = 1e-9
+
+_EVENTS = (
+    "agreement.version_published",
+    "job.drafted",
+    "job.proposed",
+    "job.spec_changed",
+    "job.agreement_rebound",
+    "job.decision",
+    "round.opened",
+    "round.update_accepted",
+    "round.update_rejected",
+    "round.closed",
+    "contribution.scored",
+    "contribution.job_scored",
+    "consent.withdrawn",
+)
+_DETAIL_EVENTS = (
+    "round.update_accepted",
+    "round.update_rejected",
+    "round.closed",
+    "contribution.scored",
+)
+
+
+class ReportError(Exception):
+    """A report that cannot be made (unknown job or institution, a head not in the ledger)."""
+
+
+# --- Scope and head -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Scope:
+    """What a report covers: one job, or one institution (across its jobs) of a consortium."""
+
+    kind: str  # "job" or "institution"
+    consortium: str
+    job_id: int | None = None
+    institution: str | None = None
+
+    def __post_init__(self):
+        if self.kind == "job" and not isinstance(self.job_id, int):
+            raise ReportError("a job report needs a job id")
+        if self.kind == "institution" and not self.institution:
+            raise ReportError("an institution report needs an institution slug")
+        if self.kind not in ("job", "institution"):
+            raise ReportError(f"unknown report scope {self.kind!r}")
+
+    def to_json(self) -> dict:
+        data: dict[str, Any] = {"kind": self.kind, "consortium": self.consortium}
+        if self.kind == "job":
+            data["job_id"] = self.job_id
+        else:
+            data["institution"] = self.institution
+        return data
+
+    @classmethod
+    def from_json(cls, data: Any) -> Scope:
+        if not isinstance(data, dict):
+            raise ReportError("the report's scope is not an object")
+        kind = data.get("kind")
+        consortium = data.get("consortium")
+        if not isinstance(consortium, str) or not consortium:
+            raise ReportError("the report's scope names no consortium")
+        if kind == "job":
+            job_id = data.get("job_id")
+            if not isinstance(job_id, int) or isinstance(job_id, bool):
+                raise ReportError("the report's scope names no job id")
+            return cls("job", consortium, job_id=job_id)
+        if kind == "institution":
+            institution = data.get("institution")
+            if not isinstance(institution, str) or not institution:
+                raise ReportError("the report's scope names no institution")
+            return cls("institution", consortium, institution=institution)
+        raise ReportError(f"unknown report scope {kind!r}")
+
+    @property
+    def label(self) -> str:
+        """``job:5`` or ``institution:hospital-a`` (the CSV's scope column)."""
+        return f"job:{self.job_id}" if self.kind == "job" else f"institution:{self.institution}"
+
+    @classmethod
+    def from_label(cls, label: str, consortium: str) -> Scope:
+        kind, _, value = (label or "").partition(":")
+        if kind == "job" and value.isdigit():
+            return cls("job", consortium, job_id=int(value))
+        if kind == "institution" and value:
+            return cls("institution", consortium, institution=value)
+        raise ReportError(f"unreadable report scope {label!r}")
+
+    def filename(self, head: Head, fmt: str) -> str:
+        what = f"job-{self.job_id}" if self.kind == "job" else f"institution-{self.institution}"
+        return f"contribution-report-{self.consortium}-{what}-ledger-{head.seq}.{fmt}"
+
+
+@dataclass(frozen=True)
+class Head:
+    """The ledger entry a report was made up to."""
+
+    seq: int
+    entry_hash: str
+    entry_count: int
+    at: str  # the entry's time (format_timestamp); "" for an empty ledger
+
+    def to_json(self) -> dict:
+        return {
+            "seq": self.seq,
+            "entry_hash": self.entry_hash,
+            "entry_count": self.entry_count,
+            "at": self.at,
+        }
+
+
+def ledger_head(seq: int | None = None) -> Head:
+    """The head to report up to: the ledger's current head, or the entry ``seq``."""
+    if seq is None:
+        row = LedgerHead.objects.filter(pk=1).values_list("seq", flat=True).first()
+        seq = row or 0
+    if seq == 0:
+        return Head(0, GENESIS_HASH, 0, "")
+    entry = LedgerEntry.objects.filter(seq=seq).values_list("entry_hash", "created_at").first()
+    if entry is None:
+        raise ReportError(f"the ledger has no entry #{seq}")
+    count = LedgerEntry.objects.filter(seq__lte=seq).count()
+    return Head(seq, entry[0], count, format_timestamp(entry[1]))
+
+
+def job_scope(job_id: int) -> Scope:
+    """A job's report scope; its consortium is read from the job's own ledger entries."""
+    slug = (
+        LedgerEntry.objects.filter(subject_type="training.trainingjob", subject_id=str(job_id))
+        .order_by("seq")
+        .values_list("consortium_slug", flat=True)
+        .first()
+    )
+    if not slug:
+        raise ReportError(f"no ledger entry records job #{job_id}")
+    return Scope("job", slug, job_id=job_id)
+
+
+def institution_scope(institution_slug: str, consortium_slug: str | None = None) -> Scope:
+    """An institution's report scope (its ``institution.created`` entry names its consortium)."""
+    entries = LedgerEntry.objects.filter(
+        event="institution.created", institution_slug=institution_slug
+    )
+    if consortium_slug:
+        entries = entries.filter(consortium_slug=consortium_slug)
+    slugs = sorted(set(entries.values_list("consortium_slug", flat=True)))
+    if not slugs:
+        raise ReportError(f"no ledger entry records the institution '{institution_slug}'")
+    if len(slugs) > 1:
+        raise ReportError(
+            f"the institution '{institution_slug}' exists in several consortia "
+            f"({', '.join(slugs)}): name the consortium"
+        )
+    return Scope("institution", slugs[0], institution=institution_slug)
+
+
+# --- The first pass: summaries ----------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed_event(raw: tuple) -> tuple[tuple, int]:
+    keys, mechanism, params, (_, count), source = raw
+    data = {
+        "mechanism": mechanism,
+        "params": {name: value for name, _, value in params},
+        "count": count,
+        "source": source,
+    }
+    event = PrivacyEvent.from_json({k: v for k, v in data.items() if k in keys})
+    return (event.mechanism, tuple(sorted(event.params.items())), event.source), event.count
+
+
+def _event_key(data: Any) -> tuple[tuple, int]:
+    """(mechanism, params, source) and count of one recorded event, validated by
+    :class:`PrivacyEvent`. The same few events recur in every round, so their validation is
+    cached by their content."""
+    try:
+        raw = (
+            tuple(sorted(data)),
+            data["mechanism"],
+            # Types are part of the key: True == 1 and 1 == 1.0, but only some are valid.
+            tuple(sorted((k, type(v).__name__, v) for k, v in data["params"].items())),
+            (type(data.get("count", 1)).__name__, data.get("count", 1)),
+            data.get("source", ""),
+        )
+        hash(raw)
+    except (TypeError, KeyError, AttributeError):
+        event = PrivacyEvent.from_json(data)  # not cacheable: validate it as it is
+        return (event.mechanism, tuple(sorted(event.params.items())), event.source), event.count
+    return _parsed_event(raw)
+
+
+@dataclass
+class _Spend:
+    """Distinct privacy events and how often each happened."""
+
+    counts: dict = field(default_factory=dict)
+
+    def add(self, events: Any, seq: int) -> None:
+        if not isinstance(events, list):
+            return
+        for data in events:
+            try:
+                key, count = _event_key(data)
+            except ValueError as exc:
+                raise ReportError(
+                    f"ledger entry #{seq} holds an invalid privacy event: {exc}"
+                ) from None
+            self.counts[key] = self.counts.get(key, 0) + count
+
+    def merged(self, other: _Spend) -> _Spend:
+        out = _Spend(dict(self.counts))
+        for key, count in other.counts.items():
+            out.counts[key] = out.counts.get(key, 0) + count
+        return out
+
+    def epsilon(self, delta: float | None) -> float | None:
+        if delta is None:
+            return None
+        events = [
+            PrivacyEvent(mechanism, dict(params), count, source)
+            for (mechanism, params, source), count in sorted(self.counts.items())
+        ]
+        try:
+            return epsilon_spent(events, delta=delta)
+        except ValueError as exc:
+            raise ReportError(f"the recorded privacy events cannot be replayed: {exc}") from None
+
+
+@dataclass
+class _Site:
+    """One institution in one job."""
+
+    samples: int = 0
+    accepted: int = 0
+    rejected: int = 0
+    rounds: int = 0
+    first_round: int | None = None
+    round_score_sum: float | None = None
+    spend: _Spend = field(default_factory=_Spend)
+
+
+@dataclass
+class _Job:
+    job_id: int
+    title: str = ""
+    agreement: str = ""  # the content digest of its agreement version
+    institutions: set = field(default_factory=set)
+    sites: dict = field(default_factory=dict)  # slug -> _Site
+    score: dict | None = None  # the last contribution.job_scored payload
+    method: str | None = None
+    metric: str | None = None
+    last_seq: int = 0
+
+    def site(self, slug: str) -> _Site:
+        if slug not in self.sites:
+            self.sites[slug] = _Site()
+        self.institutions.add(slug)
+        return self.sites[slug]
+
+
+def _int(value: Any) -> int | None:
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return None
+
+
+def _float(value: Any) -> float | None:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    value = float(value)
+    return value if math.isfinite(value) else None
+
+
+def _text(value: Any) -> str | None:
+    if value is None or value == "":
+        return None
+    return value if isinstance(value, str) else json.dumps(value, sort_keys=True)
+
+
+class ContributionReport:
+    """A report for ``scope`` from the ledger up to ``head``.
+
+    :meth:`records` yields plain dicts (``{"record": type, field: value, ...}``) in report order;
+    :meth:`document` gathers them into the JSON document. Both read the ledger afresh.
+    """
+
+    def __init__(self, scope: Scope, head: Head, *, chunk_size: int = CHUNK_SIZE):
+        self.scope = scope
+        self.head = head
+        self.chunk_size = chunk_size
+
+    # The ledger, up to the head, in order.
+    def _entries(self, events: Iterable[str]) -> Iterator[tuple]:
+        rows = (
+            LedgerEntry.objects.filter(
+                consortium_slug=self.scope.consortium, seq__lte=self.head.seq, event__in=events
+            )
+            .order_by("seq")
+            .values_list("seq", "event", "institution_slug", "created_at", "payload_text")
+        )
+        # One transaction per pass: on PostgreSQL the server-side cursor needs no WITH HOLD
+        # copy of the result, and the pass reads one snapshot.
+        with transaction.atomic(using=LedgerEntry.objects.db):
+            for seq, event, institution, created_at, text in rows.iterator(self.chunk_size):
+                try:
+                    payload = json.loads(text)
+                except ValueError:
+                    raise ReportError(
+                        f"ledger entry #{seq} holds a payload that is not JSON"
+                    ) from None
+                if not isinstance(payload, dict):
+                    payload = {}
+                yield seq, event, institution, created_at, payload
+
+    # -- pass 1 --
+    def _summarise(self) -> None:
+        versions: dict[str, dict] = {}  # content digest -> {agreement_id, version, cap, delta}
+        by_number: dict[tuple, str] = {}
+        jobs: dict[int, _Job] = {}
+        totals: dict[str, _Spend] = {}
+        withdrawals: list[dict] = []
+        title = None
+
+        def job_of(job_id: Any) -> _Job | None:
+            job_id = _int(job_id)
+            if job_id is None:
+                return None
+            if job_id not in jobs:
+                jobs[job_id] = _Job(job_id)
+            return jobs[job_id]
+
+        for seq, event, institution, created_at, p in self._entries(_EVENTS):
+            if event == "agreement.version_published":
+                terms = p.get("terms") if isinstance(p.get("terms"), dict) else {}
+                digest = p.get("content_digest")
+                try:
+                    cap, delta = float(terms["epsilon_cap"]), float(terms["delta"])
+                except (KeyError, TypeError, ValueError):
+                    cap = delta = None
+                if isinstance(digest, str):
+                    versions[digest] = {
+                        "agreement_id": p.get("agreement_id"),
+                        "version": p.get("version"),
+                        "cap": cap,
+                        "delta": delta,
+                    }
+                    by_number[(p.get("agreement_id"), p.get("version"))] = digest
+                continue
+            if event == "consent.withdrawn":
+                slug = institution
+                if self.scope.kind == "institution" and slug != self.scope.institution:
+                    continue
+                withdrawals.append(
+                    {
+                        "institution": slug,
+                        "ledger_seq": seq,
+                        "at": format_timestamp(created_at),
+                        "detail": _text(p.get("reason")),
+                    }
+                )
+                continue
+            job = job_of(p.get("job_id"))
+            if job is None:
+                continue
+            job.last_seq = seq
+            if event in ("job.drafted", "job.proposed", "job.spec_changed"):
+                if isinstance(p.get("title"), str):
+                    job.title = p["title"]
+                if event == "job.proposed":
+                    if isinstance(p.get("agreement_digest"), str):
+                        job.agreement = p["agreement_digest"]
+                    for slug in p.get("participants") or []:
+                        if isinstance(slug, str):
+                            job.institutions.add(slug)
+            elif event == "job.agreement_rebound":
+                current = versions.get(job.agreement, {})
+                digest = by_number.get((current.get("agreement_id"), p.get("new_version")))
+                if digest:
+                    job.agreement = digest
+            elif event == "job.decision":
+                if institution:
+                    job.institutions.add(institution)
+            elif event == "round.opened":
+                for slug in [*(p.get("sites") or []), *(p.get("skipped") or [])]:
+                    if isinstance(slug, str):
+                        job.institutions.add(slug)
+            elif event == "round.update_accepted":
+                slug = p.get("site") or institution
+                site = job.site(slug)
+                site.accepted += 1
+                site.samples += _int(p.get("samples")) or 0
+                site.spend.add(p.get("privacy_events"), seq)
+                totals.setdefault(slug, _Spend()).add(p.get("privacy_events"), seq)
+            elif event == "round.update_rejected":
+                job.site(p.get("site") or institution).rejected += 1
+            elif event == "round.closed":
+                index = _int(p.get("round"))
+                for slug in sorted(p.get("sites") or {}):
+                    site = job.site(slug)
+                    site.rounds += 1
+                    if index is not None and (site.first_round is None or index < site.first_round):
+                        site.first_round = index
+            elif event == "contribution.scored":
+                scores = p.get("scores") if isinstance(p.get("scores"), dict) else {}
+                job.method = _text(p.get("method")) or job.method
+                job.metric = _text(p.get("metric")) or job.metric
+                for slug in sorted(scores):
+                    value = _float(scores[slug])
+                    site = job.site(slug)
+                    if value is not None:
+                        site.round_score_sum = (site.round_score_sum or 0.0) + value
+            elif event == "contribution.job_scored":
+                job.score = p.get("scores") if isinstance(p.get("scores"), dict) else {}
+                job.method = _text(p.get("method")) or job.method
+                job.metric = _text(p.get("metric")) or job.metric
+                for slug in job.score:
+                    job.institutions.add(slug)
+
+        if self.scope.kind == "job":
+            job = jobs.get(self.scope.job_id)
+            if job is None:
+                raise ReportError(
+                    f"the ledger up to entry #{self.head.seq} has no entry for job "
+                    f"#{self.scope.job_id} in {self.scope.consortium}"
+                )
+            in_scope = [job]
+            title = job.title or None
+        else:
+            slug = self.scope.institution
+            in_scope = [
+                jobs[j]
+                for j in sorted(jobs)
+                if slug in jobs[j].institutions or slug in jobs[j].sites
+            ]
+        self._versions = versions
+        self._jobs = {job.job_id: job for job in in_scope}
+        self._totals = totals
+        self._withdrawals = [
+            w
+            for w in withdrawals
+            if self.scope.kind == "institution" or w["institution"] in in_scope[0].institutions
+        ]
+        self._withdrawn = {w["institution"] for w in self._withdrawals}
+        self._title = title
+
+    def _terms(self, job: _Job) -> tuple[float | None, float | None]:
+        version = self._versions.get(job.agreement) or {}
+        return version.get("cap"), version.get("delta")
+
+    def _summary(self, job: _Job, slug: str) -> dict:
+        site = job.sites.get(slug) or _Site()
+        cap, delta = self._terms(job)
+        total = self._totals.get(slug, _Spend()).epsilon(delta)
+        score = None
+        if job.score is not None:
+            score = _float(job.score.get(slug))
+        return {
+            "record": "summary",
+            "job_id": job.job_id,
+            "institution": slug,
+            "score": score,
+            "score_rounds_sum": site.round_score_sum,
+            "score_method": job.method,
+            "score_metric": job.metric,
+            "samples": site.samples,
+            "rounds_participated": site.rounds,
+            "updates_accepted": site.accepted,
+            "updates_rejected": site.rejected,
+            "epsilon_spent": site.spend.epsilon(delta),
+            "epsilon_total": total,
+            "epsilon_cap": cap,
+            "delta": delta,
+            "within_cap": _within(total, cap),
+        }
+
+    def _institution_total(self) -> dict:
+        slug = self.scope.institution
+        sites = [job.sites[slug] for job in self._jobs.values() if slug in job.sites]
+        spend = _Spend()
+        for site in sites:
+            spend = spend.merged(site.spend)
+        # The δ and cap of the institution's latest job's agreement (its most recent terms).
+        cap = delta = None
+        for job_id in sorted(self._jobs, reverse=True):
+            cap, delta = self._terms(self._jobs[job_id])
+            if delta is not None:
+                break
+        total = self._totals.get(slug, _Spend()).epsilon(delta)
+        return {
+            "record": "summary",
+            "job_id": None,
+            "institution": slug,
+            "score": None,
+            "score_rounds_sum": None,
+            "score_method": None,
+            "score_metric": None,
+            "samples": sum(s.samples for s in sites),
+            "rounds_participated": sum(s.rounds for s in sites),
+            "updates_accepted": sum(s.accepted for s in sites),
+            "updates_rejected": sum(s.rejected for s in sites),
+            "epsilon_spent": spend.epsilon(delta),
+            "epsilon_total": total,
+            "epsilon_cap": cap,
+            "delta": delta,
+            "within_cap": _within(total, cap),
+        }
+
+    # -- pass 2 --
+    def _details(self) -> Iterator[dict]:
+        jobs = self._jobs
+        only = self.scope.institution if self.scope.kind == "institution" else None
+        for seq, event, institution, _created_at, p in self._entries(_DETAIL_EVENTS):
+            job_id = _int(p.get("job_id"))
+            if job_id not in jobs:
+                continue
+            job = jobs[job_id]
+            index = _int(p.get("round"))
+            if event in ("round.update_accepted", "round.update_rejected"):
+                slug = p.get("site") or institution
+                if only and slug != only:
+                    continue
+                accepted = event == "round.update_accepted"
+                detail = None
+                if not accepted:
+                    code, reason = _text(p.get("code")), _text(p.get("reason"))
+                    detail = f"{code}: {reason}" if code and reason else (reason or code)
+                yield {
+                    "record": "update",
+                    "job_id": job_id,
+                    "round": index,
+                    "institution": slug,
+                    "status": "accepted" if accepted else "rejected",
+                    "samples": _int(p.get("samples")) if accepted else None,
+                    "update_digest": _text(p.get("update_digest")),
+                    "ledger_seq": seq,
+                    "detail": detail,
+                }
+            elif event == "contribution.scored":
+                scores = p.get("scores") if isinstance(p.get("scores"), dict) else {}
+                for slug in sorted(scores):
+                    if only and slug != only:
+                        continue
+                    yield {
+                        "record": "round_score",
+                        "job_id": job_id,
+                        "round": index,
+                        "institution": slug,
+                        "score": _float(scores[slug]),
+                        "score_method": _text(p.get("method")),
+                        "score_metric": _text(p.get("metric")),
+                        "ledger_seq": seq,
+                    }
+            elif event == "round.closed":
+                sites = sorted(p.get("sites") or {})
+                model = {
+                    "job_id": job_id,
+                    "round": index,
+                    "model_digest": _text(p.get("global_digest")),
+                    "lineage_hash": _text(p.get("lineage_hash")),
+                    "ledger_seq": seq,
+                }
+                # An institution's report lists the models its updates went into.
+                if not only or only in sites:
+                    yield {"record": "model", **model, "detail": " ".join(sites) or None}
+                for slug in sorted(self._withdrawn):
+                    first = job.sites[slug].first_round if slug in job.sites else None
+                    if first is not None and index is not None and index >= first:
+                        yield {"record": "derived_model", "institution": slug, **model}
+
+    def summary_records(self) -> Iterator[dict]:
+        """The header, the summaries and the withdrawals: one pass over the ledger."""
+        self._summarise()
+        yield {
+            "record": "report",
+            "consortium": self.scope.consortium,
+            "title": self._title,
+            "at": self.head.at or None,
+        }
+        if self.scope.kind == "job":
+            job = self._jobs[self.scope.job_id]
+            for slug in sorted(job.institutions | set(job.sites)):
+                yield self._summary(job, slug)
+        else:
+            for job_id in sorted(self._jobs):
+                yield self._summary(self._jobs[job_id], self.scope.institution)
+            yield self._institution_total()
+        for withdrawal in self._withdrawals:
+            yield {"record": "withdrawal", **withdrawal}
+
+    def records(self) -> Iterator[dict]:
+        """Every record of the report, in order: the header, the summaries, the withdrawals,
+        then the updates, round scores and models (with the models derived from a withdrawn
+        institution's contributions) in ledger order."""
+        yield from self.summary_records()
+        yield from self._details()
+
+    def document(self) -> dict:
+        """The report as its JSON document."""
+        return document_from_records(self.scope, self.head, self.records())
+
+
+def _within(total: float | None, cap: float | None) -> bool | None:
+    if total is None or cap is None:
+        return None
+    return total <= cap or math.isclose(total, cap, rel_tol=1e-9)
+
+
+def document_from_records(scope: Scope, head: Head, records: Iterable[dict]) -> dict:
+    """Gather records into the JSON document: header, then one list per record type."""
+    doc: dict[str, Any] = {
+        "schema": SCHEMA,
+        "schema_version": SCHEMA_VERSION,
+        "scope": scope.to_json(),
+        "ledger_head": head.to_json(),
+        "title": None,
+        **{group: [] for group in GROUPS.values()},
+    }
+    for record in records:
+        kind = record["record"]
+        if kind == "report":
+            doc["title"] = record.get("title")
+            continue
+        doc[GROUPS[kind]].append({name: record.get(name) for name in RECORD_FIELDS[kind]})
+    return doc
+
+
+_DETAIL_RANK = {"update": 0, "round_score": 1, "model": 2, "derived_model": 3}
+
+
+def records_from_document(doc: dict) -> Iterator[dict]:
+    """The inverse of :func:`document_from_records`: the records in report order (the detail
+    records back in ledger order, as :meth:`ContributionReport.records` yields them)."""
+    yield {
+        "record": "report",
+        "consortium": doc["scope"]["consortium"],
+        "title": doc.get("title"),
+        "at": doc["ledger_head"].get("at") or None,
+    }
+    details = []
+    for kind, group in GROUPS.items():
+        for item in doc.get(group) or []:
+            record = {"record": kind, **{name: item.get(name) for name in RECORD_FIELDS[kind]}}
+            if kind in _DETAIL_RANK:
+                details.append(record)
+            else:
+                yield record
+    # Stable: records of one entry keep their order (scores by institution; a model, then the
+    # models derived from it).
+    details.sort(key=lambda r: (r.get("ledger_seq") or 0, _DETAIL_RANK[r["record"]]))
+    yield from details
+
+
+def build_report(scope: Scope, head: Head | None = None) -> ContributionReport:
+    """A report for ``scope`` up to ``head`` (default: the ledger's current head)."""
+    return ContributionReport(scope, head or ledger_head())
+
+
+def as_of(head: Head) -> dt.datetime | None:
+    """The head's time as a datetime (for display)."""
+    if not head.at:
+        return None
+    return dt.datetime.fromisoformat(head.at.replace("Z", "+00:00"))

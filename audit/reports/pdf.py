@@ -1,0 +1,346 @@
+"""A contribution report as PDF (reportlab), the same bytes for the same report.
+
+Page 1: what the report covers, the ledger head it was made from, the summary table and two charts
+(contribution score, and privacy spent against the cap) drawn with ``reportlab.graphics``. Then,
+from a new page: withdrawals of consent with the models derived from the withdrawn institution's
+contributions, the per-round scores, the global models, and the updates. Every page's footer names
+the ledger head.
+
+Reproducible bytes: reportlab's ``invariant`` mode fixes the creation date and the document id,
+and every other piece of metadata is fixed or taken from the report itself (its "as of" date is
+the head entry's time, never the time of rendering). The report's whole document is embedded in
+``/Keywords`` (see :mod:`audit.reports.formats`), so ``verify_report`` reads the figures back
+exactly, and compares the rest of the file by rendering it again.
+
+The standard PDF fonts cover Latin-1 only, so the text says "epsilon" and "delta" in words.
+"""
+
+from __future__ import annotations
+
+import io
+from xml.sax.saxutils import escape
+
+from reportlab.graphics.charts.barcharts import VerticalBarChart
+from reportlab.graphics.charts.legends import Legend
+from reportlab.graphics.shapes import Drawing, String
+from reportlab.lib import colors
+from reportlab.lib.pagesizes import A4
+from reportlab.lib.styles import getSampleStyleSheet
+from reportlab.lib.units import mm
+from reportlab.platypus import (
+    LongTable,
+    PageBreak,
+    Paragraph,
+    SimpleDocTemplate,
+    Spacer,
+)
+from reportlab.platypus.tables import TableStyle
+
+from audit.reports.formats import pdf_keywords
+
+CREATOR = "fl-consortium contribution report (schema v1)"
+_STYLES = getSampleStyleSheet()
+_BODY = _STYLES["BodyText"]
+_SMALL = _STYLES["BodyText"].clone("small", fontSize=7, leading=8.5)
+_MONO = _STYLES["BodyText"].clone("mono", fontName="Courier", fontSize=6.5, leading=8)
+_TABLE = TableStyle(
+    [
+        ("FONT", (0, 0), (-1, -1), "Helvetica", 7),
+        ("FONT", (0, 0), (-1, 0), "Helvetica-Bold", 7),
+        ("BACKGROUND", (0, 0), (-1, 0), colors.HexColor("#e8ecf2")),
+        ("GRID", (0, 0), (-1, -1), 0.25, colors.HexColor("#9aa5b1")),
+        ("VALIGN", (0, 0), (-1, -1), "TOP"),
+        ("LEFTPADDING", (0, 0), (-1, -1), 2),
+        ("RIGHTPADDING", (0, 0), (-1, -1), 2),
+    ]
+)
+
+
+def _fmt(value, digits: int = 4) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.{digits}g}"
+    return str(value)
+
+
+def _p(text: str, style=_SMALL) -> Paragraph:
+    return Paragraph(escape(text), style)
+
+
+def _short(digest: str | None) -> str:
+    return f"{digest[:16]}..." if digest else "-"
+
+
+def _table(header: list[str], rows: list[list], widths=None) -> LongTable:
+    table = LongTable([header, *rows], colWidths=widths, repeatRows=1)
+    table.setStyle(_TABLE)
+    return table
+
+
+def _scope_text(doc: dict) -> str:
+    scope = doc["scope"]
+    if scope["kind"] == "job":
+        title = f" “{doc['title']}”" if doc.get("title") else ""
+        return f"Job #{scope['job_id']}{title} in {scope['consortium']}"
+    return f"Institution {scope['institution']} in {scope['consortium']}"
+
+
+def _bar_chart(title: str, labels: list[str], series: list[list[float]], names: list[str]):
+    width, height = 170 * mm, 62 * mm
+    drawing = Drawing(width, height)
+    chart = VerticalBarChart()
+    chart.x, chart.y = 12 * mm, 14 * mm
+    chart.width, chart.height = width - 50 * mm, height - 24 * mm
+    chart.data = series or [[0.0]]
+    chart.categoryAxis.categoryNames = labels or ["-"]
+    chart.categoryAxis.labels.fontSize = 6
+    chart.categoryAxis.labels.angle = 20 if len(labels) > 6 else 0
+    chart.categoryAxis.labels.boxAnchor = "ne" if len(labels) > 6 else "n"
+    chart.valueAxis.labels.fontSize = 6
+    low = min([0.0, *(v for s in series for v in s)])
+    high = max([0.0, *(v for s in series for v in s)])
+    chart.valueAxis.valueMin = low
+    chart.valueAxis.valueMax = high if high > low else low + 1.0
+    palette = [colors.HexColor("#3c6e9f"), colors.HexColor("#c9a227"), colors.HexColor("#b5523b")]
+    for i in range(len(series)):
+        chart.bars[i].fillColor = palette[i % len(palette)]
+    drawing.add(chart)
+    drawing.add(String(12 * mm, height - 6 * mm, title, fontName="Helvetica-Bold", fontSize=8))
+    if len(names) > 1:
+        legend = Legend()
+        legend.x, legend.y = width - 36 * mm, height - 14 * mm
+        legend.fontSize = 6
+        legend.colorNamePairs = [(palette[i], names[i]) for i in range(len(names))]
+        drawing.add(legend)
+    return drawing
+
+
+def _summary_label(row: dict, scope_kind: str) -> str:
+    if scope_kind == "job":
+        return row["institution"]
+    return f"job {row['job_id']}" if row["job_id"] is not None else "all jobs"
+
+
+def _story(doc: dict) -> list:
+    head = doc["ledger_head"]
+    kind = doc["scope"]["kind"]
+    story: list = [
+        Paragraph("Contribution report", _STYLES["Title"]),
+        _p(_scope_text(doc), _BODY),
+        _p(
+            f"Made from the ledger up to entry #{head['seq']} ({head['entry_count']} entries), "
+            f"as of {head['at'] or 'the empty ledger'}. Ledger head hash:",
+            _BODY,
+        ),
+        _p(head["entry_hash"], _MONO),
+        _p(
+            "Every figure is recomputed from the ledger up to that entry by "
+            "'manage.py verify_report FILE'. Privacy spent is epsilon at the agreement's delta, "
+            "replayed from the privacy events of the accepted updates; 'total' is everything the "
+            "institution spent in the consortium.",
+            _SMALL,
+        ),
+        Spacer(1, 4 * mm),
+    ]
+    summary = doc["summary"]
+    rows = [
+        [
+            _summary_label(r, kind),
+            _fmt(r["score"]),
+            _fmt(r["score_rounds_sum"]),
+            _fmt(r["samples"]),
+            _fmt(r["rounds_participated"]),
+            _fmt(r["updates_accepted"]),
+            _fmt(r["updates_rejected"]),
+            _fmt(r["epsilon_spent"]),
+            _fmt(r["epsilon_total"]),
+            _fmt(r["epsilon_cap"]),
+            _fmt(r["delta"]),
+            _fmt(r["within_cap"]),
+        ]
+        for r in summary
+    ]
+    first = "Institution" if kind == "job" else "Job"
+    story.append(
+        _table(
+            [
+                first,
+                "Score",
+                "Sum of rounds",
+                "Samples",
+                "Rounds",
+                "Accepted",
+                "Rejected",
+                "Eps. job",
+                "Eps. total",
+                "Eps. cap",
+                "Delta",
+                "Within",
+            ],
+            rows or [["(none)", *[""] * 11]],
+        )
+    )
+    methods = sorted({(r["score_method"], r["score_metric"]) for r in summary if r["score_method"]})
+    if methods:
+        text = "; ".join(f"{m} on {metric or 'the agreed metric'}" for m, metric in methods)
+        story.append(_p(f"Scores: {text}."))
+    story.append(Spacer(1, 4 * mm))
+    labels = [_summary_label(r, kind) for r in summary]
+    story.append(
+        _bar_chart(
+            "Contribution score",
+            labels,
+            [
+                [
+                    r["score"] if r["score"] is not None else (r["score_rounds_sum"] or 0.0)
+                    for r in summary
+                ]
+            ],
+            ["score"],
+        )
+    )
+    story.append(
+        _bar_chart(
+            "Privacy spent (epsilon) against the cap",
+            labels,
+            [
+                [r["epsilon_spent"] or 0.0 for r in summary],
+                [r["epsilon_total"] or 0.0 for r in summary],
+                [r["epsilon_cap"] or 0.0 for r in summary],
+            ],
+            ["this job" if kind == "job" else "jobs", "total", "cap"],
+        )
+    )
+    story.append(PageBreak())
+
+    story.append(Paragraph("Withdrawals of consent", _STYLES["Heading2"]))
+    if doc["withdrawals"]:
+        story.append(
+            _table(
+                ["Institution", "Entry", "At", "Reason"],
+                [
+                    [w["institution"], f"#{w['ledger_seq']}", w["at"], _p(w["detail"] or "")]
+                    for w in doc["withdrawals"]
+                ],
+                [30 * mm, 14 * mm, 36 * mm, 80 * mm],
+            )
+        )
+        story.append(Spacer(1, 2 * mm))
+        story.append(_p("Global models derived from the withdrawn institutions' contributions:"))
+        derived = doc["derived_models"]
+        story.append(
+            _table(
+                ["Withdrawn", "Job", "Round", "Model digest", "Lineage hash", "Entry"],
+                [
+                    [
+                        d["institution"],
+                        _fmt(d["job_id"]),
+                        _fmt(d["round"]),
+                        _p(d["model_digest"] or "-", _MONO),
+                        _p(d["lineage_hash"] or "-", _MONO),
+                        f"#{d['ledger_seq']}",
+                    ]
+                    for d in derived
+                ]
+                or [["(none)", "", "", "", "", ""]],
+                [22 * mm, 10 * mm, 11 * mm, 52 * mm, 52 * mm, 14 * mm],
+            )
+        )
+    else:
+        story.append(_p("None up to this ledger head.", _BODY))
+
+    story.append(Paragraph("Scores per round", _STYLES["Heading2"]))
+    story.append(
+        _table(
+            ["Job", "Round", "Institution", "Score", "Method", "Metric", "Entry"],
+            [
+                [
+                    _fmt(s["job_id"]),
+                    _fmt(s["round"]),
+                    s["institution"],
+                    _fmt(s["score"], 6),
+                    s["score_method"] or "-",
+                    s["score_metric"] or "-",
+                    f"#{s['ledger_seq']}",
+                ]
+                for s in doc["round_scores"]
+            ]
+            or [["(none)", "", "", "", "", "", ""]],
+        )
+    )
+    story.append(Paragraph("Global models", _STYLES["Heading2"]))
+    story.append(
+        _table(
+            ["Job", "Round", "Model digest", "Lineage hash", "Sites", "Entry"],
+            [
+                [
+                    _fmt(m["job_id"]),
+                    _fmt(m["round"]),
+                    _short(m["model_digest"]),
+                    _short(m["lineage_hash"]),
+                    _p(m["detail"] or "-"),
+                    f"#{m['ledger_seq']}",
+                ]
+                for m in doc["models"]
+            ]
+            or [["(none)", "", "", "", "", ""]],
+        )
+    )
+    story.append(Paragraph("Updates", _STYLES["Heading2"]))
+    story.append(
+        _table(
+            ["Job", "Round", "Institution", "Status", "Samples", "Update digest", "Entry", "Why"],
+            [
+                [
+                    _fmt(u["job_id"]),
+                    _fmt(u["round"]),
+                    u["institution"],
+                    u["status"],
+                    _fmt(u["samples"]),
+                    _short(u["update_digest"]),
+                    f"#{u['ledger_seq']}",
+                    _p(u["detail"] or ""),
+                ]
+                for u in doc["updates"]
+            ]
+            or [["(none)", "", "", "", "", "", "", ""]],
+            [9 * mm, 11 * mm, 24 * mm, 14 * mm, 13 * mm, 30 * mm, 13 * mm, 44 * mm],
+        )
+    )
+    return story
+
+
+def render_pdf(doc: dict) -> bytes:
+    """The report's PDF; the same document gives the same bytes."""
+    head = doc["ledger_head"]
+    footer = f"Ledger head #{head['seq']}  {head['entry_hash']}"
+
+    def on_page(canvas, template):
+        canvas.saveState()
+        canvas.setFont("Helvetica", 6.5)
+        canvas.drawString(15 * mm, 8 * mm, footer)
+        canvas.drawRightString(A4[0] - 15 * mm, 8 * mm, f"page {canvas.getPageNumber()}")
+        canvas.restoreState()
+
+    buffer = io.BytesIO()
+    template = SimpleDocTemplate(
+        buffer,
+        pagesize=A4,
+        leftMargin=15 * mm,
+        rightMargin=15 * mm,
+        topMargin=15 * mm,
+        bottomMargin=15 * mm,
+        title=f"Contribution report: {_scope_text(doc)}",
+        author="fl-consortium",
+        subject=f"ledger head #{head['seq']} {head['entry_hash']} ({head['entry_count']} entries)",
+        creator=CREATOR,
+        producer=CREATOR,
+        keywords=pdf_keywords(doc),
+        invariant=1,
+        pageCompression=1,
+    )
+    template.build(_story(doc), onFirstPage=on_page, onLaterPages=on_page)
+    return buffer.getvalue()

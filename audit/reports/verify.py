@@ -1,0 +1,296 @@
+"""Checking a contribution report against the ledger it names (``manage.py verify_report``).
+
+1. Read the file (CSV, JSON or PDF, recognised by content) back into the report's document; an
+   unreadable or malformed file is a :class:`~audit.reports.formats.MalformedReport`.
+2. The head it names: the entry ``seq`` must exist with the named hash, the chain must verify from
+   the first entry up to it (every link and every entry's hash recomputed), and the entry count and
+   time must be the head's.
+3. Recompute the report from the ledger up to that head and compare every figure, naming each one
+   that differs (ε, replayed through the accountant, within a relative 1e-9; everything else
+   exactly).
+4. Render the file again from the recomputed report and compare bytes. For a PDF this is what
+   checks the visible pages (the figures compared in step 3 are the embedded ones), so a PDF whose
+   bytes differ fails; a CSV or JSON file holds nothing but its figures, so a difference in layout
+   alone (a file re-saved by another program) is reported and does not fail.
+5. Say which export ledger entry, if any, records this very file's SHA-256.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from audit.ledger.chain import _CHAIN_COLUMNS, format_timestamp, verify_rows
+from audit.models import LedgerEntry
+from audit.reports.build import (
+    EPSILON_REL_TOL,
+    EXPORT_EVENT,
+    GROUPS,
+    RECORD_FIELDS,
+    TOLERANT_FIELDS,
+    ContributionReport,
+    Head,
+    ReportError,
+    Scope,
+    records_from_document,
+)
+from audit.reports.formats import (
+    MalformedReport,
+    head_of,
+    iter_csv,
+    json_bytes,
+    read_document,
+)
+
+MAX_LISTED = 25
+
+
+@dataclass(frozen=True)
+class Difference:
+    where: str
+    name: str
+    in_report: Any
+    in_ledger: Any
+
+    def __str__(self) -> str:
+        if self.name:
+            return (
+                f"{self.where}: {self.name} is {_show(self.in_report)} in the report, "
+                f"{_show(self.in_ledger)} in the ledger"
+            )
+        return f"{self.where}: {self.in_report}"
+
+
+@dataclass
+class Outcome:
+    """What verification found; ``ok`` only when every check passed."""
+
+    fmt: str
+    scope: Scope
+    head: Head
+    ok: bool = True
+    matched: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    differences: list[Difference] = field(default_factory=list)
+
+    def fail(self, message: str) -> None:
+        self.ok = False
+        self.failed.append(message)
+
+
+def _show(value: Any) -> str:
+    if value is None:
+        return "empty"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def _label(kind: str, record: dict) -> str:
+    job = f"job {record.get('job_id')}"
+    if kind == "summary":
+        where = job if record.get("job_id") is not None else "all jobs"
+        return f"summary of {record.get('institution')} ({where})"
+    if kind == "withdrawal":
+        return f"withdrawal by {record.get('institution')} (entry #{record.get('ledger_seq')})"
+    if kind == "update":
+        return f"update of {record.get('institution')}, {job} round {record.get('round')}"
+    if kind == "round_score":
+        return f"round score of {record.get('institution')}, {job} round {record.get('round')}"
+    if kind == "model":
+        return f"global model of {job} round {record.get('round')}"
+    return (
+        f"model derived from {record.get('institution')}'s contributions, {job} round "
+        f"{record.get('round')}"
+    )
+
+
+def _same(name: str, a: Any, b: Any) -> bool:
+    if type(a) is bool or type(b) is bool:
+        return a is b
+    if name in TOLERANT_FIELDS and isinstance(a, int | float) and isinstance(b, int | float):
+        return math.isclose(a, b, rel_tol=EPSILON_REL_TOL)
+    return a == b
+
+
+def compare_documents(report: dict, ledger: dict) -> list[Difference]:
+    """Every figure of ``report`` that differs from ``ledger`` (the recomputed document)."""
+    out: list[Difference] = []
+    if report.get("title") != ledger.get("title"):
+        out.append(
+            Difference("the report's title", "title", report.get("title"), ledger.get("title"))
+        )
+    for kind, group in GROUPS.items():
+        mine, theirs = report.get(group) or [], ledger.get(group) or []
+        for i in range(max(len(mine), len(theirs))):
+            if i >= len(mine):
+                out.append(Difference(_label(kind, theirs[i]), "", "missing from the report", None))
+                continue
+            if i >= len(theirs):
+                out.append(
+                    Difference(_label(kind, mine[i]), "", "not in the ledger's report", None)
+                )
+                continue
+            for name in RECORD_FIELDS[kind]:
+                a, b = mine[i].get(name), theirs[i].get(name)
+                if not _same(name, a, b):
+                    out.append(Difference(_label(kind, theirs[i]), name, a, b))
+    return out
+
+
+def _check_head(outcome: Outcome) -> Head | None:
+    """The head as the ledger has it, or None (with the failure recorded)."""
+    head = outcome.head
+    if head.seq < 0:
+        outcome.fail(f"the report names ledger entry #{head.seq}, which cannot exist")
+        return None
+    if head.seq == 0:
+        actual = Head(0, head.entry_hash, 0, "")
+    else:
+        row = LedgerEntry.objects.filter(seq=head.seq).values_list("entry_hash", "created_at")
+        found = row.first()
+        if found is None:
+            outcome.fail(f"the ledger has no entry #{head.seq}, the head the report names")
+            return None
+        rows = (
+            LedgerEntry.objects.filter(seq__lte=head.seq)
+            .order_by("seq")
+            .values_list(*_CHAIN_COLUMNS)
+            .iterator(chunk_size=5000)
+        )
+        result = verify_rows(rows)
+        if not result.ok:
+            outcome.fail(
+                f"the ledger does not verify up to entry #{head.seq}: it is broken at entry "
+                f"#{result.first_bad_seq} ({result.reason})"
+            )
+            return None
+        actual = Head(head.seq, result.head_hash, result.entry_count, format_timestamp(found[1]))
+        outcome.matched.append(
+            f"the chain verifies from entry #1 to entry #{head.seq} ({result.entry_count} entries)"
+        )
+    problems = [
+        (what, mine, theirs)
+        for what, mine, theirs in (
+            ("head hash", head.entry_hash, actual.entry_hash),
+            ("entry count", head.entry_count, actual.entry_count),
+            ("head time", head.at, actual.at),
+        )
+        if mine != theirs
+    ]
+    for what, mine, theirs in problems:
+        outcome.fail(
+            f"ledger head #{head.seq}: the report's {what} is {_show(mine)}, the ledger's "
+            f"{_show(theirs)}"
+        )
+    if problems:
+        return None
+    outcome.matched.append(
+        f"entry #{head.seq} is in the ledger with the head hash the report names "
+        f"({head.entry_hash})"
+    )
+    return actual
+
+
+def _render(fmt: str, scope: Scope, head: Head, doc: dict) -> bytes:
+    if fmt == "csv":
+        return "".join(iter_csv(scope, head, records_from_document(doc))).encode("utf-8")
+    if fmt == "json":
+        return json_bytes(doc)
+    from audit.reports.pdf import render_pdf
+
+    return render_pdf(doc)
+
+
+def _check_round_scores(outcome: Outcome, scope: Scope, head: Head) -> None:
+    """Recompute every round's scores in the report's scope from the coalition values its
+    ``contribution.scored`` entry records (the same code the coordinator ran): the scores the
+    report sums must follow from the values, not merely be what the ledger says."""
+    from training.fl.contribution import scores_from_coalitions
+
+    entries = LedgerEntry.objects.filter(
+        event="contribution.scored", consortium_slug=scope.consortium, seq__lte=head.seq
+    ).order_by("seq")
+    checked = 0
+    for seq, text in entries.values_list("seq", "payload_text").iterator():
+        payload = json.loads(text)
+        if scope.kind == "job" and payload.get("job_id") != scope.job_id:
+            continue
+        if scope.kind == "institution" and scope.institution not in payload.get("sites", []):
+            continue
+        try:
+            again = scores_from_coalitions(
+                payload["method"], payload.get("params") or {}, payload["coalitions"]
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            outcome.fail(f"the round scores of ledger entry #{seq} cannot be recomputed: {exc}")
+            continue
+        if again != payload.get("scores"):
+            outcome.fail(
+                f"the round scores recorded in ledger entry #{seq} (job {payload.get('job_id')}, "
+                f"round {payload.get('round')}) do not follow from its coalition values"
+            )
+        checked += 1
+    if checked:
+        outcome.matched.append(
+            f"the scores of {checked} scored round(s) recompute from their coalition values"
+        )
+
+
+def verify_report_bytes(data: bytes) -> Outcome:
+    """Verify a report file's content; raises MalformedReport for an unreadable file."""
+    fmt, doc = read_document(data)
+    scope = Scope.from_json(doc["scope"])
+    outcome = Outcome(fmt=fmt, scope=scope, head=head_of(doc))
+    head = _check_head(outcome)
+    if head is None:
+        return outcome
+    try:
+        expected = ContributionReport(scope, head).document()
+    except ReportError as exc:
+        outcome.fail(f"the report cannot be recomputed from the ledger: {exc}")
+        return outcome
+    differences = compare_documents(doc, expected)
+    outcome.differences = differences
+    _check_round_scores(outcome, scope, head)
+    if differences:
+        outcome.fail(f"{len(differences)} figure(s) differ from the ledger")
+    else:
+        counts = ", ".join(f"{len(expected[g])} {g.replace('_', ' ')}" for g in GROUPS.values())
+        outcome.matched.append(f"every figure matches the ledger ({counts})")
+        rendered = _render(fmt, scope, head, expected)
+        if rendered == data:
+            outcome.matched.append(f"the file is byte for byte the {fmt.upper()} the ledger gives")
+        elif fmt == "pdf":
+            outcome.fail(
+                "the PDF's embedded figures match, but its pages differ from the PDF the ledger "
+                "gives: its visible content was altered (or it was made by another version of "
+                "the software)"
+            )
+        else:
+            outcome.notes.append(
+                f"the figures match, but the file's bytes differ from the {fmt.upper()} the "
+                "ledger gives (it was re-saved or re-formatted by another program)"
+            )
+    digest = hashlib.sha256(data).hexdigest()
+    export = (
+        LedgerEntry.objects.filter(event=EXPORT_EVENT, payload_text__contains=digest)
+        .order_by("seq")
+        .values_list("seq", "actor_repr", "created_at")
+        .first()
+    )
+    if export:
+        outcome.notes.append(
+            f"this very file (SHA-256 {digest}) was exported by {export[1]} at "
+            f"{format_timestamp(export[2])} (ledger entry #{export[0]})"
+        )
+    else:
+        outcome.notes.append(f"no export entry in the ledger records this file's SHA-256 {digest}")
+    return outcome
+
+
+__all__ = ["Difference", "MalformedReport", "Outcome", "compare_documents", "verify_report_bytes"]

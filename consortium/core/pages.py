@@ -1,0 +1,98 @@
+"""Base views that enforce permissions by default (DESIGN section 6).
+
+Every page view mixes in :class:`PermissionRequiredMixin` (through
+:class:`GovernanceView` and friends) and declares two things:
+
+- ``permission_required``: a permission registered in ``consortium.governance.permissions``
+  (``"consortium.<name>"``), or one of the explicit openings :data:`SIGNED_IN`
+  (any signed-in user; the page lists only what selectors return) and
+  :data:`ANYONE` (no sign-in at all, e.g. an invitation link);
+- ``get_permission_object()``: the object the permission is checked against,
+  loaded through a selector scoped to the user.
+
+A view that declares no permission, or an unknown one, fails when its URL is
+built (``as_view``) and again on every request: it is never silently open.
+Anonymous users are sent to the login page. A missing object and an object the
+user may not act on give the *same* 404, so ids cannot be probed.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import rules
+from django.contrib.auth.views import redirect_to_login
+from django.core.exceptions import ImproperlyConfigured, ValidationError
+from django.db.models import QuerySet
+from django.http import Http404
+
+SIGNED_IN = "<any signed-in user>"
+ANYONE = "<anyone, signed in or not>"
+_OPENINGS = {SIGNED_IN, ANYONE}
+
+# One message for "does not exist" and "not yours": nothing to tell them apart.
+NOT_FOUND = "No such page."
+
+
+def first_or_404(queryset: QuerySet, **lookup: Any):
+    """The one object matching ``lookup`` in a user-scoped queryset, or 404."""
+    obj = queryset.filter(**lookup).first()
+    if obj is None:
+        raise Http404(NOT_FOUND)
+    return obj
+
+
+class PermissionRequiredMixin:
+    permission_required: str | None = None
+
+    @classmethod
+    def check_permission_declared(cls) -> None:
+        perm = cls.permission_required
+        if not perm:
+            raise ImproperlyConfigured(
+                f"{cls.__name__} declares no permission_required: every page must name a "
+                "registered rules permission (or SIGNED_IN / ANYONE explicitly)."
+            )
+        if perm not in _OPENINGS and not rules.perm_exists(perm):
+            raise ImproperlyConfigured(
+                f"{cls.__name__}.permission_required = {perm!r} is not a registered "
+                "permission (see consortium/permissions.py)."
+            )
+
+    @classmethod
+    def as_view(cls, **initkwargs):
+        cls.check_permission_declared()
+        return super().as_view(**initkwargs)
+
+    def get_permission_object(self):
+        raise ImproperlyConfigured(
+            f"{type(self).__name__} must define get_permission_object() (load the object "
+            "through a selector scoped to request.user)."
+        )
+
+    def dispatch(self, request, *args, **kwargs):
+        self.check_permission_declared()
+        perm = self.permission_required
+        if perm != ANYONE:
+            if not request.user.is_authenticated:
+                return redirect_to_login(request.get_full_path())
+            if perm != SIGNED_IN:
+                obj = self.get_permission_object()
+                if obj is None or not request.user.has_perm(perm, obj):
+                    raise Http404(NOT_FOUND)
+                self.permission_object = obj
+        return super().dispatch(request, *args, **kwargs)
+
+
+def apply_service_errors(form, exc: Exception) -> None:
+    """Attach a service's ValidationError (field errors) or ServiceError (a
+    sentence) to ``form`` so the page re-renders with the user's input."""
+    if isinstance(exc, ValidationError) and hasattr(exc, "error_dict"):
+        for field, errors in exc.error_dict.items():
+            target = field if field in form.fields else None
+            for error in errors:
+                form.add_error(target, error)
+    elif isinstance(exc, ValidationError):
+        form.add_error(None, exc)
+    else:
+        form.add_error(None, str(exc))

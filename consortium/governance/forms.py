@@ -1,0 +1,208 @@
+"""Forms of the governance pages. They check types and shapes only; the rules
+(who may, what is allowed, what conflicts) live in ``services``, whose errors the
+views put back on these forms."""
+
+from __future__ import annotations
+
+from django import forms
+
+from consortium.governance.models import (
+    CONSORTIUM_ROLES,
+    INSTITUTION_ROLES,
+    AgreementVersion,
+    DPMechanism,
+    Institution,
+    ModelFamily,
+    Role,
+)
+
+PEM_HELP = (
+    "The site worker's Ed25519 public key, PEM-encoded "
+    "('-----BEGIN PUBLIC KEY-----' ...). Optional; can be registered later."
+)
+
+
+def _role_choices(roles) -> list[tuple[str, str]]:
+    return [(value, label) for value, label in Role.choices if value in roles]
+
+
+class DateInput(forms.DateInput):
+    input_type = "date"
+
+
+class InstitutionCreateForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    slug = forms.SlugField(
+        max_length=64,
+        required=False,
+        help_text="Names the site's worker queue (site.<slug>). Leave empty to derive it "
+        "from the name. It cannot change later.",
+    )
+    country = forms.CharField(max_length=64, required=False)
+    worker_public_key = forms.CharField(
+        label="Worker public key (PEM)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}),
+        help_text=PEM_HELP,
+    )
+
+
+class InstitutionUpdateForm(forms.Form):
+    name = forms.CharField(max_length=200)
+    country = forms.CharField(max_length=64, required=False)
+    worker_public_key = forms.CharField(
+        label="Worker public key (PEM)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}),
+        help_text=PEM_HELP + " Empty it to remove the key.",
+    )
+
+
+class InvitationForm(forms.Form):
+    email = forms.EmailField()
+    role = forms.ChoiceField()
+    institution = forms.ModelChoiceField(
+        queryset=Institution.objects.none(),
+        required=False,
+        empty_label="— none (consortium-wide role) —",
+        help_text="Required for institution roles; leave empty for administrator and auditor.",
+    )
+
+    def __init__(self, *args, roles, institutions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["role"].choices = [("", "— choose a role —"), *_role_choices(roles)]
+        self.fields["institution"].queryset = institutions
+
+
+class MembershipRoleForm(forms.Form):
+    role = forms.ChoiceField()
+
+    def __init__(self, *args, membership, **kwargs):
+        super().__init__(*args, **kwargs)
+        roles = INSTITUTION_ROLES if membership.institution_id else CONSORTIUM_ROLES
+        self.fields["role"].choices = _role_choices(roles)
+
+
+class NewAccountForm(forms.Form):
+    username = forms.CharField(max_length=150)
+    full_name = forms.CharField(
+        max_length=200, help_text="As you will type it when you sign an agreement."
+    )
+    password = forms.CharField(
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}), strip=False
+    )
+    password_confirm = forms.CharField(
+        label="Password (again)",
+        widget=forms.PasswordInput(attrs={"autocomplete": "new-password"}),
+        strip=False,
+    )
+
+    def clean(self):
+        data = super().clean()
+        if (
+            data.get("password")
+            and data.get("password_confirm")
+            and data["password"] != data["password_confirm"]
+        ):
+            self.add_error("password_confirm", "The two passwords differ.")
+        return data
+
+
+class AgreementTermsForm(forms.Form):
+    """The terms of one agreement version, as ``services.TERM_FIELDS``."""
+
+    purpose = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 3}),
+        help_text="What models trained under this agreement may be used for.",
+    )
+    permitted_model_families = forms.MultipleChoiceField(
+        choices=ModelFamily.choices, widget=forms.CheckboxSelectMultiple
+    )
+    max_shared_fraction = forms.DecimalField(
+        label="Maximum shared fraction",
+        max_digits=4,
+        decimal_places=3,
+        help_text=AgreementVersion._meta.get_field("max_shared_fraction").help_text,
+    )
+    required_dp_mechanism = forms.ChoiceField(
+        label="Required differential-privacy mechanism", choices=DPMechanism.choices
+    )
+    epsilon_cap = forms.DecimalField(
+        label="ε cap per institution",
+        max_digits=8,
+        decimal_places=3,
+        help_text=AgreementVersion._meta.get_field("epsilon_cap").help_text,
+    )
+    delta = forms.DecimalField(
+        label="δ",
+        max_digits=12,
+        decimal_places=10,
+        help_text=AgreementVersion._meta.get_field("delta").help_text,
+    )
+    valid_from = forms.DateField(widget=DateInput)
+    valid_until = forms.DateField(widget=DateInput)
+    text = forms.CharField(
+        label="Full text",
+        widget=forms.Textarea(attrs={"rows": 14}),
+        help_text="The full text the institutions sign.",
+    )
+
+    TERM_NAMES = (
+        "purpose",
+        "permitted_model_families",
+        "max_shared_fraction",
+        "required_dp_mechanism",
+        "epsilon_cap",
+        "delta",
+        "valid_from",
+        "valid_until",
+        "text",
+    )
+
+    def terms(self) -> dict:
+        return {name: self.cleaned_data[name] for name in self.TERM_NAMES}
+
+    @classmethod
+    def initial_from(cls, version: AgreementVersion) -> dict:
+        return {name: getattr(version, name) for name in cls.TERM_NAMES}
+
+
+class AgreementCreateForm(AgreementTermsForm):
+    title = forms.CharField(max_length=200)
+    field_order = ["title", *AgreementTermsForm.TERM_NAMES]
+
+
+class SignForm(forms.Form):
+    institution = forms.ModelChoiceField(
+        queryset=Institution.objects.none(),
+        label="Sign on behalf of",
+        empty_label=None,
+    )
+    typed_name = forms.CharField(
+        label="Your full name",
+        max_length=200,
+        help_text="Type your name exactly as it appears on your account.",
+    )
+    confirmed = forms.BooleanField(required=False)
+    expected_digest = forms.CharField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args, institutions, confirm_label: str, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["institution"].queryset = institutions
+        self.fields["confirmed"].label = confirm_label
+
+
+class WithdrawForm(forms.Form):
+    institution = forms.ModelChoiceField(
+        queryset=Institution.objects.none(),
+        label="Withdraw the consent of",
+        empty_label=None,
+    )
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 5}),
+        help_text="At least 10 characters. The reason is recorded in the ledger.",
+    )
+
+    def __init__(self, *args, institutions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["institution"].queryset = institutions

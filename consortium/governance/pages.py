@@ -1,0 +1,66 @@
+"""Pages inside a consortium: the fail-closed page base (``consortium.core.pages``) plus the
+consortium scope every governance, training and audit page sits in.
+
+``GovernancePage``, ``GovernanceForm`` and ``GovernanceAction`` load ``self.consortium``
+from the URL's ``slug`` through the user-scoped selector, so a consortium the user cannot see
+is the same 404 as one that does not exist, and nested objects are looked up inside it.
+"""
+
+from __future__ import annotations
+
+from django.core.exceptions import ValidationError
+from django.utils.functional import cached_property
+from django.views.generic import TemplateView, View
+from django.views.generic.edit import FormView
+
+from consortium.core.errors import ServiceError
+from consortium.core.pages import PermissionRequiredMixin, apply_service_errors, first_or_404
+from consortium.governance import selectors
+
+
+class ConsortiumScopedMixin:
+    """Loads ``self.consortium`` from the ``slug`` URL argument, scoped to the user.
+    Nested objects are looked up inside that consortium, so a valid id under the
+    wrong consortium is a 404 too."""
+
+    @cached_property
+    def consortium(self):
+        return first_or_404(
+            selectors.consortia_visible_to(self.request.user), slug=self.kwargs["slug"]
+        )
+
+    def get_context_data(self, **kwargs):
+        kwargs.setdefault("consortium", self.consortium)
+        return super().get_context_data(**kwargs)
+
+    def can(self, perm: str, obj) -> bool:
+        return self.request.user.has_perm(perm, obj)
+
+
+class GovernancePage(PermissionRequiredMixin, ConsortiumScopedMixin, TemplateView):
+    """A read-only page inside a consortium."""
+
+
+class GovernanceForm(PermissionRequiredMixin, ConsortiumScopedMixin, FormView):
+    """A form inside a consortium whose ``perform(form)`` calls one service.
+
+    ``perform`` returns the redirect; a ValidationError or ServiceError from the
+    service is put on the form and the page re-rendered with what was typed.
+    """
+
+    def perform(self, form):
+        raise NotImplementedError
+
+    def form_valid(self, form):
+        try:
+            return self.perform(form)
+        except (ValidationError, ServiceError) as exc:
+            apply_service_errors(form, exc)
+            return self.form_invalid(form)
+
+
+class GovernanceAction(PermissionRequiredMixin, ConsortiumScopedMixin, View):
+    """A POST-only action (no fields): ``perform()`` calls one service and
+    returns the redirect; its errors become a message on the page it returns to."""
+
+    http_method_names = ["post"]

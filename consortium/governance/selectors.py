@@ -1,0 +1,233 @@
+"""Reads: what a user may see, and the derived state of agreements.
+
+Each ``*_visible_to(user)`` applies the same scope as the predicates in
+``permissions``, so lists never show what a detail page would refuse.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass, field
+
+from django.db.models import Prefetch, QuerySet
+from django.utils import timezone
+
+from consortium.governance.models import (
+    Agreement,
+    AgreementVersion,
+    Consortium,
+    Institution,
+    Invitation,
+    Membership,
+    Role,
+    Signature,
+    Withdrawal,
+)
+from consortium.governance.permissions import grants_of
+
+
+def consortium_ids_of(user) -> set[int]:
+    return {g.consortium_id for g in grants_of(user)}
+
+
+def consortia_visible_to(user) -> QuerySet[Consortium]:
+    return Consortium.objects.filter(pk__in=consortium_ids_of(user))
+
+
+def institutions_visible_to(user) -> QuerySet[Institution]:
+    return Institution.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "consortium"
+    )
+
+
+def memberships_visible_to(user) -> QuerySet[Membership]:
+    return Membership.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "user", "institution", "consortium"
+    )
+
+
+def invitations_visible_to(user) -> QuerySet[Invitation]:
+    return Invitation.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "institution", "invited_by", "consortium"
+    )
+
+
+def agreements_visible_to(user) -> QuerySet[Agreement]:
+    return Agreement.objects.filter(consortium_id__in=consortium_ids_of(user)).select_related(
+        "consortium"
+    )
+
+
+def versions_visible_to(user) -> QuerySet[AgreementVersion]:
+    return AgreementVersion.objects.filter(
+        agreement__consortium_id__in=consortium_ids_of(user)
+    ).select_related("agreement", "agreement__consortium")
+
+
+def user_institutions_with_role(user, consortium: Consortium, *roles: str) -> QuerySet[Institution]:
+    """Institutions of ``consortium`` where the user holds one of ``roles``."""
+    ids = {
+        g.institution_id
+        for g in grants_of(user)
+        if g.consortium_id == consortium.pk and g.institution_id and g.role in roles
+    }
+    return Institution.objects.filter(pk__in=ids).order_by("name")
+
+
+def current_version(agreement: Agreement) -> AgreementVersion | None:
+    """The latest published version: the terms in effect."""
+    return (
+        agreement.versions.filter(status=AgreementVersion.Status.PUBLISHED)
+        .order_by("-number")
+        .first()
+    )
+
+
+def draft_version(agreement: Agreement) -> AgreementVersion | None:
+    return agreement.versions.filter(status=AgreementVersion.Status.DRAFT).first()
+
+
+@dataclass
+class AgreementStatus:
+    """Who has signed the current version, who has not, who withdrew, and why the
+    agreement is or is not in force."""
+
+    agreement: Agreement
+    version: AgreementVersion | None
+    signed: list[Signature] = field(default_factory=list)
+    unsigned: list[Institution] = field(default_factory=list)
+    withdrawn: list[Withdrawal] = field(default_factory=list)
+    in_force: bool = False
+    reasons: list[str] = field(default_factory=list)
+
+    @property
+    def eligible_institution_ids(self) -> set[int]:
+        """Institutions that signed the current version and have not withdrawn."""
+        withdrawn = {w.institution_id for w in self.withdrawn}
+        return {s.institution_id for s in self.signed} - withdrawn
+
+
+def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> AgreementStatus:
+    """An agreement is in force when it has a published version within its dates
+    and every member institution that has not withdrawn has signed that version.
+    A withdrawn institution is out of every future job, but does not stop the
+    others from working under the agreement."""
+    today = on or timezone.localdate()
+    version = current_version(agreement)
+    status = AgreementStatus(agreement=agreement, version=version)
+    status.withdrawn = list(agreement.withdrawals.select_related("institution"))
+    if version is None:
+        status.reasons.append("no version has been published")
+        return status
+    withdrawn_ids = {w.institution_id for w in status.withdrawn}
+    signatures = {s.institution_id: s for s in version.signatures.select_related("institution")}
+    institutions = list(agreement.consortium.institutions.order_by("name"))
+    status.signed = [signatures[i.pk] for i in institutions if i.pk in signatures]
+    status.unsigned = [
+        i for i in institutions if i.pk not in signatures and i.pk not in withdrawn_ids
+    ]
+    if not version.is_within_dates(today):
+        status.reasons.append(
+            f"version {version.number} is valid from {version.valid_from} to "
+            f"{version.valid_until}, not on {today}"
+        )
+    if status.unsigned:
+        names = ", ".join(i.name for i in status.unsigned)
+        status.reasons.append(f"version {version.number} is not yet signed by {names}")
+    if not status.eligible_institution_ids:
+        status.reasons.append("no institution is left under the agreement")
+    status.in_force = not status.reasons
+    return status
+
+
+def agreements_with_versions(user) -> QuerySet[Agreement]:
+    """Agreements for list pages, with their versions prefetched (one query more)."""
+    return agreements_visible_to(user).prefetch_related(
+        Prefetch("versions", queryset=AgreementVersion.objects.order_by("-number"))
+    )
+
+
+def agreement_in_force(consortium: Consortium) -> AgreementStatus | None:
+    """The consortium's agreement in force now, if any (the newest one that is)."""
+    for agreement in consortium.agreements.order_by("-created_at"):
+        status = agreement_status(agreement)
+        if status.in_force:
+            return status
+    return None
+
+
+@dataclass
+class PendingAction:
+    """Something the user can do now; ``kind`` picks the wording and link."""
+
+    kind: str  # "sign", "publish", "worker_key", "invitations"
+    agreement: Agreement | None = None
+    version: AgreementVersion | None = None
+    institution: Institution | None = None
+    count: int = 0
+
+
+@dataclass
+class ConsortiumDashboard:
+    consortium: Consortium
+    institutions: list[Institution]
+    statuses: list[AgreementStatus]
+    my_memberships: list[Membership]
+    pending: list[PendingAction]
+
+    @property
+    def in_force(self) -> AgreementStatus | None:
+        return next((s for s in self.statuses if s.in_force), None)
+
+
+def consortium_dashboard(user, consortium: Consortium) -> ConsortiumDashboard:
+    """What the consortium's front page shows ``user``: institutions, every
+    agreement's status, the user's own roles and what waits on them."""
+    agreements = list(consortium.agreements.order_by("-created_at"))
+    statuses = [agreement_status(a) for a in agreements]
+    grants = [g for g in grants_of(user) if g.consortium_id == consortium.pk]
+    roles_at = {}
+    for g in grants:
+        roles_at.setdefault(g.institution_id, set()).add(g.role)
+    pending: list[PendingAction] = []
+    approver_of = {i for i, roles in roles_at.items() if i and Role.APPROVER in roles}
+    for status in statuses:
+        if status.version is None:
+            continue
+        withdrawn = {w.institution_id for w in status.withdrawn}
+        for institution in status.unsigned:
+            if institution.pk in approver_of and institution.pk not in withdrawn:
+                pending.append(
+                    PendingAction(
+                        "sign",
+                        agreement=status.agreement,
+                        version=status.version,
+                        institution=institution,
+                    )
+                )
+    is_admin = Role.CONSORTIUM_ADMIN in roles_at.get(None, set())
+    if is_admin:
+        for draft in AgreementVersion.objects.filter(
+            agreement__consortium=consortium, status=AgreementVersion.Status.DRAFT
+        ).select_related("agreement"):
+            pending.append(PendingAction("publish", agreement=draft.agreement, version=draft))
+    keepers = {
+        i
+        for i, roles in roles_at.items()
+        if i and roles & {Role.INSTITUTION_ADMIN, Role.DATA_STEWARD}
+    }
+    institutions = list(consortium.institutions.order_by("name"))
+    for institution in institutions:
+        if (is_admin or institution.pk in keepers) and not institution.worker_public_key:
+            pending.append(PendingAction("worker_key", institution=institution))
+    return ConsortiumDashboard(
+        consortium=consortium,
+        institutions=institutions,
+        statuses=statuses,
+        my_memberships=list(
+            Membership.objects.filter(user=user, consortium=consortium).select_related(
+                "institution"
+            )
+        ),
+        pending=pending,
+    )

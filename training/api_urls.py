@@ -1,0 +1,16 @@
+"""The training endpoints, included into the ``api`` namespace by ``consortium.api_urls``:
+data sets, jobs, approvals and notifications (browser users' tokens and sessions), and the
+site workers' endpoints under ``site/`` (site tokens only)."""
+
+from rest_framework.routers import SimpleRouter
+
+from training.jobs import api
+from training.rounds import site_api
+
+router = SimpleRouter()
+router.register("datasets", api.SiteDatasetViewSet, basename="dataset")
+router.register("jobs", api.TrainingJobViewSet, basename="job")
+router.register("approvals", api.ApprovalInboxViewSet, basename="approval")
+router.register("notifications", api.NotificationViewSet, basename="notification")
+
+urlpatterns = [*router.urls, *site_api.urlpatterns]

@@ -1,0 +1,340 @@
+"""Forms of the training pages. They check types and shapes only (JSON is JSON,
+a shape is a list of whole numbers); the rules — spec bounds, the agreement,
+the budgets — live in ``training.jobs.services``, whose errors the views put back on
+these forms next to the field they concern."""
+
+from __future__ import annotations
+
+import json
+
+from django import forms
+
+from training.jobs.presenters import model_choices
+from training.jobs.spec import PURPOSES
+from training.models import Approval, Modality
+
+#: What the privacy-pipeline box holds on a new job: a pipeline that satisfies a
+#: typical agreement (40% shared, clipped, Gaussian noise).
+DEFAULT_PIPELINE = [
+    {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+    {"filter": "percentile_clipping", "percentile": 95},
+    {"filter": "gaussian_noise", "noise_multiplier": 4.0, "clip_norm": 1.0},
+]
+
+
+def pretty_json(value) -> str:
+    return json.dumps(value, indent=2)
+
+
+def _pipeline_text(pipeline) -> str:
+    """One filter per line: readable, and easy to reorder by moving lines."""
+    if not pipeline:
+        return "[]"
+    return "[\n" + ",\n".join("  " + json.dumps(f) for f in pipeline) + "\n]"
+
+
+def _json_object(text: str, what: str) -> dict | None:
+    text = (text or "").strip()
+    if not text:
+        return None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise forms.ValidationError(
+            f"This is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+        ) from None
+    if not isinstance(value, dict):
+        raise forms.ValidationError(f'The {what} must be a JSON object, like {{"key": ...}}.')
+    return value
+
+
+# --- Site data sets -------------------------------------------------------------------
+
+
+class DatasetForm(forms.Form):
+    key = forms.CharField(
+        max_length=64,
+        help_text="How jobs name this data set, e.g. 'tumours-2024'. Lower-case letters, "
+        "digits, '.', '_' and '-'. It cannot change later.",
+    )
+    description = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="What it holds and how it was collected. Only this description leaves the "
+        "site: the records never do.",
+    )
+    modality = forms.ChoiceField(choices=Modality.choices)
+    num_records = forms.IntegerField(label="Number of records", min_value=1)
+    input_shape = forms.CharField(
+        label="Input shape",
+        max_length=100,
+        help_text="The shape of one input as comma-separated whole numbers: '30' for 30 "
+        "tabular features, '1, 28, 28' for single-channel 28×28 images.",
+    )
+    n_classes = forms.IntegerField(label="Number of classes", min_value=2)
+    schema = forms.CharField(
+        label="Schema (JSON, optional)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}),
+        help_text="Optional JSON object: column names, units, label meaning, e.g. "
+        '{"columns": ["age", "size_mm"], "label": "malignant"}.',
+    )
+
+    def __init__(self, *args, editing: bool = False, **kwargs):
+        super().__init__(*args, **kwargs)
+        if editing:
+            self.fields["key"].disabled = True
+            self.fields["key"].required = False
+            self.fields["key"].help_text = "The key cannot change: jobs name it."
+
+    def clean_input_shape(self):
+        text = self.cleaned_data["input_shape"].strip().strip("[]()")
+        parts = [p.strip() for p in text.split(",")]
+        if not text or any(not p for p in parts):
+            raise forms.ValidationError(
+                "Give the shape as comma-separated whole numbers, e.g. '30' or '1, 28, 28'."
+            )
+        try:
+            shape = [int(p) for p in parts]
+        except ValueError:
+            raise forms.ValidationError(
+                "Every dimension must be a whole number, e.g. '1, 28, 28'."
+            ) from None
+        if any(d < 1 for d in shape):
+            raise forms.ValidationError("Every dimension must be at least 1.")
+        return shape
+
+    def clean_schema(self):
+        return _json_object(self.cleaned_data["schema"], "schema") or {}
+
+    @staticmethod
+    def initial_from(dataset) -> dict:
+        return {
+            "key": dataset.key,
+            "description": dataset.description,
+            "modality": dataset.modality,
+            "num_records": dataset.num_records,
+            "input_shape": ", ".join(str(d) for d in dataset.input_shape),
+            "n_classes": dataset.n_classes,
+            "schema": pretty_json(dataset.schema) if dataset.schema else "",
+        }
+
+    def service_fields(self) -> dict:
+        data = dict(self.cleaned_data)
+        if self.fields["key"].disabled:
+            data.pop("key", None)
+        return data
+
+
+# --- Training jobs ---------------------------------------------------------------------
+
+
+def _choices(values) -> list[tuple[str, str]]:
+    return [(v, v) for v in values]
+
+
+class JobForm(forms.Form):
+    """A training job spec as form fields. ``to_spec()`` builds the JSON the
+    services validate; fields left empty are left out so the spec's defaults apply."""
+
+    title = forms.CharField(max_length=200)
+    participants = forms.MultipleChoiceField(
+        label="Participating institutions", widget=forms.CheckboxSelectMultiple
+    )
+    dataset_key = forms.CharField(
+        label="Data set key",
+        max_length=64,
+        help_text="The key of the data set every participant offers (suggestions below are "
+        "the keys the institutions registered).",
+    )
+    purpose = forms.ChoiceField(choices=_choices(PURPOSES))
+    model = forms.ChoiceField(label="Model")
+    model_params = forms.CharField(
+        label="Model parameters (JSON, optional)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 3, "class": "mono"}),
+        help_text='E.g. {"hidden_sizes": [64, 32], "dropout": 0.1}. Empty: the model\'s defaults.',
+    )
+    topology = forms.ChoiceField(
+        choices=[
+            ("fedavg", "fedavg — every site trains each round; the server averages"),
+            ("cyclic", "cyclic — the model visits one site after another"),
+        ]
+    )
+    rounds = forms.IntegerField(min_value=1)
+    local_epochs = forms.IntegerField(label="Local epochs per round", min_value=1, initial=1)
+    batch_size = forms.IntegerField(min_value=1, initial=32)
+    optimizer = forms.ChoiceField(
+        choices=[("sgd", "SGD with momentum"), ("adam", "Adam")], initial="sgd"
+    )
+    lr = forms.FloatField(label="Learning rate", initial=0.01)
+    momentum = forms.FloatField(
+        required=False, initial=0.9, help_text="SGD only; leave empty for Adam."
+    )
+    momentum_restart = forms.BooleanField(
+        label="Restart the optimizer's momentum each round",
+        required=False,
+        initial=True,
+    )
+    privacy_pipeline = forms.CharField(
+        label="Privacy pipeline (JSON)",
+        widget=forms.Textarea(attrs={"rows": 7, "class": "mono"}),
+        help_text="An ordered list of filters applied on site to each update before it leaves, "
+        'e.g. [{"filter": "gaussian_noise", "noise_multiplier": 4.0, "clip_norm": 1.0}]. '
+        "The table below lists every filter and its parameters.",
+    )
+    min_participants = forms.IntegerField(
+        label="Minimum participants per round",
+        required=False,
+        min_value=1,
+        help_text="Empty: every participant must report each round.",
+    )
+    round_timeout_seconds = forms.IntegerField(
+        label="Round timeout (seconds)", min_value=1, initial=600
+    )
+    approval_ttl_hours = forms.IntegerField(
+        label="Approval deadline (hours)",
+        min_value=1,
+        initial=168,
+        help_text="Every approval must be in within this time, or the job expires.",
+    )
+
+    contribution = forms.CharField(
+        label="Contribution scoring (JSON, optional)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "class": "mono"}),
+        help_text='E.g. {"method": "leave_one_out"} or {"method": "shapley_sampled", '
+        '"permutations": 50}. Empty: "auto", exact Shapley values up to 8 sites, sampled above.',
+    )
+
+    def __init__(self, *args, institutions, dataset_keys=(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["participants"].choices = [(i.slug, i.name) for i in institutions]
+        self.fields["model"].choices = model_choices()
+        # The page renders <datalist id="dataset-keys"> with the keys offered.
+        self.fields["dataset_key"].widget.attrs["list"] = "dataset-keys"
+        self.dataset_keys = list(dataset_keys)
+
+    def clean_model_params(self):
+        return _json_object(self.cleaned_data["model_params"], "model parameters")
+
+    def clean_contribution(self):
+        return _json_object(self.cleaned_data["contribution"], "contribution scoring")
+
+    def clean_privacy_pipeline(self):
+        text = (self.cleaned_data["privacy_pipeline"] or "").strip()
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise forms.ValidationError(
+                f"This is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})."
+            ) from None
+        if not isinstance(value, list):
+            raise forms.ValidationError(
+                'The pipeline must be a JSON list of filters: [{"filter": ...}, ...] '
+                "(an empty list [] shares updates unfiltered)."
+            )
+        return value
+
+    def to_spec(self) -> dict:
+        d = self.cleaned_data
+        optimizer = {"name": d["optimizer"], "lr": d["lr"]}
+        if d["optimizer"] == "sgd" and d.get("momentum") is not None:
+            optimizer["momentum"] = d["momentum"]
+        model = {"name": d["model"]}
+        if d.get("model_params"):
+            model["params"] = d["model_params"]
+        spec = {
+            "purpose": d["purpose"],
+            "participants": list(d["participants"]),
+            "dataset_key": d["dataset_key"].strip(),
+            "model": model,
+            "topology": d["topology"],
+            "rounds": d["rounds"],
+            "local_epochs": d["local_epochs"],
+            "batch_size": d["batch_size"],
+            "optimizer": optimizer,
+            "momentum_restart": bool(d["momentum_restart"]),
+            "privacy_pipeline": d["privacy_pipeline"],
+            "round_timeout_seconds": d["round_timeout_seconds"],
+            "approval_ttl_hours": d["approval_ttl_hours"],
+        }
+        if d.get("min_participants") is not None:
+            spec["min_participants"] = d["min_participants"]
+        if d.get("contribution"):
+            spec["contribution"] = d["contribution"]
+        return spec
+
+    @staticmethod
+    def initial_default() -> dict:
+        return {"privacy_pipeline": _pipeline_text(DEFAULT_PIPELINE), "momentum_restart": True}
+
+    @staticmethod
+    def initial_from(job) -> dict:
+        spec = job.spec
+        optimizer = spec.get("optimizer") or {}
+        model = spec.get("model") or {}
+        everyone = len(spec.get("participants") or [])
+        return {
+            "title": job.title,
+            "participants": list(spec.get("participants") or []),
+            "dataset_key": spec.get("dataset_key", ""),
+            "purpose": spec.get("purpose"),
+            "model": model.get("name"),
+            "model_params": pretty_json(model["params"]) if model.get("params") else "",
+            "topology": spec.get("topology"),
+            "rounds": spec.get("rounds"),
+            "local_epochs": spec.get("local_epochs"),
+            "batch_size": spec.get("batch_size"),
+            "optimizer": optimizer.get("name"),
+            "lr": optimizer.get("lr"),
+            "momentum": optimizer.get("momentum"),
+            "momentum_restart": bool(spec.get("momentum_restart", True)),
+            "privacy_pipeline": _pipeline_text(spec.get("privacy_pipeline")),
+            "min_participants": (
+                None if spec.get("min_participants") == everyone else spec.get("min_participants")
+            ),
+            "round_timeout_seconds": spec.get("round_timeout_seconds"),
+            "approval_ttl_hours": spec.get("approval_ttl_hours"),
+            "contribution": pretty_json(spec["contribution"]) if spec.get("contribution") else "",
+        }
+
+
+class CancelForm(forms.Form):
+    reason = forms.CharField(
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="Recorded in the ledger and sent to the approvers and the proposer.",
+    )
+
+
+class DecisionForm(forms.Form):
+    institution = forms.ModelChoiceField(
+        queryset=None, label="Decide on behalf of", empty_label=None
+    )
+    decision = forms.ChoiceField(
+        choices=[
+            (Approval.Decision.APPROVED, "Approve: my institution takes part in this job"),
+            (Approval.Decision.REJECTED, "Reject: my institution does not take part"),
+        ],
+        widget=forms.RadioSelect,
+    )
+    reason = forms.CharField(
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 4}),
+        help_text="Required to reject (the proposer and the other approvers see it); "
+        "optional to approve.",
+    )
+    spec_digest = forms.CharField(widget=forms.HiddenInput)
+    agreement_version_id = forms.IntegerField(widget=forms.HiddenInput, required=False)
+
+    def __init__(self, *args, institutions, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["institution"].queryset = institutions
+
+    def clean(self):
+        data = super().clean()
+        if (
+            data.get("decision") == Approval.Decision.REJECTED
+            and not (data.get("reason") or "").strip()
+        ):
+            self.add_error("reason", "Give the reason for rejecting; the proposer sees it.")
+        return data

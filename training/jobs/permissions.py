@@ -1,0 +1,71 @@
+"""Access rules for training jobs and site data sets (``rules`` predicates over
+the memberships computed in ``consortium.governance.permissions``)."""
+
+from __future__ import annotations
+
+import rules
+
+from consortium.governance.models import Role
+from consortium.governance.permissions import (
+    grants_of,
+    is_consortium_admin,
+    is_consortium_member,
+    is_data_steward,
+    is_institution_admin,
+)
+
+
+@rules.predicate
+def is_researcher_in_consortium(user, obj) -> bool:
+    """A researcher at any institution of the object's consortium."""
+    cid = getattr(obj, "consortium_id", None) or getattr(obj, "pk", None)
+    return any(g.consortium_id == cid and g.role == Role.RESEARCHER for g in grants_of(user))
+
+
+@rules.predicate
+def is_proposer(user, job) -> bool:
+    return job is not None and user.is_authenticated and job.proposer_id == user.pk
+
+
+@rules.predicate
+def approves_for_a_participant(user, job) -> bool:
+    """The user is an approver of an institution taking part in the job."""
+    if job is None:
+        return False
+    ids = job_participant_ids(job)
+    return any(g.institution_id in ids and g.role == Role.APPROVER for g in grants_of(user))
+
+
+def job_participant_ids(job) -> set[int]:
+    cached = getattr(job, "_participant_ids", None)
+    if cached is None:
+        cached = set(job.participants.values_list("institution_id", flat=True))
+        job._participant_ids = cached
+    return cached
+
+
+# Jobs: obj is the consortium for proposing, the job otherwise.
+rules.add_perm("training.propose_job", is_consortium_admin | is_researcher_in_consortium)
+rules.add_perm("training.view_job", is_consortium_member)
+rules.add_perm("training.change_job", is_consortium_admin | is_proposer)
+rules.add_perm("training.cancel_job", is_consortium_admin | is_proposer)
+rules.add_perm("training.decide_job", approves_for_a_participant)
+
+# Site data sets: obj is the institution.
+rules.add_perm("training.view_datasets", is_consortium_member)
+rules.add_perm("training.manage_datasets", is_data_steward | is_institution_admin)
+
+
+@rules.predicate
+def is_member_of_dataset_consortium(user, dataset) -> bool:
+    """For one data set (obj is the ``SiteDataset``): a member of its institution's consortium."""
+    return dataset is not None and is_consortium_member(user, dataset.institution)
+
+
+# One data set, for the API's retrieve (obj is the SiteDataset; manage_datasets also
+# accepts it, since the institution predicates read its institution_id).
+rules.add_perm("training.view_dataset", is_member_of_dataset_consortium)
+
+# Site worker credentials (API token and signing key): obj is the institution. Only the
+# people who run the site's worker create and revoke them, not the consortium's admins.
+rules.add_perm("training.manage_site_credentials", is_data_steward | is_institution_admin)

@@ -1,0 +1,17 @@
+"""Reactions to governance signals (connected in ``TrainingConfig.ready``)."""
+
+from consortium.governance.signals import consent_withdrawn
+
+
+def _remove_from_jobs(sender, *, withdrawal, acting_user, **kwargs):
+    from training.jobs.services import jobs_remove_institution
+
+    jobs_remove_institution(
+        institution=withdrawal.institution,
+        reason=f"consent withdrawn: {withdrawal.reason}",
+        acting_user=acting_user,
+    )
+
+
+def connect() -> None:
+    consent_withdrawn.connect(_remove_from_jobs, dispatch_uid="training.remove_from_jobs")

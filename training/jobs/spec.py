@@ -1,0 +1,724 @@
+"""Training job specs: validation, canonical form and plain-English summaries.
+
+A spec is the JSON-able dict a researcher submits (web form or API) to propose a
+training job. :func:`validate_spec` checks every field and returns the
+*normalised* spec: defaults filled in, numbers typed, participants sorted, keys
+sorted. The normalised spec is what is stored, hashed (:func:`spec_digest`) and
+approved; any change to it changes the digest and voids approvals (DESIGN 3-4).
+
+Normalisation rules (so equal jobs get equal digests):
+
+* Float fields are always floats: ``"lr": 1`` and ``"lr": 1.0`` both become
+  ``1.0``. Integer fields accept integral floats (``"rounds": 5.0`` becomes ``5``)
+  but never bools, non-integral floats or strings. NaN and infinity are rejected.
+* ``participants`` and ``exclude_layers.layers`` are sets: they are sorted.
+* ``dp_sgd`` acts during local training, before any filter on the update, so the
+  normalised pipeline lists it first; the other filters keep their order, which
+  is the order they are applied to the update.
+* Every optional field is present in the output with its default, except
+  ``contribution``: it is present only when it differs from
+  :data:`CONTRIBUTION_DEFAULTS` (specs written before it existed keep their
+  digests, and so their approvals); :func:`contribution_settings` reads it with
+  the defaults filled in.
+
+This module imports neither torch nor Django models; model architectures come
+from :mod:`training.jobs.registry`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from training.jobs.registry import MODALITY_PURPOSE, ModelSpec, model_registry
+
+SPEC_SCHEMA_VERSION = 1
+
+FILTER_NAMES = (
+    "exclude_layers",
+    "partial_sharing",
+    "percentile_clipping",
+    "laplace_noise",
+    "gaussian_noise",
+    "svt",
+    "dp_sgd",
+)
+
+#: DP mechanism (a ``consortium.governance.models.DPMechanism`` value) of each DP filter.
+FILTER_MECHANISM = {
+    "laplace_noise": "laplace",
+    "gaussian_noise": "gaussian",
+    "svt": "svt",
+    "dp_sgd": "dp_sgd",
+}
+
+PURPOSES = ("classification", "segmentation")
+TOPOLOGIES = ("fedavg", "cyclic")
+OPTIMIZERS = ("sgd", "adam")
+
+SLUG_RE = re.compile(r"^[a-z0-9-]+$")
+SLUG_MAX_LEN = 64  # Institution.slug max_length
+DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
+LAYER_NAME_MAX_LEN = 200
+
+ROOT = "$"  # the error path of the spec as a whole
+
+#: How contributions are scored each round (training.rounds.contributions): ``auto`` is exact
+#: Shapley values up to CONTRIBUTION_EXACT_MAX sites and GTG-Shapley sampling above.
+CONTRIBUTION_METHODS = ("auto", "leave_one_out", "shapley_exact", "shapley_sampled")
+CONTRIBUTION_EXACT_MAX = 8  # training.fl.contribution.EXACT_MAX_PLAYERS (no torch import here)
+CONTRIBUTION_DEFAULTS = {
+    "method": "auto",
+    "permutations": 100,
+    "tolerance": 0.02,
+    "truncation": 0.005,
+}
+#: The parameters of the sampled method (also taken by ``auto``, which may sample).
+CONTRIBUTION_SAMPLING = {
+    "permutations": ("int", 1, 10000),
+    "tolerance": ("float", 0, 1),
+    "truncation": ("float", 0, 1),
+}
+
+
+class SpecError(ValueError):
+    """A spec with problems. ``errors`` maps each JSON path to what is wrong there.
+
+    Paths look like ``rounds``, ``optimizer.lr``, ``participants[2]``,
+    ``privacy_pipeline[1].noise_multiplier``; ``$`` is the spec itself.
+    """
+
+    def __init__(self, errors: dict[str, str]):
+        self.errors = dict(errors)
+        super().__init__(self.errors)  # args == (errors,), so the exception pickles
+
+    def __str__(self) -> str:
+        return "; ".join(
+            msg if path == ROOT else f"{path}: {msg}" for path, msg in self.errors.items()
+        )
+
+
+# --- field checkers ------------------------------------------------------------------------
+
+_MISSING = object()
+
+
+def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
+    parts = []
+    if lo is not None:
+        parts.append(f"greater than {lo}" if lo_open else f"at least {lo}")
+    if hi is not None:
+        parts.append(f"less than {hi}" if hi_open else f"at most {hi}")
+    return (" " + " and ".join(parts)) if parts else ""
+
+
+@dataclass(frozen=True)
+class _Num:
+    """An int or float field with optional bounds (``*_open`` makes a bound exclusive)."""
+
+    kind: str  # "int" | "float"
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    default: Any = _MISSING
+
+    def message(self) -> str:
+        noun = "an integer" if self.kind == "int" else "a number"
+        if self.kind == "int" and self.lo is not None and self.hi is not None:
+            return f"must be an integer from {self.lo} to {self.hi}"
+        return f"must be {noun}" + _range_text(self.lo, self.hi, self.lo_open, self.hi_open)
+
+    def convert(self, value: Any) -> int | float | None:
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return None
+        if self.kind == "int":
+            if isinstance(value, float):
+                if not (math.isfinite(value) and value.is_integer()):
+                    return None
+                value = int(value)
+        else:
+            try:
+                value = float(value)
+            except OverflowError:
+                return None
+            if not math.isfinite(value):
+                return None
+        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
+            return None
+        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
+            return None
+        return value
+
+
+@dataclass(frozen=True)
+class _Choice:
+    choices: tuple[str, ...]
+    default: Any = _MISSING
+
+    def message(self) -> str:
+        return "must be one of " + ", ".join(f'"{c}"' for c in self.choices)
+
+    def convert(self, value: Any) -> str | None:
+        return value if isinstance(value, str) and value in self.choices else None
+
+
+@dataclass(frozen=True)
+class _LayerList:
+    default: Any = _MISSING
+
+
+_Field = _Num | _Choice | _LayerList
+
+#: Parameters of each privacy filter (besides ``"filter"`` itself).
+FILTER_PARAMS: dict[str, dict[str, _Field]] = {
+    "exclude_layers": {"layers": _LayerList()},
+    "partial_sharing": {
+        "fraction": _Num("float", 0, 1, lo_open=True),
+        "strategy": _Choice(("topk", "random"), default="topk"),
+    },
+    "percentile_clipping": {"percentile": _Num("float", 0, 100, lo_open=True)},
+    "laplace_noise": {
+        "epsilon": _Num("float", 0, lo_open=True),
+        "sensitivity": _Num("float", 0, lo_open=True),
+    },
+    "gaussian_noise": {
+        "noise_multiplier": _Num("float", 0, lo_open=True),
+        "clip_norm": _Num("float", 0, lo_open=True),
+    },
+    "svt": {
+        "epsilon": _Num("float", 0, lo_open=True),
+        "threshold": _Num("float", 0),
+        "fraction": _Num("float", 0, 1, lo_open=True),
+        "max_passes": _Num("int", 1, 10, default=1),
+    },
+    "dp_sgd": {
+        "noise_multiplier": _Num("float", 0, lo_open=True),
+        "max_grad_norm": _Num("float", 0, lo_open=True),
+    },
+}
+
+_TOP_LEVEL = (
+    "schema_version",
+    "purpose",
+    "participants",
+    "dataset_key",
+    "model",
+    "topology",
+    "rounds",
+    "local_epochs",
+    "batch_size",
+    "optimizer",
+    "momentum_restart",
+    "privacy_pipeline",
+    "min_participants",
+    "round_timeout_seconds",
+    "approval_ttl_hours",
+    "contribution",
+)
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list):
+        return [_sorted(v) for v in value]
+    return value
+
+
+class _Checker:
+    """Collects every problem in one pass; ``errors`` keeps the first message per path."""
+
+    def __init__(self) -> None:
+        self.errors: dict[str, str] = {}
+
+    def error(self, path: str, message: str) -> None:
+        self.errors.setdefault(path, message)
+
+    def field(self, obj: Mapping, key: str, path: str, spec: _Field) -> Any:
+        """The checked value of ``obj[key]``, its default, or None (error recorded)."""
+        if key not in obj:
+            if spec.default is _MISSING:
+                self.error(path, "required")
+                return None
+            return list(spec.default) if isinstance(spec.default, list) else spec.default
+        if isinstance(spec, _LayerList):
+            return self.layers(obj[key], path)
+        converted = spec.convert(obj[key])
+        if converted is None:
+            self.error(path, spec.message())
+        return converted
+
+    def layers(self, value: Any, path: str) -> list[str] | None:
+        if not isinstance(value, list) or not value:
+            self.error(path, "must be a non-empty list of layer names")
+            return None
+        ok, seen = True, set()
+        for i, name in enumerate(value):
+            if not isinstance(name, str) or not name.strip() or len(name) > LAYER_NAME_MAX_LEN:
+                self.error(
+                    f"{path}[{i}]",
+                    f"must be a layer name (non-empty, at most {LAYER_NAME_MAX_LEN} characters)",
+                )
+                ok = False
+            elif name in seen:
+                self.error(f"{path}[{i}]", f"duplicate layer '{name}'")
+                ok = False
+            else:
+                seen.add(name)
+        return sorted(value) if ok else None
+
+    def unknown_keys(self, obj: Mapping, allowed: Any, prefix: str, what: str) -> None:
+        for key in obj:
+            if key not in allowed:
+                path = f"{prefix}.{key}" if prefix else str(key)
+                self.error(path, f"unknown {what}")
+
+
+def _check_participants(c: _Checker, raw: Mapping) -> list[str] | None:
+    if "participants" not in raw:
+        c.error("participants", "required")
+        return None
+    value = raw["participants"]
+    if not isinstance(value, list) or not value:
+        c.error("participants", "must be a non-empty list of institution slugs")
+        return None
+    ok, seen = True, set()
+    for i, slug in enumerate(value):
+        path = f"participants[{i}]"
+        if not isinstance(slug, str) or not SLUG_RE.fullmatch(slug) or len(slug) > SLUG_MAX_LEN:
+            c.error(
+                path,
+                "must be an institution slug (lower-case letters, digits and hyphens, "
+                f"at most {SLUG_MAX_LEN} characters)",
+            )
+            ok = False
+        elif slug in seen:
+            c.error(path, f"duplicate participant '{slug}'")
+            ok = False
+        else:
+            seen.add(slug)
+    return sorted(value) if ok else None
+
+
+def _check_model(
+    c: _Checker, raw: Mapping, registry: Mapping[str, ModelSpec], purpose: str | None
+) -> dict | None:
+    if "model" not in raw:
+        c.error("model", "required")
+        return None
+    value = raw["model"]
+    if not isinstance(value, Mapping):
+        c.error("model", 'must be an object like {"name": "mlp", "params": {...}}')
+        return None
+    c.unknown_keys(value, ("name", "params"), "model", "field")
+    name = value.get("name", _MISSING)
+    if name is _MISSING:
+        c.error("model.name", "required")
+        return None
+    if not isinstance(name, str) or name not in registry:
+        c.error("model.name", f"unknown model {name!r}; known: {', '.join(sorted(registry))}")
+        return None
+    model = registry[name]
+    ok = True
+    if purpose is not None and MODALITY_PURPOSE[model.modality] != purpose:
+        c.error(
+            "model.name",
+            f"model '{name}' is a {model.modality} model for "
+            f"{MODALITY_PURPOSE[model.modality]}, but the job's purpose is {purpose}",
+        )
+        ok = False
+    params, errors = model.validate_params(value.get("params"))
+    for rel, msg in errors.items():
+        c.error(f"model.params.{rel}" if rel else "model.params", msg)
+    if errors or not ok:
+        return None
+    return {"name": name, "params": params}
+
+
+def _check_optimizer(c: _Checker, raw: Mapping) -> dict | None:
+    if "optimizer" not in raw:
+        c.error("optimizer", "required")
+        return None
+    value = raw["optimizer"]
+    if not isinstance(value, Mapping):
+        c.error("optimizer", 'must be an object like {"name": "sgd", "lr": 0.01}')
+        return None
+    c.unknown_keys(value, ("name", "lr", "momentum"), "optimizer", "field")
+    name = c.field(value, "name", "optimizer.name", _Choice(OPTIMIZERS))
+    lr = c.field(value, "lr", "optimizer.lr", _Num("float", 0, 10, lo_open=True))
+    out: dict[str, Any] = {"name": name, "lr": lr}
+    ok = name is not None and lr is not None
+    if name == "sgd":
+        momentum = c.field(
+            value,
+            "momentum",
+            "optimizer.momentum",
+            _Num("float", 0, 1, hi_open=True, default=0.9),
+        )
+        out["momentum"] = momentum
+        ok = ok and momentum is not None
+    elif name == "adam" and "momentum" in value:
+        c.error("optimizer.momentum", "adam takes no momentum (only sgd does)")
+        ok = False
+    return out if ok else None
+
+
+def _check_pipeline(c: _Checker, raw: Mapping) -> list[dict] | None:
+    value = raw.get("privacy_pipeline", [])
+    if not isinstance(value, list):
+        c.error("privacy_pipeline", "must be a list of filters")
+        return None
+    out: list[dict] = []
+    ok = True
+    dp_sgd_at: int | None = None
+    for i, item in enumerate(value):
+        path = f"privacy_pipeline[{i}]"
+        if not isinstance(item, Mapping):
+            c.error(path, 'must be an object like {"filter": "gaussian_noise", ...}')
+            ok = False
+            continue
+        if "filter" not in item:
+            c.error(f"{path}.filter", "required")
+            ok = False
+            continue
+        name = item["filter"]
+        if not isinstance(name, str) or name not in FILTER_PARAMS:
+            c.error(f"{path}.filter", f"unknown filter {name!r}; known: {', '.join(FILTER_NAMES)}")
+            ok = False
+            continue
+        if name == "dp_sgd":
+            if dp_sgd_at is not None:
+                c.error(
+                    f"{path}.filter",
+                    f"dp_sgd may appear at most once (already at privacy_pipeline[{dp_sgd_at}])",
+                )
+                ok = False
+            else:
+                dp_sgd_at = i
+        params = FILTER_PARAMS[name]
+        before = len(c.errors)
+        for key in item:
+            if key != "filter" and key not in params:
+                known = ", ".join(params)
+                c.error(f"{path}.{key}", f"unknown parameter of {name} (allowed: {known})")
+        entry: dict[str, Any] = {"filter": name}
+        for key, spec in params.items():
+            entry[key] = c.field(item, key, f"{path}.{key}", spec)
+        if len(c.errors) != before:
+            ok = False
+        out.append(entry)
+    if not ok:
+        return None
+    # dp_sgd acts during local training, before every filter on the update.
+    out.sort(key=lambda f: 0 if f["filter"] == "dp_sgd" else 1)
+    return out
+
+
+def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | None) -> Any:
+    """The normalised ``contribution`` object, or ``_MISSING`` when it is the default."""
+    value = raw.get("contribution", _MISSING)
+    if value is _MISSING:
+        return _MISSING
+    if not isinstance(value, Mapping):
+        c.error("contribution", 'must be an object like {"method": "auto"}')
+        return None
+    c.unknown_keys(value, ("method", *CONTRIBUTION_SAMPLING), "contribution", "field")
+    method = c.field(
+        value,
+        "method",
+        "contribution.method",
+        _Choice(CONTRIBUTION_METHODS, default=CONTRIBUTION_DEFAULTS["method"]),
+    )
+    if method is None:
+        return None
+    out: dict[str, Any] = {"method": method}
+    ok = True
+    if method == "shapley_exact" and participants and len(participants) > CONTRIBUTION_EXACT_MAX:
+        c.error(
+            "contribution.method",
+            f"exact Shapley values evaluate 2^n coalitions each round: at most "
+            f"{CONTRIBUTION_EXACT_MAX} participants (this job has {len(participants)}); "
+            'use "auto" or "shapley_sampled"',
+        )
+        ok = False
+    sampling = method in ("auto", "shapley_sampled")
+    for key, (kind, lo, hi) in CONTRIBUTION_SAMPLING.items():
+        path = f"contribution.{key}"
+        if not sampling:
+            if key in value:
+                c.error(path, f'applies only to "shapley_sampled" (and "auto"), not to {method}')
+                ok = False
+            continue
+        number = c.field(value, key, path, _Num(kind, lo, hi, default=CONTRIBUTION_DEFAULTS[key]))
+        ok = ok and number is not None
+        out[key] = number
+    if not ok:
+        return None
+    return _MISSING if out == CONTRIBUTION_DEFAULTS else out
+
+
+def contribution_settings(spec: Mapping) -> dict:
+    """The job's contribution scoring with every default filled in (``contribution`` is
+    left out of a normalised spec when it is the default)."""
+    given = spec.get("contribution")
+    if not given:
+        return dict(CONTRIBUTION_DEFAULTS)
+    out = {"method": given.get("method", CONTRIBUTION_DEFAULTS["method"])}
+    if out["method"] in ("auto", "shapley_sampled"):
+        for key in CONTRIBUTION_SAMPLING:
+            out[key] = given.get(key, CONTRIBUTION_DEFAULTS[key])
+    return out
+
+
+def describe_contribution(spec: Mapping) -> str:
+    """One plain-English sentence on how each site's contribution will be scored."""
+    settings = contribution_settings(spec)
+    method = settings["method"]
+    metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    base = (
+        "Each round, each site's contribution is scored centrally from the updates it shared, "
+        f"by the {metric} on the consortium's validation set of the models its updates make "
+    )
+    if method == "leave_one_out":
+        return base + "with and without it (leave-one-out)."
+    exact = "with every subset of the other sites (exact Shapley values)"
+    if method == "shapley_exact":
+        return base + exact + "."
+    sampled = (
+        f"in at most {settings['permutations']} sampled orderings of the sites (GTG-Shapley), "
+        f"stopping early within an ordering once the remaining sites change the {metric} by "
+        f"less than {_num(settings['truncation'])}, and when the estimates move by less "
+        f"than {_percent(settings['tolerance'])}%"
+    )
+    if method == "shapley_sampled":
+        return base + sampled + "."
+    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {sampled}."
+
+
+def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) -> dict:
+    """Check a submitted spec and return its normalised form, or raise :class:`SpecError`.
+
+    Every problem is reported at once, one message per JSON path. ``registry``
+    defaults to :func:`training.jobs.registry.model_registry` (built-ins plus the
+    deployment's custom models). Validating a normalised spec returns it unchanged.
+    """
+    c = _Checker()
+    if not isinstance(raw, Mapping):
+        raise SpecError({ROOT: "a training spec must be a JSON object"})
+    models = model_registry() if registry is None else registry
+
+    c.unknown_keys(raw, _TOP_LEVEL, "", "field")
+    out: dict[str, Any] = {}
+
+    version = raw.get("schema_version", SPEC_SCHEMA_VERSION)
+    if _Num("int").convert(version) != SPEC_SCHEMA_VERSION:
+        c.error(
+            "schema_version",
+            f"unsupported schema version {version!r}; this server understands "
+            f"{SPEC_SCHEMA_VERSION}",
+        )
+    out["schema_version"] = SPEC_SCHEMA_VERSION
+
+    purpose = c.field(raw, "purpose", "purpose", _Choice(PURPOSES))
+    out["purpose"] = purpose
+
+    participants = _check_participants(c, raw)
+    out["participants"] = participants
+
+    if "dataset_key" not in raw:
+        c.error("dataset_key", "required")
+    elif not isinstance(raw["dataset_key"], str) or not DATASET_KEY_RE.fullmatch(
+        raw["dataset_key"]
+    ):
+        c.error(
+            "dataset_key",
+            "must be a data set key: 1-64 characters of lower-case letters, digits, "
+            "'_', '.' and '-', starting with a letter or digit",
+        )
+    else:
+        out["dataset_key"] = raw["dataset_key"]
+
+    out["model"] = _check_model(c, raw, models, purpose)
+    out["topology"] = c.field(raw, "topology", "topology", _Choice(TOPOLOGIES, default="fedavg"))
+    out["rounds"] = c.field(raw, "rounds", "rounds", _Num("int", 1, 1000))
+    out["local_epochs"] = c.field(
+        raw, "local_epochs", "local_epochs", _Num("int", 1, 100, default=1)
+    )
+    out["batch_size"] = c.field(raw, "batch_size", "batch_size", _Num("int", 1, 4096, default=32))
+    out["optimizer"] = _check_optimizer(c, raw)
+
+    restart = raw.get("momentum_restart", True)
+    if not isinstance(restart, bool):
+        c.error("momentum_restart", "must be true or false")
+    out["momentum_restart"] = restart
+
+    out["privacy_pipeline"] = _check_pipeline(c, raw)
+
+    if "min_participants" in raw:
+        value = raw["min_participants"]
+        hi = len(participants) if participants is not None else None
+        spec = _Num("int", 1, hi)
+        converted = spec.convert(value)
+        if converted is None:
+            if hi is not None and _Num("int", 1).convert(value) is not None:
+                c.error(
+                    "min_participants",
+                    f"must be at most the number of participants ({hi})",
+                )
+            else:
+                c.error("min_participants", spec.message())
+        out["min_participants"] = converted
+    else:
+        out["min_participants"] = len(participants) if participants is not None else None
+
+    out["round_timeout_seconds"] = c.field(
+        raw,
+        "round_timeout_seconds",
+        "round_timeout_seconds",
+        _Num("int", 10, 86400, default=600),
+    )
+    out["approval_ttl_hours"] = c.field(
+        raw, "approval_ttl_hours", "approval_ttl_hours", _Num("int", 1, 720, default=168)
+    )
+    contribution = _check_contribution(c, raw, participants)
+    if contribution is not _MISSING:
+        out["contribution"] = contribution
+
+    if c.errors:
+        raise SpecError(c.errors)
+    return _sorted(out)
+
+
+def canonical_spec_text(spec: Mapping) -> str:
+    """The canonical JSON text of a (normalised) spec: the bytes that are hashed."""
+    return json.dumps(
+        spec, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+
+
+def spec_digest(spec: Mapping) -> str:
+    """SHA-256 hex digest of :func:`canonical_spec_text`; approvals bind to it."""
+    return hashlib.sha256(canonical_spec_text(spec).encode("utf-8")).hexdigest()
+
+
+def _pipeline(spec: Mapping) -> list[Mapping]:
+    return list(spec.get("privacy_pipeline") or [])
+
+
+def shared_fraction(spec: Mapping) -> float:
+    """Fraction of the model's coordinates a site shares per round (1.0 = all).
+
+    The product of every ``partial_sharing`` and ``svt`` ``fraction`` in the
+    pipeline. ``exclude_layers`` does not count: it removes a set of layers whose
+    size is unknown until the model is built, so the true shared fraction is at
+    most this value. An agreement's "max fraction shared" is checked against it.
+    """
+    fractions = [
+        float(f["fraction"])
+        for f in _pipeline(spec)
+        if f.get("filter") in ("partial_sharing", "svt")
+    ]
+    return float(math.prod(fractions)) if fractions else 1.0
+
+
+def dp_mechanisms(spec: Mapping) -> set[str]:
+    """The DP mechanisms in the pipeline, as ``consortium.governance.models.DPMechanism`` values."""
+    return {
+        FILTER_MECHANISM[f.get("filter")]
+        for f in _pipeline(spec)
+        if f.get("filter") in FILTER_MECHANISM
+    }
+
+
+def _num(value: Any) -> str:
+    """A number as the spec spells it: ``1.0``, ``1.1``, ``3``."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _percent(fraction: Any) -> str:
+    text = repr(round(float(fraction) * 100, 8))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _ordinal(value: Any) -> str:
+    v = float(value)
+    if not v.is_integer():
+        return f"{_percent(v / 100)}th"
+    n = int(v)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _describe_exclude(f: Mapping) -> str:
+    layers = list(f["layers"])
+    noun = "layer" if len(layers) == 1 else "layers"
+    return f"Never share the {noun} {', '.join(layers)}: they stay at the site"
+
+
+def _describe_partial(f: Mapping) -> str:
+    pct = _percent(f["fraction"])
+    if f.get("strategy", "topk") == "random":
+        return f"Share only a random {pct}% of coordinates, drawn afresh each round"
+    return f"Share only the {pct}% of coordinates with the largest change (top-k)"
+
+
+def _describe_clip(f: Mapping) -> str:
+    return f"Clip every update at its {_ordinal(f['percentile'])} percentile of absolute values"
+
+
+def _describe_laplace(f: Mapping) -> str:
+    return (
+        f"Add Laplace noise for differential privacy with ε = {_num(f['epsilon'])} per round, "
+        f"calibrated to an update sensitivity of {_num(f['sensitivity'])}"
+    )
+
+
+def _describe_gaussian(f: Mapping) -> str:
+    return (
+        f"Add Gaussian noise with noise multiplier {_num(f['noise_multiplier'])} "
+        f"after clipping the update to L2 norm {_num(f['clip_norm'])}"
+    )
+
+
+def _describe_svt(f: Mapping) -> str:
+    passes = f.get("max_passes", 1)
+    return (
+        f"Share at most {_percent(f['fraction'])}% of coordinates, chosen by the sparse "
+        f"vector technique with ε = {_num(f['epsilon'])} and threshold "
+        f"{_num(f['threshold'])} (at most {passes} {'pass' if passes == 1 else 'passes'} "
+        "over the update)"
+    )
+
+
+def _describe_dp_sgd(f: Mapping) -> str:
+    return (
+        "Train locally with DP-SGD: clip each example's gradient to L2 norm "
+        f"{_num(f['max_grad_norm'])} and add Gaussian noise with noise multiplier "
+        f"{_num(f['noise_multiplier'])}"
+    )
+
+
+_DESCRIBE: dict[str, Callable[[Mapping], str]] = {
+    "exclude_layers": _describe_exclude,
+    "partial_sharing": _describe_partial,
+    "percentile_clipping": _describe_clip,
+    "laplace_noise": _describe_laplace,
+    "gaussian_noise": _describe_gaussian,
+    "svt": _describe_svt,
+    "dp_sgd": _describe_dp_sgd,
+}
+
+
+def describe_pipeline(spec: Mapping) -> list[str]:
+    """One plain-English sentence per privacy filter, in order, for an approver.
+
+    Takes a normalised spec. An empty pipeline gives an empty list (the update
+    is shared as computed); the caller words that case for its page.
+    """
+    return [_DESCRIBE[f["filter"]](f) for f in _pipeline(spec)]

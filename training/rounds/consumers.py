@@ -1,0 +1,78 @@
+"""The live pages' websockets: a job's page and the consortium dashboard.
+
+See :class:`consortium.core.live.LedgerLiveConsumer` for the protocol: each consumer names its
+page's object, the page's permission rule, the channel group :mod:`audit.ledger.live` wakes, which
+ledger entries concern the page, and the state the page redraws from.
+"""
+
+from __future__ import annotations
+
+import json
+
+from audit.ledger import live
+from consortium.core.live import LedgerLiveConsumer
+
+
+class JobLiveConsumer(LedgerLiveConsumer):
+    """``/ws/consortia/<slug>/jobs/<pk>/``: rounds, site updates, state changes, budget warnings."""
+
+    def load_target(self):
+        from training.models import TrainingJob
+
+        kwargs = self.scope["url_route"]["kwargs"]
+        return (
+            TrainingJob.objects.select_related("consortium")
+            .filter(pk=kwargs["pk"], consortium__slug=kwargs["slug"])
+            .first()
+        )
+
+    def allowed(self, user, target) -> bool:
+        return user.has_perm("training.view_job", target)
+
+    def groups_of(self, target) -> list[str]:
+        return [live.job_group(target.pk)]
+
+    def consortium_slug_of(self, target) -> str:
+        return target.consortium.slug
+
+    def relevant(self, entry, target) -> bool:
+        # Entries about the job carry its id at the top of the payload (every service and the
+        # coordinator write it); the text test only spares parsing the others.
+        if f'"job_id":{target.pk}' not in entry.payload_text:
+            return False
+        return json.loads(entry.payload_text).get("job_id") == target.pk
+
+    def state_of(self, target) -> dict:
+        from training.rounds.live import job_live_state
+
+        return job_live_state(target)
+
+
+class ConsortiumLiveConsumer(LedgerLiveConsumer):
+    """``/ws/consortia/<slug>/``: jobs by state, approvals awaited, recent ledger entries."""
+
+    def load_target(self):
+        from consortium.governance.models import Consortium
+
+        return Consortium.objects.filter(slug=self.scope["url_route"]["kwargs"]["slug"]).first()
+
+    def allowed(self, user, target) -> bool:
+        return user.has_perm("consortium.view_consortium", target)
+
+    def groups_of(self, target) -> list[str]:
+        return [live.consortium_group(target.slug)]
+
+    def consortium_slug_of(self, target) -> str:
+        return target.slug
+
+    def shows_entries(self, user, target) -> bool:
+        # The ledger's entries are the auditors' and administrators' page; others see the state.
+        return user.has_perm("audit.view_ledger", target)
+
+    def relevant(self, entry, target) -> bool:
+        return True
+
+    def state_of(self, target) -> dict:
+        from training.rounds.live import consortium_live_state
+
+        return consortium_live_state(target)

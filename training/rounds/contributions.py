@@ -1,0 +1,304 @@
+"""Contribution scores: each site's part in each round, computed centrally and recorded so that
+anyone can recompute it (DESIGN section 4, step 3; issue 5).
+
+Per closed round, :func:`round_score` values coalitions of the sites whose updates were accepted
+(the ``delta/`` and ``mask/`` tensors they actually shared, after their privacy filters) by the
+validation metric, on the consortium's validation set, of the model the coalition's updates make
+from the round's input model (:class:`training.fl.coalition.CoalitionUtility`: FedAvg for
+``fedavg``, the sum of the masked deltas for ``cyclic``), and scores the sites with the job's
+method (:mod:`training.fl.contribution`; the spec's ``contribution``, see
+``training.jobs.spec.contribution_settings``).
+
+When, and in which transaction. Scoring evaluates up to 2^8 models per round (more than the
+round itself costs), so it runs *after* the round-close transaction has committed, outside any
+transaction, and records in a transaction of its own: the next round is already dispatched and
+the ledger's lock is not held while models are evaluated. Recording is idempotent (the ledger is
+checked under its lock), so a second call for the same round does nothing, and a failure to score
+never fails a closed round: it is logged and recorded as ``contribution.unavailable`` with the
+reason. A coordinator killed between the two commits leaves the round unscored;
+``manage.py score_contributions --job ID`` (:func:`job_score_missing`) scores such rounds later,
+and scores jobs run before scoring existed.
+
+The ledger contract (the auditors' reports read exactly this):
+
+* ``contribution.scored``, subject the ``Round``: ``{"job_id", "round", "method", "params",
+  "metric", "sites", "coalitions", "scores", "evaluations"}``; ``coalitions`` is every
+  coalition evaluated (``[]`` and the full set included) as ``{"sites": [...], "value": v}``,
+  and :func:`training.fl.contribution.scores_from_coalitions` recomputes ``scores`` from
+  ``method``, ``params`` and ``coalitions`` bit for bit. ``params`` always holds the ``seed``
+  (derived from the spec digest and the round, :func:`round_seed`).
+* ``contribution.job_scored``, subject the ``TrainingJob``, once the job has completed and its
+  last round is scored: ``{"job_id", "method", "metric", "scores", "rounds"}`` with each site's
+  scores summed over the rounds scored and the number of those rounds (``method`` is
+  ``"mixed"`` when rounds used different methods, e.g. ``auto`` as sites came and went).
+
+Each ``contribution.scored`` entry is written together with one ``ContributionScore`` row per
+site (the pages' queries), which points back at the entry's ``seq``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import defaultdict
+
+from django.db import transaction
+
+from audit.ledger.canonical import sha256_hex
+from audit.ledger.chain import append_entry, lock_chain
+from audit.models import LedgerEntry
+from training.jobs.selectors import round_with_job
+from training.jobs.spec import contribution_settings
+from training.models import ContributionScore, JobState, Round, SiteUpdate, TrainingJob
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CONTRIBUTION_JOB_SCORED",
+    "CONTRIBUTION_SCORED",
+    "CONTRIBUTION_UNAVAILABLE",
+    "MIXED",
+    "job_score_missing",
+    "round_contributions",
+    "round_score",
+    "round_seed",
+]
+
+CONTRIBUTION_SCORED = "contribution.scored"
+CONTRIBUTION_JOB_SCORED = "contribution.job_scored"
+CONTRIBUTION_UNAVAILABLE = "contribution.unavailable"
+MIXED = "mixed"
+
+_ROUND_LABEL = Round._meta.label_lower
+_JOB_LABEL = TrainingJob._meta.label_lower
+
+
+class ScoringUnavailable(Exception):
+    """The round cannot be scored (no validation set, no accepted update...): the reason."""
+
+
+def round_seed(job: TrainingJob, round_index: int) -> int:
+    """The sampled method's seed for one round: fixed by the spec digest (which the ledger
+    holds) and the round, so a rerun of the same job samples the same permutations."""
+    return int(sha256_hex(f"{job.spec_digest}:contribution:{round_index}")[:12], 16)
+
+
+def _accepted(rnd: Round) -> list[SiteUpdate]:
+    return list(
+        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
+        .select_related("institution")
+        .order_by("institution__slug")
+    )
+
+
+def round_contributions(rnd: Round):
+    """Compute (without recording) the contributions of a closed round's accepted updates.
+
+    Returns ``(Contributions, metric, updates)``; raises :class:`ScoringUnavailable` with the
+    reason when the round cannot be scored. Each update artifact is read once; the coalitions
+    reuse one aggregation buffer and one model (``CoalitionUtility``).
+    """
+    # Through the coordinator's own helpers: one definition of how an update artifact reads and
+    # how the job's model is built, whatever the engine changes there.
+    from training.fl.coalition import CoalitionUtility
+    from training.fl.contribution import compute
+    from training.fl.data import load_validation_set
+    from training.rounds import coordinator
+
+    job = rnd.job
+    spec = job.spec
+    updates = _accepted(rnd)
+    if not updates:
+        raise ScoringUnavailable("no accepted update to score")
+    try:
+        x, y = load_validation_set(spec["dataset_key"])
+    except ValueError as exc:
+        raise ScoringUnavailable(f"no consortium validation set: {exc}") from exc
+    dataset = coordinator._dataset_of(job, spec)
+    shared = {}
+    for update in updates:
+        delta, mask = coordinator._split_update(coordinator._load_state(update.update_digest))
+        shared[update.institution.slug] = (delta, mask or None, update.samples)
+    utility = CoalitionUtility(
+        base_state=coordinator._load_state(rnd.global_model_in.digest),
+        updates=shared,
+        model=coordinator._build_model(spec, dataset),
+        x=x,
+        y=y,
+        modality=dataset.modality,
+        combine="sum" if spec["topology"] == "cyclic" else "mean",
+    )
+    settings = contribution_settings(spec)
+    result = compute(
+        settings["method"],
+        list(shared),
+        utility,
+        permutations=settings.get("permutations", 1),
+        truncation=settings.get("truncation", 0.0),
+        tolerance=settings.get("tolerance", 0.0),
+        seed=round_seed(job, rnd.index),
+    )
+    return result, utility.metric, updates
+
+
+def _recorded(event_names, subject_type: str, subject_id) -> bool:
+    return LedgerEntry.objects.filter(
+        event__in=list(event_names), subject_type=subject_type, subject_id=str(subject_id)
+    ).exists()
+
+
+def round_score(round_id: int) -> str:
+    """Score a closed round and record it (see the module docstring). Never raises: the round
+    is closed whatever happens here. Returns ``"scored"``, ``"unavailable"``, ``"already"``
+    or ``"error"``."""
+    try:
+        rnd = round_with_job(round_id)
+        if rnd is None or rnd.state != Round.State.CLOSED:
+            return "error"
+        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+            return "already"
+        started = time.perf_counter()
+        try:
+            result, metric, updates = round_contributions(rnd)
+        except ScoringUnavailable as exc:
+            return _record_unavailable(rnd, str(exc))
+        except Exception as exc:  # noqa: BLE001 - scoring must never fail a closed round
+            log.exception("scoring the contributions of %s failed", rnd)
+            return _record_unavailable(rnd, f"scoring failed: {exc}")
+        seconds = time.perf_counter() - started
+        outcome = _record_scores(rnd, result, metric, updates)
+        log.info(
+            "%s: %s by %s, %d evaluations in %.2f s",
+            rnd,
+            result.method,
+            metric,
+            result.evaluations,
+            seconds,
+        )
+        return outcome
+    except Exception:  # noqa: BLE001 - e.g. the database went away: the command can redo it
+        log.exception("recording the contributions of round #%s failed", round_id)
+        return "error"
+
+
+def _record_unavailable(rnd: Round, reason: str) -> str:
+    job = rnd.job
+    with transaction.atomic():
+        lock_chain()
+        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+            return "already"
+        append_entry(
+            event=CONTRIBUTION_UNAVAILABLE,
+            subject=rnd,
+            consortium_slug=job.consortium.slug,
+            payload={"job_id": job.pk, "round": rnd.index, "reason": reason[:2000]},
+        )
+        _maybe_job_total(job)
+    return "unavailable"
+
+
+def _record_scores(rnd: Round, result, metric: str, updates: list[SiteUpdate]) -> str:
+    job = rnd.job
+    institutions = {u.institution.slug: u.institution for u in updates}
+    with transaction.atomic():
+        lock_chain()
+        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+            return "already"
+        entry = append_entry(
+            event=CONTRIBUTION_SCORED,
+            subject=rnd,
+            consortium_slug=job.consortium.slug,
+            payload={
+                "job_id": job.pk,
+                "round": rnd.index,
+                "method": result.method,
+                "params": dict(result.params),
+                "metric": metric,
+                "sites": sorted(result.players),
+                "coalitions": result.coalitions(),
+                "scores": {slug: result.scores[slug] for slug in sorted(result.scores)},
+                "evaluations": result.evaluations,
+            },
+        )
+        ContributionScore.objects.bulk_create(
+            ContributionScore(
+                job=job,
+                round=rnd,
+                round_index=rnd.index,
+                institution=institutions[slug],
+                method=result.method,
+                metric=metric,
+                score=score,
+                ledger_seq=entry.seq,
+            )
+            for slug, score in sorted(result.scores.items())
+        )
+        _maybe_job_total(job)
+    return "scored"
+
+
+def _maybe_job_total(job: TrainingJob) -> None:
+    """Write ``contribution.job_scored`` once the job has completed and every closed round has
+    been scored (or found unscorable). In the caller's transaction, under the ledger lock."""
+    state = TrainingJob.objects.filter(pk=job.pk).values_list("state", flat=True).first()
+    if state != JobState.COMPLETED:
+        return
+    if _recorded((CONTRIBUTION_JOB_SCORED,), _JOB_LABEL, job.pk):
+        return
+    closed = set(
+        Round.objects.filter(job=job, state=Round.State.CLOSED).values_list("pk", flat=True)
+    )
+    done = {
+        int(pk)
+        for pk in LedgerEntry.objects.filter(
+            event__in=[CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE],
+            subject_type=_ROUND_LABEL,
+            subject_id__in=[str(pk) for pk in closed],
+        ).values_list("subject_id", flat=True)
+    }
+    if closed - done:
+        return  # a round is still to be scored: the last one to be writes the total
+    rows = list(
+        ContributionScore.objects.filter(job=job)
+        .order_by("round_index", "institution__slug")
+        .values_list("institution__slug", "score", "method", "metric")
+    )
+    if not rows:
+        return  # nothing could be scored: the unavailable entries say why
+    totals: dict[str, float] = defaultdict(float)
+    rounds: dict[str, int] = defaultdict(int)
+    for slug, score, _method, _metric in rows:
+        totals[slug] += score
+        rounds[slug] += 1
+    methods = {m for _s, _v, m, _x in rows}
+    metrics = {x for _s, _v, _m, x in rows}
+    append_entry(
+        event=CONTRIBUTION_JOB_SCORED,
+        subject=job,
+        consortium_slug=job.consortium.slug,
+        payload={
+            "job_id": job.pk,
+            "method": methods.pop() if len(methods) == 1 else MIXED,
+            "metric": metrics.pop() if len(metrics) == 1 else MIXED,
+            "scores": {slug: totals[slug] for slug in sorted(totals)},
+            "rounds": {slug: rounds[slug] for slug in sorted(rounds)},
+        },
+    )
+
+
+def job_score_missing(job_id: int) -> dict[int, str]:
+    """Score every closed round of the job that has no contribution entry yet (a coordinator
+    killed between the close and the scoring, or a job run before scoring existed), then the
+    job's total if it has completed. Returns ``{round index: outcome}``."""
+    job = TrainingJob.objects.select_related("consortium").get(pk=job_id)
+    outcomes = {}
+    for pk, index in (
+        Round.objects.filter(job=job, state=Round.State.CLOSED)
+        .order_by("index")
+        .values_list("pk", "index")
+    ):
+        outcomes[index] = round_score(pk)
+    with transaction.atomic():
+        lock_chain()
+        _maybe_job_total(job)
+    return outcomes

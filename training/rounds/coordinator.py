@@ -1,0 +1,884 @@
+"""The coordinator: running approved jobs round by round (DESIGN section 4, step 3).
+
+Round state lives in our own rows (``Round``, ``SiteUpdate``, ``GlobalModel``), never in
+Celery's result store, and every move is a compare-and-set update, so that
+
+* a task delivered twice does no harm: the second ``round_maybe_close`` finds the round no
+  longer open and does nothing; a second ``job_start`` finds the job no longer approved;
+  a site task delivered twice uploads the same update twice, and the second upload is a
+  harmless duplicate (``training.rounds.sites.update_receive``);
+* a site worker killed mid-task does not lose the round: :func:`rounds_tick` sends again a
+  site task that has not reported after ``FL_REDISPATCH_AFTER_SECONDS`` (the embedded
+  filesystem broker drops the message of a killed worker, and Redis only restores it after its
+  visibility timeout);
+* after a coordinator restart the job resumes from its last completed round: a running job
+  whose latest round is closed but has no next round gets it from :func:`rounds_tick`; a round
+  left aggregating by a killed coordinator is aggregated again.
+
+Lock order is the project's: the ledger chain (``audit.ledger.chain.lock_chain``) first, then rows.
+The slow work (building, aggregating and evaluating models) runs outside any transaction.
+
+Per round the coordinator checks every site's privacy budget before it sends anything: it
+replays what the site has already spent (the privacy events of its accepted updates, across
+the consortium, plus the live reservations of the other jobs it takes part in) with this
+round's projected events, against the agreement's cap. A site that would go over is not sent
+the round (recorded in the ledger); with fewer than ``min_participants`` left the job fails.
+
+Topologies: ``fedavg`` sends the global model to every site at once and averages their updates
+(weighted by samples, mask-aware, streaming). ``cyclic`` sends the model to one site at a time
+in :func:`training.fl.aggregate.cyclic_order`; each site starts from the previous site's
+result, and the round's model is the last result. Every ``SiteUpdate`` records the model its
+site was sent (``start_digest``, which the site API serves to that site) and when
+(``sent_at``); a cyclic site's ``sent_at`` stays null until its turn comes, and sending it is a
+compare-and-set on that null, so the next site is sent once. A site's result is its delta
+applied to its own start model (or the start model unchanged when its update was rejected or
+never came), so the chain never depends on recomputing earlier sites.
+
+torch is imported inside the functions that need it: the web process imports this module
+(through the services and tasks) and never pays for torch.
+
+Lineage: ``GlobalModel.lineage_hash`` is ``sha256("genesis" || digest)`` for the initial model
+and ``sha256(parent.lineage_hash || digest || canonical_json(sorted [[update_digest, weight]]))``
+for a round's model, where ``weight`` is the update's sample count (:func:`lineage_hash`).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import functools
+import logging
+import math
+from dataclasses import dataclass, field
+
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from audit.ledger.canonical import canonical_json, sha256_hex
+from audit.ledger.chain import append_entry, lock_chain
+from training.jobs import services
+from training.jobs.accounting import PrivacyEvent, events_for_pipeline, project_budget
+from training.jobs.registry import model_registry
+from training.jobs.selectors import committed_privacy_events, round_with_job
+from training.models import (
+    GlobalModel,
+    JobParticipant,
+    JobState,
+    PrivacyReservation,
+    Round,
+    SiteDataset,
+    SiteUpdate,
+    TrainingJob,
+)
+from training.rounds.artifacts import ArtifactError, artifact_store
+from training.rounds.contributions import round_score
+from training.rounds.queues import site_queue
+
+log = logging.getLogger(__name__)
+
+SITE_TRAIN_TASK = "training.site_train"
+
+__all__ = [
+    "SITE_TRAIN_TASK",
+    "Events",
+    "TickReport",
+    "genesis_lineage",
+    "job_start",
+    "lineage_hash",
+    "round_maybe_close",
+    "round_open",
+    "rounds_tick",
+]
+
+
+class Events:
+    """Ledger event names written by the coordinator."""
+
+    MODEL_INITIALISED = "model.initialised"
+    ROUND_OPENED = "round.opened"
+    ROUND_SITE_SKIPPED = "round.site_skipped"
+    ROUND_SITE_SENT = "round.site_sent"
+    ROUND_CLOSED = "round.closed"
+    ROUND_FAILED = "round.failed"
+
+
+# --- Lineage -------------------------------------------------------------------------------------
+
+
+def genesis_lineage(digest: str) -> str:
+    """The lineage hash of a job's initial model."""
+    return sha256_hex("genesis" + digest)
+
+
+def lineage_hash(parent_lineage: str, digest: str, contributions) -> str:
+    """The lineage hash of a round's model: over its parent's lineage hash, its own digest and
+    the sorted ``(update_digest, weight)`` pairs it was made from."""
+    pairs = sorted([str(d), int(w)] for d, w in contributions)
+    return sha256_hex(parent_lineage + digest + canonical_json(pairs))
+
+
+# --- Small helpers -------------------------------------------------------------------------------
+
+
+def _setting(name: str, default):
+    return getattr(settings, name, default)
+
+
+def _record(event: str, *, job: TrainingJob, subject=None, institution_slug: str = "", **payload):
+    return append_entry(
+        event=event,
+        actor=None,
+        subject=subject if subject is not None else job,
+        consortium_slug=job.consortium.slug,
+        institution_slug=institution_slug,
+        payload={"job_id": job.pk, **payload},
+    )
+
+
+def _finite(value):
+    """Metrics as canonical JSON takes them: non-finite floats become None."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def _lock_job(job_id: int) -> TrainingJob:
+    lock_chain()
+    return (
+        TrainingJob.objects.select_for_update(of=("self",))
+        .select_related("consortium", "agreement_version")
+        .get(pk=job_id)
+    )
+
+
+def _fail_job(job: TrainingJob, reason: str) -> None:
+    """Fail a running (or approved) job, in the caller's transaction."""
+    job.refresh_from_db(fields=["state"])
+    if job.state in (JobState.RUNNING, JobState.APPROVED):
+        services.job_transition(acting_user=None, job=job, to_state=JobState.FAILED, reason=reason)
+
+
+def _dataset_of(job: TrainingJob, spec: dict) -> SiteDataset:
+    """One participant's description of the job's data set: every participant's has the same
+    shape and classes (checked when the job was proposed)."""
+    institution_ids = job.participants.values_list("institution_id", flat=True)
+    dataset = (
+        SiteDataset.objects.filter(institution_id__in=institution_ids, key=spec["dataset_key"])
+        .order_by("institution__slug")
+        .first()
+    )
+    if dataset is None:
+        raise ValueError(f"no participant offers the data set '{spec['dataset_key']}' any more")
+    return dataset
+
+
+def _class_path(spec: dict) -> str:
+    return model_registry()[spec["model"]["name"]].class_path
+
+
+def _build_model(spec: dict, dataset: SiteDataset):
+    from training.fl.models import build_model
+
+    return build_model(
+        _class_path(spec),
+        input_shape=list(dataset.input_shape),
+        n_classes=dataset.n_classes,
+        params=spec["model"].get("params") or {},
+    )
+
+
+def _initial_seed(job: TrainingJob) -> int:
+    # Fixed per job and reproducible from its spec digest (which the ledger holds).
+    return int(job.spec_digest[:15], 16)
+
+
+def _load_state(digest: str) -> dict:
+    from training.fl.serialization import unpack_tensors
+
+    return unpack_tensors(artifact_store().get(digest))
+
+
+def _store_state(state) -> tuple[str, int]:
+    from training.fl.serialization import pack_tensors
+
+    data = pack_tensors(state)
+    return artifact_store().put(data), len(data)
+
+
+def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_digest: str) -> None:
+    """Queue one site's training task once the transaction commits: ids and digests only
+    (``start_digest``: the model the site starts from, its ``SiteUpdate.start_digest``)."""
+    kwargs = {
+        "job_id": job.pk,
+        "round_index": round_index,
+        "site": slug,
+        "spec_digest": job.spec_digest,
+        "start_digest": start_digest,
+    }
+    queue = site_queue(slug)
+    transaction.on_commit(
+        lambda: current_app.send_task(SITE_TRAIN_TASK, kwargs=kwargs, queue=queue)
+    )
+
+
+# --- Starting a job ---------------------------------------------------------------------------
+
+
+def job_start(job_id: int) -> Round | None:
+    """Start an approved job: APPROVED -> RUNNING, the initial model (round 0) from the
+    registry with a fixed seed, then round 1. Returns round 1, or None when the job is not
+    approved (a second delivery of the task, a cancelled job) or failed at once (budgets)."""
+    job = TrainingJob.objects.select_related("consortium").filter(pk=job_id).first()
+    if job is None or job.state != JobState.APPROVED:
+        return None
+    spec = job.spec
+    try:
+        import torch
+
+        dataset = _dataset_of(job, spec)
+        seed = _initial_seed(job)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = _build_model(spec, dataset)
+        from training.fl.serialization import state_to_cpu_float
+
+        digest, size = _store_state(state_to_cpu_float(model.state_dict()))
+    except (ValueError, ArtifactError, OSError) as exc:
+        with transaction.atomic():
+            job = _lock_job(job_id)
+            if job.state == JobState.APPROVED:
+                _fail_job(job, f"the initial model could not be built: {exc}")
+        return None
+
+    with transaction.atomic():
+        job = _lock_job(job_id)
+        if job.state != JobState.APPROVED:
+            return None
+        services.job_transition(
+            acting_user=None,
+            job=job,
+            to_state=JobState.RUNNING,
+            reason="every participant approved; the coordinator started the job",
+        )
+        model0 = GlobalModel.objects.create(
+            job=job,
+            round_index=0,
+            digest=digest,
+            lineage_hash=genesis_lineage(digest),
+            size_bytes=size,
+        )
+        _record(
+            Events.MODEL_INITIALISED,
+            job=job,
+            subject=model0,
+            round=0,
+            digest=digest,
+            lineage_hash=model0.lineage_hash,
+            model=spec["model"]["name"],
+            class_path=_class_path(spec),
+            seed=seed,
+            size_bytes=size,
+        )
+        return round_open(job, 1, model0)
+
+
+# --- Budgets -------------------------------------------------------------------------------------
+
+
+@dataclass
+class _BudgetCheck:
+    eligible: list = field(default_factory=list)  # JobParticipant rows
+    skipped: list = field(default_factory=list)  # {"site", "reason"}
+
+
+def _spent_events(job: TrainingJob, institution_ids: list[int]) -> dict[int, list[PrivacyEvent]]:
+    """What each institution has spent or committed, for the per-round check
+    (the same replay as at proposal: ``selectors.committed_privacy_events``)."""
+    return committed_privacy_events(institution_ids, exclude_job_id=job.pk)
+
+
+def _check_budgets(job: TrainingJob, spec: dict, participants: list) -> _BudgetCheck:
+    check = _BudgetCheck()
+    version = job.agreement_version
+    if version is None:  # pragma: no cover - a job is bound to a version when proposed
+        check.eligible = list(participants)
+        return check
+    cap, delta = float(version.epsilon_cap), float(version.delta)
+    ids = [p.institution_id for p in participants]
+    datasets = {
+        d.institution_id: d
+        for d in SiteDataset.objects.filter(institution_id__in=ids, key=spec["dataset_key"])
+    }
+    past = _spent_events(job, ids)
+    for participant in participants:
+        institution = participant.institution
+        dataset = datasets.get(institution.pk)
+        if dataset is None:
+            check.skipped.append(
+                {
+                    "site": institution.slug,
+                    "reason": f"{institution} no longer offers '{spec['dataset_key']}'",
+                }
+            )
+            continue
+        events = events_for_pipeline(
+            spec["privacy_pipeline"],
+            rounds=1,
+            local_epochs=spec["local_epochs"],
+            batch_size=spec["batch_size"],
+            num_records=dataset.num_records,
+        )
+        projection = project_budget(
+            institution=institution.name,
+            past_events=past.get(institution.pk, []),
+            job_events=events,
+            cap=cap,
+            delta=delta,
+        )
+        if projection.fits:
+            check.eligible.append(participant)
+        else:
+            check.skipped.append(
+                {
+                    "site": institution.slug,
+                    "reason": "privacy budget: " + projection.explain(),
+                    "projected_epsilon": round(projection.projected, 6),
+                    "cap": cap,
+                }
+            )
+    return check
+
+
+# --- Opening a round -------------------------------------------------------------------------
+
+
+def _cyclic_sites(slugs: list[str], round_index: int) -> list[str]:
+    from training.fl.aggregate import cyclic_order
+
+    # cyclic_order counts rounds from 0; ours from 1.
+    return list(cyclic_order(sorted(slugs), round_index - 1))
+
+
+def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round | None:
+    """Open round ``index`` of a running job from ``global_model`` and send it to the sites.
+
+    Idempotent: an existing round ``index`` is returned as it is. Returns None when the job is
+    not running, or when too few sites are within their privacy budget (the job then fails,
+    with the reason). The site tasks are queued when the transaction commits.
+    """
+    with transaction.atomic():
+        job = _lock_job(job.pk)
+        if job.state != JobState.RUNNING:
+            return None
+        existing = Round.objects.filter(job=job, index=index).first()
+        if existing is not None:
+            return existing
+        spec = job.spec
+        participants = list(
+            JobParticipant.objects.filter(job=job, status=JobParticipant.Status.ACTIVE)
+            .select_related("institution")
+            .order_by("institution__slug")
+        )
+        check = _check_budgets(job, spec, participants)
+        for skipped in check.skipped:
+            _record(
+                Events.ROUND_SITE_SKIPPED,
+                job=job,
+                institution_slug=skipped["site"],
+                round=index,
+                **skipped,
+            )
+        minimum = spec["min_participants"]
+        if len(check.eligible) < minimum:
+            reasons = "; ".join(s["reason"] for s in check.skipped)
+            _fail_job(
+                job,
+                f"round {index} was not sent: {len(check.eligible)} site(s) can take part, "
+                f"fewer than the minimum of {minimum} ({reasons})",
+            )
+            return None
+        now = timezone.now()
+        rnd = Round.objects.create(
+            job=job,
+            index=index,
+            global_model_in=global_model,
+            opened_at=now,
+            deadline=now + dt.timedelta(seconds=spec["round_timeout_seconds"]),
+        )
+        slugs = [p.institution.slug for p in check.eligible]
+        cyclic = spec["topology"] == "cyclic"
+        order = _cyclic_sites(slugs, index) if cyclic else slugs
+        # fedavg: every site is sent the global model now; cyclic: one at a time, below.
+        SiteUpdate.objects.bulk_create(
+            SiteUpdate(
+                round=rnd,
+                institution=p.institution,
+                dispatched_at=now,
+                start_digest="" if cyclic else global_model.digest,
+                sent_at=None if cyclic else now,
+            )
+            for p in check.eligible
+        )
+        _record(
+            Events.ROUND_OPENED,
+            job=job,
+            subject=rnd,
+            round=index,
+            topology=spec["topology"],
+            global_digest=global_model.digest,
+            lineage_hash=global_model.lineage_hash,
+            sites=order,
+            skipped=[s["site"] for s in check.skipped],
+            deadline=rnd.deadline.isoformat(),
+        )
+        if cyclic:
+            _cyclic_send(rnd, job, order[0], global_model.digest)
+        else:
+            for slug in order:
+                _send_site_task(
+                    job=job, round_index=index, slug=slug, start_digest=global_model.digest
+                )
+    return rnd
+
+
+def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
+    """Send the cyclic round to ``slug`` once, starting from ``digest`` (compare-and-set on
+    ``sent_at`` being null)."""
+    claimed = SiteUpdate.objects.filter(
+        round=rnd,
+        institution__slug=slug,
+        status=SiteUpdate.Status.DISPATCHED,
+        sent_at__isnull=True,
+    ).update(sent_at=timezone.now(), start_digest=digest)
+    if not claimed:
+        return False
+    _record(
+        Events.ROUND_SITE_SENT,
+        job=job,
+        institution_slug=slug,
+        round=rnd.index,
+        site=slug,
+        start_digest=digest,
+    )
+    _send_site_task(job=job, round_index=rnd.index, slug=slug, start_digest=digest)
+    return True
+
+
+# --- Aggregation -------------------------------------------------------------------------------
+
+
+def _split_update(tensors: dict) -> tuple[dict, dict]:
+    delta = {n.removeprefix("delta/"): t for n, t in tensors.items() if n.startswith("delta/")}
+    mask = {n.removeprefix("mask/"): t for n, t in tensors.items() if n.startswith("mask/")}
+    return delta, mask
+
+
+def _accepted(rnd: Round) -> list[SiteUpdate]:
+    return list(
+        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
+        .select_related("institution")
+        .order_by("institution__slug")
+    )
+
+
+def _fedavg(global_state: dict, updates: list[SiteUpdate]) -> dict:
+    from training.fl.aggregate import StreamingFedAvg, apply_update
+    from training.fl.serialization import unpack_tensors
+
+    store = artifact_store()
+    floating = {n: t for n, t in global_state.items() if t.is_floating_point()}
+    avg = StreamingFedAvg(floating)
+    for update in updates:
+        delta, mask = _split_update(unpack_tensors(store.get(update.update_digest)))
+        avg.add(delta, mask or None, update.samples)
+    return apply_update(global_state, avg.result())
+
+
+def _apply_one(state: dict, digest: str) -> dict:
+    from training.fl.aggregate import apply_update
+    from training.fl.serialization import unpack_tensors
+
+    delta, mask = _split_update(unpack_tensors(artifact_store().get(digest)))
+    if mask:
+        import torch
+
+        delta = {
+            n: torch.where(mask[n], d, torch.zeros_like(d)) if n in mask else d
+            for n, d in delta.items()
+        }
+    return apply_update(state, delta)
+
+
+def _cyclic_rows(rnd: Round) -> list[SiteUpdate]:
+    """The round's ``SiteUpdate`` rows in the cyclic round's order."""
+    rows = {u.institution.slug: u for u in rnd.updates.select_related("institution")}
+    return [rows[slug] for slug in _cyclic_sites(list(rows), rnd.index)]
+
+
+def _site_result(update: SiteUpdate) -> dict:
+    """The model a sent cyclic site hands on: its delta applied to the model it was sent, or
+    that model unchanged when its update was rejected or never came."""
+    state = _load_state(update.start_digest)
+    if update.status == SiteUpdate.Status.ACCEPTED:
+        state = _apply_one(state, update.update_digest)
+    return state
+
+
+def _cyclic_result(rnd: Round) -> dict:
+    """The cyclic round's model: the result of the last site it was sent to (sites are sent in
+    order, so the sent ones are a prefix of the order)."""
+    sent = [u for u in _cyclic_rows(rnd) if u.sent_at is not None and u.start_digest]
+    if not sent:
+        return _load_state(rnd.global_model_in.digest)
+    return _site_result(sent[-1])
+
+
+def _evaluate(spec: dict, dataset: SiteDataset, state: dict) -> dict:
+    """Metrics of the new global model on the consortium's validation set."""
+    from training.fl.data import load_validation_set
+    from training.fl.evaluate import evaluate
+
+    try:
+        x, y = load_validation_set(spec["dataset_key"])
+    except ValueError as exc:
+        return {"validation": f"unavailable: {exc}"}
+    model = _build_model(spec, dataset)
+    model.load_state_dict(state)
+    metrics = evaluate(model, x, y, modality=dataset.modality)
+    return {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}
+
+
+# --- Closing a round -----------------------------------------------------------------------------
+
+
+def _fail_round(rnd: Round, reason: str, *, from_state: str = Round.State.OPEN) -> bool:
+    """Fail the round (compare-and-set) and its job; stragglers recorded. One transaction."""
+    with transaction.atomic():
+        job = _lock_job(rnd.job_id)
+        failed = Round.objects.filter(pk=rnd.pk, state=from_state).update(
+            state=Round.State.FAILED, failure_reason=reason, closed_at=timezone.now()
+        )
+        if not failed:
+            return False
+        stragglers = sorted(
+            rnd.updates.filter(status=SiteUpdate.Status.DISPATCHED).values_list(
+                "institution__slug", flat=True
+            )
+        )
+        rnd.updates.filter(status=SiteUpdate.Status.DISPATCHED).update(
+            status=SiteUpdate.Status.STRAGGLER
+        )
+        _record(
+            Events.ROUND_FAILED,
+            job=job,
+            subject=rnd,
+            round=rnd.index,
+            reason=reason,
+            stragglers=stragglers,
+        )
+        if job.state == JobState.RUNNING:
+            _fail_job(job, f"round {rnd.index} failed: {reason}")
+    return True
+
+
+def round_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
+    """Close the round if it is done, else wait (or, cyclic, send it to the next site).
+
+    Done: every site asked has reported (accepted or rejected), or the deadline has passed.
+    With at least ``min_participants`` accepted updates the round is aggregated, evaluated and
+    closed, and the next round opened (or the job completed); with fewer it fails, and the job
+    with it. Sites that never reported are recorded as stragglers. Returns what happened:
+    ``"not_open"``, ``"waiting"``, ``"closed"`` or ``"failed"``.
+    """
+    now = now or timezone.now()
+    rnd = round_with_job(round_id)
+    if rnd is None or rnd.state != Round.State.OPEN:
+        return "not_open"
+    job = rnd.job
+    if job.state != JobState.RUNNING:
+        _fail_round(rnd, f"the job is {job.get_state_display().lower()}")
+        return "failed"
+    spec = job.spec
+    rows = list(rnd.updates.values_list("institution__slug", "status"))
+    pending = sorted(slug for slug, status in rows if status == SiteUpdate.Status.DISPATCHED)
+    accepted = sum(1 for _, status in rows if status == SiteUpdate.Status.ACCEPTED)
+    minimum = spec["min_participants"]
+    if pending and now < rnd.deadline:
+        if spec["topology"] == "cyclic":
+            _cyclic_advance(rnd, job)
+        return "waiting"
+    if accepted < minimum:
+        if pending:
+            reason = (
+                f"the deadline {rnd.deadline.isoformat()} passed with {accepted} accepted "
+                f"update(s), fewer than the minimum of {minimum} (no update from "
+                f"{', '.join(pending)})"
+            )
+        else:
+            rejected = len(rows) - accepted
+            reason = (
+                f"{accepted} update(s) accepted and {rejected} rejected, fewer than the "
+                f"minimum of {minimum}"
+            )
+        return "failed" if _fail_round(rnd, reason) else "not_open"
+
+    # Claim the round: OPEN -> AGGREGATING. A second delivery stops here.
+    with transaction.atomic():
+        claimed = Round.objects.filter(pk=rnd.pk, state=Round.State.OPEN).update(
+            state=Round.State.AGGREGATING, closed_at=now
+        )
+        if not claimed:
+            return "not_open"
+        rnd.updates.filter(status=SiteUpdate.Status.DISPATCHED).update(
+            status=SiteUpdate.Status.STRAGGLER
+        )
+    return _aggregate_and_finish(rnd.pk)
+
+
+def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
+    """Send the cyclic round to its next site once every site before it has reported: it
+    starts from the previous site's result."""
+    previous = None
+    for update in _cyclic_rows(rnd):
+        if update.status != SiteUpdate.Status.DISPATCHED:
+            previous = update
+            continue
+        if update.sent_at is not None:
+            return  # in flight
+        if previous is None:  # pragma: no cover - the first site is sent when the round opens
+            digest = rnd.global_model_in.digest
+        elif previous.status == SiteUpdate.Status.ACCEPTED:
+            digest, _size = _store_state(_site_result(previous))
+        else:
+            digest = previous.start_digest  # nothing to apply: hand its start model on
+        with transaction.atomic():
+            _cyclic_send(rnd, job, update.institution.slug, digest)
+        return
+
+
+def _aggregate_and_finish(round_id: int) -> str:
+    """Aggregate a round claimed for aggregation, then close it and move the job on."""
+    rnd = Round.objects.select_related("job__consortium", "global_model_in").get(pk=round_id)
+    if rnd.state != Round.State.AGGREGATING:
+        return "not_open"
+    job = rnd.job
+    spec = job.spec
+    updates = _accepted(rnd)
+    parent = rnd.global_model_in
+    try:
+        dataset = _dataset_of(job, spec)
+        if spec["topology"] == "cyclic":
+            state = _cyclic_result(rnd)
+        else:
+            state = _fedavg(_load_state(parent.digest), updates)
+        digest, size = _store_state(state)
+        metrics = _finite(_evaluate(spec, dataset, state))
+    except (ValueError, ArtifactError, OSError, RuntimeError) as exc:
+        log.exception("aggregation of %s failed", rnd)
+        _fail_round(rnd, f"aggregation failed: {exc}", from_state=Round.State.AGGREGATING)
+        return "failed"
+
+    contributions = [(u.update_digest, u.samples) for u in updates]
+    lineage = lineage_hash(parent.lineage_hash, digest, contributions)
+    with transaction.atomic():
+        job = _lock_job(job.pk)
+        closed = Round.objects.filter(pk=rnd.pk, state=Round.State.AGGREGATING)
+        if not closed.exists():
+            return "not_open"
+        model = GlobalModel.objects.create(
+            job=job,
+            round_index=rnd.index,
+            digest=digest,
+            lineage_hash=lineage,
+            parent=parent,
+            size_bytes=size,
+            metrics=metrics,
+        )
+        closed.update(state=Round.State.CLOSED, global_model_out=model)
+        rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
+        _record(
+            Events.ROUND_CLOSED,
+            job=job,
+            subject=rnd,
+            round=rnd.index,
+            topology=spec["topology"],
+            global_digest=digest,
+            parent_digest=parent.digest,
+            parent_lineage_hash=parent.lineage_hash,
+            lineage_hash=lineage,
+            updates=[
+                {"update_digest": d, "weight": w}
+                for d, w in sorted([u.update_digest, u.samples] for u in updates)
+            ],
+            sites={u.institution.slug: u.update_digest for u in updates},
+            rejected={
+                u.institution.slug: u.reject_reason
+                for u in rows
+                if u.status == SiteUpdate.Status.REJECTED
+            },
+            stragglers=[
+                u.institution.slug for u in rows if u.status == SiteUpdate.Status.STRAGGLER
+            ],
+            metrics=metrics,
+        )
+        if job.state != JobState.RUNNING:
+            return "closed"
+        if rnd.index >= spec["rounds"]:
+            _complete(job, model)
+        else:
+            round_open(job, rnd.index + 1, model)
+    round_score(rnd.pk)  # contribution scores, after the commit: own transaction, never raises
+    return "closed"
+
+
+def _complete(job: TrainingJob, model: GlobalModel) -> None:
+    services.job_transition(
+        acting_user=None,
+        job=job,
+        to_state=JobState.COMPLETED,
+        reason=f"all {model.round_index} rounds closed; final model {model.digest}",
+    )
+    # The reservation now stands for privacy actually spent.
+    job.reservations.filter(status=PrivacyReservation.Status.RESERVED).update(
+        status=PrivacyReservation.Status.SPENT
+    )
+
+
+# --- The periodic tick -----------------------------------------------------------------------
+
+
+@dataclass
+class TickReport:
+    started: list = field(default_factory=list)
+    closed: list = field(default_factory=list)
+    failed: list = field(default_factory=list)
+    resumed: list = field(default_factory=list)
+    redispatched: list = field(default_factory=list)
+    errors: list = field(default_factory=list)
+
+
+def _guard(report: TickReport, what: str):
+    def wrap(fn):
+        @functools.wraps(fn)
+        def inner(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - one bad job must not stop the tick
+                log.exception("rounds_tick: %s failed", what)
+                report.errors.append(f"{what}: {exc}")
+                return None
+
+        return inner
+
+    return wrap
+
+
+def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
+    """The coordinator's periodic pass (Celery beat, every few seconds). Each step is safe to
+    run twice, or beside the tasks it backs up:
+
+    1. start approved jobs whose ``training.job_start`` message was lost (after a grace period);
+    2. close (or fail) open rounds that are done or past their deadline, and fail open rounds of
+       jobs that no longer run (a lost ``round_maybe_close`` costs at most one tick);
+    3. aggregate again rounds left aggregating by a coordinator that died;
+    4. resume running jobs whose latest round is closed but whose next round was never opened;
+    5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS``.
+    """
+    now = now or timezone.now()
+    report = TickReport()
+    grace = dt.timedelta(seconds=_setting("FL_START_GRACE_SECONDS", 30))
+    for pk in TrainingJob.objects.filter(
+        state=JobState.APPROVED, state_changed_at__lte=now - grace
+    ).values_list("pk", flat=True):
+        if _guard(report, f"starting job #{pk}")(job_start)(pk) is not None:
+            report.started.append(pk)
+
+    for pk in list(Round.objects.filter(state=Round.State.OPEN).values_list("pk", flat=True)):
+        outcome = _guard(report, f"closing round #{pk}")(round_maybe_close)(pk, now=now)
+        if outcome == "closed":
+            report.closed.append(pk)
+        elif outcome == "failed":
+            report.failed.append(pk)
+
+    stale = dt.timedelta(seconds=_setting("FL_AGGREGATION_STALE_SECONDS", 600))
+    for pk in list(
+        Round.objects.filter(state=Round.State.AGGREGATING, closed_at__lte=now - stale).values_list(
+            "pk", flat=True
+        )
+    ):
+        if _guard(report, f"aggregating round #{pk}")(_aggregate_and_finish)(pk) == "closed":
+            report.closed.append(pk)
+
+    for job in TrainingJob.objects.filter(state=JobState.RUNNING).select_related("consortium"):
+        if _guard(report, f"resuming job #{job.pk}")(_resume)(job):
+            report.resumed.append(job.pk)
+
+    after = dt.timedelta(seconds=_setting("FL_REDISPATCH_AFTER_SECONDS", 300))
+    lost = (
+        SiteUpdate.objects.filter(
+            status=SiteUpdate.Status.DISPATCHED,
+            round__state=Round.State.OPEN,
+            round__job__state=JobState.RUNNING,
+            sent_at__lte=now - after,  # a cyclic site not sent yet (null) is not lost
+        )
+        .select_related("round__job__consortium", "round__global_model_in", "institution")
+        .order_by("pk")
+    )
+    for update in lost:
+        if _guard(report, f"sending again update #{update.pk}")(_redispatch)(update, now):
+            report.redispatched.append(update.pk)
+    return report
+
+
+def _resume(job: TrainingJob) -> bool:
+    """Open the next round of a running job whose latest round closed without a successor."""
+    spec = job.spec
+    latest = job.rounds.order_by("-index").first()
+    if latest is None:
+        model0 = job.global_models.filter(round_index=0).first()
+        if model0 is None:
+            return False
+        return round_open(job, 1, model0) is not None
+    if latest.state == Round.State.FAILED:
+        with transaction.atomic():
+            job = _lock_job(job.pk)
+            _fail_job(job, f"round {latest.index} failed: {latest.failure_reason}")
+        return False
+    if latest.state != Round.State.CLOSED:
+        return False
+    if latest.index >= spec["rounds"]:
+        with transaction.atomic():
+            job = _lock_job(job.pk)
+            if job.state == JobState.RUNNING:
+                _complete(job, latest.global_model_out)
+        return True
+    log.info("resuming %s from round %s", job, latest.index)
+    return round_open(job, latest.index + 1, latest.global_model_out) is not None
+
+
+def _redispatch(update: SiteUpdate, now: dt.datetime) -> bool:
+    """Send again a site task that never reported, from the same start model (compare-and-set
+    on ``sent_at``)."""
+    rnd = update.round
+    job = rnd.job
+    if update.sent_at is None or not update.start_digest:
+        return False  # not sent yet: its turn has not come
+    with transaction.atomic():
+        moved = SiteUpdate.objects.filter(
+            pk=update.pk, status=SiteUpdate.Status.DISPATCHED, sent_at=update.sent_at
+        ).update(sent_at=now)
+        if not moved:
+            return False
+        log.warning("sending round %s of %s to %s again", rnd.index, job, update.institution.slug)
+        _send_site_task(
+            job=job,
+            round_index=rnd.index,
+            slug=update.institution.slug,
+            start_digest=update.start_digest,
+        )
+    return True

@@ -1,0 +1,669 @@
+"""The REST endpoints a site worker uses (under ``/api/site/``), authenticated
+only by site tokens.
+
+A site worker holds no central database credentials (DESIGN section 2). Its
+data steward creates its credentials in the browser: an API token (shown once)
+and the worker's Ed25519 public key. Every request carries the token::
+
+    Authorization: Site fls_...
+
+A browser session, a password or any other scheme is refused here (401): these
+endpoints answer sites, and nothing else answers sites. A revoked or unknown
+token is 401 too, saying which.
+
+Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
+404, the same as a missing one):
+
+* ``GET  whoami/`` -- the site and credential the token belongs to;
+* ``GET  jobs/<job_id>/`` -- the job's canonical spec (``spec_text``, whose
+  SHA-256 is ``spec_digest``), its state, the round now open, if any (with this
+  site's update status and the model it was sent in it), and the site's own
+  description of the data set;
+* ``GET  jobs/<job_id>/models/<digest>/`` -- a global model of that job, or a
+  model this site was sent in that job (``SiteUpdate.start_digest``: in a cyclic
+  round, the previous site's result), as the packed tensor file
+  (``application/octet-stream``) with an ``X-Content-SHA256`` header. Any other
+  digest, another site's start model included, is 404;
+* ``GET  jobs/<job_id>/rounds/<round_index>/model/`` -- the model this site must
+  train from in that round (its ``SiteUpdate.start_digest``), only while the round
+  asks the site for an update: the packed tensor file, with ``X-Content-SHA256``
+  (the start model's digest) and ``X-Spec-Digest`` (the job's spec digest)
+  headers. 409 with a ``code`` when the site must not train now
+  (``job_not_running``, ``round_closed``, ``already_received``,
+  ``not_dispatched``, ``not_sent``). This is the one request a site worker makes
+  before training each round: the job's spec is immutable for its digest, so a
+  worker fetches ``jobs/<job_id>/`` once per spec digest and checks every later
+  round's ``X-Spec-Digest`` against its task;
+* ``POST jobs/<job_id>/rounds/<round_index>/update/`` -- the site's update.
+
+The upload format: the request body is the raw packed tensor file
+(``training.fl.serialization.pack_tensors`` of ``delta/<name>`` float32 tensors
+and optional ``mask/<name>`` bool tensors), ``Content-Type:
+application/octet-stream``; the metadata travels in headers:
+
+* ``X-Update-Digest`` (required): SHA-256 hex of the body;
+* ``X-Update-Signature`` (required): base64 Ed25519 signature over
+  ``training.fl.signing.update_message(job_id, round_index, site, digest, samples)``;
+* ``X-Update-Samples`` (required): the number of local training samples;
+* ``X-Update-Metrics``: a JSON object of local metrics (default ``{}``);
+* ``X-Update-Privacy-Events``: a JSON list of privacy events (default ``[]``);
+* ``X-Update-Pipeline``: a JSON list of the privacy filters applied, with their
+  parameters (default ``[]``).
+
+Answers: 201 accepted; 200 the same update (same digest) was already accepted,
+nothing changed; otherwise ``{"detail", "code", "recorded"}`` with 400 (a
+failed check: digest, signature, tensors, values, samples, metadata), 401
+(token), 403 (the site no longer takes part), 404, 409 (the round is closed or
+the site's update for it was already received), 413 (over
+``settings.FL_MAX_UPDATE_BYTES``, refused while the body is read) or 415.
+``recorded`` is true when the refusal was written on the site's update for the
+round (rejected, with the reason) and in the ledger: that update then never
+counts. 503 means the central side could not read the global model or store
+the update; nothing was recorded and the upload may be repeated.
+
+The size limit is checked against ``Content-Length`` before the body is read,
+and again while it is read. Under Daphne (ASGI) Django spools the whole body
+to a temporary file before the view runs, so a deployment also sets the limit
+in its reverse proxy (e.g. nginx ``client_max_body_size``).
+"""
+
+from __future__ import annotations
+
+import json
+
+from django.conf import settings
+from django.http import HttpResponse
+from django.urls import path
+from drf_spectacular.extensions import OpenApiAuthenticationExtension
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers, status
+from rest_framework.authentication import BaseAuthentication, get_authorization_header
+from rest_framework.permissions import BasePermission
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from consortium.governance.api.serializers import ErrorSerializer
+from training.models import JobState, Round, SiteCredential, SiteDataset, SiteUpdate
+from training.rounds import sites
+from training.rounds.artifacts import ArtifactError, artifact_store, is_digest
+
+AUTH_KEYWORD = "Site"
+_READ_CHUNK = 1024 * 1024
+
+
+# --- Authentication ------------------------------------------------------------------------
+
+
+class SiteTokenAuthentication(BaseAuthentication):
+    """``Authorization: Site <token>``. ``request.auth`` is the
+    :class:`~training.models.SiteCredential`; ``request.user`` stays anonymous
+    (a site is not a person and holds no user rights)."""
+
+    keyword = AUTH_KEYWORD
+
+    def authenticate(self, request):
+        parts = get_authorization_header(request).split()
+        if not parts or parts[0].lower() != self.keyword.lower().encode():
+            return None
+        if len(parts) != 2:
+            raise exceptions.AuthenticationFailed(
+                "Malformed site token header: send 'Authorization: Site <token>'."
+            )
+        try:
+            token = parts[1].decode("ascii")
+        except UnicodeDecodeError:
+            raise exceptions.AuthenticationFailed("The site token is not ASCII.") from None
+        credential = sites.site_credential_authenticate(token)
+        if credential is None:
+            if sites.site_token_revoked(token):
+                raise exceptions.AuthenticationFailed(
+                    "This site token was revoked: ask the institution's data steward for new "
+                    "worker credentials."
+                )
+            raise exceptions.AuthenticationFailed("Invalid site token.")
+        from django.contrib.auth.models import AnonymousUser
+
+        return AnonymousUser(), credential
+
+    def authenticate_header(self, request) -> str:
+        return f'{self.keyword} realm="site-api"'
+
+
+class SiteTokenScheme(OpenApiAuthenticationExtension):
+    target_class = "training.rounds.site_api.SiteTokenAuthentication"
+    name = "siteToken"
+
+    def get_security_definition(self, auto_schema):
+        return {
+            "type": "apiKey",
+            "in": "header",
+            "name": "Authorization",
+            "description": "A site worker's token: `Site fls_...` (created by the "
+            "institution's data steward; shown once).",
+        }
+
+
+class IsSite(BasePermission):
+    """Only a request authenticated by a live site token."""
+
+    def has_permission(self, request, view) -> bool:
+        return isinstance(request.auth, SiteCredential)
+
+
+class SiteAPIView(APIView):
+    """Base of the site endpoints: site tokens only, and every error as
+    ``{"detail", "code"}``."""
+
+    authentication_classes = [SiteTokenAuthentication]
+    permission_classes = [IsSite]
+
+    @property
+    def credential(self) -> SiteCredential:
+        return self.request.auth
+
+    def permission_denied(self, request, message=None, code=None):
+        raise exceptions.NotAuthenticated(
+            "The site API takes only a site token: send 'Authorization: Site <token>'."
+        )
+
+    def get_exception_handler(self):
+        handler = super().get_exception_handler()
+
+        def with_code(exc, context):
+            response = handler(exc, context)
+            if (
+                response is not None
+                and isinstance(exc, exceptions.APIException)
+                and isinstance(response.data, dict)
+                and "detail" in response.data
+                and "code" not in response.data
+            ):
+                codes = exc.get_codes()
+                response.data["code"] = codes if isinstance(codes, str) else exc.default_code
+            return response
+
+        return with_code
+
+
+def _not_found() -> exceptions.NotFound:
+    return exceptions.NotFound("Not found.")
+
+
+class _NotAsked(exceptions.APIException):
+    status_code = status.HTTP_409_CONFLICT
+    default_code = "not_asked"
+
+
+def _model_response(digest: str) -> HttpResponse:
+    """A stored model as the packed tensor file, with its digest."""
+    try:
+        data = artifact_store().get(digest)
+    except ArtifactError:
+        raise exceptions.APIException(
+            "The model file is missing or damaged in the artifact store; the operators "
+            "are told by the logs."
+        ) from None
+    response = HttpResponse(data, content_type="application/octet-stream")
+    response["X-Content-SHA256"] = digest
+    response["Content-Disposition"] = f'attachment; filename="{digest}.flt"'
+    return response
+
+
+# --- Serializers -----------------------------------------------------------------------------
+
+
+class SiteErrorSerializer(ErrorSerializer):
+    recorded = serializers.BooleanField(
+        required=False,
+        help_text="For an upload: true when the refusal was recorded on the site's update "
+        "for the round (rejected, with the reason) and in the ledger.",
+    )
+
+
+class WhoAmISerializer(serializers.Serializer):
+    institution = serializers.SlugField(help_text="The site's slug (its queue is site.<slug>).")
+    institution_name = serializers.CharField()
+    consortium = serializers.SlugField()
+    credential = serializers.CharField(help_text="The credential's label.")
+    token_prefix = serializers.CharField()
+    key_fingerprint = serializers.CharField(
+        help_text="The first 16 hex digits of the SHA-256 of the registered public key (PEM)."
+    )
+
+
+class OpenRoundSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    global_model = serializers.CharField(help_text="The digest of the round's global model.")
+    start_model = serializers.CharField(
+        allow_null=True,
+        help_text="The digest of the model this site was sent for the round (its update is "
+        "the delta from it): the global model, or in a cyclic round the previous site's "
+        "result. Null if the round has not reached this site (or asked nothing of it).",
+    )
+    deadline = serializers.DateTimeField()
+    update_status = serializers.ChoiceField(
+        choices=SiteUpdate.Status.choices,
+        allow_null=True,
+        help_text="This site's update for the round, or null if none was asked of it.",
+    )
+
+
+class SiteDatasetSerializer(serializers.Serializer):
+    key = serializers.CharField()
+    modality = serializers.CharField()
+    num_records = serializers.IntegerField()
+    input_shape = serializers.ListField(child=serializers.IntegerField())
+    n_classes = serializers.IntegerField()
+
+
+class SiteJobSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+    spec = serializers.JSONField(help_text="The job's spec (parsed from spec_text).")
+    spec_text = serializers.CharField(
+        help_text="The canonical JSON of the spec: its SHA-256 is spec_digest."
+    )
+    spec_digest = serializers.CharField()
+    open_round = OpenRoundSerializer(allow_null=True)
+    dataset = SiteDatasetSerializer(
+        allow_null=True,
+        help_text="This site's description of the job's data set (its key maps to local files), "
+        "or null if the site no longer offers it.",
+    )
+
+
+class UpdateResultSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    job = serializers.IntegerField()
+    round = serializers.IntegerField(help_text="The round's index.")
+    site = serializers.SlugField()
+    status = serializers.ChoiceField(choices=SiteUpdate.Status.choices)
+    samples = serializers.IntegerField()
+    update_digest = serializers.CharField()
+    size_bytes = serializers.IntegerField()
+    received_at = serializers.DateTimeField()
+    duplicate = serializers.BooleanField(
+        help_text="True when this update had already been accepted (nothing changed)."
+    )
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(SiteErrorSerializer, description=description)
+
+
+_401 = _error("No site token, or an invalid or revoked one (also for a browser session).")
+_404 = _error(
+    "No such job for this site (or it does not take part), or no such model for this site."
+)
+
+
+# --- Views -------------------------------------------------------------------------------------
+
+
+class WhoAmIView(SiteAPIView):
+    """Which site and credential the token belongs to (a worker's first check)."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="The site and credential this token belongs to",
+        responses={200: WhoAmISerializer, 401: _401},
+    )
+    def get(self, request):
+        credential = self.credential
+        institution = credential.institution
+        from consortium.governance.services import key_fingerprint
+
+        return Response(
+            WhoAmISerializer(
+                {
+                    "institution": institution.slug,
+                    "institution_name": institution.name,
+                    "consortium": institution.consortium.slug,
+                    "credential": credential.label,
+                    "token_prefix": credential.token_prefix,
+                    "key_fingerprint": key_fingerprint(credential.public_key),
+                }
+            ).data
+        )
+
+
+class SiteJobView(SiteAPIView):
+    """A job as the site worker needs it; only for a job the site actively takes part in."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="A job this site takes part in: its canonical spec, digest, state and open round",
+        responses={200: SiteJobSerializer, 401: _401, 404: _404},
+    )
+    def get(self, request, job_id: int):
+        job = sites.site_job(self.credential, job_id)
+        if job is None:
+            raise _not_found()
+        rnd = (
+            Round.objects.select_related("global_model_in")
+            .filter(job=job, state=Round.State.OPEN)
+            .order_by("-index")
+            .first()
+        )
+        open_round = None
+        if rnd is not None:
+            mine = rnd.updates.filter(institution_id=self.credential.institution_id).first()
+            open_round = {
+                "index": rnd.index,
+                "global_model": rnd.global_model_in.digest,
+                "start_model": (mine.start_digest or None) if mine else None,
+                "deadline": rnd.deadline,
+                "update_status": mine.status if mine else None,
+            }
+        return Response(
+            SiteJobSerializer(
+                {
+                    "id": job.pk,
+                    "title": job.title,
+                    "state": job.state,
+                    "spec": job.spec,
+                    "spec_text": job.spec_text,
+                    "spec_digest": job.spec_digest,
+                    "open_round": open_round,
+                    "dataset": SiteDataset.objects.filter(
+                        institution_id=self.credential.institution_id,
+                        key=job.spec.get("dataset_key"),
+                    ).first(),
+                }
+            ).data
+        )
+
+
+class SiteModelView(SiteAPIView):
+    """A model of the job this site may read, as the packed tensor file."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="Download a global model of the job, or a model this site was sent",
+        description="The digest must be one of the job's global models, or the start model "
+        "of one of this site's updates in the job (in a cyclic round, the previous site's "
+        "result). The body is the packed tensor file; its SHA-256 is in the "
+        "`X-Content-SHA256` header and equals the digest in the URL.",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The packed tensor file."
+            ),
+            401: _401,
+            404: _404,
+        },
+    )
+    def get(self, request, job_id: int, digest: str):
+        job = sites.site_job(self.credential, job_id)
+        if job is None or not is_digest(digest):
+            raise _not_found()
+        if not sites.site_may_read_model(self.credential, job, digest):
+            raise _not_found()
+        return _model_response(digest)
+
+
+class SiteRoundModelView(SiteAPIView):
+    """The model this site must train from in a round, while the round asks it for an update."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="Download the model this site must train from in a round (or why not to train)",
+        description="While the round asks this site for an update, the model the site was "
+        "sent for it (the round's global model, or in a cyclic round the previous site's "
+        "result) as the packed tensor file; its SHA-256 is in the `X-Content-SHA256` header "
+        "and the job's spec digest in `X-Spec-Digest`. 409 with a `code` when the site must "
+        "not train: `job_not_running`, `round_closed`, `already_received` (e.g. a second "
+        "delivery of the task), `not_dispatched` (the round asks nothing of this site), "
+        "`not_sent` (a cyclic round has not reached it yet).",
+        responses={
+            (200, "application/octet-stream"): OpenApiResponse(
+                OpenApiTypes.BINARY, description="The packed tensor file."
+            ),
+            401: _401,
+            404: _404,
+            409: _error("The round does not ask this site for an update now (see `code`)."),
+        },
+    )
+    def get(self, request, job_id: int, round_index: int):
+        try:
+            update = sites.site_round_start(self.credential, job_id, round_index)
+        except sites.NotAsked as exc:
+            raise _NotAsked(str(exc), code=exc.code) from None
+        if update is None:
+            raise _not_found()
+        response = _model_response(update.start_digest)
+        response["X-Spec-Digest"] = update.round.job.spec_digest
+        return response
+
+
+_UPDATE_HEADERS = [
+    OpenApiParameter(
+        "X-Update-Digest",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="SHA-256 hex of the request body.",
+    ),
+    OpenApiParameter(
+        "X-Update-Signature",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="Base64 Ed25519 signature over training.fl.signing.update_message("
+        "job_id, round_index, site, digest, samples), by the credential's key.",
+    ),
+    OpenApiParameter(
+        "X-Update-Samples",
+        OpenApiTypes.INT,
+        OpenApiParameter.HEADER,
+        required=True,
+        description="The number of local training samples.",
+    ),
+    OpenApiParameter(
+        "X-Update-Metrics",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        description='Local metrics, a JSON object (e.g. {"loss": 0.41}). Default {}.',
+    ),
+    OpenApiParameter(
+        "X-Update-Privacy-Events",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        description="The privacy events of this update, a JSON list of "
+        '{"mechanism", "params", "count", "source"}. Default [].',
+    ),
+    OpenApiParameter(
+        "X-Update-Pipeline",
+        OpenApiTypes.STR,
+        OpenApiParameter.HEADER,
+        description="The privacy filters applied on site with their parameters, a JSON "
+        "list of objects. Default [].",
+    ),
+]
+
+
+def _bad_request(detail: str) -> Response:
+    return Response(
+        {"detail": detail, "code": "bad_request", "recorded": False},
+        status=status.HTTP_400_BAD_REQUEST,
+    )
+
+
+def _refused(exc: sites.UpdateRefused) -> Response:
+    return Response(
+        {"detail": str(exc), "code": exc.code, "recorded": exc.recorded}, status=exc.status
+    )
+
+
+class _BadHeader(Exception):
+    pass
+
+
+def _json_header(request, name: str, default, kind: type):
+    raw = request.headers.get(name)
+    if raw is None or raw.strip() == "":
+        return default
+    try:
+        value = json.loads(raw)
+    except ValueError as exc:
+        raise _BadHeader(f"{name} is not valid JSON ({exc}).") from None
+    if not isinstance(value, kind):
+        what = "an object" if kind is dict else "a list"
+        raise _BadHeader(f"{name} must be a JSON {what}.")
+    return value
+
+
+class SiteUpdateView(SiteAPIView):
+    """A site's signed update for a round (see the module docstring for the format)."""
+
+    @extend_schema(
+        tags=["site"],
+        summary="Upload this site's signed update for a round",
+        description="The body is the packed tensor file (`Content-Type: "
+        "application/octet-stream`): `delta/<name>` float32 tensors shaped like the "
+        "round's global model and optional `mask/<name>` bool tensors. Metadata travel in "
+        "the `X-Update-*` headers. The update is verified (digest, Ed25519 signature, "
+        "tensor names, shapes and dtypes, finite values, samples, privacy events) before "
+        "it counts; a failed check is recorded on the site's update as rejected, with the "
+        "reason, and answered with it.",
+        request={"application/octet-stream": OpenApiTypes.BINARY},
+        parameters=_UPDATE_HEADERS,
+        responses={
+            201: OpenApiResponse(UpdateResultSerializer, description="Accepted."),
+            200: OpenApiResponse(
+                UpdateResultSerializer,
+                description="The same update (same digest) was already accepted; nothing changed.",
+            ),
+            400: _error("A check failed (recorded), or a header is missing or malformed."),
+            401: _401,
+            403: _error("The site no longer takes part in the job (recorded)."),
+            404: _404,
+            409: _error("The round is closed, or this site's update for it was already received."),
+            413: _error("Over the size limit (recorded)."),
+            415: _error("The body is not application/octet-stream."),
+            503: _error("The central side cannot read the global model or store the update now."),
+        },
+    )
+    def post(self, request, job_id: int, round_index: int):
+        credential = self.credential
+        if request.content_type.split(";")[0].strip().lower() != "application/octet-stream":
+            raise exceptions.UnsupportedMediaType(
+                request.content_type,
+                detail="Send the packed tensor file as the body, with "
+                "Content-Type: application/octet-stream.",
+            )
+        # Who may upload here is checked before a byte of the body is read.
+        if sites.site_job(credential, job_id) is None and not _is_former_participant(
+            credential, job_id
+        ):
+            raise _not_found()
+        digest = request.headers.get("X-Update-Digest", "").strip().lower()
+        signature = request.headers.get("X-Update-Signature", "").strip()
+        samples_raw = request.headers.get("X-Update-Samples", "").strip()
+        if not digest or not signature or not samples_raw:
+            return _bad_request(
+                "X-Update-Digest, X-Update-Signature and X-Update-Samples are required."
+            )
+        try:
+            samples = int(samples_raw)
+        except ValueError:
+            return _bad_request("X-Update-Samples must be a whole number.")
+        try:
+            metrics = _json_header(request, "X-Update-Metrics", {}, dict)
+            privacy_events = _json_header(request, "X-Update-Privacy-Events", [], list)
+            pipeline = _json_header(request, "X-Update-Pipeline", [], list)
+        except _BadHeader as exc:
+            return _bad_request(str(exc))
+        try:
+            data = _read_body(
+                request, credential=credential, job_id=job_id, round_index=round_index
+            )
+            update = sites.update_receive(
+                credential=credential,
+                job_id=job_id,
+                round_index=round_index,
+                data=data,
+                samples=samples,
+                update_digest=digest,
+                signature=signature,
+                metrics=metrics,
+                privacy_events=privacy_events,
+                pipeline=pipeline,
+            )
+        except sites.UpdateRefused as exc:
+            return _refused(exc)
+        body = UpdateResultSerializer(
+            {
+                "id": update.pk,
+                "job": job_id,
+                "round": round_index,
+                "site": credential.institution.slug,
+                "status": update.status,
+                "samples": update.samples,
+                "update_digest": update.update_digest,
+                "size_bytes": update.size_bytes,
+                "received_at": update.received_at,
+                "duplicate": update.duplicate,
+            }
+        ).data
+        code = status.HTTP_200_OK if update.duplicate else status.HTTP_201_CREATED
+        return Response(body, status=code)
+
+
+def _is_former_participant(credential: SiteCredential, job_id: int) -> bool:
+    """A site removed from a job may still have an update dispatched to it: its
+    upload is taken only to be recorded as rejected."""
+    return SiteUpdate.objects.filter(
+        round__job_id=job_id, institution_id=credential.institution_id
+    ).exists()
+
+
+def _read_body(request, *, credential, job_id: int, round_index: int) -> bytes:
+    """The request body, refused (and recorded) as soon as it passes the limit:
+    by its declared length before reading, else while reading."""
+    limit = settings.FL_MAX_UPDATE_BYTES
+    try:
+        declared = int(request.META.get("CONTENT_LENGTH") or 0)
+    except ValueError:
+        declared = 0
+    if declared > limit:
+        sites.update_refuse_oversize(
+            credential=credential, job_id=job_id, round_index=round_index, size=declared
+        )
+    stream = request.stream
+    if stream is None:
+        return b""
+    chunks, total = [], 0
+    while True:
+        chunk = stream.read(min(_READ_CHUNK, limit + 1 - total))
+        if not chunk:
+            break
+        chunks.append(chunk)
+        total += len(chunk)
+        if total > limit:
+            sites.update_refuse_oversize(
+                credential=credential, job_id=job_id, round_index=round_index, size=total
+            )
+    return b"".join(chunks)
+
+
+urlpatterns = [
+    path("site/whoami/", WhoAmIView.as_view(), name="site-whoami"),
+    path("site/jobs/<int:job_id>/", SiteJobView.as_view(), name="site-job"),
+    path(
+        "site/jobs/<int:job_id>/models/<str:digest>/",
+        SiteModelView.as_view(),
+        name="site-model",
+    ),
+    path(
+        "site/jobs/<int:job_id>/rounds/<int:round_index>/model/",
+        SiteRoundModelView.as_view(),
+        name="site-round-model",
+    ),
+    path(
+        "site/jobs/<int:job_id>/rounds/<int:round_index>/update/",
+        SiteUpdateView.as_view(),
+        name="site-update",
+    ),
+]

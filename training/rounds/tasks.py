@@ -1,0 +1,81 @@
+"""Celery tasks of the training app. Tasks take ids (and digests), not objects, and
+call one service; queue names live in ``training.rounds.queues`` and routes in settings.
+
+The coordinator's tasks (``training.job_start``, ``training.round_maybe_close``,
+``training.rounds_tick``) run on ``central``, next to the database. The site task
+``training.site_train`` is sent by the coordinator to ``site.<slug>`` and runs on
+that site's worker, which holds no database credentials: its body calls
+:func:`training.site.worker.run_site_round`, which talks to the central REST API only.
+torch is imported inside the site task, never when this module is imported, so
+CUDA cannot initialise in a worker's parent process before it forks.
+"""
+
+from celery import shared_task
+from celery.exceptions import Reject
+from django.conf import settings
+
+from training.jobs import services
+from training.rounds import coordinator
+
+
+@shared_task(name="training.expire_overdue_jobs", ignore_result=True)
+def expire_overdue_jobs() -> int:
+    """Expire jobs whose approval deadline passed (scheduled by Celery beat)."""
+    return services.jobs_expire_overdue()
+
+
+@shared_task(name="training.job_start", ignore_result=True)
+def job_start(job_id: int) -> int | None:
+    """Start an approved job (queued when it becomes approved)."""
+    rnd = coordinator.job_start(job_id)
+    return rnd.pk if rnd is not None else None
+
+
+@shared_task(name="training.round_maybe_close", ignore_result=True)
+def round_maybe_close(round_id: int) -> str:
+    """Close a round if it is done (queued after each accepted update)."""
+    return coordinator.round_maybe_close(round_id)
+
+
+@shared_task(name="training.rounds_tick", ignore_result=True)
+def rounds_tick() -> dict:
+    """The coordinator's periodic pass (Celery beat)."""
+    report = coordinator.rounds_tick()
+    return {k: v for k, v in vars(report).items() if v}
+
+
+@shared_task(
+    name="training.site_train",
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.FL_SITE_TASK_SOFT_LIMIT,
+    time_limit=settings.FL_SITE_TASK_HARD_LIMIT,
+)
+def site_train(
+    *,
+    job_id: int,
+    round_index: int,
+    site: str,
+    spec_digest: str,
+    start_digest: str = "",
+    global_digest: str = "",
+) -> dict:
+    """Train this site's update for one round and upload it (runs on ``site.<slug>``).
+
+    ``start_digest`` is the model the site starts from (the round's global model, or for a
+    cyclic round the previous site's result). ``global_digest`` is its former name, still
+    taken from messages queued before the rename."""
+    from training.site.worker import WrongSite, run_site_round
+
+    try:
+        return run_site_round(
+            job_id=job_id,
+            round_index=round_index,
+            site=site,
+            spec_digest=spec_digest,
+            start_digest=start_digest or global_digest,
+        )
+    except WrongSite as exc:
+        # A task for another site reached this worker: never run it, never requeue it here.
+        raise Reject(str(exc), requeue=False) from exc

@@ -1,0 +1,536 @@
+"""The site worker: what runs at a hospital, on its own queue ``site.<slug>``.
+
+A site worker holds no central database credentials (DESIGN section 2) and never uses the ORM:
+it is configured from its environment and talks to the central server only through the site
+REST API (``training.rounds.site_api``), authenticated as its site, with urllib from the standard
+library. Its task message carries ids and digests only; everything else it fetches and checks:
+
+1. the model the site starts from (``GET /api/site/jobs/<id>/rounds/<index>/model/``), which
+   the central server sends only while the round still asks this site for an update: a 409
+   (the update was already received, e.g. a second delivery of the task; the round closed;
+   the job stopped) ends the task with nothing to do. The model must be the task's
+   ``start_digest`` (its header, and its SHA-256), and the job's spec digest (its
+   ``X-Spec-Digest`` header) the task's ``spec_digest``: the round's global model, or in a
+   cyclic round the previous site's result. The update is the delta from that model;
+2. the job (``GET /api/site/jobs/<id>/``), once per spec digest: the canonical spec must hash
+   to the task's ``spec_digest`` (so the site trains exactly what its approver approved).
+   A spec is immutable for its digest, so it is kept in memory (:func:`job_spec`, per
+   credential, job and digest) and every later round costs one request before training,
+   not two; a task with another digest fetches and checks the job again;
+3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``), local training
+   (``training.fl.local.train_local``; DP-SGD happens there), the privacy pipeline on the
+   update (``training.fl.filters.apply_pipeline``), all on site;
+4. the packed update ``{"delta/<name>", "mask/<name>"}``, signed with the site's Ed25519 key
+   over ``training.fl.signing.update_message(...)`` and uploaded
+   (``POST .../rounds/<index>/update/``). Uploading the same update twice is harmless.
+   Its metrics carry the site's local training time (``train_seconds``), and the log line
+   of each task the seconds spent in each phase.
+
+With ``momentum_restart`` off, the optimizer state is kept on site under
+``DATA_ROOT/.fl-state/<job id>/`` between rounds; it never leaves the site.
+
+Configuration (environment): ``SITE_SLUG``, ``CENTRAL_URL``, ``SITE_TOKEN``,
+``SITE_SIGNING_KEY`` (path to the PEM private key) and ``DATA_ROOT``. A task for another slug
+is refused. ``FL_TEST_SLEEP_BEFORE_UPLOAD`` (seconds) makes the worker wait before it uploads;
+it exists for the fault tests (a worker killed mid-task) and is ignored unless set.
+
+torch is imported inside :func:`run_site_round`, never when this module is imported.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "CentralClient",
+    "CentralError",
+    "IntegrityFailure",
+    "JobSpec",
+    "RoundModel",
+    "WorkerConfig",
+    "WorkerConfigError",
+    "WrongSite",
+    "job_spec",
+    "run_site_round",
+]
+
+SLEEP_BEFORE_UPLOAD_ENV = "FL_TEST_SLEEP_BEFORE_UPLOAD"
+#: The metric in which a site reports its local training time (seconds, ``train_local``).
+TRAIN_SECONDS_METRIC = "train_seconds"
+
+
+class _PhaseClock:
+    """Seconds spent in each phase of a site task, for the log and the round benchmark."""
+
+    def __init__(self):
+        self.laps: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> float:
+        now = time.perf_counter()
+        self.laps[name] = now - self._last
+        self._last = now
+        return self.laps[name]
+
+    def summary(self) -> str:
+        return " ".join(f"{name}={seconds:.4f}" for name, seconds in self.laps.items())
+
+
+class WorkerConfigError(RuntimeError):
+    """The worker's environment is incomplete or wrong."""
+
+
+class WrongSite(RuntimeError):
+    """A task for another site reached this worker."""
+
+
+class IntegrityFailure(RuntimeError):
+    """What the central server sent does not match the task's digests."""
+
+
+class CentralError(RuntimeError):
+    """The central API answered with an error. ``status`` is the HTTP status (0: no answer)."""
+
+    def __init__(self, message: str, *, status: int = 0, body: Any = None):
+        super().__init__(message)
+        self.status = status
+        self.body = body
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    site_slug: str
+    central_url: str
+    token: str
+    signing_key_path: Path
+    data_root: Path
+    timeout: float = 60.0
+
+    ENV = ("SITE_SLUG", "CENTRAL_URL", "SITE_TOKEN", "SITE_SIGNING_KEY", "DATA_ROOT")
+
+    @classmethod
+    def from_env(cls, environ: dict | None = None) -> WorkerConfig:
+        env = os.environ if environ is None else environ
+        missing = [name for name in cls.ENV if not (env.get(name) or "").strip()]
+        if missing:
+            raise WorkerConfigError(
+                f"the site worker needs {', '.join(missing)} in its environment "
+                f"({', '.join(cls.ENV)})"
+            )
+        url = env["CENTRAL_URL"].strip().rstrip("/")
+        if not url.startswith(("http://", "https://")):
+            raise WorkerConfigError(f"CENTRAL_URL must be an http(s) URL, got {url!r}")
+        key = Path(env["SITE_SIGNING_KEY"].strip())
+        if not key.is_file():
+            raise WorkerConfigError(f"SITE_SIGNING_KEY: no key file at {key}")
+        root = Path(env["DATA_ROOT"].strip())
+        if not root.is_dir():
+            raise WorkerConfigError(f"DATA_ROOT: {root} is not a folder")
+        return cls(
+            site_slug=env["SITE_SLUG"].strip(),
+            central_url=url,
+            token=env["SITE_TOKEN"].strip(),
+            signing_key_path=key,
+            data_root=root,
+            timeout=float(env.get("CENTRAL_TIMEOUT", 60)),
+        )
+
+    def state_dir(self, job_id: int) -> Path:
+        return self.data_root / ".fl-state" / str(int(job_id))
+
+
+@dataclass(frozen=True)
+class RoundModel:
+    """The model a site must train from in a round, as the central server sent it."""
+
+    data: bytes
+    digest: str  # the X-Content-SHA256 header: the start model's digest
+    spec_digest: str  # the X-Spec-Digest header: the job's spec digest
+
+
+class CentralClient:
+    """The central site API over urllib, authenticated as the site (``Authorization: Site``)."""
+
+    def __init__(self, config: WorkerConfig):
+        self.config = config
+        self.base = config.central_url + "/api/site/"
+
+    def _request(self, method: str, path: str, *, body: bytes | None = None, headers=None):
+        request = urllib.request.Request(  # noqa: S310 - the URL's scheme is checked in from_env
+            self.base + path,
+            data=body,
+            method=method,
+            headers={"Authorization": f"Site {self.config.token}", **(headers or {})},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310
+                return response.status, dict(response.headers), response.read()
+        except urllib.error.HTTPError as exc:
+            data = exc.read()
+            try:
+                detail = json.loads(data)
+            except ValueError:
+                detail = data[:500].decode("utf-8", "replace")
+            raise CentralError(
+                f"{method} {path}: HTTP {exc.code}: {detail}", status=exc.code, body=detail
+            ) from None
+        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
+            raise CentralError(f"{method} {path}: no answer from {self.base} ({exc})") from None
+
+    def job(self, job_id: int) -> dict:
+        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/")
+        return json.loads(data)
+
+    def model(self, job_id: int, digest: str) -> bytes:
+        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/models/{digest}/")
+        return data
+
+    def round_model(self, job_id: int, round_index: int) -> RoundModel:
+        """The model to train from in the round; CentralError (409, with a ``code`` in its
+        body) when the round does not ask this site for an update now."""
+        _status, headers, data = self._request(
+            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/"
+        )
+        headers = {name.lower(): value for name, value in headers.items()}
+        return RoundModel(
+            data=data,
+            digest=headers.get("x-content-sha256", ""),
+            spec_digest=headers.get("x-spec-digest", ""),
+        )
+
+    def upload(
+        self,
+        job_id: int,
+        round_index: int,
+        *,
+        data: bytes,
+        digest: str,
+        signature: str,
+        samples: int,
+        metrics: dict,
+        privacy_events: list,
+        pipeline: list,
+    ) -> tuple[int, dict]:
+        status, _headers, body = self._request(
+            "POST",
+            f"jobs/{int(job_id)}/rounds/{int(round_index)}/update/",
+            body=data,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "X-Update-Digest": digest,
+                "X-Update-Signature": signature,
+                "X-Update-Samples": str(int(samples)),
+                "X-Update-Metrics": json.dumps(metrics, allow_nan=False),
+                "X-Update-Privacy-Events": json.dumps(privacy_events, allow_nan=False),
+                "X-Update-Pipeline": json.dumps(pipeline, allow_nan=False),
+            },
+        )
+        return status, json.loads(body)
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """A job's spec as its approvers approved it (checked against its digest), and this
+    site's description of the job's data set as the central server gave it."""
+
+    spec_text: str
+    input_shape: tuple[int, ...] | None
+    n_classes: int | None
+
+    @property
+    def spec(self) -> dict:
+        return json.loads(self.spec_text)  # a fresh dict each time: the cache stays intact
+
+
+#: Verified job specs, per (worker configuration, job id, spec digest); least recently used
+#: out first. A spec never changes for its digest, so an entry never goes stale.
+_SPECS: OrderedDict[tuple, JobSpec] = OrderedDict()
+_SPECS_LOCK = threading.Lock()
+_SPECS_KEPT = 16
+
+
+def job_spec(client, config: WorkerConfig, job_id: int, spec_digest: str) -> JobSpec:
+    """The job's spec for a task that carries ``spec_digest``: fetched (``GET
+    .../jobs/<id>/``) and checked the first time, from memory afterwards.
+
+    The canonical spec text must hash to ``spec_digest``, the server must name the same
+    digest, and the text must be the canonical form of the spec it encodes; otherwise
+    :class:`IntegrityFailure` (the job changed since the task was sent). Only a spec that
+    passed is kept, under the digest it was checked against, so a task with another digest
+    never uses it. The key holds the worker's configuration (its central server and token),
+    so two credentials never share an entry."""
+    from training.jobs.spec import canonical_spec_text
+    from training.jobs.spec import spec_digest as digest_of_spec
+
+    key = (config, int(job_id), spec_digest)
+    with _SPECS_LOCK:
+        known = _SPECS.get(key)
+        if known is not None:
+            _SPECS.move_to_end(key)
+            return known
+    job = client.job(job_id)
+    spec_text = job.get("spec_text", "")
+    spec = json.loads(spec_text)
+    if (
+        hashlib.sha256(spec_text.encode("utf-8")).hexdigest() != spec_digest
+        or job.get("spec_digest") != spec_digest
+        or digest_of_spec(spec) != spec_digest
+        or canonical_spec_text(spec) != spec_text
+    ):
+        raise IntegrityFailure(
+            f"job #{job_id}'s spec does not match the digest this task carries "
+            f"({spec_digest[:12]}…): the job changed since the task was sent"
+        )
+    dataset = job.get("dataset") or {}
+    shape = dataset.get("input_shape")
+    known = JobSpec(
+        spec_text=spec_text,
+        input_shape=tuple(shape) if shape else None,
+        n_classes=dataset.get("n_classes") or None,
+    )
+    with _SPECS_LOCK:
+        _SPECS[key] = known
+        while len(_SPECS) > _SPECS_KEPT:
+            _SPECS.popitem(last=False)
+    return known
+
+
+#: The codes of a 409 from the round-model request that mean the task has nothing left to
+#: do (a second delivery, a closed round, a stopped job), not that anything is wrong.
+_NOTHING_TO_DO = frozenset(
+    {"already_received", "round_closed", "job_not_running", "not_dispatched"}
+)
+
+
+def _json_safe(value):
+    """Metrics as JSON takes them (the API refuses NaN)."""
+    import math
+
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _load_optimizer_state(path: Path):
+    import torch
+
+    if not path.is_file():
+        return None
+    # Written by this worker only, on its own disk; weights_only refuses arbitrary pickles.
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _save_optimizer_state(path: Path, state) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save(state, tmp)
+    tmp.replace(path)
+
+
+def _update_tensors(full_delta: dict, filtered) -> dict:
+    """``{"delta/<name>", "mask/<name>"}`` for every tensor of the update. A layer the pipeline
+    excluded is sent as zeros with an all-False mask (the central side expects every tensor of
+    the model, and a False mask means "not shared": it takes no part in the average)."""
+    import torch
+
+    tensors = {}
+    masked = filtered.mask is not None or len(filtered.delta) != len(full_delta)
+    for name, original in full_delta.items():
+        if name in filtered.delta:
+            tensors[f"delta/{name}"] = filtered.delta[name].to(torch.float32).contiguous()
+            if masked:
+                mask = filtered.mask.get(name) if filtered.mask is not None else None
+                tensors[f"mask/{name}"] = (
+                    mask.to(torch.bool).contiguous()
+                    if mask is not None
+                    else torch.ones(original.shape, dtype=torch.bool)
+                )
+        else:
+            tensors[f"delta/{name}"] = torch.zeros(original.shape, dtype=torch.float32)
+            tensors[f"mask/{name}"] = torch.zeros(original.shape, dtype=torch.bool)
+    return tensors
+
+
+def run_site_round(
+    *,
+    job_id: int,
+    round_index: int,
+    site: str,
+    spec_digest: str,
+    start_digest: str,
+    config: WorkerConfig | None = None,
+    client: CentralClient | None = None,
+) -> dict:
+    """Train this site's update for one round and upload it; returns a summary.
+
+    ``start_digest`` is the model the site was sent (its update is the delta from it).
+    ``{"status": "accepted" | "duplicate" | "skipped", ...}``: ``skipped`` when the round no
+    longer asks this site for an update (a second delivery, a closed round). Raises
+    :class:`WrongSite`, :class:`IntegrityFailure`, :class:`CentralError` or ``ValueError``
+    (local data or model problems) otherwise.
+    """
+    config = config or WorkerConfig.from_env()
+    if site != config.site_slug:
+        raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
+    client = client or CentralClient(config)
+    clock = _PhaseClock()
+
+    try:
+        sent = client.round_model(job_id, round_index)
+    except CentralError as exc:
+        code = exc.body.get("code") if isinstance(exc.body, dict) else None
+        if exc.status == 409 and code in _NOTHING_TO_DO:
+            log.info(
+                "job #%s round %s: no update is asked of %s now (%s); nothing to do",
+                job_id,
+                round_index,
+                site,
+                exc.body.get("detail", code),
+            )
+            return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
+        if exc.status == 409 and code == "not_sent":
+            raise IntegrityFailure(
+                f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
+                "but the central server has sent this site nothing yet"
+            ) from None
+        raise
+    if sent.spec_digest != spec_digest:
+        raise IntegrityFailure(
+            f"job #{job_id}'s spec digest is {sent.spec_digest[:12]}… on the central server, "
+            f"not the {spec_digest[:12]}… this task carries: the job changed since the task "
+            "was sent"
+        )
+    if sent.digest != start_digest:
+        raise IntegrityFailure(
+            f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
+            f"but the central server sent this site {(sent.digest or 'nothing')[:12]}…"
+        )
+    model_bytes = sent.data
+    if hashlib.sha256(model_bytes).hexdigest() != start_digest:
+        raise IntegrityFailure(f"the start model does not hash to {start_digest}")
+    clock.lap("model")
+    job = job_spec(client, config, job_id, spec_digest)
+    spec = job.spec
+    clock.lap("job")
+
+    import torch
+
+    from training.fl.data import load_site_data
+    from training.fl.filters import apply_pipeline
+    from training.fl.local import pick_device, train_local
+    from training.fl.models import build_model
+    from training.fl.serialization import pack_tensors, unpack_tensors
+    from training.fl.signing import sign_update, update_message
+    from training.jobs.registry import model_registry
+
+    data = load_site_data(
+        data_root=config.data_root, dataset_key=spec["dataset_key"], site_slug=site
+    )
+    model = build_model(
+        model_registry()[spec["model"]["name"]].class_path,
+        input_shape=list(job.input_shape) if job.input_shape else data.input_shape,
+        n_classes=job.n_classes or data.n_classes,
+        params=spec["model"].get("params") or {},
+    )
+    model.load_state_dict(unpack_tensors(model_bytes))
+
+    restart = bool(spec.get("momentum_restart", True))
+    state_path = config.state_dir(job_id) / "optimizer.pt"
+    optimizer_state = None if restart else _load_optimizer_state(state_path)
+    dp_sgd = next((f for f in spec["privacy_pipeline"] if f["filter"] == "dp_sgd"), None)
+    seed = int(hashlib.sha256(f"{job_id}:{round_index}:{site}".encode()).hexdigest()[:15], 16)
+    clock.lap("prepare")
+    result = train_local(
+        model,
+        data,
+        epochs=spec["local_epochs"],
+        batch_size=spec["batch_size"],
+        optimizer=spec["optimizer"],
+        momentum_restart=restart,
+        optimizer_state=optimizer_state,
+        dp_sgd=dp_sgd,
+        seed=seed,
+        device=pick_device(),
+    )
+    train_seconds = clock.lap("train")
+    if not restart and result.optimizer_state is not None:
+        _save_optimizer_state(state_path, result.optimizer_state)
+
+    update_filters = [f for f in spec["privacy_pipeline"] if f["filter"] != "dp_sgd"]
+    # The privacy noise must be unpredictable: an unseeded torch.Generator starts
+    # from the same default seed every time, so seed it from the OS.
+    noise = torch.Generator()
+    noise.manual_seed(secrets.randbits(63))
+    filtered = apply_pipeline(result.delta, update_filters, generator=noise)
+    packed = pack_tensors(_update_tensors(result.delta, filtered))
+    digest = hashlib.sha256(packed).hexdigest()
+    events = list(result.privacy_events) + [
+        e.to_json() if hasattr(e, "to_json") else e for e in filtered.events
+    ]
+    message = update_message(
+        job_id=job_id,
+        round_index=round_index,
+        site=site,
+        update_digest=digest,
+        samples=result.samples,
+    )
+    signature = sign_update(config.signing_key_path.read_bytes(), message)
+    clock.lap("filter_sign")
+
+    pause = float(os.environ.get(SLEEP_BEFORE_UPLOAD_ENV) or 0)
+    if pause > 0:
+        log.warning("%s: sleeping %.1f s before the upload", SLEEP_BEFORE_UPLOAD_ENV, pause)
+        time.sleep(pause)
+
+    status, body = client.upload(
+        job_id,
+        round_index,
+        data=packed,
+        digest=digest,
+        signature=signature,
+        samples=result.samples,
+        # The site's own training time, so that the round's critical path can be told
+        # from the platform's overhead (docs/performance.md, "Round overhead").
+        metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
+        privacy_events=events,
+        pipeline=spec["privacy_pipeline"],
+    )
+    clock.lap("upload")
+    outcome = "duplicate" if body.get("duplicate") else "accepted"
+    log.info(
+        "job #%s round %s: update %s… %s (HTTP %s); seconds: %s",
+        job_id,
+        round_index,
+        digest[:12],
+        outcome,
+        status,
+        clock.summary(),
+    )
+    return {
+        "status": outcome,
+        "job_id": job_id,
+        "round": round_index,
+        "site": site,
+        "update_digest": digest,
+        "samples": result.samples,
+    }
