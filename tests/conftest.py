@@ -13,8 +13,7 @@ from django.test import Client
 
 from consortium.governance import services
 from consortium.governance.models import Role
-
-from .factories import PASSWORD, MembershipFactory, UserFactory
+from tests.support.factories import PASSWORD, MembershipFactory, UserFactory
 
 
 @pytest.fixture(autouse=True)

@@ -31,7 +31,7 @@ digits         1437      503        388             302       244    360
 lesions        400       140        108             84        68     100
 =============  ========  =========  ==============  ========  =====  ==========
 
-(``tests/test_fl_data.py`` pins these numbers and prints them.)
+(``tests/fl/test_fl_data.py`` pins these numbers and prints them.)
 
 * ``breast-cancer``: scikit-learn's Wisconsin diagnostic set, 30 features, 2 classes. Features
   are standardised with the mean and standard deviation of the *whole* set, validation part

@@ -6,7 +6,7 @@ difference between the locally trained model and the global model it started fro
 :class:`FilteredUpdate`: the values to send, which coordinates are shared, and the privacy events
 spent. Plain PyTorch and numpy; no Django.
 
-Decisions (each one tested in ``tests/test_fl_filters.py``):
+Decisions (each one tested in ``tests/fl/test_fl_filters.py``):
 
 * **Order.** Filters run in the pipeline's order, except ``exclude_layers``, which is applied first
   wherever it stands: an excluded layer is never shared, so it must not weigh in any fraction,

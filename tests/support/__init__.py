@@ -1,0 +1,1 @@
+"""What the tests share: personas and factories, scenes, fixtures and harnesses."""

@@ -1,0 +1,420 @@
+"""Every user journey in a real browser, against the real stack.
+
+``manage.py demo --no-job`` starts what a deployment runs, each as its own process: Daphne (HTTP
+and the websockets), the coordinator (a Celery worker with beat) and one site worker per hospital
+on the configured broker, over a fresh database (a SQLite file on the embedded default; a
+dedicated PostgreSQL database when the suite runs against PostgreSQL). Playwright drives Debian's
+chromium (``/usr/bin/chromium``, or ``CHROMIUM_PATH``) through it as the administrator, each
+hospital's approver, the auditor and a stranger.
+
+The journeys run in order (one module, one stack): the job proposed in the first is approved in
+the second, run while its page is watched, and reported on in the fourth. Each saves a screenshot
+of its last page under ``BROWSER_ARTIFACTS`` (default ``var/test-artifacts/browser``).
+
+Run them alone with ``pytest -m browser``.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from django.conf import settings
+
+from tests.web.test_demo import _private_broker
+
+pytestmark = [pytest.mark.browser, pytest.mark.worker]
+
+BASE_DIR = Path(settings.BASE_DIR)
+CHROMIUM = os.environ.get("CHROMIUM_PATH", "/usr/bin/chromium")
+ARTIFACTS = Path(
+    os.environ.get("BROWSER_ARTIFACTS", BASE_DIR / "var" / "test-artifacts" / "browser")
+)
+PASSWORD = "demo-consortium-2026"
+SLUG = "demo"
+SITES = ["st-thomas", "kings-regional", "maudsley", "barts"]
+#: The channel layer's Redis database for the stack when the suite runs with Redis (the
+#: suite's own use the configured one; keep the stack's wake-ups apart).
+BROWSER_REDIS_DB = int(os.environ.get("BROWSER_TEST_REDIS_DB", "12"))
+
+ROUNDS = 3
+PIPELINE = [
+    {"filter": "dp_sgd", "noise_multiplier": 2.5, "max_grad_norm": 1.0},
+    {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
+    {"filter": "percentile_clipping", "percentile": 95.0},
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _database_url(tmp: Path) -> str:
+    """A fresh database for the stack, of the kind the suite runs on."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        return f"sqlite:///{tmp / 'browser.sqlite3'}"
+    import psycopg2
+
+    name = f"{db['NAME']}_browser"[:63]
+    conn = psycopg2.connect(
+        dbname="postgres",
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+    )
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    user = db.get("USER") or ""
+    auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else (f"{user}@" if user else "")
+    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{name}"
+
+
+@dataclass
+class Stack:
+    url: str
+    process: subprocess.Popen
+    output: Path
+    var: Path
+    notes: dict = field(default_factory=dict)
+
+    def log(self) -> str:
+        text = self.output.read_text(errors="replace")[-4000:]
+        for log in sorted((self.var / "logs").glob("*.log")):
+            text += f"\n--- {log.name} ---\n{log.read_text(errors='replace')[-2000:]}"
+        return text
+
+
+@pytest.fixture(scope="module")
+def stack(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.fail(
+            f"the browser tests need Debian's chromium at {CHROMIUM} "
+            "(apt-get install -y chromium), or CHROMIUM_PATH"
+        )
+    tmp = tmp_path_factory.mktemp("browser")
+    var = tmp / "demo"
+    env = {
+        **os.environ,
+        "DATABASE_URL": _database_url(tmp),
+        "ARTIFACT_ROOT": str(tmp / "artifacts"),
+        "DEMO_VAR_DIR": str(var),
+        "PYTHONUNBUFFERED": "1",
+        "LIVE_POLL_SECONDS": "0.5",
+    }
+    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
+    env = _private_broker(env, tmp)
+    if settings.CHANNEL_LAYER_URL:
+        base = re.sub(r"/\d*$", "", settings.CHANNEL_LAYER_URL.split("?", 1)[0].rstrip("/"))
+        env["CHANNEL_LAYER_URL"] = f"{base}/{BROWSER_REDIS_DB}"
+    manage = [sys.executable, str(BASE_DIR / "manage.py")]
+    subprocess.run([*manage, "migrate", "-v0"], env=env, cwd=BASE_DIR, check=True, timeout=180)
+    port = _free_port()
+    output = tmp / "demo.out"
+    with output.open("w") as out:
+        process = subprocess.Popen(
+            [*manage, "demo", "--no-job", "--port", str(port), "--timeout", "1800"],
+            env=env,
+            cwd=BASE_DIR,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    running = Stack(url=f"http://127.0.0.1:{port}", process=process, output=output, var=var)
+    deadline = time.monotonic() + 240
+    while "Dashboard:" not in output.read_text(errors="replace"):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            pytest.fail(f"the stack did not start:\n{running.log()}")
+        time.sleep(0.5)
+    yield running
+    os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=60)
+    except subprocess.TimeoutExpired:  # pragma: no cover - the demo stops its children itself
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser(stack):
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        chromium = p.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        yield chromium
+        chromium.close()
+
+
+def _context(browser, stack, username: str | None):
+    """A fresh browser context (its own cookies), signed in as ``username`` through the form."""
+    context = browser.new_context(
+        viewport={"width": 1280, "height": 900}, base_url=stack.url, accept_downloads=True
+    )
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    if username:
+        page.goto("/accounts/login/")
+        page.get_by_label("Username").fill(username)
+        page.get_by_label("Password").fill(PASSWORD)
+        page.get_by_role("button", name=re.compile("sign in|log in", re.I)).click()
+        page.wait_for_load_state()
+        assert "/accounts/login/" not in page.url, page.content()[:2000]
+    return context, page
+
+
+def _shot(page, name: str) -> None:
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
+
+
+def _fill_job(page, *, title: str, pipeline: list, rounds: int = ROUNDS) -> None:
+    page.goto(f"/consortia/{SLUG}/jobs/new/")
+    page.get_by_label("Title").fill(title)
+    for box in page.locator("input[name=participants]").all():
+        box.check()
+    page.locator("#id_dataset_key").fill("breast-cancer")
+    page.locator("#id_purpose").select_option("classification")
+    page.locator("#id_model").select_option("logistic_regression")
+    page.locator("#id_rounds").fill(str(rounds))
+    page.locator("#id_batch_size").fill("16")
+    page.locator("#id_lr").fill("0.05")
+    page.locator("#id_privacy_pipeline").fill(json.dumps(pipeline))
+    page.locator("#id_min_participants").fill(str(len(SITES)))
+    page.get_by_role("button", name="Propose for approval").click()
+    page.wait_for_load_state()
+
+
+def _job_id(page) -> int:
+    found = re.search(rf"/consortia/{SLUG}/jobs/(\d+)/", page.url)
+    assert found, page.url
+    return int(found.group(1))
+
+
+# --- 1. The administrator proposes ---------------------------------------------------------------
+
+
+def test_1_the_administrator_proposes_a_job_and_a_breaking_one_is_refused(stack, browser):
+    context, page = _context(browser, stack, "admin")
+    try:
+        # The dashboard: the institutions table (django-tables2) sorts and filters on the
+        # server, swapped in by htmx; the live panel lists the jobs by state.
+        page.goto(f"/consortia/{SLUG}/")
+        rows = page.locator("#institutions tbody tr")
+        assert rows.count() == len(SITES)
+        page.get_by_label("Find an institution").fill("barts")
+        page.get_by_role("button", name="Find").click()
+        page.wait_for_function("document.querySelectorAll('#institutions tbody tr').length === 1")
+        assert "Barts" in rows.first.inner_text()
+        page.get_by_role("link", name="Show all").click()
+        page.wait_for_function(
+            f"document.querySelectorAll('#institutions tbody tr').length === {len(SITES)}"
+        )
+        # Ascending by name is the default: the header's link asks for descending.
+        page.locator("#institutions thead th").first.get_by_role("link").click()
+        page.wait_for_function("location.search.includes('sort=-name')")
+        page.wait_for_load_state()
+        names = rows.evaluate_all("rs => rs.map(r => r.cells[0].innerText)")
+        assert names == sorted(names, key=str.lower, reverse=True), names
+        page.wait_for_selector("#consortium-live-status:has-text('updates live')")
+
+        # Sharing the whole model breaks the agreement's 40% ceiling; no DP-SGD breaks its
+        # required mechanism. Refused, with the terms named, and nothing created.
+        breaking = [{"filter": "partial_sharing", "fraction": 1.0, "strategy": "topk"}]
+        _fill_job(page, title="Whole-model job", pipeline=breaking)
+        problems = page.locator("#compliance-problems")
+        assert problems.is_visible()
+        text = problems.inner_text()
+        assert "This job breaks the agreement" in text
+        assert "Term: max_shared_fraction" in text or "shared" in text.lower(), text
+        assert "dp" in text.lower(), text
+        assert page.locator("#id_title").input_value() == "Whole-model job"  # input kept
+
+        _fill_job(page, title="Browser journey job", pipeline=PIPELINE)
+        stack.notes["job"] = _job_id(page)
+        assert "Awaiting approval" in page.locator("#job-heading").inner_text()
+        _shot(page, "1-admin-proposed")
+    finally:
+        context.close()
+
+
+# --- 2 and 3. The hospitals approve, and the job page moves live ---------------------------------
+
+
+def test_2_3_each_approver_reviews_and_approves_and_the_job_page_updates_live(stack, browser):
+    job = stack.notes.get("job")
+    assert job, "journey 1 did not create the job"
+    watcher, watched = _context(browser, stack, "admin")
+    try:
+        watched.goto(f"/consortia/{SLUG}/jobs/{job}/")
+        watched.wait_for_selector("#live[data-live=open]")
+        watched.evaluate("window.__notReloaded = true")
+
+        for slug in SITES:
+            context, page = _context(browser, stack, f"approver-{slug}")
+            try:
+                page.goto(f"/consortia/{SLUG}/approvals/")
+                page.get_by_role("link", name=re.compile("Browser journey job")).click()
+                review = page.locator("main").inner_text()
+                for fact in ("breast-cancer", "logistic_regression", "DP-SGD", "40%"):
+                    assert fact in review, (fact, review[:3000])
+                assert re.search(r"ε\s*[\d.]+", review), review[:3000]
+                page.get_by_label(re.compile("Approve: my institution")).check()
+                page.get_by_role("button", name="Record my decision").click()
+                page.wait_for_load_state()
+                assert "approved" in page.locator("main").inner_text().lower()
+            finally:
+                context.close()
+
+        # The job starts and runs to completion; the open page follows without a reload.
+        watched.wait_for_selector("#live[data-job-state=running]", timeout=120_000)
+        watched.wait_for_selector("#live[data-job-state=completed]", timeout=300_000)
+        assert watched.evaluate("window.__notReloaded") is True
+        assert watched.get_attribute("#live", "data-rounds-closed") == str(ROUNDS)
+        assert watched.locator("#job-progress-text").inner_text() == f"{ROUNDS} of {ROUNDS}"
+        statuses = watched.locator("#round-sites tbody tr").evaluate_all(
+            "rows => rows.map(r => r.dataset.status)"
+        )
+        assert statuses == ["accepted"] * len(SITES)
+        for chart in ("validation", "loss", "privacy", "contribution"):
+            assert watched.locator(f"#chart-{chart} .main-svg").count() >= 1, chart
+        # The server-rendered sections were swapped in too: the heading says Completed.
+        watched.wait_for_function(
+            "document.querySelector('#job-heading').innerText.includes('Completed')"
+        )
+        assert watched.locator("#live-activity li").count() > 0
+        # ... and so were the contributions (scored after the last round) and the history.
+        watched.wait_for_function(
+            "!document.querySelector('#contributions').innerText.includes('not scored')"
+        )
+        assert "contribution.job_scored" in watched.locator("#history").inner_text()
+        _shot(watched, "3-job-completed-live")
+    finally:
+        watcher.close()
+
+
+def test_2b_an_approver_rejects_with_a_reason(stack, browser):
+    context, page = _context(browser, stack, "admin")
+    try:
+        _fill_job(page, title="Job to reject", pipeline=PIPELINE, rounds=1)
+        job = _job_id(page)
+    finally:
+        context.close()
+    context, page = _context(browser, stack, "approver-barts")
+    try:
+        page.goto(f"/consortia/{SLUG}/jobs/{job}/review/")
+        page.get_by_label(re.compile("Reject: my institution")).check()
+        page.get_by_role("button", name="Record my decision").click()
+        page.wait_for_load_state()
+        assert page.locator("main").get_by_text(re.compile("reason", re.I)).count() > 0
+        page.get_by_label(re.compile("Reject: my institution")).check()
+        page.get_by_label("Reason").fill("Our ethics board has not cleared this cohort.")
+        page.get_by_role("button", name="Record my decision").click()
+        page.wait_for_load_state()
+        page.goto(f"/consortia/{SLUG}/jobs/{job}/")
+        heading = page.locator("#job-heading").inner_text()
+        assert "Rejected" in heading, heading
+        assert "Our ethics board has not cleared this cohort." in page.locator("main").inner_text()
+        _shot(page, "2b-approver-rejected")
+    finally:
+        context.close()
+
+
+# --- 4. The auditor -------------------------------------------------------------------------------
+
+
+def test_4_the_auditor_verifies_the_ledger_and_downloads_reports(stack, browser):
+    job = stack.notes.get("job")
+    assert job, "journey 1 did not create the job"
+    context, page = _context(browser, stack, "auditor")
+    try:
+        page.goto(f"/consortia/{SLUG}/ledger/")
+        page.get_by_role("button", name="Verify the ledger").click()
+        page.wait_for_load_state()
+        verdict = page.locator("main").inner_text()
+        assert re.search(r"intact", verdict, re.I), verdict[:2000]
+
+        page.goto(f"/consortia/{SLUG}/jobs/{job}/report/")
+        head = page.locator("#report-head").inner_text()
+        head_hash = re.search(r"[0-9a-f]{64}", head).group(0)
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Export CSV").click()
+        csv_text = Path(info.value.path()).read_text(encoding="utf-8")
+        rows = list(csv.DictReader(io.StringIO(csv_text)))
+        assert rows, csv_text[:1000]
+        assert head_hash in csv_text
+        sites_in_csv = {value for row in rows for value in row.values()}
+        assert any(slug in sites_in_csv for slug in SITES), csv_text[:1000]
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Export JSON").click()
+        document = json.loads(Path(info.value.path()).read_text(encoding="utf-8"))
+        assert head_hash in json.dumps(document)
+        scores = {row["institution"]: row["score"] for row in document["summary"]}
+        assert set(scores) == set(SITES) and all(v is not None for v in scores.values())
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Export PDF").click()
+        pdf = Path(info.value.path()).read_bytes()
+        assert pdf.startswith(b"%PDF-")
+        from pypdf import PdfReader
+
+        text = "".join(p.extract_text() for p in PdfReader(io.BytesIO(pdf)).pages)
+        assert head_hash[:16] in text.replace("\n", ""), text[:2000]
+        # Each export is itself a ledger entry: the ledger page lists them.
+        page.goto(f"/consortia/{SLUG}/ledger/?event=report.exported")
+        assert page.locator("main").inner_text().count("report.exported") >= 3
+        _shot(page, "4-auditor-report")
+    finally:
+        context.close()
+
+
+# --- 5. A stranger -------------------------------------------------------------------------------
+
+
+def test_5_an_outsider_reaches_none_of_it(stack, browser):
+    job = stack.notes.get("job") or 1
+    context, page = _context(browser, stack, "visitor")
+    try:
+        for path in (
+            f"/consortia/{SLUG}/",
+            f"/consortia/{SLUG}/jobs/",
+            f"/consortia/{SLUG}/jobs/{job}/",
+            f"/consortia/{SLUG}/jobs/{job}/review/",
+            f"/consortia/{SLUG}/jobs/{job}/report/",
+            f"/consortia/{SLUG}/ledger/",
+            f"/consortia/{SLUG}/approvals/",
+        ):
+            response = page.goto(path)
+            assert response.status == 404, (path, response.status)
+        page.goto("/")
+        assert "London Federated Oncology Consortium" not in page.locator("body").inner_text()
+        outcome = page.evaluate(
+            """url => new Promise(resolve => {
+                const ws = new WebSocket(url);
+                ws.onopen = () => resolve("open");
+                ws.onclose = (e) => resolve("closed " + e.code);
+                ws.onerror = () => resolve("refused");
+                setTimeout(() => resolve("timeout"), 10000);
+            })""",
+            stack.url.replace("http", "ws") + f"/ws/consortia/{SLUG}/jobs/{job}/",
+        )
+        assert outcome in ("refused", "closed 1006"), outcome
+        _shot(page, "5-outsider")
+    finally:
+        context.close()
