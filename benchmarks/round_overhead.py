@@ -474,7 +474,7 @@ def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
 def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
     from training.management.commands.demo import Supervisor
     from training.models import TERMINAL_STATES, JobState
-    from training.rounds.queues import CENTRAL_QUEUE, site_queue
+    from training.queues import CENTRAL_QUEUE, site_queue
 
     total_rounds = args.warmup + args.rounds + 1  # +1: the last measured round ends when it opens
     admin, consortium, sites = seed_consortium(args.sites, var)

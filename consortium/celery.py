@@ -1,4 +1,4 @@
-"""The Celery application. Queue names live in ``training.rounds.queues``."""
+"""The Celery application. Queue names live in ``training.queues``."""
 
 import os
 from pathlib import Path
@@ -14,7 +14,7 @@ TRANSPORT_ALIASES["filesystem"] = "consortium.broker:Transport"
 
 app = Celery("consortium")
 app.config_from_object("django.conf:settings", namespace="CELERY")
-# The tasks live in training.rounds.tasks (names and queues: training.rounds.queues).
+# The tasks live in training.rounds.tasks (names and queues: training.queues).
 app.autodiscover_tasks(["training.rounds"])
 
 

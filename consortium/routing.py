@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from training.rounds.consumers import ConsortiumLiveConsumer, JobLiveConsumer
+from training.web.consumers import ConsortiumLiveConsumer, JobLiveConsumer
 
 websocket_urlpatterns = [
     path("ws/consortia/<slug:slug>/", ConsortiumLiveConsumer.as_asgi(), name="live-consortium"),

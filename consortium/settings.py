@@ -18,6 +18,9 @@ from pathlib import Path
 import environ
 from django.core.exceptions import ImproperlyConfigured
 
+# Task names and queues: one registry that imports nothing (so settings may read it).
+from training.queues import CENTRAL_QUEUE, celery_beat_schedule, celery_task_routes
+
 BASE_DIR = Path(__file__).resolve().parent.parent
 
 # django-environ reads a value starting with "$" as a reference to another
@@ -119,7 +122,7 @@ TEMPLATES = [
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
                 "consortium.governance.context_processors.navigation",
-                "training.jobs.context_processors.notifications",
+                "training.web.context_processors.notifications",
             ],
         },
     },
@@ -265,22 +268,11 @@ CELERY_TASK_ACKS_LATE = True
 CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
-CELERY_TASK_DEFAULT_QUEUE = "central"
-# The coordinator's tasks run on "central"; training.site_train is routed by its sender
-# to "site.<slug>" (training.rounds.queues).
-CELERY_TASK_ROUTES = {
-    name: {"queue": "central"}
-    for name in (
-        "training.expire_overdue_jobs",
-        "training.job_start",
-        "training.round_maybe_close",
-        "training.rounds_tick",
-    )
-}
-CELERY_BEAT_SCHEDULE = {
-    "expire-overdue-jobs": {"task": "training.expire_overdue_jobs", "schedule": 300.0},
-    "rounds-tick": {"task": "training.rounds_tick", "schedule": 10.0},
-}
+CELERY_TASK_DEFAULT_QUEUE = CENTRAL_QUEUE
+# The coordinator's tasks run on "central"; the site task is routed by its sender to
+# "site.<slug>". Names, queues and intervals: training.queues, the one registry.
+CELERY_TASK_ROUTES = celery_task_routes()
+CELERY_BEAT_SCHEDULE = celery_beat_schedule()
 
 # The largest site update (a packed tensor file) the API accepts, in bytes; the
 # request body is refused while it is read once it passes this.

@@ -4,8 +4,8 @@ site workers' endpoints under ``site/`` (site tokens only)."""
 
 from rest_framework.routers import SimpleRouter
 
-from training.jobs import api
 from training.rounds import site_api
+from training.web import api
 
 router = SimpleRouter()
 router.register("datasets", api.SiteDatasetViewSet, basename="dataset")

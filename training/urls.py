@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from training.jobs import views
+from training.web import views
 
 app_name = "training"
 

@@ -24,6 +24,7 @@ from django.utils import timezone
 
 from audit.ledger import live
 from audit.ledger.canonical import canonical_json, sha256_hex
+from audit.ledger.events import Event
 from audit.models import LedgerEntry, LedgerHead
 
 # json.dumps(..., ensure_ascii=False) encodes every str with this function.
@@ -252,10 +253,17 @@ def append_entry(
 ) -> LedgerEntry:
     """Append one entry, chained on the current head, in the caller's transaction.
 
+    ``event`` is one of :mod:`audit.ledger.events`' constants, whose schema the payload is
+    checked against (:class:`~audit.ledger.events.EventPayloadError` before anything is
+    written); a plain string is written unchecked, for tools and tests that plant entries.
+
     ``subject`` is the model instance the entry is about (its model label and pk
     are recorded). ``payload`` must be JSON-serialisable without floats' NaN;
     convert decimals and datetimes to strings before passing them.
     """
+    if isinstance(event, Event):  # the product's writers: the payload must match its schema
+        event.check(payload or {})
+    event = str(event)
     payload_text = canonical_json(payload or {})
     subject_type = subject._meta.label_lower if subject is not None else ""
     subject_id = str(subject.pk) if subject is not None else ""

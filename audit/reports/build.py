@@ -51,6 +51,7 @@ from typing import Any
 
 from django.db import transaction
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import GENESIS_HASH, format_timestamp
 from audit.models import LedgerEntry, LedgerHead
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
@@ -61,7 +62,6 @@ FORMATS = ("csv", "json", "pdf")
 CHUNK_SIZE = 2000
 
 #: The ledger event written for every export.
-EXPORT_EVENT = "report.exported"
 
 # Record types, in the order a report lists them (the first three come from the first pass).
 RECORD_TYPES = (
@@ -155,25 +155,25 @@ TOLERANT_FIELDS = frozenset({"epsilon_spent", "epsilon_total"})
 EPSILON_REL_TOL = 1e-9
 
 _EVENTS = (
-    "agreement.version_published",
-    "job.drafted",
-    "job.proposed",
-    "job.spec_changed",
-    "job.agreement_rebound",
-    "job.decision",
-    "round.opened",
-    "round.update_accepted",
-    "round.update_rejected",
-    "round.closed",
-    "contribution.scored",
-    "contribution.job_scored",
-    "consent.withdrawn",
+    ledger_events.AGREEMENT_PUBLISHED,
+    ledger_events.JOB_DRAFTED,
+    ledger_events.JOB_PROPOSED,
+    ledger_events.JOB_SPEC_CHANGED,
+    ledger_events.JOB_AGREEMENT_REBOUND,
+    ledger_events.JOB_DECISION,
+    ledger_events.ROUND_OPENED,
+    ledger_events.UPDATE_ACCEPTED,
+    ledger_events.UPDATE_REJECTED,
+    ledger_events.ROUND_CLOSED,
+    ledger_events.CONTRIBUTION_SCORED,
+    ledger_events.CONTRIBUTION_JOB_SCORED,
+    ledger_events.CONSENT_WITHDRAWN,
 )
 _DETAIL_EVENTS = (
-    "round.update_accepted",
-    "round.update_rejected",
-    "round.closed",
-    "contribution.scored",
+    ledger_events.UPDATE_ACCEPTED,
+    ledger_events.UPDATE_REJECTED,
+    ledger_events.ROUND_CLOSED,
+    ledger_events.CONTRIBUTION_SCORED,
 )
 
 
@@ -492,7 +492,7 @@ class ContributionReport:
             return jobs[job_id]
 
         for seq, event, institution, created_at, p in self._entries(_EVENTS):
-            if event == "agreement.version_published":
+            if event == ledger_events.AGREEMENT_PUBLISHED:
                 terms = p.get("terms") if isinstance(p.get("terms"), dict) else {}
                 digest = p.get("content_digest")
                 try:
@@ -508,7 +508,7 @@ class ContributionReport:
                     }
                     by_number[(p.get("agreement_id"), p.get("version"))] = digest
                 continue
-            if event == "consent.withdrawn":
+            if event == ledger_events.CONSENT_WITHDRAWN:
                 slug = institution
                 if self.scope.kind == "institution" and slug != self.scope.institution:
                     continue
@@ -525,44 +525,48 @@ class ContributionReport:
             if job is None:
                 continue
             job.last_seq = seq
-            if event in ("job.drafted", "job.proposed", "job.spec_changed"):
+            if event in (
+                ledger_events.JOB_DRAFTED,
+                ledger_events.JOB_PROPOSED,
+                ledger_events.JOB_SPEC_CHANGED,
+            ):
                 if isinstance(p.get("title"), str):
                     job.title = p["title"]
-                if event == "job.proposed":
+                if event == ledger_events.JOB_PROPOSED:
                     if isinstance(p.get("agreement_digest"), str):
                         job.agreement = p["agreement_digest"]
                     for slug in p.get("participants") or []:
                         if isinstance(slug, str):
                             job.institutions.add(slug)
-            elif event == "job.agreement_rebound":
+            elif event == ledger_events.JOB_AGREEMENT_REBOUND:
                 current = versions.get(job.agreement, {})
                 digest = by_number.get((current.get("agreement_id"), p.get("new_version")))
                 if digest:
                     job.agreement = digest
-            elif event == "job.decision":
+            elif event == ledger_events.JOB_DECISION:
                 if institution:
                     job.institutions.add(institution)
-            elif event == "round.opened":
+            elif event == ledger_events.ROUND_OPENED:
                 for slug in [*(p.get("sites") or []), *(p.get("skipped") or [])]:
                     if isinstance(slug, str):
                         job.institutions.add(slug)
-            elif event == "round.update_accepted":
+            elif event == ledger_events.UPDATE_ACCEPTED:
                 slug = p.get("site") or institution
                 site = job.site(slug)
                 site.accepted += 1
                 site.samples += _int(p.get("samples")) or 0
                 site.spend.add(p.get("privacy_events"), seq)
                 totals.setdefault(slug, _Spend()).add(p.get("privacy_events"), seq)
-            elif event == "round.update_rejected":
+            elif event == ledger_events.UPDATE_REJECTED:
                 job.site(p.get("site") or institution).rejected += 1
-            elif event == "round.closed":
+            elif event == ledger_events.ROUND_CLOSED:
                 index = _int(p.get("round"))
                 for slug in sorted(p.get("sites") or {}):
                     site = job.site(slug)
                     site.rounds += 1
                     if index is not None and (site.first_round is None or index < site.first_round):
                         site.first_round = index
-            elif event == "contribution.scored":
+            elif event == ledger_events.CONTRIBUTION_SCORED:
                 scores = p.get("scores") if isinstance(p.get("scores"), dict) else {}
                 job.method = _text(p.get("method")) or job.method
                 job.metric = _text(p.get("metric")) or job.metric
@@ -571,7 +575,7 @@ class ContributionReport:
                     site = job.site(slug)
                     if value is not None:
                         site.round_score_sum = (site.round_score_sum or 0.0) + value
-            elif event == "contribution.job_scored":
+            elif event == ledger_events.CONTRIBUTION_JOB_SCORED:
                 job.score = p.get("scores") if isinstance(p.get("scores"), dict) else {}
                 job.method = _text(p.get("method")) or job.method
                 job.metric = _text(p.get("metric")) or job.metric
@@ -677,11 +681,11 @@ class ContributionReport:
                 continue
             job = jobs[job_id]
             index = _int(p.get("round"))
-            if event in ("round.update_accepted", "round.update_rejected"):
+            if event in (ledger_events.UPDATE_ACCEPTED, ledger_events.UPDATE_REJECTED):
                 slug = p.get("site") or institution
                 if only and slug != only:
                     continue
-                accepted = event == "round.update_accepted"
+                accepted = event == ledger_events.UPDATE_ACCEPTED
                 detail = None
                 if not accepted:
                     code, reason = _text(p.get("code")), _text(p.get("reason"))
@@ -697,7 +701,7 @@ class ContributionReport:
                     "ledger_seq": seq,
                     "detail": detail,
                 }
-            elif event == "contribution.scored":
+            elif event == ledger_events.CONTRIBUTION_SCORED:
                 scores = p.get("scores") if isinstance(p.get("scores"), dict) else {}
                 for slug in sorted(scores):
                     if only and slug != only:
@@ -712,7 +716,7 @@ class ContributionReport:
                         "score_metric": _text(p.get("metric")),
                         "ledger_seq": seq,
                     }
-            elif event == "round.closed":
+            elif event == ledger_events.ROUND_CLOSED:
                 sites = sorted(p.get("sites") or {})
                 model = {
                     "job_id": job_id,

@@ -18,10 +18,10 @@ from typing import BinaryIO
 
 from django.db import transaction
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
 from audit.reports.build import (
-    EXPORT_EVENT,
     FORMATS,
     SCHEMA_VERSION,
     Head,
@@ -80,7 +80,7 @@ def report_export(
     filename = scope.filename(report.head, fmt)
     with transaction.atomic():
         entry = append_entry(
-            event=EXPORT_EVENT,
+            event=ledger_events.REPORT_EXPORTED,
             actor=acting_user,
             actor_repr=actor_repr,
             subject=subject,

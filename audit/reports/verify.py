@@ -23,11 +23,11 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import _CHAIN_COLUMNS, format_timestamp, verify_rows
 from audit.models import LedgerEntry
 from audit.reports.build import (
     EPSILON_REL_TOL,
-    EXPORT_EVENT,
     GROUPS,
     RECORD_FIELDS,
     TOLERANT_FIELDS,
@@ -213,7 +213,7 @@ def _check_round_scores(outcome: Outcome, scope: Scope, head: Head) -> None:
     from training.fl.contribution import scores_from_coalitions
 
     entries = LedgerEntry.objects.filter(
-        event="contribution.scored", consortium_slug=scope.consortium, seq__lte=head.seq
+        event=ledger_events.CONTRIBUTION_SCORED, consortium_slug=scope.consortium, seq__lte=head.seq
     ).order_by("seq")
     checked = 0
     for seq, text in entries.values_list("seq", "payload_text").iterator():
@@ -278,7 +278,9 @@ def verify_report_bytes(data: bytes) -> Outcome:
             )
     digest = hashlib.sha256(data).hexdigest()
     export = (
-        LedgerEntry.objects.filter(event=EXPORT_EVENT, payload_text__contains=digest)
+        LedgerEntry.objects.filter(
+            event=ledger_events.REPORT_EXPORTED, payload_text__contains=digest
+        )
         .order_by("seq")
         .values_list("seq", "actor_repr", "created_at")
         .first()

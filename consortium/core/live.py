@@ -1,5 +1,5 @@
 """Websockets that keep open pages current: the base consumer (the pages' own consumers are in
-:mod:`training.rounds.consumers`).
+:mod:`training.web.consumers`).
 
 A page opens one socket for what it shows (a consortium, a job). The consumer:
 

@@ -27,6 +27,7 @@ from django.urls import reverse
 from django.utils import timezone
 from django.utils.text import slugify
 
+from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry
 from consortium.core.errors import ConflictError, ServiceError
@@ -52,24 +53,6 @@ from consortium.governance.selectors import current_version
 from consortium.governance.signals import consent_withdrawn
 
 User = get_user_model()
-
-
-class Events:
-    """Ledger event names written by governance services."""
-
-    CONSORTIUM_CREATED = "consortium.created"
-    INSTITUTION_CREATED = "institution.created"
-    INSTITUTION_UPDATED = "institution.updated"
-    MEMBER_INVITED = "member.invited"
-    INVITATION_REVOKED = "member.invitation_revoked"
-    MEMBER_JOINED = "member.joined"
-    MEMBER_ROLE_CHANGED = "member.role_changed"
-    MEMBER_REMOVED = "member.removed"
-    AGREEMENT_DRAFTED = "agreement.drafted"
-    AGREEMENT_DRAFT_EDITED = "agreement.draft_edited"
-    AGREEMENT_PUBLISHED = "agreement.version_published"
-    AGREEMENT_SIGNED = "agreement.signed"
-    CONSENT_WITHDRAWN = "consent.withdrawn"
 
 
 def _record(event: str, *, actor, subject, consortium: Consortium, institution=None, **payload):
@@ -100,7 +83,7 @@ def consortium_create(
             )
             forget_grants(acting_user)
         _record(
-            Events.CONSORTIUM_CREATED,
+            ledger_events.CONSORTIUM_CREATED,
             actor=acting_user,
             subject=consortium,
             consortium=consortium,
@@ -174,7 +157,7 @@ def institution_create(
             consortium=consortium, name=name, slug=slug, country=country, worker_public_key=key
         )
         _record(
-            Events.INSTITUTION_CREATED,
+            ledger_events.INSTITUTION_CREATED,
             actor=acting_user,
             subject=institution,
             consortium=consortium,
@@ -225,7 +208,7 @@ def institution_update(
         if "worker_public_key" in changes:
             recorded["worker_key_fingerprint"] = key_fingerprint(changes["worker_public_key"])
         _record(
-            Events.INSTITUTION_UPDATED,
+            ledger_events.INSTITUTION_UPDATED,
             actor=acting_user,
             subject=institution,
             consortium=institution.consortium,
@@ -293,7 +276,7 @@ def invitation_create(
             expires_at=now + dt.timedelta(hours=settings.INVITATION_TTL_HOURS),
         )
         _record(
-            Events.MEMBER_INVITED,
+            ledger_events.MEMBER_INVITED,
             actor=acting_user,
             subject=invitation,
             consortium=consortium,
@@ -376,7 +359,7 @@ def invitation_accept(*, token: str, user) -> Membership:
         invitation.save(update_fields=["accepted_at", "accepted_by"])
         forget_grants(user)
         _record(
-            Events.MEMBER_JOINED,
+            ledger_events.MEMBER_JOINED,
             actor=user,
             subject=membership,
             consortium=invitation.consortium,
@@ -424,7 +407,7 @@ def invitation_revoke(*, acting_user, invitation: Invitation) -> Invitation:
         invitation.revoked_at = timezone.now()
         invitation.save(update_fields=["revoked_at"])
         _record(
-            Events.INVITATION_REVOKED,
+            ledger_events.INVITATION_REVOKED,
             actor=acting_user,
             subject=invitation,
             consortium=invitation.consortium,
@@ -468,7 +451,7 @@ def membership_change_role(*, acting_user, membership: Membership, role: str) ->
         membership.save(update_fields=["role"])
         forget_grants(membership.user)
         _record(
-            Events.MEMBER_ROLE_CHANGED,
+            ledger_events.MEMBER_ROLE_CHANGED,
             actor=acting_user,
             subject=membership,
             consortium=membership.consortium,
@@ -490,7 +473,7 @@ def membership_remove(*, acting_user, membership: Membership) -> None:
         )
         _ensure_an_admin_remains(membership)
         _record(
-            Events.MEMBER_REMOVED,
+            ledger_events.MEMBER_REMOVED,
             actor=acting_user,
             subject=membership,
             consortium=membership.consortium,
@@ -620,7 +603,7 @@ def agreement_create(
             agreement=agreement, number=1, created_by=acting_user, **terms
         )
         _record(
-            Events.AGREEMENT_DRAFTED,
+            ledger_events.AGREEMENT_DRAFTED,
             actor=acting_user,
             subject=version,
             consortium=consortium,
@@ -652,7 +635,7 @@ def agreement_version_update(
         if changed:
             version.save(update_fields=changed)
             _record(
-                Events.AGREEMENT_DRAFT_EDITED,
+                ledger_events.AGREEMENT_DRAFT_EDITED,
                 actor=acting_user,
                 subject=version,
                 consortium=version.agreement.consortium,
@@ -682,7 +665,7 @@ def agreement_amend(*, acting_user, agreement: Agreement) -> AgreementVersion:
             **{f: getattr(base, f) for f in TERM_FIELDS},
         )
         _record(
-            Events.AGREEMENT_DRAFTED,
+            ledger_events.AGREEMENT_DRAFTED,
             actor=acting_user,
             subject=version,
             consortium=agreement.consortium,
@@ -713,7 +696,7 @@ def agreement_version_publish(*, acting_user, version: AgreementVersion) -> Agre
         version.content_digest = version_digest(version)
         version.save(update_fields=["status", "published_at", "published_by", "content_digest"])
         _record(
-            Events.AGREEMENT_PUBLISHED,
+            ledger_events.AGREEMENT_PUBLISHED,
             actor=acting_user,
             subject=version,
             consortium=version.agreement.consortium,
@@ -808,7 +791,7 @@ def agreement_sign(
             content_digest=version.content_digest,
         )
         _record(
-            Events.AGREEMENT_SIGNED,
+            ledger_events.AGREEMENT_SIGNED,
             actor=acting_user,
             subject=signature,
             consortium=agreement.consortium,
@@ -848,7 +831,7 @@ def consent_withdraw(
             withdrawn_by_repr=acting_user.get_full_name() or acting_user.get_username(),
         )
         _record(
-            Events.CONSENT_WITHDRAWN,
+            ledger_events.CONSENT_WITHDRAWN,
             actor=acting_user,
             subject=withdrawal,
             consortium=agreement.consortium,
@@ -882,7 +865,7 @@ def membership_grant(
         if created:
             forget_grants(user)
             _record(
-                Events.MEMBER_JOINED,
+                ledger_events.MEMBER_JOINED,
                 actor=acting_user,
                 subject=membership,
                 consortium=consortium,

@@ -389,7 +389,7 @@ def test_the_job_form_keeps_the_contribution_through_an_edit():
     """The web form carries ``contribution`` both ways, so editing a job never drops it."""
     from types import SimpleNamespace
 
-    from training.jobs.forms import JobForm
+    from training.web.forms import JobForm
 
     spec = validate_spec(
         base_spec(contribution={"method": "shapley_sampled", "permutations": 40}, rounds=2)

@@ -14,6 +14,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 from rest_framework.test import APIClient
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.governance import services
@@ -26,7 +27,6 @@ from consortium.governance.models import (
     Signature,
     Withdrawal,
 )
-from consortium.governance.services import Events
 
 TODAY = dt.date.today()
 TERMS = {
@@ -109,7 +109,7 @@ def test_create_institution(cast):
     assert response.json()["slug"] == "hospital-c"
     institution = Institution.objects.get(slug="hospital-c")
     assert institution.consortium == cast.consortium and institution.country == "UK"
-    entry = watch.assert_one(Events.INSTITUTION_CREATED)
+    entry = watch.assert_one(ledger_events.INSTITUTION_CREATED)
     assert entry.institution_slug == "hospital-c"
 
 
@@ -133,7 +133,7 @@ def test_steward_registers_worker_key(cast):
     cast.hospital_a.refresh_from_db()
     assert cast.hospital_a.worker_public_key == pem.strip()
     assert response.json()["worker_key_fingerprint"] == services.key_fingerprint(pem.strip())
-    entry = watch.assert_one(Events.INSTITUTION_UPDATED)
+    entry = watch.assert_one(ledger_events.INSTITUTION_UPDATED)
     assert "worker_key_fingerprint" in entry.payload_text
 
 
@@ -177,7 +177,7 @@ def test_change_role(cast):
     assert response.status_code == 200, response.json()
     membership.refresh_from_db()
     assert membership.role == Role.DATA_STEWARD
-    watch.assert_one(Events.MEMBER_ROLE_CHANGED)
+    watch.assert_one(ledger_events.MEMBER_ROLE_CHANGED)
 
 
 def test_role_outside_scope_is_400(cast):
@@ -195,7 +195,7 @@ def test_remove_member(cast):
     response = api(cast.admin).delete(f"/api/memberships/{membership.pk}/")
     assert response.status_code == 204
     assert not Membership.objects.filter(pk=membership.pk).exists()
-    watch.assert_one(Events.MEMBER_REMOVED)
+    watch.assert_one(ledger_events.MEMBER_REMOVED)
 
 
 def test_removing_the_last_admin_is_409(cast):
@@ -231,7 +231,7 @@ def test_invite_sends_the_token_by_email_only(cast, django_capture_on_commit_cal
     assert body["email"] == "new.person@example.org"
     invitation = Invitation.objects.get(pk=body["id"])
     assert invitation.institution == cast.hospital_a and invitation.role == Role.RESEARCHER
-    watch.assert_one(Events.MEMBER_INVITED)
+    watch.assert_one(ledger_events.MEMBER_INVITED)
     assert len(mail.outbox) == 1
     token = mail.outbox[0].body.split("/invitations/")[1].split("/")[0]
     assert token not in response.content.decode()
@@ -258,7 +258,7 @@ def test_revoke_invitation(cast):
     assert response.json()["status"] == "revoked"
     invitation.refresh_from_db()
     assert invitation.revoked_at is not None
-    watch.assert_one(Events.INVITATION_REVOKED)
+    watch.assert_one(ledger_events.INVITATION_REVOKED)
 
 
 def test_accept_invitation(cast):
@@ -278,7 +278,7 @@ def test_accept_invitation(cast):
     ).exists()
     invitation.refresh_from_db()
     assert invitation.accepted_by == cast.outsider
-    watch.assert_one(Events.MEMBER_JOINED)
+    watch.assert_one(ledger_events.MEMBER_JOINED)
     # The new member now sees the consortium.
     listing = api(cast.outsider).get("/api/consortia/").json()
     assert [c["slug"] for c in listing["results"]] == [cast.consortium.slug]
@@ -357,7 +357,7 @@ def test_create_agreement(cast):
     assert body["status"]["reasons"] == ["no version has been published"]
     version = AgreementVersion.objects.get(agreement_id=body["id"])
     assert version.number == 1 and version.permitted_model_families == ["linear", "mlp"]
-    watch.assert_one(Events.AGREEMENT_DRAFTED)
+    watch.assert_one(ledger_events.AGREEMENT_DRAFTED)
 
 
 def test_create_agreement_with_bad_terms_names_the_field(cast):
@@ -380,7 +380,7 @@ def test_edit_draft(cast):
     assert response.json()["epsilon_cap"] == "4.500"
     version.refresh_from_db()
     assert str(version.epsilon_cap) == "4.500"
-    watch.assert_one(Events.AGREEMENT_DRAFT_EDITED)
+    watch.assert_one(ledger_events.AGREEMENT_DRAFT_EDITED)
 
 
 def test_editing_a_published_version_is_409(cast):
@@ -407,7 +407,7 @@ def test_publish(cast):
         == version.content_digest
         == services.version_digest(version)
     )
-    watch.assert_one(Events.AGREEMENT_PUBLISHED)
+    watch.assert_one(ledger_events.AGREEMENT_PUBLISHED)
 
 
 def test_sign_and_status(cast):
@@ -420,7 +420,7 @@ def test_sign_and_status(cast):
     signature = Signature.objects.get(version=version, institution=cast.hospital_a)
     assert signature.signer == cast.approver
     assert signature.content_digest == version.content_digest
-    watch.assert_one(Events.AGREEMENT_SIGNED)
+    watch.assert_one(ledger_events.AGREEMENT_SIGNED)
 
     detail = api(cast.researcher).get(f"/api/agreements/{version.agreement_id}/").json()
     assert detail["status"]["signed"] == [cast.hospital_a.slug]
@@ -479,7 +479,7 @@ def test_amend(cast):
     assert response.status_code == 201, response.json()
     assert response.json()["number"] == 2 and response.json()["status"] == "draft"
     assert version.agreement.versions.count() == 2
-    watch.assert_one(Events.AGREEMENT_DRAFTED)
+    watch.assert_one(ledger_events.AGREEMENT_DRAFTED)
     again = api(cast.admin).post(f"/api/agreements/{version.agreement_id}/amend/")
     assert again.status_code == 409
     assert again.json()["code"] == "draft_exists"
@@ -497,7 +497,7 @@ def test_withdraw_consent(cast):
     assert Withdrawal.objects.filter(
         agreement=version.agreement, institution=cast.hospital_a
     ).exists()
-    watch.assert_one(Events.CONSENT_WITHDRAWN)
+    watch.assert_one(ledger_events.CONSENT_WITHDRAWN)
     status = api(cast.admin).get(f"/api/agreements/{version.agreement_id}/").json()["status"]
     assert status["withdrawn"] == [cast.hospital_a.slug]
 
@@ -537,15 +537,15 @@ def test_ledger_list_and_filters(cast):
     client = api(cast.auditor)
     body = client.get("/api/ledger/", {"consortium": cast.consortium.slug}).json()
     events = [e["event"] for e in body["results"]]
-    assert events[0] == Events.CONSORTIUM_CREATED
-    assert Events.AGREEMENT_PUBLISHED in events
+    assert events[0] == ledger_events.CONSORTIUM_CREATED
+    assert ledger_events.AGREEMENT_PUBLISHED in events
     first = body["results"][0]
     assert first["payload"] == {"name": "Test Consortium", "slug": cast.consortium.slug}
     assert first["prev_hash"] == "0" * 64 and first["seq"] == 1
     for previous, entry in zip(body["results"], body["results"][1:], strict=False):
         assert entry["prev_hash"] == previous["entry_hash"]
 
-    only = client.get("/api/ledger/", {"event": Events.INSTITUTION_CREATED}).json()
+    only = client.get("/api/ledger/", {"event": ledger_events.INSTITUTION_CREATED}).json()
     assert [e["institution_slug"] for e in only["results"]] == ["hospital-a", "hospital-b"]
     assert client.get("/api/ledger/", {"institution": "hospital-b"}).json()["count"] == 1
     future = (timezone.now() + dt.timedelta(hours=1)).isoformat()

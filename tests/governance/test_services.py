@@ -9,6 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError, ServiceError
@@ -63,9 +64,9 @@ def test_every_governance_action_is_one_ledger_entry(cast):
     before = LedgerEntry.objects.count()
     version = publish(cast)
     assert LedgerEntry.objects.count() == before + 2  # drafted, published
-    assert last_event() == services.Events.AGREEMENT_PUBLISHED
+    assert last_event() == ledger_events.AGREEMENT_PUBLISHED
     sign(cast, version, cast.approver, cast.hospital_a)
-    assert last_event() == services.Events.AGREEMENT_SIGNED
+    assert last_event() == ledger_events.AGREEMENT_SIGNED
     entry = LedgerEntry.objects.order_by("-seq").first()
     assert entry.institution_slug == cast.hospital_a.slug
     assert entry.actor == cast.approver
@@ -201,7 +202,7 @@ def test_withdrawal_blocks_the_institution(cast):
         institution=cast.hospital_b,
         reason="Our ethics board revoked approval.",
     )
-    assert last_event() == services.Events.CONSENT_WITHDRAWN
+    assert last_event() == ledger_events.CONSENT_WITHDRAWN
     status = agreement_status(version.agreement)
     assert status.eligible_institution_ids == {cast.hospital_a.pk}
     assert status.in_force  # the others go on under it
@@ -225,7 +226,7 @@ def test_invitation_lifecycle(cast, mailoutbox, django_capture_on_commit_callbac
         )
     assert token not in invitation.token_hash  # only the hash is stored
     assert len(mailoutbox) == 1 and token in mailoutbox[0].body
-    assert last_event() == services.Events.MEMBER_INVITED
+    assert last_event() == ledger_events.MEMBER_INVITED
     stranger = UserFactory(email="someone@example.org")
     with pytest.raises(ServiceError, match="was sent to new.person@example.org"):
         services.invitation_accept(token=token, user=stranger)
@@ -233,7 +234,7 @@ def test_invitation_lifecycle(cast, mailoutbox, django_capture_on_commit_callbac
         token=token, username="newperson", password="a-long-pass-phrase-9", full_name="New Person"
     )
     assert membership.role == Role.APPROVER and membership.institution == cast.hospital_a
-    assert last_event() == services.Events.MEMBER_JOINED
+    assert last_event() == ledger_events.MEMBER_JOINED
     with pytest.raises(ConflictError, match="already been accepted"):
         services.invitation_accept(token=token, user=membership.user)
 
@@ -294,10 +295,10 @@ def test_role_change_and_removal_keep_an_admin(cast):
     services.membership_change_role(
         acting_user=cast.admin, membership=researcher, role=Role.DATA_STEWARD
     )
-    assert last_event() == services.Events.MEMBER_ROLE_CHANGED
+    assert last_event() == ledger_events.MEMBER_ROLE_CHANGED
     assert cast.researcher.has_perm("consortium.change_institution", cast.hospital_a)
     services.membership_remove(acting_user=cast.admin, membership=researcher)
-    assert last_event() == services.Events.MEMBER_REMOVED
+    assert last_event() == ledger_events.MEMBER_REMOVED
     assert not Membership.objects.filter(user=cast.researcher).exists()
 
 
@@ -309,7 +310,7 @@ def test_worker_public_key_must_be_ed25519(cast):
     cast.hospital_a.refresh_from_db()
     assert cast.hospital_a.worker_public_key.startswith("-----BEGIN PUBLIC KEY-----")
     entry = LedgerEntry.objects.order_by("-seq").first()
-    assert entry.event == services.Events.INSTITUTION_UPDATED
+    assert entry.event == ledger_events.INSTITUTION_UPDATED
     assert services.key_fingerprint(cast.hospital_a.worker_public_key) in entry.payload_text
     rsa = generate_private_key(public_exponent=65537, key_size=2048).public_key()
     rsa_pem = rsa.public_bytes(

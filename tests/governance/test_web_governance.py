@@ -19,6 +19,7 @@ from django.contrib.auth import get_user_model
 from django.urls import reverse
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.governance import selectors, services
@@ -32,7 +33,6 @@ from consortium.governance.models import (
     Signature,
     Withdrawal,
 )
-from consortium.governance.services import Events
 
 pytestmark = pytest.mark.django_db
 
@@ -141,7 +141,7 @@ def test_admin_adds_an_institution_with_a_worker_key(cast):
     url = u("institution-create", slug=cast.consortium.slug)
     assert client.get(url).status_code == 200
     pem = ed25519_pem()
-    with ledger_records(Events.INSTITUTION_CREATED):
+    with ledger_records(ledger_events.INSTITUTION_CREATED):
         response = client.post(
             url, {"name": "St Mary's", "slug": "", "country": "UK", "worker_public_key": pem}
         )
@@ -171,7 +171,7 @@ def test_data_steward_registers_the_worker_key(cast):
     client = cast.client_for("steward")
     url = u("institution-edit", slug=cast.consortium.slug, inst_slug=cast.hospital_a.slug)
     pem = ed25519_pem()
-    with ledger_records(Events.INSTITUTION_UPDATED):
+    with ledger_records(ledger_events.INSTITUTION_UPDATED):
         response = client.post(url, {"name": "Hospital A", "country": "", "worker_public_key": pem})
     assert response.status_code == 302
     cast.hospital_a.refresh_from_db()
@@ -184,7 +184,7 @@ def test_data_steward_registers_the_worker_key(cast):
 def test_invite_then_accept_with_a_new_account(
     cast, mailoutbox, django_capture_on_commit_callbacks
 ):
-    with ledger_records(Events.MEMBER_INVITED):
+    with ledger_records(ledger_events.MEMBER_INVITED):
         response = invite(
             cast,
             django_capture_on_commit_callbacks,
@@ -217,7 +217,7 @@ def test_invite_then_accept_with_a_new_account(
     assert not User.objects.filter(username="newperson").exists()
 
     account["password_confirm"] = STRONG_PASSWORD
-    with ledger_records(Events.MEMBER_JOINED):
+    with ledger_records(ledger_events.MEMBER_JOINED):
         joined = visitor.post(url, account)
     assert joined.status_code == 302
     assert joined.url == u("consortium-detail", slug=cast.consortium.slug)
@@ -244,7 +244,7 @@ def test_accept_as_a_signed_in_existing_user(cast, mailoutbox, django_capture_on
     url = u("invitation-accept", token=token_from(mailoutbox[0]))
     client = cast.client_for("outsider")
     assert "Accept the invitation" in client.get(url).content.decode()
-    with ledger_records(Events.MEMBER_JOINED):
+    with ledger_records(ledger_events.MEMBER_JOINED):
         response = client.post(url)
     assert response.status_code == 302
     assert Membership.objects.filter(
@@ -287,7 +287,7 @@ def test_expired_revoked_and_unknown_invitations(cast, django_capture_on_commit_
     invitation, token = services.invitation_create(
         acting_user=cast.admin, consortium=cast.consortium, email="gone@example.org", role="auditor"
     )
-    with ledger_records(Events.INVITATION_REVOKED):
+    with ledger_records(ledger_events.INVITATION_REVOKED):
         revoke = cast.client_for("admin").post(
             u("invitation-revoke", slug=cast.consortium.slug, pk=invitation.pk)
         )
@@ -323,7 +323,7 @@ def test_institution_admin_invites_only_to_their_institution(
     assert "institution" in other.context["form"].errors
     assert "institution" in nowhere.context["form"].errors
     assert not mailoutbox
-    with ledger_records(Events.MEMBER_INVITED):
+    with ledger_records(ledger_events.MEMBER_INVITED):
         ok = invite(
             cast,
             django_capture_on_commit_callbacks,
@@ -348,7 +348,7 @@ def test_change_role_and_remove_a_member(cast):
     client = cast.client_for("admin")
     slug = cast.consortium.slug
     membership = _membership(cast.researcher)
-    with ledger_records(Events.MEMBER_ROLE_CHANGED):
+    with ledger_records(ledger_events.MEMBER_ROLE_CHANGED):
         response = client.post(
             u("membership-role", slug=slug, pk=membership.pk), {"role": "data_steward"}
         )
@@ -365,7 +365,7 @@ def test_change_role_and_remove_a_member(cast):
     remove_url = u("membership-remove", slug=slug, pk=membership.pk)
     confirm = client.get(remove_url)
     assert confirm.status_code == 200 and "Remove this role" in confirm.content.decode()
-    with ledger_records(Events.MEMBER_REMOVED):
+    with ledger_records(ledger_events.MEMBER_REMOVED):
         removed = client.post(remove_url)
     assert removed.status_code == 302
     assert not Membership.objects.filter(pk=membership.pk).exists()
@@ -416,7 +416,7 @@ def test_draft_edit_publish_and_published_is_immutable(cast):
     assert {"permitted_model_families"} <= set(bad.context["form"].errors)
     assert not Agreement.objects.exists()
 
-    with ledger_records(Events.AGREEMENT_DRAFTED):
+    with ledger_records(ledger_events.AGREEMENT_DRAFTED):
         version = draft_through_form(cast)
     assert version.number == 1 and not version.is_published
 
@@ -426,7 +426,7 @@ def test_draft_edit_publish_and_published_is_immutable(cast):
     assert form_page.context["form"].initial["purpose"] == version.purpose
     edited = terms(purpose="Segment tumours.", permitted_model_families=["unet"])
     del edited["title"]
-    with ledger_records(Events.AGREEMENT_DRAFT_EDITED):
+    with ledger_records(ledger_events.AGREEMENT_DRAFT_EDITED):
         assert client.post(edit_url, edited).status_code == 302
     version.refresh_from_db()
     assert version.purpose == "Segment tumours."
@@ -434,7 +434,7 @@ def test_draft_edit_publish_and_published_is_immutable(cast):
 
     publish_url = u("version-publish", **version_kwargs(version))
     assert "Publishing freezes" in client.get(publish_url).content.decode()
-    with ledger_records(Events.AGREEMENT_PUBLISHED):
+    with ledger_records(ledger_events.AGREEMENT_PUBLISHED):
         publish_through_form(cast, version)
     assert version.content_digest == services.version_digest(version)
 
@@ -477,7 +477,7 @@ def test_each_approver_signs_and_the_agreement_comes_into_force(cast):
     assert 'value="Someone Else"' in mismatch.content.decode()
     assert not Signature.objects.exists()
 
-    with ledger_records(Events.AGREEMENT_SIGNED):
+    with ledger_records(ledger_events.AGREEMENT_SIGNED):
         assert approver.post(sign_url, sign_data(cast, "approver", version)).status_code == 302
     status = selectors.agreement_status(agreement)
     assert not status.in_force
@@ -489,7 +489,7 @@ def test_each_approver_signs_and_the_agreement_comes_into_force(cast):
         ).content.decode()
     )
 
-    with ledger_records(Events.AGREEMENT_SIGNED):
+    with ledger_records(ledger_events.AGREEMENT_SIGNED):
         response = cast.client_for("approver_b").post(
             sign_url, sign_data(cast, "approver_b", version)
         )
@@ -536,7 +536,7 @@ def test_a_superseded_version_cannot_be_signed(cast):
     stale_digest = approver.get(v1_url).context["form"].initial["expected_digest"]
 
     admin = cast.client_for("admin")
-    with ledger_records(Events.AGREEMENT_DRAFTED):
+    with ledger_records(ledger_events.AGREEMENT_DRAFTED):
         amend = admin.post(u("agreement-amend", slug=cast.consortium.slug, pk=agreement.pk))
     v2 = agreement.versions.get(number=2)
     assert amend.url == u("version-edit", **version_kwargs(v2))
@@ -574,7 +574,7 @@ def test_withdrawal_with_reason_is_recorded(cast):
     assert "at least 10 characters" in str(short.context["form"].errors["reason"])
 
     reason = "Our ethics board revoked approval for this study."
-    with ledger_records(Events.CONSENT_WITHDRAWN):
+    with ledger_records(ledger_events.CONSENT_WITHDRAWN):
         response = client.post(url, {"institution": cast.hospital_a.pk, "reason": reason})
     assert response.status_code == 302
     withdrawal = Withdrawal.objects.get()

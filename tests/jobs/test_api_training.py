@@ -11,12 +11,12 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.governance import services as governance
 from consortium.governance.models import Notification
 from training.jobs import services
-from training.jobs.services import Events
 from training.models import (
     Approval,
     JobParticipant,
@@ -161,7 +161,7 @@ def test_steward_registers_updates_and_removes_a_data_set(cast, version):
     data = response.json()
     assert data["institution"] == "hospital-a" and data["key"] == "scans"
     assert data["input_shape"] == [30] and data["schema"] == {"label": "malignant"}
-    watch.assert_events(Events.DATASET_REGISTERED)
+    watch.assert_events(ledger_events.DATASET_REGISTERED)
 
     watch = LedgerWatch()
     response = api(cast.steward).patch(
@@ -169,13 +169,13 @@ def test_steward_registers_updates_and_removes_a_data_set(cast, version):
     )
     assert response.status_code == 200, response.json()
     assert response.json()["num_records"] == 1200
-    watch.assert_events(Events.DATASET_UPDATED)
+    watch.assert_events(ledger_events.DATASET_UPDATED)
 
     watch = LedgerWatch()
     response = api(cast.steward).delete(f"/api/datasets/{data['id']}/")
     assert response.status_code == 204
     assert not SiteDataset.objects.filter(pk=data["id"]).exists()
-    watch.assert_events(Events.DATASET_REMOVED)
+    watch.assert_events(ledger_events.DATASET_REMOVED)
 
 
 def test_data_set_list_filters(cast, version):
@@ -245,7 +245,9 @@ def test_propose_a_job(cast, version):
     assert [r["institution"] for r in data["reservations"]] == ["hospital-a", "hospital-b"]
     assert all(r["epsilon"] == pytest.approx(5.02, abs=0.01) for r in data["reservations"])
     assert all(r["status"] == "reserved" for r in data["reservations"])
-    proposed, changed = watch.assert_events(Events.JOB_PROPOSED, Events.JOB_STATE_CHANGED)
+    proposed, changed = watch.assert_events(
+        ledger_events.JOB_PROPOSED, ledger_events.JOB_STATE_CHANGED
+    )
     assert f'"spec_digest":"{job.spec_digest}"' in proposed.payload_text
     # Each participant's approver is told.
     assert Notification.objects.filter(user__in=[cast.approver, cast.approver_b]).count() == 2
@@ -313,7 +315,7 @@ def test_proposal_breaking_a_term_is_409_with_problems(
     assert all(p["message"] for p in problems)
     assert not TrainingJob.objects.exists()
     assert not PrivacyReservation.objects.exists()
-    (refused,) = watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    (refused,) = watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
     assert f'"term":"{term}"' in refused.payload_text
 
 
@@ -327,7 +329,7 @@ def test_proposal_without_the_data_set_names_the_institution(cast, version):
     problems = problems_of(post_job(cast, dataset_key="only-at-a"))
     assert [(p["term"], p["institution"]) for p in problems] == [("dataset", "hospital-b")]
     assert "Hospital B" in problems[0]["message"] and "only-at-a" in problems[0]["message"]
-    watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
 
 
 def test_proposal_over_budget_gives_projection_cap_and_spent(cast, version):
@@ -347,7 +349,7 @@ def test_proposal_over_budget_gives_projection_cap_and_spent(cast, version):
     assert "cap 8.00" in message
     assert "already spent 5.02" in message
     assert TrainingJob.objects.get() == first
-    watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
 
 
 def test_proposal_with_a_withdrawn_institution_is_refused(cast, version):
@@ -360,7 +362,7 @@ def test_proposal_with_a_withdrawn_institution_is_refused(cast, version):
     watch = LedgerWatch()
     problems = problems_of(post_job(cast))
     assert [(p["term"], p["institution"]) for p in problems] == [("withdrawn", "hospital-b")]
-    watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
     # Without it, the job goes ahead.
     response = post_job(cast, participants=["hospital-a"])
     assert response.status_code == 201, response.json()
@@ -378,7 +380,7 @@ def test_proposal_with_an_unsigned_amendment_names_who_has_not_signed(cast, vers
     assert ("signature", "hospital-a") not in [(p["term"], p["institution"]) for p in problems]
     signature = next(p for p in problems if p["term"] == "signature")
     assert "Hospital B" in signature["message"] and "version 2" in signature["message"]
-    watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
 
 
 def test_proposal_without_an_agreement_in_force(cast):
@@ -434,7 +436,7 @@ def test_every_approver_approves_and_the_job_is_approved(cast, version):
     data = response.json()
     assert data["decision"] == "approved" and data["valid"] is True
     assert data["institution"] == "hospital-a" and data["job_state"] == "awaiting_approval"
-    watch.assert_events(Events.JOB_DECISION)
+    watch.assert_events(ledger_events.JOB_DECISION)
 
     inbox_b = api(cast.approver_b).get("/api/approvals/inbox/").json()
     assert [(i["job"], i["institutions"]) for i in inbox_b["results"]] == [(job.pk, ["hospital-b"])]
@@ -444,7 +446,9 @@ def test_every_approver_approves_and_the_job_is_approved(cast, version):
     )
     assert response.status_code == 201, response.json()
     assert response.json()["job_state"] == "approved"
-    _decision, changed = watch.assert_events(Events.JOB_DECISION, Events.JOB_STATE_CHANGED)
+    _decision, changed = watch.assert_events(
+        ledger_events.JOB_DECISION, ledger_events.JOB_STATE_CHANGED
+    )
     assert '"to_state":"approved"' in changed.payload_text
     job.refresh_from_db()
     assert job.state == JobState.APPROVED
@@ -471,7 +475,7 @@ def test_a_rejection_with_its_reason_rejects_the_job(cast, version):
     )
     assert response.status_code == 201, response.json()
     assert response.json()["job_state"] == "rejected"
-    watch.assert_events(Events.JOB_DECISION, Events.JOB_STATE_CHANGED)
+    watch.assert_events(ledger_events.JOB_DECISION, ledger_events.JOB_STATE_CHANGED)
     job.refresh_from_db()
     assert job.state == JobState.REJECTED and "Too few rounds" in job.end_reason
     # The budget it reserved is given back.
@@ -492,7 +496,7 @@ def test_a_stale_decision_is_409_and_records_nothing(cast, version):
     )
     assert response.status_code == 200, response.json()
     assert response.json()["spec_digest"] != job.spec_digest
-    watch.assert_events(Events.JOB_SPEC_CHANGED)
+    watch.assert_events(ledger_events.JOB_SPEC_CHANGED)
 
     watch = LedgerWatch()
     response = api(cast.approver).post(f"/api/jobs/{job.pk}/decide/", seen, format="json")
@@ -547,7 +551,7 @@ def test_a_non_compliant_change_is_409_with_problems(cast, version):
     assert (unchanged.spec_digest, unchanged.state) == (job.spec_digest, job.state)
     assert unchanged.reservations.filter(status="reserved").count() == 2
     # Nothing changed, but the refused change is on the record.
-    (refusal,) = watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    (refusal,) = watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
     assert json.loads(refusal.payload_text)["job_id"] == job.pk
 
 
@@ -561,21 +565,21 @@ def test_save_a_draft_then_submit_it(cast, version):
     data = response.json()
     assert data["state"] == "draft" and data["participants"] == [] and data["reservations"] == []
     assert data["agreement_version"] is None
-    watch.assert_events(Events.JOB_DRAFTED)
+    watch.assert_events(ledger_events.JOB_DRAFTED)
 
     watch = LedgerWatch()
     response = api(cast.researcher).patch(
         f"/api/jobs/{data['id']}/", {"title": "Tumour classifier, 12 rounds"}, format="json"
     )
     assert response.status_code == 200 and response.json()["title"].endswith("12 rounds")
-    watch.assert_events(Events.JOB_SPEC_CHANGED)
+    watch.assert_events(ledger_events.JOB_SPEC_CHANGED)
 
     watch = LedgerWatch()
     response = api(cast.researcher).post(f"/api/jobs/{data['id']}/submit/")
     assert response.status_code == 200, response.json()
     assert response.json()["state"] == "awaiting_approval"
     assert len(response.json()["reservations"]) == 2
-    watch.assert_events(Events.JOB_PROPOSED, Events.JOB_STATE_CHANGED)
+    watch.assert_events(ledger_events.JOB_PROPOSED, ledger_events.JOB_STATE_CHANGED)
 
     again = api(cast.researcher).post(f"/api/jobs/{data['id']}/submit/")
     assert again.status_code == 409 and again.json()["code"] == "invalid_transition"
@@ -596,7 +600,7 @@ def test_submitting_a_non_compliant_draft_is_409_with_problems(cast, version):
     ]
     draft.refresh_from_db()
     assert draft.state == JobState.DRAFT
-    watch.assert_events(Events.JOB_PROPOSAL_REFUSED)
+    watch.assert_events(ledger_events.JOB_PROPOSAL_REFUSED)
 
 
 def test_cancel_a_job(cast, version):
@@ -613,7 +617,7 @@ def test_cancel_a_job(cast, version):
     data = response.json()
     assert data["state"] == "cancelled" and data["end_reason"] == "The protocol changed."
     assert {r["status"] for r in data["reservations"]} == {"released"}
-    (changed,) = watch.assert_events(Events.JOB_STATE_CHANGED)
+    (changed,) = watch.assert_events(ledger_events.JOB_STATE_CHANGED)
     assert '"to_state":"cancelled"' in changed.payload_text
     again = client.post(f"/api/jobs/{job.pk}/cancel/", {"reason": "Twice."}, format="json")
     assert again.status_code == 409
@@ -699,13 +703,13 @@ def test_every_action_leaves_a_verifiable_chain(cast, version):
         .values_list("event", flat=True)
     )
     assert events == [
-        Events.JOB_PROPOSED,
-        Events.JOB_STATE_CHANGED,
-        Events.JOB_DECISION,
-        Events.JOB_DECISION,
-        Events.JOB_STATE_CHANGED,
-        Events.JOB_DRAFTED,
-        Events.JOB_STATE_CHANGED,
+        ledger_events.JOB_PROPOSED,
+        ledger_events.JOB_STATE_CHANGED,
+        ledger_events.JOB_DECISION,
+        ledger_events.JOB_DECISION,
+        ledger_events.JOB_STATE_CHANGED,
+        ledger_events.JOB_DRAFTED,
+        ledger_events.JOB_STATE_CHANGED,
     ]
     assert verify_chain().ok
 

@@ -21,12 +21,12 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from tests.support.training_fixtures import COSTLY, agreement_in_force, make_spec, offer_datasets
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
 from training.jobs.selectors import live_reservations
-from training.jobs.services import Events
 from training.models import JobState, PrivacyReservation, TrainingJob
 
 pytestmark = [
@@ -175,7 +175,7 @@ def test_two_simultaneous_proposals_cannot_both_pass_one_cap(cast, tmp_path, sce
     contested_id = {A: cast.hospital_a.pk, B: cast.hospital_b.pk}[contested]
     assert live_epsilon(contested_id, delta) == alone
     assert PrivacyReservation.objects.filter(institution_id=contested_id).count() == 1
-    assert LedgerEntry.objects.filter(event=Events.JOB_PROPOSED).count() == 1
-    assert LedgerEntry.objects.filter(event=Events.JOB_PROPOSAL_REFUSED).count() == 1
+    assert LedgerEntry.objects.filter(event=ledger_events.JOB_PROPOSED).count() == 1
+    assert LedgerEntry.objects.filter(event=ledger_events.JOB_PROPOSAL_REFUSED).count() == 1
     result = verify_chain()
     assert result.ok, result.summary()

@@ -10,6 +10,7 @@ from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError, ServiceError
@@ -32,7 +33,7 @@ from tests.support.training_fixtures import (
 from training.jobs import services
 from training.jobs.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
 from training.jobs.compliance import ComplianceError, check_job_compliance
-from training.jobs.services import TRANSITIONS, Events, InvalidTransition
+from training.jobs.services import TRANSITIONS, InvalidTransition
 from training.jobs.spec import spec_digest, validate_spec
 from training.models import (
     Approval,
@@ -130,12 +131,12 @@ def test_compliant_job_is_proposed_with_one_reservation_per_participant(scene):
         assert events == events_of(spec)
         assert reservation.epsilon == epsilon_spent(events, delta=DELTA) == expected
 
-    ((entry, payload),) = entries(Events.JOB_PROPOSED, job_id=job.pk)
+    ((entry, payload),) = entries(ledger_events.JOB_PROPOSED, job_id=job.pk)
     assert payload["spec_digest"] == job.spec_digest
     assert payload["agreement_version"] == 1
     assert payload["participants"] == [A, B]
     assert payload["projected_epsilon"] == {A: round(expected, 6), B: round(expected, 6)}
-    ((_, change),) = entries(Events.JOB_STATE_CHANGED, job_id=job.pk)
+    ((_, change),) = entries(ledger_events.JOB_STATE_CHANGED, job_id=job.pk)
     assert (change["from_state"], change["to_state"]) == ("draft", "awaiting_approval")
     # Both institutions' approvers are asked (notification, and email on commit).
     asked = set(
@@ -279,7 +280,7 @@ def test_a_job_that_breaks_a_term_is_refused_and_leaves_nothing(cast, case):
     assert not Notification.objects.filter(message__contains="Refused").exists()
     # ... but the refusal is on the record, with every problem.
     entry, payload = last_entry()
-    assert entry.event == Events.JOB_PROPOSAL_REFUSED
+    assert entry.event == ledger_events.JOB_PROPOSAL_REFUSED
     assert entry.actor == cast.researcher
     assert payload["title"] == "Refused"
     assert payload["problems"] == [p.to_json() for p in error.problems]
@@ -316,7 +317,7 @@ def test_submitting_a_draft_runs_the_same_checks(scene):
     draft.refresh_from_db()
     assert draft.state == JobState.DRAFT
     assert not draft.reservations.exists() and not draft.participants.exists()
-    assert last_entry()[0].event == Events.JOB_PROPOSAL_REFUSED
+    assert last_entry()[0].event == ledger_events.JOB_PROPOSAL_REFUSED
 
     services.job_update_spec(acting_user=scene.cast.researcher, job=draft, spec=make_spec())
     job = services.job_submit(acting_user=scene.cast.researcher, job=draft)
@@ -346,7 +347,7 @@ def test_a_projection_replays_recorded_events_with_the_new_job(scene):
     job_b = scene.propose(noise_multiplier=4.0, rounds=12)
     for reservation in job_b.reservations.all():
         assert reservation.epsilon == epsilon_spent(events_b, delta=DELTA)
-    ((_, proposed),) = entries(Events.JOB_PROPOSED, job_id=job_b.pk)
+    ((_, proposed),) = entries(ledger_events.JOB_PROPOSED, job_id=job_b.pk)
     assert proposed["projected_epsilon"][A] == round(epsilon_spent(events_b, delta=DELTA), 6)
     assert live_epsilon(scene.cast.hospital_a) == epsilon_spent(events_a + events_b, delta=DELTA)
     assert job_a.pk != job_b.pk
@@ -493,7 +494,7 @@ def test_each_engine_transition_is_a_ledger_entry(scene, from_state, to_state):
     job.refresh_from_db()
     assert job.state == to_state
     entry, payload = last_entry()
-    assert entry.event == Events.JOB_STATE_CHANGED
+    assert entry.event == ledger_events.JOB_STATE_CHANGED
     assert entry.actor == scene.cast.admin
     assert payload == {
         "job_id": job.pk,
@@ -536,7 +537,7 @@ def test_every_state_is_reachable_and_each_step_is_recorded(scene):
         job = job_in_state(scene, state)
         seen |= {
             (p["from_state"], p["to_state"])
-            for _, p in entries(Events.JOB_STATE_CHANGED, job_id=job.pk)
+            for _, p in entries(ledger_events.JOB_STATE_CHANGED, job_id=job.pk)
         }
     legal = {(f, t) for f, targets in TRANSITIONS.items() for t in targets}
     assert seen <= legal
@@ -565,7 +566,7 @@ def test_all_approvals_in_approves_and_queues_the_job(
     assert job.state == JobState.APPROVED
     assert job.end_reason == ""
 
-    decisions = entries(Events.JOB_DECISION, job_id=job.pk)
+    decisions = entries(ledger_events.JOB_DECISION, job_id=job.pk)
     assert [(e.institution_slug, p["decision"]) for e, p in decisions] == [
         (A, "approved"),
         (B, "approved"),
@@ -641,7 +642,7 @@ def test_a_decision_on_an_old_spec_is_stale(scene):
         scene.decide(job, cast.hospital_a, spec_digest=old_digest)
     assert caught.value.code == "stale"
     assert not Approval.objects.exists()
-    assert not entries(Events.JOB_DECISION)
+    assert not entries(ledger_events.JOB_DECISION)
 
 
 def test_a_spec_change_voids_the_approvals_already_given(scene):
@@ -654,7 +655,7 @@ def test_a_spec_change_voids_the_approvals_already_given(scene):
     new_spec = make_spec(noise_multiplier=5.0, rounds=12)
     services.job_update_spec(acting_user=cast.researcher, job=job, spec=new_spec)
     job.refresh_from_db()
-    ((entry, payload),) = entries(Events.JOB_SPEC_CHANGED, job_id=job.pk)
+    ((entry, payload),) = entries(ledger_events.JOB_SPEC_CHANGED, job_id=job.pk)
     assert payload["approvals_voided"] == 1
     assert (payload["old_spec_digest"], payload["spec_digest"]) == (old_digest, job.spec_digest)
     cost = epsilon_spent(events_of(new_spec), delta=DELTA)
@@ -702,7 +703,7 @@ def test_a_new_agreement_version_rebinds_the_job_and_asks_again(scene):
     assert caught.value.code == "stale"
     job.refresh_from_db()
     assert job.agreement_version == v2  # the rebinding stays, though the decision did not
-    ((_, rebound),) = entries(Events.JOB_AGREEMENT_REBOUND, job_id=job.pk)
+    ((_, rebound),) = entries(ledger_events.JOB_AGREEMENT_REBOUND, job_id=job.pk)
     assert (rebound["old_version"], rebound["new_version"]) == (1, 2)
     assert Approval.objects.count() == 1
 
@@ -712,7 +713,7 @@ def test_a_new_agreement_version_rebinds_the_job_and_asks_again(scene):
     scene.decide(job, cast.hospital_a)
     job.refresh_from_db()
     assert job.state == JobState.APPROVED
-    assert len(entries(Events.JOB_AGREEMENT_REBOUND, job_id=job.pk)) == 1
+    assert len(entries(ledger_events.JOB_AGREEMENT_REBOUND, job_id=job.pk)) == 1
 
 
 def test_a_new_version_the_job_breaks_fails_it_when_someone_decides(scene):
@@ -728,7 +729,7 @@ def test_a_new_version_the_job_breaks_fails_it_when_someone_decides(scene):
     assert "no longer complies" in job.end_reason and "cap 2.00" in job.end_reason
     assert reservation_statuses(job) == {A: "released", B: "released"}
     assert not Approval.objects.exists()
-    assert entries(Events.JOB_STATE_CHANGED, job_id=job.pk, to_state="failed")
+    assert entries(ledger_events.JOB_STATE_CHANGED, job_id=job.pk, to_state="failed")
 
 
 def test_no_decision_while_an_amendment_awaits_signatures(scene):
@@ -765,7 +766,7 @@ def test_overdue_jobs_expire(scene):
     assert "were not all in by" in job.end_reason
     assert reservation_statuses(job) == {A: "released", B: "released"}
     entry, payload = last_entry()
-    assert entry.event == Events.JOB_STATE_CHANGED and payload["to_state"] == "expired"
+    assert entry.event == ledger_events.JOB_STATE_CHANGED and payload["to_state"] == "expired"
     assert Notification.objects.filter(user=scene.cast.researcher, message__contains="expired")
     assert services.jobs_expire_overdue(now=job.approval_deadline + dt.timedelta(days=1)) == 0
 
@@ -807,7 +808,7 @@ def test_deciding_on_an_overdue_job_expires_it(scene):
     assert job.state == JobState.EXPIRED  # committed, though the decision was refused
     assert reservation_statuses(job) == {A: "released", B: "released"}
     assert Approval.objects.count() == 1
-    assert not entries(Events.JOB_DECISION, job_id=job.pk, institution=B)
+    assert not entries(ledger_events.JOB_DECISION, job_id=job.pk, institution=B)
 
 
 # --- Withdrawal of consent ----------------------------------------------------------------
@@ -844,10 +845,10 @@ def test_withdrawal_removes_the_institution_from_its_jobs(three):
     assert removed.removed_reason == "consent withdrawn: Our ethics board withdrew its approval."
     assert reservation_statuses(job) == {A: "reserved", B: "released", C: "reserved"}
     assert live_epsilon(cast.hospital_b) == 0.0
-    ((entry, payload),) = entries(Events.JOB_PARTICIPANT_REMOVED, job_id=job.pk)
+    ((entry, payload),) = entries(ledger_events.JOB_PARTICIPANT_REMOVED, job_id=job.pk)
     assert entry.institution_slug == B
     assert payload["reason"] == removed.removed_reason
-    assert not entries(Events.JOB_PARTICIPANT_REMOVED, job_id=other.pk)
+    assert not entries(ledger_events.JOB_PARTICIPANT_REMOVED, job_id=other.pk)
     # B no longer decides; the others still do, and suffice.
     with pytest.raises(ServiceError, match="does not take part"):
         three.decide(job, cast.hospital_b)
@@ -873,7 +874,7 @@ def test_a_job_left_below_its_minimum_fails(three):
             j.end_reason
         )
         assert set(reservation_statuses(j).values()) == {"released"}
-        last_change = entries(Events.JOB_STATE_CHANGED, job_id=j.pk)[-1][1]
+        last_change = entries(ledger_events.JOB_STATE_CHANGED, job_id=j.pk)[-1][1]
         assert (last_change["from_state"], last_change["to_state"]) == (
             "awaiting_approval" if j is job else "approved",
             "failed",
@@ -934,7 +935,7 @@ def test_the_proposer_cancels_and_everyone_is_told(scene):
     job.refresh_from_db()
     assert (job.state, job.end_reason) == (JobState.CANCELLED, "Wrong cohort")
     entry, payload = last_entry()
-    assert entry.event == Events.JOB_STATE_CHANGED and entry.actor == scene.cast.researcher
+    assert entry.event == ledger_events.JOB_STATE_CHANGED and entry.actor == scene.cast.researcher
     assert (payload["to_state"], payload["reason"]) == ("cancelled", "Wrong cohort")
     told = set(
         Notification.objects.filter(message__contains="was cancelled").values_list(

@@ -18,13 +18,12 @@ from html.parser import HTMLParser
 import pytest
 from django.urls import reverse
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.governance import services as governance
 from consortium.governance.models import Notification, Role
 from tests.support.factories import MembershipFactory, UserFactory
-from training.jobs.forms import DEFAULT_PIPELINE
-from training.jobs.services import Events
 from training.models import (
     Approval,
     JobParticipant,
@@ -33,6 +32,7 @@ from training.models import (
     SiteDataset,
     TrainingJob,
 )
+from training.web.forms import DEFAULT_PIPELINE
 
 pytestmark = pytest.mark.django_db
 
@@ -220,7 +220,7 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
         client.force_login(user)
         new = url("dataset-create", cast.consortium.slug, institution.slug)
         assert client.get(new).status_code == 200
-        with ledger_records(Events.DATASET_REGISTERED):
+        with ledger_records(ledger_events.DATASET_REGISTERED):
             response = client.post(new, dataset_data())
         assert response.status_code == 302
         assert response.url == url("dataset-list", cast.consortium.slug, institution.slug)
@@ -249,7 +249,7 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
     with ledger_records():  # the key is taken
         response = client.post(new, dataset_data())
     assert "already offers" in " ".join(response.context["form"].errors["key"])
-    with ledger_records(Events.DATASET_REGISTERED):
+    with ledger_records(ledger_events.DATASET_REGISTERED):
         response = client.post(
             new, dataset_data(key="scans", modality="image", input_shape="1, 28, 28", schema="")
         )
@@ -258,7 +258,7 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
     # Edit: the key is fixed, the rest changes.
     edit = url("dataset-edit", cast.consortium.slug, cast.hospital_a.slug, KEY)
     assert 'value="30"' in client.get(edit).content.decode()
-    with ledger_records(Events.DATASET_UPDATED):
+    with ledger_records(ledger_events.DATASET_UPDATED):
         response = client.post(edit, dataset_data(key="renamed", num_records="800"))
     assert response.status_code == 302
     dataset = SiteDataset.objects.get(institution=cast.hospital_a, key=KEY)
@@ -268,7 +268,7 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
     # Remove.
     remove = url("dataset-remove", cast.consortium.slug, cast.hospital_a.slug, "scans")
     assert client.get(remove).status_code == 200
-    with ledger_records(Events.DATASET_REMOVED):
+    with ledger_records(ledger_events.DATASET_REMOVED):
         assert client.post(remove).status_code == 302
     assert not SiteDataset.objects.filter(key="scans").exists()
 
@@ -314,7 +314,7 @@ def test_admin_proposes_through_the_form_and_approvers_are_told(
 
     with (
         django_capture_on_commit_callbacks(execute=True),
-        ledger_records(Events.JOB_PROPOSED, Events.JOB_STATE_CHANGED),
+        ledger_records(ledger_events.JOB_PROPOSED, ledger_events.JOB_STATE_CHANGED),
     ):
         response = propose_through_form(ready)
     job = TrainingJob.objects.get()
@@ -362,7 +362,7 @@ def test_admin_proposes_through_the_form_and_approvers_are_told(
 def _refused(ready, expected_problems, **overrides):
     """Propose through the form; assert the refusal box, kept input and no job."""
     cast = ready.cast
-    with ledger_records(Events.JOB_PROPOSAL_REFUSED):
+    with ledger_records(ledger_events.JOB_PROPOSAL_REFUSED):
         response = propose_through_form(ready, **overrides)
     assert response.status_code == 200
     text = text_of(response)
@@ -493,7 +493,7 @@ def test_each_approver_reviews_and_approves_then_the_proposer_is_told(
             "agreement_version_id": job.agreement_version_id,
         }
         last = who == "approver_b"
-        events = [Events.JOB_DECISION] + ([Events.JOB_STATE_CHANGED] if last else [])
+        events = [ledger_events.JOB_DECISION] + ([ledger_events.JOB_STATE_CHANGED] if last else [])
         with django_capture_on_commit_callbacks(execute=True), ledger_records(*events):
             response = client.post(review, data)
         assert response.status_code == 302
@@ -534,7 +534,7 @@ def test_a_rejection_needs_a_reason_and_rejects_the_job(ready, django_capture_on
     reason = "Our ethics board has not cleared this cohort."
     with (
         django_capture_on_commit_callbacks(execute=True),
-        ledger_records(Events.JOB_DECISION, Events.JOB_STATE_CHANGED),
+        ledger_records(ledger_events.JOB_DECISION, ledger_events.JOB_STATE_CHANGED),
     ):
         response = client.post(review, {**data, "reason": reason})
     assert response.status_code == 302
@@ -562,7 +562,7 @@ def test_a_stale_decision_is_refused_and_the_approver_sees_the_new_spec(ready):
     edit_page = ready.client("admin").get(edit)
     assert "voids the approvals given so far" in text_of(edit_page)
     assert edit_page.context["form"]["rounds"].value() == 5
-    with ledger_records(Events.JOB_SPEC_CHANGED):
+    with ledger_records(ledger_events.JOB_SPEC_CHANGED):
         response = ready.client("admin").post(edit, job_data(cast, rounds="6", action="save"))
     assert response.status_code == 302
     job.refresh_from_db()
@@ -592,7 +592,7 @@ def test_a_stale_decision_is_refused_and_the_approver_sees_the_new_spec(ready):
     assert form.initial["reason"] == "Looks fine to us."  # nothing typed is lost
 
     # Deciding again on what is shown now counts.
-    with ledger_records(Events.JOB_DECISION):
+    with ledger_records(ledger_events.JOB_DECISION):
         response = client.post(
             review,
             {
@@ -646,7 +646,10 @@ def test_the_proposer_cancels_with_a_reason(ready, django_capture_on_commit_call
     with ledger_records():
         response = client.post(cancel, {"reason": ""})
     assert response.status_code == 200 and response.context["form"].errors["reason"]
-    with django_capture_on_commit_callbacks(execute=True), ledger_records(Events.JOB_STATE_CHANGED):
+    with (
+        django_capture_on_commit_callbacks(execute=True),
+        ledger_records(ledger_events.JOB_STATE_CHANGED),
+    ):
         response = client.post(cancel, {"reason": "The cohort definition changed."})
     assert response.status_code == 302
     job.refresh_from_db()
@@ -663,7 +666,7 @@ def test_the_proposer_cancels_with_a_reason(ready, django_capture_on_commit_call
 
 def test_a_draft_is_saved_then_submitted(ready, django_capture_on_commit_callbacks):
     cast = ready.cast
-    with ledger_records(Events.JOB_DRAFTED):
+    with ledger_records(ledger_events.JOB_DRAFTED):
         response = propose_through_form(ready, who="researcher", action="draft")
     job = TrainingJob.objects.get()
     assert response.status_code == 302
@@ -675,7 +678,7 @@ def test_a_draft_is_saved_then_submitted(ready, django_capture_on_commit_callbac
     assert "Submit for approval" not in text_of(ready.client("approver").get(detail))
 
     # Edit the draft, then submit it.
-    with ledger_records(Events.JOB_SPEC_CHANGED):
+    with ledger_records(ledger_events.JOB_SPEC_CHANGED):
         ready.client("researcher").post(
             url("job-edit", cast.consortium.slug, job.pk),
             job_data(cast, title="Tumour classifier v2", action="save"),
@@ -684,7 +687,7 @@ def test_a_draft_is_saved_then_submitted(ready, django_capture_on_commit_callbac
     assert job.title == "Tumour classifier v2"
     with (
         django_capture_on_commit_callbacks(execute=True),
-        ledger_records(Events.JOB_PROPOSED, Events.JOB_STATE_CHANGED),
+        ledger_records(ledger_events.JOB_PROPOSED, ledger_events.JOB_STATE_CHANGED),
     ):
         response = ready.client("researcher").post(url("job-submit", cast.consortium.slug, job.pk))
     assert response.status_code == 302 and response.url == detail
@@ -698,7 +701,7 @@ def test_submitting_a_draft_that_breaks_the_agreement_says_why(ready):
     cast = ready.cast
     propose_through_form(ready, action="draft", rounds="200")
     job = TrainingJob.objects.get()
-    with ledger_records(Events.JOB_PROPOSAL_REFUSED):
+    with ledger_records(ledger_events.JOB_PROPOSAL_REFUSED):
         response = ready.client("admin").post(
             url("job-submit", cast.consortium.slug, job.pk), follow=True
         )

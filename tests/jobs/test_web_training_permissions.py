@@ -344,7 +344,7 @@ def test_approver_inbox_queries_do_not_grow_with_jobs(one_job):
 
 
 def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
-    from training.jobs import views as training_views
+    from training.web import views as training_views
 
     cast = one_job
     settings.DEBUG = False

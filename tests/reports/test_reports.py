@@ -15,11 +15,11 @@ from django.core.management.base import CommandError
 from django.db import connection
 from pypdf import PdfReader
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
 from audit.reports import pdf as report_pdf
 from audit.reports.build import (
-    EXPORT_EVENT,
     ContributionReport,
     Scope,
     build_report,
@@ -272,7 +272,7 @@ def test_an_export_is_a_ledger_entry_with_the_files_digest(planted, fmt):
     )
     data = out.getvalue()
     entry = result.entry
-    assert entry.seq == head.seq + 1 and entry.event == EXPORT_EVENT
+    assert entry.seq == head.seq + 1 and entry.event == ledger_events.REPORT_EXPORTED
     assert entry.actor == planted.cast.auditor
     assert entry.subject_type == "training.trainingjob" and entry.subject_id == str(planted.job.pk)
     payload = json.loads(entry.payload_text)
@@ -310,7 +310,7 @@ def verify(path) -> tuple[int, str]:
 def test_export_then_verify_in_every_format(planted, tmp_path, fmt):
     path, said = export(tmp_path, "--job", str(planted.job.pk), "--format", fmt)
     assert "export recorded as ledger entry" in said
-    entry = LedgerEntry.objects.filter(event=EXPORT_EVENT).get()
+    entry = LedgerEntry.objects.filter(event=ledger_events.REPORT_EXPORTED).get()
     assert json.loads(entry.payload_text)["sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
     assert entry.actor_repr.startswith("command line")
     code, text = verify(path)
@@ -337,7 +337,10 @@ def test_institution_export_with_a_stated_head(planted, tmp_path):
     )
     doc = csv_document(path.read_text())
     assert doc["ledger_head"]["seq"] == head.seq
-    assert LedgerEntry.objects.filter(event=EXPORT_EVENT).get().actor == planted.cast.auditor
+    assert (
+        LedgerEntry.objects.filter(event=ledger_events.REPORT_EXPORTED).get().actor
+        == planted.cast.auditor
+    )
     assert verify(path)[0] == 0
 
 

@@ -18,6 +18,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from tests.rounds.test_coordinator import _entries, _start, broker, c3  # noqa: F401 - fixtures
@@ -49,7 +50,7 @@ def _run(c3, broker, **spec):  # noqa: F811 - the fixtures are arguments
 def _scored(job):
     return [
         (e, json.loads(e.payload_text))
-        for e in LedgerEntry.objects.filter(event=contributions.CONTRIBUTION_SCORED).order_by("seq")
+        for e in LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_SCORED).order_by("seq")
         if json.loads(e.payload_text)["job_id"] == job.pk
     ]
 
@@ -104,7 +105,7 @@ def test_closed_rounds_write_the_contract_entry_and_the_rows(c3, broker):  # noq
     (total,) = [
         json.loads(e.payload_text)
         for e in LedgerEntry.objects.filter(
-            event=contributions.CONTRIBUTION_JOB_SCORED, subject_id=str(job.pk)
+            event=ledger_events.CONTRIBUTION_JOB_SCORED, subject_id=str(job.pk)
         )
     ]
     assert total == {
@@ -156,10 +157,10 @@ def test_without_a_validation_set_the_round_closes_and_says_why(c3, broker, monk
     monkeypatch.setattr(data, "load_validation_set", missing)
     job = _run(c3, broker, rounds=1)
     assert _scored(job) == []
-    (entry,) = LedgerEntry.objects.filter(event=contributions.CONTRIBUTION_UNAVAILABLE)
+    (entry,) = LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_UNAVAILABLE)
     assert "no validation set for breast-cancer" in json.loads(entry.payload_text)["reason"]
     assert not ContributionScore.objects.exists()
-    assert not LedgerEntry.objects.filter(event=contributions.CONTRIBUTION_JOB_SCORED).exists()
+    assert not LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_JOB_SCORED).exists()
 
 
 def test_rounds_left_unscored_are_scored_by_the_command(c3, broker, monkeypatch):  # noqa: F811
@@ -170,10 +171,10 @@ def test_rounds_left_unscored_are_scored_by_the_command(c3, broker, monkeypatch)
     call_command("score_contributions", "--job", str(job.pk), stdout=io.StringIO())
     assert [p["round"] for _e, p in _scored(job)] == [1, 2]
     assert LedgerEntry.objects.filter(
-        event=contributions.CONTRIBUTION_JOB_SCORED, subject_id=str(job.pk)
+        event=ledger_events.CONTRIBUTION_JOB_SCORED, subject_id=str(job.pk)
     ).exists()
     assert contributions.job_score_missing(job.pk) == {1: "already", 2: "already"}
-    assert LedgerEntry.objects.filter(event=contributions.CONTRIBUTION_JOB_SCORED).count() == 1
+    assert LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_JOB_SCORED).count() == 1
 
 
 # --- the pages ----------------------------------------------------------------------------
@@ -256,7 +257,7 @@ def test_a_report_of_a_scored_job_verifies_and_a_forged_round_score_is_caught(
     assert "every figure matches the ledger" in out.getvalue()
     summed = {r["institution"]: r["score"] for r in report["summary"]}
     recorded = json.loads(
-        LedgerEntry.objects.filter(event=contributions.CONTRIBUTION_JOB_SCORED).get().payload_text
+        LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_JOB_SCORED).get().payload_text
     )["scores"]
     assert summed == recorded
 
@@ -265,7 +266,7 @@ def test_a_report_of_a_scored_job_verifies_and_a_forged_round_score_is_caught(
     entry, payload = _scored(job)[0]
     forged = dict(payload, scores={s: 1.0 for s in payload["scores"]})
     bad = append_entry(
-        event=contributions.CONTRIBUTION_SCORED,
+        event=ledger_events.CONTRIBUTION_SCORED,
         consortium_slug=entry.consortium_slug,
         payload=forged,
     )

@@ -21,6 +21,7 @@ from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.celery import app
 from tests.support.fl_harness import make_consortium3
+from training import queues
 from training.jobs.accounting import PrivacyEvent
 from training.models import (
     GlobalModel,
@@ -107,7 +108,7 @@ class Broker:
         self.log.append(message)
 
     def site_tasks(self):
-        return [m for m in self.log if m["name"] == coordinator.SITE_TRAIN_TASK]
+        return [m for m in self.log if m["name"] == queues.SITE_TRAIN.name]
 
     def run(self, fn, *args, **kwargs):
         """Run ``fn`` and send what it queued on commit."""
@@ -121,7 +122,7 @@ class Broker:
             if not self.messages:
                 return
             message = self.messages.pop(0)
-            if message["name"] == coordinator.SITE_TRAIN_TASK:
+            if message["name"] == queues.SITE_TRAIN.name:
                 if only_central or message["kwargs"]["site"] in drop_sites:
                     self.lost.append(message)
                     continue

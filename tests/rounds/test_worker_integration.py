@@ -35,9 +35,10 @@ import training.rounds.tasks  # noqa: F401 - registers the tasks this process ru
 from audit.ledger.chain import verify_chain
 from consortium.celery import app
 from tests.support.fl_harness import make_consortium3
+from training import queues
 from training.models import GlobalModel, JobState, Round, SiteUpdate
+from training.queues import CENTRAL_QUEUE, site_queue
 from training.rounds import coordinator
-from training.rounds.queues import CENTRAL_QUEUE, site_queue
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
 
@@ -255,7 +256,7 @@ def test_a_short_job_runs_end_to_end_on_real_workers(c3, workers):
         rnd = Round.objects.get(job=job, index=1)
         twice = c3.sites[1].slug
         app.send_task(
-            coordinator.SITE_TRAIN_TASK,
+            queues.SITE_TRAIN.name,
             kwargs={
                 "job_id": job.pk,
                 "round_index": 1,

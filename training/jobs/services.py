@@ -23,11 +23,13 @@ from django.db import transaction
 from django.urls import reverse
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json
 from audit.ledger.chain import append_entry, describe_actor, lock_chain
 from consortium.core.errors import ConflictError, ServiceError
 from consortium.governance.models import Consortium, Institution, Membership, Notification, Role
 from consortium.governance.permissions import has_institution_role
+from training import queues
 from training.jobs.accounting import epsilon_spent
 from training.jobs.compliance import ComplianceError, ComplianceReport, check_job_compliance
 from training.jobs.registry import model_registry
@@ -43,24 +45,6 @@ from training.models import (
     SiteDataset,
     TrainingJob,
 )
-from training.rounds.queues import CENTRAL_QUEUE
-
-
-class Events:
-    """Ledger event names written by training services."""
-
-    DATASET_REGISTERED = "dataset.registered"
-    DATASET_UPDATED = "dataset.updated"
-    DATASET_REMOVED = "dataset.removed"
-    JOB_DRAFTED = "job.drafted"
-    JOB_PROPOSED = "job.proposed"
-    JOB_PROPOSAL_REFUSED = "job.proposal_refused"
-    JOB_SPEC_CHANGED = "job.spec_changed"
-    JOB_AGREEMENT_REBOUND = "job.agreement_rebound"
-    JOB_DECISION = "job.decision"
-    JOB_STATE_CHANGED = "job.state_changed"
-    JOB_PARTICIPANT_REMOVED = "job.participant_removed"
-
 
 # Which state may follow which. Anything else is refused with InvalidTransition.
 TRANSITIONS: dict[str, frozenset[str]] = {
@@ -198,7 +182,7 @@ def dataset_register(*, acting_user, institution: Institution, **fields) -> Site
             institution=institution, created_by=acting_user, **data
         )
         append_entry(
-            event=Events.DATASET_REGISTERED,
+            event=ledger_events.DATASET_REGISTERED,
             actor=acting_user,
             subject=dataset,
             consortium_slug=institution.consortium.slug,
@@ -230,7 +214,7 @@ def dataset_update(*, acting_user, dataset: SiteDataset, **fields) -> SiteDatase
         dataset.updated_at = timezone.now()
         dataset.save(update_fields=[*changed, "updated_at"])
         append_entry(
-            event=Events.DATASET_UPDATED,
+            event=ledger_events.DATASET_UPDATED,
             actor=acting_user,
             subject=dataset,
             consortium_slug=dataset.institution.consortium.slug,
@@ -253,7 +237,7 @@ def dataset_remove(*, acting_user, dataset: SiteDataset) -> None:
             )
     with transaction.atomic():
         append_entry(
-            event=Events.DATASET_REMOVED,
+            event=ledger_events.DATASET_REMOVED,
             actor=acting_user,
             subject=dataset,
             consortium_slug=dataset.institution.consortium.slug,
@@ -337,7 +321,7 @@ def _record_refusal(
     """A refused proposal or change leaves the job as it was (or no job), but
     the refusal itself is on the record."""
     append_entry(
-        event=Events.JOB_PROPOSAL_REFUSED,
+        event=ledger_events.JOB_PROPOSAL_REFUSED,
         actor=acting_user,
         consortium_slug=consortium.slug,
         payload={
@@ -363,7 +347,7 @@ def job_create_draft(*, acting_user, consortium: Consortium, title: str, spec: d
             proposer_repr=describe_actor(acting_user),
         )
         _record(
-            Events.JOB_DRAFTED,
+            ledger_events.JOB_DRAFTED,
             actor=acting_user,
             job=job,
             title=title,
@@ -391,7 +375,7 @@ def _submit(job: TrainingJob, *, acting_user, spec: dict) -> TrainingJob:
     )
     epsilons = _reserve(job, report)
     _record(
-        Events.JOB_PROPOSED,
+        ledger_events.JOB_PROPOSED,
         actor=acting_user,
         job=job,
         title=job.title,
@@ -530,7 +514,7 @@ def _update_spec(*, acting_user, job: TrainingJob, spec: dict | None, title: str
         job.spec_digest = new_digest
         job.save(update_fields=["title", "spec_text", "spec_digest", "agreement_version"])
         _record(
-            Events.JOB_SPEC_CHANGED,
+            ledger_events.JOB_SPEC_CHANGED,
             actor=acting_user,
             job=job,
             title=title,
@@ -571,7 +555,7 @@ def _transition(job: TrainingJob, to_state: str, *, acting_user, reason: str = "
     if to_state in _RELEASING_STATES:
         _release_reservations(job)
     _record(
-        Events.JOB_STATE_CHANGED,
+        ledger_events.JOB_STATE_CHANGED,
         actor=acting_user,
         job=job,
         from_state=from_state,
@@ -662,7 +646,7 @@ def _rebind_agreement(job: TrainingJob, *, acting_user) -> None:
     job.agreement_version = current
     job.save(update_fields=["agreement_version"])
     _record(
-        Events.JOB_AGREEMENT_REBOUND,
+        ledger_events.JOB_AGREEMENT_REBOUND,
         actor=acting_user,
         job=job,
         old_version=old,
@@ -772,7 +756,7 @@ def _decide(
         decided_by_repr=describe_actor(acting_user),
     )
     _record(
-        Events.JOB_DECISION,
+        ledger_events.JOB_DECISION,
         actor=acting_user,
         job=job,
         institution=institution,
@@ -824,7 +808,9 @@ def _settle(job: TrainingJob, *, acting_user) -> None:
         # made up for by training.rounds.coordinator.rounds_tick).
         job_id = job.pk
         transaction.on_commit(
-            lambda: current_app.send_task("training.job_start", args=[job_id], queue=CENTRAL_QUEUE)
+            lambda: current_app.send_task(
+                queues.JOB_START.name, args=[job_id], queue=queues.JOB_START.queue
+            )
         )
         notify(
             users=everyone,
@@ -867,7 +853,7 @@ def jobs_remove_institution(*, institution: Institution, reason: str, acting_use
             institution=institution, status=PrivacyReservation.Status.RESERVED
         ).update(status=PrivacyReservation.Status.RELEASED, released_at=timezone.now())
         _record(
-            Events.JOB_PARTICIPANT_REMOVED,
+            ledger_events.JOB_PARTICIPANT_REMOVED,
             actor=acting_user,
             job=job,
             institution=institution,

@@ -44,6 +44,7 @@ from collections import defaultdict
 
 from django.db import transaction
 
+from audit.ledger import events as ledger_events
 from audit.ledger.canonical import sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
 from audit.models import LedgerEntry
@@ -54,9 +55,6 @@ from training.models import ContributionScore, JobState, Round, SiteUpdate, Trai
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CONTRIBUTION_JOB_SCORED",
-    "CONTRIBUTION_SCORED",
-    "CONTRIBUTION_UNAVAILABLE",
     "MIXED",
     "job_score_missing",
     "round_contributions",
@@ -64,9 +62,6 @@ __all__ = [
     "round_seed",
 ]
 
-CONTRIBUTION_SCORED = "contribution.scored"
-CONTRIBUTION_JOB_SCORED = "contribution.job_scored"
-CONTRIBUTION_UNAVAILABLE = "contribution.unavailable"
 MIXED = "mixed"
 
 _ROUND_LABEL = Round._meta.label_lower
@@ -155,7 +150,11 @@ def round_score(round_id: int) -> str:
         rnd = round_with_job(round_id)
         if rnd is None or rnd.state != Round.State.CLOSED:
             return "error"
-        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+        if _recorded(
+            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
+            _ROUND_LABEL,
+            rnd.pk,
+        ):
             return "already"
         started = time.perf_counter()
         try:
@@ -185,10 +184,14 @@ def _record_unavailable(rnd: Round, reason: str) -> str:
     job = rnd.job
     with transaction.atomic():
         lock_chain()
-        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+        if _recorded(
+            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
+            _ROUND_LABEL,
+            rnd.pk,
+        ):
             return "already"
         append_entry(
-            event=CONTRIBUTION_UNAVAILABLE,
+            event=ledger_events.CONTRIBUTION_UNAVAILABLE,
             subject=rnd,
             consortium_slug=job.consortium.slug,
             payload={"job_id": job.pk, "round": rnd.index, "reason": reason[:2000]},
@@ -202,10 +205,14 @@ def _record_scores(rnd: Round, result, metric: str, updates: list[SiteUpdate]) -
     institutions = {u.institution.slug: u.institution for u in updates}
     with transaction.atomic():
         lock_chain()
-        if _recorded((CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE), _ROUND_LABEL, rnd.pk):
+        if _recorded(
+            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
+            _ROUND_LABEL,
+            rnd.pk,
+        ):
             return "already"
         entry = append_entry(
-            event=CONTRIBUTION_SCORED,
+            event=ledger_events.CONTRIBUTION_SCORED,
             subject=rnd,
             consortium_slug=job.consortium.slug,
             payload={
@@ -243,7 +250,7 @@ def _maybe_job_total(job: TrainingJob) -> None:
     state = TrainingJob.objects.filter(pk=job.pk).values_list("state", flat=True).first()
     if state != JobState.COMPLETED:
         return
-    if _recorded((CONTRIBUTION_JOB_SCORED,), _JOB_LABEL, job.pk):
+    if _recorded((ledger_events.CONTRIBUTION_JOB_SCORED,), _JOB_LABEL, job.pk):
         return
     closed = set(
         Round.objects.filter(job=job, state=Round.State.CLOSED).values_list("pk", flat=True)
@@ -251,7 +258,7 @@ def _maybe_job_total(job: TrainingJob) -> None:
     done = {
         int(pk)
         for pk in LedgerEntry.objects.filter(
-            event__in=[CONTRIBUTION_SCORED, CONTRIBUTION_UNAVAILABLE],
+            event__in=[ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE],
             subject_type=_ROUND_LABEL,
             subject_id__in=[str(pk) for pk in closed],
         ).values_list("subject_id", flat=True)
@@ -273,7 +280,7 @@ def _maybe_job_total(job: TrainingJob) -> None:
     methods = {m for _s, _v, m, _x in rows}
     metrics = {x for _s, _v, _m, x in rows}
     append_entry(
-        event=CONTRIBUTION_JOB_SCORED,
+        event=ledger_events.CONTRIBUTION_JOB_SCORED,
         subject=job,
         consortium_slug=job.consortium.slug,
         payload={

@@ -55,8 +55,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
+from training import queues
 from training.jobs import services
 from training.jobs.accounting import PrivacyEvent, events_for_pipeline, project_budget
 from training.jobs.registry import model_registry
@@ -73,15 +75,10 @@ from training.models import (
 )
 from training.rounds.artifacts import ArtifactError, artifact_store
 from training.rounds.contributions import round_score
-from training.rounds.queues import site_queue
 
 log = logging.getLogger(__name__)
 
-SITE_TRAIN_TASK = "training.site_train"
-
 __all__ = [
-    "SITE_TRAIN_TASK",
-    "Events",
     "TickReport",
     "genesis_lineage",
     "job_start",
@@ -90,17 +87,6 @@ __all__ = [
     "round_open",
     "rounds_tick",
 ]
-
-
-class Events:
-    """Ledger event names written by the coordinator."""
-
-    MODEL_INITIALISED = "model.initialised"
-    ROUND_OPENED = "round.opened"
-    ROUND_SITE_SKIPPED = "round.site_skipped"
-    ROUND_SITE_SENT = "round.site_sent"
-    ROUND_CLOSED = "round.closed"
-    ROUND_FAILED = "round.failed"
 
 
 # --- Lineage -------------------------------------------------------------------------------------
@@ -220,9 +206,9 @@ def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_dige
         "spec_digest": job.spec_digest,
         "start_digest": start_digest,
     }
-    queue = site_queue(slug)
+    queue = queues.site_queue(slug)
     transaction.on_commit(
-        lambda: current_app.send_task(SITE_TRAIN_TASK, kwargs=kwargs, queue=queue)
+        lambda: current_app.send_task(queues.SITE_TRAIN.name, kwargs=kwargs, queue=queue)
     )
 
 
@@ -273,7 +259,7 @@ def job_start(job_id: int) -> Round | None:
             size_bytes=size,
         )
         _record(
-            Events.MODEL_INITIALISED,
+            ledger_events.MODEL_INITIALISED,
             job=job,
             subject=model0,
             round=0,
@@ -387,7 +373,7 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         check = _check_budgets(job, spec, participants)
         for skipped in check.skipped:
             _record(
-                Events.ROUND_SITE_SKIPPED,
+                ledger_events.ROUND_SITE_SKIPPED,
                 job=job,
                 institution_slug=skipped["site"],
                 round=index,
@@ -425,7 +411,7 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
             for p in check.eligible
         )
         _record(
-            Events.ROUND_OPENED,
+            ledger_events.ROUND_OPENED,
             job=job,
             subject=rnd,
             round=index,
@@ -458,7 +444,7 @@ def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
     if not claimed:
         return False
     _record(
-        Events.ROUND_SITE_SENT,
+        ledger_events.ROUND_SITE_SENT,
         job=job,
         institution_slug=slug,
         round=rnd.index,
@@ -574,7 +560,7 @@ def _fail_round(rnd: Round, reason: str, *, from_state: str = Round.State.OPEN) 
             status=SiteUpdate.Status.STRAGGLER
         )
         _record(
-            Events.ROUND_FAILED,
+            ledger_events.ROUND_FAILED,
             job=job,
             subject=rnd,
             round=rnd.index,
@@ -702,7 +688,7 @@ def _aggregate_and_finish(round_id: int) -> str:
         closed.update(state=Round.State.CLOSED, global_model_out=model)
         rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
         _record(
-            Events.ROUND_CLOSED,
+            ledger_events.ROUND_CLOSED,
             job=job,
             subject=rnd,
             round=rnd.index,

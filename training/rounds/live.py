@@ -1,7 +1,7 @@
 """What the job page shows live: progress, the current round's sites, and the chart series.
 
 The job page renders :func:`job_live_state` once on load, into a JSON script element, and its
-websocket consumer (:mod:`training.rounds.consumers`) sends a fresh one whenever a ledger entry
+websocket consumer (:mod:`training.web.consumers`) sends a fresh one whenever a ledger entry
 about the
 job is committed; the page's script redraws the progress bars, the round's site table and the
 Plotly charts from it. One function for both, so a reload and a live update show the same thing.

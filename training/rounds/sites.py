@@ -46,10 +46,12 @@ from django.db import transaction
 from django.db.models import Exists, Q
 from django.utils import timezone
 
+from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
 from consortium.core.errors import ConflictError, ServiceError
 from consortium.governance.models import Institution
 from consortium.governance.services import key_fingerprint, validate_worker_public_key
+from training import queues
 from training.jobs.accounting import PrivacyEvent
 from training.models import (
     GlobalModel,
@@ -62,7 +64,6 @@ from training.models import (
     TrainingJob,
 )
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
-from training.rounds.queues import CENTRAL_QUEUE
 
 TOKEN_PREFIX = "fls_"
 #: How many of the token's first characters are kept, to tell credentials apart.
@@ -71,18 +72,8 @@ TOKEN_PREFIX_LENGTH = 12
 LAST_USED_RESOLUTION = dt.timedelta(minutes=1)
 #: The task the coordinator runs when an update is accepted (queued by name:
 #: the coordinator implements it).
-ROUND_MAYBE_CLOSE_TASK = "training.round_maybe_close"
 #: Largest metrics / pipeline / privacy-events JSON kept per update.
 MAX_METADATA_CHARS = 16_384
-
-
-class Events:
-    """Ledger event names written by this module."""
-
-    CREDENTIAL_CREATED = "site.credential_created"
-    CREDENTIAL_REVOKED = "site.credential_revoked"
-    UPDATE_ACCEPTED = "round.update_accepted"
-    UPDATE_REJECTED = "round.update_rejected"
 
 
 # --- Errors -------------------------------------------------------------------------------
@@ -180,7 +171,7 @@ def site_credential_create(
             created_by=acting_user,
         )
         append_entry(
-            event=Events.CREDENTIAL_CREATED,
+            event=ledger_events.CREDENTIAL_CREATED,
             actor=acting_user,
             subject=credential,
             consortium_slug=institution.consortium.slug,
@@ -214,7 +205,7 @@ def site_credential_revoke(*, acting_user, credential: SiteCredential) -> SiteCr
         credential.revoked_by = acting_user
         credential.save(update_fields=["revoked_at", "revoked_by"])
         append_entry(
-            event=Events.CREDENTIAL_REVOKED,
+            event=ledger_events.CREDENTIAL_REVOKED,
             actor=acting_user,
             subject=credential,
             consortium_slug=credential.institution.consortium.slug,
@@ -730,7 +721,7 @@ def _record_rejection(
         ]
     )
     append_entry(
-        event=Events.UPDATE_REJECTED,
+        event=ledger_events.UPDATE_REJECTED,
         actor_repr=site_actor_repr(credential),
         subject=update,
         consortium_slug=job.consortium.slug,
@@ -769,7 +760,7 @@ def _record_acceptance(
     update.reject_reason = ""
     update.save()
     append_entry(
-        event=Events.UPDATE_ACCEPTED,
+        event=ledger_events.UPDATE_ACCEPTED,
         actor_repr=site_actor_repr(credential),
         subject=update,
         consortium_slug=job.consortium.slug,
@@ -802,7 +793,9 @@ def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
         return
     round_pk = rnd.pk
     transaction.on_commit(
-        lambda: current_app.send_task(ROUND_MAYBE_CLOSE_TASK, args=[round_pk], queue=CENTRAL_QUEUE)
+        lambda: current_app.send_task(
+            queues.ROUND_MAYBE_CLOSE.name, args=[round_pk], queue=queues.ROUND_MAYBE_CLOSE.queue
+        )
     )
 
 

@@ -1,5 +1,5 @@
 """Celery tasks of the training app. Tasks take ids (and digests), not objects, and
-call one service; queue names live in ``training.rounds.queues`` and routes in settings.
+call one service; their names and queues live in ``training.queues`` (the one registry).
 
 The coordinator's tasks (``training.job_start``, ``training.round_maybe_close``,
 ``training.rounds_tick``) run on ``central``, next to the database. The site task
@@ -14,30 +14,31 @@ from celery import shared_task
 from celery.exceptions import Reject
 from django.conf import settings
 
+from training import queues
 from training.jobs import services
 from training.rounds import coordinator
 
 
-@shared_task(name="training.expire_overdue_jobs", ignore_result=True)
+@shared_task(name=queues.EXPIRE_OVERDUE_JOBS.name, ignore_result=True)
 def expire_overdue_jobs() -> int:
     """Expire jobs whose approval deadline passed (scheduled by Celery beat)."""
     return services.jobs_expire_overdue()
 
 
-@shared_task(name="training.job_start", ignore_result=True)
+@shared_task(name=queues.JOB_START.name, ignore_result=True)
 def job_start(job_id: int) -> int | None:
     """Start an approved job (queued when it becomes approved)."""
     rnd = coordinator.job_start(job_id)
     return rnd.pk if rnd is not None else None
 
 
-@shared_task(name="training.round_maybe_close", ignore_result=True)
+@shared_task(name=queues.ROUND_MAYBE_CLOSE.name, ignore_result=True)
 def round_maybe_close(round_id: int) -> str:
     """Close a round if it is done (queued after each accepted update)."""
     return coordinator.round_maybe_close(round_id)
 
 
-@shared_task(name="training.rounds_tick", ignore_result=True)
+@shared_task(name=queues.ROUNDS_TICK.name, ignore_result=True)
 def rounds_tick() -> dict:
     """The coordinator's periodic pass (Celery beat)."""
     report = coordinator.rounds_tick()
@@ -45,7 +46,7 @@ def rounds_tick() -> dict:
 
 
 @shared_task(
-    name="training.site_train",
+    name=queues.SITE_TRAIN.name,
     ignore_result=True,
     acks_late=True,
     reject_on_worker_lost=True,

@@ -19,7 +19,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from training.rounds.queues import site_queue
+from training.queues import site_queue
 from training.site.worker import WorkerConfig, WorkerConfigError
 
 

@@ -9,9 +9,9 @@ import json
 
 from django import forms
 
-from training.jobs.presenters import model_choices
 from training.jobs.spec import PURPOSES
 from training.models import Approval, Modality
+from training.web.presenters import model_choices
 
 #: What the privacy-pipeline box holds on a new job: a pipeline that satisfies a
 #: typical agreement (40% shared, clipped, Gaussian noise).

@@ -35,15 +35,6 @@ from consortium.governance.pages import GovernanceAction, GovernanceForm, Govern
 from consortium.governance.permissions import grants_of
 from training.jobs import selectors, services
 from training.jobs.compliance import ComplianceError
-from training.jobs.forms import CancelForm, DatasetForm, DecisionForm, JobForm
-from training.jobs.presenters import (
-    field_for_spec_path,
-    filter_help,
-    job_review,
-    percent,
-    spec_rows,
-    split_spec_error,
-)
 from training.jobs.spec import describe_contribution, describe_pipeline, shared_fraction
 from training.models import (
     Approval,
@@ -56,6 +47,15 @@ from training.models import (
 )
 from training.rounds import sites
 from training.rounds.live import job_live_state
+from training.web.forms import CancelForm, DatasetForm, DecisionForm, JobForm
+from training.web.presenters import (
+    field_for_spec_path,
+    filter_help,
+    job_review,
+    percent,
+    spec_rows,
+    split_spec_error,
+)
 
 JOBS_PER_PAGE = 25
 INBOX_PER_PAGE = 25
