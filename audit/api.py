@@ -23,6 +23,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from audit.ledger.chain import verify_chain
+from audit.ledger.selectors import entries_of_consortia
 from audit.models import LedgerEntry
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
 from consortium.governance import selectors
@@ -111,7 +112,7 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
     input_targets = {"verify": "consortium"}
 
     def visible_queryset(self, user):
-        return LedgerEntry.objects.filter(consortium_slug__in=ledger_consortium_slugs(user))
+        return entries_of_consortia(ledger_consortium_slugs(user))
 
     @extend_schema(
         summary="Recompute the whole hash chain",

@@ -1,4 +1,4 @@
-"""The tamper-evident ledger (DESIGN section 5).
+"""The tamper-evident ledger (docs/architecture.md, section 5).
 
 Hand-written on purpose: django-auditlog and django-simple-history hang on model
 signals (bypassed by ``update()``, ``bulk_create`` and raw SQL) and neither chains

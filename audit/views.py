@@ -1,13 +1,14 @@
 """The auditor's ledger page and its verify button, and the contribution reports' pages.
 
-Access: ``audit.view_ledger`` / ``audit.verify_ledger`` on the consortium
-(auditors and consortium administrators). The consortium is looked up among the
-ones the user can see, so a consortium the user may not read and one that does
-not exist give the same 404.
+Every page goes through the fail-closed page base (``consortium.core.pages``, by way of
+``consortium.governance.pages``): the consortium is looked up among the ones the user can see,
+and the permission is checked on it, so a consortium the user may not read and one that does not
+exist give the same 404.
 
-Reports: ``audit.export_job_report`` on the job, ``audit.export_institution_report`` on the
-institution (see ``consortium.governance.permissions``), enforced by the permission-by-default base
-view.
+Ledger: ``audit.view_ledger`` / ``audit.verify_ledger`` on the consortium (auditors and
+consortium administrators). Reports: ``audit.export_job_report`` on the job,
+``audit.export_institution_report`` on the institution. The rules are in ``audit.permissions``;
+the ledger is read through ``audit.ledger.selectors``.
 """
 
 from __future__ import annotations
@@ -15,35 +16,28 @@ from __future__ import annotations
 import json
 
 from django.contrib import messages
-from django.contrib.auth.mixins import LoginRequiredMixin
 from django.core.paginator import Paginator
-from django.http import FileResponse, Http404, QueryDict
-from django.shortcuts import redirect, render
+from django.http import FileResponse, QueryDict
+from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.functional import cached_property
-from django.views import View
 
 from audit.forms import LedgerFilterForm
 from audit.ledger.chain import verify_chain
-from audit.ledger.selectors import ledger_event_names
-from audit.models import LedgerEntry
-from audit.reports.build import FORMATS, ContributionReport, ReportError, Scope, as_of, ledger_head
+from audit.ledger.selectors import consortium_entries, ledger_event_names
+from audit.reports.build import ContributionReport
+from audit.reports.errors import ReportError
+from audit.reports.files import FORMATS
+from audit.reports.scope import Scope, as_of, ledger_head
 from audit.reports.services import CONTENT_TYPES, report_export, spool
 from consortium.core.pages import first_or_404
-from consortium.governance.pages import GovernancePage
-from consortium.governance.selectors import consortia_visible_to, institutions_visible_to
+from consortium.governance.pages import GovernanceAction, GovernancePage
+from consortium.governance.selectors import institutions_visible_to
+from training.jobs.selectors import jobs_visible_to
 
 PAGE_SIZE = 50
 SESSION_KEY = "audit_ledger_verification"
-
-
-def consortium_for(user, slug: str, perm: str):
-    """The consortium if the user holds ``perm`` on it; otherwise the one 404."""
-    consortium = consortia_visible_to(user).filter(slug=slug).first()
-    if consortium is None or not user.has_perm(perm, consortium):
-        raise Http404("No such consortium.")
-    return consortium
 
 
 def pretty_payload(text: str) -> str:
@@ -53,14 +47,18 @@ def pretty_payload(text: str) -> str:
         return text  # shown as stored; verification says whether it was altered
 
 
-class LedgerView(LoginRequiredMixin, View):
+class LedgerView(GovernancePage):
     """The consortium's entries, newest first, filtered and paginated."""
 
+    permission_required = "audit.view_ledger"
     template_name = "audit/ledger.html"
 
-    def get(self, request, slug):
-        consortium = consortium_for(request.user, slug, "audit.view_ledger")
-        entries = LedgerEntry.objects.filter(consortium_slug=consortium.slug)
+    def get_permission_object(self):
+        return self.consortium
+
+    def get_context_data(self, **kwargs):
+        consortium, request = self.consortium, self.request
+        entries = consortium_entries(consortium.slug)
         events = ledger_event_names(consortium.slug)
         institutions = consortium.institutions.order_by("slug").values_list("slug", flat=True)
         form = LedgerFilterForm(request.GET or None, events=events, institutions=institutions)
@@ -72,30 +70,32 @@ class LedgerView(LoginRequiredMixin, View):
         verification = request.session.pop(SESSION_KEY, None)
         if verification and verification.get("slug") != consortium.slug:
             verification = None
-        return render(
-            request,
-            self.template_name,
-            {
-                "consortium": consortium,
-                "form": form,
-                "page_obj": page,
-                "paginator": paginator,
-                "entries": page.object_list,
-                "verification": verification,
-                "can_verify": request.user.has_perm("audit.verify_ledger", consortium),
-            },
+        return super().get_context_data(
+            form=form,
+            page_obj=page,
+            paginator=paginator,
+            entries=page.object_list,
+            verification=verification,
+            can_verify=self.can("audit.verify_ledger", consortium),
+            **kwargs,
         )
 
 
-class LedgerVerifyView(LoginRequiredMixin, View):
+class LedgerVerifyView(GovernanceAction):
     """POST: recompute the whole chain, then redirect back with the result."""
 
+    permission_required = "audit.verify_ledger"
+    # GET (and HEAD, OPTIONS) as before: a GET of the verify URL goes back to the ledger page.
+    http_method_names = ["get", "post", "head", "options"]
+
+    def get_permission_object(self):
+        return self.consortium
+
     def get(self, request, slug):
-        consortium_for(request.user, slug, "audit.verify_ledger")
         return redirect("audit:ledger", slug=slug)
 
     def post(self, request, slug):
-        consortium = consortium_for(request.user, slug, "audit.verify_ledger")
+        consortium = self.consortium
         result = verify_chain()
         request.session[SESSION_KEY] = {
             "slug": consortium.slug,
@@ -205,8 +205,6 @@ class JobReportView(_ReportView):
 
     @cached_property
     def job(self):
-        from training.jobs.selectors import jobs_visible_to
-
         return first_or_404(
             jobs_visible_to(self.request.user), consortium=self.consortium, pk=self.kwargs["pk"]
         )

@@ -19,7 +19,7 @@ Measured at ``--small-entries`` and ``--entries`` (default 100,000 and 1,000,000
 baseline from the same run: merely iterating the same ledger rows once (``values_list(...)
 .iterator()``, the columns the report reads), without parsing them.
 
-* throughput: ledger entries per second of the whole export (``audit.reports.formats.write_report``
+* throughput: ledger entries per second of the whole export (``audit.reports.files.write_report``
   of the CSV: two ordered passes over the ledger, every payload parsed, every row formatted and
   hashed), and as a ratio to the baseline;
 * memory: the growth of the process's peak RSS during one export (VmHWM reset before it), and the
@@ -251,8 +251,9 @@ class NullSink:
 
 
 def export_once(spool: bool) -> tuple[float, str, int, int]:
-    from audit.reports.build import Scope, build_report
-    from audit.reports.formats import write_report
+    from audit.reports.build import build_report
+    from audit.reports.files import write_report
+    from audit.reports.scope import Scope
     from audit.reports.services import spool as make_spool
 
     report = build_report(Scope("job", CONSORTIUM, job_id=JOB_ID))

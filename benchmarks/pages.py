@@ -72,8 +72,8 @@ class Builder:
 
         from consortium.governance.models import Consortium
         from consortium.governance.selectors import current_version
+        from training.demo.scenario import demo_spec
         from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
-        from training.management.commands.demo import demo_spec
 
         self.User = get_user_model()
         self.consortium = Consortium.objects.get(slug="demo")
@@ -88,12 +88,13 @@ class Builder:
         return list(self.consortium.institutions.order_by("pk"))
 
     def grow_institutions(self, total: int) -> None:
-        from consortium.governance import services
         from consortium.governance.models import Role
+        from consortium.governance.services.institutions import institution_create
+        from consortium.governance.services.members import membership_grant
 
         have = self.consortium.institutions.count()
         for i in range(have, total):
-            institution = services.institution_create(
+            institution = institution_create(
                 acting_user=self.admin,
                 consortium=self.consortium,
                 name=f"Bench Hospital {i:03d}",
@@ -101,7 +102,7 @@ class Builder:
                 country="GB",
             )
             user = self.User.objects.create_user(f"approver-bench-{i:03d}", password="x")
-            services.membership_grant(
+            membership_grant(
                 acting_user=self.admin,
                 user=user,
                 consortium=self.consortium,

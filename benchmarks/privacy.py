@@ -28,7 +28,8 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from training.fl.aggregate import StreamingFedAvg  # noqa: E402
-from training.fl.filters import Workspace, apply_pipeline  # noqa: E402
+from training.fl.filters import apply_pipeline  # noqa: E402
+from training.fl.pipeline_state import Workspace  # noqa: E402
 
 TOPK = {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"}
 RANDOM = {"filter": "partial_sharing", "fraction": 0.4, "strategy": "random"}

@@ -173,27 +173,33 @@ def seed_consortium(n_sites: int, var: Path):
     of the data set with site credentials; everything through the services (and the ledger)."""
     from django.contrib.auth import get_user_model
 
-    from consortium.governance import services as governance
     from consortium.governance.models import Role
+    from consortium.governance.services.agreements import (
+        agreement_create,
+        agreement_sign,
+        agreement_version_publish,
+    )
+    from consortium.governance.services.institutions import consortium_create, institution_create
+    from consortium.governance.services.members import membership_grant
     from training.fl.data import demo_split
     from training.fl.signing import generate_keypair
-    from training.jobs.services import dataset_register
-    from training.rounds.sites import site_credential_create
+    from training.jobs.datasets import dataset_register
+    from training.rounds.credentials import site_credential_create
 
     User = get_user_model()
     admin = User.objects.create_user("bench-admin", is_staff=True, is_superuser=True)
-    consortium = governance.consortium_create(
+    consortium = consortium_create(
         acting_user=admin, name="Round overhead benchmark", slug="bench-rounds"
     )
     slugs = site_slugs(n_sites)
     split = demo_split(DATASET, slugs)
     sites = []
     for slug in slugs:
-        institution = governance.institution_create(
+        institution = institution_create(
             acting_user=admin, consortium=consortium, name=f"Hospital {slug}", slug=slug
         )
         approver = User.objects.create_user(f"approver-{slug}", first_name="Approver")
-        governance.membership_grant(
+        membership_grant(
             acting_user=admin,
             user=approver,
             consortium=consortium,
@@ -224,7 +230,7 @@ def seed_consortium(n_sites: int, var: Path):
             BenchSite(slug, institution, approver, token, key_path, root, data.num_records)
         )
     today = dt.date.today()
-    version = governance.agreement_create(
+    version = agreement_create(
         acting_user=admin,
         consortium=consortium,
         title="Benchmark agreement",
@@ -239,9 +245,9 @@ def seed_consortium(n_sites: int, var: Path):
         valid_until=today + dt.timedelta(days=30),
         text="A benchmark: the parties share model updates only.",
     )
-    version = governance.agreement_version_publish(acting_user=admin, version=version)
+    version = agreement_version_publish(acting_user=admin, version=version)
     for site in sites:
-        governance.agreement_sign(
+        agreement_sign(
             acting_user=site.approver,
             version=version,
             institution=site.institution,
@@ -270,17 +276,18 @@ def job_spec(slugs: list[str], rounds: int) -> dict:
 
 
 def propose_and_approve(admin, consortium, sites, rounds: int):
-    from training.jobs import services
+    from training.jobs.approvals import approval_decide
+    from training.jobs.proposals import job_propose
     from training.models import Approval
 
-    job = services.job_propose(
+    job = job_propose(
         acting_user=admin,
         consortium=consortium,
         title="Round overhead benchmark",
         spec=job_spec([s.slug for s in sites], rounds),
     )
     for site in sites:  # the last approval queues training.job_start on "central"
-        services.approval_decide(
+        approval_decide(
             acting_user=site.approver,
             job=job,
             institution=site.institution,
@@ -472,7 +479,7 @@ def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
 
 
 def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
-    from training.management.commands.demo import Supervisor
+    from training.demo.processes import Supervisor
     from training.models import TERMINAL_STATES, JobState
     from training.queues import CENTRAL_QUEUE, site_queue
 

@@ -39,7 +39,7 @@ def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
     next round waits for that pick-up; one process polling faster costs little, ten site
     workers doing so would not (settings, ``EMBEDDED_BROKER_POLL_SECONDS``). Before the worker
     connects, so its consumer's transport takes it."""
-    from django.conf import settings
+    from django.conf import settings  # not at the top: this module loads before the settings
 
     conf = conf if conf is not None else app.conf
     transport = dict(conf.broker_transport_options or {})

@@ -27,7 +27,7 @@ def check_database() -> None:
 
 
 def broker_config() -> tuple[str, dict]:
-    from consortium.celery import app
+    from consortium.celery import app  # on use: the web process needs the app only here
 
     return app.conf.broker_url, dict(app.conf.broker_transport_options or {})
 

@@ -4,7 +4,7 @@ With no environment at all this module gives the *embedded default*: a SQLite
 file in the project folder, Celery over kombu's filesystem transport, the
 in-memory channel layer and the console email backend. Setting
 ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LAYER_URL`` turns the same
-code into the distributed layout of DESIGN section 2.
+code into the distributed layout of docs/architecture.md, section 2.
 
 ``CONSORTIUM_ENV=production`` switches on the production posture: ``DEBUG``
 off, the development secret key refused, secure cookies and security headers.

@@ -18,14 +18,14 @@ _PREFIX, _NAME = PLOTLY_STATIC_PATH.rsplit("/", 1)
 
 
 def plotly_bundle() -> Path:
-    import plotly
+    import plotly  # on use: plotly is a large import and only its bundle's path is needed
 
     return Path(plotly.__file__).parent / "package_data" / _NAME
 
 
 class PlotlyFinder(BaseFinder):
     def check(self, **kwargs):
-        from django.core.checks import Error
+        from django.core.checks import Error  # on use: only the system check needs it
 
         if not plotly_bundle().is_file():
             return [

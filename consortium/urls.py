@@ -15,5 +15,6 @@ urlpatterns = [
     path("api/", include("consortium.api_urls")),
     path("", include("audit.urls")),
     path("", include("training.urls")),
-    path("", include("consortium.governance.urls")),
+    # Namespace "consortium": governance's pages and the dashboard pages beside them.
+    path("", include("consortium.dashboard.urls")),
 ]

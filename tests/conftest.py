@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 from django.test import Client
 
-from consortium.governance import services
 from consortium.governance.models import Role
+from consortium.governance.services.institutions import consortium_create, institution_create
 from tests.support.factories import PASSWORD, MembershipFactory, UserFactory
 
 
@@ -45,26 +45,12 @@ class Cast:
         return client
 
 
-PERSONAS = [
-    "anonymous",
-    "outsider",
-    "other_member",
-    "approver",
-    "auditor",
-    "admin",
-]
-
-
 @pytest.fixture
 def cast(db):
     admin = UserFactory(username="admin", first_name="Ada", last_name="Admin")
-    consortium = services.consortium_create(acting_user=admin, name="Test Consortium")
-    hospital_a = services.institution_create(
-        acting_user=admin, consortium=consortium, name="Hospital A"
-    )
-    hospital_b = services.institution_create(
-        acting_user=admin, consortium=consortium, name="Hospital B"
-    )
+    consortium = consortium_create(acting_user=admin, name="Test Consortium")
+    hospital_a = institution_create(acting_user=admin, consortium=consortium, name="Hospital A")
+    hospital_b = institution_create(acting_user=admin, consortium=consortium, name="Hospital B")
 
     def member(username, role, institution=None):
         user = UserFactory(username=username)

@@ -1,5 +1,5 @@
 """Read-only admin for operators: jobs, decisions and budgets change only
-through ``training.jobs.services``, which write the ledger."""
+through the services of ``training.jobs`` and ``training.rounds``, which write the ledger."""
 
 from django.contrib import admin
 

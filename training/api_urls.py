@@ -5,12 +5,12 @@ site workers' endpoints under ``site/`` (site tokens only)."""
 from rest_framework.routers import SimpleRouter
 
 from training.rounds import site_api
-from training.web import api
+from training.web.api import approvals, datasets, jobs, notifications
 
 router = SimpleRouter()
-router.register("datasets", api.SiteDatasetViewSet, basename="dataset")
-router.register("jobs", api.TrainingJobViewSet, basename="job")
-router.register("approvals", api.ApprovalInboxViewSet, basename="approval")
-router.register("notifications", api.NotificationViewSet, basename="notification")
+router.register("datasets", datasets.SiteDatasetViewSet, basename="dataset")
+router.register("jobs", jobs.TrainingJobViewSet, basename="job")
+router.register("approvals", approvals.ApprovalInboxViewSet, basename="approval")
+router.register("notifications", notifications.NotificationViewSet, basename="notification")
 
 urlpatterns = [*router.urls, *site_api.urlpatterns]

@@ -6,6 +6,7 @@ class TrainingConfig(AppConfig):
     verbose_name = "Federated training"
 
     def ready(self) -> None:
-        from training.jobs import permissions, receivers  # noqa: F401 - registers rules and receivers
+        # In ready(): the rules and receivers import models (Django app-loading order).
+        from training.jobs import permissions, receivers  # noqa: F401 - registers them
 
         receivers.connect()

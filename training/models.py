@@ -1,9 +1,12 @@
 """Training jobs: what each site offers, the jobs proposed over those offers,
 each hospital's decision, and the privacy budget each job reserves
-(DESIGN sections 3 and 4). Rows are written only through ``training.jobs.services``.
+(docs/architecture.md, sections 3 and 4). Rows are written only through the services of
+``training.jobs`` (datasets, proposals, approvals, transitions) and ``training.rounds``.
 """
 
 from __future__ import annotations
+
+import json
 
 from django.conf import settings
 from django.core.validators import MinValueValidator
@@ -102,8 +105,6 @@ class TrainingJob(models.Model):
 
     @property
     def spec(self) -> dict:
-        import json
-
         return json.loads(self.spec_text)
 
     @property

@@ -2,7 +2,7 @@
 
 from django.urls import path
 
-from training.web import views
+from training.web.views import approvals, credentials, datasets, jobs, notifications
 
 app_name = "training"
 
@@ -13,24 +13,26 @@ W = C + "institutions/<slug:inst_slug>/worker-credentials/"
 
 urlpatterns = [
     # Site data sets ("new" comes first: it is not a key).
-    path(D, views.DatasetListView.as_view(), name="dataset-list"),
-    path(D + "new/", views.DatasetCreateView.as_view(), name="dataset-create"),
-    path(D + "<str:key>/edit/", views.DatasetEditView.as_view(), name="dataset-edit"),
-    path(D + "<str:key>/remove/", views.DatasetRemoveView.as_view(), name="dataset-remove"),
+    path(D, datasets.DatasetListView.as_view(), name="dataset-list"),
+    path(D + "new/", datasets.DatasetCreateView.as_view(), name="dataset-create"),
+    path(D + "<str:key>/edit/", datasets.DatasetEditView.as_view(), name="dataset-edit"),
+    path(D + "<str:key>/remove/", datasets.DatasetRemoveView.as_view(), name="dataset-remove"),
     # Jobs.
-    path(C + "jobs/", views.JobListView.as_view(), name="job-list"),
-    path(C + "jobs/new/", views.JobCreateView.as_view(), name="job-create"),
-    path(J, views.JobDetailView.as_view(), name="job-detail"),
-    path(J + "edit/", views.JobEditView.as_view(), name="job-edit"),
-    path(J + "submit/", views.JobSubmitView.as_view(), name="job-submit"),
-    path(J + "cancel/", views.JobCancelView.as_view(), name="job-cancel"),
-    path(J + "review/", views.JobReviewView.as_view(), name="job-review"),
+    path(C + "jobs/", jobs.JobListView.as_view(), name="job-list"),
+    path(C + "jobs/new/", jobs.JobCreateView.as_view(), name="job-create"),
+    path(J, jobs.JobDetailView.as_view(), name="job-detail"),
+    path(J + "edit/", jobs.JobEditView.as_view(), name="job-edit"),
+    path(J + "submit/", jobs.JobSubmitView.as_view(), name="job-submit"),
+    path(J + "cancel/", jobs.JobCancelView.as_view(), name="job-cancel"),
+    path(J + "review/", approvals.JobReviewView.as_view(), name="job-review"),
     # Site worker credentials (the token is shown once, on the page that creates it).
-    path(W, views.SiteCredentialListView.as_view(), name="credential-list"),
+    path(W, credentials.SiteCredentialListView.as_view(), name="credential-list"),
     path(
-        W + "<int:pk>/revoke/", views.SiteCredentialRevokeView.as_view(), name="credential-revoke"
+        W + "<int:pk>/revoke/",
+        credentials.SiteCredentialRevokeView.as_view(),
+        name="credential-revoke",
     ),
     # Approvals and notifications.
-    path(C + "approvals/", views.ApprovalInboxView.as_view(), name="approval-inbox"),
-    path("notifications/", views.NotificationListView.as_view(), name="notification-list"),
+    path(C + "approvals/", approvals.ApprovalInboxView.as_view(), name="approval-inbox"),
+    path("notifications/", notifications.NotificationListView.as_view(), name="notification-list"),
 ]

@@ -1,4 +1,4 @@
-"""Appending to and verifying the hash chain (DESIGN section 5).
+"""Appending to and verifying the hash chain (docs/architecture.md, section 5).
 
 ``entry_hash = sha256(prev_hash || canonical_json(fields))`` where ``fields`` are
 the stored column values (the payload as its stored canonical text, never a
@@ -15,9 +15,9 @@ import datetime as dt
 import functools
 import hashlib
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -27,14 +27,22 @@ from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.events import Event
 from audit.models import LedgerEntry, LedgerHead
 
+if TYPE_CHECKING:  # for the annotations only (the actor is the project's user model)
+    from django.contrib.auth.models import User
+    from django.db.backends.base.base import BaseDatabaseWrapper
+    from django.db.models import Model
+
 # json.dumps(..., ensure_ascii=False) encodes every str with this function.
 _enc = json.encoder.encode_basestring
 
 GENESIS_HASH = "0" * 64
 SYSTEM_ACTOR = "system"
 
+#: One stored entry as verification reads it: the values of CHAIN_COLUMNS, in that order.
+ChainRow = tuple[int, str, str, str, int | None, str, str, str, str, str, str, dt.datetime]
+
 # The columns, in the order verification reads them.
-_CHAIN_COLUMNS = (
+CHAIN_COLUMNS = (
     "seq",
     "prev_hash",
     "entry_hash",
@@ -108,16 +116,16 @@ def entry_canonical_text(
 
 def _entry_canonical_text_slow(
     *,
-    seq,
-    event,
-    actor_id,
-    actor_repr,
-    subject_type,
-    subject_id,
-    consortium_slug,
-    institution_slug,
-    payload_text,
-    created_at,
+    seq: int,
+    event: str,
+    actor_id: int | None,
+    actor_repr: str,
+    subject_type: str,
+    subject_id: str,
+    consortium_slug: str,
+    institution_slug: str,
+    payload_text: str,
+    created_at: dt.datetime,
 ) -> str:
     """The definition: what :func:`entry_canonical_text` must equal."""
     return canonical_json(
@@ -140,7 +148,7 @@ def chain_hash(prev_hash: str, canonical_text: str) -> str:
     return sha256_hex(prev_hash + canonical_text)
 
 
-def describe_actor(user) -> str:
+def describe_actor(user: User | None) -> str:
     """A readable actor string that stays meaningful after the user is deleted."""
     if user is None:
         return SYSTEM_ACTOR
@@ -205,7 +213,7 @@ _INSERT_COLUMNS = (
 
 
 @functools.cache
-def _append_sql_for(quote) -> str:
+def _append_sql_for(quote: Callable[[str], str]) -> str:
     columns = ", ".join(quote(c) for c in _INSERT_COLUMNS)
     placeholders = ", ".join(["%s"] * len(_INSERT_COLUMNS))
     # Only quoted table and column names are interpolated; values go as parameters.
@@ -218,11 +226,11 @@ def _append_sql_for(quote) -> str:
     )
 
 
-def _append_sql(connection) -> str:
+def _append_sql(connection: BaseDatabaseWrapper) -> str:
     return _append_sql_for(connection.ops.quote_name)
 
 
-def _insert_and_move_head(connection, entry: LedgerEntry) -> None:
+def _insert_and_move_head(connection: BaseDatabaseWrapper, entry: LedgerEntry) -> None:
     """PostgreSQL: insert the entry and move the head in one statement.
 
     One round trip fewer per append than ``save()`` then ``update()``; with the
@@ -244,10 +252,10 @@ def _insert_and_move_head(connection, entry: LedgerEntry) -> None:
 def append_entry(
     *,
     event: str,
-    actor=None,
+    actor: User | None = None,
     actor_repr: str | None = None,
     payload: dict[str, Any] | None = None,
-    subject: Any = None,
+    subject: Model | None = None,
     consortium_slug: str = "",
     institution_slug: str = "",
 ) -> LedgerEntry:
@@ -329,18 +337,18 @@ class VerificationResult:
         return f"Ledger BROKEN at entry #{self.first_bad_seq}: {self.reason}"
 
 
-def _rows(chunk_size: int) -> Iterator[tuple]:
+def _rows(chunk_size: int) -> Iterator[ChainRow]:
     # iterator() streams (a server-side cursor on PostgreSQL, fetchmany on
     # SQLite): memory stays flat however long the chain is.
     return (
         LedgerEntry.objects.order_by("seq")
-        .values_list(*_CHAIN_COLUMNS)
+        .values_list(*CHAIN_COLUMNS)
         .iterator(chunk_size=chunk_size)
     )
 
 
-def verify_rows(rows: Iterable[tuple]) -> VerificationResult:
-    """Walk rows (in ``_CHAIN_COLUMNS`` order, by seq) and check every link."""
+def verify_rows(rows: Iterable[ChainRow]) -> VerificationResult:
+    """Walk rows (in ``CHAIN_COLUMNS`` order, by seq) and check every link."""
     expected_prev = GENESIS_HASH
     expected_seq = 1
     count = 0
@@ -461,7 +469,7 @@ def _read_head() -> tuple[int, str]:
 def _verify_snapshot(chunk_size: int) -> VerificationResult:
     head: list[tuple[int, str]] = []
 
-    def rows_reading_head() -> Iterator[tuple]:
+    def rows_reading_head() -> Iterator[ChainRow]:
         rows = _rows(chunk_size)
         for row in rows:
             if not head:

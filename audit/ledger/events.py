@@ -17,6 +17,10 @@ optional ones for entries already written), never rename or drop one. The report
 entries too, so a reader must not assume an optional field is present.
 
 This module imports nothing from the project: every layer may read it.
+
+Why one module: it is the table of every event the product writes, read top to bottom by
+auditors and developers alike; splitting it by app would scatter the one list this module
+exists to keep in one place.
 """
 
 from __future__ import annotations
@@ -158,7 +162,7 @@ _UPDATE_SITE_FIELDS = (
     F("start_model", STRING, "Digest of the model the site started from."),
 )
 
-# --- Governance (consortium.governance.services) -------------------------------------------
+# --- Governance (consortium.governance.services.*) -----------------------------------------
 
 CONSORTIUM_CREATED = _event(
     "consortium.created",

@@ -21,6 +21,10 @@ import logging
 import os
 import queue
 import threading
+from typing import cast
+
+from asgiref.sync import async_to_sync
+from channels.layers import BaseChannelLayer, InMemoryChannelLayer, get_channel_layer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +40,7 @@ def job_group(job_id: int) -> str:
     return f"live.job.{int(job_id)}"
 
 
-def groups_for(consortium_slug: str, job_id) -> list[str]:
+def groups_for(consortium_slug: str, job_id: object) -> list[str]:
     groups = [consortium_group(consortium_slug)] if consortium_slug else []
     if isinstance(job_id, int) and not isinstance(job_id, bool):
         groups.append(job_group(job_id))
@@ -54,8 +58,6 @@ def announce(groups: list[str], seq: int) -> None:
     """
     if not groups:
         return
-    from channels.layers import InMemoryChannelLayer, get_channel_layer
-
     try:
         layer = get_channel_layer()
         if layer is None:
@@ -63,8 +65,6 @@ def announce(groups: list[str], seq: int) -> None:
         if isinstance(layer, InMemoryChannelLayer):
             listened = [g for g in groups if layer.groups.get(g)]
             if listened:
-                from asgiref.sync import async_to_sync
-
                 async_to_sync(_send)(layer, dict.fromkeys(listened, seq))
             return
         _sender.submit(groups, seq)
@@ -72,9 +72,13 @@ def announce(groups: list[str], seq: int) -> None:
         log.warning("live update for ledger entry #%s not sent: %s", seq, exc)
 
 
-async def _send(layer, latest: dict[str, int]) -> None:
+async def _send(layer: BaseChannelLayer, latest: dict[str, int]) -> None:
     for group, seq in latest.items():
         await layer.group_send(group, {"type": APPENDED, "seq": seq})
+
+
+#: What the background sender is handed: the groups to wake and the entry's sequence number.
+_WakeUp = tuple[tuple[str, ...], int]
 
 
 class _BackgroundSender:
@@ -82,7 +86,7 @@ class _BackgroundSender:
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_WakeUp] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._pid = 0
 
@@ -99,9 +103,7 @@ class _BackgroundSender:
             self._queue.put((tuple(groups), seq))
 
     @staticmethod
-    def _run(work: queue.SimpleQueue) -> None:
-        from channels.layers import get_channel_layer
-
+    def _run(work: queue.SimpleQueue[_WakeUp]) -> None:
         loop = asyncio.new_event_loop()
         while True:
             groups, seq = work.get()
@@ -114,7 +116,10 @@ class _BackgroundSender:
                 for group in more:
                     latest[group] = max(latest.get(group, 0), newer)
             try:
-                loop.run_until_complete(_send(get_channel_layer(), latest))
+                # A layer: submit() is only reached once announce() found one, and the
+                # settings do not change (were it None, the send fails here and is logged).
+                layer = cast(BaseChannelLayer, get_channel_layer())
+                loop.run_until_complete(_send(layer, latest))
             except Exception as exc:
                 log.warning("live updates up to ledger entry #%s not sent: %s", seq, exc)
 

@@ -36,123 +36,36 @@ Streaming: :meth:`ContributionReport.records` reads the ledger twice, each time 
 chunked pass (``iterator()``): the first pass builds the summaries (state bounded by the number
 of jobs and institutions), the second yields the per-update, per-round and per-model records as
 it meets their entries. Memory does not grow with the ledger's length, however long it is
-(``benchmarks/export.py`` measures it).
+(``benchmarks/export.py`` measures it). The entries are read through
+:func:`audit.ledger.selectors.consortium_entry_rows`, never by querying the ledger here.
+
+The rooms of :mod:`audit.reports`: :mod:`~audit.reports.scope` (what a report covers, the head
+it is made up to), :mod:`~audit.reports.contents` (the record types, their fields, the JSON
+document), :mod:`~audit.reports.spend` (the privacy replay), this module (the ledger read into
+records), :mod:`~audit.reports.formats` (CSV, JSON), :mod:`~audit.reports.pdf` and
+:mod:`~audit.reports.embedded` (the PDF and its embedded document), :mod:`~audit.reports.files`
+(the one place that picks a format), :mod:`~audit.reports.verify` and
+:mod:`~audit.reports.services` (the export and its ledger entry).
 """
 
 from __future__ import annotations
 
-import datetime as dt
-import functools
 import json
 import math
 from collections.abc import Iterable, Iterator
+from contextlib import closing
 from dataclasses import dataclass, field
 from typing import Any
 
-from django.db import transaction
-
 from audit.ledger import events as ledger_events
-from audit.ledger.chain import GENESIS_HASH, format_timestamp
-from audit.models import LedgerEntry, LedgerHead
-from training.jobs.accounting import PrivacyEvent, epsilon_spent
+from audit.ledger.chain import format_timestamp
+from audit.ledger.selectors import consortium_entry_rows
+from audit.reports.contents import document_from_records
+from audit.reports.errors import ReportError
+from audit.reports.scope import Head, Scope, ledger_head
+from audit.reports.spend import PrivacySpend
 
-SCHEMA = "flc.contribution-report"
-SCHEMA_VERSION = 1
-FORMATS = ("csv", "json", "pdf")
 CHUNK_SIZE = 2000
-
-#: The ledger event written for every export.
-
-# Record types, in the order a report lists them (the first three come from the first pass).
-RECORD_TYPES = (
-    "report",
-    "summary",
-    "withdrawal",
-    "update",
-    "round_score",
-    "model",
-    "derived_model",
-)
-# The JSON document's list for each record type ("report" is the document's header).
-GROUPS = {
-    "summary": "summary",
-    "withdrawal": "withdrawals",
-    "update": "updates",
-    "round_score": "round_scores",
-    "model": "models",
-    "derived_model": "derived_models",
-}
-
-# Each record type's fields, in order (the CSV has the union as fixed columns).
-RECORD_FIELDS: dict[str, tuple[str, ...]] = {
-    "report": ("consortium", "title", "at"),
-    "summary": (
-        "job_id",
-        "institution",
-        "score",
-        "score_rounds_sum",
-        "score_method",
-        "score_metric",
-        "samples",
-        "rounds_participated",
-        "updates_accepted",
-        "updates_rejected",
-        "epsilon_spent",
-        "epsilon_total",
-        "epsilon_cap",
-        "delta",
-        "within_cap",
-    ),
-    "withdrawal": ("institution", "ledger_seq", "at", "detail"),
-    "update": (
-        "job_id",
-        "round",
-        "institution",
-        "status",
-        "samples",
-        "update_digest",
-        "ledger_seq",
-        "detail",
-    ),
-    "round_score": (
-        "job_id",
-        "round",
-        "institution",
-        "score",
-        "score_method",
-        "score_metric",
-        "ledger_seq",
-    ),
-    "model": ("job_id", "round", "model_digest", "lineage_hash", "ledger_seq", "detail"),
-    "derived_model": (
-        "institution",
-        "job_id",
-        "round",
-        "model_digest",
-        "lineage_hash",
-        "ledger_seq",
-    ),
-}
-
-INT_FIELDS = frozenset(
-    {
-        "job_id",
-        "round",
-        "samples",
-        "rounds_participated",
-        "updates_accepted",
-        "updates_rejected",
-        "ledger_seq",
-    }
-)
-FLOAT_FIELDS = frozenset(
-    {"score", "score_rounds_sum", "epsilon_spent", "epsilon_total", "epsilon_cap", "delta"}
-)
-BOOL_FIELDS = frozenset({"within_cap"})
-# Figures replayed through the accountant (scipy): compared with a relative tolerance, since
-# another numerical library build may differ in the last bits. Every other figure is exact.
-TOLERANT_FIELDS = frozenset({"epsilon_spent", "epsilon_total"})
-EPSILON_REL_TOL = 1e-9
 
 _EVENTS = (
     ledger_events.AGREEMENT_PUBLISHED,
@@ -177,213 +90,6 @@ _DETAIL_EVENTS = (
 )
 
 
-class ReportError(Exception):
-    """A report that cannot be made (unknown job or institution, a head not in the ledger)."""
-
-
-# --- Scope and head -----------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Scope:
-    """What a report covers: one job, or one institution (across its jobs) of a consortium."""
-
-    kind: str  # "job" or "institution"
-    consortium: str
-    job_id: int | None = None
-    institution: str | None = None
-
-    def __post_init__(self):
-        if self.kind == "job" and not isinstance(self.job_id, int):
-            raise ReportError("a job report needs a job id")
-        if self.kind == "institution" and not self.institution:
-            raise ReportError("an institution report needs an institution slug")
-        if self.kind not in ("job", "institution"):
-            raise ReportError(f"unknown report scope {self.kind!r}")
-
-    def to_json(self) -> dict:
-        data: dict[str, Any] = {"kind": self.kind, "consortium": self.consortium}
-        if self.kind == "job":
-            data["job_id"] = self.job_id
-        else:
-            data["institution"] = self.institution
-        return data
-
-    @classmethod
-    def from_json(cls, data: Any) -> Scope:
-        if not isinstance(data, dict):
-            raise ReportError("the report's scope is not an object")
-        kind = data.get("kind")
-        consortium = data.get("consortium")
-        if not isinstance(consortium, str) or not consortium:
-            raise ReportError("the report's scope names no consortium")
-        if kind == "job":
-            job_id = data.get("job_id")
-            if not isinstance(job_id, int) or isinstance(job_id, bool):
-                raise ReportError("the report's scope names no job id")
-            return cls("job", consortium, job_id=job_id)
-        if kind == "institution":
-            institution = data.get("institution")
-            if not isinstance(institution, str) or not institution:
-                raise ReportError("the report's scope names no institution")
-            return cls("institution", consortium, institution=institution)
-        raise ReportError(f"unknown report scope {kind!r}")
-
-    @property
-    def label(self) -> str:
-        """``job:5`` or ``institution:hospital-a`` (the CSV's scope column)."""
-        return f"job:{self.job_id}" if self.kind == "job" else f"institution:{self.institution}"
-
-    @classmethod
-    def from_label(cls, label: str, consortium: str) -> Scope:
-        kind, _, value = (label or "").partition(":")
-        if kind == "job" and value.isdigit():
-            return cls("job", consortium, job_id=int(value))
-        if kind == "institution" and value:
-            return cls("institution", consortium, institution=value)
-        raise ReportError(f"unreadable report scope {label!r}")
-
-    def filename(self, head: Head, fmt: str) -> str:
-        what = f"job-{self.job_id}" if self.kind == "job" else f"institution-{self.institution}"
-        return f"contribution-report-{self.consortium}-{what}-ledger-{head.seq}.{fmt}"
-
-
-@dataclass(frozen=True)
-class Head:
-    """The ledger entry a report was made up to."""
-
-    seq: int
-    entry_hash: str
-    entry_count: int
-    at: str  # the entry's time (format_timestamp); "" for an empty ledger
-
-    def to_json(self) -> dict:
-        return {
-            "seq": self.seq,
-            "entry_hash": self.entry_hash,
-            "entry_count": self.entry_count,
-            "at": self.at,
-        }
-
-
-def ledger_head(seq: int | None = None) -> Head:
-    """The head to report up to: the ledger's current head, or the entry ``seq``."""
-    if seq is None:
-        row = LedgerHead.objects.filter(pk=1).values_list("seq", flat=True).first()
-        seq = row or 0
-    if seq == 0:
-        return Head(0, GENESIS_HASH, 0, "")
-    entry = LedgerEntry.objects.filter(seq=seq).values_list("entry_hash", "created_at").first()
-    if entry is None:
-        raise ReportError(f"the ledger has no entry #{seq}")
-    count = LedgerEntry.objects.filter(seq__lte=seq).count()
-    return Head(seq, entry[0], count, format_timestamp(entry[1]))
-
-
-def job_scope(job_id: int) -> Scope:
-    """A job's report scope; its consortium is read from the job's own ledger entries."""
-    slug = (
-        LedgerEntry.objects.filter(subject_type="training.trainingjob", subject_id=str(job_id))
-        .order_by("seq")
-        .values_list("consortium_slug", flat=True)
-        .first()
-    )
-    if not slug:
-        raise ReportError(f"no ledger entry records job #{job_id}")
-    return Scope("job", slug, job_id=job_id)
-
-
-def institution_scope(institution_slug: str, consortium_slug: str | None = None) -> Scope:
-    """An institution's report scope (its ``institution.created`` entry names its consortium)."""
-    entries = LedgerEntry.objects.filter(
-        event="institution.created", institution_slug=institution_slug
-    )
-    if consortium_slug:
-        entries = entries.filter(consortium_slug=consortium_slug)
-    slugs = sorted(set(entries.values_list("consortium_slug", flat=True)))
-    if not slugs:
-        raise ReportError(f"no ledger entry records the institution '{institution_slug}'")
-    if len(slugs) > 1:
-        raise ReportError(
-            f"the institution '{institution_slug}' exists in several consortia "
-            f"({', '.join(slugs)}): name the consortium"
-        )
-    return Scope("institution", slugs[0], institution=institution_slug)
-
-
-# --- The first pass: summaries ----------------------------------------------------------------
-
-
-@functools.lru_cache(maxsize=4096)
-def _parsed_event(raw: tuple) -> tuple[tuple, int]:
-    keys, mechanism, params, (_, count), source = raw
-    data = {
-        "mechanism": mechanism,
-        "params": {name: value for name, _, value in params},
-        "count": count,
-        "source": source,
-    }
-    event = PrivacyEvent.from_json({k: v for k, v in data.items() if k in keys})
-    return (event.mechanism, tuple(sorted(event.params.items())), event.source), event.count
-
-
-def _event_key(data: Any) -> tuple[tuple, int]:
-    """(mechanism, params, source) and count of one recorded event, validated by
-    :class:`PrivacyEvent`. The same few events recur in every round, so their validation is
-    cached by their content."""
-    try:
-        raw = (
-            tuple(sorted(data)),
-            data["mechanism"],
-            # Types are part of the key: True == 1 and 1 == 1.0, but only some are valid.
-            tuple(sorted((k, type(v).__name__, v) for k, v in data["params"].items())),
-            (type(data.get("count", 1)).__name__, data.get("count", 1)),
-            data.get("source", ""),
-        )
-        hash(raw)
-    except (TypeError, KeyError, AttributeError):
-        event = PrivacyEvent.from_json(data)  # not cacheable: validate it as it is
-        return (event.mechanism, tuple(sorted(event.params.items())), event.source), event.count
-    return _parsed_event(raw)
-
-
-@dataclass
-class _Spend:
-    """Distinct privacy events and how often each happened."""
-
-    counts: dict = field(default_factory=dict)
-
-    def add(self, events: Any, seq: int) -> None:
-        if not isinstance(events, list):
-            return
-        for data in events:
-            try:
-                key, count = _event_key(data)
-            except ValueError as exc:
-                raise ReportError(
-                    f"ledger entry #{seq} holds an invalid privacy event: {exc}"
-                ) from None
-            self.counts[key] = self.counts.get(key, 0) + count
-
-    def merged(self, other: _Spend) -> _Spend:
-        out = _Spend(dict(self.counts))
-        for key, count in other.counts.items():
-            out.counts[key] = out.counts.get(key, 0) + count
-        return out
-
-    def epsilon(self, delta: float | None) -> float | None:
-        if delta is None:
-            return None
-        events = [
-            PrivacyEvent(mechanism, dict(params), count, source)
-            for (mechanism, params, source), count in sorted(self.counts.items())
-        ]
-        try:
-            return epsilon_spent(events, delta=delta)
-        except ValueError as exc:
-            raise ReportError(f"the recorded privacy events cannot be replayed: {exc}") from None
-
-
 @dataclass
 class _Site:
     """One institution in one job."""
@@ -394,7 +100,7 @@ class _Site:
     rounds: int = 0
     first_round: int | None = None
     round_score_sum: float | None = None
-    spend: _Spend = field(default_factory=_Spend)
+    spend: PrivacySpend = field(default_factory=PrivacySpend)
 
 
 @dataclass
@@ -451,19 +157,15 @@ class ContributionReport:
         self.head = head
         self.chunk_size = chunk_size
 
-    # The ledger, up to the head, in order.
+    # The ledger, up to the head, in order, with each payload parsed.
     def _entries(self, events: Iterable[str]) -> Iterator[tuple]:
-        rows = (
-            LedgerEntry.objects.filter(
-                consortium_slug=self.scope.consortium, seq__lte=self.head.seq, event__in=events
-            )
-            .order_by("seq")
-            .values_list("seq", "event", "institution_slug", "created_at", "payload_text")
+        rows = consortium_entry_rows(
+            self.scope.consortium, up_to=self.head.seq, events=events, chunk_size=self.chunk_size
         )
-        # One transaction per pass: on PostgreSQL the server-side cursor needs no WITH HOLD
-        # copy of the result, and the pass reads one snapshot.
-        with transaction.atomic(using=LedgerEntry.objects.db):
-            for seq, event, institution, created_at, text in rows.iterator(self.chunk_size):
+        # closing(): a ReportError raised here ends the selector's pass (and its transaction)
+        # at once, not when the generator is collected.
+        with closing(rows):
+            for seq, event, institution, created_at, text in rows:
                 try:
                     payload = json.loads(text)
                 except ValueError:
@@ -479,7 +181,7 @@ class ContributionReport:
         versions: dict[str, dict] = {}  # content digest -> {agreement_id, version, cap, delta}
         by_number: dict[tuple, str] = {}
         jobs: dict[int, _Job] = {}
-        totals: dict[str, _Spend] = {}
+        totals: dict[str, PrivacySpend] = {}
         withdrawals: list[dict] = []
         title = None
 
@@ -556,7 +258,7 @@ class ContributionReport:
                 site.accepted += 1
                 site.samples += _int(p.get("samples")) or 0
                 site.spend.add(p.get("privacy_events"), seq)
-                totals.setdefault(slug, _Spend()).add(p.get("privacy_events"), seq)
+                totals.setdefault(slug, PrivacySpend()).add(p.get("privacy_events"), seq)
             elif event == ledger_events.UPDATE_REJECTED:
                 job.site(p.get("site") or institution).rejected += 1
             elif event == ledger_events.ROUND_CLOSED:
@@ -616,7 +318,7 @@ class ContributionReport:
     def _summary(self, job: _Job, slug: str) -> dict:
         site = job.sites.get(slug) or _Site()
         cap, delta = self._terms(job)
-        total = self._totals.get(slug, _Spend()).epsilon(delta)
+        total = self._totals.get(slug, PrivacySpend()).epsilon(delta)
         score = None
         if job.score is not None:
             score = _float(job.score.get(slug))
@@ -642,7 +344,7 @@ class ContributionReport:
     def _institution_total(self) -> dict:
         slug = self.scope.institution
         sites = [job.sites[slug] for job in self._jobs.values() if slug in job.sites]
-        spend = _Spend()
+        spend = PrivacySpend()
         for site in sites:
             spend = spend.merged(site.spend)
         # The δ and cap of the institution's latest job's agreement (its most recent terms).
@@ -651,7 +353,7 @@ class ContributionReport:
             cap, delta = self._terms(self._jobs[job_id])
             if delta is not None:
                 break
-        total = self._totals.get(slug, _Spend()).epsilon(delta)
+        total = self._totals.get(slug, PrivacySpend()).epsilon(delta)
         return {
             "record": "summary",
             "job_id": None,
@@ -771,58 +473,6 @@ def _within(total: float | None, cap: float | None) -> bool | None:
     return total <= cap or math.isclose(total, cap, rel_tol=1e-9)
 
 
-def document_from_records(scope: Scope, head: Head, records: Iterable[dict]) -> dict:
-    """Gather records into the JSON document: header, then one list per record type."""
-    doc: dict[str, Any] = {
-        "schema": SCHEMA,
-        "schema_version": SCHEMA_VERSION,
-        "scope": scope.to_json(),
-        "ledger_head": head.to_json(),
-        "title": None,
-        **{group: [] for group in GROUPS.values()},
-    }
-    for record in records:
-        kind = record["record"]
-        if kind == "report":
-            doc["title"] = record.get("title")
-            continue
-        doc[GROUPS[kind]].append({name: record.get(name) for name in RECORD_FIELDS[kind]})
-    return doc
-
-
-_DETAIL_RANK = {"update": 0, "round_score": 1, "model": 2, "derived_model": 3}
-
-
-def records_from_document(doc: dict) -> Iterator[dict]:
-    """The inverse of :func:`document_from_records`: the records in report order (the detail
-    records back in ledger order, as :meth:`ContributionReport.records` yields them)."""
-    yield {
-        "record": "report",
-        "consortium": doc["scope"]["consortium"],
-        "title": doc.get("title"),
-        "at": doc["ledger_head"].get("at") or None,
-    }
-    details = []
-    for kind, group in GROUPS.items():
-        for item in doc.get(group) or []:
-            record = {"record": kind, **{name: item.get(name) for name in RECORD_FIELDS[kind]}}
-            if kind in _DETAIL_RANK:
-                details.append(record)
-            else:
-                yield record
-    # Stable: records of one entry keep their order (scores by institution; a model, then the
-    # models derived from it).
-    details.sort(key=lambda r: (r.get("ledger_seq") or 0, _DETAIL_RANK[r["record"]]))
-    yield from details
-
-
 def build_report(scope: Scope, head: Head | None = None) -> ContributionReport:
     """A report for ``scope`` up to ``head`` (default: the ledger's current head)."""
     return ContributionReport(scope, head or ledger_head())
-
-
-def as_of(head: Head) -> dt.datetime | None:
-    """The head's time as a datetime (for display)."""
-    if not head.at:
-        return None
-    return dt.datetime.fromisoformat(head.at.replace("Z", "+00:00"))

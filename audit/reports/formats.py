@@ -1,38 +1,31 @@
-"""A contribution report's files: CSV, JSON and PDF, written and read back.
+"""A contribution report's CSV and JSON: written and read back.
 
-CSV (schema version :data:`~audit.reports.build.SCHEMA_VERSION`): fixed columns (:data:`COLUMNS`),
-one row per record. Every row repeats the schema version, the scope and the ledger head the report
-was made from, so a row copied out of the file still says where it came from. Numbers are written
-as Python writes them (``repr`` for floats: read back bit for bit); empty cells are "no value".
-Text cells that a spreadsheet could take for a formula (starting with ``=``, ``+``, ``-``, ``@``,
-a tab or a carriage return) get a leading apostrophe, and so does text that already starts with
-one, so that reading back (drop one leading apostrophe) is exact. Numbers we write ourselves are
-never escaped: ``-0.25`` is a number to a spreadsheet, not a formula.
+CSV (schema version :data:`~audit.reports.contents.SCHEMA_VERSION`): fixed columns
+(:data:`COLUMNS`), one row per record. Every row repeats the schema version, the scope and the
+ledger head the report was made from, so a row copied out of the file still says where it came
+from. Numbers are written as Python writes them (``repr`` for floats: read back bit for bit); empty
+cells are "no value". Text cells that a spreadsheet could take for a formula (starting with ``=``,
+``+``, ``-``, ``@``, a tab or a carriage return) get a leading apostrophe, and so does text that
+already starts with one, so that reading back (drop one leading apostrophe) is exact. Numbers we
+write ourselves are never escaped: ``-0.25`` is a number to a spreadsheet, not a formula.
 
-JSON: the report's document (:func:`audit.reports.build.document_from_records`), indented, keys
-sorted.
+JSON: the report's document (:func:`audit.reports.contents.document_from_records`), indented,
+keys sorted; :func:`json_document` checks a document's shape (the PDF's embedded document too,
+see :mod:`audit.reports.embedded`).
 
-PDF: rendered by :mod:`audit.reports.pdf`, which embeds the report's document in the PDF's
-``/Keywords`` metadata as ``flc-contribution-report:<base64 of its canonical JSON>``: base64 needs
-no escaping in a PDF string, so the document is read back with a byte search, without a PDF
-library (:func:`pdf_document`), and any PDF reader shows it in the document's properties.
-
-All three are written with their SHA-256 computed on the way (:func:`write_report`).
+Choosing among CSV, JSON and PDF, and writing with a digest, is :mod:`audit.reports.files`.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import hashlib
 import io
 import json
 import re
-from collections.abc import Iterable, Iterator
-from typing import Any, BinaryIO
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
 
-from audit.ledger.canonical import canonical_json
-from audit.reports.build import (
+from audit.reports.contents import (
     BOOL_FIELDS,
     FLOAT_FIELDS,
     GROUPS,
@@ -40,12 +33,10 @@ from audit.reports.build import (
     RECORD_FIELDS,
     SCHEMA,
     SCHEMA_VERSION,
-    ContributionReport,
-    Head,
-    ReportError,
-    Scope,
     document_from_records,
 )
+from audit.reports.errors import MalformedReport
+from audit.reports.scope import Head, Scope
 
 HEADER_COLUMNS = (
     "schema_version",
@@ -90,14 +81,8 @@ assert all(
     for name in fields
 )
 
-PDF_MARKER = b"flc-contribution-report:"
-_PDF_EMBEDDED = re.compile(re.escape(PDF_MARKER) + rb"([A-Za-z0-9+/=]+)")
 _FORMULA_START = ("=", "+", "-", "@", "\t", "\r", "'")
 CSV_ROWS_PER_CHUNK = 256
-
-
-class MalformedReport(ReportError):
-    """A file that is not a readable contribution report; the message says what is wrong."""
 
 
 # --- CSV ------------------------------------------------------------------------------------------
@@ -134,7 +119,7 @@ _PLANS = {
 }
 
 
-def row_writer(scope: Scope, head: Head):
+def row_writer(scope: Scope, head: Head) -> Callable[[dict], list[str]]:
     """A function turning a record into the CSV's cells (:data:`COLUMNS` order). The columns
     every row repeats are formatted once; each record fills only its own columns."""
     prefix = [
@@ -321,92 +306,3 @@ def json_document(data: Any) -> dict:
 def head_of(doc: dict) -> Head:
     h = doc["ledger_head"]
     return Head(h["seq"], h["entry_hash"], h["entry_count"], h.get("at") or "")
-
-
-# --- PDF ------------------------------------------------------------------------------------------
-
-
-def pdf_keywords(doc: dict) -> str:
-    """The ``/Keywords`` text that carries the document inside the PDF."""
-    return PDF_MARKER.decode() + base64.b64encode(canonical_json(doc).encode()).decode()
-
-
-def pdf_document(data: bytes) -> dict:
-    """The document embedded in a report PDF."""
-    found = _PDF_EMBEDDED.findall(data)
-    if not found:
-        raise MalformedReport(
-            "the PDF carries no embedded contribution report (no flc-contribution-report "
-            "keywords): it was not made by export_contributions, or was re-saved by a tool "
-            "that dropped its metadata"
-        )
-    if len(set(found)) > 1:
-        raise MalformedReport("the PDF carries more than one embedded report")
-    try:
-        text = base64.b64decode(found[0], validate=True).decode("utf-8")
-        return json_document(json.loads(text))
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise MalformedReport(f"the PDF's embedded report is unreadable ({exc})") from None
-
-
-# --- Writing with a digest ------------------------------------------------------------------------
-
-
-class DigestingWriter:
-    """Writes bytes to ``out`` while hashing and counting them."""
-
-    def __init__(self, out: BinaryIO):
-        self.out = out
-        self.sha256 = hashlib.sha256()
-        self.size = 0
-
-    def write(self, data: bytes) -> None:
-        self.sha256.update(data)
-        self.size += len(data)
-        self.out.write(data)
-
-
-def write_report(report: ContributionReport, fmt: str, out: BinaryIO) -> tuple[str, int]:
-    """Write ``report`` as ``fmt`` to the binary file ``out``; return (sha256 hex, size).
-
-    CSV is written as the records come (memory stays flat whatever the ledger's length); JSON
-    and PDF are documents built whole, their size bounded by the report's, not the ledger's.
-    """
-    writer = DigestingWriter(out)
-    if fmt == "csv":
-        for chunk in iter_csv(report.scope, report.head, report.records()):
-            writer.write(chunk.encode("utf-8"))
-    elif fmt == "json":
-        writer.write(json_bytes(report.document()))
-    elif fmt == "pdf":
-        from audit.reports.pdf import render_pdf
-
-        writer.write(render_pdf(report.document()))
-    else:
-        raise ValueError(f"unknown report format {fmt!r}")
-    return writer.sha256.hexdigest(), writer.size
-
-
-def report_bytes(report: ContributionReport, fmt: str) -> bytes:
-    buffer = io.BytesIO()
-    write_report(report, fmt, buffer)
-    return buffer.getvalue()
-
-
-def read_document(data: bytes) -> tuple[str, dict]:
-    """Recognise a report file by its content; return (format, document)."""
-    if not data:
-        raise MalformedReport("the file is empty")
-    if data.startswith(b"%PDF-"):
-        return "pdf", pdf_document(data)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise MalformedReport("the file is neither a PDF nor UTF-8 text") from None
-    if text.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise MalformedReport(f"the JSON is unreadable ({exc})") from None
-        return "json", json_document(parsed)
-    return "csv", csv_document(text)

@@ -9,7 +9,7 @@ the ledger head.
 Reproducible bytes: reportlab's ``invariant`` mode fixes the creation date and the document id,
 and every other piece of metadata is fixed or taken from the report itself (its "as of" date is
 the head entry's time, never the time of rendering). The report's whole document is embedded in
-``/Keywords`` (see :mod:`audit.reports.formats`), so ``verify_report`` reads the figures back
+``/Keywords`` (see :mod:`audit.reports.embedded`), so ``verify_report`` reads the figures back
 exactly, and compares the rest of the file by rendering it again.
 
 The standard PDF fonts cover Latin-1 only, so the text says "epsilon" and "delta" in words.
@@ -36,7 +36,7 @@ from reportlab.platypus import (
 )
 from reportlab.platypus.tables import TableStyle
 
-from audit.reports.formats import pdf_keywords
+from audit.reports.embedded import pdf_keywords
 
 CREATOR = "fl-consortium contribution report (schema v1)"
 _STYLES = getSampleStyleSheet()

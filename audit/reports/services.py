@@ -21,15 +21,11 @@ from django.db import transaction
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
-from audit.reports.build import (
-    FORMATS,
-    SCHEMA_VERSION,
-    Head,
-    ReportError,
-    Scope,
-    build_report,
-)
-from audit.reports.formats import write_report
+from audit.reports.build import build_report
+from audit.reports.contents import SCHEMA_VERSION
+from audit.reports.errors import ReportError
+from audit.reports.files import FORMATS, write_report
+from audit.reports.scope import Head, Scope
 
 SPOOL_MEMORY_BYTES = 1 << 20
 CONTENT_TYPES = {

@@ -1,7 +1,7 @@
 """Checking a contribution report against the ledger it names (``manage.py verify_report``).
 
 1. Read the file (CSV, JSON or PDF, recognised by content) back into the report's document; an
-   unreadable or malformed file is a :class:`~audit.reports.formats.MalformedReport`.
+   unreadable or malformed file is a :class:`~audit.reports.errors.MalformedReport`.
 2. The head it names: the entry ``seq`` must exist with the named hash, the chain must verify from
    the first entry up to it (every link and every entry's hash recomputed), and the entry count and
    time must be the head's.
@@ -24,26 +24,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from audit.ledger import events as ledger_events
-from audit.ledger.chain import _CHAIN_COLUMNS, format_timestamp, verify_rows
-from audit.models import LedgerEntry
-from audit.reports.build import (
-    EPSILON_REL_TOL,
-    GROUPS,
-    RECORD_FIELDS,
-    TOLERANT_FIELDS,
-    ContributionReport,
-    Head,
-    ReportError,
-    Scope,
-    records_from_document,
-)
-from audit.reports.formats import (
-    MalformedReport,
-    head_of,
-    iter_csv,
-    json_bytes,
-    read_document,
-)
+from audit.ledger.chain import format_timestamp, verify_rows
+from audit.ledger.selectors import chain_rows_up_to, entry_stamp, event_payloads, export_recording
+from audit.reports.build import ContributionReport
+from audit.reports.contents import EPSILON_REL_TOL, GROUPS, RECORD_FIELDS, TOLERANT_FIELDS
+from audit.reports.errors import MalformedReport, ReportError
+from audit.reports.files import document_bytes, read_document
+from audit.reports.formats import head_of
+from audit.reports.scope import Head, Scope
+
+# The engine's contribution module is pure Python (no torch, no numpy at import time: see its
+# docstring), so importing it here at the top initialises nothing.
+from training.fl.contribution import scores_from_coalitions
 
 MAX_LISTED = 25
 
@@ -151,25 +143,20 @@ def _check_head(outcome: Outcome) -> Head | None:
     if head.seq == 0:
         actual = Head(0, head.entry_hash, 0, "")
     else:
-        row = LedgerEntry.objects.filter(seq=head.seq).values_list("entry_hash", "created_at")
-        found = row.first()
+        found = entry_stamp(head.seq)
         if found is None:
             outcome.fail(f"the ledger has no entry #{head.seq}, the head the report names")
             return None
-        rows = (
-            LedgerEntry.objects.filter(seq__lte=head.seq)
-            .order_by("seq")
-            .values_list(*_CHAIN_COLUMNS)
-            .iterator(chunk_size=5000)
-        )
-        result = verify_rows(rows)
+        result = verify_rows(chain_rows_up_to(head.seq, chunk_size=5000))
         if not result.ok:
             outcome.fail(
                 f"the ledger does not verify up to entry #{head.seq}: it is broken at entry "
                 f"#{result.first_bad_seq} ({result.reason})"
             )
             return None
-        actual = Head(head.seq, result.head_hash, result.entry_count, format_timestamp(found[1]))
+        actual = Head(
+            head.seq, result.head_hash, result.entry_count, format_timestamp(found.created_at)
+        )
         outcome.matched.append(
             f"the chain verifies from entry #1 to entry #{head.seq} ({result.entry_count} entries)"
         )
@@ -196,27 +183,13 @@ def _check_head(outcome: Outcome) -> Head | None:
     return actual
 
 
-def _render(fmt: str, scope: Scope, head: Head, doc: dict) -> bytes:
-    if fmt == "csv":
-        return "".join(iter_csv(scope, head, records_from_document(doc))).encode("utf-8")
-    if fmt == "json":
-        return json_bytes(doc)
-    from audit.reports.pdf import render_pdf
-
-    return render_pdf(doc)
-
-
 def _check_round_scores(outcome: Outcome, scope: Scope, head: Head) -> None:
     """Recompute every round's scores in the report's scope from the coalition values its
     ``contribution.scored`` entry records (the same code the coordinator ran): the scores the
     report sums must follow from the values, not merely be what the ledger says."""
-    from training.fl.contribution import scores_from_coalitions
-
-    entries = LedgerEntry.objects.filter(
-        event=ledger_events.CONTRIBUTION_SCORED, consortium_slug=scope.consortium, seq__lte=head.seq
-    ).order_by("seq")
+    entries = event_payloads(scope.consortium, ledger_events.CONTRIBUTION_SCORED, up_to=head.seq)
     checked = 0
-    for seq, text in entries.values_list("seq", "payload_text").iterator():
+    for seq, text in entries:
         payload = json.loads(text)
         if scope.kind == "job" and payload.get("job_id") != scope.job_id:
             continue
@@ -262,7 +235,7 @@ def verify_report_bytes(data: bytes) -> Outcome:
     else:
         counts = ", ".join(f"{len(expected[g])} {g.replace('_', ' ')}" for g in GROUPS.values())
         outcome.matched.append(f"every figure matches the ledger ({counts})")
-        rendered = _render(fmt, scope, head, expected)
+        rendered = document_bytes(fmt, scope, head, expected)
         if rendered == data:
             outcome.matched.append(f"the file is byte for byte the {fmt.upper()} the ledger gives")
         elif fmt == "pdf":
@@ -277,18 +250,11 @@ def verify_report_bytes(data: bytes) -> Outcome:
                 "ledger gives (it was re-saved or re-formatted by another program)"
             )
     digest = hashlib.sha256(data).hexdigest()
-    export = (
-        LedgerEntry.objects.filter(
-            event=ledger_events.REPORT_EXPORTED, payload_text__contains=digest
-        )
-        .order_by("seq")
-        .values_list("seq", "actor_repr", "created_at")
-        .first()
-    )
+    export = export_recording(digest)
     if export:
         outcome.notes.append(
-            f"this very file (SHA-256 {digest}) was exported by {export[1]} at "
-            f"{format_timestamp(export[2])} (ledger entry #{export[0]})"
+            f"this very file (SHA-256 {digest}) was exported by {export.actor_repr} at "
+            f"{format_timestamp(export.created_at)} (ledger entry #{export.seq})"
         )
     else:
         outcome.notes.append(f"no export entry in the ledger records this file's SHA-256 {digest}")

@@ -1,12 +1,12 @@
-"""Base views that enforce permissions by default (DESIGN section 6).
+"""Base views that enforce permissions by default (docs/architecture.md, section 6).
 
-Every page view mixes in :class:`PermissionRequiredMixin` (through
-:class:`GovernanceView` and friends) and declares two things:
+Every page view mixes in :class:`PermissionRequiredMixin` (through the page bases of
+``consortium.governance.pages``) and declares two things:
 
-- ``permission_required``: a permission registered in ``consortium.governance.permissions``
-  (``"consortium.<name>"``), or one of the explicit openings :data:`SIGNED_IN`
-  (any signed-in user; the page lists only what selectors return) and
-  :data:`ANYONE` (no sign-in at all, e.g. an invitation link);
+- ``permission_required``: a permission registered by an app's ``permissions`` module
+  (``"consortium.<name>"``, ``"training.<name>"``, ``"audit.<name>"``), or one of the explicit
+  openings :data:`SIGNED_IN` (any signed-in user; the page lists only what selectors return)
+  and :data:`ANYONE` (no sign-in at all, e.g. an invitation link);
 - ``get_permission_object()``: the object the permission is checked against,
   loaded through a selector scoped to the user.
 
@@ -56,7 +56,7 @@ class PermissionRequiredMixin:
         if perm not in _OPENINGS and not rules.perm_exists(perm):
             raise ImproperlyConfigured(
                 f"{cls.__name__}.permission_required = {perm!r} is not a registered "
-                "permission (see consortium/permissions.py)."
+                "permission (see the apps' permissions modules)."
             )
 
     @classmethod
@@ -96,3 +96,11 @@ def apply_service_errors(form, exc: Exception) -> None:
         form.add_error(None, exc)
     else:
         form.add_error(None, str(exc))
+
+
+def error_message(exc: Exception) -> str:
+    """A service's ValidationError or ServiceError as one sentence, for a message on the page
+    an action returns to (an action has no form to put the errors on)."""
+    if isinstance(exc, ValidationError):
+        return " ".join(exc.messages)
+    return str(exc)

@@ -1,5 +1,5 @@
 """Governance: consortia, institutions, memberships, invitations and data-use
-agreements (DESIGN section 3). Rows are written only through ``services``."""
+agreements (docs/architecture.md, section 3). Rows are written only through ``services``."""
 
 from __future__ import annotations
 

@@ -64,3 +64,24 @@ class GovernanceAction(PermissionRequiredMixin, ConsortiumScopedMixin, View):
     returns the redirect; its errors become a message on the page it returns to."""
 
     http_method_names = ["post"]
+
+
+class InstitutionScopedMixin:
+    """Loads ``self.institution`` (the URL's ``inst_slug``) inside the URL's consortium, scoped
+    to the user: the object the institution's own pages (its page, its edit form, its data
+    sets and worker credentials) check their permission on."""
+
+    @cached_property
+    def institution(self):
+        return first_or_404(
+            selectors.institutions_visible_to(self.request.user),
+            consortium=self.consortium,
+            slug=self.kwargs["inst_slug"],
+        )
+
+    def get_permission_object(self):
+        return self.institution
+
+    def get_context_data(self, **kwargs):
+        kwargs.setdefault("institution", self.institution)
+        return super().get_context_data(**kwargs)

@@ -1,4 +1,7 @@
-"""Every access decision, in one place: ``rules`` predicates over memberships.
+"""Governance's access decisions: ``rules`` predicates over memberships, and the permissions
+over governance's own objects. The predicates are shared: training's rules
+(``training.jobs.permissions``) and audit's (``audit.permissions``, the ledger and the reports)
+are built from them and registered by their own apps.
 
 Predicates compute rights from the user's memberships (loaded once per user
 object and cached on it), so they cannot go stale the way per-object grants do.
@@ -155,20 +158,6 @@ rules.add_perm("consortium.revoke_invitation", is_consortium_admin | is_institut
 # Signing and withdrawing consent: obj is the institution.
 rules.add_perm("consortium.sign_agreement", is_approver)
 rules.add_perm("consortium.withdraw_consent", is_approver | is_institution_admin)
-
-# The ledger: obj is the consortium.
-rules.add_perm("audit.view_ledger", is_auditor | is_consortium_admin)
-rules.add_perm("audit.verify_ledger", is_auditor | is_consortium_admin)
-
-# Contribution reports (built from the ledger; exporting one is itself a ledger entry).
-# A job's report covers every participant: obj is the job; auditors and the consortium's admins.
-rules.add_perm("audit.export_job_report", is_auditor | is_consortium_admin)
-# An institution's own report: obj is the institution; also its approvers and administrators,
-# who answer for its data, but not other institutions' members.
-rules.add_perm(
-    "audit.export_institution_report",
-    is_auditor | is_consortium_admin | is_approver | is_institution_admin,
-)
 
 
 @rules.predicate

@@ -1,5 +1,5 @@
 """Signals the governance app sends so that apps above it can react without
-``consortium`` importing them (DESIGN section 6: nothing imports upward).
+``consortium`` importing them (docs/architecture.md, section 6: nothing imports upward).
 
 Both are sent inside the service's transaction, after its ledger entry, so a
 receiver's writes commit or roll back with the governance change.

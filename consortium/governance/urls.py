@@ -1,55 +1,58 @@
-"""Pages of the governance app (namespace ``consortium``)."""
+"""Governance's pages. Their namespace, ``consortium``, is shared with the pages that compose
+several apps (the overview, the consortium dashboard, an institution's page), so this list is
+not included on its own: :mod:`consortium.dashboard.urls`, the namespace's one URLconf, adds
+those pages to it (Django allows one URLconf per namespace)."""
 
 from django.urls import path
 
-from consortium.governance import views
-
-app_name = "consortium"
+from consortium.governance.views import agreements, institutions, members, withdrawals
 
 C = "consortia/<slug:slug>/"
 A = C + "agreements/<int:pk>/"
 V = A + "versions/<int:number>/"
 
 urlpatterns = [
-    path("", views.OverviewView.as_view(), name="overview"),
-    path(C, views.ConsortiumDetailView.as_view(), name="consortium-detail"),
-    # Institutions ("new" comes first: it is not an institution slug).
-    path(C + "institutions/new/", views.InstitutionCreateView.as_view(), name="institution-create"),
+    # Institutions. "new" is not an institution slug (the services refuse it), and this list
+    # comes before the dashboard's, whose institution page takes any slug.
     path(
-        C + "institutions/<slug:inst_slug>/",
-        views.InstitutionDetailView.as_view(),
-        name="institution-detail",
+        C + "institutions/new/",
+        institutions.InstitutionCreateView.as_view(),
+        name="institution-create",
     ),
     path(
         C + "institutions/<slug:inst_slug>/edit/",
-        views.InstitutionEditView.as_view(),
+        institutions.InstitutionEditView.as_view(),
         name="institution-edit",
     ),
     # Members and invitations.
-    path(C + "members/", views.MemberListView.as_view(), name="member-list"),
-    path(C + "members/invite/", views.MemberInviteView.as_view(), name="member-invite"),
-    path(C + "members/<int:pk>/role/", views.MembershipRoleView.as_view(), name="membership-role"),
+    path(C + "members/", members.MemberListView.as_view(), name="member-list"),
+    path(C + "members/invite/", members.MemberInviteView.as_view(), name="member-invite"),
+    path(
+        C + "members/<int:pk>/role/", members.MembershipRoleView.as_view(), name="membership-role"
+    ),
     path(
         C + "members/<int:pk>/remove/",
-        views.MembershipRemoveView.as_view(),
+        members.MembershipRemoveView.as_view(),
         name="membership-remove",
     ),
     path(
         C + "invitations/<int:pk>/revoke/",
-        views.InvitationRevokeView.as_view(),
+        members.InvitationRevokeView.as_view(),
         name="invitation-revoke",
     ),
     path(
-        "invitations/<str:token>/", views.InvitationAcceptView.as_view(), name="invitation-accept"
+        "invitations/<str:token>/",
+        members.InvitationAcceptView.as_view(),
+        name="invitation-accept",
     ),
     # Agreements.
-    path(C + "agreements/", views.AgreementListView.as_view(), name="agreement-list"),
-    path(C + "agreements/new/", views.AgreementCreateView.as_view(), name="agreement-create"),
-    path(A, views.AgreementDetailView.as_view(), name="agreement-detail"),
-    path(A + "amend/", views.AgreementAmendView.as_view(), name="agreement-amend"),
-    path(A + "withdraw/", views.AgreementWithdrawView.as_view(), name="agreement-withdraw"),
-    path(V, views.VersionDetailView.as_view(), name="version-detail"),
-    path(V + "edit/", views.VersionEditView.as_view(), name="version-edit"),
-    path(V + "publish/", views.VersionPublishView.as_view(), name="version-publish"),
-    path(V + "sign/", views.VersionSignView.as_view(), name="version-sign"),
+    path(C + "agreements/", agreements.AgreementListView.as_view(), name="agreement-list"),
+    path(C + "agreements/new/", agreements.AgreementCreateView.as_view(), name="agreement-create"),
+    path(A, agreements.AgreementDetailView.as_view(), name="agreement-detail"),
+    path(A + "amend/", agreements.AgreementAmendView.as_view(), name="agreement-amend"),
+    path(A + "withdraw/", withdrawals.AgreementWithdrawView.as_view(), name="agreement-withdraw"),
+    path(V, agreements.VersionDetailView.as_view(), name="version-detail"),
+    path(V + "edit/", agreements.VersionEditView.as_view(), name="version-edit"),
+    path(V + "publish/", agreements.VersionPublishView.as_view(), name="version-publish"),
+    path(V + "sign/", agreements.VersionSignView.as_view(), name="version-sign"),
 ]

@@ -14,11 +14,11 @@ import pytest
 from scipy.stats import spearmanr
 
 from training.fl import contribution as C
+from training.jobs.describe import describe_contribution
 from training.jobs.spec import (
     CONTRIBUTION_DEFAULTS,
     SpecError,
     contribution_settings,
-    describe_contribution,
     spec_digest,
     validate_spec,
 )

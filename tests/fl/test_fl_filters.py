@@ -7,18 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from training.fl import filters
-from training.fl.filters import (
-    EXACT_BELOW,
-    FilteredUpdate,
-    Workspace,
-    apply_pipeline,
-    gaussian_noise_,
-    laplace_noise_,
-    svt_gamma,
-    uniform_keys_,
-    validate_filter,
-)
+from training.fl import selection
+from training.fl.filters import FilteredUpdate, apply_pipeline, svt_gamma
+from training.fl.noise import NOISE_CHUNK, gaussian_noise_, laplace_noise_, uniform_keys_
+from training.fl.params import validate_filter
+from training.fl.pipeline_state import Workspace
+from training.fl.selection import EXACT_BELOW
 from training.jobs.accounting import PrivacyEvent, events_for_pipeline
 
 
@@ -203,7 +197,7 @@ def bracket_path(request, monkeypatch):
     """Run a test with the sampled bracket, and again with a bracket that always misses (its
     edges inverted), which must fall back to the exact full partition with the same result."""
     if request.param == "fallback":
-        monkeypatch.setattr(filters, "BRACKET_SIGMAS", -1e9)
+        monkeypatch.setattr(selection, "BRACKET_SIGMAS", -1e9)
     return request.param
 
 
@@ -366,9 +360,9 @@ def test_many_threads_small_chunks_same_result(monkeypatch):
 def test_topk_looks_ahead_for_the_percentile(monkeypatch):
     """top-k followed by percentile_clipping on a large update: one scan finds both."""
     calls = []
-    real = filters._bands
+    real = selection._bands
     monkeypatch.setattr(
-        filters, "_bands", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw)
+        selection, "_bands", lambda *a, **kw: calls.append(len(a[2])) or real(*a, **kw)
     )
     values = torch.randn(EXACT_BELOW * 2, generator=gen(25))
     spec = [
@@ -568,7 +562,7 @@ def test_noise_depends_only_on_the_generator():
     assert torch.equal(a, b) and not torch.equal(a, c)
     # a shorter draw is a prefix of a longer one: chunks depend on position, not on threads
     d = gaussian_noise_(torch.empty(300_000), 1.0, gen(33))
-    assert torch.equal(d[: filters.NOISE_CHUNK], a[: filters.NOISE_CHUNK])
+    assert torch.equal(d[:NOISE_CHUNK], a[:NOISE_CHUNK])
 
 
 def test_noise_only_on_shared_coordinates():

@@ -5,19 +5,14 @@ the errors a client must be able to act on."""
 import datetime as dt
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 from django.core import mail
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
-from rest_framework.test import APIClient
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.governance import services
 from consortium.governance.models import (
     AgreementVersion,
     Institution,
@@ -27,6 +22,17 @@ from consortium.governance.models import (
     Signature,
     Withdrawal,
 )
+from consortium.governance.services.agreements import (
+    agreement_amend,
+    agreement_create,
+    agreement_version_publish,
+    version_digest,
+)
+from consortium.governance.services.institutions import institution_create, key_fingerprint
+from consortium.governance.services.members import _hash_token, invitation_create
+from tests.support.api_client import api
+from tests.support.keys import ed25519_pem, rsa_pem
+from tests.support.ledger_checks import LedgerWatch
 
 TODAY = dt.date.today()
 TERMS = {
@@ -42,47 +48,17 @@ TERMS = {
 }
 
 
-def api(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_login(user)
-    return client
-
-
-class LedgerWatch:
-    """Asserts that a block of work appended exactly one entry of one event."""
-
-    def __init__(self):
-        self.before = LedgerEntry.objects.count()
-
-    def assert_one(self, event: str) -> LedgerEntry:
-        entries = list(LedgerEntry.objects.order_by("seq")[self.before :])
-        assert [e.event for e in entries] == [event]
-        assert verify_chain().ok
-        return entries[0]
-
-    def assert_none(self):
-        assert LedgerEntry.objects.count() == self.before
-
-
-def ed25519_pem() -> str:
-    key = Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-
-
 def draft(cast, **overrides):
     values = {**TERMS, **overrides}
     values["valid_from"] = dt.date.fromisoformat(values["valid_from"])
     values["valid_until"] = dt.date.fromisoformat(values["valid_until"])
-    return services.agreement_create(
+    return agreement_create(
         acting_user=cast.admin, consortium=cast.consortium, title="DUA", **values
     )
 
 
 def published(cast):
-    return services.agreement_version_publish(acting_user=cast.admin, version=draft(cast))
+    return agreement_version_publish(acting_user=cast.admin, version=draft(cast))
 
 
 def sign_body(cast, version, user=None, institution=None):
@@ -132,7 +108,7 @@ def test_steward_registers_worker_key(cast):
     assert response.status_code == 200, response.json()
     cast.hospital_a.refresh_from_db()
     assert cast.hospital_a.worker_public_key == pem.strip()
-    assert response.json()["worker_key_fingerprint"] == services.key_fingerprint(pem.strip())
+    assert response.json()["worker_key_fingerprint"] == key_fingerprint(pem.strip())
     entry = watch.assert_one(ledger_events.INSTITUTION_UPDATED)
     assert "worker_key_fingerprint" in entry.payload_text
 
@@ -141,15 +117,7 @@ def test_steward_registers_worker_key(cast):
     "pem, message",
     [
         ("not a key", "Not a PEM-encoded public key"),
-        (
-            generate_private_key(public_exponent=65537, key_size=1024)
-            .public_key()
-            .public_bytes(
-                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-            )
-            .decode(),
-            "Ed25519",
-        ),
+        (rsa_pem(key_size=1024), "Ed25519"),
     ],
     ids=["garbage", "rsa"],
 )
@@ -235,7 +203,7 @@ def test_invite_sends_the_token_by_email_only(cast, django_capture_on_commit_cal
     assert len(mail.outbox) == 1
     token = mail.outbox[0].body.split("/invitations/")[1].split("/")[0]
     assert token not in response.content.decode()
-    assert services._hash_token(token) == invitation.token_hash
+    assert _hash_token(token) == invitation.token_hash
 
 
 def test_institution_role_needs_an_institution(cast):
@@ -249,7 +217,7 @@ def test_institution_role_needs_an_institution(cast):
 
 
 def test_revoke_invitation(cast):
-    invitation, _ = services.invitation_create(
+    invitation, _ = invitation_create(
         acting_user=cast.admin, consortium=cast.consortium, email="x@example.org", role="auditor"
     )
     watch = LedgerWatch()
@@ -262,7 +230,7 @@ def test_revoke_invitation(cast):
 
 
 def test_accept_invitation(cast):
-    invitation, token = services.invitation_create(
+    invitation, token = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         institution=cast.hospital_b,
@@ -285,7 +253,7 @@ def test_accept_invitation(cast):
 
 
 def test_accept_with_the_wrong_email_is_400(cast):
-    _, token = services.invitation_create(
+    _, token = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email="someone@example.org",
@@ -307,7 +275,7 @@ def test_accept_an_unknown_token_is_400(cast):
 
 
 def test_accept_expired_or_used_is_409(cast):
-    invitation, token = services.invitation_create(
+    invitation, token = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email=cast.outsider.email,
@@ -322,7 +290,7 @@ def test_accept_expired_or_used_is_409(cast):
     assert response.json()["code"] == "invitation_expired"
     watch.assert_none()
 
-    invitation2, token2 = services.invitation_create(
+    invitation2, token2 = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email=cast.outsider.email,
@@ -402,11 +370,7 @@ def test_publish(cast):
     assert response.status_code == 200, response.json()
     version.refresh_from_db()
     assert version.is_published
-    assert (
-        response.json()["content_digest"]
-        == version.content_digest
-        == services.version_digest(version)
-    )
+    assert response.json()["content_digest"] == version.content_digest == version_digest(version)
     watch.assert_one(ledger_events.AGREEMENT_PUBLISHED)
 
 
@@ -452,8 +416,8 @@ def test_stale_signature_is_409_and_writes_nothing(cast):
 
 def test_signing_a_superseded_version_is_409(cast):
     version = published(cast)
-    amendment = services.agreement_amend(acting_user=cast.admin, agreement=version.agreement)
-    services.agreement_version_publish(acting_user=cast.admin, version=amendment)
+    amendment = agreement_amend(acting_user=cast.admin, agreement=version.agreement)
+    agreement_version_publish(acting_user=cast.admin, version=amendment)
     response = api(cast.approver).post(
         f"/api/agreement-versions/{version.pk}/sign/", sign_body(cast, version), format="json"
     )
@@ -602,16 +566,14 @@ def _queries(user, url) -> int:
 
 def test_lists_do_not_query_per_row(cast):
     def add(n):
-        services.institution_create(
-            acting_user=cast.admin, consortium=cast.consortium, name=f"Extra {n}"
-        )
-        services.invitation_create(
+        institution_create(acting_user=cast.admin, consortium=cast.consortium, name=f"Extra {n}")
+        invitation_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             email=f"extra{n}@example.org",
             role=Role.AUDITOR,
         )
-        services.agreement_version_publish(acting_user=cast.admin, version=draft(cast))
+        agreement_version_publish(acting_user=cast.admin, version=draft(cast))
 
     add(0)
     before = {url: _queries(cast.admin, url) for url in LISTS}

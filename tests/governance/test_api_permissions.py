@@ -6,32 +6,28 @@ give the same 404."""
 
 import datetime as dt
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 from django.urls import reverse
-from rest_framework.test import APIClient, APIRequestFactory, force_authenticate
+from rest_framework.test import APIRequestFactory, force_authenticate
 
 from audit import api_urls as audit_api_urls
 from audit.models import LedgerEntry
-from consortium.governance import services
 from consortium.governance.api import urls as governance_api_urls
 from consortium.governance.api.views import InstitutionViewSet
 from consortium.governance.models import Membership, Role
+from consortium.governance.services.agreements import agreement_create, agreement_version_publish
+from consortium.governance.services.institutions import consortium_create, institution_create
+from consortium.governance.services.members import invitation_create
+from tests.support.api_client import client_for
 from tests.support.factories import UserFactory
+from tests.support.permission_matrix import BASE_PERSONAS, api_codes, assert_api_answer
 from training import api_urls as training_api_urls
 
-PERSONAS = [
-    "anonymous",
-    "outsider",
-    "other_member",
-    "approver",
-    "auditor",
-    "admin",
-    "inst_admin",
-    "steward",
-]
+PERSONAS = [*BASE_PERSONAS, "inst_admin", "steward"]
 TODAY = dt.date.today()
 TERMS = {
     "purpose": "Train a tumour classifier on tabular features.",
@@ -61,7 +57,7 @@ class Scene:
 @pytest.fixture
 def scene(cast):
     def create(title):
-        return services.agreement_create(
+        return agreement_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             title=title,
@@ -72,9 +68,9 @@ def scene(cast):
             },
         )
 
-    published = services.agreement_version_publish(acting_user=cast.admin, version=create("A"))
+    published = agreement_version_publish(acting_user=cast.admin, version=create("A"))
     draft = create("B")
-    invitation, token = services.invitation_create(
+    invitation, token = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         institution=cast.hospital_a,
@@ -84,21 +80,8 @@ def scene(cast):
     return Scene(cast, published, draft, invitation, token)
 
 
-def client_for(scene, who) -> APIClient:
-    client = APIClient()
-    user = scene.user(who)
-    if user is not None:
-        client.force_login(user)
-    return client
-
-
-def expect(default, *, anonymous=403, outsider=None, **overrides) -> dict[str, int]:
-    """Exact codes for every persona: ``default`` for members unless overridden."""
-    codes = {p: default for p in PERSONAS}
-    codes["anonymous"] = anonymous
-    codes["outsider"] = default if outsider is None else outsider
-    codes.update(overrides)
-    return codes
+#: ``expect(default, *, anonymous=403, outsider=None, **overrides)``: codes for PERSONAS.
+expect = partial(api_codes, PERSONAS)
 
 
 def researcher_membership(s):
@@ -297,12 +280,7 @@ def request(scene, who, method, url_fn, body_fn):
 @pytest.mark.parametrize("who", PERSONAS)
 @pytest.mark.parametrize("name, method, url_fn, body_fn, codes", CASES, ids=[c[0] for c in CASES])
 def test_matrix(scene, who, name, method, url_fn, body_fn, codes):
-    response = request(scene, who, method, url_fn, body_fn)
-    assert response.status_code == codes[who], (
-        response.content if hasattr(response, "content") else response
-    )
-    if response.status_code == 404:
-        assert response.json() == {"detail": "Not found."}
+    assert_api_answer(request(scene, who, method, url_fn, body_fn), codes[who])
 
 
 def test_every_routed_action_is_in_its_permission_map():
@@ -412,12 +390,10 @@ LISTS = [
 def elsewhere(db):
     """A second consortium, with its own people and paperwork."""
     boss = UserFactory(username="boss")
-    other = services.consortium_create(acting_user=boss, name="Elsewhere")
-    hospital = services.institution_create(acting_user=boss, consortium=other, name="Hospital X")
-    services.invitation_create(
-        acting_user=boss, consortium=other, email="x@example.org", role=Role.AUDITOR
-    )
-    services.agreement_create(
+    other = consortium_create(acting_user=boss, name="Elsewhere")
+    hospital = institution_create(acting_user=boss, consortium=other, name="Hospital X")
+    invitation_create(acting_user=boss, consortium=other, email="x@example.org", role=Role.AUDITOR)
+    agreement_create(
         acting_user=boss,
         consortium=other,
         title="Elsewhere DUA",

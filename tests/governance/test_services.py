@@ -3,9 +3,6 @@
 import datetime as dt
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.hazmat.primitives.asymmetric.rsa import generate_private_key
 from django.core.exceptions import ValidationError
 from django.utils import timezone
 
@@ -13,10 +10,33 @@ from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError, ServiceError
-from consortium.governance import services
 from consortium.governance.models import Membership, Role, Signature
 from consortium.governance.selectors import agreement_status
+from consortium.governance.services.agreements import (
+    agreement_amend,
+    agreement_create,
+    agreement_sign,
+    agreement_version_publish,
+    agreement_version_update,
+    version_digest,
+)
+from consortium.governance.services.institutions import (
+    institution_create,
+    institution_update,
+    key_fingerprint,
+)
+from consortium.governance.services.members import (
+    invitation_accept,
+    invitation_accept_with_new_account,
+    invitation_create,
+    invitation_revoke,
+    membership_change_role,
+    membership_remove,
+)
+from consortium.governance.services.withdrawals import consent_withdraw
+from tests.support.agreements import sign
 from tests.support.factories import UserFactory
+from tests.support.keys import ed25519_pem, rsa_pem
 
 TERMS = dict(
     purpose="Tumour classification",
@@ -36,28 +56,10 @@ def last_event():
 
 
 def publish(cast, **overrides):
-    version = services.agreement_create(
+    version = agreement_create(
         acting_user=cast.admin, consortium=cast.consortium, title="DUA", **{**TERMS, **overrides}
     )
-    return services.agreement_version_publish(acting_user=cast.admin, version=version)
-
-
-def sign(cast, version, user, institution):
-    return services.agreement_sign(
-        acting_user=user,
-        version=version,
-        institution=institution,
-        typed_name=user.get_full_name(),
-        confirmed=True,
-        expected_digest=version.content_digest,
-    )
-
-
-def ed25519_pem():
-    key = Ed25519PrivateKey.generate().public_key()
-    return key.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
+    return agreement_version_publish(acting_user=cast.admin, version=version)
 
 
 def test_every_governance_action_is_one_ledger_entry(cast):
@@ -65,7 +67,7 @@ def test_every_governance_action_is_one_ledger_entry(cast):
     version = publish(cast)
     assert LedgerEntry.objects.count() == before + 2  # drafted, published
     assert last_event() == ledger_events.AGREEMENT_PUBLISHED
-    sign(cast, version, cast.approver, cast.hospital_a)
+    sign(version, cast.approver, cast.hospital_a)
     assert last_event() == ledger_events.AGREEMENT_SIGNED
     entry = LedgerEntry.objects.order_by("-seq").first()
     assert entry.institution_slug == cast.hospital_a.slug
@@ -79,9 +81,9 @@ def test_agreement_in_force_only_when_every_institution_signed_within_dates(cast
     status = agreement_status(version.agreement)
     assert not status.in_force
     assert "Hospital A" in status.reasons[0] and "Hospital B" in status.reasons[0]
-    sign(cast, version, cast.approver, cast.hospital_a)
+    sign(version, cast.approver, cast.hospital_a)
     assert not agreement_status(version.agreement).in_force
-    sign(cast, version, cast.approver_b, cast.hospital_b)
+    sign(version, cast.approver_b, cast.hospital_b)
     status = agreement_status(version.agreement)
     assert status.in_force, status.reasons
     later = version.valid_until + dt.timedelta(days=1)
@@ -90,32 +92,32 @@ def test_agreement_in_force_only_when_every_institution_signed_within_dates(cast
 
 def test_amendment_needs_new_signatures(cast):
     version = publish(cast)
-    sign(cast, version, cast.approver, cast.hospital_a)
-    sign(cast, version, cast.approver_b, cast.hospital_b)
-    draft = services.agreement_amend(acting_user=cast.admin, agreement=version.agreement)
+    sign(version, cast.approver, cast.hospital_a)
+    sign(version, cast.approver_b, cast.hospital_b)
+    draft = agreement_amend(acting_user=cast.admin, agreement=version.agreement)
     assert agreement_status(version.agreement).in_force  # the draft changes nothing yet
-    services.agreement_version_update(acting_user=cast.admin, version=draft, epsilon_cap="4")
-    v2 = services.agreement_version_publish(acting_user=cast.admin, version=draft)
+    agreement_version_update(acting_user=cast.admin, version=draft, epsilon_cap="4")
+    v2 = agreement_version_publish(acting_user=cast.admin, version=draft)
     assert v2.content_digest != version.content_digest
     status = agreement_status(version.agreement)
     assert status.version == v2 and not status.in_force
     with pytest.raises(ConflictError, match="superseded"):
-        sign(cast, version, cast.approver, cast.hospital_a)
+        sign(version, cast.approver, cast.hospital_a)
 
 
 def test_published_version_is_immutable(cast):
     version = publish(cast)
     with pytest.raises(ConflictError, match="cannot change"):
-        services.agreement_version_update(acting_user=cast.admin, version=version, text="new")
+        agreement_version_update(acting_user=cast.admin, version=version, text="new")
     version.refresh_from_db()
     assert version.text == TERMS["text"]
 
 
 def test_digest_binds_terms_and_text(cast):
     version = publish(cast)
-    assert version.content_digest == services.version_digest(version)
+    assert version.content_digest == version_digest(version)
     version.text += " "
-    assert services.version_digest(version) != version.content_digest
+    assert version_digest(version) != version.content_digest
 
 
 @pytest.mark.parametrize(
@@ -132,7 +134,7 @@ def test_digest_binds_terms_and_text(cast):
 )
 def test_bad_terms_are_refused_naming_the_field(cast, overrides, field):
     with pytest.raises(ValidationError) as excinfo:
-        services.agreement_create(
+        agreement_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             title="DUA",
@@ -144,7 +146,7 @@ def test_bad_terms_are_refused_naming_the_field(cast, overrides, field):
 def test_signing_rules(cast):
     version = publish(cast)
     with pytest.raises(ValidationError) as excinfo:
-        services.agreement_sign(
+        agreement_sign(
             acting_user=cast.approver,
             version=version,
             institution=cast.hospital_a,
@@ -153,7 +155,7 @@ def test_signing_rules(cast):
         )
     assert "typed_name" in excinfo.value.message_dict
     with pytest.raises(ValidationError):
-        services.agreement_sign(
+        agreement_sign(
             acting_user=cast.approver,
             version=version,
             institution=cast.hospital_a,
@@ -161,9 +163,9 @@ def test_signing_rules(cast):
             confirmed=False,
         )
     with pytest.raises(ServiceError, match="Only an approver"):
-        sign(cast, version, cast.approver, cast.hospital_b)
+        sign(version, cast.approver, cast.hospital_b)
     with pytest.raises(ConflictError, match="changed since"):
-        services.agreement_sign(
+        agreement_sign(
             acting_user=cast.approver,
             version=version,
             institution=cast.hospital_a,
@@ -171,32 +173,32 @@ def test_signing_rules(cast):
             confirmed=True,
             expected_digest="0" * 64,
         )
-    sign(cast, version, cast.approver, cast.hospital_a)
+    sign(version, cast.approver, cast.hospital_a)
     with pytest.raises(ConflictError, match="already signed"):
-        sign(cast, version, cast.approver, cast.hospital_a)
+        sign(version, cast.approver, cast.hospital_a)
     assert Signature.objects.count() == 1
 
 
 def test_draft_cannot_be_signed(cast):
-    draft = services.agreement_create(
+    draft = agreement_create(
         acting_user=cast.admin, consortium=cast.consortium, title="DUA", **TERMS
     )
     with pytest.raises(ConflictError, match="draft"):
-        sign(cast, draft, cast.approver, cast.hospital_a)
+        sign(draft, cast.approver, cast.hospital_a)
 
 
 def test_withdrawal_blocks_the_institution(cast):
     version = publish(cast)
-    sign(cast, version, cast.approver, cast.hospital_a)
-    sign(cast, version, cast.approver_b, cast.hospital_b)
+    sign(version, cast.approver, cast.hospital_a)
+    sign(version, cast.approver_b, cast.hospital_b)
     with pytest.raises(ValidationError):
-        services.consent_withdraw(
+        consent_withdraw(
             acting_user=cast.approver_b,
             agreement=version.agreement,
             institution=cast.hospital_b,
             reason="no",
         )
-    services.consent_withdraw(
+    consent_withdraw(
         acting_user=cast.approver_b,
         agreement=version.agreement,
         institution=cast.hospital_b,
@@ -207,7 +209,7 @@ def test_withdrawal_blocks_the_institution(cast):
     assert status.eligible_institution_ids == {cast.hospital_a.pk}
     assert status.in_force  # the others go on under it
     with pytest.raises(ConflictError, match="already withdrawn"):
-        services.consent_withdraw(
+        consent_withdraw(
             acting_user=cast.approver_b,
             agreement=version.agreement,
             institution=cast.hospital_b,
@@ -217,7 +219,7 @@ def test_withdrawal_blocks_the_institution(cast):
 
 def test_invitation_lifecycle(cast, mailoutbox, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True):
-        invitation, token = services.invitation_create(
+        invitation, token = invitation_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             institution=cast.hospital_a,
@@ -229,18 +231,18 @@ def test_invitation_lifecycle(cast, mailoutbox, django_capture_on_commit_callbac
     assert last_event() == ledger_events.MEMBER_INVITED
     stranger = UserFactory(email="someone@example.org")
     with pytest.raises(ServiceError, match="was sent to new.person@example.org"):
-        services.invitation_accept(token=token, user=stranger)
-    membership = services.invitation_accept_with_new_account(
+        invitation_accept(token=token, user=stranger)
+    membership = invitation_accept_with_new_account(
         token=token, username="newperson", password="a-long-pass-phrase-9", full_name="New Person"
     )
     assert membership.role == Role.APPROVER and membership.institution == cast.hospital_a
     assert last_event() == ledger_events.MEMBER_JOINED
     with pytest.raises(ConflictError, match="already been accepted"):
-        services.invitation_accept(token=token, user=membership.user)
+        invitation_accept(token=token, user=membership.user)
 
 
 def test_expired_and_revoked_invitations(cast):
-    invitation, token = services.invitation_create(
+    invitation, token = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email="late@example.org",
@@ -250,31 +252,31 @@ def test_expired_and_revoked_invitations(cast):
     invitation.save()
     user = UserFactory(email="late@example.org")
     with pytest.raises(ConflictError, match="expired"):
-        services.invitation_accept(token=token, user=user)
-    invitation2, token2 = services.invitation_create(
+        invitation_accept(token=token, user=user)
+    invitation2, token2 = invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email="late@example.org",
         role=Role.AUDITOR,
     )
-    services.invitation_revoke(acting_user=cast.admin, invitation=invitation2)
+    invitation_revoke(acting_user=cast.admin, invitation=invitation2)
     with pytest.raises(ConflictError, match="revoked"):
-        services.invitation_accept(token=token2, user=user)
+        invitation_accept(token=token2, user=user)
     with pytest.raises(ServiceError, match="not valid"):
-        services.invitation_accept(token="forged", user=user)
+        invitation_accept(token="forged", user=user)
     assert not Membership.objects.filter(user=user).exists()
 
 
 def test_role_scope_is_checked(cast):
     with pytest.raises(ValidationError):
-        services.invitation_create(
+        invitation_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             email="x@example.org",
             role=Role.APPROVER,  # an institution role without an institution
         )
     with pytest.raises(ValidationError):
-        services.invitation_create(
+        invitation_create(
             acting_user=cast.admin,
             consortium=cast.consortium,
             email="x@example.org",
@@ -286,39 +288,31 @@ def test_role_scope_is_checked(cast):
 def test_role_change_and_removal_keep_an_admin(cast):
     admin_membership = Membership.objects.get(user=cast.admin, role=Role.CONSORTIUM_ADMIN)
     with pytest.raises(ConflictError, match="last administrator"):
-        services.membership_remove(acting_user=cast.admin, membership=admin_membership)
+        membership_remove(acting_user=cast.admin, membership=admin_membership)
     with pytest.raises(ConflictError, match="last administrator"):
-        services.membership_change_role(
+        membership_change_role(
             acting_user=cast.admin, membership=admin_membership, role=Role.AUDITOR
         )
     researcher = Membership.objects.get(user=cast.researcher)
-    services.membership_change_role(
-        acting_user=cast.admin, membership=researcher, role=Role.DATA_STEWARD
-    )
+    membership_change_role(acting_user=cast.admin, membership=researcher, role=Role.DATA_STEWARD)
     assert last_event() == ledger_events.MEMBER_ROLE_CHANGED
     assert cast.researcher.has_perm("consortium.change_institution", cast.hospital_a)
-    services.membership_remove(acting_user=cast.admin, membership=researcher)
+    membership_remove(acting_user=cast.admin, membership=researcher)
     assert last_event() == ledger_events.MEMBER_REMOVED
     assert not Membership.objects.filter(user=cast.researcher).exists()
 
 
 def test_worker_public_key_must_be_ed25519(cast):
     pem = ed25519_pem()
-    services.institution_update(
-        acting_user=cast.steward, institution=cast.hospital_a, worker_public_key=pem
-    )
+    institution_update(acting_user=cast.steward, institution=cast.hospital_a, worker_public_key=pem)
     cast.hospital_a.refresh_from_db()
     assert cast.hospital_a.worker_public_key.startswith("-----BEGIN PUBLIC KEY-----")
     entry = LedgerEntry.objects.order_by("-seq").first()
     assert entry.event == ledger_events.INSTITUTION_UPDATED
-    assert services.key_fingerprint(cast.hospital_a.worker_public_key) in entry.payload_text
-    rsa = generate_private_key(public_exponent=65537, key_size=2048).public_key()
-    rsa_pem = rsa.public_bytes(
-        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
-    ).decode()
-    for bad in ("not a key", rsa_pem):
+    assert key_fingerprint(cast.hospital_a.worker_public_key) in entry.payload_text
+    for bad in ("not a key", rsa_pem()):
         with pytest.raises(ValidationError) as excinfo:
-            services.institution_update(
+            institution_update(
                 acting_user=cast.steward, institution=cast.hospital_a, worker_public_key=bad
             )
         assert "worker_public_key" in excinfo.value.message_dict
@@ -326,9 +320,7 @@ def test_worker_public_key_must_be_ed25519(cast):
 
 def test_duplicate_institution_is_a_conflict(cast):
     with pytest.raises(ConflictError):
-        services.institution_create(
-            acting_user=cast.admin, consortium=cast.consortium, name="Hospital A"
-        )
+        institution_create(acting_user=cast.admin, consortium=cast.consortium, name="Hospital A")
 
 
 def test_permissions_follow_memberships(cast):

@@ -9,20 +9,16 @@ from __future__ import annotations
 
 import datetime as dt
 import re
-from contextlib import contextmanager
 from html.parser import HTMLParser
 
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.contrib.auth import get_user_model
 from django.urls import reverse
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
-from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.governance import selectors, services
+from consortium.governance import selectors
 from consortium.governance.models import (
     Agreement,
     AgreementVersion,
@@ -33,6 +29,11 @@ from consortium.governance.models import (
     Signature,
     Withdrawal,
 )
+from consortium.governance.services.agreements import agreement_amend, version_digest
+from consortium.governance.services.institutions import key_fingerprint
+from consortium.governance.services.members import invitation_create
+from tests.support.keys import ed25519_pem
+from tests.support.ledger_checks import ledger_records
 
 pytestmark = pytest.mark.django_db
 
@@ -41,21 +42,6 @@ STRONG_PASSWORD = "quartz-lantern-meadow-91"
 
 
 # --- helpers ---------------------------------------------------------------------------
-
-
-def _last_seq() -> int:
-    last = LedgerEntry.objects.order_by("-seq").values_list("seq", flat=True).first()
-    return last or 0
-
-
-@contextmanager
-def ledger_records(*events: str):
-    """Assert the block appends exactly ``events`` (in order) and the chain verifies."""
-    mark = _last_seq()
-    yield
-    new = list(LedgerEntry.objects.filter(seq__gt=mark).order_by("seq"))
-    assert [e.event for e in new] == list(events)
-    assert verify_chain().ok
 
 
 def u(name: str, **kwargs) -> str:
@@ -113,15 +99,6 @@ def sign_data(cast, who: str, version, **overrides) -> dict:
     return {k: v for k, v in data.items() if v is not None}
 
 
-def ed25519_pem() -> str:
-    return (
-        Ed25519PrivateKey.generate()
-        .public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
 def invite(cast, django_capture_on_commit_callbacks, *, who="admin", **data):
     with django_capture_on_commit_callbacks(execute=True):
         return cast.client_for(who).post(u("member-invite", slug=cast.consortium.slug), data)
@@ -149,7 +126,7 @@ def test_admin_adds_an_institution_with_a_worker_key(cast):
     assert institution.slug == "st-marys"
     assert response.url == u("institution-detail", slug=cast.consortium.slug, inst_slug="st-marys")
     page = client.get(response.url).content.decode()
-    assert services.key_fingerprint(institution.worker_public_key) in page
+    assert key_fingerprint(institution.worker_public_key) in page
 
 
 def test_institution_form_shows_service_errors_and_keeps_input(cast):
@@ -267,7 +244,7 @@ def test_an_invitation_for_another_email_is_refused(
 
 
 def test_expired_revoked_and_unknown_invitations(cast, django_capture_on_commit_callbacks):
-    _, token = services.invitation_create(
+    _, token = invitation_create(
         acting_user=cast.admin, consortium=cast.consortium, email="late@example.org", role="auditor"
     )
     Invitation.objects.filter(email="late@example.org").update(
@@ -284,7 +261,7 @@ def test_expired_revoked_and_unknown_invitations(cast, django_capture_on_commit_
             assert "expired" in response.content.decode()
     assert not User.objects.filter(username="late").exists()
 
-    invitation, token = services.invitation_create(
+    invitation, token = invitation_create(
         acting_user=cast.admin, consortium=cast.consortium, email="gone@example.org", role="auditor"
     )
     with ledger_records(ledger_events.INVITATION_REVOKED):
@@ -387,7 +364,7 @@ def test_the_last_admin_cannot_be_removed(cast):
 
 
 def test_member_list_shows_memberships_and_invitations(cast):
-    services.invitation_create(
+    invitation_create(
         acting_user=cast.admin,
         consortium=cast.consortium,
         email="pending@example.org",
@@ -436,7 +413,7 @@ def test_draft_edit_publish_and_published_is_immutable(cast):
     assert "Publishing freezes" in client.get(publish_url).content.decode()
     with ledger_records(ledger_events.AGREEMENT_PUBLISHED):
         publish_through_form(cast, version)
-    assert version.content_digest == services.version_digest(version)
+    assert version.content_digest == version_digest(version)
 
     immutable = client.get(edit_url)
     assert "published and immutable" in immutable.content.decode()
@@ -629,9 +606,9 @@ class _FormControls(HTMLParser):
 
 def test_every_form_control_has_a_label(cast):
     version = publish_through_form(cast, draft_through_form(cast))
-    services.agreement_amend(acting_user=cast.admin, agreement=version.agreement)
+    agreement_amend(acting_user=cast.admin, agreement=version.agreement)
     draft = version.agreement.versions.get(number=2)
-    _, token = services.invitation_create(
+    _, token = invitation_create(
         acting_user=cast.admin, consortium=cast.consortium, email="x@example.org", role="auditor"
     )
     slug = cast.consortium.slug
@@ -667,7 +644,7 @@ def test_the_slug_of_the_add_page_is_reserved(cast):
 def test_the_dashboards_institutions_table_filters_sorts_and_pages_on_the_server(cast):
     import re
 
-    from consortium.governance import tables
+    from consortium.dashboard import tables
 
     url = f"/consortia/{cast.consortium.slug}/"
     client = cast.client_for("admin")

@@ -3,20 +3,31 @@ refused for each term of the agreement (with the problems a client can act on),
 each approver's decision, stale decisions, drafts, cancellation; every action's
 ledger entries, and a chain that still verifies."""
 
-import datetime as dt
 import json
 
 import pytest
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
-from rest_framework.test import APIClient
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.governance import services as governance
 from consortium.governance.models import Notification
-from training.jobs import services
+from consortium.governance.services.agreements import agreement_amend, agreement_version_publish
+from consortium.governance.services.withdrawals import consent_withdraw
+from tests.support.agreements import sign
+from tests.support.api_client import api
+from tests.support.job_api import (
+    DATASET,
+    GAUSSIAN,
+    agreement_and_datasets_in_force,
+    decide_body,
+    logistic_spec,
+    propose_logistic,
+)
+from tests.support.ledger_checks import LedgerWatch
+from training.jobs.datasets import dataset_register
+from training.jobs.proposals import job_create_draft
 from training.models import (
     Approval,
     JobParticipant,
@@ -26,110 +37,10 @@ from training.models import (
     TrainingJob,
 )
 
-TODAY = dt.date.today()
-TERMS = dict(
-    purpose="Train a tumour classifier on tabular features.",
-    permitted_model_families=["linear", "mlp"],
-    max_shared_fraction="0.4",
-    required_dp_mechanism="gaussian",
-    epsilon_cap="8",
-    delta="0.00001",
-    valid_from=TODAY - dt.timedelta(days=1),
-    valid_until=TODAY + dt.timedelta(days=365),
-    text="The parties share model updates only, never patient data.",
-)
-DATASET = dict(
-    key="tumours",
-    description="Tumour features from biopsies, 2015-2023.",
-    modality="tabular",
-    num_records=1000,
-    input_shape=[30],
-    n_classes=2,
-)
-GAUSSIAN = {"filter": "gaussian_noise", "noise_multiplier": 3.0, "clip_norm": 1.0}
-
-
-def make_spec(**overrides) -> dict:
-    """A compliant spec: each site spends ε ≈ 5.02 of its cap of 8 (two fit, three do not)."""
-    spec = {
-        "purpose": "classification",
-        "participants": ["hospital-a", "hospital-b"],
-        "dataset_key": "tumours",
-        "model": {"name": "logistic_regression"},
-        "rounds": 10,
-        "optimizer": {"name": "sgd", "lr": 0.05},
-        "privacy_pipeline": [{"filter": "partial_sharing", "fraction": 0.4}, GAUSSIAN],
-    }
-    spec.update(overrides)
-    return spec
-
-
-def api(user=None) -> APIClient:
-    client = APIClient()
-    if user is not None:
-        client.force_login(user)
-    return client
-
-
-def sign(version, user, institution):
-    return governance.agreement_sign(
-        acting_user=user,
-        version=version,
-        institution=institution,
-        typed_name=user.get_full_name(),
-        confirmed=True,
-        expected_digest=version.content_digest,
-    )
-
-
-def agreement_in_force(cast):
-    """A published agreement signed by both hospitals, and the data set each offers."""
-    version = governance.agreement_create(
-        acting_user=cast.admin, consortium=cast.consortium, title="DUA", **TERMS
-    )
-    version = governance.agreement_version_publish(acting_user=cast.admin, version=version)
-    sign(version, cast.approver, cast.hospital_a)
-    sign(version, cast.approver_b, cast.hospital_b)
-    services.dataset_register(acting_user=cast.steward, institution=cast.hospital_a, **DATASET)
-    services.dataset_register(acting_user=cast.admin, institution=cast.hospital_b, **DATASET)
-    return version
-
-
-def propose(cast, user=None, **spec_overrides) -> TrainingJob:
-    return services.job_propose(
-        acting_user=user or cast.researcher,
-        consortium=cast.consortium,
-        title="Tumour classifier",
-        spec=make_spec(**spec_overrides),
-    )
-
-
-def decide_body(job, institution, decision="approved", reason=""):
-    return {
-        "institution": institution.slug,
-        "decision": decision,
-        "reason": reason,
-        "spec_digest": job.spec_digest,
-        "agreement_version": job.agreement_version_id,
-    }
-
-
-class LedgerWatch:
-    """Asserts which ledger entries a block of work appended, and that the chain holds."""
-
-    def __init__(self):
-        self.before = LedgerEntry.objects.count()
-
-    def assert_events(self, *events: str) -> list[LedgerEntry]:
-        entries = list(LedgerEntry.objects.order_by("seq")[self.before :])
-        assert [e.event for e in entries] == list(events)
-        assert verify_chain().ok
-        return entries
-
 
 @pytest.fixture
 def version(cast):
-    return agreement_in_force(cast)
+    return agreement_and_datasets_in_force(cast)
 
 
 def post_job(cast, user=None, draft=False, **spec_overrides):
@@ -138,7 +49,7 @@ def post_job(cast, user=None, draft=False, **spec_overrides):
         {
             "consortium": cast.consortium.slug,
             "title": "Tumour classifier",
-            "spec": make_spec(**spec_overrides),
+            "spec": logistic_spec(**spec_overrides),
             "draft": draft,
         },
         format="json",
@@ -213,7 +124,7 @@ def test_duplicate_data_set_key_is_409(cast, version):
 
 
 def test_a_data_set_in_use_cannot_be_removed(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     dataset = SiteDataset.objects.get(institution=cast.hospital_a, key="tumours")
     watch = LedgerWatch()
     response = api(cast.steward).delete(f"/api/datasets/{dataset.pk}/")
@@ -254,7 +165,7 @@ def test_propose_a_job(cast, version):
 
 
 def test_retrieve_matches_what_the_list_shows(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     client = api(cast.auditor)
     detail = client.get(f"/api/jobs/{job.pk}/").json()
     row = client.get("/api/jobs/").json()["results"][0]
@@ -265,9 +176,9 @@ def test_retrieve_matches_what_the_list_shows(cast, version):
 
 
 def test_job_list_filters(cast, version):
-    job = propose(cast)
-    services.job_create_draft(
-        acting_user=cast.researcher, consortium=cast.consortium, title="Draft", spec=make_spec()
+    job = propose_logistic(cast)
+    job_create_draft(
+        acting_user=cast.researcher, consortium=cast.consortium, title="Draft", spec=logistic_spec()
     )
     client = api(cast.admin)
     assert client.get("/api/jobs/").json()["count"] == 2
@@ -320,7 +231,7 @@ def test_proposal_breaking_a_term_is_409_with_problems(
 
 
 def test_proposal_without_the_data_set_names_the_institution(cast, version):
-    services.dataset_register(
+    dataset_register(
         acting_user=cast.steward,
         institution=cast.hospital_a,
         **{**DATASET, "key": "only-at-a"},
@@ -333,7 +244,7 @@ def test_proposal_without_the_data_set_names_the_institution(cast, version):
 
 
 def test_proposal_over_budget_gives_projection_cap_and_spent(cast, version):
-    first = propose(cast)  # ε ≈ 5.02 at each site
+    first = propose_logistic(cast)  # ε ≈ 5.02 at each site
     watch = LedgerWatch()
     heavier = [
         {"filter": "partial_sharing", "fraction": 0.4},
@@ -353,7 +264,7 @@ def test_proposal_over_budget_gives_projection_cap_and_spent(cast, version):
 
 
 def test_proposal_with_a_withdrawn_institution_is_refused(cast, version):
-    governance.consent_withdraw(
+    consent_withdraw(
         acting_user=cast.approver_b,
         agreement=version.agreement,
         institution=cast.hospital_b,
@@ -371,8 +282,8 @@ def test_proposal_with_a_withdrawn_institution_is_refused(cast, version):
 def test_proposal_with_an_unsigned_amendment_names_who_has_not_signed(cast, version):
     """An amendment signed by hospital A only: no agreement is in force, and the
     refusal names hospital B's missing signature."""
-    amendment = governance.agreement_amend(acting_user=cast.admin, agreement=version.agreement)
-    amendment = governance.agreement_version_publish(acting_user=cast.admin, version=amendment)
+    amendment = agreement_amend(acting_user=cast.admin, agreement=version.agreement)
+    amendment = agreement_version_publish(acting_user=cast.admin, version=amendment)
     sign(amendment, cast.approver, cast.hospital_a)
     watch = LedgerWatch()
     problems = problems_of(post_job(cast))
@@ -384,7 +295,7 @@ def test_proposal_with_an_unsigned_amendment_names_who_has_not_signed(cast, vers
 
 
 def test_proposal_without_an_agreement_in_force(cast):
-    services.dataset_register(acting_user=cast.steward, institution=cast.hospital_a, **DATASET)
+    dataset_register(acting_user=cast.steward, institution=cast.hospital_a, **DATASET)
     problems = problems_of(post_job(cast))
     assert [p["term"] for p in problems] == ["agreement"]
 
@@ -427,7 +338,7 @@ def test_spec_must_be_an_object(cast, version):
 
 
 def test_every_approver_approves_and_the_job_is_approved(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     watch = LedgerWatch()
     response = api(cast.approver).post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, cast.hospital_a), format="json"
@@ -459,7 +370,7 @@ def test_every_approver_approves_and_the_job_is_approved(cast, version):
 
 
 def test_a_rejection_with_its_reason_rejects_the_job(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     client = api(cast.approver_b)
     no_reason = client.post(
         f"/api/jobs/{job.pk}/decide/",
@@ -488,11 +399,11 @@ def test_a_rejection_with_its_reason_rejects_the_job(cast, version):
 
 
 def test_a_stale_decision_is_409_and_records_nothing(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     seen = decide_body(job, cast.hospital_a)
     watch = LedgerWatch()
     response = api(cast.researcher).patch(
-        f"/api/jobs/{job.pk}/", {"spec": make_spec(rounds=8)}, format="json"
+        f"/api/jobs/{job.pk}/", {"spec": logistic_spec(rounds=8)}, format="json"
     )
     assert response.status_code == 200, response.json()
     assert response.json()["spec_digest"] != job.spec_digest
@@ -507,11 +418,13 @@ def test_a_stale_decision_is_409_and_records_nothing(cast, version):
 
 
 def test_a_change_voids_earlier_approvals_in_the_history(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     api(cast.approver).post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, cast.hospital_a), format="json"
     )
-    api(cast.researcher).patch(f"/api/jobs/{job.pk}/", {"spec": make_spec(rounds=8)}, format="json")
+    api(cast.researcher).patch(
+        f"/api/jobs/{job.pk}/", {"spec": logistic_spec(rounds=8)}, format="json"
+    )
     job.refresh_from_db()
     api(cast.approver).post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, cast.hospital_a), format="json"
@@ -528,7 +441,7 @@ def test_a_change_voids_earlier_approvals_in_the_history(cast, version):
 
 
 def test_an_approver_decides_only_for_their_own_institution(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     watch = LedgerWatch()
     response = api(cast.approver).post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, cast.hospital_b), format="json"
@@ -539,11 +452,11 @@ def test_an_approver_decides_only_for_their_own_institution(cast, version):
 
 
 def test_a_non_compliant_change_is_409_with_problems(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     watch = LedgerWatch()
     response = api(cast.researcher).patch(
         f"/api/jobs/{job.pk}/",
-        {"spec": make_spec(privacy_pipeline=[{"filter": "partial_sharing", "fraction": 0.4}])},
+        {"spec": logistic_spec(privacy_pipeline=[{"filter": "partial_sharing", "fraction": 0.4}])},
         format="json",
     )
     assert [p["term"] for p in problems_of(response)] == ["dp_mechanism"]
@@ -586,11 +499,11 @@ def test_save_a_draft_then_submit_it(cast, version):
 
 
 def test_submitting_a_non_compliant_draft_is_409_with_problems(cast, version):
-    draft = services.job_create_draft(
+    draft = job_create_draft(
         acting_user=cast.researcher,
         consortium=cast.consortium,
         title="Draft",
-        spec=make_spec(dataset_key="nowhere"),
+        spec=logistic_spec(dataset_key="nowhere"),
     )
     watch = LedgerWatch()
     problems = problems_of(api(cast.researcher).post(f"/api/jobs/{draft.pk}/submit/"))
@@ -604,7 +517,7 @@ def test_submitting_a_non_compliant_draft_is_409_with_problems(cast, version):
 
 
 def test_cancel_a_job(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     client = api(cast.researcher)
     assert client.post(f"/api/jobs/{job.pk}/cancel/", {"reason": ""}, format="json").json() == {
         "reason": ["This field may not be blank."]
@@ -627,7 +540,7 @@ def test_cancel_a_job(cast, version):
 
 
 def test_inbox_lists_what_waits_on_the_approver(cast, version):
-    job = propose(cast)
+    job = propose_logistic(cast)
     inbox = api(cast.approver).get("/api/approvals/inbox/").json()
     assert inbox["count"] == 1
     (item,) = inbox["results"]
@@ -645,8 +558,8 @@ def test_inbox_lists_what_waits_on_the_approver(cast, version):
 
 
 def test_notifications_and_mark_read(cast, version):
-    first = propose(cast)
-    propose(cast, rounds=2)
+    first = propose_logistic(cast)
+    propose_logistic(cast, rounds=2)
     client = api(cast.approver)
     listed = client.get("/api/notifications/").json()
     assert listed["count"] == 2
@@ -678,11 +591,11 @@ def test_job_list_query_count_does_not_grow(cast, version):
         assert response.status_code == 200
         return len(ctx.captured_queries), response.json()["count"]
 
-    propose(cast, rounds=1, privacy_pipeline=light)
+    propose_logistic(cast, rounds=1, privacy_pipeline=light)
     one, count = queries()
     assert count == 1
     for rounds in range(2, 6):
-        propose(cast, rounds=rounds, privacy_pipeline=light)
+        propose_logistic(cast, rounds=rounds, privacy_pipeline=light)
     five, count = queries()
     assert count == 5
     assert five == one

@@ -5,34 +5,29 @@ the user may not act on all give the same 404; lists show only what the user
 may see."""
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import pytest
-from rest_framework.test import APIClient
 
-from consortium.governance import services as governance
 from consortium.governance.models import Notification
-from tests.jobs.test_api_training import (
-    DATASET,
-    agreement_in_force,
-    decide_body,
-    make_spec,
-    propose,
-)
+from consortium.governance.services.institutions import consortium_create, institution_create
+from tests.support.api_client import client_for
 from tests.support.factories import UserFactory
-from training.jobs import services
+from tests.support.job_api import (
+    DATASET,
+    agreement_and_datasets_in_force,
+    decide_body,
+    logistic_spec,
+    propose_logistic,
+)
+from tests.support.permission_matrix import BASE_PERSONAS, api_codes, assert_api_answer
+from training.jobs.datasets import dataset_register
+from training.jobs.notifications import notify
+from training.jobs.proposals import job_create_draft
 from training.models import SiteDataset, TrainingJob
 
-PERSONAS = [
-    "anonymous",
-    "outsider",
-    "other_member",
-    "approver",
-    "auditor",
-    "admin",
-    "steward",
-    "researcher",
-]
+PERSONAS = [*BASE_PERSONAS, "steward", "researcher"]
 
 
 @dataclass
@@ -49,40 +44,27 @@ class Scene:
 
 @pytest.fixture
 def scene(cast):
-    agreement_in_force(cast)
-    spare = services.dataset_register(
+    agreement_and_datasets_in_force(cast)
+    spare = dataset_register(
         acting_user=cast.steward, institution=cast.hospital_a, **{**DATASET, "key": "spare"}
     )
-    awaiting = propose(cast)
-    draft = services.job_create_draft(
-        acting_user=cast.researcher, consortium=cast.consortium, title="Draft", spec=make_spec()
+    awaiting = propose_logistic(cast)
+    draft = job_create_draft(
+        acting_user=cast.researcher, consortium=cast.consortium, title="Draft", spec=logistic_spec()
     )
     dataset = SiteDataset.objects.get(institution=cast.hospital_a, key="tumours")
     return Scene(cast, dataset, spare, awaiting, draft)
 
 
-def client_for(scene, who) -> APIClient:
-    client = APIClient()
-    user = scene.user(who)
-    if user is not None:
-        client.force_login(user)
-    return client
-
-
-def expect(default, *, anonymous=403, outsider=None, **overrides) -> dict[str, int]:
-    """Exact codes for every persona: ``default`` for members unless overridden."""
-    codes = {p: default for p in PERSONAS}
-    codes["anonymous"] = anonymous
-    codes["outsider"] = default if outsider is None else outsider
-    codes.update(overrides)
-    return codes
+#: ``expect(default, *, anonymous=403, outsider=None, **overrides)``: codes for PERSONAS.
+expect = partial(api_codes, PERSONAS)
 
 
 def job_body(s, draft):
     return {
         "consortium": s.cast.consortium.slug,
         "title": "Another",
-        "spec": make_spec(rounds=4),
+        "spec": logistic_spec(rounds=4),
         "draft": draft,
     }
 
@@ -219,10 +201,7 @@ def request(scene, who, method, url_fn, body_fn):
 @pytest.mark.parametrize("who", PERSONAS)
 @pytest.mark.parametrize("name, method, url_fn, body_fn, codes", CASES, ids=[c[0] for c in CASES])
 def test_matrix(scene, who, name, method, url_fn, body_fn, codes):
-    response = request(scene, who, method, url_fn, body_fn)
-    assert response.status_code == codes[who], getattr(response, "content", response)
-    if response.status_code == 404:
-        assert response.json() == {"detail": "Not found."}
+    assert_api_answer(request(scene, who, method, url_fn, body_fn), codes[who])
 
 
 def test_an_approver_of_another_participant_cannot_decide_for_hospital_a(scene):
@@ -238,7 +217,7 @@ def test_an_approver_of_another_participant_cannot_decide_for_hospital_a(scene):
 
 def test_an_approver_of_a_non_participant_gets_404(scene):
     """An approver whose institution takes no part in the job cannot decide on it."""
-    job = propose(scene.cast, participants=["hospital-b"], rounds=3)
+    job = propose_logistic(scene.cast, participants=["hospital-b"], rounds=3)
     response = client_for(scene, "approver").post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, scene.cast.hospital_a), format="json"
     )
@@ -305,16 +284,16 @@ def test_a_visible_object_without_the_right_is_404_too(scene, who, method, templ
 def elsewhere(db):
     """A second consortium with its own data set, draft job and notification."""
     boss = UserFactory(username="boss")
-    other = governance.consortium_create(acting_user=boss, name="Elsewhere")
-    hospital = governance.institution_create(acting_user=boss, consortium=other, name="Hospital X")
-    services.dataset_register(acting_user=boss, institution=hospital, **DATASET)
-    job = services.job_create_draft(
+    other = consortium_create(acting_user=boss, name="Elsewhere")
+    hospital = institution_create(acting_user=boss, consortium=other, name="Hospital X")
+    dataset_register(acting_user=boss, institution=hospital, **DATASET)
+    job = job_create_draft(
         acting_user=boss,
         consortium=other,
         title="Elsewhere job",
-        spec=make_spec(participants=["hospital-x"]),
+        spec=logistic_spec(participants=["hospital-x"]),
     )
-    services.notify(users=[boss], consortium=other, message="Elsewhere news")
+    notify(users=[boss], consortium=other, message="Elsewhere news")
     return other, hospital, job
 
 

@@ -14,13 +14,13 @@ from pathlib import Path
 import pytest
 from django.core.exceptions import ImproperlyConfigured
 
+from training.fl.params import FILTER_NAMES
+from training.jobs.describe import describe_pipeline
 from training.jobs.registry import ModelSpec, builtin_models, get_model, model_registry
 from training.jobs.spec import (
-    FILTER_NAMES,
     SPEC_SCHEMA_VERSION,
     SpecError,
     canonical_spec_text,
-    describe_pipeline,
     dp_mechanisms,
     shared_fraction,
     spec_digest,

@@ -2,29 +2,27 @@
 
 Two OS processes (two connections, two transactions) propose a job each for the
 same institution; each job fits the institution's remaining ε on its own, not
-both together. ``training.jobs.services`` locks the institutions' rows before the
+both together. ``training.jobs.proposals`` locks the institutions' rows before the
 budget check, so the second proposal waits for the first to commit, replays its
 reservation and is refused. PostgreSQL only (on SQLite, IMMEDIATE transactions
 serialise every writer anyway); skipped there.
 """
 
 import json
-import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
-from django.db import connection
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from tests.support.training_fixtures import COSTLY, agreement_in_force, make_spec, offer_datasets
+from tests.support.agreements import agreement_in_force
+from tests.support.child_processes import child_env, release_together
+from tests.support.training_fixtures import COSTLY, make_spec, offer_datasets
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
 from training.jobs.selectors import live_reservations
 from training.models import JobState, PrivacyReservation, TrainingJob
@@ -50,7 +48,7 @@ CHILD = textwrap.dedent(
     from consortium.governance.models import Consortium
     from training.jobs.accounting import PrivacyEvent, epsilon_spent
     from training.jobs.compliance import ComplianceError
-    from training.jobs.services import job_propose
+    from training.jobs.proposals import job_propose
 
     worker, start_file, out_file = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
     spec = json.loads(sys.argv[4])
@@ -77,26 +75,10 @@ CHILD = textwrap.dedent(
 )
 
 
-def child_database_url() -> str:
-    # pytest-django renamed the database (test_<name>): children must use that one.
-    s = connection.settings_dict
-    auth = quote(s["USER"] or "", safe="")
-    if s.get("PASSWORD"):
-        auth += ":" + quote(s["PASSWORD"], safe="")
-    host = s.get("HOST") or "127.0.0.1"
-    port = s.get("PORT") or 5432
-    return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
-
-
 def run_together(tmp_path, consortium_slug: str, specs: list[dict]) -> list[dict]:
     """Run one proposal per spec, each in its own process, released at once."""
     start_file = tmp_path / "start"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "consortium.settings",
-        "DATABASE_URL": child_database_url(),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = child_env()
     outs = [tmp_path / f"result{i}.json" for i in range(len(specs))]
     children = [
         subprocess.Popen(
@@ -116,12 +98,7 @@ def run_together(tmp_path, consortium_slug: str, specs: list[dict]) -> list[dict
         for i, spec in enumerate(specs)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("start.ready*"))) < len(specs):
-            assert time.monotonic() < deadline, "children did not start"
-            assert all(c.poll() is None for c in children), "a child died before the start"
-            time.sleep(0.01)
-        start_file.touch()
+        release_together(start_file, children)
         assert [c.wait(timeout=60) for c in children] == [0] * len(specs)
     finally:
         for c in children:

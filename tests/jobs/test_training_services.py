@@ -14,27 +14,31 @@ from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError, ServiceError
-from consortium.governance import services as governance
 from consortium.governance.models import Notification
+from consortium.governance.services.withdrawals import consent_withdraw
+from tests.support.agreements import add_institution, agreement_in_force, amend, sign
 from tests.support.training_fixtures import (
     CHEAP,
     COSTLY,
     TrainingScene,
-    add_institution,
-    agreement_in_force,
-    amend,
     make_scene,
     make_spec,
     offer_dataset,
     offer_datasets,
     pipeline,
-    sign,
 )
-from training.jobs import services
 from training.jobs.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
+from training.jobs.approvals import jobs_expire_overdue
 from training.jobs.compliance import ComplianceError, check_job_compliance
-from training.jobs.services import TRANSITIONS, InvalidTransition
+from training.jobs.proposals import (
+    job_cancel,
+    job_create_draft,
+    job_propose,
+    job_submit,
+    job_update_spec,
+)
 from training.jobs.spec import spec_digest, validate_spec
+from training.jobs.transitions import TRANSITIONS, InvalidTransition, job_transition
 from training.models import (
     Approval,
     JobParticipant,
@@ -177,7 +181,7 @@ def _unsigned_amendment(cast):
 def _withdrawn(cast):
     version = agreement_in_force(cast)
     offer_datasets(cast)
-    governance.consent_withdraw(
+    consent_withdraw(
         acting_user=cast.approver_b,
         agreement=version.agreement,
         institution=cast.hospital_b,
@@ -262,7 +266,7 @@ def test_a_job_that_breaks_a_term_is_refused_and_leaves_nothing(cast, case):
     reserved_before = PrivacyReservation.objects.count()
 
     with pytest.raises(ComplianceError) as caught:
-        services.job_propose(
+        job_propose(
             acting_user=cast.researcher, consortium=cast.consortium, title="Refused", spec=spec
         )
 
@@ -304,7 +308,7 @@ def test_budget_refusal_names_only_the_institution_over_its_cap(scene):
 
 
 def test_submitting_a_draft_runs_the_same_checks(scene):
-    draft = services.job_create_draft(
+    draft = job_create_draft(
         acting_user=scene.cast.researcher,
         consortium=scene.cast.consortium,
         title="Draft",
@@ -312,15 +316,15 @@ def test_submitting_a_draft_runs_the_same_checks(scene):
     )
     assert draft.state == JobState.DRAFT and not draft.reservations.exists()
     with pytest.raises(ComplianceError) as caught:
-        services.job_submit(acting_user=scene.cast.researcher, job=draft)
+        job_submit(acting_user=scene.cast.researcher, job=draft)
     assert {p.term for p in caught.value.problems} == {"budget"}
     draft.refresh_from_db()
     assert draft.state == JobState.DRAFT
     assert not draft.reservations.exists() and not draft.participants.exists()
     assert last_entry()[0].event == ledger_events.JOB_PROPOSAL_REFUSED
 
-    services.job_update_spec(acting_user=scene.cast.researcher, job=draft, spec=make_spec())
-    job = services.job_submit(acting_user=scene.cast.researcher, job=draft)
+    job_update_spec(acting_user=scene.cast.researcher, job=draft, spec=make_spec())
+    job = job_submit(acting_user=scene.cast.researcher, job=draft)
     assert job.state == JobState.AWAITING_APPROVAL
     assert reservation_statuses(job) == {A: "reserved", B: "reserved"}
 
@@ -354,7 +358,7 @@ def test_a_projection_replays_recorded_events_with_the_new_job(scene):
 
 
 def _cancel(scene, job):
-    services.job_cancel(acting_user=scene.cast.researcher, job=job, reason="Wrong data set")
+    job_cancel(acting_user=scene.cast.researcher, job=job, reason="Wrong data set")
 
 
 def _reject(scene, job):
@@ -362,13 +366,11 @@ def _reject(scene, job):
 
 
 def _expire(scene, job):
-    services.jobs_expire_overdue(now=job.approval_deadline + dt.timedelta(seconds=1))
+    jobs_expire_overdue(now=job.approval_deadline + dt.timedelta(seconds=1))
 
 
 def _fail(scene, job):
-    services.job_transition(
-        acting_user=None, job=job, to_state=JobState.FAILED, reason="coordinator lost"
-    )
+    job_transition(acting_user=None, job=job, to_state=JobState.FAILED, reason="coordinator lost")
 
 
 @pytest.mark.parametrize("release", [_cancel, _reject, _expire, _fail])
@@ -413,30 +415,26 @@ def job_in_state(scene, state: str) -> TrainingJob:
     cast = scene.cast
     spec = make_spec(noise_multiplier=8.0, rounds=5)
     if state == JobState.DRAFT:
-        return services.job_create_draft(
+        return job_create_draft(
             acting_user=cast.researcher, consortium=cast.consortium, title="J", spec=spec
         )
-    job = services.job_propose(
-        acting_user=cast.researcher, consortium=cast.consortium, title="J", spec=spec
-    )
+    job = job_propose(acting_user=cast.researcher, consortium=cast.consortium, title="J", spec=spec)
     if state == JobState.CANCELLED:
-        services.job_cancel(acting_user=cast.admin, job=job, reason="no longer needed")
+        job_cancel(acting_user=cast.admin, job=job, reason="no longer needed")
     elif state == JobState.REJECTED:
         scene.decide(job, cast.hospital_a, "rejected", reason="Too many rounds")
     elif state == JobState.EXPIRED:
         TrainingJob.objects.filter(pk=job.pk).update(approval_deadline=timezone.now())
-        services.jobs_expire_overdue()
+        jobs_expire_overdue()
     elif state != JobState.AWAITING_APPROVAL:
         scene.decide(job, cast.hospital_a)
         scene.decide(job, cast.hospital_b)
         if state == JobState.FAILED:
-            services.job_transition(
-                acting_user=None, job=job, to_state=JobState.FAILED, reason="diverged"
-            )
+            job_transition(acting_user=None, job=job, to_state=JobState.FAILED, reason="diverged")
         elif state in (JobState.RUNNING, JobState.COMPLETED):
-            services.job_transition(acting_user=None, job=job, to_state=JobState.RUNNING)
+            job_transition(acting_user=None, job=job, to_state=JobState.RUNNING)
             if state == JobState.COMPLETED:
-                services.job_transition(acting_user=None, job=job, to_state=JobState.COMPLETED)
+                job_transition(acting_user=None, job=job, to_state=JobState.COMPLETED)
     job.refresh_from_db()
     assert job.state == state
     return job
@@ -459,7 +457,7 @@ def test_an_illegal_transition_is_refused_clearly(scene, from_state, to_state):
     job = job_in_state(scene, from_state)
     before = LedgerEntry.objects.count()
     with pytest.raises(InvalidTransition) as caught:
-        services.job_transition(acting_user=scene.cast.admin, job=job, to_state=to_state)
+        job_transition(acting_user=scene.cast.admin, job=job, to_state=to_state)
     message = str(caught.value)
     assert f"Job #{job.pk}" in message
     assert JobState(from_state).label.lower() in message
@@ -473,7 +471,7 @@ def test_an_illegal_transition_is_refused_clearly(scene, from_state, to_state):
 def test_an_unknown_state_is_an_invalid_transition(scene):
     job = job_in_state(scene, JobState.APPROVED)
     with pytest.raises(InvalidTransition, match="unknown state 'paused'"):
-        services.job_transition(acting_user=None, job=job, to_state="paused")
+        job_transition(acting_user=None, job=job, to_state="paused")
 
 
 ENGINE_MOVES = [
@@ -488,7 +486,7 @@ ENGINE_MOVES = [
 @pytest.mark.parametrize(("from_state", "to_state"), ENGINE_MOVES)
 def test_each_engine_transition_is_a_ledger_entry(scene, from_state, to_state):
     job = job_in_state(scene, from_state)
-    services.job_transition(
+    job_transition(
         acting_user=scene.cast.admin, job=job, to_state=to_state, reason="engine says so"
     )
     job.refresh_from_db()
@@ -526,7 +524,7 @@ def test_moves_with_their_own_service_cannot_bypass_it(scene, from_state, to_sta
     assert to_state in TRANSITIONS[from_state]
     job = job_in_state(scene, from_state)
     with pytest.raises(InvalidTransition, match="only through"):
-        services.job_transition(acting_user=scene.cast.admin, job=job, to_state=to_state)
+        job_transition(acting_user=scene.cast.admin, job=job, to_state=to_state)
     job.refresh_from_db()
     assert job.state == from_state
 
@@ -635,7 +633,7 @@ def test_a_decision_on_an_old_spec_is_stale(scene):
     cast = scene.cast
     job = scene.propose()
     old_digest = job.spec_digest
-    services.job_update_spec(acting_user=cast.researcher, job=job, spec=make_spec(rounds=12))
+    job_update_spec(acting_user=cast.researcher, job=job, spec=make_spec(rounds=12))
     job.refresh_from_db()
     assert job.spec_digest != old_digest
     with pytest.raises(ConflictError) as caught:
@@ -653,7 +651,7 @@ def test_a_spec_change_voids_the_approvals_already_given(scene):
     old_reservations = set(job.reservations.values_list("pk", flat=True))
 
     new_spec = make_spec(noise_multiplier=5.0, rounds=12)
-    services.job_update_spec(acting_user=cast.researcher, job=job, spec=new_spec)
+    job_update_spec(acting_user=cast.researcher, job=job, spec=new_spec)
     job.refresh_from_db()
     ((entry, payload),) = entries(ledger_events.JOB_SPEC_CHANGED, job_id=job.pk)
     assert payload["approvals_voided"] == 1
@@ -681,7 +679,7 @@ def test_a_spec_change_that_breaks_a_term_changes_nothing(scene):
     job = scene.propose()
     digest = job.spec_digest
     with pytest.raises(ComplianceError) as caught:
-        services.job_update_spec(
+        job_update_spec(
             acting_user=scene.cast.researcher,
             job=job,
             spec=make_spec(noise_multiplier=1.0, rounds=40),
@@ -759,8 +757,8 @@ def test_no_decision_while_an_amendment_awaits_signatures(scene):
 
 def test_overdue_jobs_expire(scene):
     job = scene.propose()
-    assert services.jobs_expire_overdue(now=job.approval_deadline - dt.timedelta(seconds=1)) == 0
-    assert services.jobs_expire_overdue(now=job.approval_deadline) == 1
+    assert jobs_expire_overdue(now=job.approval_deadline - dt.timedelta(seconds=1)) == 0
+    assert jobs_expire_overdue(now=job.approval_deadline) == 1
     job.refresh_from_db()
     assert job.state == JobState.EXPIRED
     assert "were not all in by" in job.end_reason
@@ -768,7 +766,7 @@ def test_overdue_jobs_expire(scene):
     entry, payload = last_entry()
     assert entry.event == ledger_events.JOB_STATE_CHANGED and payload["to_state"] == "expired"
     assert Notification.objects.filter(user=scene.cast.researcher, message__contains="expired")
-    assert services.jobs_expire_overdue(now=job.approval_deadline + dt.timedelta(days=1)) == 0
+    assert jobs_expire_overdue(now=job.approval_deadline + dt.timedelta(days=1)) == 0
 
 
 def test_the_expire_jobs_command_and_task(scene):
@@ -822,7 +820,7 @@ def three(cast) -> TrainingScene:
 
 
 def withdraw(scene, institution, reason="Our ethics board withdrew its approval."):
-    return governance.consent_withdraw(
+    return consent_withdraw(
         acting_user=scene.approver_of(institution),
         agreement=scene.version.agreement,
         institution=institution,
@@ -924,14 +922,14 @@ def test_cancelling_needs_a_reason(scene):
     job = scene.propose()
     for reason in ("", "   ", None):
         with pytest.raises(ValidationError):
-            services.job_cancel(acting_user=scene.cast.researcher, job=job, reason=reason)
+            job_cancel(acting_user=scene.cast.researcher, job=job, reason=reason)
     job.refresh_from_db()
     assert job.state == JobState.AWAITING_APPROVAL
 
 
 def test_the_proposer_cancels_and_everyone_is_told(scene):
     job = scene.propose()
-    services.job_cancel(acting_user=scene.cast.researcher, job=job, reason="  Wrong cohort ")
+    job_cancel(acting_user=scene.cast.researcher, job=job, reason="  Wrong cohort ")
     job.refresh_from_db()
     assert (job.state, job.end_reason) == (JobState.CANCELLED, "Wrong cohort")
     entry, payload = last_entry()
@@ -948,7 +946,7 @@ def test_the_proposer_cancels_and_everyone_is_told(scene):
 @pytest.mark.parametrize("state", [JobState.DRAFT, JobState.APPROVED, JobState.RUNNING])
 def test_an_unfinished_job_can_be_cancelled(scene, state):
     job = job_in_state(scene, state)
-    services.job_cancel(acting_user=scene.cast.admin, job=job, reason="Budget cut")
+    job_cancel(acting_user=scene.cast.admin, job=job, reason="Budget cut")
     job.refresh_from_db()
     assert job.state == JobState.CANCELLED
     assert set(reservation_statuses(job).values()) <= {"released"}
@@ -959,7 +957,7 @@ def test_a_finished_job_cannot_be_cancelled(scene, state):
     job = job_in_state(scene, state)
     before = LedgerEntry.objects.count()
     with pytest.raises(InvalidTransition, match="cannot become cancelled"):
-        services.job_cancel(acting_user=scene.cast.admin, job=job, reason="Too late")
+        job_cancel(acting_user=scene.cast.admin, job=job, reason="Too late")
     job.refresh_from_db()
     assert job.state == state
     assert LedgerEntry.objects.count() == before

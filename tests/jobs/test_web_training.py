@@ -3,15 +3,13 @@
 A steward registers the site's data sets, an administrator proposes a job
 through the form, each hospital's approver reads the review page and decides,
 and the job moves on. Each flow asserts on the rows it leaves, on the ledger
-entries (``training.jobs.services.Events``) and that the chain still verifies.
+entries (``audit.ledger.events``) and that the chain still verifies.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import json
 import re
-from contextlib import contextmanager
 from dataclasses import dataclass
 from html.parser import HTMLParser
 
@@ -19,11 +17,18 @@ import pytest
 from django.urls import reverse
 
 from audit.ledger import events as ledger_events
-from audit.ledger.chain import verify_chain
-from audit.models import LedgerEntry
-from consortium.governance import services as governance
 from consortium.governance.models import Notification, Role
+from tests.support.agreements import agreement_in_force
 from tests.support.factories import MembershipFactory, UserFactory
+from tests.support.ledger_checks import ledger_records
+from tests.support.training_fixtures import DATASET_KEY
+from tests.support.training_pages import (
+    AGREEMENT_TITLE,
+    dataset_data,
+    job_data,
+    steward_registers_datasets,
+)
+from training.jobs.datasets import dataset_register
 from training.models import (
     Approval,
     JobParticipant,
@@ -32,44 +37,11 @@ from training.models import (
     SiteDataset,
     TrainingJob,
 )
-from training.web.forms import DEFAULT_PIPELINE
 
 pytestmark = pytest.mark.django_db
 
-TERMS = dict(
-    purpose="Train a tumour classifier on tabular features.",
-    permitted_purposes=["classification"],
-    permitted_model_families=["linear", "mlp"],
-    max_shared_fraction="0.4",
-    required_dp_mechanism="gaussian",
-    epsilon_cap="8",
-    delta="0.00001",
-    valid_from=dt.date.today() - dt.timedelta(days=1),
-    valid_until=dt.date.today() + dt.timedelta(days=365),
-    text="The parties share model updates only, never patient data.",
-)
-KEY = "tumours"
 
-
-# --- arrangements (shared with tests/jobs/test_web_training_permissions.py) -----------------------
-
-
-def agreement_in_force(cast):
-    """Publish TERMS and have both hospitals' approvers sign: the agreement is in force."""
-    version = governance.agreement_create(
-        acting_user=cast.admin, consortium=cast.consortium, title="Tumour DUA", **TERMS
-    )
-    version = governance.agreement_version_publish(acting_user=cast.admin, version=version)
-    for user, institution in ((cast.approver, cast.hospital_a), (cast.approver_b, cast.hospital_b)):
-        governance.agreement_sign(
-            acting_user=user,
-            version=version,
-            institution=institution,
-            typed_name=user.get_full_name(),
-            confirmed=True,
-            expected_digest=version.content_digest,
-        )
-    return version
+# --- helpers ---------------------------------------------------------------------------
 
 
 def steward_of(cast, institution, username):
@@ -78,92 +50,6 @@ def steward_of(cast, institution, username):
         user=user, consortium=cast.consortium, institution=institution, role=Role.DATA_STEWARD
     )
     return user
-
-
-def dataset_data(**overrides):
-    return {
-        "key": KEY,
-        "description": "Tumour measurements from biopsies, 2015-2023",
-        "modality": "tabular",
-        "num_records": "500",
-        "input_shape": "30",
-        "n_classes": "2",
-        "schema": '{"label": "malignant"}',
-        **overrides,
-    }
-
-
-def job_data(cast, **overrides):
-    """What a person types in the job form: a job that complies with TERMS."""
-    return {
-        "title": "Tumour classifier",
-        "participants": [cast.hospital_a.slug, cast.hospital_b.slug],
-        "dataset_key": KEY,
-        "purpose": "classification",
-        "model": "mlp",
-        "model_params": '{"hidden_sizes": [16]}',
-        "topology": "fedavg",
-        "rounds": "5",
-        "local_epochs": "1",
-        "batch_size": "32",
-        "optimizer": "sgd",
-        "lr": "0.01",
-        "momentum": "0.9",
-        "momentum_restart": "on",
-        "privacy_pipeline": json.dumps(DEFAULT_PIPELINE),
-        "min_participants": "",
-        "round_timeout_seconds": "600",
-        "approval_ttl_hours": "168",
-        "action": "propose",
-        **overrides,
-    }
-
-
-def spec_for(cast, **overrides):
-    spec = {
-        "purpose": "classification",
-        "participants": [cast.hospital_a.slug, cast.hospital_b.slug],
-        "dataset_key": KEY,
-        "model": {"name": "mlp", "params": {"hidden_sizes": [16]}},
-        "rounds": 5,
-        "optimizer": {"name": "sgd", "lr": 0.01},
-        "privacy_pipeline": DEFAULT_PIPELINE,
-    }
-    spec.update(overrides)
-    return spec
-
-
-def register_datasets(cast, key=KEY):
-    from training.jobs import services
-
-    for institution in (cast.hospital_a, cast.hospital_b):
-        services.dataset_register(
-            acting_user=cast.steward,
-            institution=institution,
-            key=key,
-            description=f"Tumours at {institution}",
-            modality="tabular",
-            num_records=500,
-            input_shape=[30],
-            n_classes=2,
-        )
-
-
-# --- helpers ---------------------------------------------------------------------------
-
-
-def _last_seq() -> int:
-    return LedgerEntry.objects.order_by("-seq").values_list("seq", flat=True).first() or 0
-
-
-@contextmanager
-def ledger_records(*events: str):
-    """Assert the block appends exactly ``events`` (in order) and the chain verifies."""
-    mark = _last_seq()
-    yield
-    new = list(LedgerEntry.objects.filter(seq__gt=mark).order_by("seq"))
-    assert [e.event for e in new] == list(events)
-    assert verify_chain().ok
 
 
 def text_of(response) -> str:
@@ -191,13 +77,13 @@ class World:
 
 @pytest.fixture
 def world(cast):
-    return World(cast=cast, version=agreement_in_force(cast))
+    return World(cast=cast, version=agreement_in_force(cast, title=AGREEMENT_TITLE))
 
 
 @pytest.fixture
 def ready(world):
     """The world with the data set offered at both hospitals."""
-    register_datasets(world.cast)
+    steward_registers_datasets(world.cast)
     return world
 
 
@@ -224,7 +110,7 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
             response = client.post(new, dataset_data())
         assert response.status_code == 302
         assert response.url == url("dataset-list", cast.consortium.slug, institution.slug)
-        dataset = SiteDataset.objects.get(institution=institution, key=KEY)
+        dataset = SiteDataset.objects.get(institution=institution, key=DATASET_KEY)
         assert dataset.input_shape == [30]
         assert dataset.schema == {"label": "malignant"}
         assert dataset.created_by == user
@@ -256,12 +142,12 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
     assert SiteDataset.objects.get(key="scans").input_shape == [1, 28, 28]
 
     # Edit: the key is fixed, the rest changes.
-    edit = url("dataset-edit", cast.consortium.slug, cast.hospital_a.slug, KEY)
+    edit = url("dataset-edit", cast.consortium.slug, cast.hospital_a.slug, DATASET_KEY)
     assert 'value="30"' in client.get(edit).content.decode()
     with ledger_records(ledger_events.DATASET_UPDATED):
         response = client.post(edit, dataset_data(key="renamed", num_records="800"))
     assert response.status_code == 302
-    dataset = SiteDataset.objects.get(institution=cast.hospital_a, key=KEY)
+    dataset = SiteDataset.objects.get(institution=cast.hospital_a, key=DATASET_KEY)
     assert dataset.num_records == 800
     assert not SiteDataset.objects.filter(key="renamed").exists()
 
@@ -284,12 +170,12 @@ def test_steward_registers_edits_and_removes_a_data_set_at_each_institution(worl
 def test_a_data_set_in_use_cannot_be_removed(ready):
     cast = ready.cast
     propose_through_form(ready)
-    remove = url("dataset-remove", cast.consortium.slug, cast.hospital_a.slug, KEY)
+    remove = url("dataset-remove", cast.consortium.slug, cast.hospital_a.slug, DATASET_KEY)
     with ledger_records():
         response = cast.client_for("steward").post(remove)
     assert response.status_code == 200
     assert "uses 'tumours'" in text_of(response)
-    assert SiteDataset.objects.filter(institution=cast.hospital_a, key=KEY).exists()
+    assert SiteDataset.objects.filter(institution=cast.hospital_a, key=DATASET_KEY).exists()
 
 
 # --- proposing ----------------------------------------------------------------------------
@@ -400,9 +286,7 @@ def test_a_job_without_partial_sharing_breaks_the_shared_fraction_term(ready):
 
 def test_a_participant_without_the_data_set_is_named(world):
     cast = world.cast
-    from training.jobs import services
-
-    services.dataset_register(
+    dataset_register(
         acting_user=cast.steward,
         institution=cast.hospital_a,
         key="only-a",
@@ -470,8 +354,8 @@ def test_each_approver_reviews_and_approves_then_the_proposer_is_told(
         text = text_of(page)
         reservation = PrivacyReservation.objects.get(job=job, institution=institution)
         assert (
-            f"Your data set {KEY} (500 records, Tumours at {institution.name}) would be used "
-            "to train mlp" in text
+            f"Your data set {DATASET_KEY} (500 records, Tumours at {institution.name}) "
+            "would be used to train mlp" in text
         )
         assert "for 5 rounds of 1 local epoch" in text
         assert "What leaves your site: only model updates, after these filters, in order:" in text
@@ -771,7 +655,7 @@ def test_every_field_of_the_new_pages_has_a_label(ready):
         ("admin", url("job-list", slug)),
         ("approver", url("job-review", slug, job.pk)),
         ("steward", url("dataset-create", slug, cast.hospital_a.slug)),
-        ("steward", url("dataset-edit", slug, cast.hospital_a.slug, KEY)),
+        ("steward", url("dataset-edit", slug, cast.hospital_a.slug, DATASET_KEY)),
     ]
     for who, page in pages:
         parser = _Labels()

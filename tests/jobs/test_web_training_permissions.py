@@ -15,33 +15,33 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
-from consortium.governance import services as governance
-from tests.jobs.test_web_training import (
-    KEY,
-    agreement_in_force,
-    dataset_data,
-    job_data,
-    register_datasets,
-    spec_for,
-)
+from consortium.governance.services.institutions import consortium_create
+from tests.support.agreements import agreement_in_force
 from tests.support.factories import UserFactory
-from tests.support.permission_matrix import LOGIN, permission_cases
-from training.jobs import services
+from tests.support.permission_matrix import (
+    BASE_PERSONAS,
+    LOGIN,
+    ask_page,
+    assert_page_answer,
+    permission_cases,
+)
+from tests.support.training_fixtures import DATASET_KEY
+from tests.support.training_pages import (
+    AGREEMENT_TITLE,
+    dataset_data,
+    default_pipeline_spec,
+    job_data,
+    steward_registers_datasets,
+)
+from training.jobs.approvals import approval_decide
+from training.jobs.datasets import dataset_register
+from training.jobs.proposals import job_create_draft, job_propose
 from training.models import TrainingJob
+from training.web.views import approvals as approval_pages
 
 pytestmark = pytest.mark.django_db
 
-PERSONAS = [
-    "anonymous",
-    "outsider",
-    "other_member",
-    "approver",
-    "auditor",
-    "admin",
-    "inst_admin",
-    "steward",
-    "researcher",
-]
+PERSONAS = [*BASE_PERSONAS, "inst_admin", "steward", "researcher"]
 MEMBERS = {"other_member", "approver", "auditor", "admin", "inst_admin", "steward", "researcher"}
 SIGNED_IN = MEMBERS | {"outsider"}
 DATA_KEEPERS = {"steward", "inst_admin"}  # training.manage_datasets at hospital A
@@ -59,9 +59,9 @@ class Scene:
 
 @pytest.fixture
 def scene(cast):
-    agreement_in_force(cast)
-    register_datasets(cast)
-    services.dataset_register(
+    agreement_in_force(cast, title=AGREEMENT_TITLE)
+    steward_registers_datasets(cast)
+    dataset_register(
         acting_user=cast.steward,
         institution=cast.hospital_a,
         key="spare",
@@ -71,17 +71,17 @@ def scene(cast):
         input_shape=[30],
         n_classes=2,
     )
-    awaiting = services.job_propose(
+    awaiting = job_propose(
         acting_user=cast.researcher,
         consortium=cast.consortium,
         title="Awaiting",
-        spec=spec_for(cast),
+        spec=default_pipeline_spec(cast),
     )
-    draft = services.job_create_draft(
+    draft = job_create_draft(
         acting_user=cast.researcher,
         consortium=cast.consortium,
         title="Draft",
-        spec=spec_for(cast),
+        spec=default_pipeline_spec(cast),
     )
     return Scene(cast=cast, awaiting=awaiting, draft=draft)
 
@@ -96,7 +96,7 @@ def hospital_a(s):
 
 
 def dataset(s):
-    return {**hospital_a(s), "key": KEY}
+    return {**hospital_a(s), "key": DATASET_KEY}
 
 
 def spare(s):
@@ -180,20 +180,8 @@ ROUTES = [
     list(permission_cases(ROUTES, PERSONAS)),
 )
 def test_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
-    client = scene.cast.client_for(persona)
-    url = reverse(f"training:{url_name}", kwargs=kwargs(scene))
-    if method == "get":
-        response = client.get(url)
-    else:
-        response = client.post(url, data(scene, persona) if data else {})
-    if expected == LOGIN:
-        assert response.status_code == 302
-        assert response.url == f"{reverse('login')}?next={url}"
-        return
-    assert response.status_code == expected, response.content.decode()[:3000]
-    if expected == 302 and method == "post":
-        # An allowed action redirects back into the app, never to the login page.
-        assert not response.url.startswith(reverse("login"))
+    url, response = ask_page(scene, "training", url_name, kwargs, method, persona, data)
+    assert_page_answer(response, url, method, expected)
 
 
 MISSING = [
@@ -248,7 +236,7 @@ def test_forbidden_and_missing_pages_are_indistinguishable(scene):
 
 def test_jobs_of_another_consortium_are_404_even_for_its_admin(scene):
     other_admin = UserFactory(username="other_admin")
-    other = governance.consortium_create(acting_user=other_admin, name="Other Consortium")
+    other = consortium_create(acting_user=other_admin, name="Other Consortium")
     client = scene.cast.client_for(None)
     client.force_login(other_admin)
     for name, kwargs in [
@@ -295,11 +283,11 @@ def _queries(client, url) -> int:
 
 def _more_jobs(cast, n):
     for i in range(n):
-        services.job_propose(
+        job_propose(
             acting_user=cast.admin,
             consortium=cast.consortium,
             title=f"Extra {i}",
-            spec=spec_for(cast, privacy_pipeline=_cheap_pipeline()),
+            spec=default_pipeline_spec(cast, privacy_pipeline=_cheap_pipeline()),
         )
 
 
@@ -313,8 +301,8 @@ def _cheap_pipeline():
 
 @pytest.fixture
 def one_job(cast):
-    agreement_in_force(cast)
-    register_datasets(cast)
+    agreement_in_force(cast, title=AGREEMENT_TITLE)
+    steward_registers_datasets(cast)
     _more_jobs(cast, 1)
     return cast
 
@@ -344,11 +332,9 @@ def test_approver_inbox_queries_do_not_grow_with_jobs(one_job):
 
 
 def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
-    from training.web import views as training_views
-
     cast = one_job
     settings.DEBUG = False
-    training_views.INBOX_PER_PAGE, saved = 3, training_views.INBOX_PER_PAGE
+    approval_pages.INBOX_PER_PAGE, saved = 3, approval_pages.INBOX_PER_PAGE
     try:
         _more_jobs(cast, 4)  # five jobs wait on hospital A's approver
         client = cast.client_for("approver")
@@ -360,7 +346,7 @@ def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
         assert first.context["page_obj"].paginator.count == 5
         assert "Page 1 of 2" in first.content.decode()
         job = TrainingJob.objects.order_by("pk").first()
-        services.approval_decide(
+        approval_decide(
             acting_user=cast.approver,
             job=job,
             institution=cast.hospital_a,
@@ -372,7 +358,7 @@ def test_the_approver_inbox_pages_and_drops_decided_jobs(one_job, settings):
         left = client.get(url).context["page_obj"].paginator.count
         assert left == 4
     finally:
-        training_views.INBOX_PER_PAGE = saved
+        approval_pages.INBOX_PER_PAGE = saved
 
 
 def test_the_unread_count_is_one_query(one_job):
@@ -419,13 +405,8 @@ REPORT_ROUTES = [
 def test_report_permission_matrix(scene, url_name, kwargs, method, persona, expected, data):
     from audit.models import LedgerEntry
 
-    client = scene.cast.client_for(persona)
-    url = reverse(f"audit:{url_name}", kwargs=kwargs(scene))
     before = LedgerEntry.objects.filter(event="report.exported").count()
-    if method == "get":
-        response = client.get(url)
-    else:
-        response = client.post(url, data(scene, persona) if data else {})
+    url, response = ask_page(scene, "audit", url_name, kwargs, method, persona, data)
     exported = LedgerEntry.objects.filter(event="report.exported").count() - before
     if expected == LOGIN:
         assert response.status_code == 302

@@ -13,8 +13,9 @@ from audit.ledger import chain as ledger
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import GENESIS_HASH, append_entry, verify_chain
 from audit.models import LedgerEntry, LedgerHead
-from consortium.governance import services
 from consortium.governance.models import Institution
+from consortium.governance.services import recording
+from consortium.governance.services.institutions import consortium_create, institution_create
 from tests.support.factories import UserFactory
 
 pytestmark = pytest.mark.django_db
@@ -340,16 +341,16 @@ def test_command_exit_status_is_non_zero():
 
 def test_failed_service_writes_neither_row_nor_entry(monkeypatch):
     admin = UserFactory()
-    consortium = services.consortium_create(acting_user=admin, name="Atomic")
+    consortium = consortium_create(acting_user=admin, name="Atomic")
     head_before = LedgerHead.objects.values_list("seq", "entry_hash").get(pk=1)
     entries_before = LedgerEntry.objects.count()
 
     def broken_append(**kwargs):
         raise RuntimeError("ledger unavailable")
 
-    monkeypatch.setattr(services, "append_entry", broken_append)
+    monkeypatch.setattr(recording, "append_entry", broken_append)
     with pytest.raises(RuntimeError, match="ledger unavailable"):
-        services.institution_create(acting_user=admin, consortium=consortium, name="Ghost")
+        institution_create(acting_user=admin, consortium=consortium, name="Ghost")
     assert not Institution.objects.filter(name="Ghost").exists()
     assert LedgerEntry.objects.count() == entries_before
     assert LedgerHead.objects.values_list("seq", "entry_hash").get(pk=1) == head_before
@@ -358,17 +359,17 @@ def test_failed_service_writes_neither_row_nor_entry(monkeypatch):
 
 def test_service_failing_after_the_entry_rolls_the_entry_back(monkeypatch):
     admin = UserFactory()
-    consortium = services.consortium_create(acting_user=admin, name="Atomic two")
+    consortium = consortium_create(acting_user=admin, name="Atomic two")
     entries_before = LedgerEntry.objects.count()
-    real_append = services.append_entry
+    real_append = recording.append_entry
 
     def append_then_fail(**kwargs):
         real_append(**kwargs)
         raise RuntimeError("crash after the entry")
 
-    monkeypatch.setattr(services, "append_entry", append_then_fail)
+    monkeypatch.setattr(recording, "append_entry", append_then_fail)
     with pytest.raises(RuntimeError):
-        services.institution_create(acting_user=admin, consortium=consortium, name="Ghost two")
+        institution_create(acting_user=admin, consortium=consortium, name="Ghost two")
     assert not Institution.objects.filter(name="Ghost two").exists()
     assert LedgerEntry.objects.count() == entries_before
     assert verify_chain().ok
@@ -376,7 +377,7 @@ def test_service_failing_after_the_entry_rolls_the_entry_back(monkeypatch):
 
 def test_deleting_a_user_keeps_the_entry():
     user = UserFactory(username="leaver", first_name="Lee", last_name="Ver")
-    consortium = services.consortium_create(acting_user=user, name="Leavers")
+    consortium = consortium_create(acting_user=user, name="Leavers")
     entry = LedgerEntry.objects.get(event="consortium.created", consortium_slug=consortium.slug)
     assert entry.actor_id == user.pk
     user_pk = user.pk

@@ -1,13 +1,10 @@
 """PostgreSQL-only guarantees: the trigger that makes the table append-only, and
 concurrent writers that must never fork the chain. Skipped on SQLite."""
 
-import os
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
-from urllib.parse import quote
 
 import pytest
 from django.conf import settings
@@ -16,6 +13,7 @@ from django.db import DatabaseError, connection, transaction
 
 from audit.ledger.chain import append_entry, verify_chain
 from audit.models import LedgerEntry
+from tests.support.child_processes import child_env, release_together
 from tests.support.factories import UserFactory
 
 pytestmark = [
@@ -109,28 +107,12 @@ CHILD = textwrap.dedent(
 )
 
 
-def child_database_url() -> str:
-    # pytest-django renamed the database (test_<name>): children must use that one.
-    s = connection.settings_dict
-    auth = quote(s["USER"] or "", safe="")
-    if s.get("PASSWORD"):
-        auth += ":" + quote(s["PASSWORD"], safe="")
-    host = s.get("HOST") or "127.0.0.1"
-    port = s.get("PORT") or 5432
-    return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
-
-
 @pytest.mark.django_db(transaction=True)
 def test_concurrent_writers_never_fork_the_chain(tmp_path):
     processes, per_process = 4, 60
     before = LedgerEntry.objects.count()
     start_file = tmp_path / "start"
-    env = {
-        **os.environ,
-        "DJANGO_SETTINGS_MODULE": "consortium.settings",
-        "DATABASE_URL": child_database_url(),
-        "PYTHONPATH": str(ROOT),
-    }
+    env = child_env()
     children = [
         subprocess.Popen(
             [sys.executable, "-c", CHILD, str(w), str(per_process), str(start_file)],
@@ -140,12 +122,7 @@ def test_concurrent_writers_never_fork_the_chain(tmp_path):
         for w in range(processes)
     ]
     try:
-        deadline = time.monotonic() + 60
-        while len(list(tmp_path.glob("start.ready*"))) < processes:
-            assert time.monotonic() < deadline, "children did not start"
-            assert all(c.poll() is None for c in children), "a child died before the start"
-            time.sleep(0.01)
-        start_file.touch()
+        release_together(start_file, children)
         # Verify while they write: a consistent snapshot never looks broken.
         verifications = 0
         while any(c.poll() is None for c in children):

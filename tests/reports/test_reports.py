@@ -19,28 +19,22 @@ from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
 from audit.reports import pdf as report_pdf
-from audit.reports.build import (
-    ContributionReport,
-    Scope,
-    build_report,
-    institution_scope,
-    job_scope,
-    ledger_head,
-)
-from audit.reports.formats import (
-    COLUMNS,
-    MalformedReport,
-    csv_document,
-    escape_cell,
-    json_document,
-    pdf_document,
-    read_document,
-    report_bytes,
-    unescape_cell,
-)
+from audit.reports.build import ContributionReport, build_report
+from audit.reports.embedded import pdf_document
+from audit.reports.errors import MalformedReport
+from audit.reports.files import read_document, report_bytes
+from audit.reports.formats import COLUMNS, csv_document, escape_cell, json_document, unescape_cell
+from audit.reports.scope import Scope, institution_scope, job_scope, ledger_head
 from audit.reports.services import report_export
+from tests.support.agreements import agreement_in_force
 from tests.support.report_fixtures import FORMULA_REASON, ROUND_SCORES, plant
+from tests.support.training_pages import (
+    AGREEMENT_TITLE,
+    default_pipeline_spec,
+    steward_registers_datasets,
+)
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
+from training.jobs.proposals import job_propose
 
 pytestmark = pytest.mark.django_db
 
@@ -241,13 +235,13 @@ def test_an_institution_report_renders_in_every_format(planted):
 
 
 def test_a_job_without_rounds_still_reports_its_participants(cast):
-    from tests.jobs.test_web_training import agreement_in_force, register_datasets, spec_for
-    from training.jobs import services
-
-    agreement_in_force(cast)
-    register_datasets(cast)
-    job = services.job_propose(
-        acting_user=cast.researcher, consortium=cast.consortium, title="New", spec=spec_for(cast)
+    agreement_in_force(cast, title=AGREEMENT_TITLE)
+    steward_registers_datasets(cast)
+    job = job_propose(
+        acting_user=cast.researcher,
+        consortium=cast.consortium,
+        title="New",
+        spec=default_pipeline_spec(cast),
     )
     doc = build_report(job_scope(job.pk)).document()
     assert [r["institution"] for r in doc["summary"]] == ["hospital-a", "hospital-b"]
@@ -508,7 +502,7 @@ def test_a_scope_that_names_an_unknown_job_fails(planted, tmp_path):
 
 
 def test_a_privacy_event_that_cannot_be_replayed_is_a_clear_report_error(planted):
-    from audit.reports.build import ReportError
+    from audit.reports.errors import ReportError
 
     append_entry(
         event="round.update_accepted",

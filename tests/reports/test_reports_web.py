@@ -12,8 +12,8 @@ from pypdf import PdfReader
 
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
-from audit.reports.build import ledger_head
-from audit.reports.formats import read_document
+from audit.reports.files import read_document
+from audit.reports.scope import ledger_head
 from tests.support.report_fixtures import plant
 
 pytestmark = pytest.mark.django_db

@@ -8,6 +8,7 @@ import hashlib
 import pytest
 from django.core.files.storage import storages
 
+from tests.support.fl_harness import use_artifact_folder
 from training.rounds.artifacts import (
     ArtifactCorrupt,
     ArtifactMissing,
@@ -19,14 +20,7 @@ from training.rounds.artifacts import (
 
 @pytest.fixture(autouse=True)
 def _artifact_root(settings, tmp_path):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "artifacts": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "artifacts")},
-        },
-    }
-    return tmp_path / "artifacts"
+    return use_artifact_folder(settings, tmp_path / "artifacts")
 
 
 def test_put_returns_the_sha256_and_get_returns_the_bytes(_artifact_root):

@@ -1,9 +1,8 @@
 """Contribution scores in the running platform (training/contributions.py): a closed round
 writes the ``contribution.scored`` ledger entry of the contract and the ``ContributionScore``
 rows, a completed job its ``contribution.job_scored`` total, and the job and institution pages
-show them. Jobs run through the real coordinator and site-worker code
-(tests/rounds/test_coordinator.py's
-in-memory broker) on three hospitals holding the breast-cancer set.
+show them. Jobs run through the real coordinator and site-worker code (the in-memory broker
+of tests/support/coordinator_harness.py) on three hospitals holding the breast-cancer set.
 """
 
 from __future__ import annotations
@@ -21,7 +20,7 @@ from django.urls import reverse
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from tests.rounds.test_coordinator import _entries, _start, broker, c3  # noqa: F401 - fixtures
+from tests.support.coordinator_harness import job_payloads, propose_and_start
 from training.fl.contribution import scores_from_coalitions
 from training.models import ContributionScore, GlobalModel, JobState, Round
 from training.rounds import contributions, coordinator
@@ -39,8 +38,8 @@ CONTRACT_KEYS = {
 }
 
 
-def _run(c3, broker, **spec):  # noqa: F811 - the fixtures are arguments
-    job = _start(c3, broker, **spec)
+def _run(c3, broker, **spec):
+    job = propose_and_start(c3, broker, **spec)
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED, job.end_reason
@@ -55,12 +54,12 @@ def _scored(job):
     ]
 
 
-def test_closed_rounds_write_the_contract_entry_and_the_rows(c3, broker):  # noqa: F811
+def test_closed_rounds_write_the_contract_entry_and_the_rows(c3, broker):
     job = _run(c3, broker, rounds=2)
     slugs = sorted(s.slug for s in c3.sites)
     scored = _scored(job)
     assert [p["round"] for _e, p in scored] == [1, 2]
-    closed = {e["round"]: e for e in _entries("round.closed", job)}
+    closed = {e["round"]: e for e in job_payloads("round.closed", job)}
     for entry, payload in scored:
         rnd = Round.objects.get(job=job, index=payload["round"])
         assert (entry.subject_type, entry.subject_id) == ("training.round", str(rnd.pk))
@@ -123,10 +122,10 @@ def test_closed_rounds_write_the_contract_entry_and_the_rows(c3, broker):  # noq
     assert len(_scored(job)) == 2 and ContributionScore.objects.filter(job=job).count() == 6
 
 
-def test_a_cyclic_round_is_scored_from_the_deltas_its_sites_handed_on(c3, broker):  # noqa: F811
+def test_a_cyclic_round_is_scored_from_the_deltas_its_sites_handed_on(c3, broker):
     job = _run(c3, broker, rounds=1, topology="cyclic")
     ((_entry, payload),) = _scored(job)
-    (closed,) = _entries("round.closed", job)
+    (closed,) = job_payloads("round.closed", job)
     full = next(c for c in payload["coalitions"] if len(c["sites"]) == 3)
     # The sum of the masked deltas is the chain's model (up to float addition order).
     assert abs(full["value"] - closed["metrics"]["validation_accuracy"]) <= 1 / 114
@@ -136,7 +135,7 @@ def test_a_cyclic_round_is_scored_from_the_deltas_its_sites_handed_on(c3, broker
     )
 
 
-def test_the_spec_chooses_leave_one_out(c3, broker):  # noqa: F811
+def test_the_spec_chooses_leave_one_out(c3, broker):
     job = _run(c3, broker, rounds=1, contribution={"method": "leave_one_out"})
     ((_entry, payload),) = _scored(job)
     assert payload["method"] == "leave_one_out"
@@ -148,7 +147,7 @@ def test_the_spec_chooses_leave_one_out(c3, broker):  # noqa: F811
     )
 
 
-def test_without_a_validation_set_the_round_closes_and_says_why(c3, broker, monkeypatch):  # noqa: F811
+def test_without_a_validation_set_the_round_closes_and_says_why(c3, broker, monkeypatch):
     from training.fl import data
 
     def missing(key):
@@ -163,7 +162,7 @@ def test_without_a_validation_set_the_round_closes_and_says_why(c3, broker, monk
     assert not LedgerEntry.objects.filter(event=ledger_events.CONTRIBUTION_JOB_SCORED).exists()
 
 
-def test_rounds_left_unscored_are_scored_by_the_command(c3, broker, monkeypatch):  # noqa: F811
+def test_rounds_left_unscored_are_scored_by_the_command(c3, broker, monkeypatch):
     # A coordinator killed between the round's close and its scoring.
     monkeypatch.setattr(coordinator, "round_score", lambda pk: "killed")
     job = _run(c3, broker, rounds=2)
@@ -187,7 +186,7 @@ def _get(client, url):
     return len(ctx.captured_queries), response.content.decode()
 
 
-def test_job_and_institution_pages_show_contributions_in_constant_queries(c3, broker):  # noqa: F811
+def test_job_and_institution_pages_show_contributions_in_constant_queries(c3, broker):
     cast = c3.scene.cast
     client = cast.client_for("auditor")
     slug = cast.consortium.slug
@@ -213,7 +212,7 @@ def test_job_and_institution_pages_show_contributions_in_constant_queries(c3, br
     assert f"Job #{longer.pk}" in inst_html and f"Job #{short.pk}" in inst_html
 
 
-def test_job_accountability_figures(c3, broker):  # noqa: F811
+def test_job_accountability_figures(c3, broker):
     from training.jobs.selectors import job_accountability
 
     job = _run(c3, broker, rounds=2)
@@ -235,8 +234,8 @@ def test_job_accountability_figures(c3, broker):  # noqa: F811
 
 
 def test_a_report_of_a_scored_job_verifies_and_a_forged_round_score_is_caught(
-    c3,  # noqa: F811 - the fixtures are arguments
-    broker,  # noqa: F811
+    c3,
+    broker,
     tmp_path,
 ):
     """End to end: rounds scored by the coordinator, the auditor's report made from the ledger,

@@ -1,27 +1,24 @@
 """The coordinator (training.rounds.coordinator) driven round by round, without a real worker.
 
-Messages the code sends (``current_app.send_task``) are caught in an in-memory list and
-delivered by hand: central tasks call the coordinator, site tasks run the real site worker
-code (``training.site.worker.run_site_round``: real local training, privacy filters, packing and
+Messages the code sends (``current_app.send_task``) are caught in an in-memory list (the
+``broker`` fixture, tests/support/coordinator_harness.py) and delivered by hand: central tasks
+call the coordinator, site tasks run the real site worker code
+(``training.site.worker.run_site_round``: real local training, privacy filters, packing and
 Ed25519 signing) against the site API through Django's test client, so every update is
-verified and recorded by ``training.rounds.sites.update_receive``.
+verified and recorded by ``training.rounds.intake.update_receive``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import json
 
 import pytest
-from django.test import Client
 from django.utils import timezone
 
 from audit.ledger.canonical import canonical_json
 from audit.ledger.chain import verify_chain
-from audit.models import LedgerEntry
 from consortium.celery import app
-from tests.support.fl_harness import make_consortium3
-from training import queues
+from tests.support.coordinator_harness import InProcessClient, job_payloads, propose_and_start
 from training.jobs.accounting import PrivacyEvent
 from training.models import (
     GlobalModel,
@@ -32,164 +29,14 @@ from training.models import (
 )
 from training.rounds import coordinator
 from training.rounds.artifacts import artifact_store
-from training.site.worker import CentralError, RoundModel, WrongSite, run_site_round
-
-
-class InProcessClient:
-    """The site API through Django's test client (no sockets), as the real worker's client:
-    models too come through ``GET .../rounds/<index>/model/`` (in a cyclic round, the previous
-    site's result, served to the site it was sent to)."""
-
-    def __init__(self, token: str):
-        self.client = Client()
-        self.auth = {"HTTP_AUTHORIZATION": f"Site {token}"}
-
-    def job(self, job_id):
-        response = self.client.get(f"/api/site/jobs/{job_id}/", **self.auth)
-        assert response.status_code == 200, response.content
-        return response.json()
-
-    def model(self, job_id, digest):
-        response = self.client.get(f"/api/site/jobs/{job_id}/models/{digest}/", **self.auth)
-        if response.status_code >= 400:
-            raise CentralError(response.content.decode(), status=response.status_code)
-        return response.content
-
-    def round_model(self, job_id, round_index):
-        response = self.client.get(
-            f"/api/site/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
-        )
-        if response.status_code >= 400:
-            raise CentralError(
-                response.content.decode(), status=response.status_code, body=response.json()
-            )
-        return RoundModel(
-            data=response.content,
-            digest=response["X-Content-SHA256"],
-            spec_digest=response["X-Spec-Digest"],
-        )
-
-    def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
-        response = self.client.post(
-            f"/api/site/jobs/{job_id}/rounds/{round_index}/update/",
-            data=data,
-            content_type="application/octet-stream",
-            HTTP_X_UPDATE_DIGEST=digest,
-            HTTP_X_UPDATE_SIGNATURE=signature,
-            HTTP_X_UPDATE_SAMPLES=str(samples),
-            HTTP_X_UPDATE_METRICS=json.dumps(meta["metrics"]),
-            HTTP_X_UPDATE_PRIVACY_EVENTS=json.dumps(meta["privacy_events"]),
-            HTTP_X_UPDATE_PIPELINE=json.dumps(meta["pipeline"]),
-            **self.auth,
-        )
-        if response.status_code >= 400:
-            raise CentralError(response.content.decode(), status=response.status_code)
-        return response.status_code, response.json()
-
-
-class Broker:
-    """An in-memory stand-in for the broker: what was sent, delivered on demand."""
-
-    def __init__(self, consortium3, capture):
-        self.c3 = consortium3
-        self.capture = capture
-        self.messages: list[dict] = []
-        self.lost: list[dict] = []
-        self.log: list[dict] = []
-
-    def send_task(self, name, args=None, kwargs=None, queue=None, **_options):
-        message = {
-            "name": name,
-            "args": list(args or []),
-            "kwargs": dict(kwargs or {}),
-            "queue": queue,
-        }
-        self.messages.append(message)
-        self.log.append(message)
-
-    def site_tasks(self):
-        return [m for m in self.log if m["name"] == queues.SITE_TRAIN.name]
-
-    def run(self, fn, *args, **kwargs):
-        """Run ``fn`` and send what it queued on commit."""
-        with self.capture(execute=True):
-            return fn(*args, **kwargs)
-
-    def deliver(self, *, drop_sites=(), only_central=False, limit=1000):
-        """Deliver every queued message (and what delivering queues) until none is left.
-        Site tasks for ``drop_sites`` are lost (the worker never runs them)."""
-        for _ in range(limit):
-            if not self.messages:
-                return
-            message = self.messages.pop(0)
-            if message["name"] == queues.SITE_TRAIN.name:
-                if only_central or message["kwargs"]["site"] in drop_sites:
-                    self.lost.append(message)
-                    continue
-                site = self.c3.site(message["kwargs"]["site"])
-                self.run(
-                    run_site_round,
-                    **message["kwargs"],
-                    config=site.config(),
-                    client=InProcessClient(site.token),
-                )
-            elif message["name"] == "training.round_maybe_close":
-                self.run(coordinator.round_maybe_close, *message["args"])
-            elif message["name"] == "training.job_start":
-                self.run(coordinator.job_start, *message["args"])
-            else:  # pragma: no cover
-                raise AssertionError(f"unexpected task {message}")
-        raise AssertionError("the messages never ran out")
-
-
-@pytest.fixture
-def c3(cast, tmp_path, settings):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "artifacts": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "artifacts")},
-        },
-    }
-    return make_consortium3(cast, tmp_path)
-
-
-@pytest.fixture
-def broker(c3, monkeypatch, django_capture_on_commit_callbacks):
-    b = Broker(c3, django_capture_on_commit_callbacks)
-    monkeypatch.setattr(app, "send_task", b.send_task)
-    return b
-
-
-def _entries(event, job):
-    return [
-        json.loads(e.payload_text)
-        for e in LedgerEntry.objects.filter(event=event).order_by("seq")
-        if json.loads(e.payload_text).get("job_id") == job.pk
-    ]
-
-
-def _start(c3, broker, **spec):
-    job = broker.run(c3.propose_and_approve, **spec)
-    # Approval queued the start on "central"; deliver it.
-    assert broker.messages[-1] == {
-        "name": "training.job_start",
-        "args": [job.pk],
-        "kwargs": {},
-        "queue": "central",
-    }
-    broker.deliver(only_central=True)
-    broker.messages = list(broker.lost)
-    broker.lost = []
-    job.refresh_from_db()
-    return job
-
+from training.site.client import CentralError, RoundModel
+from training.site.worker import WrongSite, run_site_round
 
 # --- A job from start to end ---------------------------------------------------------------
 
 
 def test_fedavg_job_runs_every_round_and_chains_its_models(c3, broker):
-    job = _start(c3, broker, rounds=3)
+    job = propose_and_start(c3, broker, rounds=3)
     assert job.state == JobState.RUNNING
     slugs = sorted(s.slug for s in c3.sites)
 
@@ -233,8 +80,8 @@ def test_fedavg_job_runs_every_round_and_chains_its_models(c3, broker):
         assert artifact_store().exists(child.digest)
 
     # The ledger: one round.opened and one round.closed per round, with the fields.
-    opened = _entries("round.opened", job)
-    closed = _entries("round.closed", job)
+    opened = job_payloads("round.opened", job)
+    closed = job_payloads("round.closed", job)
     assert [e["round"] for e in opened] == [1, 2, 3]
     assert [e["round"] for e in closed] == [1, 2, 3]
     for entry, child, parent in zip(closed, models[1:], models[:-1], strict=True):
@@ -258,7 +105,7 @@ def test_fedavg_job_runs_every_round_and_chains_its_models(c3, broker):
 
 
 def test_job_start_twice_does_nothing_the_second_time(c3, broker):
-    job = _start(c3, broker)
+    job = propose_and_start(c3, broker)
     assert broker.run(coordinator.job_start, job.pk) is None
     assert GlobalModel.objects.filter(job=job).count() == 1
     assert Round.objects.filter(job=job).count() == 1
@@ -279,7 +126,7 @@ def _run_queued_site_tasks(c3, broker):
 
 
 def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
-    job = _start(c3, broker, rounds=2)
+    job = propose_and_start(c3, broker, rounds=2)
     # Run the site tasks but hold the central messages back.
     rnd = Round.objects.get(job=job, index=1)
     _run_queued_site_tasks(c3, broker)
@@ -287,13 +134,13 @@ def test_round_maybe_close_delivered_twice_closes_once(c3, broker):
     assert len(closes) == 1  # asked by the round's last accepted update only
     assert broker.run(coordinator.round_maybe_close, rnd.pk) == "closed"
     assert broker.run(coordinator.round_maybe_close, rnd.pk) == "not_open"
-    assert [e["round"] for e in _entries("round.closed", job)] == [1]
+    assert [e["round"] for e in job_payloads("round.closed", job)] == [1]
     assert GlobalModel.objects.filter(job=job, round_index=1).count() == 1
     assert Round.objects.filter(job=job, index=2).count() == 1
 
 
 def test_site_task_delivered_twice_is_a_harmless_duplicate(c3, broker):
-    job = _start(c3, broker, rounds=1)
+    job = propose_and_start(c3, broker, rounds=1)
     site = c3.site(broker.messages[0]["kwargs"]["site"])
     task = dict(broker.messages[0]["kwargs"])
     client = InProcessClient(site.token)
@@ -303,12 +150,12 @@ def test_site_task_delivered_twice_is_a_harmless_duplicate(c3, broker):
     assert again["status"] == "skipped"  # the job says the update is in: no second training
     update = SiteUpdate.objects.get(round__job=job, institution=site.institution)
     assert update.status == SiteUpdate.Status.ACCEPTED
-    assert len(_entries("round.update_accepted", job)) == 1
+    assert len(job_payloads("round.update_accepted", job)) == 1
 
 
 def test_a_site_reports_its_training_time_in_its_metrics(c3, broker):
     """The round benchmark tells local compute from overhead by it (docs/performance.md)."""
-    job = _start(c3, broker, rounds=1)
+    job = propose_and_start(c3, broker, rounds=1)
     site = c3.site(broker.messages[0]["kwargs"]["site"])
     task = dict(broker.messages[0]["kwargs"])
     broker.run(run_site_round, **task, config=site.config(), client=InProcessClient(site.token))
@@ -319,7 +166,7 @@ def test_a_site_reports_its_training_time_in_its_metrics(c3, broker):
 
 
 def test_worker_refuses_a_task_for_another_site(c3, broker):
-    job = _start(c3, broker, rounds=1)
+    job = propose_and_start(c3, broker, rounds=1)
     task = dict(broker.messages[0]["kwargs"])
     other = next(s for s in c3.sites if s.slug != task["site"])
     with pytest.raises(WrongSite):
@@ -331,7 +178,7 @@ def test_worker_refuses_a_task_for_another_site(c3, broker):
 
 
 def test_deadline_with_the_minimum_closes_the_round_and_records_stragglers(c3, broker):
-    job = _start(c3, broker, rounds=1, min_participants=2)
+    job = propose_and_start(c3, broker, rounds=1, min_participants=2)
     late = c3.sites[2].slug
     broker.deliver(drop_sites={late})
     rnd = Round.objects.get(job=job, index=1)
@@ -344,7 +191,7 @@ def test_deadline_with_the_minimum_closes_the_round_and_records_stragglers(c3, b
     rnd.refresh_from_db()
     assert rnd.state == Round.State.CLOSED
     assert rnd.updates.get(institution__slug=late).status == SiteUpdate.Status.STRAGGLER
-    (closed,) = _entries("round.closed", job)
+    (closed,) = job_payloads("round.closed", job)
     assert closed["stragglers"] == [late]
     assert len(closed["updates"]) == 2
     job.refresh_from_db()
@@ -352,7 +199,7 @@ def test_deadline_with_the_minimum_closes_the_round_and_records_stragglers(c3, b
 
 
 def test_deadline_without_the_minimum_fails_the_round_and_the_job(c3, broker):
-    job = _start(c3, broker, rounds=2, min_participants=2)
+    job = propose_and_start(c3, broker, rounds=2, min_participants=2)
     keep = c3.sites[0].slug
     broker.deliver(drop_sites={s.slug for s in c3.sites if s.slug != keep})
     rnd = Round.objects.get(job=job, index=1)
@@ -366,7 +213,7 @@ def test_deadline_without_the_minimum_fails_the_round_and_the_job(c3, broker):
     assert "fewer than the minimum of 2" in rnd.failure_reason
     assert job.state == JobState.FAILED
     assert "round 1 failed" in job.end_reason and "fewer than the minimum" in job.end_reason
-    (failed,) = _entries("round.failed", job)
+    (failed,) = job_payloads("round.failed", job)
     assert len(failed["stragglers"]) == 2
     assert not GlobalModel.objects.filter(job=job, round_index=1).exists()
     assert verify_chain().ok
@@ -378,7 +225,7 @@ def test_deadline_without_the_minimum_fails_the_round_and_the_job(c3, broker):
 def _spend_elsewhere(c3, institution, epsilon):
     """Another job at ``institution`` holds a live reservation of ``epsilon`` (pure ε)."""
     from tests.support.fl_harness import job_spec
-    from training.jobs.services import job_create_draft
+    from training.jobs.proposals import job_create_draft
 
     other = job_create_draft(
         acting_user=c3.scene.cast.researcher,
@@ -402,7 +249,7 @@ GAUSSIAN = [
 
 
 def test_a_site_over_its_cap_is_not_sent_the_next_round(c3, broker):
-    job = _start(c3, broker, rounds=2, min_participants=2, privacy_pipeline=GAUSSIAN)
+    job = propose_and_start(c3, broker, rounds=2, min_participants=2, privacy_pipeline=GAUSSIAN)
     # Round 1 runs; meanwhile hospital C commits nearly its whole cap (8) to another job.
     broker.deliver(only_central=True)
     broker.messages, broker.lost = broker.lost, []
@@ -418,10 +265,10 @@ def test_a_site_over_its_cap_is_not_sent_the_next_round(c3, broker):
     )
     sent2 = [m["kwargs"]["site"] for m in broker.site_tasks() if m["kwargs"]["round_index"] == 2]
     assert site_c.slug not in sent2 and len(sent2) == 2
-    (skipped,) = _entries("round.site_skipped", job)
+    (skipped,) = job_payloads("round.site_skipped", job)
     assert skipped["site"] == site_c.slug and skipped["round"] == 2
     assert "exceeds its cap" in skipped["reason"]
-    (opened2,) = [e for e in _entries("round.opened", job) if e["round"] == 2]
+    (opened2,) = [e for e in job_payloads("round.opened", job) if e["round"] == 2]
     assert opened2["skipped"] == [site_c.slug]
     # The accepted updates carry the Gaussian filter's events (what the check replays).
     events = SiteUpdate.objects.filter(round__job=job, status="accepted").first().privacy_events
@@ -429,7 +276,7 @@ def test_a_site_over_its_cap_is_not_sent_the_next_round(c3, broker):
 
 
 def test_too_few_sites_within_budget_fails_the_job_before_sending(c3, broker):
-    job = _start(c3, broker, rounds=2, min_participants=3, privacy_pipeline=GAUSSIAN)
+    job = propose_and_start(c3, broker, rounds=2, min_participants=3, privacy_pipeline=GAUSSIAN)
     broker.deliver(only_central=True)
     broker.messages, broker.lost = broker.lost, []
     _spend_elsewhere(c3, c3.sites[2].institution, 7.99)
@@ -447,7 +294,7 @@ def test_too_few_sites_within_budget_fails_the_job_before_sending(c3, broker):
 
 
 def test_after_a_restart_the_job_resumes_from_its_last_closed_round(c3, broker, monkeypatch):
-    job = _start(c3, broker, rounds=2)
+    job = propose_and_start(c3, broker, rounds=2)
     # The coordinator "dies" right after closing round 1: round 2 is never opened.
     monkeypatch.setattr(coordinator, "round_open", lambda *a, **k: None)
     broker.deliver()
@@ -468,7 +315,7 @@ def test_after_a_restart_the_job_resumes_from_its_last_closed_round(c3, broker, 
 
 def test_a_lost_site_task_is_sent_again(c3, broker, settings):
     settings.FL_REDISPATCH_AFTER_SECONDS = 60
-    job = _start(c3, broker, rounds=1)
+    job = propose_and_start(c3, broker, rounds=1)
     lost_site = c3.sites[1].slug
     broker.deliver(drop_sites={lost_site})
     rnd = Round.objects.get(job=job, index=1)
@@ -498,9 +345,9 @@ def test_an_approved_job_whose_start_was_lost_is_started_by_the_tick(c3, broker)
 
 
 def test_open_rounds_of_a_cancelled_job_fail(c3, broker):
-    from training.jobs.services import job_cancel
+    from training.jobs.proposals import job_cancel
 
-    job = _start(c3, broker)
+    job = propose_and_start(c3, broker)
     job_cancel(acting_user=c3.scene.cast.admin, job=job, reason="The study was stopped.")
     report = broker.run(coordinator.rounds_tick)
     rnd = Round.objects.get(job=job, index=1)
@@ -517,7 +364,7 @@ def test_cyclic_topology_visits_the_sites_in_turn(c3, broker):
     from training.fl.aggregate import apply_update, cyclic_order
     from training.fl.serialization import pack_tensors, sha256_hex, unpack_tensors
 
-    job = _start(c3, broker, rounds=2, topology="cyclic")
+    job = propose_and_start(c3, broker, rounds=2, topology="cyclic")
     slugs = [s.slug for s in c3.sites]
     assert len(broker.site_tasks()) == 1  # one site at a time
     broker.deliver()
@@ -543,7 +390,7 @@ def test_cyclic_topology_visits_the_sites_in_turn(c3, broker):
             }
             state = apply_update(state, delta)
         assert sha256_hex(pack_tensors(state)) == rnd.global_model_out.digest
-    sent = _entries("round.site_sent", job)
+    sent = job_payloads("round.site_sent", job)
     assert [e["site"] for e in sent] == [
         *cyclic_order(slugs, 0),
         *cyclic_order(slugs, 1),
@@ -554,7 +401,7 @@ def test_a_lost_cyclic_site_task_is_sent_again_from_the_same_start_model(c3, bro
     from training.fl.aggregate import cyclic_order
 
     settings.FL_REDISPATCH_AFTER_SECONDS = 60
-    job = _start(c3, broker, rounds=1, topology="cyclic", min_participants=2)
+    job = propose_and_start(c3, broker, rounds=1, topology="cyclic", min_participants=2)
     first, second, third = cyclic_order([s.slug for s in c3.sites], 0)
     broker.deliver(drop_sites={second})
     rnd = Round.objects.get(job=job, index=1)
@@ -585,7 +432,7 @@ def test_a_lost_cyclic_site_task_is_sent_again_from_the_same_start_model(c3, bro
     rnd.refresh_from_db()
     assert rnd.state == Round.State.CLOSED
     assert rnd.updates.get(institution__slug=third).start_digest == rows[second].start_digest
-    (closed,) = _entries("round.closed", job)
+    (closed,) = job_payloads("round.closed", job)
     assert sorted(closed["sites"]) == sorted([first, third])
     assert closed["rejected"] == {second: "test"}
 
@@ -650,7 +497,7 @@ def test_run_site_round_uses_no_database(tmp_path):
     from training.fl.serialization import pack_tensors, state_to_cpu_float, unpack_tensors
     from training.fl.signing import generate_keypair, update_message, verify_update
     from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
-    from training.site.worker import WorkerConfig
+    from training.site.client import WorkerConfig
 
     spec = validate_spec(job_spec(["north", "south"]))
     text = canonical_spec_text(spec)
@@ -749,7 +596,7 @@ def test_a_site_fetches_its_job_once_per_spec_digest(c3, broker, monkeypatch):
     """The spec is immutable for its digest: after the first round a site asks only for the
     round's model before it trains (docs/performance.md, "Round overhead")."""
     calls = _count_requests(monkeypatch)
-    job = _start(c3, broker, rounds=3)
+    job = propose_and_start(c3, broker, rounds=3)
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED
@@ -768,9 +615,9 @@ def _run_round_one(c3, broker):
 
 def test_a_revoked_site_is_refused_though_it_knows_the_job(c3, broker, cast):
     from training.models import SiteCredential
-    from training.rounds.sites import site_credential_revoke
+    from training.rounds.credentials import site_credential_revoke
 
-    job = _start(c3, broker, rounds=2, min_participants=2)
+    job = propose_and_start(c3, broker, rounds=2, min_participants=2)
     round_two = _run_round_one(c3, broker)
     assert Round.objects.get(job=job, index=2).state == Round.State.OPEN
     revoked = c3.sites[0]
@@ -816,7 +663,7 @@ class _Central:
         from training.fl.serialization import pack_tensors, state_to_cpu_float
         from training.fl.signing import generate_keypair
         from training.jobs.spec import canonical_spec_text, spec_digest, validate_spec
-        from training.site.worker import WorkerConfig
+        from training.site.client import WorkerConfig
 
         self.spec = validate_spec(job_spec(["north", "south"]))
         self.text = canonical_spec_text(self.spec)

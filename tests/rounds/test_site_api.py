@@ -19,10 +19,12 @@ from rest_framework.test import APIClient
 
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
+from tests.support.fl_harness import use_artifact_folder
 from tests.support.training_fixtures import make_scene
 from training.fl.serialization import pack_tensors, sha256_hex
 from training.fl.signing import generate_keypair, sign_update, update_message
-from training.jobs import services
+from training.jobs.proposals import job_cancel
+from training.jobs.transitions import job_transition
 from training.models import (
     GlobalModel,
     JobParticipant,
@@ -31,7 +33,7 @@ from training.models import (
     SiteCredential,
     SiteUpdate,
 )
-from training.rounds import sites
+from training.rounds import credentials, intake, verification
 from training.rounds.artifacts import artifact_store
 
 pytestmark = pytest.mark.django_db
@@ -46,13 +48,7 @@ SHAPES = {
 
 @pytest.fixture(autouse=True)
 def _artifact_root(settings, tmp_path):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "artifacts": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "artifacts")},
-        },
-    }
+    use_artifact_folder(settings, tmp_path / "artifacts")
 
 
 def global_state(seed: int = 0) -> dict:
@@ -70,7 +66,7 @@ def start_job(scene, *, seed: int = 0):
     scene.decide(job, cast.hospital_b)
     job.refresh_from_db()
     assert job.state == JobState.APPROVED
-    services.job_transition(acting_user=None, job=job, to_state=JobState.RUNNING)
+    job_transition(acting_user=None, job=job, to_state=JobState.RUNNING)
     data = pack_tensors(global_state(seed))
     digest = artifact_store().put(data)
     model = GlobalModel.objects.create(
@@ -103,7 +99,7 @@ class Site:
 
 def make_site(cast, institution=None, label="gpu-node-1") -> Site:
     private_pem, public_pem = generate_keypair()
-    credential, token = sites.site_credential_create(
+    credential, token = credentials.site_credential_create(
         acting_user=cast.steward,
         institution=institution or cast.hospital_a,
         label=label,
@@ -239,7 +235,7 @@ def test_a_signed_update_is_accepted_and_recorded(world, django_capture_on_commi
     tensors = update_tensors()
     data = pack_tensors(tensors)
     with (
-        mock.patch.object(sites.current_app, "send_task") as send_task,
+        mock.patch.object(intake.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
     ):
         response = upload(world, tensors=tensors, samples=640)
@@ -293,7 +289,7 @@ def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
     """The round closes on its last upload, accepted or rejected, not on the next tick."""
     site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
     with (
-        mock.patch.object(sites.current_app, "send_task") as send_task,
+        mock.patch.object(intake.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
     ):
         assert upload(world).status_code == 201
@@ -308,7 +304,7 @@ def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
 
 def test_a_duplicated_upload_does_no_harm(world, django_capture_on_commit_callbacks):
     tensors = update_tensors()
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         first = upload(world, tensors=tensors)
         second = upload(world, tensors=tensors)
     assert first.status_code == 201
@@ -321,7 +317,7 @@ def test_a_duplicated_upload_does_no_harm(world, django_capture_on_commit_callba
 
 
 def test_another_update_after_acceptance_is_refused_not_recorded(world):
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         assert upload(world, tensors=update_tensors(seed=1)).status_code == 201
         again = upload(world, tensors=update_tensors(seed=2))
     assert again.status_code == 409
@@ -356,9 +352,9 @@ def test_the_service_reports_duplicates(world):
         privacy_events=[],
         pipeline=[],
     )
-    with mock.patch.object(sites.current_app, "send_task"):
-        first = sites.update_receive(**kwargs)
-        second = sites.update_receive(**kwargs)
+    with mock.patch.object(intake.current_app, "send_task"):
+        first = intake.update_receive(**kwargs)
+        second = intake.update_receive(**kwargs)
     assert first.duplicate is False and second.duplicate is True
     assert first.pk == second.pk
 
@@ -516,7 +512,7 @@ def test_the_body_reader_stops_at_the_limit(world, settings):
     request = mock.Mock()
     request.META = {}
     request.stream = BytesIO(b"x" * 5000)
-    with pytest.raises(sites.UpdateRefused) as refused:
+    with pytest.raises(intake.UpdateRefused) as refused:
         site_api._read_body(
             request, credential=world.site.credential, job_id=world.job.pk, round_index=1
         )
@@ -536,7 +532,7 @@ def test_a_removed_participant_is_rejected(world):
 
 def test_a_rejected_update_takes_no_second_upload(world):
     upload(world, sign_with=generate_keypair()[0])
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         again = upload(world)
     assert again.status_code == 409
     assert again.json()["code"] == "already_received"
@@ -546,16 +542,16 @@ def test_a_rejected_update_takes_no_second_upload(world):
 
 def test_a_credential_revoked_during_verification_is_recorded(world):
     """Revoked after the token was checked, before the update was recorded."""
-    original = sites._verify
+    original = intake.verify_upload
 
     def revoke_then_verify(**kwargs):
         result = original(**kwargs)
-        sites.site_credential_revoke(
+        credentials.site_credential_revoke(
             acting_user=world.cast.steward, credential=world.site.credential
         )
         return result
 
-    with mock.patch.object(sites, "_verify", revoke_then_verify):
+    with mock.patch.object(intake, "verify_upload", revoke_then_verify):
         response = upload(world)
     assert_rejected(world, response, code="credential_revoked", status=401)
 
@@ -627,7 +623,9 @@ def test_another_content_type_is_415(world):
 
 
 def test_a_revoked_credential_gets_401_and_nothing_is_accepted(world):
-    sites.site_credential_revoke(acting_user=world.cast.steward, credential=world.site.credential)
+    credentials.site_credential_revoke(
+        acting_user=world.cast.steward, credential=world.site.credential
+    )
     response = upload(world)
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]
@@ -791,7 +789,7 @@ def test_an_update_is_checked_against_the_model_the_site_was_sent(world, cast):
         start_digest=start
     )
     fitting = {f"delta/{n}": torch.zeros(s) for n, s in shapes.items()}
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         assert upload(world, tensors=update_tensors(mask=False)).status_code == 400
         assert site_update(world).status == SiteUpdate.Status.REJECTED
         reason = site_update(world).reject_reason
@@ -847,7 +845,7 @@ def test_the_round_model_is_the_model_the_site_was_sent(world, cast):
 
 
 def _accept(world):
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         assert upload(world).status_code == 201
 
 
@@ -864,7 +862,7 @@ def _no_update_row(world):
             "round_closed",
         ),
         (
-            lambda w: services.job_cancel(acting_user=w.cast.admin, job=w.job, reason="stop"),
+            lambda w: job_cancel(acting_user=w.cast.admin, job=w.job, reason="stop"),
             "job_not_running",
         ),
         (_no_update_row, "not_dispatched"),
@@ -898,7 +896,7 @@ def test_the_round_model_of_a_job_or_round_the_site_cannot_see_is_404(world, cas
 
 
 def test_a_revoked_site_gets_no_round_model(world, cast):
-    sites.site_credential_revoke(acting_user=cast.steward, credential=world.site.credential)
+    credentials.site_credential_revoke(acting_user=cast.steward, credential=world.site.credential)
     response = round_model(world)
     assert response.status_code == 401
     assert "revoked" in response.json()["detail"]
@@ -925,7 +923,7 @@ def test_the_queries_an_upload_costs(world, django_assert_num_queries):
     round_model(world)  # writes the credential's last_used_at, not counted below
     data = pack_tensors(update_tensors())
     expected = 17 if connection.vendor == "postgresql" else 18
-    with mock.patch.object(sites.current_app, "send_task"), django_assert_num_queries(expected):
+    with mock.patch.object(intake.current_app, "send_task"), django_assert_num_queries(expected):
         assert upload(world, data=data).status_code == 201
 
 
@@ -933,14 +931,14 @@ def test_a_duplicate_upload_costs_four_queries(world, django_assert_num_queries)
     """A repeated upload stops at the unlocked first look (authentication, who may upload,
     the participant, the site's row): no verification, no lock."""
     data = pack_tensors(update_tensors())
-    with mock.patch.object(sites.current_app, "send_task"):
+    with mock.patch.object(intake.current_app, "send_task"):
         assert upload(world, data=data).status_code == 201
         with django_assert_num_queries(4):
             assert upload(world, data=data).status_code == 200
 
 
 def test_a_site_of_a_job_it_does_not_take_part_in_gets_404_on_upload(world, cast):
-    from tests.support.training_fixtures import add_institution
+    from tests.support.agreements import add_institution
 
     outsider_institution, _ = add_institution(cast, name="Hospital Z")
     intruder = make_site(cast, institution=outsider_institution, label="intruder")
@@ -962,7 +960,7 @@ def test_one_site_cannot_upload_for_another(world, cast):
 
 def test_both_sites_accepted(world, cast):
     site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
-    with mock.patch.object(sites.current_app, "send_task") as send_task:
+    with mock.patch.object(intake.current_app, "send_task") as send_task:
         assert upload(world).status_code == 201
         assert upload(world, site=site_b, tensors=update_tensors(seed=5)).status_code == 201
     assert SiteUpdate.objects.filter(status=SiteUpdate.Status.ACCEPTED).count() == 2
@@ -970,7 +968,7 @@ def test_both_sites_accepted(world, cast):
 
 
 def test_an_unreadable_global_model_is_503_and_not_recorded(world, tmp_path):
-    sites._model_layout.cache_clear()
+    verification._model_layout.cache_clear()
     digest = world.model.digest
     (tmp_path / "artifacts" / digest[:2] / digest[2:4] / digest).write_bytes(b"damaged")
     response = upload(world)
@@ -1043,9 +1041,9 @@ def test_simultaneous_uploads_count_once(cast, same):
     def go(kwargs):
         try:
             barrier.wait()
-            update = sites.update_receive(**kwargs)
+            update = intake.update_receive(**kwargs)
             results.append("duplicate" if update.duplicate else "accepted")
-        except sites.UpdateRefused as exc:
+        except intake.UpdateRefused as exc:
             results.append(exc.code)
         finally:
             connection.close()
@@ -1054,7 +1052,7 @@ def test_simultaneous_uploads_count_once(cast, same):
     SiteUpdate.objects.filter(round=_rnd, institution=cast.hospital_b).update(
         status=SiteUpdate.Status.STRAGGLER
     )
-    with mock.patch.object(sites.current_app, "send_task") as send_task:
+    with mock.patch.object(intake.current_app, "send_task") as send_task:
         threads = [threading.Thread(target=go, args=(kwargs,)) for kwargs in calls]
         for t in threads:
             t.start()

@@ -15,10 +15,11 @@ from django.utils import timezone
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError
-from consortium.governance import services as governance
+from consortium.governance.services.institutions import institution_update
+from tests.support.keys import rsa_pem
 from training.fl.signing import generate_keypair
 from training.models import SiteCredential
-from training.rounds import sites
+from training.rounds import credentials
 
 pytestmark = pytest.mark.django_db
 
@@ -29,7 +30,7 @@ def public_pem() -> str:
 
 
 def create(cast, public_pem, **kwargs):
-    return sites.site_credential_create(
+    return credentials.site_credential_create(
         acting_user=kwargs.pop("user", cast.steward),
         institution=kwargs.pop("institution", cast.hospital_a),
         label=kwargs.pop("label", "gpu-node-1"),
@@ -67,7 +68,7 @@ def test_tokens_differ(cast, public_pem):
 
 
 def test_create_falls_back_to_the_institution_key(cast, public_pem):
-    governance.institution_update(
+    institution_update(
         acting_user=cast.inst_admin, institution=cast.hospital_a, worker_public_key=public_pem
     )
     cast.hospital_a.refresh_from_db()
@@ -82,24 +83,12 @@ def test_create_needs_a_key(cast):
     assert not SiteCredential.objects.exists()
 
 
-def _rsa_public_pem() -> str:
-    from cryptography.hazmat.primitives import serialization
-    from cryptography.hazmat.primitives.asymmetric import rsa
-
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode()
-    )
-
-
 @pytest.mark.parametrize(
     "key,message",
     [("not a key", "Not a PEM-encoded public key"), ("rsa", "must be an Ed25519 public key")],
 )
 def test_create_refuses_a_bad_key(cast, key, message):
-    key = _rsa_public_pem() if key == "rsa" else key
+    key = rsa_pem() if key == "rsa" else key
     with pytest.raises(ValidationError) as excinfo:
         create(cast, "", public_key=key)
     assert message in " ".join(excinfo.value.message_dict["public_key"])
@@ -113,42 +102,42 @@ def test_create_needs_a_label(cast, public_pem):
 
 def test_authenticate(cast, public_pem):
     credential, token = create(cast, public_pem)
-    assert sites.site_credential_authenticate(token) == credential
-    assert sites.site_credential_authenticate(token + "x") is None
-    assert sites.site_credential_authenticate("") is None
-    assert sites.site_credential_authenticate(None) is None
-    assert sites.site_credential_authenticate(credential.token_hash) is None
+    assert credentials.site_credential_authenticate(token) == credential
+    assert credentials.site_credential_authenticate(token + "x") is None
+    assert credentials.site_credential_authenticate("") is None
+    assert credentials.site_credential_authenticate(None) is None
+    assert credentials.site_credential_authenticate(credential.token_hash) is None
 
 
 def test_last_used_is_written_at_most_once_a_minute(cast, public_pem):
     credential, token = create(cast, public_pem)
-    sites.site_credential_authenticate(token)
+    credentials.site_credential_authenticate(token)
     credential.refresh_from_db()
     first = credential.last_used_at
     assert first is not None
-    sites.site_credential_authenticate(token)
+    credentials.site_credential_authenticate(token)
     credential.refresh_from_db()
     assert credential.last_used_at == first
     earlier = timezone.now() - dt.timedelta(minutes=2)
     SiteCredential.objects.filter(pk=credential.pk).update(last_used_at=earlier)
-    sites.site_credential_authenticate(token)
+    credentials.site_credential_authenticate(token)
     credential.refresh_from_db()
     assert credential.last_used_at > earlier
 
 
 def test_revoke(cast, public_pem):
     credential, token = create(cast, public_pem)
-    sites.site_credential_revoke(acting_user=cast.inst_admin, credential=credential)
+    credentials.site_credential_revoke(acting_user=cast.inst_admin, credential=credential)
     credential.refresh_from_db()
     assert credential.revoked_at is not None
     assert credential.revoked_by == cast.inst_admin
     assert not credential.is_active
-    assert sites.site_credential_authenticate(token) is None
-    assert sites.site_token_revoked(token)
+    assert credentials.site_credential_authenticate(token) is None
+    assert credentials.site_token_revoked(token)
     entry = LedgerEntry.objects.get(event="site.credential_revoked")
     assert json.loads(entry.payload_text)["token_prefix"] == credential.token_prefix
     with pytest.raises(ConflictError):
-        sites.site_credential_revoke(acting_user=cast.inst_admin, credential=credential)
+        credentials.site_credential_revoke(acting_user=cast.inst_admin, credential=credential)
     assert LedgerEntry.objects.filter(event="site.credential_revoked").count() == 1
     assert verify_chain().ok
 
@@ -215,7 +204,7 @@ def test_revoke_page(cast, public_pem):
     assert response["Location"] == list_url(cast)
     credential.refresh_from_db()
     assert credential.revoked_by == cast.inst_admin
-    assert sites.site_credential_authenticate(token) is None
+    assert credentials.site_credential_authenticate(token) is None
     again = client.post(revoke_url(cast, credential), follow=True)
     assert "already revoked" in again.content.decode()
 

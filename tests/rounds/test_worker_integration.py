@@ -34,7 +34,7 @@ from kombu import Exchange, Queue
 import training.rounds.tasks  # noqa: F401 - registers the tasks this process runs from "central"
 from audit.ledger.chain import verify_chain
 from consortium.celery import app
-from tests.support.fl_harness import make_consortium3
+from tests.support.fl_harness import make_consortium3, use_artifact_folder
 from training import queues
 from training.models import GlobalModel, JobState, Round, SiteUpdate
 from training.queues import CENTRAL_QUEUE, site_queue
@@ -97,13 +97,7 @@ def _purge(names):
 
 @pytest.fixture
 def central(live_server, monkeypatch, tmp_path, settings):
-    settings.STORAGES = {
-        **settings.STORAGES,
-        "artifacts": {
-            "BACKEND": "django.core.files.storage.FileSystemStorage",
-            "OPTIONS": {"location": str(tmp_path / "artifacts")},
-        },
-    }
+    use_artifact_folder(settings, tmp_path / "artifacts")
     original = WSGIHandler.__call__
 
     def serialised(self, environ, start_response):

@@ -1,6 +1,7 @@
 """Shared arrangements for the coordinator and worker tests: a consortium of three
 hospitals that hold real data (the bundled breast-cancer set split across them), each
-with site credentials, an Ed25519 key and a data folder, and a job over them.
+with site credentials, an Ed25519 key and a data folder, and a job over them; and an
+artifact store in a folder of the test's own.
 
 Everything goes through the services, so ``audit.ledger.chain.verify_chain()`` holds.
 """
@@ -11,19 +12,28 @@ import csv
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from tests.support.training_fixtures import (
-    TrainingScene,
-    add_institution,
-    agreement_in_force,
-    make_spec,
-    offer_dataset,
-)
+from tests.support.agreements import add_institution, agreement_in_force
+from tests.support.training_fixtures import TrainingScene, make_spec, offer_dataset
 from training.fl.data import demo_split
 from training.fl.signing import generate_keypair
-from training.rounds.sites import site_credential_create
-from training.site.worker import WorkerConfig
+from training.rounds.credentials import site_credential_create
+from training.site.client import WorkerConfig
 
 DATASET_KEY = "breast-cancer"
+
+
+def use_artifact_folder(settings, folder: Path) -> Path:
+    """Point the artifact store (``STORAGES["artifacts"]``) at ``folder`` on the file system
+    for this test (``settings``: pytest-django's fixture); returns ``folder``."""
+    settings.STORAGES = {
+        **settings.STORAGES,
+        "artifacts": {
+            "BACKEND": "django.core.files.storage.FileSystemStorage",
+            "OPTIONS": {"location": str(folder)},
+        },
+    }
+    return folder
+
 
 #: Agreement terms for the engine tests: logistic regression may share the whole update
 #: without noise, so the model visibly learns in a few rounds.
@@ -76,7 +86,7 @@ class Consortium3:
     def propose_and_approve(self, **overrides):
         """A job over the three sites, approved by all three (job_start not yet run)."""
         spec = job_spec([s.slug for s in self.sites], **overrides)
-        from training.jobs.services import job_propose
+        from training.jobs.proposals import job_propose
 
         job = job_propose(
             acting_user=self.scene.cast.researcher,

@@ -1,17 +1,34 @@
-"""The expected answer of every route for every persona, as pytest parameters.
+"""Who may do what, route by route and persona by persona: the cases of the permission
+matrices and the answers they expect.
 
-The permission-matrix tests (web pages of governance, training and reports) each list their
-routes as ``(url name, kwargs factory, method, personas allowed, status when allowed, data)``;
-this turns such a list into one case per route and persona: the anonymous visitor is sent to
-the login page, an allowed persona gets the route's status, anybody else a 404 (a forbidden
-object answers exactly like a missing one).
+The page matrices (web pages of governance, training and reports) each list their routes as
+``(url name, kwargs factory, method, personas allowed, status when allowed, data)``;
+:func:`permission_cases` turns such a list into one case per route and persona: the anonymous
+visitor is sent to the login page, an allowed persona gets the route's status, anybody else a
+404 (a forbidden object answers exactly like a missing one). The API matrices give each call
+the exact code for every persona (:func:`api_codes`).
 """
 
 from __future__ import annotations
 
 import pytest
+from django.urls import reverse
 
 LOGIN = "login"
+
+#: The personas every matrix runs as (people of the ``cast``, tests/conftest.py); each
+#: matrix adds the roles its routes concern.
+BASE_PERSONAS = [
+    "anonymous",
+    "outsider",
+    "other_member",
+    "approver",
+    "auditor",
+    "admin",
+]
+
+
+# --- pages ------------------------------------------------------------------------------------
 
 
 def permission_cases(routes, personas):
@@ -34,3 +51,46 @@ def permission_cases(routes, personas):
                 data,
                 id=f"{method}-{name}-{kwargs.__name__}-{persona}",
             )
+
+
+def ask_page(scene, namespace, url_name, kwargs, method, persona, data):
+    """``(url, response)``: ``persona`` opens (GET) or posts to the page ``namespace:url_name``
+    at ``kwargs(scene)``, posting ``data(scene, persona)`` (or nothing)."""
+    client = scene.cast.client_for(persona)
+    url = reverse(f"{namespace}:{url_name}", kwargs=kwargs(scene))
+    if method == "get":
+        return url, client.get(url)
+    return url, client.post(url, data(scene, persona) if data else {})
+
+
+def assert_page_answer(response, url, method, expected):
+    """The answer a page case expects: LOGIN sends to the login page and back, any other
+    ``expected`` is the status code."""
+    if expected == LOGIN:
+        assert response.status_code == 302
+        assert response.url == f"{reverse('login')}?next={url}"
+        return
+    assert response.status_code == expected, response.content.decode()[:3000]
+    if expected == 302 and method == "post":
+        # An allowed action redirects back into the app, never to the login page.
+        assert not response.url.startswith(reverse("login"))
+
+
+# --- the API ----------------------------------------------------------------------------------
+
+
+def api_codes(personas, default, *, anonymous=403, outsider=None, **overrides) -> dict[str, int]:
+    """Exact codes for every persona: ``default`` for members unless overridden; anonymous
+    requests are refused before anything is looked up (403)."""
+    codes = {p: default for p in personas}
+    codes["anonymous"] = anonymous
+    codes["outsider"] = default if outsider is None else outsider
+    codes.update(overrides)
+    return codes
+
+
+def assert_api_answer(response, expected):
+    """The call answered ``expected``; a 404 says no more than "Not found."."""
+    assert response.status_code == expected, getattr(response, "content", response)
+    if response.status_code == 404:
+        assert response.json() == {"detail": "Not found."}

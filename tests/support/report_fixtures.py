@@ -20,9 +20,14 @@ import hashlib
 from dataclasses import dataclass
 
 from audit.ledger.chain import append_entry
-from consortium.governance import services as governance
-from tests.jobs.test_web_training import agreement_in_force, register_datasets, spec_for
-from training.jobs import services
+from consortium.governance.services.withdrawals import consent_withdraw
+from tests.support.agreements import agreement_in_force
+from tests.support.training_pages import (
+    AGREEMENT_TITLE,
+    default_pipeline_spec,
+    steward_registers_datasets,
+)
+from training.jobs.proposals import job_propose
 
 FORMULA_REASON = '=HYPERLINK("http://evil.example","click")'
 GAUSSIAN = {
@@ -66,13 +71,13 @@ class Planted:
 
 
 def plant(cast, *, withdraw: bool = True) -> Planted:
-    version = agreement_in_force(cast)
-    register_datasets(cast)
-    job = services.job_propose(
+    version = agreement_in_force(cast, title=AGREEMENT_TITLE)
+    steward_registers_datasets(cast)
+    job = job_propose(
         acting_user=cast.researcher,
         consortium=cast.consortium,
         title="Tumours",
-        spec=spec_for(cast),
+        spec=default_pipeline_spec(cast),
     )
     slug = cast.consortium.slug
     models = {}
@@ -157,7 +162,7 @@ def plant(cast, *, withdraw: bool = True) -> Planted:
         },
     )
     if withdraw:
-        governance.consent_withdraw(
+        consent_withdraw(
             acting_user=cast.approver_b,
             agreement=version.agreement,
             institution=cast.hospital_b,

@@ -1,5 +1,6 @@
-"""Shared arrangements for training tests: an agreement in force, data sets at
-each institution, and a valid job spec.
+"""Shared arrangements for training tests: data sets at each institution, a valid job
+spec, and the scene that puts them under an agreement in force (the agreement itself and its
+TERMS: tests/support/agreements.py).
 
 Everything here goes through the services, so the ledger stays a true record
 and ``audit.ledger.chain.verify_chain()`` holds afterwards. Plain functions take the
@@ -15,7 +16,7 @@ and ``audit.ledger.chain.verify_chain()`` holds afterwards. Plain functions take
         job = scene.propose(rounds=5)
         scene.decide(job, scene.cast.hospital_a)
 
-Budget arithmetic worth knowing (δ = 1e-5, Gaussian noise, default TERMS cap ε 8):
+Budget arithmetic worth knowing (δ = 1e-5, Gaussian noise, the TERMS cap ε 8):
 noise multiplier 5 for 10 rounds costs ε ≈ 2.81 (two such jobs together ≈ 4.16,
 so they fit); noise 3 for 20 rounds costs ε ≈ 7.53 (two together ≈ 11.44, so
 only one fits).
@@ -23,29 +24,11 @@ only one fits).
 
 from __future__ import annotations
 
-import datetime as dt
 from dataclasses import dataclass, field
 
 import pytest
 
-from consortium.governance import services as governance
-from consortium.governance.models import Role
-from tests.support.factories import MembershipFactory, UserFactory
-
-#: Agreement terms every training test starts from (tabular classification, at
-#: most 40% shared, Gaussian noise required, ε cap 8 at δ 1e-5).
-TERMS = dict(
-    purpose="Train a tumour classifier on tabular features.",
-    permitted_purposes=["classification"],
-    permitted_model_families=["linear", "mlp"],
-    max_shared_fraction="0.4",
-    required_dp_mechanism="gaussian",
-    epsilon_cap="8",
-    delta="0.00001",
-    valid_from=dt.date.today() - dt.timedelta(days=1),
-    valid_until=dt.date.today() + dt.timedelta(days=365),
-    text="The parties share model updates only, never patient data.",
-)
+from tests.support.agreements import agreement_in_force, signers
 
 DATASET_KEY = "tumours"
 
@@ -97,75 +80,6 @@ def make_spec(
     return spec
 
 
-def publish_agreement(cast, *, title: str = "Data-use agreement", **overrides):
-    """Draft and publish version 1 of an agreement (nobody has signed it yet)."""
-    version = governance.agreement_create(
-        acting_user=cast.admin,
-        consortium=cast.consortium,
-        title=title,
-        **{**TERMS, **overrides},
-    )
-    return governance.agreement_version_publish(acting_user=cast.admin, version=version)
-
-
-def sign(version, user, institution):
-    """``user`` (an approver of ``institution``) signs ``version``."""
-    return governance.agreement_sign(
-        acting_user=user,
-        version=version,
-        institution=institution,
-        typed_name=user.get_full_name() or user.get_username(),
-        confirmed=True,
-        expected_digest=version.content_digest,
-    )
-
-
-def signers(cast) -> list[tuple]:
-    """(approver, institution) for every institution of the consortium that has an
-    approver (hospital C too, once :func:`add_institution` made it)."""
-    pairs = [(cast.approver, cast.hospital_a), (cast.approver_b, cast.hospital_b)]
-    pairs.extend(getattr(cast, "extra_signers", []))
-    return pairs
-
-
-def sign_all(cast, version):
-    for user, institution in signers(cast):
-        sign(version, user, institution)
-    return version
-
-
-def agreement_in_force(cast, **overrides):
-    """An agreement published and signed by every institution: in force today."""
-    return sign_all(cast, publish_agreement(cast, **overrides))
-
-
-def amend(cast, version, *, sign_by_all: bool = True, **changes):
-    """Publish an amendment of ``version``'s agreement (with ``changes`` to its terms);
-    sign it by everyone unless ``sign_by_all`` is False."""
-    draft = governance.agreement_amend(acting_user=cast.admin, agreement=version.agreement)
-    if changes:
-        governance.agreement_version_update(acting_user=cast.admin, version=draft, **changes)
-    new = governance.agreement_version_publish(acting_user=cast.admin, version=draft)
-    if sign_by_all:
-        sign_all(cast, new)
-    return new
-
-
-def add_institution(cast, name: str = "Hospital C"):
-    """A third institution with its own approver, remembered on the cast so
-    :func:`sign_all` signs for it. Call before publishing the agreement."""
-    institution = governance.institution_create(
-        acting_user=cast.admin, consortium=cast.consortium, name=name
-    )
-    approver = UserFactory(username=f"approver_{institution.slug}")
-    MembershipFactory(
-        user=approver, consortium=cast.consortium, institution=institution, role=Role.APPROVER
-    )
-    extra = getattr(cast, "extra_signers", [])
-    cast.extra_signers = [*extra, (approver, institution)]
-    return institution, approver
-
-
 def offer_dataset(
     cast,
     institution,
@@ -177,7 +91,7 @@ def offer_dataset(
     n_classes: int = 2,
 ):
     """``institution`` offers a data set (registered through the service, as a steward would)."""
-    from training.jobs.services import dataset_register
+    from training.jobs.datasets import dataset_register
 
     return dataset_register(
         acting_user=cast.admin,
@@ -205,7 +119,7 @@ class TrainingScene:
     datasets: list = field(default_factory=list)
 
     def propose(self, *, user=None, title: str = "Tumour classifier", **spec_overrides):
-        from training.jobs.services import job_propose
+        from training.jobs.proposals import job_propose
 
         return job_propose(
             acting_user=user or self.cast.researcher,
@@ -219,7 +133,7 @@ class TrainingScene:
 
     def decide(self, job, institution, decision: str = "approved", reason: str = "", **kw):
         """The institution's approver decides on what the job is now (digest, version)."""
-        from training.jobs.services import approval_decide
+        from training.jobs.approvals import approval_decide
 
         job.refresh_from_db()
         return approval_decide(

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
-from tests.web.test_demo import _private_broker
+from tests.support.child_processes import demo_env, redis_url_on_db
 
 pytestmark = [pytest.mark.browser, pytest.mark.worker]
 
@@ -111,19 +111,9 @@ def stack(tmp_path_factory):
         )
     tmp = tmp_path_factory.mktemp("browser")
     var = tmp / "demo"
-    env = {
-        **os.environ,
-        "DATABASE_URL": _database_url(tmp),
-        "ARTIFACT_ROOT": str(tmp / "artifacts"),
-        "DEMO_VAR_DIR": str(var),
-        "PYTHONUNBUFFERED": "1",
-        "LIVE_POLL_SECONDS": "0.5",
-    }
-    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    env = _private_broker(env, tmp)
+    env = demo_env(tmp, database_url=_database_url(tmp), var=var, LIVE_POLL_SECONDS="0.5")
     if settings.CHANNEL_LAYER_URL:
-        base = re.sub(r"/\d*$", "", settings.CHANNEL_LAYER_URL.split("?", 1)[0].rstrip("/"))
-        env["CHANNEL_LAYER_URL"] = f"{base}/{BROWSER_REDIS_DB}"
+        env["CHANNEL_LAYER_URL"] = redis_url_on_db(settings.CHANNEL_LAYER_URL, BROWSER_REDIS_DB)
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, cwd=BASE_DIR, check=True, timeout=180)
     port = _free_port()

@@ -25,31 +25,14 @@ from django.conf import settings
 from django.core.management import call_command
 
 from consortium.governance.models import Consortium
-from training.jobs import services
-from training.management.commands.demo import (
-    CREDENTIAL_LABEL,
-    JOBS,
-    SITE_SLUGS,
-    demo_spec,
-    ensure_site_credentials,
-)
+from tests.support.child_processes import demo_env
+from training.demo.scenario import JOBS, demo_spec
+from training.demo.seed import SITE_SLUGS
+from training.demo.sites import CREDENTIAL_LABEL, ensure_site_credentials
+from training.jobs.proposals import job_propose
 from training.models import SiteCredential
 
 BASE_DIR = Path(settings.BASE_DIR)
-DEMO_REDIS_DB = int(os.environ.get("DEMO_TEST_REDIS_DB", "13"))
-
-
-def _private_broker(env: dict, tmp_path: Path) -> dict:
-    url = settings.CELERY_BROKER_URL
-    if url.startswith("filesystem://"):
-        env["CELERY_DATA_DIR"] = str(tmp_path / "broker")
-    elif url.startswith(("redis://", "rediss://")):
-        import redis
-
-        base = re.sub(r"/\d*$", "", url.split("?", 1)[0].rstrip("/"))
-        env["CELERY_BROKER_URL"] = f"{base}/{DEMO_REDIS_DB}"
-        redis.Redis.from_url(env["CELERY_BROKER_URL"]).flushdb()
-    return env
 
 
 def _processes_with(marker: str) -> list[str]:
@@ -73,15 +56,7 @@ def _processes_with(marker: str) -> list[str]:
 @pytest.mark.worker
 def test_demo_runs_a_job_to_completion_on_real_processes(tmp_path):
     var = tmp_path / "demo"
-    env = {
-        **os.environ,
-        "DATABASE_URL": f"sqlite:///{tmp_path / 'demo.sqlite3'}",
-        "ARTIFACT_ROOT": str(tmp_path / "artifacts"),
-        "DEMO_VAR_DIR": str(var),
-        "PYTHONUNBUFFERED": "1",
-    }
-    env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-    env = _private_broker(env, tmp_path)
+    env = demo_env(tmp_path, database_url=f"sqlite:///{tmp_path / 'demo.sqlite3'}", var=var)
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, cwd=BASE_DIR, check=True, timeout=120)
 
@@ -151,7 +126,7 @@ def test_the_demo_job_fits_the_seeded_agreement(dataset):
     from django.contrib.auth import get_user_model
 
     call_command("seed_demo", stdout=StringIO())
-    job = services.job_propose(
+    job = job_propose(
         acting_user=get_user_model().objects.get(username="admin"),
         consortium=Consortium.objects.get(slug="demo"),
         title=JOBS[dataset]["title"],

@@ -18,10 +18,10 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 
 from audit.ledger import live
-from consortium.governance import services as governance
+from consortium.governance.services.members import membership_remove
 from consortium.routing import websocket_urlpatterns
 from tests.support.training_fixtures import make_scene
-from training.jobs import services
+from training.jobs.proposals import job_cancel
 from training.models import JobState
 from training.rounds.live import consortium_live_state, job_live_state
 
@@ -215,9 +215,7 @@ def test_a_member_removed_while_the_page_is_open_is_disconnected(cast, scene):
         communicator, connected, _ = await _open(job_path(job), cast.other_member)
         assert connected
         await communicator.receive_json_from(timeout=20)
-        await sync_to_async(governance.membership_remove)(
-            acting_user=cast.admin, membership=membership
-        )
+        await sync_to_async(membership_remove)(acting_user=cast.admin, membership=membership)
         await sync_to_async(scene.decide)(job, cast.hospital_a)
         closed = await communicator.receive_output(timeout=20)
         while closed["type"] != "websocket.close":
@@ -258,7 +256,7 @@ def test_the_consortium_socket_lists_entries_only_to_those_who_may_read_the_ledg
 
 
 def test_job_live_state_needs_the_same_queries_whatever_the_sites(cast, scene):
-    from tests.support.training_fixtures import add_institution
+    from tests.support.agreements import add_institution
 
     job = scene.propose()
     job_live_state(job)  # warm caches (content types, RDP curves)
@@ -279,7 +277,7 @@ def test_job_live_state_needs_the_same_queries_whatever_the_sites(cast, scene):
 
 def test_a_cancelled_job_shows_its_reason(cast, scene):
     job = scene.propose()
-    services.job_cancel(acting_user=cast.admin, job=job, reason="Superseded by job 2.")
+    job_cancel(acting_user=cast.admin, job=job, reason="Superseded by job 2.")
     state = job_live_state(job)
     assert state["job"]["state"] == JobState.CANCELLED
     assert "Superseded" in state["job"]["end_reason"]

@@ -1,5 +1,5 @@
 """The OpenAPI schema is complete and warning-free, and its UI is served from
-the installed sidecar package, not a CDN (DESIGN section 6)."""
+the installed sidecar package, not a CDN (docs/architecture.md, section 6)."""
 
 import re
 

@@ -55,7 +55,10 @@ class CoalitionUtility:
         self,
         *,
         base_state: Mapping[str, torch.Tensor],
-        updates: Mapping[str, tuple[Mapping, Mapping | None, float]],
+        updates: Mapping[
+            str,
+            tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None, float],
+        ],
         model: nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
@@ -94,7 +97,7 @@ class CoalitionUtility:
             names = {n for d in self._masked.values() for n in d}
             self._sum = {n: torch.zeros_like(floating[n]) for n in sorted(names)}
 
-    def _delta(self, coalition: frozenset) -> dict[str, torch.Tensor]:
+    def _delta(self, coalition: frozenset[str]) -> dict[str, torch.Tensor]:
         members = sorted(coalition)
         if self.combine == "mean":
             self._avg.reset()
@@ -109,7 +112,7 @@ class CoalitionUtility:
                 self._sum[name].add_(d)
         return self._sum
 
-    def state_of(self, coalition: Iterable) -> dict[str, torch.Tensor]:
+    def state_of(self, coalition: Iterable[str]) -> dict[str, torch.Tensor]:
         """Load coalition's model into ``self.model`` and return its (live) state."""
         coalition = frozenset(coalition)
         unknown = coalition - set(self.sites)
@@ -124,7 +127,7 @@ class CoalitionUtility:
                     target.add_(d.to(target.dtype))
         return self._work
 
-    def __call__(self, coalition: Iterable) -> float:
+    def __call__(self, coalition: Iterable[str]) -> float:
         self.state_of(coalition)
         metrics = evaluate(self.model, self.x, self.y, modality=self.modality)
         return float(metrics[self.metric])

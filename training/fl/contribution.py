@@ -1,7 +1,8 @@
 """Contribution scores over a utility of coalitions: leave-one-out and Shapley values (no Django,
 no torch).
 
-Hand-written, as DESIGN section 7 says for contribution scoring: the well-kept Shapley libraries
+Hand-written, as docs/architecture.md (section 7) says for contribution scoring: the well-kept
+Shapley libraries
 (shap, for one) explain a model's *features* and sample with their own generators, whereas here
 the players are sites, a coalition's value is the validation metric of a model built from their
 updates (:mod:`training.fl.coalition`), and every score must be recomputable by anyone from the
@@ -46,6 +47,7 @@ import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from itertools import combinations
+from typing import Any, TypedDict
 
 __all__ = [
     "DEFAULT_PERMUTATIONS",
@@ -74,8 +76,17 @@ DEFAULT_PERMUTATIONS = 100
 DEFAULT_TRUNCATION = 0.005
 DEFAULT_TOLERANCE = 0.02
 
-Coalition = frozenset
-Utility = Callable[[frozenset], float]
+#: A set of players: site ids (institution slugs).
+Coalition = frozenset[str]
+#: The value of a coalition: the validation metric of the model its updates make.
+Utility = Callable[[Coalition], float]
+
+
+class CoalitionRow(TypedDict):
+    """One recorded coalition value, as the ledger holds it."""
+
+    sites: list[str]
+    value: float
 
 
 class CoalitionMissing(ValueError):
@@ -101,13 +112,13 @@ class CachedUtility:
 
     def __init__(self, utility: Utility):
         self._utility = utility
-        self.values: dict[frozenset, float] = {}
+        self.values: dict[Coalition, float] = {}
 
     @property
     def evaluations(self) -> int:
         return len(self.values)
 
-    def __call__(self, coalition: Iterable) -> float:
+    def __call__(self, coalition: Iterable[str]) -> float:
         key = frozenset(coalition)
         value = self.values.get(key)
         if value is None:
@@ -124,10 +135,10 @@ class CachedUtility:
 class _Table:
     """Recorded coalition values as a utility (for recomputation)."""
 
-    def __init__(self, values: Mapping[frozenset, float]):
+    def __init__(self, values: Mapping[Coalition, float]):
         self.values = dict(values)
 
-    def __call__(self, coalition: Iterable) -> float:
+    def __call__(self, coalition: Iterable[str]) -> float:
         key = frozenset(coalition)
         if key not in self.values:
             raise CoalitionMissing(f"the coalition {sorted(key)} was not recorded")
@@ -140,20 +151,22 @@ class Contributions:
     player, every coalition value evaluated, and how many evaluations that took."""
 
     method: str
-    params: dict
-    players: tuple
-    scores: dict
-    values: dict = field(repr=False)
+    params: dict[str, int | float]
+    players: tuple[str, ...]
+    scores: dict[str, float]
+    values: dict[Coalition, float] = field(repr=False)
     evaluations: int = 0
 
-    def coalitions(self) -> list[dict]:
+    def coalitions(self) -> list[CoalitionRow]:
         """Every evaluated coalition as ``{"sites": sorted ids, "value": v}``, smallest first."""
-        rows = [{"sites": sorted(c), "value": v} for c, v in self.values.items()]
+        rows: list[CoalitionRow] = [
+            {"sites": sorted(c), "value": v} for c, v in self.values.items()
+        ]
         rows.sort(key=lambda r: (len(r["sites"]), r["sites"]))
         return rows
 
 
-def _players(players: Iterable) -> tuple:
+def _players(players: Iterable[str]) -> tuple[str, ...]:
     out = tuple(sorted(players))
     if not out:
         raise ValueError("contribution scoring needs at least one player")
@@ -165,18 +178,18 @@ def _players(players: Iterable) -> tuple:
 # --- the methods, written over any utility (live or recorded) ---------------------------------
 
 
-def _loo_scores(players: tuple, v: Utility) -> dict:
+def _loo_scores(players: tuple[str, ...], v: Utility) -> dict[str, float]:
     full = frozenset(players)
     total = v(full)
     return {p: total - v(full - {p}) for p in players}
 
 
-def _exact_scores(players: tuple, v: Utility) -> dict:
+def _exact_scores(players: tuple[str, ...], v: Utility) -> dict[str, float]:
     n = len(players)
     # weight[s] = s! (n - s - 1)! / n!, the share of permutations where a given coalition of
     # size s precedes the player.
     weight = [math.factorial(s) * math.factorial(n - s - 1) / math.factorial(n) for s in range(n)]
-    scores = {}
+    scores: dict[str, float] = {}
     for p in players:
         others = [q for q in players if q != p]
         total = 0.0
@@ -194,7 +207,7 @@ def _draw(seed: int, k: int, j: int) -> int:
     return int.from_bytes(digest, "big") % (j + 1)
 
 
-def guided_permutation(players: Sequence, k: int, seed: int) -> list:
+def guided_permutation(players: Sequence[str], k: int, seed: int) -> list[str]:
     """Permutation ``k`` of the sampled method: ``players[k mod n]`` first, the rest shuffled
     (Fisher-Yates from the end, ``j`` from ``len(rest) - 1`` down to 1)."""
     n = len(players)
@@ -206,18 +219,21 @@ def guided_permutation(players: Sequence, k: int, seed: int) -> list:
     return [first, *rest]
 
 
-def _sampled_scores(players: tuple, v: Utility, params: Mapping) -> dict:
+def _sampled_scores(
+    players: tuple[str, ...], v: Utility, params: Mapping[str, Any]
+) -> dict[str, float]:
     permutations = int(params["permutations"])
     truncation = float(params["truncation"])
     tolerance = float(params["tolerance"])
     seed = int(params["seed"])
     n = len(players)
-    empty, full = frozenset(), frozenset(players)
+    empty: Coalition = frozenset()
+    full = frozenset(players)
     v_empty, v_full = v(empty), v(full)
     sums = dict.fromkeys(players, 0.0)
     if abs(v_full - v_empty) <= truncation:
         return dict(sums)  # between-round truncation: nothing worth sharing out
-    previous: dict | None = None
+    previous: dict[str, float] | None = None
     estimate = dict(sums)
     for k in range(permutations):
         prefix, v_prefix = empty, v_empty
@@ -243,7 +259,7 @@ def _sampled_scores(players: tuple, v: Utility, params: Mapping) -> dict:
 # --- public entry points ----------------------------------------------------------------------
 
 
-def leave_one_out(players: Iterable, utility: Utility) -> Contributions:
+def leave_one_out(players: Iterable[str], utility: Utility) -> Contributions:
     """Leave-one-out scores: what the full set loses without each player."""
     ps = _players(players)
     v = utility if isinstance(utility, CachedUtility) else CachedUtility(utility)
@@ -251,7 +267,7 @@ def leave_one_out(players: Iterable, utility: Utility) -> Contributions:
     return Contributions(LEAVE_ONE_OUT, {}, ps, scores, dict(v.values), v.evaluations)
 
 
-def shapley_exact(players: Iterable, utility: Utility) -> Contributions:
+def shapley_exact(players: Iterable[str], utility: Utility) -> Contributions:
     """Exact Shapley values (``2^n`` evaluations; at most :data:`EXACT_MAX_PLAYERS` players)."""
     ps = _players(players)
     if len(ps) > EXACT_MAX_PLAYERS:
@@ -264,7 +280,9 @@ def shapley_exact(players: Iterable, utility: Utility) -> Contributions:
     return Contributions(SHAPLEY_EXACT, {}, ps, scores, dict(v.values), v.evaluations)
 
 
-def _sampled_params(permutations, truncation, tolerance, seed) -> dict:
+def _sampled_params(
+    permutations: int, truncation: float, tolerance: float, seed: int
+) -> dict[str, int | float]:
     if isinstance(permutations, bool) or not isinstance(permutations, int) or permutations < 1:
         raise ValueError(f"permutations must be a positive integer, got {permutations!r}")
     for name, value in (("truncation", truncation), ("tolerance", tolerance)):
@@ -283,7 +301,7 @@ def _sampled_params(permutations, truncation, tolerance, seed) -> dict:
 
 
 def shapley_sampled(
-    players: Iterable,
+    players: Iterable[str],
     utility: Utility,
     *,
     permutations: int = DEFAULT_PERMUTATIONS,
@@ -301,7 +319,7 @@ def shapley_sampled(
 
 def compute(
     method: str,
-    players: Iterable,
+    players: Iterable[str],
     utility: Utility,
     *,
     permutations: int = DEFAULT_PERMUTATIONS,
@@ -336,7 +354,9 @@ def compute(
     )
 
 
-def scores_from_coalitions(method: str, params: Mapping, coalitions: Iterable[Mapping]) -> dict:
+def scores_from_coalitions(
+    method: str, params: Mapping[str, Any], coalitions: Iterable[Mapping[str, Any]]
+) -> dict[str, float]:
     """Recompute the scores of a record from its coalition values alone.
 
     ``coalitions`` is the recorded list of ``{"sites": [...], "value": v}``; the players are
@@ -344,7 +364,7 @@ def scores_from_coalitions(method: str, params: Mapping, coalitions: Iterable[Ma
     fed the recorded values, gives bit-identical floats; a coalition the method needs but the
     record lacks raises :class:`CoalitionMissing`.
     """
-    values: dict[frozenset, float] = {}
+    values: dict[Coalition, float] = {}
     for row in coalitions:
         key = frozenset(row["sites"])
         if key in values:
@@ -352,7 +372,8 @@ def scores_from_coalitions(method: str, params: Mapping, coalitions: Iterable[Ma
         values[key] = float(row["value"])
     if not values:
         raise ValueError("no coalition values recorded")
-    players = _players(max(values, key=len))
+    largest: Coalition = max(values, key=len)
+    players = _players(largest)
     table = _Table(values)
     if method == LEAVE_ONE_OUT:
         return _loo_scores(players, table)

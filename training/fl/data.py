@@ -138,7 +138,7 @@ def _classification_arrays(key: str) -> tuple[np.ndarray, np.ndarray]:
 @functools.lru_cache(maxsize=4)
 def _holdout(key: str) -> tuple[np.ndarray, np.ndarray]:
     """(training indices, validation indices) of a bundled classification set."""
-    from sklearn.model_selection import train_test_split
+    from sklearn.model_selection import train_test_split  # lazy, as above
 
     x, y = _classification_arrays(key)
     train, val = train_test_split(
@@ -170,8 +170,7 @@ def _ellipse_images(
             inside = u * u + v * v <= 1.0
             image[inside] = np.maximum(image[inside], rng.uniform(0.6, 1.0))
             mask |= inside
-        image = gain * image + rng.normal(0.0, noise, size=(size, size))
-        images[i, 0] = image
+        images[i, 0] = gain * image + rng.normal(0.0, noise, size=(size, size))
         masks[i] = mask
     return images, masks
 
@@ -341,7 +340,7 @@ def _load_csv(path: Path) -> SiteData:
 
 def _load_npy(path: Path) -> np.ndarray:
     try:
-        return np.load(path, allow_pickle=False)
+        array: np.ndarray = np.load(path, allow_pickle=False)
     except ValueError as exc:
         raise ValueError(
             f"{path}: cannot read it without unpickling (object arrays are refused; save "
@@ -349,6 +348,7 @@ def _load_npy(path: Path) -> np.ndarray:
         ) from None
     except OSError as exc:
         raise ValueError(f"{path}: not a readable .npy file: {exc}") from None
+    return array
 
 
 def _numeric(array: np.ndarray, path: Path) -> None:

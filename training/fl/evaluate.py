@@ -34,8 +34,8 @@ def dice_score(pred: torch.Tensor, target: torch.Tensor, *, eps: float = DICE_EP
 def _device_of(model: nn.Module) -> torch.device:
     for tensor in model.parameters():
         return tensor.device
-    for tensor in model.buffers():
-        return tensor.device
+    for buffer in model.buffers():
+        return buffer.device
     return torch.device("cpu")
 
 
@@ -46,7 +46,7 @@ def evaluate(
     *,
     modality: str,
     batch_size: int = 256,
-) -> dict:
+) -> dict[str, float]:
     """Metrics of ``model`` on ``(x, y)``: accuracy and loss, or Dice and loss.
 
     Runs in eval mode without gradients on the model's device, and puts the model back in the
@@ -75,11 +75,12 @@ def evaluate(
                 pred = logits.argmax(dim=1)
                 if segmentation:
                     p, g = pred > 0, yb > 0
-                    inter += (p & g).sum().item()
-                    pred_sum += p.sum().item()
-                    true_sum += g.sum().item()
+                    # Counts of a bool tensor: item() gives an int.
+                    inter += int((p & g).sum().item())
+                    pred_sum += int(p.sum().item())
+                    true_sum += int(g.sum().item())
                 else:
-                    correct += (pred == yb).sum().item()
+                    correct += int((pred == yb).sum().item())
     finally:
         model.train(was_training)
     metrics = {"loss": loss_sum / units}

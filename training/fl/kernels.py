@@ -18,7 +18,7 @@ is shared; ``has_mask`` False means every coordinate is shared (the mask argumen
 ignored: pass any uint8 array). A *score* is ``|value|`` for a shared coordinate and ``-1`` for
 an unshared one, so unshared coordinates rank below every shared one.
 
-Hand-written (DESIGN section 7): no library fuses these particular steps.
+Hand-written (docs/architecture.md, section 7): no library fuses these particular steps.
 """
 
 from __future__ import annotations
@@ -26,9 +26,10 @@ from __future__ import annotations
 import threading
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
+import numpy.typing as npt
 from numba import njit
 
 __all__ = [
@@ -40,6 +41,7 @@ __all__ = [
     "chunk_of",
     "chunk_size",
     "chunk_starts",
+    "executor",
     "finish_values",
     "keep_at_least",
     "masked_accumulate",
@@ -53,15 +55,22 @@ __all__ = [
 CHUNK = 1 << 20
 
 _T = TypeVar("_T")
+
+#: Flat float32 values (an update, scores, noise draws).
+Floats = npt.NDArray[np.float32]
+#: A flat mask: a bool tensor's bytes, 1 where the coordinate is shared.
+MaskBytes = npt.NDArray[np.uint8]
 _pool: ThreadPoolExecutor | None = None
 _pool_lock = threading.Lock()
 
 
-def _executor() -> ThreadPoolExecutor:
+def executor() -> ThreadPoolExecutor:
+    """The engine's one thread pool (sized to torch's intra-op threads), shared by the kernels
+    and the noise sampler so two pools never compete for the cores."""
     global _pool
     with _pool_lock:
         if _pool is None:
-            import torch
+            import torch  # lazy: CUDA must not initialise before a worker forks
 
             _pool = ThreadPoolExecutor(
                 max_workers=max(1, torch.get_num_threads()), thread_name_prefix="fl-kernel"
@@ -79,7 +88,7 @@ def chunk_starts(n: int) -> range:
     return range(0, n, chunk_size(n))
 
 
-def chunk_of(positions: np.ndarray, n: int) -> np.ndarray:
+def chunk_of(positions: npt.NDArray[np.integer[Any]], n: int) -> npt.NDArray[np.integer[Any]]:
     """The chunk index of each position in an array of ``n``."""
     return positions // chunk_size(n)
 
@@ -90,10 +99,10 @@ def run_chunks(work: Callable[[int, int], _T], n: int) -> list[_T]:
     starts = range(0, n, size)
     if len(starts) <= 1:
         return [work(s, min(s + size, n)) for s in starts]
-    return list(_executor().map(lambda s: work(s, min(s + size, n)), starts))
+    return list(executor().map(lambda s: work(s, min(s + size, n)), starts))
 
 
-def concat(parts: Iterable[np.ndarray], dtype: type) -> np.ndarray:
+def concat(parts: Iterable[npt.NDArray[Any]], dtype: type[np.generic]) -> npt.NDArray[Any]:
     parts = list(parts)
     return np.concatenate(parts) if parts else np.empty(0, dtype=dtype)
 
@@ -115,7 +124,15 @@ _FASTMATH = {"reassoc", "contract"}  # lets LLVM vectorise the float64 sums
 
 
 @njit(nogil=True, cache=True)
-def masked_accumulate(acc, coord, value, mask, weight, start, end):  # pragma: no cover - jitted
+def masked_accumulate(
+    acc: npt.NDArray[np.floating[Any]],
+    coord: npt.NDArray[np.floating[Any]],
+    value: Floats,
+    mask: MaskBytes,
+    weight: np.floating[Any],
+    start: int,
+    end: int,
+) -> None:  # pragma: no cover - jitted
     """``acc += weight * mask * value`` and ``coord += weight * mask`` over ``[start, end)``.
 
     One pass over the five arrays instead of torch's convert-mask, add, multiply-add.
@@ -132,18 +149,31 @@ def masked_accumulate(acc, coord, value, mask, weight, start, end):  # pragma: n
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def _block_stats(v, m, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, flags):  # pragma: no cover
+def _block_stats(
+    v: Floats,
+    m: MaskBytes,
+    has_mask: bool,
+    floor: np.float32,
+    lo1: np.float32,
+    hi1: np.float32,
+    lo2: np.float32,
+    hi2: np.float32,
+    sum_lo: np.float32,
+    flags: MaskBytes,
+) -> tuple[np.int64, np.int64, np.int64, float, float]:  # pragma: no cover
     """Counts and sums for one block, and ``flags[i] = 1`` where the score is in either
     bracket: branch-free, so LLVM vectorises it."""
-    ge1 = 0
-    ge2 = 0
-    above2 = 0
+    # int64 counters, as numba makes of a plain 0 (same machine code): typed so, a bool adds up
+    # to an int64 in the checker's view too.
+    ge1 = np.int64(0)
+    ge2 = np.int64(0)
+    above2 = np.int64(0)
     sumsq = 0.0
     l1 = 0.0
     one = np.float32(1.0)
     zero = np.float32(0.0)
     for i in range(v.size):
-        s = abs(v[i])
+        s: np.float32 = abs(v[i])
         s = s if s >= floor else -one
         if has_mask:
             keep = np.float32(m[i] != 0)
@@ -160,8 +190,16 @@ def _block_stats(v, m, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, flags):  # p
 
 @njit(nogil=True, cache=True)
 def _block_gather(
-    v, m, has_mask, floor, flags, base, idx_out, score_out, inside
-):  # pragma: no cover - jitted
+    v: Floats,
+    m: MaskBytes,
+    has_mask: bool,
+    floor: np.float32,
+    flags: MaskBytes,
+    base: int,
+    idx_out: npt.NDArray[np.signedinteger[Any]],
+    score_out: Floats,
+    inside: int,
+) -> int:  # pragma: no cover - jitted
     """Append the flagged scores of one block, eight flags at a time: most eight-byte words of
     flags are zero (the band holds a few percent of the scores), and skipping them is one
     well-predicted comparison. The output arrays need room for ``inside + v.size`` entries."""
@@ -182,8 +220,20 @@ def _block_gather(
 
 @njit(nogil=True, cache=True)
 def band_scan(
-    values, mask, has_mask, floor, lo1, hi1, lo2, hi2, sum_lo, start, end, idx_out, score_out
-):  # pragma: no cover - jitted
+    values: Floats,
+    mask: MaskBytes,
+    has_mask: bool,
+    floor: float,
+    lo1: float,
+    hi1: float,
+    lo2: float,
+    hi2: float,
+    sum_lo: float,
+    start: int,
+    end: int,
+    idx_out: npt.NDArray[np.signedinteger[Any]],
+    score_out: Floats,
+) -> tuple[int, np.int64, np.int64, np.int64, float, float]:  # pragma: no cover - jitted
     """Count the scores of ``values[start:end]`` against two brackets ``[lo1, hi1]`` and
     ``[lo2, hi2]`` (``lo1 <= lo2``, ``hi1 <= hi2``; pass the same one twice for one), and
     gather those inside either.
@@ -205,9 +255,9 @@ def band_scan(
     sum_lo32 = np.float32(sum_lo)
     flags = np.zeros(SCAN_BLOCK, dtype=np.uint8)  # whole words: the tail stays 0
     inside = 0
-    ge1 = 0
-    ge2 = 0
-    above2 = 0
+    ge1 = np.int64(0)
+    ge2 = np.int64(0)
+    above2 = np.int64(0)
     sumsq = 0.0
     l1 = 0.0
     for b in range(0, v.size, SCAN_BLOCK):
@@ -232,8 +282,16 @@ def band_scan(
 
 @njit(nogil=True, cache=True)
 def keep_at_least(
-    scores, mask, has_mask, kth, values, mask_out, unshare, start, end
-):  # pragma: no cover - jitted
+    scores: Floats,
+    mask: MaskBytes,
+    has_mask: bool,
+    kth: float,
+    values: Floats,
+    mask_out: MaskBytes,
+    unshare: bool,
+    start: int,
+    end: int,
+) -> int:  # pragma: no cover - jitted
     """Mark the coordinates whose score is at least ``kth``; returns how many.
 
     The score is ``|scores[i]|`` (``-1`` where ``mask`` says unshared). Writes ``mask_out``
@@ -260,7 +318,9 @@ def keep_at_least(
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def shared_norms(values, floor, clip, start, end):  # pragma: no cover - jitted
+def shared_norms(
+    values: Floats, floor: float, clip: float, start: int, end: int
+) -> tuple[float, float]:  # pragma: no cover - jitted
     """``(sum of squares, sum of absolute values)`` of ``values[start:end]`` clipped to
     ``[-clip, clip]`` (pass ``inf`` for none), counting only ``|value| >= floor``. Unshared
     coordinates hold 0, so they add 0."""
@@ -279,8 +339,18 @@ def shared_norms(values, floor, clip, start, end):  # pragma: no cover - jitted
 
 @njit(nogil=True, cache=True)
 def finish_values(
-    values, mask, has_mask, floor, clip, factor, noise, noise_at, mask_out, start, end
-):  # pragma: no cover - jitted
+    values: Floats,
+    mask: MaskBytes,
+    has_mask: bool,
+    floor: float,
+    clip: float,
+    factor: float,
+    noise: Floats,
+    noise_at: int,
+    mask_out: MaskBytes,
+    start: int,
+    end: int,
+) -> int:  # pragma: no cover - jitted
     """``values = factor * clip(values) + noise`` on shared coordinates, 0 elsewhere, in place.
 
     A coordinate is shared where ``mask`` says so and ``|value| >= floor``: a top-k selection
@@ -343,7 +413,9 @@ def finish_values(
 
 
 @njit(nogil=True, cache=True, fastmath=_FASTMATH)
-def band_sums(scores, lo, hi, clip):  # pragma: no cover - jitted
+def band_sums(
+    scores: Floats, lo: float, hi: float, clip: float
+) -> tuple[float, float]:  # pragma: no cover - jitted
     """``(sum of squares, sum)`` of ``min(score, clip)`` over the scores in ``[lo, hi]``
     (scores as gathered by :func:`band_scan`: ``-1`` marks an unshared coordinate)."""
     sumsq = 0.0
@@ -363,7 +435,9 @@ def band_sums(scores, lo, hi, clip):  # pragma: no cover - jitted
 
 
 @njit(nogil=True, cache=True)
-def box_muller_uniforms(words, radius, angle):  # pragma: no cover - jitted
+def box_muller_uniforms(
+    words: npt.NDArray[np.uint32], radius: Floats, angle: Floats
+) -> None:  # pragma: no cover - jitted
     """From ``radius.size + angle.size`` words: ``radius = u`` and ``angle = 2 pi u'``, with
     ``u = (j + 1) / 2**24`` for a word's low 24 bits ``j`` (uniform on (0, 1], exact in
     float32, so ``log(u)`` is finite and at most 0)."""
@@ -377,7 +451,7 @@ def box_muller_uniforms(words, radius, angle):  # pragma: no cover - jitted
 
 
 @njit(nogil=True, cache=True)
-def box_muller_radius(log_u, std):  # pragma: no cover - jitted
+def box_muller_radius(log_u: Floats, std: float) -> None:  # pragma: no cover - jitted
     """In place: ``std * sqrt(-2 log u)`` from ``log u`` (a ``-0.0`` from ``log(1)`` gives 0)."""
     s = np.float32(std)
     for i in range(log_u.size):

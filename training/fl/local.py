@@ -45,10 +45,12 @@ report them only where the agreement allows it.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -77,9 +79,9 @@ class LocalResult:
 
     delta: dict[str, torch.Tensor]
     samples: int
-    metrics: dict
-    optimizer_state: dict | None
-    privacy_events: list[dict] = field(default_factory=list)
+    metrics: dict[str, float | None]
+    optimizer_state: dict[str, Any] | None
+    privacy_events: list[dict[str, Any]] = field(default_factory=list)
 
 
 def pick_device() -> str:
@@ -87,7 +89,8 @@ def pick_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _to_cpu(obj):
+def _to_cpu(obj: Any) -> Any:
+    """A copy on the CPU of a nested optimizer state (tensors in dicts, lists and tuples)."""
     if isinstance(obj, torch.Tensor):
         return obj.detach().to("cpu").clone()
     if isinstance(obj, dict):
@@ -100,7 +103,7 @@ def _to_cpu(obj):
 
 
 def build_optimizer(
-    model: nn.Module, spec: Mapping, *, state: Mapping | None = None
+    model: nn.Module, spec: Mapping[str, Any], *, state: Mapping[str, Any] | None = None
 ) -> torch.optim.Optimizer:
     """The job's optimizer (``{"name": "sgd"|"adam", "lr", "momentum"}``) over ``model``.
 
@@ -144,12 +147,14 @@ def per_sample_gradients(
     Only trainable parameters are differentiated. Uses ``torch.func.vmap`` over ``grad``
     (dropout draws differ per example).
     """
-    from torch.func import functional_call, grad_and_value, vmap
+    from torch.func import functional_call, grad_and_value, vmap  # only DP-SGD needs it
 
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
     buffers = {n: b.detach() for n, b in model.named_buffers()}
 
-    def one(p, b, xi, yi):
+    def one(
+        p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
+    ) -> torch.Tensor:
         logits = functional_call(model, (p, b), (xi.unsqueeze(0),))
         return _loss(logits, yi.unsqueeze(0))
 
@@ -173,7 +178,8 @@ def clip_per_sample(
     if not tensors:
         return {}, torch.zeros(0)
     batch = tensors[0].shape[0]
-    squares = sum(g.reshape(batch, -1).pow(2).sum(dim=1) for g in tensors)
+    # The sum of each tensor's squares, added up in order (tensors is not empty).
+    squares = functools.reduce(torch.add, (g.reshape(batch, -1).pow(2).sum(dim=1) for g in tensors))
     norms = squares.sqrt()
     factor = (max_grad_norm / (norms + 1e-6)).clamp(max=1.0)
     clipped = {name: g * factor.view(-1, *([1] * (g.dim() - 1))) for name, g in grads.items()}
@@ -189,7 +195,7 @@ def add_gaussian_noise(
 ) -> dict[str, torch.Tensor]:
     """``summed`` plus independent ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise."""
     std = float(noise_multiplier) * float(max_grad_norm)
-    out = {}
+    out: dict[str, torch.Tensor] = {}
     for name, tensor in summed.items():
         noise = torch.randn(
             tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype
@@ -218,7 +224,7 @@ def private_gradient(
     return {name: g / expected_batch_size for name, g in noisy.items()}
 
 
-def _dp_params(dp_sgd: Mapping) -> tuple[float, float]:
+def _dp_params(dp_sgd: Mapping[str, Any]) -> tuple[float, float]:
     values = []
     for key in ("noise_multiplier", "max_grad_norm"):
         value = dp_sgd.get(key)
@@ -270,10 +276,10 @@ def train_local(
     *,
     epochs: int,
     batch_size: int,
-    optimizer: dict,
+    optimizer: Mapping[str, Any],
     momentum_restart: bool,
-    optimizer_state: dict | None = None,
-    dp_sgd: dict | None = None,
+    optimizer_state: Mapping[str, Any] | None = None,
+    dp_sgd: Mapping[str, Any] | None = None,
     seed: int = 0,
     device: str = "cpu",
     dp_seed: int | None = None,
@@ -369,7 +375,7 @@ def train_local(
     final = _floating_state(model)
     delta = {name: final[name] - initial[name] for name in initial}
     quality = evaluate(model, x_all, y_all, modality=data.modality, batch_size=256)
-    metrics: dict = {
+    metrics: dict[str, float | None] = {
         "train_loss_first_epoch": epoch_losses[0],
         "train_loss_last_epoch": epoch_losses[-1],
         "epochs": epochs,
@@ -379,7 +385,7 @@ def train_local(
         metrics["train_dice"] = quality["dice"]
     else:
         metrics["train_accuracy"] = quality["accuracy"]
-    events: list[dict] = []
+    events: list[dict[str, Any]] = []
     if dp_sgd is not None:
         events.append(
             {

@@ -64,7 +64,8 @@ class LogisticRegression(nn.Module):
         self.linear = nn.Linear(features, _n_classes(n_classes, "LogisticRegression"))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.linear(torch.flatten(x, 1))
+        logits: torch.Tensor = self.linear(torch.flatten(x, 1))
+        return logits
 
 
 class MLP(nn.Module):
@@ -95,7 +96,8 @@ class MLP(nn.Module):
         self.net = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(torch.flatten(x, 1))
+        logits: torch.Tensor = self.net(torch.flatten(x, 1))
+        return logits
 
 
 class SmallCNN(nn.Module):
@@ -131,7 +133,8 @@ class SmallCNN(nn.Module):
         self.head = nn.Linear(c, n_classes)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(torch.flatten(self.pool(self.features(x)), 1))
+        logits: torch.Tensor = self.head(torch.flatten(self.pool(self.features(x)), 1))
+        return logits
 
 
 def _double_conv(c_in: int, c_out: int) -> nn.Sequential:
@@ -194,10 +197,11 @@ class SmallUNet(nn.Module):
         x = self.bottom(x)
         for up, conv, skip in zip(self.up, self.up_conv, reversed(skips), strict=True):
             x = conv(torch.cat([up(x), skip], dim=1))
-        return self.head(x)
+        logits: torch.Tensor = self.head(x)
+        return logits
 
 
-def import_class(class_path: str) -> type:
+def import_class(class_path: str) -> object:
     """The object at ``package.module.Name``; ``ValueError`` says what could not be found."""
     if not isinstance(class_path, str) or "." not in class_path:
         raise ValueError(f"model class path {class_path!r} is not like 'package.module.Class'")
@@ -209,9 +213,10 @@ def import_class(class_path: str) -> type:
             f"cannot import module {module_name!r} for model {class_path!r}: {exc}"
         ) from exc
     try:
-        return getattr(module, attr)
+        found: object = getattr(module, attr)
     except AttributeError:
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
+    return found
 
 
 def build_model(

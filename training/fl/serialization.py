@@ -24,6 +24,7 @@ import json
 import math
 import sys
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -77,7 +78,7 @@ def pack_tensors(tensors: Mapping[str, torch.Tensor]) -> bytes:
     _check_byteorder()
     if not isinstance(tensors, Mapping):
         raise TypeError(f"pack_tensors needs a dict of tensors, got {type(tensors).__name__}")
-    header: dict[str, dict] = {}
+    header: dict[str, dict[str, Any]] = {}
     chunks: list[bytes] = []
     offset = 0
     for name in sorted(tensors):

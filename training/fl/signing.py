@@ -1,4 +1,5 @@
-"""Ed25519 signatures on site updates (DESIGN section 2: each site worker holds a signing key).
+"""Ed25519 signatures on site updates (docs/architecture.md, section 2: each site worker holds a
+signing key).
 
 A site signs :func:`update_message` (canonical JSON of the job, round, site, the update's SHA-256
 digest and its sample count) with its private key; the coordinator rebuilds the same bytes from the

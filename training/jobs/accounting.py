@@ -3,11 +3,13 @@
 Every privacy-relevant release a site makes is recorded as a :class:`PrivacyEvent` (JSON-safe, so
 it can be stored on a ``SiteUpdate`` and in the ledger). An institution's spent budget is never a
 running total kept by hand: :func:`epsilon_spent` replays all of its events through an accountant
-every time (DESIGN section 4, step 4), and :func:`project_budget` does the same for "everything so
+every time (docs/architecture.md, section 4, step 5), and :func:`project_budget` does the same for
+"everything so
 far plus this job" before a job is proposed or a round is dispatched.
 
 Why Google's ``dp-accounting`` and not opacus: this module runs in the central web process and the
-coordinator, which must not import torch (DESIGN section 6). dp-accounting is pure Python on
+coordinator, which must not import torch (docs/architecture.md, section 6). dp-accounting is pure
+Python on
 numpy/scipy, has both RDP and PLD accountants, and a typed, documented event vocabulary
 (``GaussianDpEvent``, ``PoissonSampledDpEvent``, ``SelfComposedDpEvent``, ...) that maps one to one
 onto our events. Opacus' accountants live inside its torch training engine. The library is

@@ -2,8 +2,8 @@
 
 Checked when a job is proposed or its spec changes, and again when an approver
 decides under a newer agreement version. A refusal names the term and the
-institution, so the proposer knows exactly what to change (DESIGN section 4,
-step 1). This module only reads; ``training.jobs.services`` reserves the budget in
+institution, so the proposer knows exactly what to change (docs/architecture.md, section 4,
+step 1). This module only reads; ``training.jobs.proposals`` reserves the budget in
 the same transaction as the check.
 """
 
@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from consortium.core.errors import ConflictError
 from consortium.governance.models import Consortium, DPMechanism, Institution
-from consortium.governance.selectors import AgreementStatus, agreement_in_force
+from consortium.governance.selectors import AgreementStatus, agreement_in_force, agreement_status
 from training.jobs.accounting import (
     BudgetProjection,
     PrivacyEvent,
@@ -113,8 +113,6 @@ def check_job_compliance(
     status = agreement_in_force(consortium)
     report = ComplianceReport(status=status)
     if status is None:
-        from consortium.governance.selectors import agreement_status
-
         reasons = []
         latest = None  # the newest agreement with a published version
         for agreement in consortium.agreements.order_by("-created_at"):

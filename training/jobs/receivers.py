@@ -1,11 +1,10 @@
 """Reactions to governance signals (connected in ``TrainingConfig.ready``)."""
 
 from consortium.governance.signals import consent_withdrawn
+from training.jobs.approvals import jobs_remove_institution
 
 
 def _remove_from_jobs(sender, *, withdrawal, acting_user, **kwargs):
-    from training.jobs.services import jobs_remove_institution
-
     jobs_remove_institution(
         institution=withdrawal.institution,
         reason=f"consent withdrawn: {withdrawal.reason}",

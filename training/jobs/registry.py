@@ -1,4 +1,4 @@
-"""The model architectures a training job may name (DESIGN sections 3-4).
+"""The model architectures a training job may name (docs/architecture.md, sections 3-4).
 
 Each entry is a :class:`ModelSpec`: its family (a ``consortium.governance.models.ModelFamily``
 value, which agreements permit or not), the kind of data it takes, the dotted path
@@ -43,6 +43,9 @@ import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
 
 FAMILIES = ("linear", "mlp", "cnn", "unet", "custom")
 MODALITIES = ("tabular", "image", "segmentation")
@@ -326,8 +329,6 @@ def builtin_models() -> dict[str, ModelSpec]:
 
 
 def _param_from_settings(model: str, pname: Any, raw: Any) -> ParamSpec:
-    from django.core.exceptions import ImproperlyConfigured
-
     where = f"TRAINING_CUSTOM_MODELS['{model}']['params']['{pname}']"
     if not isinstance(pname, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", pname):
         raise ImproperlyConfigured(f"{where}: parameter name must be a Python identifier")
@@ -372,8 +373,6 @@ def _param_from_settings(model: str, pname: Any, raw: Any) -> ParamSpec:
 
 
 def _custom_from_settings(name: Any, entry: Any, builtins: Mapping[str, ModelSpec]) -> ModelSpec:
-    from django.core.exceptions import ImproperlyConfigured
-
     where = f"TRAINING_CUSTOM_MODELS[{name!r}]"
     if not isinstance(name, str) or not _MODEL_NAME_RE.fullmatch(name):
         raise ImproperlyConfigured(
@@ -428,9 +427,6 @@ def model_registry() -> dict[str, ModelSpec]:
     ``class_path`` or names an unknown modality raises ``ImproperlyConfigured``.
     Read afresh on each call, so changed settings (tests) take effect at once.
     """
-    from django.conf import settings
-    from django.core.exceptions import ImproperlyConfigured
-
     registry = builtin_models()
     try:
         custom = getattr(settings, "TRAINING_CUSTOM_MODELS", None)

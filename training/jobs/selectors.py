@@ -3,21 +3,26 @@ whether an approval still counts."""
 
 from __future__ import annotations
 
+import json
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from django.db.models import Prefetch, QuerySet
+from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Sum
 
 from consortium.governance.models import Notification, Role
 from consortium.governance.permissions import grants_of
 from consortium.governance.selectors import consortium_ids_of
+from training.jobs.accounting import PrivacyEvent, epsilon_spent
 from training.models import (
     Approval,
+    ContributionScore,
     JobParticipant,
     JobState,
     PrivacyReservation,
     Round,
     SiteDataset,
+    SiteUpdate,
     TrainingJob,
 )
 
@@ -89,8 +94,6 @@ def undecided_participations() -> QuerySet[JobParticipant]:
     """Active participations in jobs awaiting approval that have no valid decision yet: the
     SQL form of :func:`is_valid_approval` (same spec digest and agreement version), for the
     approver's inbox and the dashboard's count of approvals owed."""
-    from django.db.models import Exists, OuterRef
-
     valid_decision = Approval.objects.filter(
         job_id=OuterRef("job_id"),
         institution_id=OuterRef("institution_id"),
@@ -185,12 +188,6 @@ def committed_privacy_events(institution_ids, *, exclude_job_id: int | None = No
     released when they failed or were cancelled mid-run, since the rounds they
     ran were spent all the same.
     """
-    import json
-    from collections import defaultdict
-
-    from training.jobs.accounting import PrivacyEvent
-    from training.models import SiteUpdate
-
     ids = list(institution_ids)
     events: dict[int, list] = defaultdict(list)
     covered: dict[int, set[int]] = defaultdict(set)
@@ -244,10 +241,6 @@ class JobAccountability:
 
 def _update_counts(queryset, key: str) -> dict:
     """``{key value: {"samples", "accepted", "rejected"}}`` over ``SiteUpdate`` rows, one query."""
-    from django.db.models import Count, Q, Sum
-
-    from training.models import SiteUpdate
-
     accepted = Q(status=SiteUpdate.Status.ACCEPTED)
     rows = (
         queryset.order_by()
@@ -262,8 +255,6 @@ def _update_counts(queryset, key: str) -> dict:
 
 
 def _replay(events: list, delta: float | None) -> float | None:
-    from training.jobs.accounting import epsilon_spent
-
     if delta is None:
         return None
     try:
@@ -280,11 +271,6 @@ def job_accountability(job: TrainingJob) -> JobAccountability:
     ``job.participants``, prefetched by the job page): the scores, the update counts, and the
     privacy events of the participants' accepted updates.
     """
-    from collections import defaultdict
-
-    from training.jobs.accounting import PrivacyEvent
-    from training.models import ContributionScore, SiteUpdate
-
     participants = sorted(job.participants.all(), key=lambda p: p.institution.name)
     ids = [p.institution_id for p in participants]
     version = job.agreement_version
@@ -367,11 +353,6 @@ def institution_accountability(user, institution) -> InstitutionAccountability:
     samples, rounds, rejected updates and ε spent; and its ε spent over every job, against the
     cap of the agreement of its latest job. Four queries whatever the number of jobs and rounds.
     """
-    from collections import defaultdict
-
-    from training.jobs.accounting import PrivacyEvent
-    from training.models import ContributionScore, SiteUpdate
-
     participations = list(
         JobParticipant.objects.filter(
             institution=institution, job__consortium_id__in=consortium_ids_of(user)

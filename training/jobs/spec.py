@@ -1,10 +1,11 @@
-"""Training job specs: validation, canonical form and plain-English summaries.
+"""Training job specs: validation and canonical form.
 
 A spec is the JSON-able dict a researcher submits (web form or API) to propose a
 training job. :func:`validate_spec` checks every field and returns the
 *normalised* spec: defaults filled in, numbers typed, participants sorted, keys
 sorted. The normalised spec is what is stored, hashed (:func:`spec_digest`) and
-approved; any change to it changes the digest and voids approvals (DESIGN 3-4).
+approved; any change to it changes the digest and voids approvals (docs/architecture.md, sections
+3-4).
 
 Normalisation rules (so equal jobs get equal digests):
 
@@ -21,6 +22,11 @@ Normalisation rules (so equal jobs get equal digests):
   digests, and so their approvals); :func:`contribution_settings` reads it with
   the defaults filled in.
 
+The privacy filters' parameters (names, types, bounds, defaults) are the engine's
+schema, :mod:`training.fl.params`, which the site checks again before it filters an
+update; the plain-English summaries an approver reads are in
+:mod:`training.jobs.describe`.
+
 This module imports neither torch nor Django models; model architectures come
 from :mod:`training.jobs.registry`.
 """
@@ -31,23 +37,22 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any
 
+from training.fl.params import (
+    FILTER_NAMES,
+    FILTER_PARAMS,
+    LAYER_NAME_MAX_LEN,
+    MISSING,
+    Choice,
+    Field,
+    LayerList,
+    Number,
+)
 from training.jobs.registry import MODALITY_PURPOSE, ModelSpec, model_registry
 
 SPEC_SCHEMA_VERSION = 1
-
-FILTER_NAMES = (
-    "exclude_layers",
-    "partial_sharing",
-    "percentile_clipping",
-    "laplace_noise",
-    "gaussian_noise",
-    "svt",
-    "dp_sgd",
-)
 
 #: DP mechanism (a ``consortium.governance.models.DPMechanism`` value) of each DP filter.
 FILTER_MECHANISM = {
@@ -64,7 +69,6 @@ OPTIMIZERS = ("sgd", "adam")
 SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 SLUG_MAX_LEN = 64  # Institution.slug max_length
 DATASET_KEY_RE = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
-LAYER_NAME_MAX_LEN = 200
 
 ROOT = "$"  # the error path of the spec as a whole
 
@@ -105,104 +109,6 @@ class SpecError(ValueError):
 
 # --- field checkers ------------------------------------------------------------------------
 
-_MISSING = object()
-
-
-def _range_text(lo: float | None, hi: float | None, lo_open: bool, hi_open: bool) -> str:
-    parts = []
-    if lo is not None:
-        parts.append(f"greater than {lo}" if lo_open else f"at least {lo}")
-    if hi is not None:
-        parts.append(f"less than {hi}" if hi_open else f"at most {hi}")
-    return (" " + " and ".join(parts)) if parts else ""
-
-
-@dataclass(frozen=True)
-class _Num:
-    """An int or float field with optional bounds (``*_open`` makes a bound exclusive)."""
-
-    kind: str  # "int" | "float"
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    default: Any = _MISSING
-
-    def message(self) -> str:
-        noun = "an integer" if self.kind == "int" else "a number"
-        if self.kind == "int" and self.lo is not None and self.hi is not None:
-            return f"must be an integer from {self.lo} to {self.hi}"
-        return f"must be {noun}" + _range_text(self.lo, self.hi, self.lo_open, self.hi_open)
-
-    def convert(self, value: Any) -> int | float | None:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            return None
-        if self.kind == "int":
-            if isinstance(value, float):
-                if not (math.isfinite(value) and value.is_integer()):
-                    return None
-                value = int(value)
-        else:
-            try:
-                value = float(value)
-            except OverflowError:
-                return None
-            if not math.isfinite(value):
-                return None
-        if self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo):
-            return None
-        if self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi):
-            return None
-        return value
-
-
-@dataclass(frozen=True)
-class _Choice:
-    choices: tuple[str, ...]
-    default: Any = _MISSING
-
-    def message(self) -> str:
-        return "must be one of " + ", ".join(f'"{c}"' for c in self.choices)
-
-    def convert(self, value: Any) -> str | None:
-        return value if isinstance(value, str) and value in self.choices else None
-
-
-@dataclass(frozen=True)
-class _LayerList:
-    default: Any = _MISSING
-
-
-_Field = _Num | _Choice | _LayerList
-
-#: Parameters of each privacy filter (besides ``"filter"`` itself).
-FILTER_PARAMS: dict[str, dict[str, _Field]] = {
-    "exclude_layers": {"layers": _LayerList()},
-    "partial_sharing": {
-        "fraction": _Num("float", 0, 1, lo_open=True),
-        "strategy": _Choice(("topk", "random"), default="topk"),
-    },
-    "percentile_clipping": {"percentile": _Num("float", 0, 100, lo_open=True)},
-    "laplace_noise": {
-        "epsilon": _Num("float", 0, lo_open=True),
-        "sensitivity": _Num("float", 0, lo_open=True),
-    },
-    "gaussian_noise": {
-        "noise_multiplier": _Num("float", 0, lo_open=True),
-        "clip_norm": _Num("float", 0, lo_open=True),
-    },
-    "svt": {
-        "epsilon": _Num("float", 0, lo_open=True),
-        "threshold": _Num("float", 0),
-        "fraction": _Num("float", 0, 1, lo_open=True),
-        "max_passes": _Num("int", 1, 10, default=1),
-    },
-    "dp_sgd": {
-        "noise_multiplier": _Num("float", 0, lo_open=True),
-        "max_grad_norm": _Num("float", 0, lo_open=True),
-    },
-}
-
 _TOP_LEVEL = (
     "schema_version",
     "purpose",
@@ -240,14 +146,14 @@ class _Checker:
     def error(self, path: str, message: str) -> None:
         self.errors.setdefault(path, message)
 
-    def field(self, obj: Mapping, key: str, path: str, spec: _Field) -> Any:
+    def field(self, obj: Mapping, key: str, path: str, spec: Field) -> Any:
         """The checked value of ``obj[key]``, its default, or None (error recorded)."""
         if key not in obj:
-            if spec.default is _MISSING:
+            if spec.default is MISSING:
                 self.error(path, "required")
                 return None
             return list(spec.default) if isinstance(spec.default, list) else spec.default
-        if isinstance(spec, _LayerList):
+        if isinstance(spec, LayerList):
             return self.layers(obj[key], path)
         converted = spec.convert(obj[key])
         if converted is None:
@@ -317,8 +223,8 @@ def _check_model(
         c.error("model", 'must be an object like {"name": "mlp", "params": {...}}')
         return None
     c.unknown_keys(value, ("name", "params"), "model", "field")
-    name = value.get("name", _MISSING)
-    if name is _MISSING:
+    name = value.get("name", MISSING)
+    if name is MISSING:
         c.error("model.name", "required")
         return None
     if not isinstance(name, str) or name not in registry:
@@ -350,8 +256,8 @@ def _check_optimizer(c: _Checker, raw: Mapping) -> dict | None:
         c.error("optimizer", 'must be an object like {"name": "sgd", "lr": 0.01}')
         return None
     c.unknown_keys(value, ("name", "lr", "momentum"), "optimizer", "field")
-    name = c.field(value, "name", "optimizer.name", _Choice(OPTIMIZERS))
-    lr = c.field(value, "lr", "optimizer.lr", _Num("float", 0, 10, lo_open=True))
+    name = c.field(value, "name", "optimizer.name", Choice(OPTIMIZERS))
+    lr = c.field(value, "lr", "optimizer.lr", Number("float", 0, 10, lo_open=True))
     out: dict[str, Any] = {"name": name, "lr": lr}
     ok = name is not None and lr is not None
     if name == "sgd":
@@ -359,7 +265,7 @@ def _check_optimizer(c: _Checker, raw: Mapping) -> dict | None:
             value,
             "momentum",
             "optimizer.momentum",
-            _Num("float", 0, 1, hi_open=True, default=0.9),
+            Number("float", 0, 1, hi_open=True, default=0.9),
         )
         out["momentum"] = momentum
         ok = ok and momentum is not None
@@ -421,10 +327,10 @@ def _check_pipeline(c: _Checker, raw: Mapping) -> list[dict] | None:
 
 
 def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | None) -> Any:
-    """The normalised ``contribution`` object, or ``_MISSING`` when it is the default."""
-    value = raw.get("contribution", _MISSING)
-    if value is _MISSING:
-        return _MISSING
+    """The normalised ``contribution`` object, or ``MISSING`` when it is the default."""
+    value = raw.get("contribution", MISSING)
+    if value is MISSING:
+        return MISSING
     if not isinstance(value, Mapping):
         c.error("contribution", 'must be an object like {"method": "auto"}')
         return None
@@ -433,7 +339,7 @@ def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | Non
         value,
         "method",
         "contribution.method",
-        _Choice(CONTRIBUTION_METHODS, default=CONTRIBUTION_DEFAULTS["method"]),
+        Choice(CONTRIBUTION_METHODS, default=CONTRIBUTION_DEFAULTS["method"]),
     )
     if method is None:
         return None
@@ -455,12 +361,12 @@ def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | Non
                 c.error(path, f'applies only to "shapley_sampled" (and "auto"), not to {method}')
                 ok = False
             continue
-        number = c.field(value, key, path, _Num(kind, lo, hi, default=CONTRIBUTION_DEFAULTS[key]))
+        number = c.field(value, key, path, Number(kind, lo, hi, default=CONTRIBUTION_DEFAULTS[key]))
         ok = ok and number is not None
         out[key] = number
     if not ok:
         return None
-    return _MISSING if out == CONTRIBUTION_DEFAULTS else out
+    return MISSING if out == CONTRIBUTION_DEFAULTS else out
 
 
 def contribution_settings(spec: Mapping) -> dict:
@@ -474,31 +380,6 @@ def contribution_settings(spec: Mapping) -> dict:
         for key in CONTRIBUTION_SAMPLING:
             out[key] = given.get(key, CONTRIBUTION_DEFAULTS[key])
     return out
-
-
-def describe_contribution(spec: Mapping) -> str:
-    """One plain-English sentence on how each site's contribution will be scored."""
-    settings = contribution_settings(spec)
-    method = settings["method"]
-    metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
-    base = (
-        "Each round, each site's contribution is scored centrally from the updates it shared, "
-        f"by the {metric} on the consortium's validation set of the models its updates make "
-    )
-    if method == "leave_one_out":
-        return base + "with and without it (leave-one-out)."
-    exact = "with every subset of the other sites (exact Shapley values)"
-    if method == "shapley_exact":
-        return base + exact + "."
-    sampled = (
-        f"in at most {settings['permutations']} sampled orderings of the sites (GTG-Shapley), "
-        f"stopping early within an ordering once the remaining sites change the {metric} by "
-        f"less than {_num(settings['truncation'])}, and when the estimates move by less "
-        f"than {_percent(settings['tolerance'])}%"
-    )
-    if method == "shapley_sampled":
-        return base + sampled + "."
-    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {sampled}."
 
 
 def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) -> dict:
@@ -517,7 +398,7 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
     out: dict[str, Any] = {}
 
     version = raw.get("schema_version", SPEC_SCHEMA_VERSION)
-    if _Num("int").convert(version) != SPEC_SCHEMA_VERSION:
+    if Number("int").convert(version) != SPEC_SCHEMA_VERSION:
         c.error(
             "schema_version",
             f"unsupported schema version {version!r}; this server understands "
@@ -525,7 +406,7 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
         )
     out["schema_version"] = SPEC_SCHEMA_VERSION
 
-    purpose = c.field(raw, "purpose", "purpose", _Choice(PURPOSES))
+    purpose = c.field(raw, "purpose", "purpose", Choice(PURPOSES))
     out["purpose"] = purpose
 
     participants = _check_participants(c, raw)
@@ -545,12 +426,12 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
         out["dataset_key"] = raw["dataset_key"]
 
     out["model"] = _check_model(c, raw, models, purpose)
-    out["topology"] = c.field(raw, "topology", "topology", _Choice(TOPOLOGIES, default="fedavg"))
-    out["rounds"] = c.field(raw, "rounds", "rounds", _Num("int", 1, 1000))
+    out["topology"] = c.field(raw, "topology", "topology", Choice(TOPOLOGIES, default="fedavg"))
+    out["rounds"] = c.field(raw, "rounds", "rounds", Number("int", 1, 1000))
     out["local_epochs"] = c.field(
-        raw, "local_epochs", "local_epochs", _Num("int", 1, 100, default=1)
+        raw, "local_epochs", "local_epochs", Number("int", 1, 100, default=1)
     )
-    out["batch_size"] = c.field(raw, "batch_size", "batch_size", _Num("int", 1, 4096, default=32))
+    out["batch_size"] = c.field(raw, "batch_size", "batch_size", Number("int", 1, 4096, default=32))
     out["optimizer"] = _check_optimizer(c, raw)
 
     restart = raw.get("momentum_restart", True)
@@ -563,10 +444,10 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
     if "min_participants" in raw:
         value = raw["min_participants"]
         hi = len(participants) if participants is not None else None
-        spec = _Num("int", 1, hi)
+        spec = Number("int", 1, hi)
         converted = spec.convert(value)
         if converted is None:
-            if hi is not None and _Num("int", 1).convert(value) is not None:
+            if hi is not None and Number("int", 1).convert(value) is not None:
                 c.error(
                     "min_participants",
                     f"must be at most the number of participants ({hi})",
@@ -581,13 +462,13 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
         raw,
         "round_timeout_seconds",
         "round_timeout_seconds",
-        _Num("int", 10, 86400, default=600),
+        Number("int", 10, 86400, default=600),
     )
     out["approval_ttl_hours"] = c.field(
-        raw, "approval_ttl_hours", "approval_ttl_hours", _Num("int", 1, 720, default=168)
+        raw, "approval_ttl_hours", "approval_ttl_hours", Number("int", 1, 720, default=168)
     )
     contribution = _check_contribution(c, raw, participants)
-    if contribution is not _MISSING:
+    if contribution is not MISSING:
         out["contribution"] = contribution
 
     if c.errors:
@@ -634,91 +515,3 @@ def dp_mechanisms(spec: Mapping) -> set[str]:
         for f in _pipeline(spec)
         if f.get("filter") in FILTER_MECHANISM
     }
-
-
-def _num(value: Any) -> str:
-    """A number as the spec spells it: ``1.0``, ``1.1``, ``3``."""
-    return repr(value) if isinstance(value, float) else str(value)
-
-
-def _percent(fraction: Any) -> str:
-    text = repr(round(float(fraction) * 100, 8))
-    return text[:-2] if text.endswith(".0") else text
-
-
-def _ordinal(value: Any) -> str:
-    v = float(value)
-    if not v.is_integer():
-        return f"{_percent(v / 100)}th"
-    n = int(v)
-    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
-    return f"{n}{suffix}"
-
-
-def _describe_exclude(f: Mapping) -> str:
-    layers = list(f["layers"])
-    noun = "layer" if len(layers) == 1 else "layers"
-    return f"Never share the {noun} {', '.join(layers)}: they stay at the site"
-
-
-def _describe_partial(f: Mapping) -> str:
-    pct = _percent(f["fraction"])
-    if f.get("strategy", "topk") == "random":
-        return f"Share only a random {pct}% of coordinates, drawn afresh each round"
-    return f"Share only the {pct}% of coordinates with the largest change (top-k)"
-
-
-def _describe_clip(f: Mapping) -> str:
-    return f"Clip every update at its {_ordinal(f['percentile'])} percentile of absolute values"
-
-
-def _describe_laplace(f: Mapping) -> str:
-    return (
-        f"Add Laplace noise for differential privacy with ε = {_num(f['epsilon'])} per round, "
-        f"calibrated to an update sensitivity of {_num(f['sensitivity'])}"
-    )
-
-
-def _describe_gaussian(f: Mapping) -> str:
-    return (
-        f"Add Gaussian noise with noise multiplier {_num(f['noise_multiplier'])} "
-        f"after clipping the update to L2 norm {_num(f['clip_norm'])}"
-    )
-
-
-def _describe_svt(f: Mapping) -> str:
-    passes = f.get("max_passes", 1)
-    return (
-        f"Share at most {_percent(f['fraction'])}% of coordinates, chosen by the sparse "
-        f"vector technique with ε = {_num(f['epsilon'])} and threshold "
-        f"{_num(f['threshold'])} (at most {passes} {'pass' if passes == 1 else 'passes'} "
-        "over the update)"
-    )
-
-
-def _describe_dp_sgd(f: Mapping) -> str:
-    return (
-        "Train locally with DP-SGD: clip each example's gradient to L2 norm "
-        f"{_num(f['max_grad_norm'])} and add Gaussian noise with noise multiplier "
-        f"{_num(f['noise_multiplier'])}"
-    )
-
-
-_DESCRIBE: dict[str, Callable[[Mapping], str]] = {
-    "exclude_layers": _describe_exclude,
-    "partial_sharing": _describe_partial,
-    "percentile_clipping": _describe_clip,
-    "laplace_noise": _describe_laplace,
-    "gaussian_noise": _describe_gaussian,
-    "svt": _describe_svt,
-    "dp_sgd": _describe_dp_sgd,
-}
-
-
-def describe_pipeline(spec: Mapping) -> list[str]:
-    """One plain-English sentence per privacy filter, in order, for an approver.
-
-    Takes a normalised spec. An empty pipeline gives an empty list (the update
-    is shared as computed); the caller words that case for its page.
-    """
-    return [_DESCRIBE[f["filter"]](f) for f in _pipeline(spec)]

@@ -1,4 +1,4 @@
-"""A content-addressed store for model files (DESIGN section 2: artifacts are
+"""A content-addressed store for model files (docs/architecture.md, section 2: artifacts are
 content-addressed by SHA-256).
 
 An artifact's name is its own SHA-256, so a stored file can always be checked

@@ -1,5 +1,5 @@
 """Contribution scores: each site's part in each round, computed centrally and recorded so that
-anyone can recompute it (DESIGN section 4, step 3; issue 5).
+anyone can recompute it (docs/architecture.md, section 4, step 3; issue 5).
 
 Per closed round, :func:`round_score` values coalitions of the sites whose updates were accepted
 (the ``delta/`` and ``mask/`` tensors they actually shared, after their privacy filters) by the
@@ -51,6 +51,8 @@ from audit.models import LedgerEntry
 from training.jobs.selectors import round_with_job
 from training.jobs.spec import contribution_settings
 from training.models import ContributionScore, JobState, Round, SiteUpdate, TrainingJob
+from training.rounds.aggregation import accepted_updates
+from training.rounds.states import build_model, dataset_of, load_state, load_update
 
 log = logging.getLogger(__name__)
 
@@ -78,14 +80,6 @@ def round_seed(job: TrainingJob, round_index: int) -> int:
     return int(sha256_hex(f"{job.spec_digest}:contribution:{round_index}")[:12], 16)
 
 
-def _accepted(rnd: Round) -> list[SiteUpdate]:
-    return list(
-        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
-        .select_related("institution")
-        .order_by("institution__slug")
-    )
-
-
 def round_contributions(rnd: Round):
     """Compute (without recording) the contributions of a closed round's accepted updates.
 
@@ -93,31 +87,31 @@ def round_contributions(rnd: Round):
     reason when the round cannot be scored. Each update artifact is read once; the coalitions
     reuse one aggregation buffer and one model (``CoalitionUtility``).
     """
-    # Through the coordinator's own helpers: one definition of how an update artifact reads and
-    # how the job's model is built, whatever the engine changes there.
+    # Lazy torch: the engine's modules load it, and only a process that scores pays for it.
     from training.fl.coalition import CoalitionUtility
     from training.fl.contribution import compute
     from training.fl.data import load_validation_set
-    from training.rounds import coordinator
 
+    # Through the coordinator's own definitions (training.rounds.states and .aggregation): one
+    # way an update artifact reads and the job's model is built, whatever the engine changes.
     job = rnd.job
     spec = job.spec
-    updates = _accepted(rnd)
+    updates = accepted_updates(rnd)
     if not updates:
         raise ScoringUnavailable("no accepted update to score")
     try:
         x, y = load_validation_set(spec["dataset_key"])
     except ValueError as exc:
         raise ScoringUnavailable(f"no consortium validation set: {exc}") from exc
-    dataset = coordinator._dataset_of(job, spec)
+    dataset = dataset_of(job, spec)
     shared = {}
     for update in updates:
-        delta, mask = coordinator._split_update(coordinator._load_state(update.update_digest))
+        delta, mask = load_update(update.update_digest)
         shared[update.institution.slug] = (delta, mask or None, update.samples)
     utility = CoalitionUtility(
-        base_state=coordinator._load_state(rnd.global_model_in.digest),
+        base_state=load_state(rnd.global_model_in.digest),
         updates=shared,
-        model=coordinator._build_model(spec, dataset),
+        model=build_model(spec, dataset),
         x=x,
         y=y,
         modality=dataset.modality,

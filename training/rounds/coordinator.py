@@ -1,4 +1,4 @@
-"""The coordinator: running approved jobs round by round (DESIGN section 4, step 3).
+"""The coordinator: running approved jobs round by round (docs/architecture.md, section 4, step 3).
 
 Round state lives in our own rows (``Round``, ``SiteUpdate``, ``GlobalModel``), never in
 Celery's result store, and every move is a compare-and-set update, so that
@@ -6,7 +6,7 @@ Celery's result store, and every move is a compare-and-set update, so that
 * a task delivered twice does no harm: the second ``round_maybe_close`` finds the round no
   longer open and does nothing; a second ``job_start`` finds the job no longer approved;
   a site task delivered twice uploads the same update twice, and the second upload is a
-  harmless duplicate (``training.rounds.sites.update_receive``);
+  harmless duplicate (``training.rounds.intake.update_receive``);
 * a site worker killed mid-task does not lose the round: :func:`rounds_tick` sends again a
   site task that has not reported after ``FL_REDISPATCH_AFTER_SECONDS`` (the embedded
   filesystem broker drops the message of a killed worker, and Redis only restores it after its
@@ -18,28 +18,32 @@ Celery's result store, and every move is a compare-and-set update, so that
 Lock order is the project's: the ledger chain (``audit.ledger.chain.lock_chain``) first, then rows.
 The slow work (building, aggregating and evaluating models) runs outside any transaction.
 
-Per round the coordinator checks every site's privacy budget before it sends anything: it
-replays what the site has already spent (the privacy events of its accepted updates, across
-the consortium, plus the live reservations of the other jobs it takes part in) with this
-round's projected events, against the agreement's cap. A site that would go over is not sent
-the round (recorded in the ledger); with fewer than ``min_participants`` left the job fails.
+Per round the coordinator checks every site's privacy budget before it sends anything
+(``training.rounds.budgets``). A site that would go over is not sent the round (recorded in
+the ledger); with fewer than ``min_participants`` left the job fails.
 
-Topologies: ``fedavg`` sends the global model to every site at once and averages their updates
-(weighted by samples, mask-aware, streaming). ``cyclic`` sends the model to one site at a time
-in :func:`training.fl.aggregate.cyclic_order`; each site starts from the previous site's
-result, and the round's model is the last result. Every ``SiteUpdate`` records the model its
-site was sent (``start_digest``, which the site API serves to that site) and when
-(``sent_at``); a cyclic site's ``sent_at`` stays null until its turn comes, and sending it is a
-compare-and-set on that null, so the next site is sent once. A site's result is its delta
-applied to its own start model (or the start model unchanged when its update was rejected or
-never came), so the chain never depends on recomputing earlier sites.
+Topologies: ``fedavg`` sends the global model to every site at once; ``cyclic`` sends it to
+one site at a time, each starting from the previous site's result (how a round's model is
+made from the updates: ``training.rounds.aggregation``; how a model is built, stored and
+read: ``training.rounds.states``). Every ``SiteUpdate`` records the model its site was sent
+(``start_digest``, which the site API serves to that site) and when (``sent_at``); a cyclic
+site's ``sent_at`` stays null until its turn comes, and sending it is a compare-and-set on
+that null, so the next site is sent once.
 
-torch is imported inside the functions that need it: the web process imports this module
-(through the services and tasks) and never pays for torch.
+This module imports no torch: models are built, aggregated and evaluated by those two modules,
+which load it only when they run.
 
 Lineage: ``GlobalModel.lineage_hash`` is ``sha256("genesis" || digest)`` for the initial model
 and ``sha256(parent.lineage_hash || digest || canonical_json(sorted [[update_digest, weight]]))``
 for a round's model, where ``weight`` is the update's sample count (:func:`lineage_hash`).
+
+Why one module: it is the one place where a round or a job moves on the coordinator's side
+(start, open, send, close, fail, complete, resume, send again: the periodic tick is a pass over
+the same moves), each with the lock order and the compare-and-set it relies on. Split, a reader
+would have to put the state machine back together across files, and a move would be easier to
+add without its guard. Everything that changes no row lives beside it: the budget check
+(``budgets``), the making and evaluating of a round's model (``aggregation``), model states
+(``states``) and contribution scores (``contributions``).
 """
 
 from __future__ import annotations
@@ -59,21 +63,20 @@ from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
 from training import queues
-from training.jobs import services
-from training.jobs.accounting import PrivacyEvent, events_for_pipeline, project_budget
-from training.jobs.registry import model_registry
-from training.jobs.selectors import committed_privacy_events, round_with_job
+from training.jobs.selectors import round_with_job
+from training.jobs.transitions import job_transition
 from training.models import (
     GlobalModel,
     JobParticipant,
     JobState,
     PrivacyReservation,
     Round,
-    SiteDataset,
     SiteUpdate,
     TrainingJob,
 )
-from training.rounds.artifacts import ArtifactError, artifact_store
+from training.rounds import aggregation, states
+from training.rounds.artifacts import ArtifactError
+from training.rounds.budgets import check_budgets
 from training.rounds.contributions import round_score
 
 log = logging.getLogger(__name__)
@@ -146,54 +149,7 @@ def _fail_job(job: TrainingJob, reason: str) -> None:
     """Fail a running (or approved) job, in the caller's transaction."""
     job.refresh_from_db(fields=["state"])
     if job.state in (JobState.RUNNING, JobState.APPROVED):
-        services.job_transition(acting_user=None, job=job, to_state=JobState.FAILED, reason=reason)
-
-
-def _dataset_of(job: TrainingJob, spec: dict) -> SiteDataset:
-    """One participant's description of the job's data set: every participant's has the same
-    shape and classes (checked when the job was proposed)."""
-    institution_ids = job.participants.values_list("institution_id", flat=True)
-    dataset = (
-        SiteDataset.objects.filter(institution_id__in=institution_ids, key=spec["dataset_key"])
-        .order_by("institution__slug")
-        .first()
-    )
-    if dataset is None:
-        raise ValueError(f"no participant offers the data set '{spec['dataset_key']}' any more")
-    return dataset
-
-
-def _class_path(spec: dict) -> str:
-    return model_registry()[spec["model"]["name"]].class_path
-
-
-def _build_model(spec: dict, dataset: SiteDataset):
-    from training.fl.models import build_model
-
-    return build_model(
-        _class_path(spec),
-        input_shape=list(dataset.input_shape),
-        n_classes=dataset.n_classes,
-        params=spec["model"].get("params") or {},
-    )
-
-
-def _initial_seed(job: TrainingJob) -> int:
-    # Fixed per job and reproducible from its spec digest (which the ledger holds).
-    return int(job.spec_digest[:15], 16)
-
-
-def _load_state(digest: str) -> dict:
-    from training.fl.serialization import unpack_tensors
-
-    return unpack_tensors(artifact_store().get(digest))
-
-
-def _store_state(state) -> tuple[str, int]:
-    from training.fl.serialization import pack_tensors
-
-    data = pack_tensors(state)
-    return artifact_store().put(data), len(data)
+        job_transition(acting_user=None, job=job, to_state=JobState.FAILED, reason=reason)
 
 
 def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_digest: str) -> None:
@@ -224,16 +180,9 @@ def job_start(job_id: int) -> Round | None:
         return None
     spec = job.spec
     try:
-        import torch
-
-        dataset = _dataset_of(job, spec)
-        seed = _initial_seed(job)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            model = _build_model(spec, dataset)
-        from training.fl.serialization import state_to_cpu_float
-
-        digest, size = _store_state(state_to_cpu_float(model.state_dict()))
+        dataset = states.dataset_of(job, spec)
+        seed = states.initial_seed(job)
+        digest, size = states.store_state(states.initial_state(spec, dataset, seed))
     except (ValueError, ArtifactError, OSError) as exc:
         with transaction.atomic():
             job = _lock_job(job_id)
@@ -245,7 +194,7 @@ def job_start(job_id: int) -> Round | None:
         job = _lock_job(job_id)
         if job.state != JobState.APPROVED:
             return None
-        services.job_transition(
+        job_transition(
             acting_user=None,
             job=job,
             to_state=JobState.RUNNING,
@@ -266,88 +215,14 @@ def job_start(job_id: int) -> Round | None:
             digest=digest,
             lineage_hash=model0.lineage_hash,
             model=spec["model"]["name"],
-            class_path=_class_path(spec),
+            class_path=states.class_path(spec),
             seed=seed,
             size_bytes=size,
         )
         return round_open(job, 1, model0)
 
 
-# --- Budgets -------------------------------------------------------------------------------------
-
-
-@dataclass
-class _BudgetCheck:
-    eligible: list = field(default_factory=list)  # JobParticipant rows
-    skipped: list = field(default_factory=list)  # {"site", "reason"}
-
-
-def _spent_events(job: TrainingJob, institution_ids: list[int]) -> dict[int, list[PrivacyEvent]]:
-    """What each institution has spent or committed, for the per-round check
-    (the same replay as at proposal: ``selectors.committed_privacy_events``)."""
-    return committed_privacy_events(institution_ids, exclude_job_id=job.pk)
-
-
-def _check_budgets(job: TrainingJob, spec: dict, participants: list) -> _BudgetCheck:
-    check = _BudgetCheck()
-    version = job.agreement_version
-    if version is None:  # pragma: no cover - a job is bound to a version when proposed
-        check.eligible = list(participants)
-        return check
-    cap, delta = float(version.epsilon_cap), float(version.delta)
-    ids = [p.institution_id for p in participants]
-    datasets = {
-        d.institution_id: d
-        for d in SiteDataset.objects.filter(institution_id__in=ids, key=spec["dataset_key"])
-    }
-    past = _spent_events(job, ids)
-    for participant in participants:
-        institution = participant.institution
-        dataset = datasets.get(institution.pk)
-        if dataset is None:
-            check.skipped.append(
-                {
-                    "site": institution.slug,
-                    "reason": f"{institution} no longer offers '{spec['dataset_key']}'",
-                }
-            )
-            continue
-        events = events_for_pipeline(
-            spec["privacy_pipeline"],
-            rounds=1,
-            local_epochs=spec["local_epochs"],
-            batch_size=spec["batch_size"],
-            num_records=dataset.num_records,
-        )
-        projection = project_budget(
-            institution=institution.name,
-            past_events=past.get(institution.pk, []),
-            job_events=events,
-            cap=cap,
-            delta=delta,
-        )
-        if projection.fits:
-            check.eligible.append(participant)
-        else:
-            check.skipped.append(
-                {
-                    "site": institution.slug,
-                    "reason": "privacy budget: " + projection.explain(),
-                    "projected_epsilon": round(projection.projected, 6),
-                    "cap": cap,
-                }
-            )
-    return check
-
-
 # --- Opening a round -------------------------------------------------------------------------
-
-
-def _cyclic_sites(slugs: list[str], round_index: int) -> list[str]:
-    from training.fl.aggregate import cyclic_order
-
-    # cyclic_order counts rounds from 0; ours from 1.
-    return list(cyclic_order(sorted(slugs), round_index - 1))
 
 
 def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round | None:
@@ -370,7 +245,7 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
             .select_related("institution")
             .order_by("institution__slug")
         )
-        check = _check_budgets(job, spec, participants)
+        check = check_budgets(job, spec, participants)
         for skipped in check.skipped:
             _record(
                 ledger_events.ROUND_SITE_SKIPPED,
@@ -398,7 +273,7 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         )
         slugs = [p.institution.slug for p in check.eligible]
         cyclic = spec["topology"] == "cyclic"
-        order = _cyclic_sites(slugs, index) if cyclic else slugs
+        order = aggregation.cyclic_sites(slugs, index) if cyclic else slugs
         # fedavg: every site is sent the global model now; cyclic: one at a time, below.
         SiteUpdate.objects.bulk_create(
             SiteUpdate(
@@ -453,90 +328,6 @@ def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
     )
     _send_site_task(job=job, round_index=rnd.index, slug=slug, start_digest=digest)
     return True
-
-
-# --- Aggregation -------------------------------------------------------------------------------
-
-
-def _split_update(tensors: dict) -> tuple[dict, dict]:
-    delta = {n.removeprefix("delta/"): t for n, t in tensors.items() if n.startswith("delta/")}
-    mask = {n.removeprefix("mask/"): t for n, t in tensors.items() if n.startswith("mask/")}
-    return delta, mask
-
-
-def _accepted(rnd: Round) -> list[SiteUpdate]:
-    return list(
-        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
-        .select_related("institution")
-        .order_by("institution__slug")
-    )
-
-
-def _fedavg(global_state: dict, updates: list[SiteUpdate]) -> dict:
-    from training.fl.aggregate import StreamingFedAvg, apply_update
-    from training.fl.serialization import unpack_tensors
-
-    store = artifact_store()
-    floating = {n: t for n, t in global_state.items() if t.is_floating_point()}
-    avg = StreamingFedAvg(floating)
-    for update in updates:
-        delta, mask = _split_update(unpack_tensors(store.get(update.update_digest)))
-        avg.add(delta, mask or None, update.samples)
-    return apply_update(global_state, avg.result())
-
-
-def _apply_one(state: dict, digest: str) -> dict:
-    from training.fl.aggregate import apply_update
-    from training.fl.serialization import unpack_tensors
-
-    delta, mask = _split_update(unpack_tensors(artifact_store().get(digest)))
-    if mask:
-        import torch
-
-        delta = {
-            n: torch.where(mask[n], d, torch.zeros_like(d)) if n in mask else d
-            for n, d in delta.items()
-        }
-    return apply_update(state, delta)
-
-
-def _cyclic_rows(rnd: Round) -> list[SiteUpdate]:
-    """The round's ``SiteUpdate`` rows in the cyclic round's order."""
-    rows = {u.institution.slug: u for u in rnd.updates.select_related("institution")}
-    return [rows[slug] for slug in _cyclic_sites(list(rows), rnd.index)]
-
-
-def _site_result(update: SiteUpdate) -> dict:
-    """The model a sent cyclic site hands on: its delta applied to the model it was sent, or
-    that model unchanged when its update was rejected or never came."""
-    state = _load_state(update.start_digest)
-    if update.status == SiteUpdate.Status.ACCEPTED:
-        state = _apply_one(state, update.update_digest)
-    return state
-
-
-def _cyclic_result(rnd: Round) -> dict:
-    """The cyclic round's model: the result of the last site it was sent to (sites are sent in
-    order, so the sent ones are a prefix of the order)."""
-    sent = [u for u in _cyclic_rows(rnd) if u.sent_at is not None and u.start_digest]
-    if not sent:
-        return _load_state(rnd.global_model_in.digest)
-    return _site_result(sent[-1])
-
-
-def _evaluate(spec: dict, dataset: SiteDataset, state: dict) -> dict:
-    """Metrics of the new global model on the consortium's validation set."""
-    from training.fl.data import load_validation_set
-    from training.fl.evaluate import evaluate
-
-    try:
-        x, y = load_validation_set(spec["dataset_key"])
-    except ValueError as exc:
-        return {"validation": f"unavailable: {exc}"}
-    model = _build_model(spec, dataset)
-    model.load_state_dict(state)
-    metrics = evaluate(model, x, y, modality=dataset.modality)
-    return {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}
 
 
 # --- Closing a round -----------------------------------------------------------------------------
@@ -630,7 +421,7 @@ def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
     """Send the cyclic round to its next site once every site before it has reported: it
     starts from the previous site's result."""
     previous = None
-    for update in _cyclic_rows(rnd):
+    for update in aggregation.cyclic_rows(rnd):
         if update.status != SiteUpdate.Status.DISPATCHED:
             previous = update
             continue
@@ -639,7 +430,7 @@ def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
         if previous is None:  # pragma: no cover - the first site is sent when the round opens
             digest = rnd.global_model_in.digest
         elif previous.status == SiteUpdate.Status.ACCEPTED:
-            digest, _size = _store_state(_site_result(previous))
+            digest, _size = states.store_state(aggregation.site_result(previous))
         else:
             digest = previous.start_digest  # nothing to apply: hand its start model on
         with transaction.atomic():
@@ -654,16 +445,16 @@ def _aggregate_and_finish(round_id: int) -> str:
         return "not_open"
     job = rnd.job
     spec = job.spec
-    updates = _accepted(rnd)
+    updates = aggregation.accepted_updates(rnd)
     parent = rnd.global_model_in
     try:
-        dataset = _dataset_of(job, spec)
+        dataset = states.dataset_of(job, spec)
         if spec["topology"] == "cyclic":
-            state = _cyclic_result(rnd)
+            state = aggregation.cyclic_result(rnd)
         else:
-            state = _fedavg(_load_state(parent.digest), updates)
-        digest, size = _store_state(state)
-        metrics = _finite(_evaluate(spec, dataset, state))
+            state = aggregation.fedavg(states.load_state(parent.digest), updates)
+        digest, size = states.store_state(state)
+        metrics = _finite(aggregation.evaluate(spec, dataset, state))
     except (ValueError, ArtifactError, OSError, RuntimeError) as exc:
         log.exception("aggregation of %s failed", rnd)
         _fail_round(rnd, f"aggregation failed: {exc}", from_state=Round.State.AGGREGATING)
@@ -723,7 +514,7 @@ def _aggregate_and_finish(round_id: int) -> str:
 
 
 def _complete(job: TrainingJob, model: GlobalModel) -> None:
-    services.job_transition(
+    job_transition(
         acting_user=None,
         job=job,
         to_state=JobState.COMPLETED,

@@ -12,9 +12,9 @@ the number of rounds or sites (pinned by a test).
 
 from __future__ import annotations
 
-from django.db.models import Max
+from django.db.models import Count, Max
 
-from training.jobs.selectors import job_accountability
+from training.jobs.selectors import job_accountability, undecided_participations
 from training.models import GlobalModel, JobState, Round, SiteUpdate, TrainingJob
 
 #: The share of its ε cap at which a site's spending shows as a warning.
@@ -166,10 +166,6 @@ def consortium_live_state(consortium) -> dict:
     """The consortium dashboard's live part: jobs by state, the approvals each institution still
     owes, and the newest running jobs' progress. Four queries, each an aggregate or a bounded
     list, whatever the number of jobs (pinned by a test and by benchmarks/pages.py)."""
-    from django.db.models import Count
-
-    from training.jobs.selectors import undecided_participations
-
     jobs = TrainingJob.objects.filter(consortium=consortium)
     labels = dict(JobState.choices)
     by_state = dict(jobs.order_by().values_list("state").annotate(n=Count("pk")))

@@ -1,7 +1,7 @@
 """The REST endpoints a site worker uses (under ``/api/site/``), authenticated
 only by site tokens.
 
-A site worker holds no central database credentials (DESIGN section 2). Its
+A site worker holds no central database credentials (docs/architecture.md, section 2). Its
 data steward creates its credentials in the browser: an API token (shown once)
 and the worker's Ed25519 public key. Every request carries the token::
 
@@ -9,7 +9,8 @@ and the worker's Ed25519 public key. Every request carries the token::
 
 A browser session, a password or any other scheme is refused here (401): these
 endpoints answer sites, and nothing else answers sites. A revoked or unknown
-token is 401 too, saying which.
+token is 401 too, saying which (``training.rounds.site_api_auth``, which also holds
+the base of these views; their bodies are in ``training.rounds.site_api_serializers``).
 
 Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
 404, the same as a missing one):
@@ -36,9 +37,9 @@ Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
   round's ``X-Spec-Digest`` against its task;
 * ``POST jobs/<job_id>/rounds/<round_index>/update/`` -- the site's update.
 
-The upload format: the request body is the raw packed tensor file
-(``training.fl.serialization.pack_tensors`` of ``delta/<name>`` float32 tensors
-and optional ``mask/<name>`` bool tensors), ``Content-Type:
+The upload format: the request body is the update file in its wire format
+(``training.fl.update``: ``delta/<name>`` float32 tensors and optional
+``mask/<name>`` bool tensors in the engine's tensor container), ``Content-Type:
 application/octet-stream``; the metadata travels in headers:
 
 * ``X-Update-Digest`` (required): SHA-256 hex of the body;
@@ -74,116 +75,30 @@ import json
 from django.conf import settings
 from django.http import HttpResponse
 from django.urls import path
-from drf_spectacular.extensions import OpenApiAuthenticationExtension
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
-from rest_framework import exceptions, serializers, status
-from rest_framework.authentication import BaseAuthentication, get_authorization_header
-from rest_framework.permissions import BasePermission
+from rest_framework import exceptions, status
 from rest_framework.response import Response
-from rest_framework.views import APIView
 
-from consortium.governance.api.serializers import ErrorSerializer
-from training.models import JobState, Round, SiteCredential, SiteDataset, SiteUpdate
-from training.rounds import sites
+from consortium.governance.services.institutions import key_fingerprint
+from training.models import Round, SiteCredential, SiteDataset, SiteUpdate
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest
+from training.rounds.intake import UpdateRefused, update_receive, update_refuse_oversize
+from training.rounds.site_api_auth import SiteAPIView
+from training.rounds.site_api_serializers import (
+    SiteErrorSerializer,
+    SiteJobSerializer,
+    UpdateResultSerializer,
+    WhoAmISerializer,
+)
+from training.rounds.site_selectors import (
+    NotAsked,
+    site_job,
+    site_may_read_model,
+    site_round_start,
+)
 
-AUTH_KEYWORD = "Site"
 _READ_CHUNK = 1024 * 1024
-
-
-# --- Authentication ------------------------------------------------------------------------
-
-
-class SiteTokenAuthentication(BaseAuthentication):
-    """``Authorization: Site <token>``. ``request.auth`` is the
-    :class:`~training.models.SiteCredential`; ``request.user`` stays anonymous
-    (a site is not a person and holds no user rights)."""
-
-    keyword = AUTH_KEYWORD
-
-    def authenticate(self, request):
-        parts = get_authorization_header(request).split()
-        if not parts or parts[0].lower() != self.keyword.lower().encode():
-            return None
-        if len(parts) != 2:
-            raise exceptions.AuthenticationFailed(
-                "Malformed site token header: send 'Authorization: Site <token>'."
-            )
-        try:
-            token = parts[1].decode("ascii")
-        except UnicodeDecodeError:
-            raise exceptions.AuthenticationFailed("The site token is not ASCII.") from None
-        credential = sites.site_credential_authenticate(token)
-        if credential is None:
-            if sites.site_token_revoked(token):
-                raise exceptions.AuthenticationFailed(
-                    "This site token was revoked: ask the institution's data steward for new "
-                    "worker credentials."
-                )
-            raise exceptions.AuthenticationFailed("Invalid site token.")
-        from django.contrib.auth.models import AnonymousUser
-
-        return AnonymousUser(), credential
-
-    def authenticate_header(self, request) -> str:
-        return f'{self.keyword} realm="site-api"'
-
-
-class SiteTokenScheme(OpenApiAuthenticationExtension):
-    target_class = "training.rounds.site_api.SiteTokenAuthentication"
-    name = "siteToken"
-
-    def get_security_definition(self, auto_schema):
-        return {
-            "type": "apiKey",
-            "in": "header",
-            "name": "Authorization",
-            "description": "A site worker's token: `Site fls_...` (created by the "
-            "institution's data steward; shown once).",
-        }
-
-
-class IsSite(BasePermission):
-    """Only a request authenticated by a live site token."""
-
-    def has_permission(self, request, view) -> bool:
-        return isinstance(request.auth, SiteCredential)
-
-
-class SiteAPIView(APIView):
-    """Base of the site endpoints: site tokens only, and every error as
-    ``{"detail", "code"}``."""
-
-    authentication_classes = [SiteTokenAuthentication]
-    permission_classes = [IsSite]
-
-    @property
-    def credential(self) -> SiteCredential:
-        return self.request.auth
-
-    def permission_denied(self, request, message=None, code=None):
-        raise exceptions.NotAuthenticated(
-            "The site API takes only a site token: send 'Authorization: Site <token>'."
-        )
-
-    def get_exception_handler(self):
-        handler = super().get_exception_handler()
-
-        def with_code(exc, context):
-            response = handler(exc, context)
-            if (
-                response is not None
-                and isinstance(exc, exceptions.APIException)
-                and isinstance(response.data, dict)
-                and "detail" in response.data
-                and "code" not in response.data
-            ):
-                codes = exc.get_codes()
-                response.data["code"] = codes if isinstance(codes, str) else exc.default_code
-            return response
-
-        return with_code
 
 
 def _not_found() -> exceptions.NotFound:
@@ -210,85 +125,6 @@ def _model_response(digest: str) -> HttpResponse:
     return response
 
 
-# --- Serializers -----------------------------------------------------------------------------
-
-
-class SiteErrorSerializer(ErrorSerializer):
-    recorded = serializers.BooleanField(
-        required=False,
-        help_text="For an upload: true when the refusal was recorded on the site's update "
-        "for the round (rejected, with the reason) and in the ledger.",
-    )
-
-
-class WhoAmISerializer(serializers.Serializer):
-    institution = serializers.SlugField(help_text="The site's slug (its queue is site.<slug>).")
-    institution_name = serializers.CharField()
-    consortium = serializers.SlugField()
-    credential = serializers.CharField(help_text="The credential's label.")
-    token_prefix = serializers.CharField()
-    key_fingerprint = serializers.CharField(
-        help_text="The first 16 hex digits of the SHA-256 of the registered public key (PEM)."
-    )
-
-
-class OpenRoundSerializer(serializers.Serializer):
-    index = serializers.IntegerField()
-    global_model = serializers.CharField(help_text="The digest of the round's global model.")
-    start_model = serializers.CharField(
-        allow_null=True,
-        help_text="The digest of the model this site was sent for the round (its update is "
-        "the delta from it): the global model, or in a cyclic round the previous site's "
-        "result. Null if the round has not reached this site (or asked nothing of it).",
-    )
-    deadline = serializers.DateTimeField()
-    update_status = serializers.ChoiceField(
-        choices=SiteUpdate.Status.choices,
-        allow_null=True,
-        help_text="This site's update for the round, or null if none was asked of it.",
-    )
-
-
-class SiteDatasetSerializer(serializers.Serializer):
-    key = serializers.CharField()
-    modality = serializers.CharField()
-    num_records = serializers.IntegerField()
-    input_shape = serializers.ListField(child=serializers.IntegerField())
-    n_classes = serializers.IntegerField()
-
-
-class SiteJobSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    title = serializers.CharField()
-    state = serializers.ChoiceField(choices=JobState.choices)
-    spec = serializers.JSONField(help_text="The job's spec (parsed from spec_text).")
-    spec_text = serializers.CharField(
-        help_text="The canonical JSON of the spec: its SHA-256 is spec_digest."
-    )
-    spec_digest = serializers.CharField()
-    open_round = OpenRoundSerializer(allow_null=True)
-    dataset = SiteDatasetSerializer(
-        allow_null=True,
-        help_text="This site's description of the job's data set (its key maps to local files), "
-        "or null if the site no longer offers it.",
-    )
-
-
-class UpdateResultSerializer(serializers.Serializer):
-    id = serializers.IntegerField()
-    job = serializers.IntegerField()
-    round = serializers.IntegerField(help_text="The round's index.")
-    site = serializers.SlugField()
-    status = serializers.ChoiceField(choices=SiteUpdate.Status.choices)
-    samples = serializers.IntegerField()
-    update_digest = serializers.CharField()
-    size_bytes = serializers.IntegerField()
-    received_at = serializers.DateTimeField()
-    duplicate = serializers.BooleanField(
-        help_text="True when this update had already been accepted (nothing changed)."
-    )
-
-
 def _error(description: str) -> OpenApiResponse:
     return OpenApiResponse(SiteErrorSerializer, description=description)
 
@@ -313,8 +149,6 @@ class WhoAmIView(SiteAPIView):
     def get(self, request):
         credential = self.credential
         institution = credential.institution
-        from consortium.governance.services import key_fingerprint
-
         return Response(
             WhoAmISerializer(
                 {
@@ -338,7 +172,7 @@ class SiteJobView(SiteAPIView):
         responses={200: SiteJobSerializer, 401: _401, 404: _404},
     )
     def get(self, request, job_id: int):
-        job = sites.site_job(self.credential, job_id)
+        job = site_job(self.credential, job_id)
         if job is None:
             raise _not_found()
         rnd = (
@@ -395,10 +229,10 @@ class SiteModelView(SiteAPIView):
         },
     )
     def get(self, request, job_id: int, digest: str):
-        job = sites.site_job(self.credential, job_id)
+        job = site_job(self.credential, job_id)
         if job is None or not is_digest(digest):
             raise _not_found()
-        if not sites.site_may_read_model(self.credential, job, digest):
+        if not site_may_read_model(self.credential, job, digest):
             raise _not_found()
         return _model_response(digest)
 
@@ -427,8 +261,8 @@ class SiteRoundModelView(SiteAPIView):
     )
     def get(self, request, job_id: int, round_index: int):
         try:
-            update = sites.site_round_start(self.credential, job_id, round_index)
-        except sites.NotAsked as exc:
+            update = site_round_start(self.credential, job_id, round_index)
+        except NotAsked as exc:
             raise _NotAsked(str(exc), code=exc.code) from None
         if update is None:
             raise _not_found()
@@ -490,7 +324,7 @@ def _bad_request(detail: str) -> Response:
     )
 
 
-def _refused(exc: sites.UpdateRefused) -> Response:
+def _refused(exc: UpdateRefused) -> Response:
     return Response(
         {"detail": str(exc), "code": exc.code, "recorded": exc.recorded}, status=exc.status
     )
@@ -554,9 +388,7 @@ class SiteUpdateView(SiteAPIView):
                 "Content-Type: application/octet-stream.",
             )
         # Who may upload here is checked before a byte of the body is read.
-        if sites.site_job(credential, job_id) is None and not _is_former_participant(
-            credential, job_id
-        ):
+        if site_job(credential, job_id) is None and not _is_former_participant(credential, job_id):
             raise _not_found()
         digest = request.headers.get("X-Update-Digest", "").strip().lower()
         signature = request.headers.get("X-Update-Signature", "").strip()
@@ -579,7 +411,7 @@ class SiteUpdateView(SiteAPIView):
             data = _read_body(
                 request, credential=credential, job_id=job_id, round_index=round_index
             )
-            update = sites.update_receive(
+            update = update_receive(
                 credential=credential,
                 job_id=job_id,
                 round_index=round_index,
@@ -591,7 +423,7 @@ class SiteUpdateView(SiteAPIView):
                 privacy_events=privacy_events,
                 pipeline=pipeline,
             )
-        except sites.UpdateRefused as exc:
+        except UpdateRefused as exc:
             return _refused(exc)
         body = UpdateResultSerializer(
             {
@@ -628,7 +460,7 @@ def _read_body(request, *, credential, job_id: int, round_index: int) -> bytes:
     except ValueError:
         declared = 0
     if declared > limit:
-        sites.update_refuse_oversize(
+        update_refuse_oversize(
             credential=credential, job_id=job_id, round_index=round_index, size=declared
         )
     stream = request.stream
@@ -642,7 +474,7 @@ def _read_body(request, *, credential, job_id: int, round_index: int) -> bytes:
         chunks.append(chunk)
         total += len(chunk)
         if total > limit:
-            sites.update_refuse_oversize(
+            update_refuse_oversize(
                 credential=credential, job_id=job_id, round_index=round_index, size=total
             )
     return b"".join(chunks)

@@ -6,8 +6,9 @@ The coordinator's tasks (``training.job_start``, ``training.round_maybe_close``,
 ``training.site_train`` is sent by the coordinator to ``site.<slug>`` and runs on
 that site's worker, which holds no database credentials: its body calls
 :func:`training.site.worker.run_site_round`, which talks to the central REST API only.
-torch is imported inside the site task, never when this module is imported, so
-CUDA cannot initialise in a worker's parent process before it forks.
+torch is imported inside the site task's training (``training.site.worker`` loads it
+lazily), never when this module is imported, so CUDA cannot initialise in a worker's parent
+process before it forks.
 """
 
 from celery import shared_task
@@ -15,14 +16,15 @@ from celery.exceptions import Reject
 from django.conf import settings
 
 from training import queues
-from training.jobs import services
+from training.jobs.approvals import jobs_expire_overdue
 from training.rounds import coordinator
+from training.site.worker import WrongSite, run_site_round
 
 
 @shared_task(name=queues.EXPIRE_OVERDUE_JOBS.name, ignore_result=True)
 def expire_overdue_jobs() -> int:
     """Expire jobs whose approval deadline passed (scheduled by Celery beat)."""
-    return services.jobs_expire_overdue()
+    return jobs_expire_overdue()
 
 
 @shared_task(name=queues.JOB_START.name, ignore_result=True)
@@ -67,8 +69,6 @@ def site_train(
     ``start_digest`` is the model the site starts from (the round's global model, or for a
     cyclic round the previous site's result). ``global_digest`` is its former name, still
     taken from messages queued before the rename."""
-    from training.site.worker import WrongSite, run_site_round
-
     try:
         return run_site_round(
             job_id=job_id,

@@ -1,9 +1,11 @@
 """The site worker: what runs at a hospital, on its own queue ``site.<slug>``.
 
-A site worker holds no central database credentials (DESIGN section 2) and never uses the ORM:
+A site worker holds no central database credentials (docs/architecture.md, section 2) and never
+uses the ORM:
 it is configured from its environment and talks to the central server only through the site
-REST API (``training.rounds.site_api``), authenticated as its site, with urllib from the standard
-library. Its task message carries ids and digests only; everything else it fetches and checks:
+REST API (``training.rounds.site_api``), authenticated as its site, with its client
+(:mod:`training.site.client`). Its task message carries ids and digests only; everything else
+it fetches and checks:
 
 1. the model the site starts from (``GET /api/site/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
@@ -20,7 +22,8 @@ library. Its task message carries ids and digests only; everything else it fetch
 3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``), local training
    (``training.fl.local.train_local``; DP-SGD happens there), the privacy pipeline on the
    update (``training.fl.filters.apply_pipeline``), all on site;
-4. the packed update ``{"delta/<name>", "mask/<name>"}``, signed with the site's Ed25519 key
+4. the update packed in its wire format (``training.fl.update.pack_update``), signed with the
+   site's Ed25519 key
    over ``training.fl.signing.update_message(...)`` and uploaded
    (``POST .../rounds/<index>/update/``). Uploading the same update twice is harmless.
    Its metrics carry the site's local training time (``train_seconds``), and the log line
@@ -29,12 +32,15 @@ library. Its task message carries ids and digests only; everything else it fetch
 With ``momentum_restart`` off, the optimizer state is kept on site under
 ``DATA_ROOT/.fl-state/<job id>/`` between rounds; it never leaves the site.
 
-Configuration (environment): ``SITE_SLUG``, ``CENTRAL_URL``, ``SITE_TOKEN``,
-``SITE_SIGNING_KEY`` (path to the PEM private key) and ``DATA_ROOT``. A task for another slug
-is refused. ``FL_TEST_SLEEP_BEFORE_UPLOAD`` (seconds) makes the worker wait before it uploads;
-it exists for the fault tests (a worker killed mid-task) and is ignored unless set.
+Configuration (environment, read by :class:`training.site.client.WorkerConfig`): ``SITE_SLUG``,
+``CENTRAL_URL``, ``SITE_TOKEN``, ``SITE_SIGNING_KEY`` (path to the PEM private key) and
+``DATA_ROOT``. A task for another slug is refused. ``FL_TEST_SLEEP_BEFORE_UPLOAD`` (seconds)
+makes the worker wait before it uploads; it exists for the fault tests (a worker killed
+mid-task) and is ignored unless set.
 
-torch is imported inside :func:`run_site_round`, never when this module is imported.
+torch (and the engine's modules that load it) is imported inside the functions that train,
+never when this module is imported: the site's Celery worker imports this module in its parent
+process, and CUDA must not be initialised there before it forks.
 """
 
 from __future__ import annotations
@@ -42,27 +48,27 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
 import secrets
 import threading
 import time
-import urllib.error
-import urllib.request
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+
+from training.fl.signing import sign_update, update_message
+from training.fl.update import pack_update
+from training.jobs.registry import model_registry
+from training.jobs.spec import canonical_spec_text
+from training.jobs.spec import spec_digest as digest_of_spec
+from training.site.client import CentralClient, CentralError, WorkerConfig
 
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "CentralClient",
-    "CentralError",
     "IntegrityFailure",
     "JobSpec",
-    "RoundModel",
-    "WorkerConfig",
-    "WorkerConfigError",
     "WrongSite",
     "job_spec",
     "run_site_round",
@@ -90,156 +96,12 @@ class _PhaseClock:
         return " ".join(f"{name}={seconds:.4f}" for name, seconds in self.laps.items())
 
 
-class WorkerConfigError(RuntimeError):
-    """The worker's environment is incomplete or wrong."""
-
-
 class WrongSite(RuntimeError):
     """A task for another site reached this worker."""
 
 
 class IntegrityFailure(RuntimeError):
     """What the central server sent does not match the task's digests."""
-
-
-class CentralError(RuntimeError):
-    """The central API answered with an error. ``status`` is the HTTP status (0: no answer)."""
-
-    def __init__(self, message: str, *, status: int = 0, body: Any = None):
-        super().__init__(message)
-        self.status = status
-        self.body = body
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    site_slug: str
-    central_url: str
-    token: str
-    signing_key_path: Path
-    data_root: Path
-    timeout: float = 60.0
-
-    ENV = ("SITE_SLUG", "CENTRAL_URL", "SITE_TOKEN", "SITE_SIGNING_KEY", "DATA_ROOT")
-
-    @classmethod
-    def from_env(cls, environ: dict | None = None) -> WorkerConfig:
-        env = os.environ if environ is None else environ
-        missing = [name for name in cls.ENV if not (env.get(name) or "").strip()]
-        if missing:
-            raise WorkerConfigError(
-                f"the site worker needs {', '.join(missing)} in its environment "
-                f"({', '.join(cls.ENV)})"
-            )
-        url = env["CENTRAL_URL"].strip().rstrip("/")
-        if not url.startswith(("http://", "https://")):
-            raise WorkerConfigError(f"CENTRAL_URL must be an http(s) URL, got {url!r}")
-        key = Path(env["SITE_SIGNING_KEY"].strip())
-        if not key.is_file():
-            raise WorkerConfigError(f"SITE_SIGNING_KEY: no key file at {key}")
-        root = Path(env["DATA_ROOT"].strip())
-        if not root.is_dir():
-            raise WorkerConfigError(f"DATA_ROOT: {root} is not a folder")
-        return cls(
-            site_slug=env["SITE_SLUG"].strip(),
-            central_url=url,
-            token=env["SITE_TOKEN"].strip(),
-            signing_key_path=key,
-            data_root=root,
-            timeout=float(env.get("CENTRAL_TIMEOUT", 60)),
-        )
-
-    def state_dir(self, job_id: int) -> Path:
-        return self.data_root / ".fl-state" / str(int(job_id))
-
-
-@dataclass(frozen=True)
-class RoundModel:
-    """The model a site must train from in a round, as the central server sent it."""
-
-    data: bytes
-    digest: str  # the X-Content-SHA256 header: the start model's digest
-    spec_digest: str  # the X-Spec-Digest header: the job's spec digest
-
-
-class CentralClient:
-    """The central site API over urllib, authenticated as the site (``Authorization: Site``)."""
-
-    def __init__(self, config: WorkerConfig):
-        self.config = config
-        self.base = config.central_url + "/api/site/"
-
-    def _request(self, method: str, path: str, *, body: bytes | None = None, headers=None):
-        request = urllib.request.Request(  # noqa: S310 - the URL's scheme is checked in from_env
-            self.base + path,
-            data=body,
-            method=method,
-            headers={"Authorization": f"Site {self.config.token}", **(headers or {})},
-        )
-        try:
-            with urllib.request.urlopen(request, timeout=self.config.timeout) as response:  # noqa: S310
-                return response.status, dict(response.headers), response.read()
-        except urllib.error.HTTPError as exc:
-            data = exc.read()
-            try:
-                detail = json.loads(data)
-            except ValueError:
-                detail = data[:500].decode("utf-8", "replace")
-            raise CentralError(
-                f"{method} {path}: HTTP {exc.code}: {detail}", status=exc.code, body=detail
-            ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError) as exc:
-            raise CentralError(f"{method} {path}: no answer from {self.base} ({exc})") from None
-
-    def job(self, job_id: int) -> dict:
-        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/")
-        return json.loads(data)
-
-    def model(self, job_id: int, digest: str) -> bytes:
-        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/models/{digest}/")
-        return data
-
-    def round_model(self, job_id: int, round_index: int) -> RoundModel:
-        """The model to train from in the round; CentralError (409, with a ``code`` in its
-        body) when the round does not ask this site for an update now."""
-        _status, headers, data = self._request(
-            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/"
-        )
-        headers = {name.lower(): value for name, value in headers.items()}
-        return RoundModel(
-            data=data,
-            digest=headers.get("x-content-sha256", ""),
-            spec_digest=headers.get("x-spec-digest", ""),
-        )
-
-    def upload(
-        self,
-        job_id: int,
-        round_index: int,
-        *,
-        data: bytes,
-        digest: str,
-        signature: str,
-        samples: int,
-        metrics: dict,
-        privacy_events: list,
-        pipeline: list,
-    ) -> tuple[int, dict]:
-        status, _headers, body = self._request(
-            "POST",
-            f"jobs/{int(job_id)}/rounds/{int(round_index)}/update/",
-            body=data,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "X-Update-Digest": digest,
-                "X-Update-Signature": signature,
-                "X-Update-Samples": str(int(samples)),
-                "X-Update-Metrics": json.dumps(metrics, allow_nan=False),
-                "X-Update-Privacy-Events": json.dumps(privacy_events, allow_nan=False),
-                "X-Update-Pipeline": json.dumps(pipeline, allow_nan=False),
-            },
-        )
-        return status, json.loads(body)
 
 
 @dataclass(frozen=True)
@@ -273,9 +135,6 @@ def job_spec(client, config: WorkerConfig, job_id: int, spec_digest: str) -> Job
     passed is kept, under the digest it was checked against, so a task with another digest
     never uses it. The key holds the worker's configuration (its central server and token),
     so two credentials never share an entry."""
-    from training.jobs.spec import canonical_spec_text
-    from training.jobs.spec import spec_digest as digest_of_spec
-
     key = (config, int(job_id), spec_digest)
     with _SPECS_LOCK:
         known = _SPECS.get(key)
@@ -318,8 +177,6 @@ _NOTHING_TO_DO = frozenset(
 
 def _json_safe(value):
     """Metrics as JSON takes them (the API refuses NaN)."""
-    import math
-
     if isinstance(value, float):
         return value if math.isfinite(value) else None
     if isinstance(value, dict):
@@ -330,7 +187,7 @@ def _json_safe(value):
 
 
 def _load_optimizer_state(path: Path):
-    import torch
+    import torch  # lazy torch: see the module docstring
 
     if not path.is_file():
         return None
@@ -339,36 +196,12 @@ def _load_optimizer_state(path: Path):
 
 
 def _save_optimizer_state(path: Path, state) -> None:
-    import torch
+    import torch  # lazy torch: see the module docstring
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     torch.save(state, tmp)
     tmp.replace(path)
-
-
-def _update_tensors(full_delta: dict, filtered) -> dict:
-    """``{"delta/<name>", "mask/<name>"}`` for every tensor of the update. A layer the pipeline
-    excluded is sent as zeros with an all-False mask (the central side expects every tensor of
-    the model, and a False mask means "not shared": it takes no part in the average)."""
-    import torch
-
-    tensors = {}
-    masked = filtered.mask is not None or len(filtered.delta) != len(full_delta)
-    for name, original in full_delta.items():
-        if name in filtered.delta:
-            tensors[f"delta/{name}"] = filtered.delta[name].to(torch.float32).contiguous()
-            if masked:
-                mask = filtered.mask.get(name) if filtered.mask is not None else None
-                tensors[f"mask/{name}"] = (
-                    mask.to(torch.bool).contiguous()
-                    if mask is not None
-                    else torch.ones(original.shape, dtype=torch.bool)
-                )
-        else:
-            tensors[f"delta/{name}"] = torch.zeros(original.shape, dtype=torch.float32)
-            tensors[f"mask/{name}"] = torch.zeros(original.shape, dtype=torch.bool)
-    return tensors
 
 
 def run_site_round(
@@ -433,15 +266,14 @@ def run_site_round(
     spec = job.spec
     clock.lap("job")
 
+    # Lazy torch (see the module docstring): these engine modules load it.
     import torch
 
     from training.fl.data import load_site_data
     from training.fl.filters import apply_pipeline
     from training.fl.local import pick_device, train_local
     from training.fl.models import build_model
-    from training.fl.serialization import pack_tensors, unpack_tensors
-    from training.fl.signing import sign_update, update_message
-    from training.jobs.registry import model_registry
+    from training.fl.serialization import unpack_tensors
 
     data = load_site_data(
         data_root=config.data_root, dataset_key=spec["dataset_key"], site_slug=site
@@ -482,7 +314,7 @@ def run_site_round(
     noise = torch.Generator()
     noise.manual_seed(secrets.randbits(63))
     filtered = apply_pipeline(result.delta, update_filters, generator=noise)
-    packed = pack_tensors(_update_tensors(result.delta, filtered))
+    packed = pack_update(result.delta, filtered.delta, filtered.mask)
     digest = hashlib.sha256(packed).hexdigest()
     events = list(result.privacy_events) + [
         e.to_json() if hasattr(e, "to_json") else e for e in filtered.events

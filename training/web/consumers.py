@@ -11,14 +11,15 @@ import json
 
 from audit.ledger import live
 from consortium.core.live import LedgerLiveConsumer
+from consortium.governance.models import Consortium
+from training.models import TrainingJob
+from training.rounds.live import consortium_live_state, job_live_state
 
 
 class JobLiveConsumer(LedgerLiveConsumer):
     """``/ws/consortia/<slug>/jobs/<pk>/``: rounds, site updates, state changes, budget warnings."""
 
     def load_target(self):
-        from training.models import TrainingJob
-
         kwargs = self.scope["url_route"]["kwargs"]
         return (
             TrainingJob.objects.select_related("consortium")
@@ -43,8 +44,6 @@ class JobLiveConsumer(LedgerLiveConsumer):
         return json.loads(entry.payload_text).get("job_id") == target.pk
 
     def state_of(self, target) -> dict:
-        from training.rounds.live import job_live_state
-
         return job_live_state(target)
 
 
@@ -52,8 +51,6 @@ class ConsortiumLiveConsumer(LedgerLiveConsumer):
     """``/ws/consortia/<slug>/``: jobs by state, approvals awaited, recent ledger entries."""
 
     def load_target(self):
-        from consortium.governance.models import Consortium
-
         return Consortium.objects.filter(slug=self.scope["url_route"]["kwargs"]["slug"]).first()
 
     def allowed(self, user, target) -> bool:
@@ -73,6 +70,4 @@ class ConsortiumLiveConsumer(LedgerLiveConsumer):
         return True
 
     def state_of(self, target) -> dict:
-        from training.rounds.live import consortium_live_state
-
         return consortium_live_state(target)

@@ -1,6 +1,6 @@
 """Forms of the training pages. They check types and shapes only (JSON is JSON,
 a shape is a list of whole numbers); the rules — spec bounds, the agreement,
-the budgets — live in ``training.jobs.services``, whose errors the views put back on
+the budgets — live in the services of ``training.jobs``, whose errors the views put back on
 these forms next to the field they concern."""
 
 from __future__ import annotations
@@ -338,3 +338,27 @@ class DecisionForm(forms.Form):
         ):
             self.add_error("reason", "Give the reason for rejecting; the proposer sees it.")
         return data
+
+
+class SiteCredentialForm(forms.Form):
+    """A new worker credential: a label, and the worker's public key (PEM)."""
+
+    label = forms.CharField(
+        max_length=100,
+        help_text="A name to tell this worker apart, e.g. 'gpu-node-1'.",
+    )
+    public_key = forms.CharField(
+        label="Worker public key (PEM)",
+        required=False,
+        widget=forms.Textarea(
+            attrs={
+                "rows": 5,
+                "class": "mono",
+                "placeholder": "-----BEGIN PUBLIC KEY-----\n…\n-----END PUBLIC KEY-----",
+            }
+        ),
+        help_text="The Ed25519 public key of the worker's signing key. Generate the pair on "
+        "the site machine with generate_keypair() (training.fl.signing): the private key "
+        "stays there (SITE_SIGNING_KEY), the public key goes here. Leave empty to use the "
+        "worker key registered on the institution.",
+    )

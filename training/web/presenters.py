@@ -10,16 +10,12 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from training.fl.params import FILTER_NAMES, FILTER_PARAMS, LayerList
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
+from training.jobs.describe import describe_pipeline
 from training.jobs.registry import model_registry
 from training.jobs.selectors import live_reservations
-from training.jobs.spec import (
-    FILTER_NAMES,
-    FILTER_PARAMS,
-    _LayerList,
-    describe_pipeline,
-    shared_fraction,
-)
+from training.jobs.spec import shared_fraction
 from training.models import PrivacyReservation, SiteDataset, TrainingJob
 
 #: The spec paths (before any ``.`` or ``[``) and the job form field each maps to.
@@ -65,7 +61,7 @@ def split_spec_error(text: str) -> tuple[str, str]:
 
 
 def _param_text(name: str, spec) -> str:
-    if isinstance(spec, _LayerList):
+    if isinstance(spec, LayerList):
         return f"{name}: a non-empty list of layer names"
     text = f"{name}: {spec.message()}"
     default = getattr(spec, "default", None)
@@ -135,6 +131,11 @@ def spec_rows(spec: dict) -> list[tuple[str, str]]:
 def percent(fraction: float) -> str:
     text = f"{fraction * 100:.2f}".rstrip("0").rstrip(".")
     return f"{text}%"
+
+
+def job_spec_json(job: TrainingJob) -> str:
+    """The spec, pretty-printed for people (the canonical text is for hashing)."""
+    return json.dumps(job.spec, indent=2, sort_keys=True)
 
 
 @dataclass

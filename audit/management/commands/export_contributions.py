@@ -18,8 +18,12 @@ import os
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.reports.build import FORMATS, ReportError, institution_scope, job_scope, ledger_head
+from audit.reports.errors import ReportError
+from audit.reports.files import FORMATS
+from audit.reports.scope import institution_scope, job_scope, ledger_head
 from audit.reports.services import report_export
+from consortium.governance.models import Institution
+from training.models import TrainingJob
 
 
 class Command(BaseCommand):
@@ -86,9 +90,6 @@ class Command(BaseCommand):
 
     @staticmethod
     def _subject(scope):
-        from consortium.governance.models import Institution
-        from training.models import TrainingJob
-
         if scope.kind == "job":
             return TrainingJob.objects.filter(pk=scope.job_id).first()
         return Institution.objects.filter(

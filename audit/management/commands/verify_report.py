@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
-from audit.reports.build import ReportError
-from audit.reports.formats import MalformedReport
+from audit.reports.errors import MalformedReport, ReportError
 from audit.reports.verify import MAX_LISTED, verify_report_bytes
 
 

@@ -1,8 +1,8 @@
-"""Permissions for the API, enforced by default (DESIGN section 6).
+"""Permissions for the API, enforced by default (docs/architecture.md, section 6).
 
 Every viewset derives from :class:`GovernanceViewSet` and declares a
-``permission_map`` from each action to a rules permission name (see
-``consortium.governance.permissions``). An action missing from the map is refused, so a new
+``permission_map`` from each action to a rules permission name (registered by an app's
+``permissions`` module). An action missing from the map is refused, so a new
 action is closed until someone decides who may use it.
 
 Where a permission is decided:
@@ -100,7 +100,7 @@ class GovernanceViewSet(viewsets.GenericViewSet):
                 if name != VISIBLE and not rules.perm_exists(name):
                     raise ImproperlyConfigured(
                         f"{cls.__name__}.permission_map[{action_name!r}] = {name!r} is not a "
-                        "registered permission (see consortium/permissions.py)."
+                        "registered permission (see the apps' permissions modules)."
                     )
 
     def visible_queryset(self, user):

@@ -13,7 +13,7 @@ from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from consortium.governance import selectors, services
+from consortium.governance import selectors
 from consortium.governance.models import (
     CONSORTIUM_ROLES,
     INSTITUTION_ROLES,
@@ -27,6 +27,7 @@ from consortium.governance.models import (
     ModelFamily,
     Role,
 )
+from consortium.governance.services.institutions import key_fingerprint
 
 INVITATION_STATUSES = ["pending", "accepted", "revoked", "expired"]
 
@@ -103,7 +104,7 @@ class InstitutionSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(OpenApiTypes.STR)
     def get_worker_key_fingerprint(self, obj: Institution) -> str:
-        return services.key_fingerprint(obj.worker_public_key)
+        return key_fingerprint(obj.worker_public_key)
 
 
 class InstitutionCreateSerializer(serializers.Serializer):

@@ -14,7 +14,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
-from consortium.governance import selectors, services
+from consortium.governance import selectors
 from consortium.governance.api import filters, serializers
 from consortium.governance.models import (
     Agreement,
@@ -24,6 +24,22 @@ from consortium.governance.models import (
     Invitation,
     Membership,
 )
+from consortium.governance.services.agreements import (
+    agreement_amend,
+    agreement_create,
+    agreement_sign,
+    agreement_version_publish,
+    agreement_version_update,
+)
+from consortium.governance.services.institutions import institution_create, institution_update
+from consortium.governance.services.members import (
+    invitation_accept,
+    invitation_create,
+    invitation_revoke,
+    membership_change_role,
+    membership_remove,
+)
+from consortium.governance.services.withdrawals import consent_withdraw
 
 _NOT_FOUND = OpenApiResponse(serializers.ErrorSerializer, description="Not found or not allowed.")
 _INVALID = OpenApiResponse(description="Invalid input: `{field: [messages]}` or `{detail, code}`.")
@@ -83,7 +99,7 @@ class InstitutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gover
     )
     def create(self, request):
         data = self.validated_input(serializers.InstitutionCreateSerializer)
-        institution = services.institution_create(acting_user=request.user, **data)
+        institution = institution_create(acting_user=request.user, **data)
         return Response(self.get_serializer(institution).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -99,9 +115,7 @@ class InstitutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gover
     def partial_update(self, request, slug=None):
         institution = self.get_object()
         data = self.validated_input(serializers.InstitutionUpdateSerializer)
-        institution = services.institution_update(
-            acting_user=request.user, institution=institution, **data
-        )
+        institution = institution_update(acting_user=request.user, institution=institution, **data)
         return Response(self.get_serializer(institution).data)
 
 
@@ -138,7 +152,7 @@ class MembershipViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     def partial_update(self, request, pk=None):
         membership = self.get_object()
         data = self.validated_input(serializers.MembershipRoleSerializer)
-        membership = services.membership_change_role(
+        membership = membership_change_role(
             acting_user=request.user, membership=membership, role=data["role"]
         )
         return Response(self.get_serializer(membership).data)
@@ -149,7 +163,7 @@ class MembershipViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     )
     def destroy(self, request, pk=None):
         membership = self.get_object()
-        services.membership_remove(acting_user=request.user, membership=membership)
+        membership_remove(acting_user=request.user, membership=membership)
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
@@ -193,7 +207,7 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     )
     def create(self, request):
         data = self.validated_input(serializers.InvitationCreateSerializer)
-        invitation, _token = services.invitation_create(acting_user=request.user, **data)
+        invitation, _token = invitation_create(acting_user=request.user, **data)
         return Response(self.get_serializer(invitation).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
@@ -203,9 +217,7 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     )
     @action(detail=True, methods=["post"])
     def revoke(self, request, pk=None):
-        invitation = services.invitation_revoke(
-            acting_user=request.user, invitation=self.get_object()
-        )
+        invitation = invitation_revoke(acting_user=request.user, invitation=self.get_object())
         return Response(self.get_serializer(invitation).data)
 
     @extend_schema(
@@ -216,7 +228,7 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     @action(detail=False, methods=["post"])
     def accept(self, request):
         data = self.validated_input(serializers.InvitationAcceptSerializer)
-        membership = services.invitation_accept(token=data["token"], user=request.user)
+        membership = invitation_accept(token=data["token"], user=request.user)
         return Response(
             serializers.MembershipSerializer(membership).data, status=status.HTTP_201_CREATED
         )
@@ -259,7 +271,7 @@ class AgreementViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Governa
     )
     def create(self, request):
         data = self.validated_input(serializers.AgreementCreateSerializer)
-        version = services.agreement_create(acting_user=request.user, **data)
+        version = agreement_create(acting_user=request.user, **data)
         agreement = self.visible_queryset(request.user).get(pk=version.agreement_id)
         return Response(
             serializers.AgreementDetailSerializer(
@@ -275,7 +287,7 @@ class AgreementViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Governa
     )
     @action(detail=True, methods=["post"])
     def amend(self, request, pk=None):
-        version = services.agreement_amend(acting_user=request.user, agreement=self.get_object())
+        version = agreement_amend(acting_user=request.user, agreement=self.get_object())
         return Response(
             serializers.AgreementVersionSerializer(version).data, status=status.HTTP_201_CREATED
         )
@@ -294,7 +306,7 @@ class AgreementViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Governa
     def withdraw(self, request, pk=None):
         agreement = self.get_object()
         data = self.validated_input(serializers.WithdrawSerializer)
-        withdrawal = services.consent_withdraw(
+        withdrawal = consent_withdraw(
             acting_user=request.user,
             agreement=agreement,
             institution=data["institution"],
@@ -346,9 +358,7 @@ class AgreementVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, 
     def partial_update(self, request, pk=None):
         version = self.get_object()
         data = self.validated_input(serializers.AgreementVersionUpdateSerializer)
-        version = services.agreement_version_update(
-            acting_user=request.user, version=version, **data
-        )
+        version = agreement_version_update(acting_user=request.user, version=version, **data)
         return Response(self.get_serializer(version).data)
 
     @extend_schema(
@@ -363,9 +373,7 @@ class AgreementVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, 
     )
     @action(detail=True, methods=["post"])
     def publish(self, request, pk=None):
-        version = services.agreement_version_publish(
-            acting_user=request.user, version=self.get_object()
-        )
+        version = agreement_version_publish(acting_user=request.user, version=self.get_object())
         return Response(self.get_serializer(version).data)
 
     @extend_schema(
@@ -382,7 +390,7 @@ class AgreementVersionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, 
     def sign(self, request, pk=None):
         version = self.get_object()
         data = self.validated_input(serializers.SignSerializer)
-        signature = services.agreement_sign(
+        signature = agreement_sign(
             acting_user=request.user,
             version=version,
             institution=data["institution"],

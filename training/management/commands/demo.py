@@ -1,14 +1,15 @@
 """``manage.py demo``: the whole platform on one machine, a real job running through it.
 
-What it does, in order (DESIGN section 2, the embedded default; the same code runs the
+What it does, in order (docs/architecture.md, section 2, the embedded default; the same code runs
+the
 distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LAYER_URL`` are set):
 
 1. seeds the demo consortium (``seed_demo``: four hospitals, an agreement in force) and makes
    sure every hospital has site-worker credentials: an Ed25519 key under
    ``<var>/sites/<slug>/signing-key.pem`` and a token under ``<var>/sites/<slug>/token`` (both
-   0600), registered through :func:`training.rounds.sites.site_credential_create` by the hospital's
-   data steward. They are reused while the files and an active credential match, so a second
-   run changes nothing;
+   0600), registered through :func:`training.rounds.credentials.site_credential_create` by
+   the hospital's data steward. They are reused while the files and an active credential
+   match, so a second run changes nothing;
 2. starts the central web server (Daphne) as a subprocess, on ``--port`` or, with
    ``--no-serve``, on a free port of 127.0.0.1 (the site workers upload through the REST API,
    so the server runs either way), and waits for ``/health/``;
@@ -16,8 +17,8 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    worker per hospital (``manage.py run_site_worker``, queue ``site.<slug>``). A site worker
    gets a ``DATABASE_URL`` that points into a folder that does not exist: it must not need the
    database, and any query would fail its round;
-4. proposes a job as the administrator (:func:`training.jobs.services.job_propose`) and has each
-   hospital's approver approve it (:func:`training.jobs.services.approval_decide`); the last
+4. proposes a job as the administrator (:func:`training.jobs.proposals.job_propose`) and has each
+   hospital's approver approve it (:func:`training.jobs.approvals.approval_decide`); the last
    approval queues ``training.job_start`` on ``central``;
 5. follows the job round by round and prints the final metrics, the number of ledger entries
    and the verified ledger head. With ``--no-serve`` it then stops everything and exits 0 (or
@@ -27,113 +28,50 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
 Every subprocess runs in its own process group (so a worker's pool children and beat stop with
 it) and logs to ``<var>/logs/<name>.log``. ``<var>`` is ``--var-dir``, else ``$DEMO_VAR_DIR``,
 else ``var/demo`` in the project folder.
+
+The scenario itself (the seed, the sites' credentials, the processes, the job) is in
+:mod:`training.demo`; this command runs it and reports, as it happens.
 """
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import io
 import logging
 import os
 import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.error
-import urllib.request
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography.hazmat.primitives import serialization
 from django.conf import settings
-from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
-from consortium.core.errors import ServiceError
 from consortium.governance.models import Consortium
-from training.fl.signing import generate_keypair
-from training.jobs import services
-from training.management.commands.seed_demo import DEMO_SLUG, HOSPITALS
-from training.models import (
-    TERMINAL_STATES,
-    Approval,
-    JobState,
-    Round,
-    SiteCredential,
-    SiteUpdate,
-    TrainingJob,
+from training.demo.processes import (
+    Supervisor,
+    central_worker_argv,
+    demo_env,
+    free_port,
+    http_ok,
+    port_free,
+    server_argv,
+    site_worker_argv,
+    site_worker_env,
 )
-from training.rounds.sites import site_credential_create, site_credential_revoke
-
-SITE_SLUGS = [slug for _name, slug, _country in HOSPITALS]
-CREDENTIAL_LABEL = "demo worker"
-
-#: What the demo trains on each bundled data set. The pipeline meets the seeded agreement's
-#: privacy floor (at most 40% shared, DP-SGD at every site) and its ε sets how many jobs fit the
-#: cap (ε 8 at δ 1e-5, shared by every job, earlier demo runs included).
-#:
-#: DP-SGD (per-record clipping at 1.0, Gaussian noise of multiplier 2.5 on each batch of 16,
-#: Poisson-sampled) protects each patient's record and gains from privacy amplification by
-#: sampling: 5 rounds cost the smallest hospital (77 records) ε ≈ 2.1, and the breast-cancer
-#: model reaches about 0.93 validation accuracy (0.947 without any noise). Noise of the same
-#: ε added to each site's whole update instead (``gaussian_noise``: multiplier 4, clip norm 1)
-#: drowns four sites' signal: accuracy wandered between 0.31 and 0.88 in the same five rounds.
-#: Measured in-process with the same data, filters and aggregation on 2026-11-26.
-NOISE_MULTIPLIER = 2.5
-DP_SGD_CLIP = 1.0
-BATCH_SIZE = 16
-JOBS = {
-    "breast-cancer": {
-        "title": "Breast tumour classifier (demo)",
-        "purpose": "classification",
-        "model": {"name": "logistic_regression", "params": {}},
-    },
-    "digits": {
-        "title": "Digit classifier (demo)",
-        "purpose": "classification",
-        "model": {"name": "logistic_regression", "params": {}},
-    },
-    "lesions": {
-        "title": "Lesion segmentation (demo)",
-        "purpose": "segmentation",
-        "model": {"name": "small_unet", "params": {}},
-    },
-}
-DEMO_TITLES = [job["title"] for job in JOBS.values()]
-
-
-def demo_pipeline(noise_multiplier: float = NOISE_MULTIPLIER) -> list[dict]:
-    return [
-        {"filter": "dp_sgd", "noise_multiplier": noise_multiplier, "max_grad_norm": DP_SGD_CLIP},
-        {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
-        {"filter": "percentile_clipping", "percentile": 95.0},
-    ]
-
-
-def demo_spec(dataset: str, rounds: int, noise_multiplier: float = NOISE_MULTIPLIER) -> dict:
-    job = JOBS[dataset]
-    return {
-        "purpose": job["purpose"],
-        "participants": list(SITE_SLUGS),
-        "dataset_key": dataset,
-        "model": job["model"],
-        "topology": "fedavg",
-        "rounds": rounds,
-        "local_epochs": 1,
-        "batch_size": BATCH_SIZE,
-        "optimizer": {"name": "sgd", "lr": 0.05, "momentum": 0.9},
-        "momentum_restart": True,
-        "privacy_pipeline": demo_pipeline(noise_multiplier),
-        "min_participants": len(SITE_SLUGS),
-        "round_timeout_seconds": 300,
-        "approval_ttl_hours": 24,
-    }
+from training.demo.scenario import (
+    JOBS,
+    NOISE_MULTIPLIER,
+    approve_demo_job,
+    cancel_leftovers,
+    propose_demo_job,
+)
+from training.demo.seed import DEMO_SLUG, SITE_SLUGS
+from training.demo.sites import SiteFiles, ensure_site_credentials
+from training.jobs.compliance import ComplianceError
+from training.models import TERMINAL_STATES, JobState, Round, SiteUpdate, TrainingJob
 
 
 class Stop(Exception):
@@ -142,190 +80,6 @@ class Stop(Exception):
 
 class DemoFailed(CommandError):
     pass
-
-
-# --- Subprocesses ---------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    proc: subprocess.Popen
-    log: Path
-    reported_dead: bool = False
-    read_upto: int = 0
-
-    def new_errors(self) -> list[str]:
-        """The log's ERROR lines written since the last call (a failed site task, say)."""
-        try:
-            with self.log.open("rb") as handle:
-                handle.seek(self.read_upto)
-                data = handle.read()
-        except OSError:
-            return []
-        end = data.rfind(b"\n") + 1  # whole lines only
-        self.read_upto += end
-        lines = data[:end].decode("utf-8", "replace").splitlines()
-        return [line for line in lines if "ERROR/" in line or "CRITICAL/" in line]
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def tail(self, chars: int = 3000) -> str:
-        try:
-            return self.log.read_text(errors="replace")[-chars:]
-        except OSError:
-            return ""
-
-
-@dataclass
-class Supervisor:
-    """Starts the demo's processes, each in its own process group, and stops them all."""
-
-    log_dir: Path
-    children: list[Child] = field(default_factory=list)
-
-    def start(self, name: str, argv: list[str], env: dict) -> Child:
-        log = self.log_dir / f"{name}.log"
-        with log.open("wb") as out:
-            proc = subprocess.Popen(  # noqa: S603 - our own interpreter and fixed commands
-                argv,
-                cwd=settings.BASE_DIR,
-                env=env,
-                stdin=subprocess.DEVNULL,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # its own process group: pool children and beat too
-            )
-        child = Child(name, proc, log)
-        self.children.append(child)
-        return child
-
-    def dead(self) -> list[Child]:
-        return [c for c in self.children if not c.alive()]
-
-    def stop_all(self, grace: float = 15.0) -> None:
-        # SIGTERM to each leader only: a Celery worker then shuts down warmly and stops its own
-        # pool and beat (terminating the pool child at the same time sometimes keeps the worker
-        # waiting for it until the grace runs out).
-        for child in self.children:
-            if child.alive():
-                with contextlib.suppress(ProcessLookupError, PermissionError):
-                    os.kill(child.proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        for child in self.children:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=max(0.1, deadline - time.monotonic()))
-        for child in self.children:
-            # Whatever is left in the group (a leader that would not stop, an orphaned pool
-            # child or beat) goes now.
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(child.proc.pid, signal.SIGKILL)
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                child.proc.wait(timeout=5)
-        self.children.clear()
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _port_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-def _http_ok(url: str) -> bool:
-    try:
-        with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own URL
-            return response.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` readable by its owner only (created 0600, never wider)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with contextlib.suppress(FileNotFoundError):
-        tmp.unlink()
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(data)
-    tmp.replace(path)
-    path.chmod(0o600)
-
-
-def _public_pem(private_pem: bytes) -> str:
-    key = serialization.load_pem_private_key(private_pem, password=None)
-    return (
-        key.public_key()
-        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
-        .decode("ascii")
-    )
-
-
-def _pem_equal(a: str, b: str) -> bool:
-    return "".join(a.split()) == "".join(b.split())
-
-
-@dataclass
-class SiteFiles:
-    slug: str
-    folder: Path
-    key_path: Path
-    token: str
-    data_root: Path
-    created: bool
-
-
-def ensure_site_credentials(institution, folder: Path) -> SiteFiles:
-    """The site's signing key and an active credential for it, reused when both are there.
-
-    Created by the hospital's data steward, as in the browser. A credential of this demo whose
-    token file was lost is revoked, so no token that nobody holds stays live."""
-    key_path = folder / "signing-key.pem"
-    token_path = folder / "token"
-    data_root = folder / "data"
-    data_root.mkdir(parents=True, exist_ok=True)
-    if key_path.is_file():
-        private_pem = key_path.read_bytes()
-        try:
-            public_pem = _public_pem(private_pem)
-        except (ValueError, TypeError):
-            private_pem = b""
-    else:
-        private_pem = b""
-    if not private_pem:
-        private_pem, public_pem = generate_keypair()
-        _write_private(key_path, private_pem)
-
-    token = token_path.read_text().strip() if token_path.is_file() else ""
-    if token:
-        live = SiteCredential.objects.filter(
-            institution=institution,
-            token_hash=hashlib.sha256(token.encode("utf-8")).hexdigest(),
-            revoked_at__isnull=True,
-        ).first()
-        if live is not None and _pem_equal(live.public_key, public_pem):
-            return SiteFiles(institution.slug, folder, key_path, token, data_root, False)
-
-    steward = get_user_model().objects.get(username=f"steward-{institution.slug}")
-    for stale in SiteCredential.objects.filter(
-        institution=institution, label=CREDENTIAL_LABEL, revoked_at__isnull=True
-    ):
-        site_credential_revoke(acting_user=steward, credential=stale)
-    _credential, token = site_credential_create(
-        acting_user=steward, institution=institution, label=CREDENTIAL_LABEL, public_key=public_pem
-    )
-    _write_private(token_path, token.encode("ascii") + b"\n")
-    return SiteFiles(institution.slug, folder, key_path, token, data_root, True)
 
 
 def _fmt_metrics(metrics: dict) -> str:
@@ -405,7 +159,7 @@ class Command(BaseCommand):
         self.started = time.monotonic()
         self.deadline = self.started + options["timeout"]
         port = options["port"]
-        if self.serve and not _port_free(port):
+        if self.serve and not port_free(port):
             raise CommandError(
                 f"127.0.0.1:{port} is in use (another demo or server?); pass --port or stop it"
             )
@@ -431,7 +185,8 @@ class Command(BaseCommand):
             + (f"created for {', '.join(created)}" if created else "reused")
             + f" (under {self.var / 'sites'})."
         )
-        self._cancel_leftovers(consortium)
+        for job_id in cancel_leftovers(consortium):
+            self.say(f"Cancelled job #{job_id} left unfinished by an earlier demo run.")
 
         log_dir = self.var / "logs"
         log_dir.mkdir(parents=True, exist_ok=True)
@@ -442,7 +197,7 @@ class Command(BaseCommand):
         previous_int = signal.signal(signal.SIGINT, signal.default_int_handler)
         interrupted = False
         try:
-            self._run(consortium, sites, port if self.serve else _free_port(), options)
+            self._run(consortium, sites, port if self.serve else free_port(), options)
         except (KeyboardInterrupt, Stop):
             interrupted = True
         finally:
@@ -462,102 +217,30 @@ class Command(BaseCommand):
     def _on_sigterm(self, signum, frame):
         raise Stop()
 
-    def _cancel_leftovers(self, consortium) -> None:
-        """A demo job left unfinished by an earlier run that was stopped would compete with
-        this one for the workers and the sites' budgets."""
-        admin = get_user_model().objects.get(username="admin")
-        leftovers = TrainingJob.objects.filter(
-            consortium=consortium, title__in=DEMO_TITLES, proposer=admin
-        ).exclude(state__in=TERMINAL_STATES)
-        for job in leftovers:
-            with contextlib.suppress(ServiceError, ValidationError):
-                services.job_cancel(
-                    acting_user=admin, job=job, reason="superseded by a new run of the demo"
-                )
-                self.say(f"Cancelled job #{job.pk} left unfinished by an earlier demo run.")
-
     # --- the run ---
 
-    def _env(self) -> dict:
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        env.setdefault("DJANGO_SETTINGS_MODULE", "consortium.settings")
-        # A site task that failed (or a worker that died) is sent again after this long,
-        # not after the production default of five minutes: a demo round takes seconds.
-        env.setdefault("FL_REDISPATCH_AFTER_SECONDS", "30")
-        return env
-
     def _run(self, consortium, sites: list[SiteFiles], port: int, options) -> None:
-        python = sys.executable
-        manage = str(Path(settings.BASE_DIR) / "manage.py")
         url = f"http://127.0.0.1:{port}"
-        env = self._env()
+        env = demo_env()
 
         self.say(f"Starting the central server on {url} …")
-        server = self.sup.start(
-            "server",
-            [
-                python,
-                "-m",
-                "daphne",
-                "-b",
-                "127.0.0.1",
-                "-p",
-                str(port),
-                "consortium.asgi:application",
-            ],
-            env,
-        )
+        server = self.sup.start("server", server_argv(port), env)
         self.say("Starting the coordinator (Celery worker with beat, queue central) …")
-        central = self.sup.start(
-            "central-worker",
-            [
-                python,
-                "-m",
-                "celery",
-                "-A",
-                "consortium",
-                "worker",
-                "-B",
-                "-Q",
-                "central",
-                "--concurrency",
-                "1",
-                "--loglevel",
-                "INFO",
-                "--hostname",
-                "demo-central@%h",
-                "--schedule",
-                str(self.var / "celerybeat-schedule"),
-                "--without-gossip",
-                "--without-mingle",
-            ],
-            env,
-        )
+        central = self.sup.start("central-worker", central_worker_argv(self.var), env)
         workers = []
-        # Proof that a site worker needs no database: any query would fail on this path.
-        no_db = f"sqlite:///{self.var / 'no-such-folder' / 'site-workers-have-no-database.sqlite3'}"
         for site in sites:
             self.say(f"Starting the site worker of {site.slug} (queue site.{site.slug}) …")
-            site_env = {
-                **env,
-                "DATABASE_URL": no_db,
-                "SITE_SLUG": site.slug,
-                "CENTRAL_URL": url,
-                "SITE_TOKEN": site.token,
-                "SITE_SIGNING_KEY": str(site.key_path),
-                "DATA_ROOT": str(site.data_root),
-            }
             workers.append(
                 self.sup.start(
                     f"site-{site.slug}",
-                    [python, manage, "run_site_worker", "--pool", "prefork"],
-                    site_env,
+                    site_worker_argv(),
+                    site_worker_env(env, site, central_url=url, var=self.var),
                 )
             )
 
         self._wait(
             "the central server",
-            lambda: _http_ok(url + "/health/"),
+            lambda: http_ok(url + "/health/"),
             limit=90,
         )
         self._wait(
@@ -645,18 +328,13 @@ class Command(BaseCommand):
         raise DemoFailed(f"timed out waiting for {what}\n{logs}")
 
     def _propose_and_approve(self, consortium, options) -> TrainingJob:
-        from training.jobs.compliance import ComplianceError
-
-        User = get_user_model()
-        admin = User.objects.get(username="admin")
-        rounds = options["rounds"]
-        spec = demo_spec(options["dataset"], rounds, options["noise_multiplier"])
+        dataset, rounds = options["dataset"], options["rounds"]
         try:
-            job = services.job_propose(
-                acting_user=admin,
-                consortium=consortium,
-                title=JOBS[options["dataset"]]["title"],
-                spec=spec,
+            job = propose_demo_job(
+                consortium,
+                dataset=dataset,
+                rounds=rounds,
+                noise_multiplier=options["noise_multiplier"],
             )
         except ValidationError as exc:
             raise DemoFailed(f"the demo job is not valid: {'; '.join(exc.messages)}") from None
@@ -668,22 +346,12 @@ class Command(BaseCommand):
             ) from None
         epsilon = max((r.epsilon for r in job.reservations.all()), default=0.0)
         self.say(
-            f"Job #{job.pk} “{job.title}” proposed by admin: {options['dataset']}, "
-            f"{spec['model']['name']}, {rounds} rounds, 4 hospitals, DP-SGD noise ×"
+            f"Job #{job.pk} “{job.title}” proposed by admin: {dataset}, "
+            f"{JOBS[dataset]['model']['name']}, {rounds} rounds, 4 hospitals, DP-SGD noise ×"
             f"{options['noise_multiplier']:g}; projected ε {epsilon:.2f} per hospital "
             f"(cap 8 at δ 1e-5)."
         )
-        for slug in SITE_SLUGS:
-            institution = consortium.institutions.get(slug=slug)
-            services.approval_decide(
-                acting_user=User.objects.get(username=f"approver-{slug}"),
-                job=job,
-                institution=institution,
-                decision=Approval.Decision.APPROVED,
-                spec_digest=job.spec_digest,
-                agreement_version_id=job.agreement_version_id,
-                reason="Approved for the demo.",
-            )
+        for slug in approve_demo_job(job, consortium):
             self.say(f"  approved by approver-{slug}")
         job.refresh_from_db()
         self.say(f"Job #{job.pk} is {job.get_state_display().lower()}; the coordinator starts it.")

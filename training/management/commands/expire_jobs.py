@@ -2,7 +2,7 @@
 
 from django.core.management.base import BaseCommand
 
-from training.jobs.services import jobs_expire_overdue
+from training.jobs.approvals import jobs_expire_overdue
 
 
 class Command(BaseCommand):

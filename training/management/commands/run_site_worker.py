@@ -8,7 +8,7 @@ is initialised once and in the process that uses it. Whether a GPU is usable is
 asked of a short-lived subprocess, so this process never imports torch.
 
 The worker is configured from its environment (``SITE_SLUG``, ``CENTRAL_URL``,
-``SITE_TOKEN``, ``SITE_SIGNING_KEY``, ``DATA_ROOT``: see ``training.site.worker``)
+``SITE_TOKEN``, ``SITE_SIGNING_KEY``, ``DATA_ROOT``: see ``training.site.client``)
 and checked before it starts; it needs no database.
 """
 
@@ -19,8 +19,9 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
+from consortium.celery import app
 from training.queues import site_queue
-from training.site.worker import WorkerConfig, WorkerConfigError
+from training.site.client import WorkerConfig, WorkerConfigError
 
 
 def cuda_available() -> bool:
@@ -89,8 +90,6 @@ class Command(BaseCommand):
         if options["print_argv"]:
             self.stdout.write(" ".join(argv))
             return
-        from consortium.celery import app
-
         self.stdout.write(
             f"site worker for {config.site_slug}: queue {site_queue(config.site_slug)}, "
             f"pool {pool}, central {config.central_url}"

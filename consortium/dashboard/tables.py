@@ -1,5 +1,5 @@
-"""Server-side tables (django-tables2): sorted and paged by query string, so a link shows the
-same rows to everyone and nothing depends on JavaScript."""
+"""The consortium dashboard's server-side table (django-tables2): sorted and paged by query
+string, so a link shows the same rows to everyone and nothing depends on JavaScript."""
 
 from __future__ import annotations
 

@@ -1,0 +1,125 @@
+"""The pages that compose several apps (see :mod:`consortium.dashboard`): the overview, a
+consortium's dashboard and an institution's page."""
+
+from __future__ import annotations
+
+from django.shortcuts import redirect
+from django.views.generic import TemplateView
+
+from audit.ledger.selectors import consortium_entries
+from consortium.core.pages import SIGNED_IN, PermissionRequiredMixin
+from consortium.dashboard.tables import InstitutionTable
+from consortium.governance import selectors
+from consortium.governance.pages import GovernancePage, InstitutionScopedMixin
+from consortium.governance.services.institutions import key_fingerprint
+from training.jobs.selectors import institution_accountability
+from training.rounds.live import consortium_live_state
+
+#: Ledger entries the consortium dashboard lists (to those who may read the ledger).
+RECENT_ENTRIES = 10
+
+
+class OverviewView(PermissionRequiredMixin, TemplateView):
+    """The user's consortia; with exactly one, its dashboard directly."""
+
+    permission_required = SIGNED_IN
+    template_name = "consortium/overview.html"
+
+    def get(self, request, *args, **kwargs):
+        consortia = list(selectors.consortia_visible_to(request.user))
+        if len(consortia) == 1:
+            return redirect("consortium:consortium-detail", slug=consortia[0].slug)
+        return self.render_to_response({"consortia": consortia})
+
+
+class ConsortiumDetailView(GovernancePage):
+    """The consortium's front page: its institutions and their standing under each agreement,
+    what waits on the user, its jobs live, and (to those who may read the ledger) its newest
+    entries."""
+
+    permission_required = "consortium.view_consortium"
+    template_name = "consortium/consortium_detail.html"
+
+    def get_permission_object(self):
+        return self.consortium
+
+    def get_context_data(self, **kwargs):
+        dashboard = selectors.consortium_dashboard(self.request.user, self.consortium)
+        can_view_ledger = self.can("audit.view_ledger", self.consortium)
+        # Per institution, its standing under each agreement's current version; the table sorts
+        # and pages by query string, and ?q= keeps the institutions whose name or slug has it.
+        query = self.request.GET.get("q", "").strip()
+        rows = []
+        for institution in dashboard.institutions:
+            if query and query.lower() not in f"{institution.name} {institution.slug}".lower():
+                continue
+            row = {
+                "institution": institution,
+                "name": institution.name,
+                "country": institution.country,
+                "worker_key": bool(institution.worker_public_key),
+            }
+            for i, status in enumerate(dashboard.statuses):
+                standing = _standing(status, institution)
+                row[f"standing_{i}"] = standing
+                row[f"standing_{i}_key"] = standing["label"]
+            rows.append(row)
+        table = InstitutionTable.for_dashboard(
+            rows, [s.agreement.title for s in dashboard.statuses], self.request
+        )
+        return super().get_context_data(
+            dashboard=dashboard,
+            institutions_table=table,
+            institution_query=query,
+            can_view_ledger=can_view_ledger,
+            consortium_live=consortium_live_state(self.consortium),
+            recent_entries=(
+                consortium_entries(self.consortium.slug).order_by("-seq")[:RECENT_ENTRIES]
+                if can_view_ledger
+                else []
+            ),
+            can_add_institution=self.can("consortium.add_institution", self.consortium),
+            can_manage_agreements=self.can("consortium.manage_agreements", self.consortium),
+            **kwargs,
+        )
+
+
+def _standing(status: selectors.AgreementStatus, institution) -> dict:
+    """One institution's signature state under an agreement, for a badge."""
+    if any(w.institution_id == institution.pk for w in status.withdrawn):
+        return {"label": "withdrawn", "tone": "bad", "status": status}
+    if status.version is None:
+        return {"label": "no published version", "tone": "", "status": status}
+    signature = next((s for s in status.signed if s.institution_id == institution.pk), None)
+    if signature:
+        return {
+            "label": f"signed v{status.version.number}",
+            "tone": "ok",
+            "status": status,
+            "signature": signature,
+        }
+    return {"label": f"v{status.version.number} unsigned", "tone": "warn", "status": status}
+
+
+class InstitutionDetailView(InstitutionScopedMixin, GovernancePage):
+    """An institution's page: its members, signatures and withdrawals, its worker key's
+    fingerprint, and its contributions and privacy spent job by job (issue 5)."""
+
+    permission_required = "consortium.view_institution"
+    template_name = "consortium/institution_detail.html"
+
+    def get_context_data(self, **kwargs):
+        institution = self.institution
+        return super().get_context_data(
+            memberships=selectors.memberships_visible_to(self.request.user).filter(
+                institution=institution
+            ),
+            signatures=institution.signatures.select_related("version__agreement").order_by(
+                "-signed_at"
+            ),
+            withdrawals=institution.withdrawals.select_related("agreement"),
+            fingerprint=key_fingerprint(institution.worker_public_key),
+            can_edit=self.can("consortium.change_institution", institution),
+            accountability=institution_accountability(self.request.user, institution),
+            **kwargs,
+        )

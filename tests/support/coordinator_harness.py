@@ -1,0 +1,174 @@
+"""Drive the coordinator round by round without a broker or a worker process (the coordinator
+tests, tests/rounds/test_coordinator.py and test_contribution_coordinator.py).
+
+Messages the code sends (``current_app.send_task``) are caught by :class:`InMemoryBroker` and
+delivered by hand: central tasks call the coordinator, site tasks run the real site worker
+code (``training.site.worker.run_site_round``) against the site API through Django's test
+client (:class:`InProcessClient`). The fixtures ``c3`` (three hospitals, an artifact folder of
+the test's own) and ``broker`` reach the tests through tests/rounds/conftest.py.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from django.test import Client
+
+from audit.models import LedgerEntry
+from consortium.celery import app
+from tests.support.fl_harness import make_consortium3, use_artifact_folder
+from training import queues
+from training.rounds import coordinator
+from training.site.client import CentralError, RoundModel
+from training.site.worker import run_site_round
+
+
+class InProcessClient:
+    """The site API through Django's test client (no sockets), as the real worker's client:
+    models too come through ``GET .../rounds/<index>/model/`` (in a cyclic round, the previous
+    site's result, served to the site it was sent to)."""
+
+    def __init__(self, token: str):
+        self.client = Client()
+        self.auth = {"HTTP_AUTHORIZATION": f"Site {token}"}
+
+    def job(self, job_id):
+        response = self.client.get(f"/api/site/jobs/{job_id}/", **self.auth)
+        assert response.status_code == 200, response.content
+        return response.json()
+
+    def model(self, job_id, digest):
+        response = self.client.get(f"/api/site/jobs/{job_id}/models/{digest}/", **self.auth)
+        if response.status_code >= 400:
+            raise CentralError(response.content.decode(), status=response.status_code)
+        return response.content
+
+    def round_model(self, job_id, round_index):
+        response = self.client.get(
+            f"/api/site/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
+        )
+        if response.status_code >= 400:
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
+        return RoundModel(
+            data=response.content,
+            digest=response["X-Content-SHA256"],
+            spec_digest=response["X-Spec-Digest"],
+        )
+
+    def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
+        response = self.client.post(
+            f"/api/site/jobs/{job_id}/rounds/{round_index}/update/",
+            data=data,
+            content_type="application/octet-stream",
+            HTTP_X_UPDATE_DIGEST=digest,
+            HTTP_X_UPDATE_SIGNATURE=signature,
+            HTTP_X_UPDATE_SAMPLES=str(samples),
+            HTTP_X_UPDATE_METRICS=json.dumps(meta["metrics"]),
+            HTTP_X_UPDATE_PRIVACY_EVENTS=json.dumps(meta["privacy_events"]),
+            HTTP_X_UPDATE_PIPELINE=json.dumps(meta["pipeline"]),
+            **self.auth,
+        )
+        if response.status_code >= 400:
+            raise CentralError(response.content.decode(), status=response.status_code)
+        return response.status_code, response.json()
+
+
+class InMemoryBroker:
+    """An in-memory stand-in for the broker: what was sent, delivered on demand."""
+
+    def __init__(self, consortium3, capture):
+        self.c3 = consortium3
+        self.capture = capture
+        self.messages: list[dict] = []
+        self.lost: list[dict] = []
+        self.log: list[dict] = []
+
+    def send_task(self, name, args=None, kwargs=None, queue=None, **_options):
+        message = {
+            "name": name,
+            "args": list(args or []),
+            "kwargs": dict(kwargs or {}),
+            "queue": queue,
+        }
+        self.messages.append(message)
+        self.log.append(message)
+
+    def site_tasks(self):
+        return [m for m in self.log if m["name"] == queues.SITE_TRAIN.name]
+
+    def run(self, fn, *args, **kwargs):
+        """Run ``fn`` and send what it queued on commit."""
+        with self.capture(execute=True):
+            return fn(*args, **kwargs)
+
+    def deliver(self, *, drop_sites=(), only_central=False, limit=1000):
+        """Deliver every queued message (and what delivering queues) until none is left.
+        Site tasks for ``drop_sites`` are lost (the worker never runs them)."""
+        for _ in range(limit):
+            if not self.messages:
+                return
+            message = self.messages.pop(0)
+            if message["name"] == queues.SITE_TRAIN.name:
+                if only_central or message["kwargs"]["site"] in drop_sites:
+                    self.lost.append(message)
+                    continue
+                site = self.c3.site(message["kwargs"]["site"])
+                self.run(
+                    run_site_round,
+                    **message["kwargs"],
+                    config=site.config(),
+                    client=InProcessClient(site.token),
+                )
+            elif message["name"] == "training.round_maybe_close":
+                self.run(coordinator.round_maybe_close, *message["args"])
+            elif message["name"] == "training.job_start":
+                self.run(coordinator.job_start, *message["args"])
+            else:  # pragma: no cover
+                raise AssertionError(f"unexpected task {message}")
+        raise AssertionError("the messages never ran out")
+
+
+@pytest.fixture
+def c3(cast, tmp_path, settings):
+    """Three hospitals with data, credentials and keys (``make_consortium3``), and the
+    artifact store in this test's folder."""
+    use_artifact_folder(settings, tmp_path / "artifacts")
+    return make_consortium3(cast, tmp_path)
+
+
+@pytest.fixture
+def broker(c3, monkeypatch, django_capture_on_commit_callbacks):
+    """An :class:`InMemoryBroker` in place of the Celery app's ``send_task``."""
+    b = InMemoryBroker(c3, django_capture_on_commit_callbacks)
+    monkeypatch.setattr(app, "send_task", b.send_task)
+    return b
+
+
+def job_payloads(event, job):
+    """The payloads of ``job``'s ledger entries of ``event``, oldest first."""
+    return [
+        json.loads(e.payload_text)
+        for e in LedgerEntry.objects.filter(event=event).order_by("seq")
+        if json.loads(e.payload_text).get("job_id") == job.pk
+    ]
+
+
+def propose_and_start(c3, broker, **spec):
+    """Propose a job over the three sites (``spec`` overrides), have all three approve, and
+    deliver its ``job_start``: the job is running, its first round's site tasks queued."""
+    job = broker.run(c3.propose_and_approve, **spec)
+    # Approval queued the start on "central"; deliver it.
+    assert broker.messages[-1] == {
+        "name": "training.job_start",
+        "args": [job.pk],
+        "kwargs": {},
+        "queue": "central",
+    }
+    broker.deliver(only_central=True)
+    broker.messages = list(broker.lost)
+    broker.lost = []
+    job.refresh_from_db()
+    return job

@@ -1,0 +1,130 @@
+"""Plain-English summaries of a training job spec, for the people who approve it.
+
+An approver signs a spec's digest (:func:`training.jobs.spec.spec_digest`), but reads these
+sentences: one per privacy filter (:func:`describe_pipeline`) and one on how each site's
+contribution is scored (:func:`describe_contribution`). They take a *normalised* spec (the output
+of :func:`training.jobs.spec.validate_spec`) and spell its numbers as the spec does, so what a
+person reads is what was hashed.
+
+Like :mod:`training.jobs.spec`, this module imports neither torch nor Django models.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from training.jobs.spec import CONTRIBUTION_EXACT_MAX, contribution_settings
+
+
+def _num(value: Any) -> str:
+    """A number as the spec spells it: ``1.0``, ``1.1``, ``3``."""
+    return repr(value) if isinstance(value, float) else str(value)
+
+
+def _percent(fraction: Any) -> str:
+    text = repr(round(float(fraction) * 100, 8))
+    return text[:-2] if text.endswith(".0") else text
+
+
+def _ordinal(value: Any) -> str:
+    v = float(value)
+    if not v.is_integer():
+        return f"{_percent(v / 100)}th"
+    n = int(v)
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
+
+
+def _describe_exclude(f: Mapping) -> str:
+    layers = list(f["layers"])
+    noun = "layer" if len(layers) == 1 else "layers"
+    return f"Never share the {noun} {', '.join(layers)}: they stay at the site"
+
+
+def _describe_partial(f: Mapping) -> str:
+    pct = _percent(f["fraction"])
+    if f.get("strategy", "topk") == "random":
+        return f"Share only a random {pct}% of coordinates, drawn afresh each round"
+    return f"Share only the {pct}% of coordinates with the largest change (top-k)"
+
+
+def _describe_clip(f: Mapping) -> str:
+    return f"Clip every update at its {_ordinal(f['percentile'])} percentile of absolute values"
+
+
+def _describe_laplace(f: Mapping) -> str:
+    return (
+        f"Add Laplace noise for differential privacy with ε = {_num(f['epsilon'])} per round, "
+        f"calibrated to an update sensitivity of {_num(f['sensitivity'])}"
+    )
+
+
+def _describe_gaussian(f: Mapping) -> str:
+    return (
+        f"Add Gaussian noise with noise multiplier {_num(f['noise_multiplier'])} "
+        f"after clipping the update to L2 norm {_num(f['clip_norm'])}"
+    )
+
+
+def _describe_svt(f: Mapping) -> str:
+    passes = f.get("max_passes", 1)
+    return (
+        f"Share at most {_percent(f['fraction'])}% of coordinates, chosen by the sparse "
+        f"vector technique with ε = {_num(f['epsilon'])} and threshold "
+        f"{_num(f['threshold'])} (at most {passes} {'pass' if passes == 1 else 'passes'} "
+        "over the update)"
+    )
+
+
+def _describe_dp_sgd(f: Mapping) -> str:
+    return (
+        "Train locally with DP-SGD: clip each example's gradient to L2 norm "
+        f"{_num(f['max_grad_norm'])} and add Gaussian noise with noise multiplier "
+        f"{_num(f['noise_multiplier'])}"
+    )
+
+
+_DESCRIBE: dict[str, Callable[[Mapping], str]] = {
+    "exclude_layers": _describe_exclude,
+    "partial_sharing": _describe_partial,
+    "percentile_clipping": _describe_clip,
+    "laplace_noise": _describe_laplace,
+    "gaussian_noise": _describe_gaussian,
+    "svt": _describe_svt,
+    "dp_sgd": _describe_dp_sgd,
+}
+
+
+def describe_pipeline(spec: Mapping) -> list[str]:
+    """One plain-English sentence per privacy filter, in order, for an approver.
+
+    Takes a normalised spec. An empty pipeline gives an empty list (the update
+    is shared as computed); the caller words that case for its page.
+    """
+    return [_DESCRIBE[f["filter"]](f) for f in spec.get("privacy_pipeline") or []]
+
+
+def describe_contribution(spec: Mapping) -> str:
+    """One plain-English sentence on how each site's contribution will be scored."""
+    settings = contribution_settings(spec)
+    method = settings["method"]
+    metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    base = (
+        "Each round, each site's contribution is scored centrally from the updates it shared, "
+        f"by the {metric} on the consortium's validation set of the models its updates make "
+    )
+    if method == "leave_one_out":
+        return base + "with and without it (leave-one-out)."
+    exact = "with every subset of the other sites (exact Shapley values)"
+    if method == "shapley_exact":
+        return base + exact + "."
+    sampled = (
+        f"in at most {settings['permutations']} sampled orderings of the sites (GTG-Shapley), "
+        f"stopping early within an ordering once the remaining sites change the {metric} by "
+        f"less than {_num(settings['truncation'])}, and when the estimates move by less "
+        f"than {_percent(settings['tolerance'])}%"
+    )
+    if method == "shapley_sampled":
+        return base + sampled + "."
+    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {sampled}."

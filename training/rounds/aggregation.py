@@ -1,0 +1,118 @@
+"""The slow part of closing a round: making the round's model from the sites' updates, and
+evaluating it (docs/architecture.md, section 4, step 3).
+
+The coordinator (``training.rounds.coordinator``) claims a round, then calls these outside any
+transaction, then records the result. Nothing here changes a row.
+
+``fedavg`` sends the global model to every site at once and averages their updates (weighted
+by samples, mask-aware, streaming: :class:`training.fl.aggregate.StreamingFedAvg`). ``cyclic``
+sends the model to one site at a time in :func:`training.fl.aggregate.cyclic_order`; each site
+starts from the previous site's result, and the round's model is the last result. A site's
+result is its delta applied to its own start model (or the start model unchanged when its
+update was rejected or never came), so the chain never depends on recomputing earlier sites.
+
+torch is imported inside the functions that need it, not to dodge an import loop: a process
+that imports the coordinator and never aggregates never pays for torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from training.fl.update import masked_delta
+from training.models import Round, SiteDataset, SiteUpdate
+from training.rounds.states import build_model, load_state, load_update
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "accepted_updates",
+    "cyclic_result",
+    "cyclic_rows",
+    "cyclic_sites",
+    "evaluate",
+    "fedavg",
+    "site_result",
+]
+
+State = dict[str, "torch.Tensor"]
+
+
+def accepted_updates(rnd: Round) -> list[SiteUpdate]:
+    """The round's accepted updates (with their institutions), in site order."""
+    return list(
+        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
+        .select_related("institution")
+        .order_by("institution__slug")
+    )
+
+
+def fedavg(global_state: State, updates: list[SiteUpdate]) -> State:
+    """The FedAvg round's model: the sample-weighted, mask-aware average of the updates
+    applied to the round's global model."""
+    from training.fl.aggregate import StreamingFedAvg, apply_update  # lazy torch (docstring)
+
+    floating = {n: t for n, t in global_state.items() if t.is_floating_point()}
+    avg = StreamingFedAvg(floating)
+    for update in updates:
+        delta, mask = load_update(update.update_digest)
+        avg.add(delta, mask or None, update.samples)
+    return apply_update(global_state, avg.result())
+
+
+def _apply_one(state: State, digest: str) -> State:
+    from training.fl.aggregate import apply_update  # lazy torch (docstring)
+
+    delta, mask = load_update(digest)
+    if mask:
+        delta = masked_delta(delta, mask)
+    return apply_update(state, delta)
+
+
+def cyclic_sites(slugs: list[str], round_index: int) -> list[str]:
+    """The order in which a cyclic round visits ``slugs``."""
+    from training.fl.aggregate import cyclic_order  # lazy torch (docstring)
+
+    # cyclic_order counts rounds from 0; ours from 1.
+    return list(cyclic_order(sorted(slugs), round_index - 1))
+
+
+def cyclic_rows(rnd: Round) -> list[SiteUpdate]:
+    """The round's ``SiteUpdate`` rows in the cyclic round's order."""
+    rows = {u.institution.slug: u for u in rnd.updates.select_related("institution")}
+    return [rows[slug] for slug in cyclic_sites(list(rows), rnd.index)]
+
+
+def site_result(update: SiteUpdate) -> State:
+    """The model a sent cyclic site hands on: its delta applied to the model it was sent, or
+    that model unchanged when its update was rejected or never came."""
+    state = load_state(update.start_digest)
+    if update.status == SiteUpdate.Status.ACCEPTED:
+        state = _apply_one(state, update.update_digest)
+    return state
+
+
+def cyclic_result(rnd: Round) -> State:
+    """The cyclic round's model: the result of the last site it was sent to (sites are sent in
+    order, so the sent ones are a prefix of the order)."""
+    sent = [u for u in cyclic_rows(rnd) if u.sent_at is not None and u.start_digest]
+    if not sent:
+        return load_state(rnd.global_model_in.digest)
+    return site_result(sent[-1])
+
+
+def evaluate(spec: dict, dataset: SiteDataset, state: State) -> dict:
+    """Metrics of the new global model on the consortium's validation set."""
+    # Lazy torch (module docstring).
+    from training.fl.data import load_validation_set
+    from training.fl.evaluate import evaluate as evaluate_model
+
+    try:
+        x, y = load_validation_set(spec["dataset_key"])
+    except ValueError as exc:
+        return {"validation": f"unavailable: {exc}"}
+    model = build_model(spec, dataset)
+    model.load_state_dict(state)
+    metrics = evaluate_model(model, x, y, modality=dataset.modality)
+    return {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}

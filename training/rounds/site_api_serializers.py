@@ -1,0 +1,94 @@
+"""The site API's request and answer bodies (``training.rounds.site_api``), as the OpenAPI
+schema documents them."""
+
+from __future__ import annotations
+
+from rest_framework import serializers
+
+from consortium.governance.api.serializers import ErrorSerializer
+from training.models import JobState, SiteUpdate
+
+__all__ = [
+    "OpenRoundSerializer",
+    "SiteDatasetSerializer",
+    "SiteErrorSerializer",
+    "SiteJobSerializer",
+    "UpdateResultSerializer",
+    "WhoAmISerializer",
+]
+
+
+class SiteErrorSerializer(ErrorSerializer):
+    recorded = serializers.BooleanField(
+        required=False,
+        help_text="For an upload: true when the refusal was recorded on the site's update "
+        "for the round (rejected, with the reason) and in the ledger.",
+    )
+
+
+class WhoAmISerializer(serializers.Serializer):
+    institution = serializers.SlugField(help_text="The site's slug (its queue is site.<slug>).")
+    institution_name = serializers.CharField()
+    consortium = serializers.SlugField()
+    credential = serializers.CharField(help_text="The credential's label.")
+    token_prefix = serializers.CharField()
+    key_fingerprint = serializers.CharField(
+        help_text="The first 16 hex digits of the SHA-256 of the registered public key (PEM)."
+    )
+
+
+class OpenRoundSerializer(serializers.Serializer):
+    index = serializers.IntegerField()
+    global_model = serializers.CharField(help_text="The digest of the round's global model.")
+    start_model = serializers.CharField(
+        allow_null=True,
+        help_text="The digest of the model this site was sent for the round (its update is "
+        "the delta from it): the global model, or in a cyclic round the previous site's "
+        "result. Null if the round has not reached this site (or asked nothing of it).",
+    )
+    deadline = serializers.DateTimeField()
+    update_status = serializers.ChoiceField(
+        choices=SiteUpdate.Status.choices,
+        allow_null=True,
+        help_text="This site's update for the round, or null if none was asked of it.",
+    )
+
+
+class SiteDatasetSerializer(serializers.Serializer):
+    key = serializers.CharField()
+    modality = serializers.CharField()
+    num_records = serializers.IntegerField()
+    input_shape = serializers.ListField(child=serializers.IntegerField())
+    n_classes = serializers.IntegerField()
+
+
+class SiteJobSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    title = serializers.CharField()
+    state = serializers.ChoiceField(choices=JobState.choices)
+    spec = serializers.JSONField(help_text="The job's spec (parsed from spec_text).")
+    spec_text = serializers.CharField(
+        help_text="The canonical JSON of the spec: its SHA-256 is spec_digest."
+    )
+    spec_digest = serializers.CharField()
+    open_round = OpenRoundSerializer(allow_null=True)
+    dataset = SiteDatasetSerializer(
+        allow_null=True,
+        help_text="This site's description of the job's data set (its key maps to local files), "
+        "or null if the site no longer offers it.",
+    )
+
+
+class UpdateResultSerializer(serializers.Serializer):
+    id = serializers.IntegerField()
+    job = serializers.IntegerField()
+    round = serializers.IntegerField(help_text="The round's index.")
+    site = serializers.SlugField()
+    status = serializers.ChoiceField(choices=SiteUpdate.Status.choices)
+    samples = serializers.IntegerField()
+    update_digest = serializers.CharField()
+    size_bytes = serializers.IntegerField()
+    received_at = serializers.DateTimeField()
+    duplicate = serializers.BooleanField(
+        help_text="True when this update had already been accepted (nothing changed)."
+    )

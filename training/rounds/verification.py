@@ -1,0 +1,208 @@
+"""The checks an uploaded update must pass before it can count, none of which needs a lock.
+
+:func:`verify_upload` runs them in the order a site can act on: the size is within
+``settings.FL_MAX_UPDATE_BYTES``, the bytes hash to the declared digest, the sample count is a
+whole number, the site's Ed25519 signature holds over
+``training.fl.signing.update_message(...)``, the file is an update in the wire format
+(``training.fl.update``) whose tensors match the model the site was sent
+(``SiteUpdate.start_digest``, from which the update is a delta) with finite values, the sample
+count is plausible for the site's data set, and the metrics, pipeline and privacy events are
+valid JSON of bounded size. A failed check raises :class:`Rejected`, whose
+:class:`Rejection` the intake (``training.rounds.intake``) records; a start model the central
+side cannot read raises :class:`StartModelUnavailable`, which is nobody's fault at the site
+and is not recorded.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from django.conf import settings
+
+from training.fl import update as wire
+from training.fl.signing import BadSignature, update_message, verify_update
+from training.jobs.accounting import PrivacyEvent
+from training.models import Round, SiteCredential, SiteDataset, TrainingJob
+from training.rounds.artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
+from training.rounds.lookups import one_or_none
+
+__all__ = [
+    "MAX_METADATA_CHARS",
+    "Rejected",
+    "Rejection",
+    "StartModelUnavailable",
+    "VerifiedUpdate",
+    "verify_upload",
+]
+
+#: Largest metrics / pipeline / privacy-events JSON kept per update.
+MAX_METADATA_CHARS = 16_384
+
+
+@dataclass
+class Rejection:
+    """A failed check, before it is recorded: its code, the reason (what the site is told and
+    what the ledger keeps) and the HTTP status the API answers."""
+
+    code: str
+    reason: str
+    status: int = 400
+
+
+class Rejected(Exception):
+    """A check failed: ``rejection`` says which and why."""
+
+    def __init__(self, code: str, reason: str, status: int = 400):
+        super().__init__(reason)
+        self.rejection = Rejection(code=code, reason=reason, status=status)
+
+
+class StartModelUnavailable(Exception):
+    """The model the site was sent cannot be read from the artifact store (the message
+    says why): the central side's own fault, so the upload is refused and not recorded."""
+
+
+@dataclass
+class VerifiedUpdate:
+    """What the checks established about an upload."""
+
+    samples: int
+    size_bytes: int
+    pipeline: list
+    privacy_events: list
+    metrics: dict
+
+
+@functools.lru_cache(maxsize=16)
+def _model_layout(digest: str) -> dict[str, wire.TensorLayout]:
+    """The layout of a stored model (:func:`training.fl.update.model_layout`). Artifacts are
+    content-addressed, so the layout of a digest never changes."""
+    return wire.model_layout(artifact_store().get(digest))
+
+
+def _check_tensors(data: bytes, start_digest: str) -> None:
+    """The update's tensors against those of the model the site was sent (names, shapes,
+    dtypes, finite values: ``training.fl.update.check_update``). Raises :class:`Rejected`
+    naming the tensor and what is wrong."""
+    try:
+        tensors = wire.read_update(data, max_bytes=settings.FL_MAX_UPDATE_BYTES)
+    except wire.BadUpdate as exc:
+        raise Rejected(exc.code, exc.reason) from None
+    try:
+        layout = _model_layout(start_digest)
+    except ArtifactError as exc:
+        raise StartModelUnavailable(str(exc)) from None
+    try:
+        wire.check_update(tensors, layout)
+    except wire.BadUpdate as exc:
+        raise Rejected(exc.code, exc.reason) from None
+
+
+def _json_safe(value: Any, what: str, depth: int = 0) -> None:
+    if depth > 8:
+        raise Rejected("bad_metadata", f"{what} is nested too deeply")
+    if isinstance(value, float) and not math.isfinite(value):
+        raise Rejected("bad_metadata", f"{what} holds NaN or infinity")
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise Rejected("bad_metadata", f"{what} has a key that is not a string")
+            _json_safe(item, what, depth + 1)
+    elif isinstance(value, list):
+        for item in value:
+            _json_safe(item, what, depth + 1)
+    elif not (value is None or isinstance(value, bool | int | float | str)):
+        raise Rejected("bad_metadata", f"{what} is not JSON")
+
+
+def _check_metadata(*, metrics, pipeline, privacy_events) -> tuple[dict, list, list]:
+    if not isinstance(metrics, dict):
+        raise Rejected("bad_metadata", "metrics must be a JSON object")
+    _json_safe(metrics, "metrics")
+    if not isinstance(pipeline, list) or not all(isinstance(f, dict) for f in pipeline):
+        raise Rejected("bad_metadata", "pipeline must be a JSON list of filters, each an object")
+    _json_safe(pipeline, "pipeline")
+    if not isinstance(privacy_events, list):
+        raise Rejected("bad_privacy_events", "privacy events must be a JSON list")
+    events = []
+    for i, raw in enumerate(privacy_events):
+        try:
+            events.append(PrivacyEvent.from_json(raw).to_json())
+        except (ValueError, TypeError) as exc:
+            raise Rejected("bad_privacy_events", f"privacy event {i}: {exc}") from None
+    for what, value in (("metrics", metrics), ("pipeline", pipeline), ("privacy events", events)):
+        if len(json.dumps(value)) > MAX_METADATA_CHARS:
+            raise Rejected("bad_metadata", f"{what} is longer than {MAX_METADATA_CHARS} characters")
+    return metrics, pipeline, events
+
+
+def verify_upload(
+    *,
+    credential: SiteCredential,
+    job: TrainingJob,
+    rnd: Round,
+    start_digest: str,
+    data: bytes,
+    samples: int,
+    update_digest: str,
+    signature: str,
+    metrics,
+    privacy_events,
+    pipeline,
+) -> VerifiedUpdate:
+    """Every check that needs no lock, in the order a site can act on. Raises
+    :class:`Rejected`, or :class:`StartModelUnavailable`."""
+    limit = settings.FL_MAX_UPDATE_BYTES
+    if len(data) > limit:
+        raise Rejected(
+            "too_large", f"the update is {len(data)} bytes, over the limit of {limit}", 413
+        )
+    if not is_digest(update_digest) or sha256_hex(data) != update_digest:
+        raise Rejected("digest_mismatch", "digest mismatch: the upload was truncated or altered")
+    if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
+        raise Rejected(
+            "bad_samples", f"the sample count must be a whole number of at least 1, got {samples!r}"
+        )
+    slug = credential.institution.slug
+    try:
+        message = update_message(
+            job_id=job.pk,
+            round_index=rnd.index,
+            site=slug,
+            update_digest=update_digest,
+            samples=samples,
+        )
+        verify_update(credential.public_key, message, signature)
+    except BadSignature as exc:
+        raise Rejected(
+            "bad_signature",
+            f"the signature does not verify with the key of credential "
+            f"'{credential.label}' ({credential.token_prefix}…): {exc}",
+        ) from None
+    _check_tensors(data, start_digest)
+    key = job.spec.get("dataset_key")
+    dataset = one_or_none(
+        SiteDataset.objects.filter(institution_id=credential.institution_id, key=key)
+    )
+    if dataset is None:
+        raise Rejected("bad_samples", f"{slug} no longer offers the data set '{key}'")
+    if not 1 <= samples <= dataset.num_records:
+        raise Rejected(
+            "bad_samples",
+            f"{samples} samples is not between 1 and the {dataset.num_records} records of "
+            f"'{key}' at {slug}",
+        )
+    metrics, pipeline, events = _check_metadata(
+        metrics=metrics, pipeline=pipeline, privacy_events=privacy_events
+    )
+    return VerifiedUpdate(
+        samples=samples,
+        size_bytes=len(data),
+        pipeline=pipeline,
+        privacy_events=events,
+        metrics=metrics,
+    )

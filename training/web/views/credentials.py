@@ -1,0 +1,93 @@
+"""Pages for a site's worker credentials: the list and the form that creates one (its token
+shown once), and revoking one.
+"""
+
+from __future__ import annotations
+
+from django.conf import settings
+from django.contrib import messages
+from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils.functional import cached_property
+
+from consortium.core.errors import ServiceError
+from consortium.core.pages import first_or_404
+from consortium.governance.pages import GovernanceForm, GovernancePage, InstitutionScopedMixin
+from training.models import SiteCredential
+from training.rounds.credentials import site_credential_create, site_credential_revoke
+from training.web.forms import SiteCredentialForm
+
+
+class SiteCredentialListView(InstitutionScopedMixin, GovernanceForm):
+    """The site's worker credentials, and the form that creates one. The token is
+    shown in the response to the POST that created it, and never again: it is
+    not stored (only its hash is), so a reload of the list cannot show it."""
+
+    permission_required = "training.manage_site_credentials"
+    template_name = "training/credential_list.html"
+    form_class = SiteCredentialForm
+
+    def get_context_data(self, **kwargs):
+        return super().get_context_data(
+            credentials=SiteCredential.objects.filter(institution=self.institution)
+            .select_related("created_by", "revoked_by")
+            .order_by("-created_at", "-pk"),
+            has_institution_key=bool(self.institution.worker_public_key),
+            **kwargs,
+        )
+
+    def perform(self, form):
+        credential, token = site_credential_create(
+            acting_user=self.request.user,
+            institution=self.institution,
+            label=form.cleaned_data["label"],
+            public_key=form.cleaned_data["public_key"],
+        )
+        response = self.response_class(
+            request=self.request,
+            template=["training/credential_created.html"],
+            context=self.get_context_data(
+                credential=credential,
+                token=token,
+                central_url=settings.SITE_URL,
+            ),
+        )
+        response["Cache-Control"] = "no-store"
+        return response
+
+
+class SiteCredentialRevokeView(InstitutionScopedMixin, GovernancePage):
+    """GET asks for confirmation; POST revokes the credential."""
+
+    permission_required = "training.manage_site_credentials"
+    template_name = "training/credential_revoke.html"
+
+    @cached_property
+    def credential(self):
+        return first_or_404(
+            SiteCredential.objects.filter(institution=self.institution), pk=self.kwargs["pk"]
+        )
+
+    def get_permission_object(self):
+        # A credential of another institution is the same 404 as a forbidden one.
+        self.credential  # noqa: B018
+        return self.institution
+
+    def get_context_data(self, **kwargs):
+        kwargs.setdefault("credential", self.credential)
+        return super().get_context_data(**kwargs)
+
+    def post(self, request, *args, **kwargs):
+        try:
+            site_credential_revoke(acting_user=request.user, credential=self.credential)
+        except ServiceError as exc:
+            messages.error(request, str(exc))
+        else:
+            messages.success(
+                request,
+                f"The credential '{self.credential.label}' ({self.credential.token_prefix}…) "
+                "is revoked: its worker's requests and uploads are refused from now on.",
+            )
+        return redirect(
+            reverse("training:credential-list", args=[self.consortium.slug, self.institution.slug])
+        )
