@@ -65,6 +65,34 @@ def entries_of_consortia(consortium_slugs: Iterable[str]) -> QuerySet[LedgerEntr
     return LedgerEntry.objects.filter(consortium_slug__in=list(consortium_slugs))
 
 
+def consortium_entries_after(consortium_slug: str, seq: int) -> QuerySet[LedgerEntry]:
+    """A consortium's entries after ``seq`` (a live page catching up; the (consortium, seq)
+    index serves it)."""
+    return LedgerEntry.objects.filter(consortium_slug=consortium_slug, seq__gt=seq)
+
+
+def entries_about(subject_type: str, subject_id: str) -> QuerySet[LedgerEntry]:
+    """The entries about one object (``subject_type`` is its model label), in seq order: a
+    job page's history (the subject index serves it)."""
+    return LedgerEntry.objects.filter(subject_type=subject_type, subject_id=subject_id).order_by(
+        "seq"
+    )
+
+
+def subjects_recorded(
+    event_names: Iterable[str], subject_type: str, subject_ids: Iterable[str]
+) -> set[str]:
+    """Which of ``subject_ids`` already have an entry of one of ``event_names``: what a
+    writer that must record something once per object (a round's scores) has done."""
+    return set(
+        LedgerEntry.objects.filter(
+            event__in=list(event_names),
+            subject_type=subject_type,
+            subject_id__in=list(subject_ids),
+        ).values_list("subject_id", flat=True)
+    )
+
+
 def ledger_event_names(consortium_slug: str) -> list[str]:
     """The event names in a consortium's entries, sorted, for the ledger page's filter.
 

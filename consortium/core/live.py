@@ -28,17 +28,14 @@ from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import get_user_model
 
-from audit.models import LedgerEntry, LedgerHead
+from audit.ledger.selectors import consortium_entries_after, current_head_seq
+from audit.models import LedgerEntry
 
 #: Close code for "not allowed" (4000-4999 are the application's; 4403 mirrors HTTP 403).
 FORBIDDEN = 4403
 
 #: At most this many entries per message; a page that fell further behind gets the newest.
 MAX_ENTRIES = 50
-
-
-def head_seq() -> int:
-    return LedgerHead.objects.values_list("seq", flat=True).filter(pk=1).first() or 0
 
 
 def entry_json(entry: LedgerEntry) -> dict:
@@ -80,9 +77,7 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
 
     def entries_query(self, target, since: int):
         """The page's consortium's entries after ``since`` (the (consortium, seq) index)."""
-        return LedgerEntry.objects.filter(
-            consortium_slug=self.consortium_slug_of(target), seq__gt=since
-        )
+        return consortium_entries_after(self.consortium_slug_of(target), since)
 
     # --- Synchronous parts, run in a thread ---------------------------------------------------
 
@@ -107,7 +102,7 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
         target = self._authorize()
         if target is None:
             return None
-        head = head_seq()
+        head = current_head_seq()
         if head <= since and not initial:
             return head, [], None
         rows = list(self.entries_query(target, since).order_by("-seq")[: MAX_ENTRIES * 4])
@@ -130,7 +125,7 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
             await self.channel_layer.group_add(group, self.channel_name)
         await self.accept()
         self.wake = asyncio.Event()
-        self.since = await database_sync_to_async(head_seq)()
+        self.since = await database_sync_to_async(current_head_seq)()
         await self.refresh(initial=True)
         self.poller = asyncio.create_task(self._poll())
 

@@ -47,7 +47,7 @@ from django.db import transaction
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
-from audit.models import LedgerEntry
+from audit.ledger.selectors import subjects_recorded
 from training.jobs.selectors import round_with_job
 from training.jobs.spec import contribution_settings
 from training.models import ContributionScore, JobState, Round, SiteUpdate, TrainingJob
@@ -131,9 +131,7 @@ def round_contributions(rnd: Round):
 
 
 def _recorded(event_names, subject_type: str, subject_id) -> bool:
-    return LedgerEntry.objects.filter(
-        event__in=list(event_names), subject_type=subject_type, subject_id=str(subject_id)
-    ).exists()
+    return bool(subjects_recorded(event_names, subject_type, [str(subject_id)]))
 
 
 def round_score(round_id: int) -> str:
@@ -251,11 +249,11 @@ def _maybe_job_total(job: TrainingJob) -> None:
     )
     done = {
         int(pk)
-        for pk in LedgerEntry.objects.filter(
-            event__in=[ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE],
-            subject_type=_ROUND_LABEL,
-            subject_id__in=[str(pk) for pk in closed],
-        ).values_list("subject_id", flat=True)
+        for pk in subjects_recorded(
+            [ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE],
+            _ROUND_LABEL,
+            [str(pk) for pk in closed],
+        )
     }
     if closed - done:
         return  # a round is still to be scored: the last one to be writes the total

@@ -9,7 +9,7 @@ from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
 from django.shortcuts import redirect
 
-from audit.models import LedgerEntry
+from audit.ledger.selectors import entries_about
 from consortium.core.errors import ServiceError
 from consortium.core.pages import apply_service_errors
 from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
@@ -261,9 +261,7 @@ class JobDetailView(JobMixin, GovernancePage):
             contribution_text=describe_contribution(spec),
             accountability=accountability,
             live_state=job_live_state(job, account=accountability),
-            ledger=LedgerEntry.objects.filter(
-                subject_type=TrainingJob._meta.label_lower, subject_id=str(job.pk)
-            ).order_by("seq"),
+            ledger=entries_about(TrainingJob._meta.label_lower, str(job.pk)),
             can_edit=job.state in EDITABLE_STATES and user.has_perm("training.change_job", job),
             can_submit=job.state == JobState.DRAFT and user.has_perm("training.change_job", job),
             can_cancel=not job.is_terminal and user.has_perm("training.cancel_job", job),
