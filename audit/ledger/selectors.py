@@ -139,6 +139,11 @@ def entry_stamp(seq: int) -> EntryStamp | None:
     return EntryStamp(row[0], row[1])
 
 
+def entry_count() -> int:
+    """How many entries the ledger holds."""
+    return LedgerEntry.objects.count()
+
+
 def entry_count_up_to(seq: int) -> int:
     """How many entries the ledger holds up to and including ``seq``."""
     return LedgerEntry.objects.filter(seq__lte=seq).count()

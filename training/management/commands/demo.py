@@ -48,7 +48,7 @@ from django.core.management import call_command
 from django.core.management.base import BaseCommand, CommandError
 
 from audit.ledger.chain import verify_chain
-from audit.models import LedgerEntry
+from audit.ledger.selectors import entry_count
 from consortium.governance.models import Consortium
 from training.demo.processes import (
     Supervisor,
@@ -402,7 +402,7 @@ class Command(BaseCommand):
     def _report(self, job: TrainingJob) -> bool:
         final = job.global_models.order_by("-round_index").first()
         result = verify_chain()
-        entries = LedgerEntry.objects.count()
+        entries = entry_count()
         if job.state == JobState.COMPLETED:
             self.say(
                 f"Job #{job.pk} completed: {final.round_index} rounds in "
