@@ -11,7 +11,7 @@ from django.shortcuts import redirect
 
 from audit.ledger.selectors import entries_about
 from consortium.core.errors import ServiceError
-from consortium.core.pages import apply_service_errors
+from consortium.core.pages import apply_service_errors, error_message
 from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
 from training.jobs import selectors
 from training.jobs.compliance import ComplianceError
@@ -39,12 +39,6 @@ from training.web.views.mixins import JobMixin, job_detail_url
 
 JOBS_PER_PAGE = 25
 EDITABLE_STATES = (JobState.DRAFT, JobState.AWAITING_APPROVAL)
-
-
-def _message_of(exc: Exception) -> str:
-    if isinstance(exc, ValidationError):
-        return " ".join(exc.messages)
-    return str(exc)
 
 
 def _compliance_message(exc: ComplianceError) -> str:
@@ -280,7 +274,7 @@ class JobSubmitView(JobMixin, GovernanceAction):
         except ComplianceError as exc:
             messages.error(request, _compliance_message(exc))
         except (ValidationError, ServiceError) as exc:
-            messages.error(request, _message_of(exc))
+            messages.error(request, error_message(exc))
         else:
             messages.success(
                 request,
