@@ -4,7 +4,7 @@ project package imports none of them, plus the OpenAPI schema and its UI.
 - ``consortium.governance.api.urls``: consortia, institutions, memberships, invitations,
   agreements and their versions;
 - ``training.api_urls``: data sets, jobs, approvals, notifications, and the site workers'
-  endpoints (``/api/site/``, site tokens only);
+  endpoints (``/api/site/v1/``, site tokens only);
 - ``audit.api_urls``: the ledger.
 """
 

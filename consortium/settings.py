@@ -7,7 +7,9 @@ in-memory channel layer and the console email backend. Setting
 code into the distributed layout of docs/architecture.md, section 2.
 
 ``CONSORTIUM_ENV=production`` switches on the production posture: ``DEBUG``
-off, the development secret key refused, secure cookies and security headers.
+off, the development secret key refused, secure cookies and security headers, and
+mail that would reach nobody (the console backend) refused unless
+``EMAIL_ALLOW_CONSOLE`` allows it.
 """
 
 from __future__ import annotations
@@ -19,7 +21,14 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 # Task names and queues: one registry that imports nothing (so settings may read it).
-from training.queues import CENTRAL_QUEUE, celery_beat_schedule, celery_task_routes
+from training.queues import (
+    CENTRAL_QUEUE,
+    DEFAULT_BROKER_CONSUMER_TIMEOUT_SECONDS,
+    TimeLimitError,
+    celery_beat_schedule,
+    celery_task_routes,
+    task_time_limits,
+)
 
 BASE_DIR = Path(__file__).resolve().parent.parent
 
@@ -68,6 +77,17 @@ ALLOWED_HOSTS = env.list(
 CSRF_TRUSTED_ORIGINS = env.list("DJANGO_CSRF_TRUSTED_ORIGINS", default=[])
 # The public URL of this server, used in invitation emails and by site workers.
 SITE_URL = env.str("SITE_URL", default="http://127.0.0.1:8000").rstrip("/")
+# Every link in mail (invitations, notifications) and the site workers' CENTRAL_URL in the
+# credentials page's set-up block is built from SITE_URL: in production a missing one would
+# send people and workers to 127.0.0.1. A site worker (SITE_SLUG set) builds no link.
+if not SITE_URL.startswith(("http://", "https://")):
+    raise ImproperlyConfigured(f"SITE_URL must be an http(s) URL, not {SITE_URL!r}")
+if PRODUCTION and not os.environ.get("SITE_URL") and not os.environ.get("SITE_SLUG"):
+    raise ImproperlyConfigured(
+        "SITE_URL is unset: in production every link in mail and in the site workers' set-up "
+        "is built from it. Set it to the server's public URL, e.g. "
+        "https://consortium.example.org"
+    )
 
 INSTALLED_APPS = [
     "daphne",
@@ -228,11 +248,42 @@ STORAGES = {
 # --- Email -----------------------------------------------------------------------
 _email = env.email_url("EMAIL_URL", default="consolemail://")
 EMAIL_BACKEND = _email.get("EMAIL_BACKEND", "django.core.mail.backends.console.EmailBackend")
-for _key in ("EMAIL_HOST", "EMAIL_PORT", "EMAIL_HOST_USER", "EMAIL_HOST_PASSWORD"):
+for _key in (
+    "EMAIL_HOST",
+    "EMAIL_PORT",
+    "EMAIL_HOST_USER",
+    "EMAIL_HOST_PASSWORD",
+    "EMAIL_FILE_PATH",
+):
     if _email.get(_key):
         globals()[_key] = _email[_key]
 EMAIL_USE_TLS = bool(_email.get("EMAIL_USE_TLS", False))
 DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="consortium@localhost")
+# Invitations and notifications are mail: in production, a backend that delivers nothing (the
+# console, the default; or the dummy and in-memory ones) would lose every one without a word, so
+# it is refused here unless EMAIL_ALLOW_CONSOLE says it is meant. A site worker (SITE_SLUG set)
+# sends no mail and needs no EMAIL_URL.
+EMAIL_ALLOW_CONSOLE = env_bool("EMAIL_ALLOW_CONSOLE", default=False)
+UNDELIVERED_EMAIL_BACKENDS = frozenset(
+    {
+        "django.core.mail.backends.console.EmailBackend",
+        "django.core.mail.backends.dummy.EmailBackend",
+        "django.core.mail.backends.locmem.EmailBackend",
+    }
+)
+if (
+    PRODUCTION
+    and EMAIL_BACKEND in UNDELIVERED_EMAIL_BACKENDS
+    and not EMAIL_ALLOW_CONSOLE
+    and not os.environ.get("SITE_SLUG")
+):
+    raise ImproperlyConfigured(
+        f"EMAIL_URL {'is unset' if 'EMAIL_URL' not in os.environ else 'delivers no mail'} "
+        f"({EMAIL_BACKEND.rsplit('.', 2)[-2]} backend): in production, invitations and "
+        "notifications would reach nobody. Set EMAIL_URL to your mail server (e.g. "
+        "smtp+tls://user:password@smtp.example.org:587), or EMAIL_ALLOW_CONSOLE=true if mail "
+        "going only to the log is meant."
+    )
 
 # --- Celery ------------------------------------------------------------------------
 # Embedded default: kombu's filesystem transport, a real broker with named
@@ -277,9 +328,31 @@ CELERY_BEAT_SCHEDULE = celery_beat_schedule()
 # The largest site update (a packed tensor file) the API accepts, in bytes; the
 # request body is refused while it is read once it passes this.
 FL_MAX_UPDATE_BYTES = env.int("FL_MAX_UPDATE_BYTES", default=200 * 1024 * 1024)
-# The coordinator and the site task (training.rounds.coordinator, training.rounds.tasks).
-FL_SITE_TASK_SOFT_LIMIT = env.int("FL_SITE_TASK_SOFT_LIMIT", default=1800)
-FL_SITE_TASK_HARD_LIMIT = env.int("FL_SITE_TASK_HARD_LIMIT", default=FL_SITE_TASK_SOFT_LIMIT + 120)
+# Tasks are acknowledged late, and RabbitMQ closes the channel of a consumer that holds a message
+# longer than its consumer_timeout (then the task runs again): every task's hard limit fits under
+# it (training.queues, "Time limits"). BROKER_CONSUMER_TIMEOUT_SECONDS is the broker's
+# consumer_timeout (rabbitmq.conf, in ms there; 30 min by default). The site tasks' limits
+# (training.rounds.tasks) default to 1,740 s hard and 1,620 s soft; set higher, they are refused
+# here, at start-up, saying what to change. Every other task gets the same ceiling.
+BROKER_CONSUMER_TIMEOUT_SECONDS = env.int(
+    "BROKER_CONSUMER_TIMEOUT_SECONDS", default=DEFAULT_BROKER_CONSUMER_TIMEOUT_SECONDS
+)
+try:
+    _task_limits = task_time_limits(
+        consumer_timeout=BROKER_CONSUMER_TIMEOUT_SECONDS,
+        soft=env.int("FL_SITE_TASK_SOFT_LIMIT", default=None),
+        hard=env.int("FL_SITE_TASK_HARD_LIMIT", default=None),
+    )
+except TimeLimitError as exc:
+    raise ImproperlyConfigured(str(exc)) from None
+FL_SITE_TASK_SOFT_LIMIT = _task_limits.soft
+FL_SITE_TASK_HARD_LIMIT = _task_limits.hard
+CELERY_TASK_TIME_LIMIT = _task_limits.ceiling
+if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
+    # Redis's counterpart: a message unacknowledged this long is delivered again (1 h by default).
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "visibility_timeout": max(3600, BROKER_CONSUMER_TIMEOUT_SECONDS)
+    }
 # A site task that has not reported after this long is sent again (a killed worker's
 # message is dropped by the filesystem broker; uploads are idempotent).
 FL_REDISPATCH_AFTER_SECONDS = env.int("FL_REDISPATCH_AFTER_SECONDS", default=300)

@@ -2,6 +2,11 @@
 each hospital's decision, and the privacy budget each job reserves
 (docs/architecture.md, sections 3 and 4). Rows are written only through the services of
 ``training.jobs`` (datasets, proposals, approvals, transitions) and ``training.rounds``.
+
+Why one module: these are the ``training`` app's tables, one schema with foreign keys running
+through it (a job's rounds, updates, evaluations, scores, the validation sets its evaluation
+reads), and its migrations are made from this module; Django finds an app's models here, and a
+package of model modules would only scatter the one place a reader looks for the schema.
 """
 
 from __future__ import annotations
@@ -246,6 +251,36 @@ class SiteCredential(models.Model):
         return self.revoked_at is None
 
 
+class SiteWorkerStatus(models.Model):
+    """What a site's worker last said of itself in its heartbeat (``POST
+    /api/site/v1/heartbeat/``), one row per credential: when it was last heard from, which
+    release and site protocol it runs, on which device and host. It is what the institution's
+    page, the dashboard and a job's approver read to tell an online worker from one that is
+    not (``training.rounds.heartbeats``); it is operational state, not a governance act, so it
+    is overwritten in place and written in no ledger."""
+
+    credential = models.OneToOneField(
+        SiteCredential, on_delete=models.CASCADE, related_name="worker_status"
+    )
+    last_seen_at = models.DateTimeField()
+    started_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the worker process now running first reported."
+    )
+    protocol = models.PositiveSmallIntegerField(help_text="The site protocol version it speaks.")
+    version = models.CharField(max_length=64, help_text="The worker's software release.")
+    device = models.CharField(max_length=200, help_text='"cuda:<device name>" or "cpu".')
+    hostname = models.CharField(max_length=255, blank=True)
+    interval_seconds = models.PositiveIntegerField(
+        help_text="Seconds between its reports (SITE_HEARTBEAT_SECONDS)."
+    )
+
+    class Meta:
+        ordering = ["-last_seen_at"]
+
+    def __str__(self) -> str:
+        return f"{self.credential} last seen {self.last_seen_at:%Y-%m-%d %H:%M:%S}"
+
+
 class GlobalModel(models.Model):
     """One version of a job's global model. ``digest`` is the SHA-256 of its
     packed tensors (the artifact's name in the store); ``lineage_hash`` chains it
@@ -362,6 +397,74 @@ class SiteUpdate(models.Model):
         return f"{self.institution} in {self.round} ({self.status})"
 
 
+class RoundEvaluation(models.Model):
+    """The evaluation of a closed round's models at the sites (a job whose spec evaluates at the
+    ``sites``: ``training.jobs.spec.evaluation_settings``; ``training.rounds.site_evaluation``).
+
+    The coordinator builds the round's coalition models from the shared updates, asks every
+    participating site to evaluate them and the round's model on its own validation share, and
+    closes the evaluation once every site has reported or its deadline has passed: the round's
+    metric and its contribution scores are then the record-weighted combination of the
+    reports. ``asked_models`` lists what the sites were asked, ``[{"digest": d, "sites": [...]}]``:
+    the coalition of sites each model was built from (the round's model is listed too, under
+    the sites whose updates made it). ``plan`` is the contribution method and parameters the
+    coalitions were chosen for."""
+
+    class State(models.TextChoices):
+        COLLECTING = "collecting", "Collecting the sites' evaluations"
+        CLOSED = "closed", "Closed"
+
+    round = models.OneToOneField(Round, on_delete=models.CASCADE, related_name="evaluation")
+    state = models.CharField(max_length=16, choices=State.choices, default=State.COLLECTING)
+    global_digest = models.CharField(max_length=64)
+    asked_models = models.JSONField()
+    plan = models.JSONField()
+    requested_at = models.DateTimeField(default=timezone.now)
+    deadline = models.DateTimeField()
+    closed_at = models.DateTimeField(null=True, blank=True)
+
+    def __str__(self) -> str:
+        return f"evaluation of {self.round} ({self.state})"
+
+    @property
+    def digests(self) -> list[str]:
+        return sorted({m["digest"] for m in self.asked_models})
+
+
+class SiteEvaluation(models.Model):
+    """One site's part in a round's evaluation: asked, then reported (the signed report's
+    canonical text and signature, as the ledger's ``evaluation.reported`` entry holds them),
+    or missing when the evaluation closed without it."""
+
+    class Status(models.TextChoices):
+        ASKED = "asked", "Asked"
+        REPORTED = "reported", "Reported"
+        MISSING = "missing", "Missing"
+
+    evaluation = models.ForeignKey(
+        RoundEvaluation, on_delete=models.CASCADE, related_name="site_evaluations"
+    )
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ASKED)
+    sent_at = models.DateTimeField(default=timezone.now)
+    records = models.PositiveIntegerField(null=True, blank=True)
+    report_text = models.TextField(blank=True)
+    report_digest = models.CharField(max_length=64, blank=True)
+    signature = models.CharField(max_length=200, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["evaluation", "institution__slug"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["evaluation", "institution"], name="uniq_site_evaluation"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.institution} on {self.evaluation.round} ({self.status})"
+
+
 class ContributionScore(models.Model):
     """One site's contribution score for one round, for display queries.
 
@@ -398,3 +501,67 @@ class ContributionScore(models.Model):
 
     def __str__(self) -> str:
         return f"{self.institution} r{self.round_index} of {self.job}: {self.score:.4f}"
+
+
+class CentralValidationSet(models.Model):
+    """A validation set the consortium holds for one data set key: records an institution's
+    data steward sent to the consortium's server because the agreement in force allows a
+    central validation set (``AgreementVersion.allows_central_validation_set``). Jobs on that
+    key may then evaluate their models ``central``ly on it (``training.jobs.compliance``
+    checks it exists, ``training.rounds.validation_sets`` loads it).
+
+    The records are in the artifact store as the engine's tensor container (``x`` and ``y``)
+    under ``digest``: what the models are measured on, content-addressed. ``upload_sha256`` is
+    the SHA-256 of the file as it was uploaded, so the steward can match it to their copy. A
+    newer upload for the same key replaces this one (``replaced_at``); a job keeps the set that
+    was current when it started, so its rounds are measured alike."""
+
+    class Format(models.TextChoices):
+        CSV = "csv", "CSV (header row, a label column, numeric features)"
+        NPZ = "npz", "NumPy archive (images with labels or masks)"
+
+    consortium = models.ForeignKey(
+        Consortium, on_delete=models.PROTECT, related_name="validation_sets"
+    )
+    key = models.CharField(max_length=64)
+    institution = models.ForeignKey(
+        Institution,
+        on_delete=models.PROTECT,
+        related_name="validation_sets",
+        help_text="The institution whose data steward uploaded it.",
+    )
+    agreement_version = models.ForeignKey(
+        AgreementVersion,
+        on_delete=models.PROTECT,
+        related_name="+",
+        help_text="The agreement version in force that allowed it.",
+    )
+    uploaded_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, on_delete=models.SET_NULL, related_name="+"
+    )
+    uploaded_by_repr = models.CharField(max_length=255)
+    file_name = models.CharField(max_length=255)
+    file_format = models.CharField(max_length=8, choices=Format.choices)
+    upload_sha256 = models.CharField(max_length=64)
+    digest = models.CharField(max_length=64, help_text="The stored records' artifact digest.")
+    size_bytes = models.PositiveBigIntegerField()
+    num_records = models.PositiveIntegerField()
+    modality = models.CharField(max_length=16, choices=Modality.choices)
+    input_shape = models.JSONField(help_text="Shape of one input: [features] or [C, H, W].")
+    n_classes = models.PositiveIntegerField(help_text="Classes its labels show (largest + 1).")
+    created_at = models.DateTimeField(default=timezone.now)
+    replaced_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["consortium", "key", "-created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["consortium", "key"],
+                condition=Q(replaced_at__isnull=True),
+                name="one_current_validation_set",
+            )
+        ]
+        indexes = [models.Index(fields=["consortium", "key", "created_at"])]
+
+    def __str__(self) -> str:
+        return f"central validation set '{self.key}' from {self.institution}"

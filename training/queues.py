@@ -63,6 +63,17 @@ SITE_TRAIN = TaskName(
     None,
     doc="Train one site's update for one round and upload it (on site.<slug>).",
 )
+ROUND_EVALUATION_MAYBE_CLOSE = TaskName(
+    "training.round_evaluation_maybe_close",
+    CENTRAL_QUEUE,
+    doc="Close a round's evaluation at the sites if every site has reported, and score the "
+    "round (sent after each site's evaluation report).",
+)
+SITE_EVALUATE = TaskName(
+    "training.site_evaluate",
+    None,
+    doc="Evaluate a round's models on the site's validation share and report (on site.<slug>).",
+)
 
 TASKS: tuple[TaskName, ...] = (
     EXPIRE_OVERDUE_JOBS,
@@ -70,6 +81,8 @@ TASKS: tuple[TaskName, ...] = (
     ROUND_MAYBE_CLOSE,
     ROUNDS_TICK,
     SITE_TRAIN,
+    ROUND_EVALUATION_MAYBE_CLOSE,
+    SITE_EVALUATE,
 )
 
 
@@ -89,3 +102,75 @@ def celery_beat_schedule() -> dict[str, dict[str, object]]:
         for task in TASKS
         if task.every_seconds is not None
     }
+
+
+# --- Time limits under the broker's consumer timeout ------------------------------------------
+# Tasks are acknowledged late (settings: CELERY_TASK_ACKS_LATE), so a message stays unacknowledged
+# while its task runs. RabbitMQ closes the channel of a consumer that holds a delivery longer
+# than its ``consumer_timeout`` (30 min by default; PRECONDITION_FAILED), and Celery then gets
+# the message again and runs the task a second time. RabbitMQ 3.10 has only the broker-wide
+# setting (a queue's ``x-consumer-timeout`` argument is ignored: measured), so the tasks' limits
+# are kept under it instead: the task's hard limit always acts first.
+
+#: RabbitMQ's default ``consumer_timeout``, in seconds (``BROKER_CONSUMER_TIMEOUT_SECONDS``).
+DEFAULT_BROKER_CONSUMER_TIMEOUT_SECONDS = 1800
+#: How far under the consumer timeout a hard limit must end: the delivery is older than the task
+#: (the hand-off to the pool) and the acknowledgement follows the kill. RabbitMQ looks at its
+#: timeouts about once a minute (a 5 s timeout closed the channel after 59 s: measured), but may
+#: do so at any moment past the timeout, so the margin is counted below it, never above.
+CONSUMER_TIMEOUT_MARGIN_SECONDS = 60
+#: How long before its hard limit a site task is asked to stop (``SoftTimeLimitExceeded``).
+SOFT_LIMIT_LEAD_SECONDS = 120
+
+
+class TimeLimitError(ValueError):
+    """Task time limits that do not fit under the broker's consumer timeout."""
+
+
+@dataclass(frozen=True)
+class TaskTimeLimits:
+    """The site tasks' soft and hard limits, and the ceiling: the hard limit of every other task
+    (no task may hold its message longer). Seconds."""
+
+    soft: int
+    hard: int
+    ceiling: int
+
+
+def task_time_limits(
+    *, consumer_timeout: int, soft: int | None = None, hard: int | None = None
+) -> TaskTimeLimits:
+    """The limits for a broker whose consumer timeout is ``consumer_timeout`` seconds.
+
+    Unset limits are derived: the hard limit is the ceiling (``consumer_timeout`` less
+    :data:`CONSUMER_TIMEOUT_MARGIN_SECONDS`), the soft limit :data:`SOFT_LIMIT_LEAD_SECONDS`
+    before the hard one. Limits that are set are checked: a hard limit above the ceiling, or a
+    soft limit not below the hard one, raises :class:`TimeLimitError` saying what to change."""
+    ceiling = consumer_timeout - CONSUMER_TIMEOUT_MARGIN_SECONDS
+    if ceiling <= SOFT_LIMIT_LEAD_SECONDS:
+        raise TimeLimitError(
+            f"BROKER_CONSUMER_TIMEOUT_SECONDS={consumer_timeout} leaves no time for a task: it "
+            f"must exceed {CONSUMER_TIMEOUT_MARGIN_SECONDS + SOFT_LIMIT_LEAD_SECONDS} s (it is "
+            "RabbitMQ's consumer_timeout, in seconds; 1800 by default)"
+        )
+    if hard is None:
+        hard = ceiling if soft is None else min(ceiling, soft + SOFT_LIMIT_LEAD_SECONDS)
+    if hard > ceiling:
+        raise TimeLimitError(
+            f"FL_SITE_TASK_HARD_LIMIT={hard} s does not fit under the broker's consumer timeout: "
+            f"BROKER_CONSUMER_TIMEOUT_SECONDS={consumer_timeout} s less a "
+            f"{CONSUMER_TIMEOUT_MARGIN_SECONDS} s margin allows {ceiling} s at most. RabbitMQ "
+            "would close the worker's channel before the task's limit and the task would run "
+            "again. Lower FL_SITE_TASK_HARD_LIMIT, or raise consumer_timeout in rabbitmq.conf "
+            "and BROKER_CONSUMER_TIMEOUT_SECONDS together."
+        )
+    if soft is None:
+        soft = hard - SOFT_LIMIT_LEAD_SECONDS
+    if not 0 < soft < hard:
+        raise TimeLimitError(
+            f"FL_SITE_TASK_SOFT_LIMIT={soft} s must be positive and below the hard limit, "
+            f"FL_SITE_TASK_HARD_LIMIT={hard} s (the soft limit asks the task to stop, the hard "
+            f"one ends it; the hard limit may be {ceiling} s at most, under "
+            f"BROKER_CONSUMER_TIMEOUT_SECONDS={consumer_timeout} s)"
+        )
+    return TaskTimeLimits(soft=soft, hard=hard, ceiling=ceiling)

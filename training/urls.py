@@ -2,7 +2,14 @@
 
 from django.urls import path
 
-from training.web.views import approvals, credentials, datasets, jobs, notifications
+from training.web.views import (
+    approvals,
+    credentials,
+    datasets,
+    jobs,
+    notifications,
+    validation_sets,
+)
 
 app_name = "training"
 
@@ -10,6 +17,7 @@ C = "consortia/<slug:slug>/"
 D = C + "institutions/<slug:inst_slug>/datasets/"
 J = C + "jobs/<int:pk>/"
 W = C + "institutions/<slug:inst_slug>/worker-credentials/"
+V = C + "institutions/<slug:inst_slug>/validation-sets/"
 
 urlpatterns = [
     # Site data sets ("new" comes first: it is not a key).
@@ -17,6 +25,8 @@ urlpatterns = [
     path(D + "new/", datasets.DatasetCreateView.as_view(), name="dataset-create"),
     path(D + "<str:key>/edit/", datasets.DatasetEditView.as_view(), name="dataset-edit"),
     path(D + "<str:key>/remove/", datasets.DatasetRemoveView.as_view(), name="dataset-remove"),
+    # Central validation sets (a data steward's upload to the consortium's server).
+    path(V, validation_sets.ValidationSetView.as_view(), name="validation-sets"),
     # Jobs.
     path(C + "jobs/", jobs.JobListView.as_view(), name="job-list"),
     path(C + "jobs/new/", jobs.JobCreateView.as_view(), name="job-create"),

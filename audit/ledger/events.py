@@ -305,6 +305,26 @@ DATASET_REMOVED = _event(
     doc="A data set was withdrawn from future jobs.",
     fields=(F("key", STRING, "The data set's key."),),
 )
+VALIDATION_SET_UPLOADED = _event(
+    "validation_set.uploaded",
+    subject="training.centralvalidationset",
+    doc="An institution's data steward sent records to the consortium's server as the central "
+    "validation set of a data set key, under an agreement version that allows it.",
+    fields=(
+        F("key", STRING, "The data set key it validates."),
+        F("institution", STRING, "The uploading institution's slug."),
+        F("digest", STRING, "The stored records' artifact digest (the tensors x and y)."),
+        F("upload_sha256", STRING, "SHA-256 of the file as uploaded."),
+        F("file_format", STRING, "csv or npz."),
+        F("records", INTEGER, "How many records it holds."),
+        F("modality", STRING, "tabular, image or segmentation."),
+        F("input_shape", ARRAY, "The shape of one record."),
+        F("n_classes", INTEGER, "The classes its labels show (largest + 1)."),
+        _AGREEMENT_ID,
+        _VERSION,
+        F("replaces", STRING.or_null(), "The digest of the set it replaces, or null."),
+    ),
+)
 JOB_DRAFTED = _event(
     "job.drafted",
     subject="training.trainingjob",
@@ -509,6 +529,54 @@ ROUND_FAILED = _event(
     doc="A round failed (too few sites reported in time); the job fails with it.",
     fields=(_JOB_ID, _ROUND, _REASON, F("stragglers", ARRAY, "The sites that did not report.")),
 )
+EVALUATION_REQUESTED = _event(
+    "evaluation.requested",
+    subject="training.round",
+    doc="The sites were asked to evaluate a closed round's model and its coalition models on "
+    "their own validation shares.",
+    fields=(
+        _JOB_ID,
+        _ROUND,
+        F("global_digest", STRING, "The round's model."),
+        F("models", ARRAY, "Each model asked: its digest and the sites it was built from."),
+        F("plan", OBJECT, "The contribution method and parameters the coalitions serve."),
+        F("sites", ARRAY, "The sites asked to evaluate."),
+        F("deadline", STRING, "When the evaluation closes without the missing reports."),
+    ),
+)
+EVALUATION_REPORTED = _event(
+    "evaluation.reported",
+    subject="training.round",
+    doc="A site's signed evaluation report of a round's models, verified centrally.",
+    fields=(
+        _JOB_ID,
+        _ROUND,
+        F("site", STRING, "The reporting site's slug."),
+        F("records", INTEGER, "The records of its validation share."),
+        F("report", STRING, "The report's canonical text, exactly the signed bytes."),
+        F("report_digest", STRING, "The report text's SHA-256."),
+        F("signature", STRING, "The site's Ed25519 signature of the report (base64)."),
+        F(
+            "public_key",
+            STRING,
+            "The site's registered public key (PEM) the signature verified against; its "
+            "fingerprint is that of the site's site.credential_created entry.",
+        ),
+    ),
+)
+ROUND_EVALUATED = _event(
+    "round.evaluated",
+    subject="training.round",
+    doc="A round's model was valued by the sites' evaluation reports (record-weighted).",
+    fields=(
+        _JOB_ID,
+        _ROUND,
+        F("global_digest", STRING, "The round's model."),
+        F("metrics", OBJECT, "Its validation metrics, weighted by each site's records."),
+        F("site_records", OBJECT, "Per site slug that reported, its records."),
+        F("missing", ARRAY, "The sites asked that did not report in time."),
+    ),
+)
 CONTRIBUTION_SCORED = _event(
     "contribution.scored",
     subject="training.round",
@@ -524,6 +592,27 @@ CONTRIBUTION_SCORED = _event(
         F("coalitions", ARRAY, "Each coalition evaluated and its value."),
         F("scores", OBJECT, "Per site slug, its score."),
         F("evaluations", INTEGER, "How many models were evaluated."),
+        F(
+            "evaluated_at",
+            STRING,
+            "'sites' when the coalitions were valued by the sites' signed evaluation reports "
+            "(absent: on the consortium's validation set).",
+            optional=True,
+        ),
+        F(
+            "site_records",
+            OBJECT,
+            "Per site slug that reported, the records it evaluated on (the values' weights).",
+            optional=True,
+        ),
+        F("missing", ARRAY, "The sites asked to evaluate that did not report.", optional=True),
+        F(
+            "validation_set",
+            STRING,
+            "The digest of the uploaded central validation set the coalitions were valued on "
+            "(absent: the bundled set, or the sites).",
+            optional=True,
+        ),
     ),
 )
 CONTRIBUTION_UNAVAILABLE = _event(

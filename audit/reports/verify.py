@@ -25,7 +25,13 @@ from typing import Any
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import format_timestamp, verify_rows
-from audit.ledger.selectors import chain_rows_up_to, entry_stamp, event_payloads, export_recording
+from audit.ledger.selectors import (
+    chain_rows_up_to,
+    consortium_entry_rows,
+    entry_stamp,
+    event_payloads,
+    export_recording,
+)
 from audit.reports.build import ContributionReport
 from audit.reports.contents import EPSILON_REL_TOL, GROUPS, RECORD_FIELDS, TOLERANT_FIELDS
 from audit.reports.errors import MalformedReport, ReportError
@@ -36,6 +42,9 @@ from audit.reports.scope import Head, Scope
 # The engine's contribution module is pure Python (no torch, no numpy at import time: see its
 # docstring), so importing it here at the top initialises nothing.
 from training.fl.contribution import scores_from_coalitions
+from training.fl.evaluation_report import ReportError as EvaluationReportError
+from training.fl.evaluation_report import combine, parse_report
+from training.fl.signing import BadSignature, verify_update
 
 MAX_LISTED = 25
 
@@ -214,6 +223,112 @@ def _check_round_scores(outcome: Outcome, scope: Scope, head: Head) -> None:
         )
 
 
+def _check_site_evaluations(outcome: Outcome, scope: Scope, head: Head) -> None:
+    """For every scored round in scope whose coalitions the sites valued (``evaluated_at:
+    "sites"``), recompute each coalition value from the sites' evaluation reports in the
+    ledger: each report must be canonical, hash to its recorded digest, verify with the public
+    key it names, and that key must be one the site registered (the fingerprint of one of its
+    ``site.credential_created`` entries); the values are then the reports' figures weighted by
+    their records, on the models the ``evaluation.requested`` entry names for each coalition."""
+    events = (
+        ledger_events.CREDENTIAL_CREATED,
+        ledger_events.EVALUATION_REQUESTED,
+        ledger_events.EVALUATION_REPORTED,
+        ledger_events.CONTRIBUTION_SCORED,
+    )
+    fingerprints: dict[str, set[str]] = {}
+    requested: dict[tuple, dict] = {}
+    reported: dict[tuple, list] = {}
+    scored: list[tuple[int, dict]] = []
+    for row in consortium_entry_rows(
+        scope.consortium, up_to=head.seq, events=events, chunk_size=2000
+    ):
+        payload = json.loads(row.payload_text)
+        if row.event == ledger_events.CREDENTIAL_CREATED:
+            fingerprints.setdefault(row.institution_slug, set()).add(payload.get("key_fingerprint"))
+            continue
+        key = (payload.get("job_id"), payload.get("round"))
+        if row.event == ledger_events.EVALUATION_REQUESTED:
+            requested[key] = payload
+        elif row.event == ledger_events.EVALUATION_REPORTED:
+            reported.setdefault(key, []).append((row.seq, payload))
+        elif payload.get("evaluated_at") == "sites":
+            if scope.kind == "job" and payload.get("job_id") != scope.job_id:
+                continue
+            if scope.kind == "institution" and scope.institution not in payload.get("sites", []):
+                continue
+            scored.append((row.seq, payload))
+    rounds = reports_checked = 0
+    for seq, payload in scored:
+        key = (payload.get("job_id"), payload.get("round"))
+        where = f"ledger entry #{seq} (job {key[0]}, round {key[1]})"
+        ask = requested.get(key)
+        if ask is None:
+            outcome.fail(f"{where} was valued at the sites, but no evaluation request is recorded")
+            continue
+        wanted = set(payload.get("site_records") or {})
+        reports = []
+        for report_seq, entry in reported.get(key, []):
+            if entry.get("site") not in wanted:
+                continue
+            text = entry.get("report") or ""
+            try:
+                report = parse_report(text)
+                if hashlib.sha256(text.encode("utf-8")).hexdigest() != entry.get("report_digest"):
+                    raise EvaluationReportError("its text does not hash to its recorded digest")
+                verify_update(
+                    entry.get("public_key") or "",
+                    text.encode("utf-8"),
+                    entry.get("signature") or "",
+                )
+            except (EvaluationReportError, BadSignature) as exc:
+                outcome.fail(
+                    f"the evaluation report in ledger entry #{report_seq} does not verify: {exc}"
+                )
+                continue
+            fingerprint = hashlib.sha256(
+                (entry.get("public_key") or "").encode("utf-8")
+            ).hexdigest()[:16]
+            if fingerprint not in fingerprints.get(report.site, set()):
+                outcome.fail(
+                    f"the evaluation report in ledger entry #{report_seq} is signed with a key "
+                    f"{report.site} never registered"
+                )
+                continue
+            reports.append(report)
+        if {r.site for r in reports} != wanted:
+            outcome.fail(f"{where} rests on reports from {sorted(wanted)}, which the ledger lacks")
+            continue
+        digest_of = {
+            frozenset(m["sites"]): m["digest"]
+            for m in ask.get("models", [])
+            if m.get("role") == "coalition"
+        }
+        try:
+            values = combine(reports, payload["metric"])
+            differs = [
+                row["sites"]
+                for row in payload["coalitions"]
+                if values[digest_of[frozenset(row["sites"])]] != row["value"]
+            ]
+        except (KeyError, TypeError, EvaluationReportError) as exc:
+            outcome.fail(f"the coalition values of {where} cannot be recomputed: {exc}")
+            continue
+        if differs:
+            outcome.fail(
+                f"the coalition values of {where} do not follow from the sites' reports "
+                f"(first: {differs[0]})"
+            )
+            continue
+        rounds += 1
+        reports_checked += len(reports)
+    if rounds:
+        outcome.matched.append(
+            f"the coalition values of {rounds} round(s) valued at the sites recompute from "
+            f"{reports_checked} signed evaluation report(s) in the ledger"
+        )
+
+
 def verify_report_bytes(data: bytes) -> Outcome:
     """Verify a report file's content; raises MalformedReport for an unreadable file."""
     fmt, doc = read_document(data)
@@ -230,6 +345,7 @@ def verify_report_bytes(data: bytes) -> Outcome:
     differences = compare_documents(doc, expected)
     outcome.differences = differences
     _check_round_scores(outcome, scope, head)
+    _check_site_evaluations(outcome, scope, head)
     if differences:
         outcome.fail(f"{len(differences)} figure(s) differ from the ledger")
     else:

@@ -10,6 +10,7 @@ from django.urls import reverse
 INSTITUTIONS_PER_PAGE = 25
 
 _BADGE = '<span class="badge {{ value.tone }}">{{ value.label }}</span>'
+_WORKER = '{% include "training/_site_worker.html" with workers=value compact=True %}'
 _KEY = (
     '{% if value %}<span class="badge ok">registered</span>'
     '{% else %}<span class="badge warn">missing</span>{% endif %}'
@@ -19,7 +20,9 @@ _KEY = (
 class InstitutionTable(tables.Table):
     """The consortium dashboard's institutions, with their standing under each agreement (one
     column per agreement, added by :meth:`for_dashboard`). Rows are dicts from the view:
-    ``{"institution", "name", "country", "worker_key", "standing_<n>"...}``."""
+    ``{"institution", "name", "country", "worker_key", "worker", "standing_<n>"...}``;
+    ``worker`` is the site's workers (``training.rounds.heartbeats.SiteWorkers``): online or
+    since when not."""
 
     name = tables.Column(
         verbose_name="Institution",
@@ -30,6 +33,7 @@ class InstitutionTable(tables.Table):
     )
     country = tables.Column(default="—")
     worker_key = tables.TemplateColumn(_KEY, verbose_name="Worker key")
+    worker = tables.TemplateColumn(_WORKER, verbose_name="Site worker", order_by=("worker_order",))
 
     class Meta:
         attrs = {"id": "institutions"}

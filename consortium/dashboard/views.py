@@ -11,8 +11,10 @@ from consortium.core.pages import SIGNED_IN, PermissionRequiredMixin
 from consortium.dashboard.tables import InstitutionTable
 from consortium.governance import selectors
 from consortium.governance.pages import GovernancePage, InstitutionScopedMixin
+from consortium.governance.permissions import PLATFORM
 from consortium.governance.services.institutions import key_fingerprint
 from training.jobs.selectors import institution_accountability
+from training.rounds.heartbeats import site_workers
 from training.rounds.live import consortium_live_state
 
 #: Ledger entries the consortium dashboard lists (to those who may read the ledger).
@@ -29,7 +31,9 @@ class OverviewView(PermissionRequiredMixin, TemplateView):
         consortia = list(selectors.consortia_visible_to(request.user))
         if len(consortia) == 1:
             return redirect("consortium:consortium-detail", slug=consortia[0].slug)
-        return self.render_to_response({"consortia": consortia})
+        # An operator (superuser) may start one: the link is theirs, and nobody else's.
+        can_start = request.user.has_perm("consortium.start_consortium", PLATFORM)
+        return self.render_to_response({"consortia": consortia, "can_start_consortium": can_start})
 
 
 class ConsortiumDetailView(GovernancePage):
@@ -49,6 +53,7 @@ class ConsortiumDetailView(GovernancePage):
         # Per institution, its standing under each agreement's current version; the table sorts
         # and pages by query string, and ?q= keeps the institutions whose name or slug has it.
         query = self.request.GET.get("q", "").strip()
+        workers = site_workers(i.pk for i in dashboard.institutions)
         rows = []
         for institution in dashboard.institutions:
             if query and query.lower() not in f"{institution.name} {institution.slug}".lower():
@@ -58,6 +63,8 @@ class ConsortiumDetailView(GovernancePage):
                 "name": institution.name,
                 "country": institution.country,
                 "worker_key": bool(institution.worker_public_key),
+                "worker": workers[institution.pk],
+                "worker_order": workers[institution.pk].sort_key,
             }
             for i, status in enumerate(dashboard.statuses):
                 standing = _standing(status, institution)
@@ -103,7 +110,8 @@ def _standing(status: selectors.AgreementStatus, institution) -> dict:
 
 class InstitutionDetailView(InstitutionScopedMixin, GovernancePage):
     """An institution's page: its members, signatures and withdrawals, its worker key's
-    fingerprint, and its contributions and privacy spent job by job (issue 5)."""
+    fingerprint, whether its site's workers are online (their heartbeats), and its
+    contributions and privacy spent job by job (issue 5)."""
 
     permission_required = "consortium.view_institution"
     template_name = "consortium/institution_detail.html"
@@ -119,6 +127,7 @@ class InstitutionDetailView(InstitutionScopedMixin, GovernancePage):
             ),
             withdrawals=institution.withdrawals.select_related("agreement"),
             fingerprint=key_fingerprint(institution.worker_public_key),
+            site_workers=site_workers([institution.pk])[institution.pk],
             can_edit=self.can("consortium.change_institution", institution),
             accountability=institution_accountability(self.request.user, institution),
             **kwargs,

@@ -30,6 +30,25 @@ class DateInput(forms.DateInput):
     input_type = "date"
 
 
+class ConsortiumStartForm(forms.Form):
+    """The operator's form: a new consortium and its first administrator's address."""
+
+    name = forms.CharField(max_length=200)
+    slug = forms.SlugField(
+        max_length=64,
+        required=False,
+        help_text="In the consortium's addresses. Leave empty to derive it from the name.",
+    )
+    description = forms.CharField(
+        required=False, widget=forms.Textarea(attrs={"rows": 2}), help_text="Optional."
+    )
+    admin_email = forms.EmailField(
+        label="First administrator's email",
+        help_text="Invited as the consortium's administrator: they add the institutions and "
+        "invite everyone else.",
+    )
+
+
 class InstitutionCreateForm(forms.Form):
     name = forms.CharField(max_length=200)
     slug = forms.SlugField(
@@ -139,6 +158,12 @@ class AgreementTermsForm(forms.Form):
         decimal_places=10,
         help_text=AgreementVersion._meta.get_field("delta").help_text,
     )
+    allows_central_validation_set = forms.BooleanField(
+        label="Allow a central validation set",
+        required=False,
+        help_text=AgreementVersion._meta.get_field("allows_central_validation_set").help_text
+        + " Leave unticked and no record ever leaves a site.",
+    )
     valid_from = forms.DateField(widget=DateInput)
     valid_until = forms.DateField(widget=DateInput)
     text = forms.CharField(
@@ -154,6 +179,7 @@ class AgreementTermsForm(forms.Form):
         "required_dp_mechanism",
         "epsilon_cap",
         "delta",
+        "allows_central_validation_set",
         "valid_from",
         "valid_until",
         "text",

@@ -218,6 +218,10 @@ class AgreementVersion(models.Model):
     A draft may be edited; publishing freezes it (``content_digest`` is the
     SHA-256 of its canonical terms and text, and signatures record it). An
     amendment is a new version, which needs new signatures.
+
+    ``allows_central_validation_set`` came after versions had been signed: it enters the
+    digested terms only when it is true, so every earlier version keeps its digest
+    (``services.agreements.version_terms``).
     """
 
     class Status(models.TextChoices):
@@ -252,6 +256,13 @@ class AgreementVersion(models.Model):
         decimal_places=10,
         validators=[MinValueValidator(0), MaxValueValidator(1)],
         help_text="The δ at which ε is accounted.",
+    )
+    allows_central_validation_set = models.BooleanField(
+        default=False,
+        help_text=(
+            "An institution's data steward may send records to the consortium's server as a "
+            "central validation set, on which models are evaluated centrally."
+        ),
     )
     valid_from = models.DateField()
     valid_until = models.DateField()

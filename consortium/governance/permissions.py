@@ -131,6 +131,25 @@ def is_institution_admin_of_any(user, obj) -> bool:
     return any(g.consortium_id == cid and g.role == Role.INSTITUTION_ADMIN for g in grants_of(user))
 
 
+@rules.predicate
+def is_operator(user) -> bool:
+    """An active superuser: the platform's operator, above every consortium."""
+    return bool(user is not None and user.is_active and user.is_superuser)
+
+
+class Platform:
+    """The object of an act above any consortium (starting one): the platform itself. The
+    page bases refuse a missing permission object, so such a page checks against this."""
+
+    def __repr__(self) -> str:
+        return "<the platform>"
+
+
+PLATFORM = Platform()
+
+# Starting a consortium with its first administrator: the operator only.
+rules.add_perm("consortium.start_consortium", is_operator)
+
 # Reading governance data: any member of the consortium.
 rules.add_perm("consortium.view_consortium", is_consortium_member)
 rules.add_perm("consortium.view_institution", is_consortium_member)

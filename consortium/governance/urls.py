@@ -5,13 +5,16 @@ those pages to it (Django allows one URLconf per namespace)."""
 
 from django.urls import path
 
-from consortium.governance.views import agreements, institutions, members, withdrawals
+from consortium.governance.views import agreements, consortia, institutions, members, withdrawals
 
 C = "consortia/<slug:slug>/"
 A = C + "agreements/<int:pk>/"
 V = A + "versions/<int:number>/"
 
 urlpatterns = [
+    # The operator starts a consortium. "new" is not a consortium slug (the services refuse
+    # it), and this list comes before the dashboard's, whose consortium page takes any slug.
+    path("consortia/new/", consortia.ConsortiumStartView.as_view(), name="consortium-start"),
     # Institutions. "new" is not an institution slug (the services refuse it), and this list
     # comes before the dashboard's, whose institution page takes any slug.
     path(

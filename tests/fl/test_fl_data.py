@@ -156,7 +156,8 @@ def test_missing_data_set_error(tmp_path):
     with pytest.raises(ValueError) as info:
         load_site_data(data_root=tmp_path, dataset_key="ct-scans", site_slug="x")
     assert str(info.value) == (
-        f"no data set 'ct-scans' under {tmp_path}: expected ct-scans.csv or ct-scans/images.npy"
+        f"no data set 'ct-scans' under {tmp_path}: expected ct-scans.csv, ct-scans/images.npy "
+        "or a folder ct-scans/ of PNG images"
     )
     with pytest.raises(ValueError, match="invalid data set key"):
         load_site_data(data_root=tmp_path, dataset_key="../etc", site_slug="x")

@@ -35,6 +35,7 @@ from training.models import (
 )
 from training.rounds import credentials, intake, verification
 from training.rounds.artifacts import artifact_store
+from training.site.protocol import SITE_PROTOCOL
 
 pytestmark = pytest.mark.django_db
 
@@ -93,7 +94,9 @@ class Site:
 
     def client(self) -> APIClient:
         client = APIClient()
-        client.credentials(HTTP_AUTHORIZATION=f"Site {self.token}")
+        client.credentials(
+            HTTP_AUTHORIZATION=f"Site {self.token}", HTTP_X_SITE_PROTOCOL=str(SITE_PROTOCOL)
+        )
         return client
 
 
@@ -181,7 +184,7 @@ def upload(
     client = client or site.client()
     return client.generic(
         "POST",
-        f"/api/site/jobs/{job_id}/rounds/{round_index}/update/",
+        f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/update/",
         data=body if body is not None else data,
         content_type="application/octet-stream",
         HTTP_X_UPDATE_DIGEST=digest,
@@ -385,7 +388,7 @@ def test_a_signature_over_other_samples_is_rejected(world):
     )
     response = world.site.client().generic(
         "POST",
-        f"/api/site/jobs/{world.job.pk}/rounds/1/update/",
+        f"/api/site/v1/jobs/{world.job.pk}/rounds/1/update/",
         data=data,
         content_type="application/octet-stream",
         HTTP_X_UPDATE_DIGEST=digest,
@@ -587,7 +590,7 @@ def test_a_site_not_asked_for_this_round_is_refused(world):
 def test_missing_headers_are_400(world):
     response = world.site.client().generic(
         "POST",
-        f"/api/site/jobs/{world.job.pk}/rounds/1/update/",
+        f"/api/site/v1/jobs/{world.job.pk}/rounds/1/update/",
         data=b"abc",
         content_type="application/octet-stream",
     )
@@ -599,7 +602,7 @@ def test_missing_headers_are_400(world):
 def test_a_malformed_json_header_is_400(world):
     response = world.site.client().generic(
         "POST",
-        f"/api/site/jobs/{world.job.pk}/rounds/1/update/",
+        f"/api/site/v1/jobs/{world.job.pk}/rounds/1/update/",
         data=b"abc",
         content_type="application/octet-stream",
         HTTP_X_UPDATE_DIGEST="0" * 64,
@@ -613,7 +616,7 @@ def test_a_malformed_json_header_is_400(world):
 
 def test_another_content_type_is_415(world):
     response = world.site.client().post(
-        f"/api/site/jobs/{world.job.pk}/rounds/1/update/", {"tensors": "x"}, format="json"
+        f"/api/site/v1/jobs/{world.job.pk}/rounds/1/update/", {"tensors": "x"}, format="json"
     )
     assert response.status_code == 415
     assert response.json()["code"] == "unsupported_media_type"
@@ -633,13 +636,13 @@ def test_a_revoked_credential_gets_401_and_nothing_is_accepted(world):
     assert response["WWW-Authenticate"].startswith("Site")
     assert site_update(world).status == SiteUpdate.Status.DISPATCHED
     assert entries("round.update_accepted") == []
-    assert world.site.client().get("/api/site/whoami/").status_code == 401
+    assert world.site.client().get("/api/site/v1/whoami/").status_code == 401
 
 
 def test_an_unknown_token_gets_401(world):
     client = APIClient()
     client.credentials(HTTP_AUTHORIZATION="Site fls_not-a-real-token")
-    response = client.get("/api/site/whoami/")
+    response = client.get("/api/site/v1/whoami/")
     assert response.status_code == 401
     assert response.json() == {"detail": "Invalid site token.", "code": "authentication_failed"}
 
@@ -650,12 +653,12 @@ def test_a_browser_session_cannot_use_the_site_endpoints(world, who):
     client.force_login(getattr(world.cast, who))
     job = world.job.pk
     for response in [
-        client.get("/api/site/whoami/"),
-        client.get(f"/api/site/jobs/{job}/"),
-        client.get(f"/api/site/jobs/{job}/models/{world.model.digest}/"),
+        client.get("/api/site/v1/whoami/"),
+        client.get(f"/api/site/v1/jobs/{job}/"),
+        client.get(f"/api/site/v1/jobs/{job}/models/{world.model.digest}/"),
         client.generic(
             "POST",
-            f"/api/site/jobs/{job}/rounds/1/update/",
+            f"/api/site/v1/jobs/{job}/rounds/1/update/",
             data=b"x",
             content_type="application/octet-stream",
         ),
@@ -670,11 +673,11 @@ def test_basic_auth_is_not_a_site_token(world, password):
     client.credentials(
         HTTP_AUTHORIZATION="Basic " + base64.b64encode(f"steward:{password}".encode()).decode()
     )
-    assert client.get("/api/site/whoami/").status_code == 401
+    assert client.get("/api/site/v1/whoami/").status_code == 401
 
 
 def test_whoami(world):
-    response = world.site.client().get("/api/site/whoami/")
+    response = world.site.client().get("/api/site/v1/whoami/")
     assert response.status_code == 200
     body = response.json()
     assert body["institution"] == "hospital-a"
@@ -685,7 +688,7 @@ def test_whoami(world):
 
 
 def test_the_job_as_a_site_sees_it(world):
-    response = world.site.client().get(f"/api/site/jobs/{world.job.pk}/")
+    response = world.site.client().get(f"/api/site/v1/jobs/{world.job.pk}/")
     assert response.status_code == 200
     body = response.json()
     assert body["spec_digest"] == world.job.spec_digest
@@ -701,7 +704,7 @@ def test_the_job_as_a_site_sees_it(world):
 
 def test_the_global_model_is_served_with_its_digest(world):
     response = world.site.client().get(
-        f"/api/site/jobs/{world.job.pk}/models/{world.model.digest}/"
+        f"/api/site/v1/jobs/{world.job.pk}/models/{world.model.digest}/"
     )
     assert response.status_code == 200
     assert response["Content-Type"] == "application/octet-stream"
@@ -714,20 +717,22 @@ def test_a_site_cannot_fetch_another_jobs_model(world):
     client = world.site.client()
     # Another job's model under this job's URL, and a digest of no model at all.
     assert (
-        client.get(f"/api/site/jobs/{world.job.pk}/models/{other_model.digest}/").status_code == 404
+        client.get(f"/api/site/v1/jobs/{world.job.pk}/models/{other_model.digest}/").status_code
+        == 404
     )
-    assert client.get(f"/api/site/jobs/{world.job.pk}/models/{'a' * 64}/").status_code == 404
-    assert client.get(f"/api/site/jobs/{world.job.pk}/models/not-a-digest/").status_code == 404
+    assert client.get(f"/api/site/v1/jobs/{world.job.pk}/models/{'a' * 64}/").status_code == 404
+    assert client.get(f"/api/site/v1/jobs/{world.job.pk}/models/not-a-digest/").status_code == 404
     # A job the site no longer takes part in: the same 404 as a missing one.
     JobParticipant.objects.filter(job=other_job, institution=world.cast.hospital_a).update(
         status=JobParticipant.Status.REMOVED
     )
-    missing = client.get("/api/site/jobs/999999/")
-    removed = client.get(f"/api/site/jobs/{other_job.pk}/")
+    missing = client.get("/api/site/v1/jobs/999999/")
+    removed = client.get(f"/api/site/v1/jobs/{other_job.pk}/")
     assert missing.status_code == removed.status_code == 404
     assert missing.json() == removed.json()
     assert (
-        client.get(f"/api/site/jobs/{other_job.pk}/models/{other_model.digest}/").status_code == 404
+        client.get(f"/api/site/v1/jobs/{other_job.pk}/models/{other_model.digest}/").status_code
+        == 404
     )
 
 
@@ -747,34 +752,34 @@ def test_a_site_can_fetch_the_model_it_was_sent_and_no_other(world, cast):
     stray = artifact_store().put(pack_tensors(global_state(5)))  # in the store, sent to no one
     client = world.site.client()
 
-    response = client.get(f"/api/site/jobs/{world.job.pk}/models/{mine}/")
+    response = client.get(f"/api/site/v1/jobs/{world.job.pk}/models/{mine}/")
     assert response.status_code == 200
     assert response["X-Content-SHA256"] == mine
     assert sha256_hex(response.content) == mine
-    assert client.get(f"/api/site/jobs/{world.job.pk}/").json()["open_round"]["start_model"] == (
+    assert client.get(f"/api/site/v1/jobs/{world.job.pk}/").json()["open_round"]["start_model"] == (
         mine
     )
     # The job's global models stay readable.
     assert client.get(
-        f"/api/site/jobs/{world.job.pk}/models/{world.model.digest}/"
+        f"/api/site/v1/jobs/{world.job.pk}/models/{world.model.digest}/"
     ).status_code == (200)
     # Another site's start model, and an artifact that is no model of this site, are 404.
     for digest in (theirs, stray):
-        response = client.get(f"/api/site/jobs/{world.job.pk}/models/{digest}/")
+        response = client.get(f"/api/site/v1/jobs/{world.job.pk}/models/{digest}/")
         assert response.status_code == 404
         assert response.json() == {"detail": "Not found.", "code": "not_found"}
     # Site B reads its own start model, not site A's.
     site_b = make_site(cast, institution=cast.hospital_b, label="b-node").client()
-    assert site_b.get(f"/api/site/jobs/{world.job.pk}/models/{theirs}/").status_code == 200
-    assert site_b.get(f"/api/site/jobs/{world.job.pk}/models/{mine}/").status_code == 404
+    assert site_b.get(f"/api/site/v1/jobs/{world.job.pk}/models/{theirs}/").status_code == 200
+    assert site_b.get(f"/api/site/v1/jobs/{world.job.pk}/models/{mine}/").status_code == 404
     # The start model of another job's round is not readable under this job's URL.
     other_job, _other_model, other_round = start_job(world.scene, seed=9)
     other_start = artifact_store().put(pack_tensors(global_state(6)))
     SiteUpdate.objects.filter(round=other_round, institution=cast.hospital_a).update(
         start_digest=other_start
     )
-    assert client.get(f"/api/site/jobs/{world.job.pk}/models/{other_start}/").status_code == 404
-    assert client.get(f"/api/site/jobs/{other_job.pk}/models/{other_start}/").status_code == 200
+    assert client.get(f"/api/site/v1/jobs/{world.job.pk}/models/{other_start}/").status_code == 404
+    assert client.get(f"/api/site/v1/jobs/{other_job.pk}/models/{other_start}/").status_code == 200
 
 
 def test_an_update_is_checked_against_the_model_the_site_was_sent(world, cast):
@@ -811,7 +816,7 @@ def test_a_site_not_sent_the_round_yet_cannot_upload(world, cast):
     assert response.json()["recorded"] is False
     assert site_update(world).status == SiteUpdate.Status.DISPATCHED
     assert entries("round.update_rejected") == entries("round.update_accepted") == []
-    body = world.site.client().get(f"/api/site/jobs/{world.job.pk}/").json()
+    body = world.site.client().get(f"/api/site/v1/jobs/{world.job.pk}/").json()
     assert body["open_round"]["start_model"] is None
 
 
@@ -822,7 +827,7 @@ def round_model(world, *, round_index: int = 1, site: Site | None = None, job_id
     return (
         (site or world.site)
         .client()
-        .get(f"/api/site/jobs/{job_id or world.job.pk}/rounds/{round_index}/model/")
+        .get(f"/api/site/v1/jobs/{job_id or world.job.pk}/rounds/{round_index}/model/")
     )
 
 
@@ -986,14 +991,14 @@ def test_the_schema_documents_the_site_api(tmp_path):
     target = tmp_path / "schema.yaml"
     call_command("spectacular", "--validate", "--fail-on-warn", "--file", str(target))
     schema = yaml.safe_load(target.read_text())
-    upload_op = schema["paths"]["/api/site/jobs/{job_id}/rounds/{round_index}/update/"]["post"]
+    upload_op = schema["paths"]["/api/site/v1/jobs/{job_id}/rounds/{round_index}/update/"]["post"]
     assert "application/octet-stream" in upload_op["requestBody"]["content"]
     headers = {p["name"] for p in upload_op["parameters"] if p["in"] == "header"}
     assert {"X-Update-Digest", "X-Update-Signature", "X-Update-Samples"} <= headers
     assert {"200", "201", "400", "401", "404", "409", "413"} <= set(upload_op["responses"])
     assert upload_op["security"] == [{"siteToken": []}]
     assert "siteToken" in schema["components"]["securitySchemes"]
-    for path in ["/api/site/whoami/", "/api/site/jobs/{job_id}/models/{digest}/"]:
+    for path in ["/api/site/v1/whoami/", "/api/site/v1/jobs/{job_id}/models/{digest}/"]:
         assert schema["paths"][path]["get"]["security"] == [{"siteToken": []}]
 
 

@@ -19,8 +19,10 @@ from audit.models import LedgerEntry
 from consortium.celery import app
 from tests.support.fl_harness import make_consortium3, use_artifact_folder
 from training import queues
-from training.rounds import coordinator
+from training.rounds import contributions, coordinator
 from training.site.client import CentralError, RoundModel
+from training.site.evaluation import run_site_evaluation
+from training.site.protocol import SITE_PROTOCOL
 from training.site.worker import run_site_round
 
 
@@ -31,22 +33,25 @@ class InProcessClient:
 
     def __init__(self, token: str):
         self.client = Client()
-        self.auth = {"HTTP_AUTHORIZATION": f"Site {token}"}
+        self.auth = {
+            "HTTP_AUTHORIZATION": f"Site {token}",
+            "HTTP_X_SITE_PROTOCOL": str(SITE_PROTOCOL),
+        }
 
     def job(self, job_id):
-        response = self.client.get(f"/api/site/jobs/{job_id}/", **self.auth)
+        response = self.client.get(f"/api/site/v1/jobs/{job_id}/", **self.auth)
         assert response.status_code == 200, response.content
         return response.json()
 
     def model(self, job_id, digest):
-        response = self.client.get(f"/api/site/jobs/{job_id}/models/{digest}/", **self.auth)
+        response = self.client.get(f"/api/site/v1/jobs/{job_id}/models/{digest}/", **self.auth)
         if response.status_code >= 400:
             raise CentralError(response.content.decode(), status=response.status_code)
         return response.content
 
     def round_model(self, job_id, round_index):
         response = self.client.get(
-            f"/api/site/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
+            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
         )
         if response.status_code >= 400:
             raise CentralError(
@@ -60,7 +65,7 @@ class InProcessClient:
 
     def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
         response = self.client.post(
-            f"/api/site/jobs/{job_id}/rounds/{round_index}/update/",
+            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/update/",
             data=data,
             content_type="application/octet-stream",
             HTTP_X_UPDATE_DIGEST=digest,
@@ -73,6 +78,29 @@ class InProcessClient:
         )
         if response.status_code >= 400:
             raise CentralError(response.content.decode(), status=response.status_code)
+        return response.status_code, response.json()
+
+    def evaluation_request(self, job_id, round_index):
+        response = self.client.get(
+            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/evaluation/", **self.auth
+        )
+        if response.status_code >= 400:
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
+        return response.json()
+
+    def upload_evaluation(self, job_id, round_index, *, report, signature):
+        response = self.client.post(
+            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/evaluation/",
+            data=json.dumps({"report": report, "signature": signature}),
+            content_type="application/json",
+            **self.auth,
+        )
+        if response.status_code >= 400:
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
         return response.status_code, response.json()
 
 
@@ -104,9 +132,10 @@ class InMemoryBroker:
         with self.capture(execute=True):
             return fn(*args, **kwargs)
 
-    def deliver(self, *, drop_sites=(), only_central=False, limit=1000):
+    def deliver(self, *, drop_sites=(), drop_evaluations=(), only_central=False, limit=1000):
         """Deliver every queued message (and what delivering queues) until none is left.
-        Site tasks for ``drop_sites`` are lost (the worker never runs them)."""
+        Site tasks (training and evaluation) for ``drop_sites`` are lost (the worker never runs
+        them), and the evaluation tasks of ``drop_evaluations``."""
         for _ in range(limit):
             if not self.messages:
                 return
@@ -122,6 +151,20 @@ class InMemoryBroker:
                     config=site.config(),
                     client=InProcessClient(site.token),
                 )
+            elif message["name"] == queues.SITE_EVALUATE.name:
+                site_slug = message["kwargs"]["site"]
+                if only_central or site_slug in drop_sites or site_slug in drop_evaluations:
+                    self.lost.append(message)
+                    continue
+                site = self.c3.site(message["kwargs"]["site"])
+                self.run(
+                    run_site_evaluation,
+                    **message["kwargs"],
+                    config=site.config(),
+                    client=InProcessClient(site.token),
+                )
+            elif message["name"] == queues.ROUND_EVALUATION_MAYBE_CLOSE.name:
+                self.run(contributions.evaluation_close_and_score, **message["kwargs"])
             elif message["name"] == "training.round_maybe_close":
                 self.run(coordinator.round_maybe_close, *message["args"])
             elif message["name"] == "training.job_start":

@@ -79,13 +79,14 @@ class Site:
 class Consortium3:
     scene: TrainingScene
     sites: list[Site] = field(default_factory=list)
+    dataset_key: str = DATASET_KEY
 
     def site(self, slug: str) -> Site:
         return next(s for s in self.sites if s.slug == slug)
 
     def propose_and_approve(self, **overrides):
         """A job over the three sites, approved by all three (job_start not yet run)."""
-        spec = job_spec([s.slug for s in self.sites], **overrides)
+        spec = job_spec([s.slug for s in self.sites], dataset_key=self.dataset_key, **overrides)
         from training.jobs.proposals import job_propose
 
         job = job_propose(
@@ -116,9 +117,9 @@ def job_spec(participants, **overrides) -> dict:
     return spec
 
 
-def write_site_csv(folder: Path, data) -> None:
+def write_site_csv(folder: Path, data, *, key: str = DATASET_KEY) -> None:
     folder.mkdir(parents=True, exist_ok=True)
-    with (folder / f"{DATASET_KEY}.csv").open("w", newline="") as handle:
+    with (folder / f"{key}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
         features = data.x_train.shape[1]
         writer.writerow([f"f{i}" for i in range(features)] + ["label"])
@@ -126,24 +127,28 @@ def write_site_csv(folder: Path, data) -> None:
             writer.writerow([repr(v) for v in x] + [int(y)])
 
 
-def make_consortium3(cast, tmp_path: Path, **terms) -> Consortium3:
+def make_consortium3(
+    cast, tmp_path: Path, *, dataset_key: str = DATASET_KEY, **terms
+) -> Consortium3:
     """Hospitals A, B and C under an agreement in force, each offering its share of the
-    breast-cancer set (written as its own CSV under its data folder) with credentials."""
+    breast-cancer set (written as its own CSV under its data folder, as ``dataset_key``: any
+    other key than the bundled one makes it a data set the consortium has no copy of) with
+    credentials."""
     add_institution(cast, "Hospital C")
     version = agreement_in_force(cast, **{**OPEN_TERMS, **terms})
     institutions = [cast.hospital_a, cast.hospital_b, *[i for _u, i in cast.extra_signers]]
     split = demo_split(DATASET_KEY, [i.slug for i in institutions])
     scene = TrainingScene(cast=cast, version=version)
-    out = Consortium3(scene=scene)
+    out = Consortium3(scene=scene, dataset_key=dataset_key)
     for institution in institutions:
         data = split[institution.slug]
         root = tmp_path / "sites" / institution.slug
-        write_site_csv(root, data)
+        write_site_csv(root, data, key=dataset_key)
         scene.datasets.append(
             offer_dataset(
                 cast,
                 institution,
-                key=DATASET_KEY,
+                key=dataset_key,
                 num_records=data.num_records,
                 input_shape=(30,),
                 n_classes=2,

@@ -130,9 +130,18 @@ def http_ok(url: str) -> bool:
         return False
 
 
-def demo_env() -> dict:
-    """The environment every process of the demo starts with."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+def demo_site_url(port: int, environ: dict | None = None) -> str:
+    """The URL every link of the demo names (invitations, notifications, the dashboard it
+    prints): ``SITE_URL`` when the environment sets it, else the demo server's own address on
+    ``port``, never the default port's."""
+    explicit = (os.environ if environ is None else environ).get("SITE_URL", "").strip()
+    return explicit.rstrip("/") if explicit else f"http://127.0.0.1:{port}"
+
+
+def demo_env(site_url: str) -> dict:
+    """The environment every process of the demo starts with; ``site_url`` is their
+    ``SITE_URL`` (:func:`demo_site_url`)."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "SITE_URL": site_url}
     env.setdefault("DJANGO_SETTINGS_MODULE", "consortium.settings")
     # A site task that failed (or a worker that died) is sent again after this long,
     # not after the production default of five minutes: a demo round takes seconds.

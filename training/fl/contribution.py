@@ -59,6 +59,7 @@ __all__ = [
     "Contributions",
     "compute",
     "leave_one_out",
+    "plan_coalitions",
     "resolve_method",
     "scores_from_coalitions",
     "shapley_exact",
@@ -352,6 +353,69 @@ def compute(
         result.values,
         result.evaluations,
     )
+
+
+def plan_coalitions(
+    method: str,
+    players: Iterable[str],
+    *,
+    max_models: int,
+    permutations: int = DEFAULT_PERMUTATIONS,
+    truncation: float = DEFAULT_TRUNCATION,
+    tolerance: float = DEFAULT_TOLERANCE,
+    seed: int = 0,
+) -> tuple[str, dict[str, int | float], list[Coalition]]:
+    """The coalitions a method will need, chosen before any is valued, at most ``max_models``.
+
+    When the sites value the coalitions (each evaluates every model on its own records), they
+    must all be known when the sites are asked, and their number bounds each site's work:
+    ``leave_one_out`` needs ``n + 1``, ``shapley_exact`` ``2^n`` (``auto`` samples instead when
+    that exceeds ``max_models``), ``shapley_sampled`` every prefix of its guided permutations,
+    as many whole permutations as fit (``params["permutations"]`` is then the number that fit,
+    which the record keeps). Running the method with the returned params over any values of
+    these coalitions needs no other coalition: truncation and convergence only ever skip.
+
+    Returns ``(method, params, coalitions)``; ``ValueError`` when not even the method's
+    smallest plan fits."""
+    ps = _players(players)
+    n = len(ps)
+    full: Coalition = frozenset(ps)
+    empty: Coalition = frozenset()
+    resolved = resolve_method(method, n)
+    if method == "auto" and resolved == SHAPLEY_EXACT and 2**n > max_models:
+        resolved = SHAPLEY_SAMPLED
+    needed: set[Coalition]
+    if resolved == LEAVE_ONE_OUT:
+        needed = {full} | {full - {p} for p in ps}
+        params: dict[str, int | float] = {"seed": seed}
+    elif resolved == SHAPLEY_EXACT:
+        needed = {frozenset(c) for size in range(n + 1) for c in combinations(ps, size)}
+        params = {"seed": seed}
+    else:
+        needed = {empty, full}
+        used = 0
+        for k in range(permutations):
+            prefix: Coalition = empty
+            mine: set[Coalition] = set()
+            for p in guided_permutation(ps, k, seed):
+                prefix = prefix | {p}
+                mine.add(prefix)
+            if len(needed | mine) > max_models:
+                break
+            needed |= mine
+            used = k + 1
+        if used == 0:
+            raise ValueError(
+                f"sampled Shapley values for {n} sites need at least {n + 1} models per round "
+                f"(one permutation); at most {max_models} are allowed"
+            )
+        params = _sampled_params(used, truncation, tolerance, seed)
+    if len(needed) > max_models:
+        raise ValueError(
+            f"{resolved} for {n} sites needs {len(needed)} models per round; at most "
+            f"{max_models} are allowed"
+        )
+    return resolved, params, sorted(needed, key=lambda c: (len(c), sorted(c)))
 
 
 def scores_from_coalitions(

@@ -9,7 +9,11 @@
    array would run code). ``images`` is ``[N, F]`` (tabular), ``[N, H, W]`` (one channel) or
    ``[N, C, H, W]``; ``labels`` is ``[N]``; ``masks`` is ``[N, H, W]`` or ``[N, 1, H, W]`` of
    class indices per pixel;
-3. a bundled demo set, which needs no download: ``breast-cancer``, ``digits``, ``lesions``.
+3. a folder ``<data_root>/<dataset_key>/`` of PNG images (:mod:`training.fl.image_folder`):
+   ``0/*.png``, ``1/*.png``, ... (one sub-folder per class, classification) or
+   ``images/<name>.png`` with ``masks/<name>.png`` (segmentation); greyscale or RGB, all of one
+   size and mode, pixel values scaled to [0, 1]: ``[N, C, H, W]``;
+4. a bundled demo set, which needs no download: ``breast-cancer``, ``digits``, ``lesions``.
 
 A site's own files take precedence over a bundled set of the same name.
 
@@ -43,20 +47,31 @@ lesions        400       140        108             84        68     100
   on a noisy background, masks of the ellipses (class 0 background, 1 lesion). Each site's
   "scanner" has its own gain and noise level (feature skew); the validation images use a
   neutral one. Deterministic by seed.
+
+Why one module: a site's own files and a central validation set uploaded by a data steward
+(:func:`load_csv_bytes`, :func:`load_npz_bytes`) are read by the same parsers, with the same
+checks and messages, next to the bundled sets they stand in for; split apart, an upload could
+be accepted in a shape a site's worker would refuse.
 """
 
 from __future__ import annotations
 
 import csv
 import functools
+import io
 import math
 import re
-from collections.abc import Sequence
+import zipfile
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 import numpy as np
 import torch
+
+from training.fl.holdout import BUNDLED_DATASETS, validation_count
+from training.fl.image_folder import read_png_folder
 
 __all__ = [
     "BUNDLED_DATASETS",
@@ -64,14 +79,16 @@ __all__ = [
     "DEMO_SITES",
     "SiteData",
     "demo_split",
+    "load_csv_bytes",
+    "load_npz_bytes",
     "load_site_data",
     "load_validation_set",
     "site_fractions",
+    "split_holdout",
 ]
 
 DEMO_SITES: tuple[str, ...] = ("st-thomas", "kings-regional", "maudsley", "barts")
 DEMO_FRACTIONS: tuple[float, ...] = (0.35, 0.27, 0.21, 0.17)
-BUNDLED_DATASETS: tuple[str, ...] = ("breast-cancer", "digits", "lesions")
 VALIDATION_FRACTION = 0.2
 DIRICHLET_ALPHA = 0.8
 _HOLDOUT_SEED = 0
@@ -280,51 +297,68 @@ def _class_count(labels: np.ndarray) -> int:
 
 def _load_csv(path: Path) -> SiteData:
     with path.open(newline="", encoding="utf-8-sig") as handle:
-        rows = csv.reader(handle)
-        header = next(rows, None)
-        if not header:
-            raise ValueError(f"{path}: the file is empty (expected a header row)")
-        header = [name.strip() for name in header]
-        if "label" not in header:
+        return _read_csv(handle, str(path))
+
+
+def load_csv_bytes(data: bytes, *, source: str) -> SiteData:
+    """Records from the bytes of a CSV file (an upload), read exactly as a site's own
+    ``<key>.csv`` (module docstring): the same columns and checks, messages naming ``source``
+    and the line."""
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(
+            f"{source}: not UTF-8 text (byte {exc.start} cannot be read); save the CSV as UTF-8"
+        ) from None
+    return _read_csv(io.StringIO(text, newline=""), source)
+
+
+def _read_csv(handle: TextIO, source: str) -> SiteData:
+    rows = csv.reader(handle)
+    header = next(rows, None)
+    if not header:
+        raise ValueError(f"{source}: the file is empty (expected a header row)")
+    header = [name.strip() for name in header]
+    if "label" not in header:
+        raise ValueError(
+            f"{source}: no 'label' column in the header (columns: {', '.join(header)})"
+        )
+    label_at = header.index("label")
+    if len(header) < 2:
+        raise ValueError(f"{source}: no feature columns besides 'label'")
+    features, labels = [], []
+    for row in rows:
+        if not row or all(not cell.strip() for cell in row):
+            continue
+        line = rows.line_num
+        if len(row) != len(header):
             raise ValueError(
-                f"{path}: no 'label' column in the header (columns: {', '.join(header)})"
+                f"{source}, line {line}: expected {len(header)} values, got {len(row)}"
             )
-        label_at = header.index("label")
-        if len(header) < 2:
-            raise ValueError(f"{path}: no feature columns besides 'label'")
-        features, labels = [], []
-        for row in rows:
-            if not row or all(not cell.strip() for cell in row):
-                continue
-            line = rows.line_num
-            if len(row) != len(header):
+        values = []
+        for column, cell in zip(header, row, strict=True):
+            try:
+                value = float(cell)
+            except ValueError:
                 raise ValueError(
-                    f"{path}, line {line}: expected {len(header)} values, got {len(row)}"
-                )
-            values = []
-            for column, cell in zip(header, row, strict=True):
-                try:
-                    value = float(cell)
-                except ValueError:
-                    raise ValueError(
-                        f"{path}, line {line}: non-numeric value {cell.strip()!r} in column "
-                        f"{column!r}"
-                    ) from None
-                if math.isnan(value):
-                    raise ValueError(f"{path}, line {line}: NaN value in column {column!r}")
-                if math.isinf(value):
-                    raise ValueError(f"{path}, line {line}: infinite value in column {column!r}")
-                values.append(value)
-            label = values.pop(label_at)
-            if label < 0 or not label.is_integer():
-                raise ValueError(
-                    f"{path}, line {line}: label {row[label_at].strip()!r} is not a class "
-                    "index (0, 1, 2, ...)"
-                )
-            features.append(values)
-            labels.append(int(label))
+                    f"{source}, line {line}: non-numeric value {cell.strip()!r} in column "
+                    f"{column!r}"
+                ) from None
+            if math.isnan(value):
+                raise ValueError(f"{source}, line {line}: NaN value in column {column!r}")
+            if math.isinf(value):
+                raise ValueError(f"{source}, line {line}: infinite value in column {column!r}")
+            values.append(value)
+        label = values.pop(label_at)
+        if label < 0 or not label.is_integer():
+            raise ValueError(
+                f"{source}, line {line}: label {row[label_at].strip()!r} is not a class "
+                "index (0, 1, 2, ...)"
+            )
+        features.append(values)
+        labels.append(int(label))
     if not labels:
-        raise ValueError(f"{path}: no records after the header")
+        raise ValueError(f"{source}: no records after the header")
     x = torch.tensor(features, dtype=torch.float32)
     y = torch.tensor(labels, dtype=torch.int64)
     return SiteData(
@@ -334,7 +368,7 @@ def _load_csv(path: Path) -> SiteData:
         modality="tabular",
         input_shape=[x.shape[1]],
         n_classes=_class_count(y.numpy()),
-        source=str(path),
+        source=source,
     )
 
 
@@ -351,7 +385,7 @@ def _load_npy(path: Path) -> np.ndarray:
     return array
 
 
-def _numeric(array: np.ndarray, path: Path) -> None:
+def _numeric(array: np.ndarray, path: Path | str) -> None:
     if not (np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_):
         raise ValueError(f"{path}: non-numeric values (dtype {array.dtype})")
     if np.issubdtype(array.dtype, np.complexfloating):
@@ -363,7 +397,7 @@ def _numeric(array: np.ndarray, path: Path) -> None:
             raise ValueError(f"{path}: infinite values")
 
 
-def _class_indices(array: np.ndarray, path: Path, what: str) -> np.ndarray:
+def _class_indices(array: np.ndarray, path: Path | str, what: str) -> np.ndarray:
     _numeric(array, path)
     if array.size and (array.min() < 0 or not np.array_equal(array, np.floor(array))):
         raise ValueError(f"{path}: {what} must be class indices (0, 1, 2, ...)")
@@ -381,37 +415,102 @@ def _load_image_dir(folder: Path) -> SiteData:
             "put exactly one of them next to images.npy"
         )
     images = _load_npy(images_path)
-    _numeric(images, images_path)
+    return _image_data(
+        images,
+        _load_npy(labels_path if has_labels else masks_path),
+        segmentation=has_masks,
+        where=lambda name: str(folder / f"{name}.npy"),
+        short=lambda name: f"{name}.npy",
+        source=str(folder),
+    )
+
+
+def load_npz_bytes(data: bytes, *, source: str) -> SiteData:
+    """Records from the bytes of an ``.npz`` archive (an upload, ``numpy.savez``) holding the
+    arrays of a site's image folder (module docstring): ``images`` with ``labels``
+    (classification) or ``masks`` (segmentation), read without unpickling and checked the same
+    way, messages naming ``source`` and the array."""
+    try:
+        archive = np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+        raise ValueError(f"{source}: not a readable .npz archive: {exc}") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(
+            f"{source}: a single array, not an .npz archive: save images and labels (or masks) "
+            "together with numpy.savez"
+        )
+    with archive:
+        names = set(archive.files)
+        has_labels, has_masks = "labels" in names, "masks" in names
+        if "images" not in names or has_labels == has_masks:
+            raise ValueError(
+                f"{source}: expected the arrays 'images' and exactly one of 'labels' "
+                f"(classification) or 'masks' (segmentation); it holds "
+                f"{', '.join(repr(n) for n in sorted(names)) or 'none'}"
+            )
+        arrays = {}
+        for name in ("images", "labels" if has_labels else "masks"):
+            try:
+                arrays[name] = archive[name]
+            except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
+                raise ValueError(
+                    f"{source}[{name}]: cannot read it without unpickling (object arrays are "
+                    f"refused; save plain numeric arrays): {exc}"
+                ) from None
+    return _image_data(
+        arrays["images"],
+        arrays["labels" if has_labels else "masks"],
+        segmentation=has_masks,
+        where=lambda name: f"{source}[{name}]",
+        short=lambda name: f"'{name}'",
+        source=source,
+    )
+
+
+def _image_data(
+    images: np.ndarray,
+    target: np.ndarray,
+    *,
+    segmentation: bool,
+    where: Callable[[str], str],
+    short: Callable[[str], str],
+    source: str,
+) -> SiteData:
+    """Check an image folder's (or archive's) arrays and make them a :class:`SiteData`.
+    ``where(name)`` names an array in full in a message, ``short(name)`` beside another."""
+    _numeric(images, where("images"))
     if images.ndim == 3:
         images = images[:, None]
     if images.ndim not in (2, 4) or images.shape[0] == 0:
         raise ValueError(
-            f"{images_path}: expected [N, features], [N, H, W] or [N, C, H, W] with N >= 1, "
+            f"{where('images')}: expected [N, features], [N, H, W] or [N, C, H, W] with N >= 1, "
             f"got shape {list(images.shape)}"
         )
     n = images.shape[0]
-    if has_labels:
-        labels = _load_npy(labels_path)
+    if not segmentation:
+        labels = target
         if labels.ndim != 1 or labels.shape[0] != n:
             raise ValueError(
-                f"shape mismatch: images.npy has {n} records but labels.npy has shape "
-                f"{list(labels.shape)} (expected [{n}])"
+                f"shape mismatch: {short('images')} has {n} records but {short('labels')} has "
+                f"shape {list(labels.shape)} (expected [{n}])"
             )
-        target = _class_indices(labels, labels_path, "labels")
+        target = _class_indices(labels, where("labels"), "labels")
         modality = "tabular" if images.ndim == 2 else "image"
     else:
-        masks = _load_npy(masks_path)
+        masks = target
         if images.ndim != 4:
-            raise ValueError(f"{images_path}: segmentation needs images [N, C, H, W] or [N, H, W]")
+            raise ValueError(
+                f"{where('images')}: segmentation needs images [N, C, H, W] or [N, H, W]"
+            )
         if masks.ndim == 4 and masks.shape[1] == 1:
             masks = masks[:, 0]
         expected = [n, images.shape[2], images.shape[3]]
         if list(masks.shape) != expected:
             raise ValueError(
-                f"shape mismatch: masks.npy has shape {list(masks.shape)}, expected {expected} "
-                "to match images.npy"
+                f"shape mismatch: {short('masks')} has shape {list(masks.shape)}, expected "
+                f"{expected} to match {short('images')}"
             )
-        target = _class_indices(masks, masks_path, "mask values")
+        target = _class_indices(masks, where("masks"), "mask values")
         modality = "segmentation"
     x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
     return SiteData(
@@ -421,7 +520,7 @@ def _load_image_dir(folder: Path) -> SiteData:
         modality=modality,
         input_shape=list(x.shape[1:]),
         n_classes=_class_count(target),
-        source=str(folder),
+        source=source,
     )
 
 
@@ -429,8 +528,10 @@ def load_site_data(*, data_root: str | Path, dataset_key: str, site_slug: str) -
     """This site's training data for ``dataset_key`` (see the module docstring for the order).
 
     ``ValueError`` says what is missing or wrong: no data set, no ``label`` column, non-numeric
-    or NaN values, images and labels that do not match, a bundled set asked for by a site that
-    is not one of :data:`DEMO_SITES` (use :func:`demo_split` for other slugs).
+    or NaN values, images and labels that do not match, PNG images of mixed sizes or modes (or
+    in a folder not named by a class index, or a mask without its image), a bundled set asked
+    for by a site that is not one of :data:`DEMO_SITES` (use :func:`demo_split` for other
+    slugs).
     """
     if not isinstance(dataset_key, str) or not _KEY_RE.fullmatch(dataset_key):
         raise ValueError(f"invalid data set key {dataset_key!r}")
@@ -441,15 +542,60 @@ def load_site_data(*, data_root: str | Path, dataset_key: str, site_slug: str) -
         return _load_csv(csv_path)
     if (folder / "images.npy").is_file():
         return _load_image_dir(folder)
+    if folder.is_dir():
+        return _load_png_folder(folder)
     if dataset_key in BUNDLED_DATASETS:
         if site_slug not in DEMO_SITES:
             raise ValueError(
                 f"the bundled demo set '{dataset_key}' is split among the demo sites "
                 f"({', '.join(DEMO_SITES)}), not '{site_slug}'; put this site's own "
-                f"{dataset_key}.csv or {dataset_key}/images.npy under {root}"
+                f"{dataset_key}.csv or {dataset_key}/images.npy under {root} (or its PNG "
+                f"images in {dataset_key}/)"
             )
         return demo_split(dataset_key, DEMO_SITES)[site_slug]
     raise ValueError(
-        f"no data set '{dataset_key}' under {root}: expected {dataset_key}.csv or "
-        f"{dataset_key}/images.npy"
+        f"no data set '{dataset_key}' under {root}: expected {dataset_key}.csv, "
+        f"{dataset_key}/images.npy or a folder {dataset_key}/ of PNG images"
     )
+
+
+def _load_png_folder(folder: Path) -> SiteData:
+    read = read_png_folder(folder)
+    x = torch.from_numpy(read.images)
+    return SiteData(
+        x_train=x,
+        y_train=torch.from_numpy(read.target),
+        num_records=len(read.target),
+        modality="segmentation" if read.segmentation else "image",
+        input_shape=list(x.shape[1:]),
+        n_classes=_class_count(read.target),
+        source=str(folder),
+    )
+
+
+def split_holdout(
+    data: SiteData, *, fraction: float, seed: int
+) -> tuple[SiteData, torch.Tensor, torch.Tensor]:
+    """Keep a site's validation share aside: ``(training part, x_val, y_val)``.
+
+    The share has :func:`training.fl.holdout.validation_count` records, drawn by a permutation
+    seeded with ``seed`` (:func:`training.fl.holdout.holdout_seed`: the job's spec digest and the
+    site), so every task of the job at this site splits the same way and never trains on a
+    record it evaluates on. Both parts keep the records' order in the file."""
+    n = data.num_records
+    k = validation_count(n, fraction)
+    order = np.random.default_rng(int(seed)).permutation(n)
+    held = np.sort(order[:k])
+    kept = np.sort(order[k:])
+    held_t = torch.from_numpy(held)
+    kept_t = torch.from_numpy(kept)
+    training_part = SiteData(
+        x_train=data.x_train[kept_t],
+        y_train=data.y_train[kept_t],
+        num_records=len(kept),
+        modality=data.modality,
+        input_shape=list(data.input_shape),
+        n_classes=data.n_classes,
+        source=data.source,
+    )
+    return training_part, data.x_train[held_t], data.y_train[held_t]

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from consortium.core.errors import ConflictError
 from consortium.governance.models import Consortium, DPMechanism, Institution
 from consortium.governance.selectors import AgreementStatus, agreement_in_force, agreement_status
+from training.fl.holdout import BUNDLED_DATASETS
+from training.jobs import central_validation
 from training.jobs.accounting import (
     BudgetProjection,
     PrivacyEvent,
@@ -23,7 +25,13 @@ from training.jobs.accounting import (
 )
 from training.jobs.registry import model_registry
 from training.jobs.selectors import committed_privacy_events
-from training.jobs.spec import dp_mechanisms, shared_fraction
+from training.jobs.spec import (
+    EVALUATION_CENTRAL,
+    dp_mechanisms,
+    evaluation_settings,
+    shared_fraction,
+    training_records,
+)
 from training.models import SiteDataset
 
 
@@ -100,6 +108,45 @@ def _check_participants(
                 slug,
             )
     return institutions
+
+
+def _check_central_validation(report, consortium, spec, version, datasets) -> None:
+    """A job evaluated centrally on a data set that is not bundled needs the consortium's
+    central validation set for its key, allowed by the agreement in force and fitting the
+    participants' data sets (``training.jobs.central_validation``)."""
+    key = spec["dataset_key"]
+    if evaluation_settings(spec)["where"] != EVALUATION_CENTRAL or key in BUNDLED_DATASETS:
+        return
+    term = central_validation.TERM
+    if not version.allows_central_validation_set:
+        report.add(
+            term,
+            f"The job evaluates its models centrally, but version {version.number} of the "
+            f"agreement does not allow a central validation set (the term "
+            f"“{central_validation.TERM_WORDS}”), so the consortium holds none for '{key}': "
+            'evaluate at the sites ({"where": "sites"}) or amend the agreement.',
+        )
+        return
+    held = central_validation.validation_set_current(consortium.pk, key)
+    if held is None:
+        report.add(
+            term,
+            f"The job evaluates its models centrally, but no central validation set for '{key}' "
+            f"has been uploaded in {consortium}: a data steward uploads one from the data sets "
+            'page, or evaluate at the sites ({"where": "sites"}).',
+        )
+        return
+    for problem in central_validation.fit_problems(
+        modality=held.modality,
+        input_shape=held.input_shape,
+        n_classes=held.n_classes,
+        datasets=datasets,
+    ):
+        report.add(
+            term,
+            f"The central validation set for '{key}' (uploaded by {held.institution}) does not "
+            f"fit the job's data: {problem}.",
+        )
 
 
 def check_job_compliance(
@@ -204,6 +251,7 @@ def check_job_compliance(
             f"The participants' '{spec['dataset_key']}' data sets differ in shape or number "
             "of classes, so one model cannot fit them all.",
         )
+    _check_central_validation(report, consortium, spec, version, datasets.values())
 
     # Budgets: replay every live reservation, add this job, compare with the cap.
     delta = float(version.delta)
@@ -218,7 +266,7 @@ def check_job_compliance(
             rounds=spec["rounds"],
             local_epochs=spec["local_epochs"],
             batch_size=spec["batch_size"],
-            num_records=dataset.num_records,
+            num_records=training_records(dataset.num_records, spec),
         )
         report.job_events[slug] = events
         projection = project_budget(

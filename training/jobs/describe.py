@@ -1,8 +1,9 @@
 """Plain-English summaries of a training job spec, for the people who approve it.
 
 An approver signs a spec's digest (:func:`training.jobs.spec.spec_digest`), but reads these
-sentences: one per privacy filter (:func:`describe_pipeline`) and one on how each site's
-contribution is scored (:func:`describe_contribution`). They take a *normalised* spec (the output
+sentences: one per privacy filter (:func:`describe_pipeline`), one on where the models are
+evaluated (:func:`describe_evaluation`) and one on how each site's contribution is scored
+(:func:`describe_contribution`). They take a *normalised* spec (the output
 of :func:`training.jobs.spec.validate_spec`) and spell its numbers as the spec does, so what a
 person reads is what was hashed.
 
@@ -14,7 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from training.jobs.spec import CONTRIBUTION_EXACT_MAX, contribution_settings
+from training.jobs.spec import (
+    CONTRIBUTION_EXACT_MAX,
+    EVALUATION_SITES,
+    contribution_settings,
+    evaluation_settings,
+)
 
 
 def _num(value: Any) -> str:
@@ -105,14 +111,52 @@ def describe_pipeline(spec: Mapping) -> list[str]:
     return [_DESCRIBE[f["filter"]](f) for f in spec.get("privacy_pipeline") or []]
 
 
+def describe_evaluation(spec: Mapping, *, uploaded: tuple[str, int] | None = None) -> str:
+    """Plain words on where the job's models are evaluated, and what that asks of a site.
+
+    ``uploaded`` is ``(institution, records)`` of the central validation set the job is
+    measured on when an institution's data steward uploaded it
+    (``training.jobs.central_validation.validation_set_in_use``); the page reads it, since this
+    module reads no database."""
+    settings = evaluation_settings(spec)
+    metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    if settings["where"] != EVALUATION_SITES and uploaded is not None:
+        institution, records = uploaded
+        return (
+            f"The models are evaluated centrally on a validation set uploaded by {institution} "
+            f"({records} records) to the consortium's server for '{spec.get('dataset_key')}', "
+            "as the agreement allows: no other site's records are used to measure them."
+        )
+    if settings["where"] != EVALUATION_SITES:
+        return (
+            "The models are evaluated centrally, on the consortium's own validation set for "
+            f"'{spec.get('dataset_key')}': no site's records are used to measure them."
+        )
+    return (
+        f"The models are evaluated at the sites: each site keeps "
+        f"{_percent(settings['validation_fraction'])}% of its own records aside (never trained "
+        "on, never sent) and, after each round, measures on them the round's model and at "
+        f"most {settings['max_models']} models that contribution scoring builds from the "
+        "sites' shared updates, then sends back only "
+        f"the {metric}, the loss and its number of records, signed with its key. The round's "
+        f"{metric} is the sites' figures weighted by their records. Your site is sent models "
+        "built from other sites' shared updates, and the other sites models built from yours."
+    )
+
+
 def describe_contribution(spec: Mapping) -> str:
     """One plain-English sentence on how each site's contribution will be scored."""
     settings = contribution_settings(spec)
     method = settings["method"]
     metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    where = (
+        "measured by the sites on their own validation shares"
+        if evaluation_settings(spec)["where"] == EVALUATION_SITES
+        else "on the consortium's validation set"
+    )
     base = (
-        "Each round, each site's contribution is scored centrally from the updates it shared, "
-        f"by the {metric} on the consortium's validation set of the models its updates make "
+        "Each round, each site's contribution is scored from the updates it shared, "
+        f"by the {metric} {where} of the models its updates make "
     )
     if method == "leave_one_out":
         return base + "with and without it (leave-one-out)."

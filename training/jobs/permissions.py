@@ -66,6 +66,10 @@ def is_member_of_dataset_consortium(user, dataset) -> bool:
 # accepts it, since the institution predicates read its institution_id).
 rules.add_perm("training.view_dataset", is_member_of_dataset_consortium)
 
+# Central validation sets (records sent to the consortium's server, when the agreement allows
+# it): obj is the institution. Only its data stewards, who know what the records are.
+rules.add_perm("training.upload_validation_set", is_data_steward)
+
 # Site worker credentials (API token and signing key): obj is the institution. Only the
 # people who run the site's worker create and revoke them, not the consortium's admins.
 rules.add_perm("training.manage_site_credentials", is_data_steward | is_institution_admin)

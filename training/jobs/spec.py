@@ -17,10 +17,20 @@ Normalisation rules (so equal jobs get equal digests):
   normalised pipeline lists it first; the other filters keep their order, which
   is the order they are applied to the update.
 * Every optional field is present in the output with its default, except
-  ``contribution``: it is present only when it differs from
-  :data:`CONTRIBUTION_DEFAULTS` (specs written before it existed keep their
-  digests, and so their approvals); :func:`contribution_settings` reads it with
-  the defaults filled in.
+  ``contribution`` and ``evaluation``: each is present only when it differs from
+  its default (specs written before they existed keep their digests, and so their
+  approvals); :func:`contribution_settings` and :func:`evaluation_settings` read
+  them with the defaults filled in.
+
+Where models are evaluated (``evaluation``): ``{"where": "central"}`` on the
+consortium's validation set (the bundled data sets carry one; for any other key it is one an
+institution's data steward uploaded, which :mod:`training.jobs.compliance` checks), or
+``{"where": "sites", "validation_fraction": f, "max_models": m}``: each site keeps
+the fraction ``f`` of its own records aside (never trained on; the privacy
+accountant projects DP-SGD on the records left, :func:`training_records`), and
+after each round evaluates on it the round's model and the coalition models its
+contribution scores need, at most ``m`` of them. ``sites`` is the default for any
+data set that is not bundled, ``central`` for the bundled ones.
 
 The privacy filters' parameters (names, types, bounds, defaults) are the engine's
 schema, :mod:`training.fl.params`, which the site checks again before it filters an
@@ -29,6 +39,12 @@ update; the plain-English summaries an approver reads are in
 
 This module imports neither torch nor Django models; model architectures come
 from :mod:`training.jobs.registry`.
+
+Why one module: a spec is one document with one normal form, and its digest is what every
+approver signs off. Each field's checker shares the checker that collects every problem at
+once, and the normalisation rules above (defaults, ordering, the fields left out when they are
+the default); split by field, a new field would be easier to add without its place in the
+digest rules, which is how an approval is voided by accident.
 """
 
 from __future__ import annotations
@@ -40,6 +56,7 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+from training.fl.holdout import BUNDLED_DATASETS, training_count
 from training.fl.params import (
     FILTER_NAMES,
     FILTER_PARAMS,
@@ -89,6 +106,21 @@ CONTRIBUTION_SAMPLING = {
     "truncation": ("float", 0, 1),
 }
 
+#: Where a job's models are evaluated (module docstring).
+EVALUATION_CENTRAL = "central"
+EVALUATION_SITES = "sites"
+EVALUATION_WHERE = (EVALUATION_SITES, EVALUATION_CENTRAL)
+EVALUATION_SITES_DEFAULTS = {
+    "where": EVALUATION_SITES,
+    "validation_fraction": 0.2,
+    #: 2^8: exact Shapley values up to CONTRIBUTION_EXACT_MAX sites, as when evaluated centrally.
+    "max_models": 256,
+}
+EVALUATION_SITES_FIELDS = {
+    "validation_fraction": ("float", 0.05, 0.5),
+    "max_models": ("int", 2, 4096),
+}
+
 
 class SpecError(ValueError):
     """A spec with problems. ``errors`` maps each JSON path to what is wrong there.
@@ -126,6 +158,7 @@ _TOP_LEVEL = (
     "round_timeout_seconds",
     "approval_ttl_hours",
     "contribution",
+    "evaluation",
 )
 
 
@@ -382,6 +415,113 @@ def contribution_settings(spec: Mapping) -> dict:
     return out
 
 
+def default_evaluation_where(dataset_key: str | None) -> str:
+    """``central`` for a bundled data set (it has a consortium validation set), else ``sites``."""
+    return EVALUATION_CENTRAL if dataset_key in BUNDLED_DATASETS else EVALUATION_SITES
+
+
+def _check_evaluation(
+    c: _Checker, raw: Mapping, dataset_key: str | None, participants: list[str] | None
+) -> Any:
+    """The normalised ``evaluation`` object, or ``MISSING`` when it is the default."""
+    value = raw.get("evaluation", MISSING)
+    if value is MISSING:
+        where = default_evaluation_where(dataset_key)
+        _check_sites_budget(c, raw, participants, where, EVALUATION_SITES_DEFAULTS["max_models"])
+        return MISSING
+    if not isinstance(value, Mapping):
+        c.error("evaluation", 'must be an object like {"where": "sites"}')
+        return None
+    c.unknown_keys(value, ("where", *EVALUATION_SITES_FIELDS), "evaluation", "field")
+    where = c.field(
+        value,
+        "where",
+        "evaluation.where",
+        Choice(EVALUATION_WHERE, default=default_evaluation_where(dataset_key)),
+    )
+    if where is None:
+        return None
+    out: dict[str, Any] = {"where": where}
+    ok = True
+    if where == EVALUATION_CENTRAL:
+        # Whether the consortium holds a validation set for a key that is not bundled is a
+        # question for the database: training.jobs.compliance asks it when the job is proposed.
+        for key in EVALUATION_SITES_FIELDS:
+            if key in value:
+                c.error(
+                    f"evaluation.{key}", 'applies only when models are evaluated at the "sites"'
+                )
+                ok = False
+    else:
+        for key, (kind, lo, hi) in EVALUATION_SITES_FIELDS.items():
+            number = c.field(
+                value,
+                key,
+                f"evaluation.{key}",
+                Number(kind, lo, hi, default=EVALUATION_SITES_DEFAULTS[key]),
+            )
+            ok = ok and number is not None
+            out[key] = number
+        if ok:
+            ok = _check_sites_budget(c, raw, participants, where, out["max_models"])
+    if not ok:
+        return None
+    default = (
+        {"where": EVALUATION_CENTRAL}
+        if default_evaluation_where(dataset_key) == EVALUATION_CENTRAL
+        else EVALUATION_SITES_DEFAULTS
+    )
+    return MISSING if out == default else out
+
+
+def _check_sites_budget(
+    c: _Checker, raw: Mapping, participants: list[str] | None, where: str, max_models: int
+) -> bool:
+    """Exact Shapley values evaluated at the sites need 2^n models per site and round: they
+    must fit the spec's ``max_models`` (``auto`` samples instead when they do not)."""
+    if where != EVALUATION_SITES or not participants:
+        return True
+    given = raw.get("contribution")
+    method = given.get("method") if isinstance(given, Mapping) else None
+    if method == "shapley_exact" and 2 ** len(participants) > max_models:
+        c.error(
+            "contribution.method",
+            f"exact Shapley values for {len(participants)} sites need {2 ** len(participants)} "
+            f"models evaluated at every site each round, more than evaluation.max_models "
+            f'({max_models}); raise it, or use "auto" or "shapley_sampled"',
+        )
+        return False
+    return True
+
+
+def evaluation_settings(spec: Mapping) -> dict:
+    """Where the job's models are evaluated, with every default filled in: ``{"where":
+    "central"}`` or ``{"where": "sites", "validation_fraction": f, "max_models": m}``."""
+    given = spec.get("evaluation") or {}
+    where = given.get("where") or default_evaluation_where(spec.get("dataset_key"))
+    if where == EVALUATION_CENTRAL:
+        return {"where": EVALUATION_CENTRAL}
+    return {
+        "where": EVALUATION_SITES,
+        "validation_fraction": float(
+            given.get("validation_fraction", EVALUATION_SITES_DEFAULTS["validation_fraction"])
+        ),
+        "max_models": int(given.get("max_models", EVALUATION_SITES_DEFAULTS["max_models"])),
+    }
+
+
+def training_records(num_records: int, spec: Mapping) -> int:
+    """How many of a site's ``num_records`` records it trains on in this job: all of them, or,
+    when the job evaluates at the sites, those left once its validation share is aside. The
+    privacy accountant projects DP-SGD's sampling rate on this count."""
+    settings = evaluation_settings(spec)
+    if settings["where"] != EVALUATION_SITES:
+        return int(num_records)
+    if int(num_records) < 2:
+        return int(num_records)  # the site cannot split: its worker will say so
+    return training_count(num_records, settings["validation_fraction"])
+
+
 def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) -> dict:
     """Check a submitted spec and return its normalised form, or raise :class:`SpecError`.
 
@@ -470,6 +610,9 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
     contribution = _check_contribution(c, raw, participants)
     if contribution is not MISSING:
         out["contribution"] = contribution
+    evaluation = _check_evaluation(c, raw, out.get("dataset_key"), participants)
+    if evaluation is not MISSING:
+        out["evaluation"] = evaluation
 
     if c.errors:
         raise SpecError(c.errors)

@@ -20,8 +20,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from training.fl.update import masked_delta
-from training.models import Round, SiteDataset, SiteUpdate
+from training.models import Round, SiteDataset, SiteUpdate, TrainingJob
 from training.rounds.states import build_model, load_state, load_update
+from training.rounds.validation_sets import validation_set_of
 
 if TYPE_CHECKING:
     import torch
@@ -102,17 +103,20 @@ def cyclic_result(rnd: Round) -> State:
     return site_result(sent[-1])
 
 
-def evaluate(spec: dict, dataset: SiteDataset, state: State) -> dict:
-    """Metrics of the new global model on the consortium's validation set."""
-    # Lazy torch (module docstring).
-    from training.fl.data import load_validation_set
-    from training.fl.evaluate import evaluate as evaluate_model
+def evaluate(job: TrainingJob, dataset: SiteDataset, state: State) -> dict:
+    """Metrics of the new global model on the consortium's validation set
+    (:func:`training.rounds.validation_sets.validation_set_of`: an uploaded central validation
+    set, named by its digest in the metrics, or the bundled one)."""
+    from training.fl.evaluate import evaluate as evaluate_model  # lazy torch (module docstring)
 
     try:
-        x, y = load_validation_set(spec["dataset_key"])
+        x, y, held = validation_set_of(job)
     except ValueError as exc:
         return {"validation": f"unavailable: {exc}"}
-    model = build_model(spec, dataset)
+    model = build_model(job.spec, dataset)
     model.load_state_dict(state)
     metrics = evaluate_model(model, x, y, modality=dataset.modality)
-    return {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}
+    out = {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}
+    if held is not None:
+        out["validation_set"] = held.digest
+    return out

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from training.jobs.accounting import PrivacyEvent, events_for_pipeline, project_budget
 from training.jobs.selectors import committed_privacy_events
+from training.jobs.spec import training_records
 from training.models import SiteDataset, TrainingJob
 
 __all__ = ["BudgetCheck", "check_budgets"]
@@ -67,7 +68,7 @@ def check_budgets(job: TrainingJob, spec: dict, participants: list) -> BudgetChe
             rounds=1,
             local_epochs=spec["local_epochs"],
             batch_size=spec["batch_size"],
-            num_records=dataset.num_records,
+            num_records=training_records(dataset.num_records, spec),
         )
         projection = project_budget(
             institution=institution.name,

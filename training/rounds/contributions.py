@@ -3,11 +3,16 @@ anyone can recompute it (docs/architecture.md, section 4, step 3; issue 5).
 
 Per closed round, :func:`round_score` values coalitions of the sites whose updates were accepted
 (the ``delta/`` and ``mask/`` tensors they actually shared, after their privacy filters) by the
-validation metric, on the consortium's validation set, of the model the coalition's updates make
-from the round's input model (:class:`training.fl.coalition.CoalitionUtility`: FedAvg for
-``fedavg``, the sum of the masked deltas for ``cyclic``), and scores the sites with the job's
-method (:mod:`training.fl.contribution`; the spec's ``contribution``, see
-``training.jobs.spec.contribution_settings``).
+validation metric of the model the coalition's updates make from the round's input model
+(:class:`training.fl.coalition.CoalitionUtility`: FedAvg for ``fedavg``, the sum of the masked
+deltas for ``cyclic``), and scores the sites with the job's method
+(:mod:`training.fl.contribution`; the spec's ``contribution``, see
+``training.jobs.spec.contribution_settings``). Where the metric is measured is the spec's
+``evaluation``: on the consortium's validation set (``central``), or by the sites on their own
+validation shares (``sites``: :mod:`training.rounds.site_evaluation` asks them after the round
+closes, with the coalitions planned up front; the round is scored when their evaluation closes,
+from their signed reports, each coalition's value being its model's metric weighted by the
+reporting sites' records).
 
 When, and in which transaction. Scoring evaluates up to 2^8 models per round (more than the
 round itself costs), so it runs *after* the round-close transaction has committed, outside any
@@ -38,11 +43,13 @@ site (the pages' queries), which points back at the entry's ``seq``.
 
 from __future__ import annotations
 
+import datetime as dt
 import logging
 import time
 from collections import defaultdict
 
 from django.db import transaction
+from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import sha256_hex
@@ -50,18 +57,29 @@ from audit.ledger.chain import append_entry, lock_chain
 from audit.ledger.selectors import subjects_recorded
 from training.jobs.selectors import round_with_job
 from training.jobs.spec import contribution_settings
-from training.models import ContributionScore, JobState, Round, SiteUpdate, TrainingJob
+from training.models import (
+    ContributionScore,
+    JobState,
+    Round,
+    RoundEvaluation,
+    SiteUpdate,
+    TrainingJob,
+)
+from training.rounds import site_evaluation
 from training.rounds.aggregation import accepted_updates
 from training.rounds.states import build_model, dataset_of, load_state, load_update
+from training.rounds.validation_sets import validation_set_of
 
 log = logging.getLogger(__name__)
 
 __all__ = [
     "MIXED",
+    "evaluation_close_and_score",
     "job_score_missing",
     "round_contributions",
     "round_score",
     "round_seed",
+    "scores_tick",
 ]
 
 MIXED = "mixed"
@@ -90,7 +108,6 @@ def round_contributions(rnd: Round):
     # Lazy torch: the engine's modules load it, and only a process that scores pays for it.
     from training.fl.coalition import CoalitionUtility
     from training.fl.contribution import compute
-    from training.fl.data import load_validation_set
 
     # Through the coordinator's own definitions (training.rounds.states and .aggregation): one
     # way an update artifact reads and the job's model is built, whatever the engine changes.
@@ -99,8 +116,10 @@ def round_contributions(rnd: Round):
     updates = accepted_updates(rnd)
     if not updates:
         raise ScoringUnavailable("no accepted update to score")
+    if site_evaluation.evaluates_at_sites(job):
+        return _from_site_reports(rnd, updates)
     try:
-        x, y = load_validation_set(spec["dataset_key"])
+        x, y, held = validation_set_of(job)
     except ValueError as exc:
         raise ScoringUnavailable(f"no consortium validation set: {exc}") from exc
     dataset = dataset_of(job, spec)
@@ -127,7 +146,57 @@ def round_contributions(rnd: Round):
         tolerance=settings.get("tolerance", 0.0),
         seed=round_seed(job, rnd.index),
     )
-    return result, utility.metric, updates
+    return result, utility.metric, updates, ({"validation_set": held.digest} if held else {})
+
+
+def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
+    """Scores from the sites' evaluation reports of the round's coalition models: each
+    coalition's value is its model's metric weighted by the reporting sites' records
+    (:mod:`training.rounds.site_evaluation`). The method and parameters are those the
+    coalitions were planned for, so the method needs no coalition the sites were not asked."""
+    from training.fl.coalition import metric_for
+    from training.fl.contribution import compute
+
+    reports = site_evaluation.reported_evaluations(rnd)
+    if reports is None:
+        raise ScoringUnavailable("the sites were never asked to evaluate this round's models")
+    if not reports.reports:
+        raise ScoringUnavailable(
+            "no site reported its evaluation of the round's models in time (asked: "
+            f"{', '.join(reports.missing)})"
+        )
+    evaluation = reports.evaluation
+    metric = metric_for(dataset_of(rnd.job, rnd.job.spec).modality)
+    by_digest = reports.values(metric)
+    table = {
+        frozenset(m["sites"]): by_digest[m["digest"]]
+        for m in evaluation.asked_models
+        if m["role"] == site_evaluation.ROLE_COALITION
+    }
+    plan = evaluation.plan
+    players = plan["players"]
+    if sorted(players) != sorted(u.institution.slug for u in updates):
+        raise ScoringUnavailable("the round's accepted updates changed after its evaluation")
+
+    def lookup(coalition):
+        return table[frozenset(coalition)]
+
+    params = dict(plan["params"])
+    result = compute(
+        plan["method"],
+        players,
+        lookup,
+        permutations=int(params.get("permutations", 1)),
+        truncation=float(params.get("truncation", 0.0)),
+        tolerance=float(params.get("tolerance", 0.0)),
+        seed=int(params["seed"]),
+    )
+    basis = {
+        "evaluated_at": "sites",
+        "site_records": reports.site_records,
+        "missing": reports.missing,
+    }
+    return result, metric, updates, basis
 
 
 def _recorded(event_names, subject_type: str, subject_id) -> bool:
@@ -148,16 +217,20 @@ def round_score(round_id: int) -> str:
             rnd.pk,
         ):
             return "already"
+        if site_evaluation.evaluates_at_sites(rnd.job):
+            pending = _site_evaluation_pending(rnd)
+            if pending:
+                return pending
         started = time.perf_counter()
         try:
-            result, metric, updates = round_contributions(rnd)
+            result, metric, updates, basis = round_contributions(rnd)
         except ScoringUnavailable as exc:
             return _record_unavailable(rnd, str(exc))
         except Exception as exc:  # noqa: BLE001 - scoring must never fail a closed round
             log.exception("scoring the contributions of %s failed", rnd)
             return _record_unavailable(rnd, f"scoring failed: {exc}")
         seconds = time.perf_counter() - started
-        outcome = _record_scores(rnd, result, metric, updates)
+        outcome = _record_scores(rnd, result, metric, updates, basis)
         log.info(
             "%s: %s by %s, %d evaluations in %.2f s",
             rnd,
@@ -170,6 +243,57 @@ def round_score(round_id: int) -> str:
     except Exception:  # noqa: BLE001 - e.g. the database went away: the command can redo it
         log.exception("recording the contributions of round #%s failed", round_id)
         return "error"
+
+
+def _site_evaluation_pending(rnd: Round) -> str:
+    """For a round evaluated at the sites: ask them if nobody has yet (``"requested"``), wait
+    while they report (``"pending"``), or ``""`` once their evaluation is closed and the round
+    can be scored. A failure to ask is recorded as the reason the round has no scores."""
+    state = RoundEvaluation.objects.filter(round=rnd).values_list("state", flat=True).first()
+    if state is None:
+        try:
+            outcome = site_evaluation.evaluation_request(
+                rnd.pk, seed=round_seed(rnd.job, rnd.index)
+            )
+        except Exception as exc:  # noqa: BLE001 - a closed round must never fail here
+            log.exception("asking the sites to evaluate %s failed", rnd)
+            return _record_unavailable(rnd, f"the sites could not be asked to evaluate: {exc}")
+        return outcome if outcome != "already" else "pending"
+    if state != RoundEvaluation.State.CLOSED:
+        return "pending"
+    return ""
+
+
+def evaluation_close_and_score(round_id: int, *, now=None) -> str:
+    """Close a round's evaluation at the sites if it is done, then score the round (the
+    ``training.round_evaluation_maybe_close`` task, sent after each site's report)."""
+    outcome = site_evaluation.evaluation_maybe_close(round_id, now=now)
+    if outcome == "closed":
+        round_score(round_id)
+    return outcome
+
+
+def scores_tick(*, now=None) -> dict[str, list[int]]:
+    """The coordinator's periodic pass over evaluations at the sites: ask for the evaluations
+    a coordinator died before asking for, send again lost site tasks, close evaluations past
+    their deadline and score their rounds."""
+    now = now or timezone.now()
+    done = site_evaluation.evaluations_tick(now=now)
+    for round_id in done["closed"]:
+        round_score(round_id)
+    done["requested"] = []
+    # A coordinator restarts within the hour; older rounds: ``manage.py score_contributions``.
+    for round_id in site_evaluation.rounds_without_evaluation(since=now - dt.timedelta(hours=1)):
+        rnd = round_with_job(round_id)
+        if rnd is None or _recorded(
+            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
+            _ROUND_LABEL,
+            rnd.pk,
+        ):
+            continue
+        if round_score(round_id) == "requested":
+            done["requested"].append(round_id)
+    return done
 
 
 def _record_unavailable(rnd: Round, reason: str) -> str:
@@ -192,7 +316,9 @@ def _record_unavailable(rnd: Round, reason: str) -> str:
     return "unavailable"
 
 
-def _record_scores(rnd: Round, result, metric: str, updates: list[SiteUpdate]) -> str:
+def _record_scores(
+    rnd: Round, result, metric: str, updates: list[SiteUpdate], basis: dict | None = None
+) -> str:
     job = rnd.job
     institutions = {u.institution.slug: u.institution for u in updates}
     with transaction.atomic():
@@ -217,6 +343,7 @@ def _record_scores(rnd: Round, result, metric: str, updates: list[SiteUpdate]) -
                 "coalitions": result.coalitions(),
                 "scores": {slug: result.scores[slug] for slug in sorted(result.scores)},
                 "evaluations": result.evaluations,
+                **(basis or {}),
             },
         )
         ContributionScore.objects.bulk_create(

@@ -77,7 +77,8 @@ from training.models import (
 from training.rounds import aggregation, states
 from training.rounds.artifacts import ArtifactError
 from training.rounds.budgets import check_budgets
-from training.rounds.contributions import round_score
+from training.rounds.contributions import round_score, scores_tick
+from training.rounds.site_evaluation import evaluates_at_sites
 
 log = logging.getLogger(__name__)
 
@@ -454,7 +455,11 @@ def _aggregate_and_finish(round_id: int) -> str:
         else:
             state = aggregation.fedavg(states.load_state(parent.digest), updates)
         digest, size = states.store_state(state)
-        metrics = _finite(aggregation.evaluate(spec, dataset, state))
+        if evaluates_at_sites(job):
+            # Measured by the sites after the close (training.rounds.site_evaluation).
+            metrics = {"validation": "pending: evaluated at the sites after the round"}
+        else:
+            metrics = _finite(aggregation.evaluate(job, dataset, state))
     except (ValueError, ArtifactError, OSError, RuntimeError) as exc:
         log.exception("aggregation of %s failed", rnd)
         _fail_round(rnd, f"aggregation failed: {exc}", from_state=Round.State.AGGREGATING)
@@ -509,7 +514,9 @@ def _aggregate_and_finish(round_id: int) -> str:
             _complete(job, model)
         else:
             round_open(job, rnd.index + 1, model)
-    round_score(rnd.pk)  # contribution scores, after the commit: own transaction, never raises
+    # Contribution scores (and, for a job evaluated at the sites, the request to evaluate),
+    # after the commit: own transaction, never raises.
+    round_score(rnd.pk)
     return "closed"
 
 
@@ -536,6 +543,7 @@ class TickReport:
     failed: list = field(default_factory=list)
     resumed: list = field(default_factory=list)
     redispatched: list = field(default_factory=list)
+    evaluations: dict = field(default_factory=dict)
     errors: list = field(default_factory=list)
 
 
@@ -564,7 +572,9 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
        jobs that no longer run (a lost ``round_maybe_close`` costs at most one tick);
     3. aggregate again rounds left aggregating by a coordinator that died;
     4. resume running jobs whose latest round is closed but whose next round was never opened;
-    5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS``.
+    5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS``;
+    6. evaluations at the sites (``contributions.scores_tick``): ask for those never asked,
+       send again lost evaluation tasks, close those past their deadline and score them.
     """
     now = now or timezone.now()
     report = TickReport()
@@ -609,6 +619,9 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     for update in lost:
         if _guard(report, f"sending again update #{update.pk}")(_redispatch)(update, now):
             report.redispatched.append(update.pk)
+
+    evaluations = _guard(report, "evaluations at the sites")(scores_tick)(now=now) or {}
+    report.evaluations = {k: v for k, v in evaluations.items() if v}
     return report
 
 

@@ -1,5 +1,6 @@
-"""The REST endpoints a site worker uses (under ``/api/site/``), authenticated
-only by site tokens.
+"""The REST endpoints a site worker uses (under ``/api/site/v1/``: the prefix is set once, in
+``training.api_urls``), authenticated only by site tokens, for a worker that states the site
+protocol this server speaks.
 
 A site worker holds no central database credentials (docs/architecture.md, section 2). Its
 data steward creates its credentials in the browser: an API token (shown once)
@@ -11,11 +12,19 @@ A browser session, a password or any other scheme is refused here (401): these
 endpoints answer sites, and nothing else answers sites. A revoked or unknown
 token is 401 too, saying which (``training.rounds.site_api_auth``, which also holds
 the base of these views; their bodies are in ``training.rounds.site_api_serializers``).
+Every request also states the worker's site protocol (``X-Site-Protocol: 1``,
+``training.site.protocol``); a missing or other one is refused with 426 and a message that
+says which side to upgrade.
 
 Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
 404, the same as a missing one):
 
-* ``GET  whoami/`` -- the site and credential the token belongs to;
+* ``GET  whoami/`` -- the site and credential the token belongs to, with the registered
+  public key (a worker checks its signing key against it);
+* ``GET  datasets/`` -- the data sets this site registered, as the worker must find them
+  under its ``DATA_ROOT`` (``run_site_worker --check``);
+* ``POST heartbeat/`` -- the worker is online: its release, device and host
+  (``training.rounds.heartbeats``);
 * ``GET  jobs/<job_id>/`` -- the job's canonical spec (``spec_text``, whose
   SHA-256 is ``spec_digest``), its state, the round now open, if any (with this
   site's update status and the model it was sent in it), and the site's own
@@ -91,6 +100,7 @@ from training.rounds.site_api_serializers import (
     UpdateResultSerializer,
     WhoAmISerializer,
 )
+from training.rounds.site_api_status import HeartbeatView, SiteDatasetsView
 from training.rounds.site_selectors import (
     NotAsked,
     site_job,
@@ -158,6 +168,7 @@ class WhoAmIView(SiteAPIView):
                     "credential": credential.label,
                     "token_prefix": credential.token_prefix,
                     "key_fingerprint": key_fingerprint(credential.public_key),
+                    "public_key": credential.public_key,
                 }
             ).data
         )
@@ -480,21 +491,24 @@ def _read_body(request, *, credential, job_id: int, round_index: int) -> bytes:
     return b"".join(chunks)
 
 
+# Under the site API's prefix (``/api/site/v1/``), which ``training.api_urls`` adds.
 urlpatterns = [
-    path("site/whoami/", WhoAmIView.as_view(), name="site-whoami"),
-    path("site/jobs/<int:job_id>/", SiteJobView.as_view(), name="site-job"),
+    path("whoami/", WhoAmIView.as_view(), name="site-whoami"),
+    path("datasets/", SiteDatasetsView.as_view(), name="site-datasets"),
+    path("heartbeat/", HeartbeatView.as_view(), name="site-heartbeat"),
+    path("jobs/<int:job_id>/", SiteJobView.as_view(), name="site-job"),
     path(
-        "site/jobs/<int:job_id>/models/<str:digest>/",
+        "jobs/<int:job_id>/models/<str:digest>/",
         SiteModelView.as_view(),
         name="site-model",
     ),
     path(
-        "site/jobs/<int:job_id>/rounds/<int:round_index>/model/",
+        "jobs/<int:job_id>/rounds/<int:round_index>/model/",
         SiteRoundModelView.as_view(),
         name="site-round-model",
     ),
     path(
-        "site/jobs/<int:job_id>/rounds/<int:round_index>/update/",
+        "jobs/<int:job_id>/rounds/<int:round_index>/update/",
         SiteUpdateView.as_view(),
         name="site-update",
     ),

@@ -1,10 +1,18 @@
-"""Who may call the site API (``/api/site/``): site tokens only.
+"""Who may call the site API (``/api/site/v1/``): site tokens only, from a worker that speaks
+this server's site protocol.
 
 Every request carries ``Authorization: Site fls_...``, the token of a worker's credentials
 (``training.rounds.credentials``). A browser session, a password or any other scheme is refused
 (401): these endpoints answer sites, and nothing else answers sites. A revoked or unknown token
 is 401 too, saying which. :class:`SiteAPIView` is the base of every site endpoint
 (``training.rounds.site_api``): site tokens only, and every error as ``{"detail", "code"}``.
+
+Once the token is accepted, the request's ``X-Site-Protocol`` must name a site protocol this
+server speaks (``training.site.protocol``, the one constant both sides import); a missing or
+other one is refused with 426 Upgrade Required, ``code`` ``protocol_mismatch``, and a message
+saying which side to upgrade. The token comes first so that a browser session or a wrong
+token is told about the token, not the protocol. (No ``Upgrade`` header goes with the 426:
+this is not an HTTP protocol switch, and WSGI forbids that hop-by-hop header anyway.)
 """
 
 from __future__ import annotations
@@ -18,8 +26,16 @@ from rest_framework.views import APIView
 
 from training.models import SiteCredential
 from training.rounds.credentials import site_credential_authenticate, site_token_revoked
+from training.site.protocol import PROTOCOL_HEADER, SITE_PROTOCOL, protocol_refusal
 
-__all__ = ["AUTH_KEYWORD", "IsSite", "SiteAPIView", "SiteTokenAuthentication", "SiteTokenScheme"]
+__all__ = [
+    "AUTH_KEYWORD",
+    "IsSite",
+    "ProtocolMismatch",
+    "SiteAPIView",
+    "SiteTokenAuthentication",
+    "SiteTokenScheme",
+]
 
 AUTH_KEYWORD = "Site"
 
@@ -67,7 +83,10 @@ class SiteTokenScheme(OpenApiAuthenticationExtension):
             "in": "header",
             "name": "Authorization",
             "description": "A site worker's token: `Site fls_...` (created by the "
-            "institution's data steward; shown once).",
+            "institution's data steward; shown once). Every request also states the "
+            f"worker's site protocol, `{PROTOCOL_HEADER}: {SITE_PROTOCOL}`: without it, or "
+            "with another, the answer is 426 with `code` `protocol_mismatch` and what to "
+            "upgrade.",
         }
 
 
@@ -78,16 +97,34 @@ class IsSite(BasePermission):
         return isinstance(request.auth, SiteCredential)
 
 
+class ProtocolMismatch(exceptions.APIException):
+    """The worker states no site protocol, or one this server does not speak."""
+
+    status_code = 426
+    default_code = "protocol_mismatch"
+    default_detail = "This server does not speak the site protocol of this worker."
+
+
 class SiteAPIView(APIView):
-    """Base of the site endpoints: site tokens only, and every error as
+    """Base of the site endpoints: site tokens only, the site protocol this server speaks
+    (``site_protocol`` is the one the request stated), and every error as
     ``{"detail", "code"}``."""
 
     authentication_classes = [SiteTokenAuthentication]
     permission_classes = [IsSite]
+    site_protocol: int
 
     @property
     def credential(self) -> SiteCredential:
         return self.request.auth
+
+    def initial(self, request, *args, **kwargs):
+        super().initial(request, *args, **kwargs)  # the token first (401), then the protocol
+        sent = request.headers.get(PROTOCOL_HEADER)
+        refusal = protocol_refusal(sent)
+        if refusal:
+            raise ProtocolMismatch(refusal)
+        self.site_protocol = int(sent)
 
     def permission_denied(self, request, message=None, code=None):
         raise exceptions.NotAuthenticated(

@@ -9,6 +9,8 @@ from consortium.governance.api.serializers import ErrorSerializer
 from training.models import JobState, SiteUpdate
 
 __all__ = [
+    "HeartbeatResultSerializer",
+    "HeartbeatSerializer",
     "OpenRoundSerializer",
     "SiteDatasetSerializer",
     "SiteErrorSerializer",
@@ -34,6 +36,10 @@ class WhoAmISerializer(serializers.Serializer):
     token_prefix = serializers.CharField()
     key_fingerprint = serializers.CharField(
         help_text="The first 16 hex digits of the SHA-256 of the registered public key (PEM)."
+    )
+    public_key = serializers.CharField(
+        help_text="The registered Ed25519 public key (PEM) against which this credential's "
+        "updates are verified: the worker's SITE_SIGNING_KEY must be its private key."
     )
 
 
@@ -91,4 +97,44 @@ class UpdateResultSerializer(serializers.Serializer):
     received_at = serializers.DateTimeField()
     duplicate = serializers.BooleanField(
         help_text="True when this update had already been accepted (nothing changed)."
+    )
+
+
+#: What a heartbeat's ``device`` may say: the CPU, or a CUDA device with its name.
+DEVICE_PATTERN = r"^(cpu|cuda:[^\x00-\x1f]{1,190})$"
+
+
+class HeartbeatSerializer(serializers.Serializer):
+    """A worker's heartbeat (``training.site.heartbeat``); its protocol is the request's
+    ``X-Site-Protocol``."""
+
+    version = serializers.RegexField(
+        r"^[A-Za-z0-9][A-Za-z0-9.+_-]{0,63}$",
+        help_text="The worker's software release (e.g. 0.1.0).",
+        error_messages={"invalid": "Send the release as letters, digits and . + _ - only."},
+    )
+    device = serializers.RegexField(
+        DEVICE_PATTERN,
+        help_text='What the worker trains on: "cpu", or "cuda:<device name>".',
+        error_messages={"invalid": 'Send "cpu" or "cuda:<device name>".'},
+    )
+    hostname = serializers.CharField(max_length=255, allow_blank=True, required=False, default="")
+    interval_seconds = serializers.IntegerField(
+        min_value=5,
+        max_value=3600,
+        help_text="Seconds until the next heartbeat (SITE_HEARTBEAT_SECONDS): the worker is "
+        "shown offline after three intervals without one.",
+    )
+    uptime_seconds = serializers.FloatField(
+        min_value=0,
+        required=False,
+        default=0,
+        help_text="Seconds since the worker process started.",
+    )
+
+
+class HeartbeatResultSerializer(serializers.Serializer):
+    last_seen_at = serializers.DateTimeField()
+    online_until = serializers.DateTimeField(
+        help_text="When the worker is shown offline unless it reports again."
     )

@@ -15,7 +15,9 @@ from training.models import (
     JobParticipant,
     JobState,
     Round,
+    RoundEvaluation,
     SiteCredential,
+    SiteEvaluation,
     SiteUpdate,
     TrainingJob,
 )
@@ -105,11 +107,21 @@ def site_round_start(credential: SiteCredential, job_id: int, round_index: int) 
 def site_may_read_model(credential: SiteCredential, job: TrainingJob, digest: str) -> bool:
     """Whether the site may download model ``digest`` of ``job``: one of the job's global
     models, or the model the site itself was sent for one of its rounds (in a cyclic round,
-    the previous site's result). Another site's start model is not among them."""
+    the previous site's result), or a coalition model it is asked to evaluate while it is.
+    Another site's start model is not among them."""
     if not is_digest(digest):
         return False
     if GlobalModel.objects.filter(job=job, digest=digest).exists():
         return True
-    return SiteUpdate.objects.filter(
+    if SiteUpdate.objects.filter(
         round__job=job, institution_id=credential.institution_id, start_digest=digest
-    ).exists()
+    ).exists():
+        return True
+    # A coalition model the site is asked to evaluate now (training.rounds.site_evaluation).
+    asked = RoundEvaluation.objects.filter(
+        round__job=job,
+        state=RoundEvaluation.State.COLLECTING,
+        site_evaluations__institution_id=credential.institution_id,
+        site_evaluations__status=SiteEvaluation.Status.ASKED,
+    ).values_list("asked_models", flat=True)
+    return any(m.get("digest") == digest for models in asked for m in models)

@@ -17,7 +17,8 @@ from django.conf import settings
 
 from training import queues
 from training.jobs.approvals import jobs_expire_overdue
-from training.rounds import coordinator
+from training.rounds import contributions, coordinator
+from training.site.evaluation import NotEvaluatedHere, run_site_evaluation
 from training.site.worker import WrongSite, run_site_round
 
 
@@ -79,4 +80,30 @@ def site_train(
         )
     except WrongSite as exc:
         # A task for another site reached this worker: never run it, never requeue it here.
+        raise Reject(str(exc), requeue=False) from exc
+
+
+@shared_task(name=queues.ROUND_EVALUATION_MAYBE_CLOSE.name, ignore_result=True)
+def round_evaluation_maybe_close(round_id: int) -> str:
+    """Close a round's evaluation at the sites if every site reported, then score the round."""
+    return contributions.evaluation_close_and_score(round_id)
+
+
+@shared_task(
+    name=queues.SITE_EVALUATE.name,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.FL_SITE_TASK_SOFT_LIMIT,
+    time_limit=settings.FL_SITE_TASK_HARD_LIMIT,
+)
+def site_evaluate(*, job_id: int, round_index: int, site: str, spec_digest: str) -> dict:
+    """Evaluate a round's models on this site's validation share and report them (runs on
+    ``site.<slug>``; ``training.site.evaluation``)."""
+    try:
+        return run_site_evaluation(
+            job_id=job_id, round_index=round_index, site=site, spec_digest=spec_digest
+        )
+    except (WrongSite, NotEvaluatedHere) as exc:
+        # Never run here, never requeued: the centre records the site as missing.
         raise Reject(str(exc), requeue=False) from exc

@@ -7,19 +7,21 @@ REST API (``training.rounds.site_api``), authenticated as its site, with its cli
 (:mod:`training.site.client`). Its task message carries ids and digests only; everything else
 it fetches and checks:
 
-1. the model the site starts from (``GET /api/site/jobs/<id>/rounds/<index>/model/``), which
+1. the model the site starts from (``GET /api/site/v1/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
    (the update was already received, e.g. a second delivery of the task; the round closed;
    the job stopped) ends the task with nothing to do. The model must be the task's
    ``start_digest`` (its header, and its SHA-256), and the job's spec digest (its
    ``X-Spec-Digest`` header) the task's ``spec_digest``: the round's global model, or in a
    cyclic round the previous site's result. The update is the delta from that model;
-2. the job (``GET /api/site/jobs/<id>/``), once per spec digest: the canonical spec must hash
+2. the job (``GET /api/site/v1/jobs/<id>/``), once per spec digest: the canonical spec must hash
    to the task's ``spec_digest`` (so the site trains exactly what its approver approved).
    A spec is immutable for its digest, so it is kept in memory (:func:`job_spec`, per
    credential, job and digest) and every later round costs one request before training,
    not two; a task with another digest fetches and checks the job again;
-3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``), local training
+3. local data (``training.fl.data.load_site_data`` under ``DATA_ROOT``; when the job evaluates
+   at the sites, less the validation share the site keeps aside, :func:`training_share`), local
+   training
    (``training.fl.local.train_local``; DP-SGD happens there), the privacy pipeline on the
    update (``training.fl.filters.apply_pipeline``), all on site;
 4. the update packed in its wire format (``training.fl.update.pack_update``), signed with the
@@ -57,10 +59,11 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
+from training.fl.holdout import holdout_seed
 from training.fl.signing import sign_update, update_message
 from training.fl.update import pack_update
 from training.jobs.registry import model_registry
-from training.jobs.spec import canonical_spec_text
+from training.jobs.spec import EVALUATION_SITES, canonical_spec_text, evaluation_settings
 from training.jobs.spec import spec_digest as digest_of_spec
 from training.site.client import CentralClient, CentralError, WorkerConfig
 
@@ -204,6 +207,27 @@ def _save_optimizer_state(path: Path, state) -> None:
     tmp.replace(path)
 
 
+def holdout_of(data, *, spec: dict, spec_digest: str, site: str):
+    """``(training part, x_val, y_val)`` when the job evaluates at the sites (the site keeps
+    its validation share aside: :mod:`training.fl.holdout`), else ``None``."""
+    settings = evaluation_settings(spec)
+    if settings["where"] != EVALUATION_SITES:
+        return None
+    from training.fl.data import split_holdout  # lazy torch: see the module docstring
+
+    return split_holdout(
+        data,
+        fraction=settings["validation_fraction"],
+        seed=holdout_seed(spec_digest, site),
+    )
+
+
+def training_share(data, *, spec: dict, spec_digest: str, site: str):
+    """The records this site trains on in the job: all, or all but its validation share."""
+    split = holdout_of(data, spec=spec, spec_digest=spec_digest, site=site)
+    return data if split is None else split[0]
+
+
 def run_site_round(
     *,
     job_id: int,
@@ -275,8 +299,11 @@ def run_site_round(
     from training.fl.models import build_model
     from training.fl.serialization import unpack_tensors
 
-    data = load_site_data(
-        data_root=config.data_root, dataset_key=spec["dataset_key"], site_slug=site
+    data = training_share(
+        load_site_data(data_root=config.data_root, dataset_key=spec["dataset_key"], site_slug=site),
+        spec=spec,
+        spec_digest=spec_digest,
+        site=site,
     )
     model = build_model(
         model_registry()[spec["model"]["name"]].class_path,

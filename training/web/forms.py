@@ -362,3 +362,41 @@ class SiteCredentialForm(forms.Form):
         "stays there (SITE_SIGNING_KEY), the public key goes here. Leave empty to use the "
         "worker key registered on the institution.",
     )
+
+
+# --- Central validation sets ---------------------------------------------------------------
+
+
+class ValidationSetForm(forms.Form):
+    """A central validation set: the data set key it validates, the file, and the steward's
+    confirmation that these records go to the consortium's server."""
+
+    key = forms.ChoiceField(
+        label="Data set key",
+        help_text="The key the sites registered the data set under; the records must have its "
+        "shape.",
+    )
+    file = forms.FileField(
+        label="File (.csv or .npz)",
+        help_text="A CSV like a site's own: a header row, a 'label' column of class indices "
+        "(0, 1, 2, ...) and numeric feature columns. Or an .npz archive (numpy.savez) of "
+        "'images' with 'labels' (classification) or 'masks' (segmentation).",
+    )
+    confirmed = forms.BooleanField(
+        label="I confirm that these records may be sent to the consortium's server, where "
+        "models are evaluated on them, as the agreement in force allows.",
+    )
+
+    def __init__(self, *args, keys, max_bytes: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["key"].choices = [("", "— choose a key —"), *_choices(keys)]
+        self.max_bytes = max_bytes
+
+    def clean_file(self):
+        uploaded = self.cleaned_data["file"]
+        if uploaded.size > self.max_bytes:
+            raise forms.ValidationError(
+                f"The file has {uploaded.size} bytes; a central validation set may have at "
+                f"most {self.max_bytes}."
+            )
+        return uploaded

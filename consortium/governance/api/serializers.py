@@ -233,6 +233,11 @@ class TermsInputSerializer(serializers.Serializer):
     required_dp_mechanism = serializers.ChoiceField(choices=DPMechanism.choices)
     epsilon_cap = serializers.DecimalField(max_digits=8, decimal_places=3)
     delta = serializers.DecimalField(max_digits=12, decimal_places=10)
+    allows_central_validation_set = serializers.BooleanField(
+        required=False,
+        help_text="An institution's data steward may send records to the consortium's server "
+        "for central validation. Left out: false on a new agreement, unchanged on an edit.",
+    )
     valid_from = serializers.DateField()
     valid_until = serializers.DateField()
     text = serializers.CharField(trim_whitespace=False)
@@ -332,6 +337,7 @@ _VERSION_FIELDS = [
     "required_dp_mechanism",
     "epsilon_cap",
     "delta",
+    "allows_central_validation_set",
     "valid_from",
     "valid_until",
     "content_digest",

@@ -1,6 +1,18 @@
 """Agreements: drafting one, editing and amending its versions' terms, publishing a version
 (freezing it under the digest a signature binds to) and signing the version in force for an
-institution."""
+institution.
+
+The digested terms (:func:`version_terms`) are a format that signatures already made depend
+on: a version's ``content_digest`` is recorded in its signatures and in the ledger, and is
+recomputed from the row whenever anyone checks it. A term added later must therefore leave
+the terms of every version written before it unchanged. The rule, for
+``allows_central_validation_set`` and any later term with a default: the term enters the
+terms only when it differs from its default (``False`` here), which is exactly what every
+earlier version means by not naming it. So an old version's digest stays what was signed,
+and a version that allows a central validation set has a digest that says so (the signer
+signs that permission too). A version-number field for the format was the alternative; it
+would have changed every old digest unless itself left out by default, which is this rule.
+"""
 
 from __future__ import annotations
 
@@ -39,10 +51,15 @@ TERM_FIELDS = (
     "required_dp_mechanism",
     "epsilon_cap",
     "delta",
+    "allows_central_validation_set",
     "valid_from",
     "valid_until",
     "text",
 )
+
+#: Terms added after versions were signed, with the default that earlier versions mean by
+#: leaving them out: :func:`version_terms` names them only when they differ from it.
+LATER_TERMS = {"allows_central_validation_set": False}
 
 
 def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
@@ -90,6 +107,9 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
         ):
             errors[name] = f"Must be above {low} and at most {high}."
         terms[name] = value
+    allows = terms.get("allows_central_validation_set")
+    if allows is not None and not isinstance(allows, bool):
+        errors["allows_central_validation_set"] = "Answer yes or no (true or false)."
     start, end = terms.get("valid_from"), terms.get("valid_until")
     if start and end and end < start:
         errors["valid_until"] = "The agreement cannot end before it starts."
@@ -102,7 +122,16 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
 
 
 def version_terms(version: AgreementVersion) -> dict[str, Any]:
-    """The version's terms as canonical, JSON-ready values."""
+    """The version's terms as canonical, JSON-ready values: what its digest is taken over.
+
+    A term of :data:`LATER_TERMS` is named only when it differs from its default, so the terms
+    (and the digest) of a version written before the term existed are unchanged (module
+    docstring)."""
+    later = {
+        name: getattr(version, name)
+        for name, default in LATER_TERMS.items()
+        if getattr(version, name) != default
+    }
     return {
         "agreement_id": version.agreement_id,
         "number": version.number,
@@ -116,6 +145,7 @@ def version_terms(version: AgreementVersion) -> dict[str, Any]:
         "valid_from": version.valid_from.isoformat(),
         "valid_until": version.valid_until.isoformat(),
         "text": version.text,
+        **later,
     }
 
 
@@ -134,6 +164,10 @@ def agreement_create(
     # Older clients do not send permitted purposes: every purpose is permitted then.
     if terms.get("permitted_purposes") is None:
         terms["permitted_purposes"] = all_purposes()
+    # Nor do they know the later terms: each takes the default an older version means.
+    for name, default in LATER_TERMS.items():
+        if terms.get(name) is None:
+            terms[name] = default
     missing = [f for f in TERM_FIELDS if terms.get(f) in (None, "")]
     if missing:
         raise ValidationError({f: "This term is required." for f in missing})

@@ -19,16 +19,29 @@ from consortium.governance.models import Consortium, Institution, Membership, Ro
 from consortium.governance.permissions import forget_grants
 from consortium.governance.services.recording import record_governance_event
 
+#: Not a consortium's slug: .../consortia/new/ is the operator's page that starts one.
+RESERVED_CONSORTIUM_SLUGS = frozenset({"new"})
+
 
 def consortium_create(
-    *, acting_user, name: str, slug: str = "", description: str = ""
+    *,
+    acting_user,
+    name: str,
+    slug: str = "",
+    description: str = "",
+    acting_user_joins: bool = True,
 ) -> Consortium:
+    """Create a consortium; the acting user becomes its administrator unless
+    ``acting_user_joins`` is false (the operator starting one for others:
+    :func:`~consortium.governance.services.bootstrap.consortium_start`)."""
     slug = slug or slugify(name)
+    if slug in RESERVED_CONSORTIUM_SLUGS:
+        raise ValidationError({"slug": f"'{slug}' is reserved: choose another slug."})
     if Consortium.objects.filter(slug=slug).exists():
         raise ConflictError(f"A consortium with the slug '{slug}' already exists.")
     with transaction.atomic():
         consortium = Consortium.objects.create(name=name, slug=slug, description=description)
-        if acting_user is not None:
+        if acting_user is not None and acting_user_joins:
             Membership.objects.create(
                 user=acting_user, consortium=consortium, role=Role.CONSORTIUM_ADMIN
             )

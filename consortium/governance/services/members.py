@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.password_validation import validate_password
 from django.core.exceptions import ValidationError
 from django.core.mail import send_mail
+from django.core.validators import validate_email
 from django.db import IntegrityError, transaction
 from django.urls import reverse
 from django.utils import timezone
@@ -68,6 +69,10 @@ def invitation_create(
     email = (email or "").strip().lower()
     if not email:
         raise ValidationError({"email": "An email address is required."})
+    try:
+        validate_email(email)
+    except ValidationError:
+        raise ValidationError({"email": f"'{email}' is not an email address."}) from None
     _check_role_scope(role, institution)
     if institution is not None and institution.consortium_id != consortium.pk:
         raise ValidationError({"institution": "That institution is not in this consortium."})

@@ -54,6 +54,7 @@ from training.demo.processes import (
     Supervisor,
     central_worker_argv,
     demo_env,
+    demo_site_url,
     free_port,
     http_ok,
     port_free,
@@ -220,10 +221,15 @@ class Command(BaseCommand):
     # --- the run ---
 
     def _run(self, consortium, sites: list[SiteFiles], port: int, options) -> None:
-        url = f"http://127.0.0.1:{port}"
-        env = demo_env()
+        # The server and the site workers meet on 127.0.0.1:<port>; every link (the mail the
+        # demo, the server and the coordinator send, the dashboard printed here) names SITE_URL,
+        # which follows the port unless the environment sets it.
+        local = f"http://127.0.0.1:{port}"
+        url = demo_site_url(port)
+        settings.SITE_URL = url
+        env = demo_env(url)
 
-        self.say(f"Starting the central server on {url} …")
+        self.say(f"Starting the central server on {local} …")
         server = self.sup.start("server", server_argv(port), env)
         self.say("Starting the coordinator (Celery worker with beat, queue central) …")
         central = self.sup.start("central-worker", central_worker_argv(self.var), env)
@@ -234,13 +240,13 @@ class Command(BaseCommand):
                 self.sup.start(
                     f"site-{site.slug}",
                     site_worker_argv(),
-                    site_worker_env(env, site, central_url=url, var=self.var),
+                    site_worker_env(env, site, central_url=local, var=self.var),
                 )
             )
 
         self._wait(
             "the central server",
-            lambda: http_ok(url + "/health/"),
+            lambda: http_ok(local + "/health/"),
             limit=90,
         )
         self._wait(

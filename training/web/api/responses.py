@@ -20,7 +20,7 @@ class ProblemSerializer(serializers.Serializer):
 
     term = serializers.CharField(
         help_text="agreement, participants, withdrawn, signature, purpose, model_family, "
-        "shared_fraction, dp_mechanism, dataset or budget."
+        "shared_fraction, dp_mechanism, dataset, central_validation_set or budget."
     )
     institution = serializers.CharField(
         allow_blank=True, help_text="The institution's slug, or empty for the whole job."

@@ -17,8 +17,10 @@ from consortium.governance.pages import GovernanceForm, GovernancePage
 from consortium.governance.permissions import grants_of
 from training.jobs import selectors
 from training.jobs.approvals import approval_decide
-from training.jobs.describe import describe_contribution
+from training.jobs.central_validation import uploaded_summary
+from training.jobs.describe import describe_contribution, describe_evaluation
 from training.models import Approval, JobState
+from training.rounds.heartbeats import site_workers
 from training.web.forms import DecisionForm
 from training.web.presenters import job_review
 from training.web.views.mixins import JobMixin, job_detail_url
@@ -49,10 +51,11 @@ class ApprovalInboxView(GovernancePage):
 
 
 class JobReviewView(JobMixin, GovernanceForm):
-    """What the job will do with the approver's data, in plain words, and the
-    decision form. The form carries the digest and agreement version that were
-    shown: if either changed before the decision arrives, the decision is
-    refused as stale and the current job is shown instead."""
+    """What the job will do with the approver's data, in plain words, whether each
+    participating site's worker is online (so an approver does not approve a job that no
+    worker will run), and the decision form. The form carries the digest and agreement
+    version that were shown: if either changed before the decision arrives, the decision
+    is refused as stale and the current job is shown instead."""
 
     permission_required = "training.decide_job"
     template_name = "training/job_review.html"
@@ -104,9 +107,13 @@ class JobReviewView(JobMixin, GovernanceForm):
         decisions = selectors.current_decisions(job)
         institutions = list(self.approver_institutions())
         awaiting = [i for i in institutions if i.pk not in decisions]
+        participants = [p.institution for p in selectors.active_participants(job)]
+        workers = site_workers(i.pk for i in participants)
         return super().get_context_data(
+            site_workers=[(i, workers[i.pk]) for i in participants],
             review=job_review(job, institutions, decisions),
             contribution_text=describe_contribution(job.spec),
+            evaluation_text=describe_evaluation(job.spec, uploaded=uploaded_summary(job)),
             awaiting=awaiting,
             open_for_decision=job.state == JobState.AWAITING_APPROVAL and bool(awaiting),
             stale_message=self.stale_message,

@@ -1,8 +1,10 @@
 """Pages for a site's worker credentials: the list and the form that creates one (its token
-shown once), and revoking one.
+shown once, with the worker's whole environment), and revoking one.
 """
 
 from __future__ import annotations
+
+import urllib.parse
 
 from django.conf import settings
 from django.contrib import messages
@@ -15,6 +17,7 @@ from consortium.core.pages import first_or_404
 from consortium.governance.pages import GovernanceForm, GovernancePage, InstitutionScopedMixin
 from training.models import SiteCredential
 from training.rounds.credentials import site_credential_create, site_credential_revoke
+from training.site.broker import site_username
 from training.web.forms import SiteCredentialForm
 
 
@@ -50,10 +53,36 @@ class SiteCredentialListView(InstitutionScopedMixin, GovernanceForm):
                 credential=credential,
                 token=token,
                 central_url=settings.SITE_URL,
+                broker=worker_broker_setting(settings.CELERY_BROKER_URL, self.institution.slug),
+                private_ca=settings.SITE_URL.startswith("https://"),
             ),
         )
         response["Cache-Control"] = "no-store"
         return response
+
+
+def worker_broker_setting(broker_url: str, slug: str) -> dict:
+    """What the credentials page says of the worker's ``CELERY_BROKER_URL``: ``{"kind",
+    "value"}``. The central server's broker with the site's own account and a password
+    placeholder (RabbitMQ: each site has its account, ``site-<slug>``), Redis's address with a
+    placeholder, or nothing for the embedded broker (kind ``embedded``: only a worker on this
+    machine reaches it). Never the central server's own user or password."""
+    url = (broker_url or "").strip()
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    if not url or scheme in {"filesystem", "memory"}:
+        return {"kind": "embedded", "value": ""}
+    host = parts.hostname or "broker-host"
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port else host
+    if scheme.startswith("amqp") or scheme.startswith("pyamqp"):
+        account = site_username(slug)
+        value = f"{scheme}://{account}:<password of {account}>@{netloc}{parts.path or '/'}"
+        return {"kind": "rabbitmq", "value": value, "account": account}
+    if scheme.startswith("redis") or scheme.startswith("rediss"):
+        return {"kind": "redis", "value": f"{scheme}://:<redis password>@{netloc}{parts.path}"}
+    return {"kind": "other", "value": f"{scheme}://<user>:<password>@{netloc}{parts.path}"}
 
 
 class SiteCredentialRevokeView(InstitutionScopedMixin, GovernancePage):

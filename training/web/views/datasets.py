@@ -49,6 +49,7 @@ class DatasetListView(InstitutionScopedMixin, GovernancePage):
                 institution=self.institution
             ),
             can_manage=self.can("training.manage_datasets", self.institution),
+            can_upload_validation_set=self.can("training.upload_validation_set", self.institution),
             **kwargs,
         )
 

@@ -14,8 +14,9 @@ from consortium.core.errors import ServiceError
 from consortium.core.pages import apply_service_errors, error_message
 from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
 from training.jobs import selectors
+from training.jobs.central_validation import uploaded_summary
 from training.jobs.compliance import ComplianceError
-from training.jobs.describe import describe_contribution, describe_pipeline
+from training.jobs.describe import describe_contribution, describe_evaluation, describe_pipeline
 from training.jobs.proposals import (
     job_cancel,
     job_create_draft,
@@ -253,6 +254,7 @@ class JobDetailView(JobMixin, GovernancePage):
             spec_pretty=job_spec_json(job),
             participants=participants,
             contribution_text=describe_contribution(spec),
+            evaluation_text=describe_evaluation(spec, uploaded=uploaded_summary(job)),
             accountability=accountability,
             live_state=job_live_state(job, account=accountability),
             ledger=entries_about(TrainingJob._meta.label_lower, str(job.pk)),

@@ -1,0 +1,379 @@
+"""Evaluation at the sites: a round's metric and its contribution scores without central data
+(docs/architecture.md, section 4, step 3).
+
+A job whose spec evaluates at the ``sites`` (``training.jobs.spec.evaluation_settings``: the
+default whenever the data set is not a bundled one) has no validation set at the centre. So,
+after each round closes, the coordinator:
+
+1. plans the coalitions its contribution method needs, at most the spec's ``max_models``
+   (:func:`training.fl.contribution.plan_coalitions`), builds each coalition's model from the
+   sites' shared updates exactly as central scoring does
+   (:class:`training.fl.coalition.CoalitionUtility`), stores them as artifacts, and asks every
+   active participant to evaluate them and the round's model (:func:`evaluation_request`:
+   ``RoundEvaluation`` and one ``SiteEvaluation`` per site, the ledger's
+   ``evaluation.requested``, then one ``training.site_evaluate`` task per site queue);
+2. takes each site's signed report (``training.rounds.evaluation_intake``, behind ``POST
+   /api/site/.../rounds/<index>/evaluation/``): the report must name exactly the models asked,
+   carry finite figures and a record count no larger than the site's registered data set, and
+   verify against the site's registered key; it is written to the ledger verbatim
+   (``evaluation.reported``, text and signature), so anyone can check it later;
+3. closes the evaluation once every site asked has reported, or at its deadline (the spec's
+   round timeout after the request) with whatever came in (:func:`evaluation_maybe_close`):
+   the round's metrics are the sites' figures weighted by their records (``round.evaluated``,
+   and the round's ``GlobalModel.metrics``), the sites that did not report are named, and the
+   contribution scores are computed from the same reports
+   (:func:`training.rounds.contributions.round_score`, whose ``contribution.scored`` entry
+   then says ``evaluated_at: "sites"``, on which sites' records the values rest, and which
+   sites were missing).
+
+Training does not wait for it: the next round opens when the round closes, and the site's
+queue runs the evaluation and the next round's training one after the other. Every step is a
+compare-and-set on our own rows, safe to run twice; :func:`evaluations_tick` (from the
+coordinator's periodic pass) sends again a site task that has not reported and closes
+evaluations past their deadline; ``training.rounds.contributions`` requests the evaluations a
+coordinator died before requesting.
+
+What a site learns: a coalition model is built from other sites' shared updates, so a site
+that evaluates it sees (a function of) those updates, which it would not with central
+evaluation. The approver's review page says so (``training.jobs.describe``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+
+from celery import current_app
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from audit.ledger import events as ledger_events
+from audit.ledger.chain import append_entry, lock_chain
+from training import queues
+from training.fl.evaluation_report import (
+    EvaluationReport,
+    combine,
+    parse_report,
+)
+from training.jobs.spec import EVALUATION_SITES, contribution_settings, evaluation_settings
+from training.models import (
+    JobParticipant,
+    Round,
+    RoundEvaluation,
+    SiteEvaluation,
+    TrainingJob,
+)
+from training.rounds.aggregation import accepted_updates
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "evaluates_at_sites",
+    "evaluation_maybe_close",
+    "evaluation_request",
+    "evaluations_tick",
+    "reported_evaluations",
+    "rounds_without_evaluation",
+]
+
+#: How a round's coalition models are marked in ``RoundEvaluation.asked_models``.
+ROLE_GLOBAL = "global"
+ROLE_COALITION = "coalition"
+
+
+def evaluates_at_sites(job: TrainingJob) -> bool:
+    return evaluation_settings(job.spec)["where"] == EVALUATION_SITES
+
+
+# --- 1. Asking the sites ------------------------------------------------------------------------
+
+
+def _plan(job: TrainingJob, players: list[str], seed: int) -> tuple[str, dict, list]:
+    from training.fl.contribution import plan_coalitions
+
+    settings_ = contribution_settings(job.spec)
+    method, params, coalitions = plan_coalitions(
+        settings_["method"],
+        players,
+        max_models=evaluation_settings(job.spec)["max_models"],
+        permutations=settings_.get("permutations", 1),
+        truncation=settings_.get("truncation", 0.0),
+        tolerance=settings_.get("tolerance", 0.0),
+        seed=seed,
+    )
+    return method, params, coalitions
+
+
+def _build_models(rnd: Round, job: TrainingJob, coalitions: list) -> list[dict]:
+    """Store each coalition's model; ``[{"digest", "sites", "role"}]`` with the round's model."""
+    # Lazy torch: the engine's modules load it, and only the coordinator pays for it.
+    import torch
+
+    from training.fl.coalition import CoalitionUtility
+    from training.rounds.states import build_model, dataset_of, load_state, load_update, store_state
+
+    spec = job.spec
+    updates = accepted_updates(rnd)
+    shared = {}
+    for update in updates:
+        delta, mask = load_update(update.update_digest)
+        shared[update.institution.slug] = (delta, mask or None, update.samples)
+    dataset = dataset_of(job, spec)
+    utility = CoalitionUtility(
+        base_state=load_state(rnd.global_model_in.digest),
+        updates=shared,
+        model=build_model(spec, dataset),
+        x=torch.empty(0),
+        y=torch.empty(0),
+        modality=dataset.modality,
+        combine="sum" if spec["topology"] == "cyclic" else "mean",
+    )
+    rows = [
+        {
+            "digest": rnd.global_model_out.digest,
+            "sites": sorted(shared),
+            "role": ROLE_GLOBAL,
+        }
+    ]
+    for coalition in coalitions:
+        state = {name: t.detach().clone() for name, t in utility.state_of(coalition).items()}
+        digest, _size = store_state(state)
+        rows.append({"digest": digest, "sites": sorted(coalition), "role": ROLE_COALITION})
+    return rows
+
+
+def evaluation_request(round_id: int, *, seed: int) -> str:
+    """Ask the sites to evaluate a closed round's models (see the module docstring); ``seed``
+    is the contribution method's (``training.rounds.contributions.round_seed``). Returns
+    ``"requested"``, ``"already"``, ``"not_closed"`` or ``"not_sites"``; raises when the models
+    cannot be built (the caller records why the round cannot be scored)."""
+    rnd = (
+        Round.objects.select_related("job__consortium", "global_model_in", "global_model_out")
+        .filter(pk=round_id)
+        .first()
+    )
+    if rnd is None or rnd.state != Round.State.CLOSED or rnd.global_model_out is None:
+        return "not_closed"
+    job = rnd.job
+    if not evaluates_at_sites(job):
+        return "not_sites"
+    if RoundEvaluation.objects.filter(round=rnd).exists():
+        return "already"
+    players = sorted(u.institution.slug for u in accepted_updates(rnd))
+    method, params, coalitions = _plan(job, players, seed)
+    asked_models = _build_models(rnd, job, coalitions)
+    now = timezone.now()
+    deadline = now + dt.timedelta(seconds=int(job.spec["round_timeout_seconds"]))
+    with transaction.atomic():
+        lock_chain()
+        if RoundEvaluation.objects.filter(round=rnd).exists():
+            return "already"
+        participants = list(
+            JobParticipant.objects.filter(job=job, status=JobParticipant.Status.ACTIVE)
+            .select_related("institution")
+            .order_by("institution__slug")
+        )
+        evaluation = RoundEvaluation.objects.create(
+            round=rnd,
+            global_digest=rnd.global_model_out.digest,
+            asked_models=asked_models,
+            plan={"method": method, "params": params, "players": players},
+            requested_at=now,
+            deadline=deadline,
+        )
+        SiteEvaluation.objects.bulk_create(
+            SiteEvaluation(evaluation=evaluation, institution=p.institution, sent_at=now)
+            for p in participants
+        )
+        append_entry(
+            event=ledger_events.EVALUATION_REQUESTED,
+            subject=rnd,
+            consortium_slug=job.consortium.slug,
+            payload={
+                "job_id": job.pk,
+                "round": rnd.index,
+                "global_digest": evaluation.global_digest,
+                "models": asked_models,
+                "plan": evaluation.plan,
+                "sites": [p.institution.slug for p in participants],
+                "deadline": deadline.isoformat(),
+            },
+        )
+        for participant in participants:
+            _send_evaluate_task(job, rnd.index, participant.institution.slug)
+    log.info(
+        "%s: %d model(s) sent to %d site(s) for evaluation (%s)",
+        rnd,
+        len({m["digest"] for m in asked_models}),
+        len(participants),
+        method,
+    )
+    return "requested"
+
+
+def _send_evaluate_task(job: TrainingJob, round_index: int, slug: str) -> None:
+    kwargs = {
+        "job_id": job.pk,
+        "round_index": round_index,
+        "site": slug,
+        "spec_digest": job.spec_digest,
+    }
+    queue = queues.site_queue(slug)
+    transaction.on_commit(
+        lambda: current_app.send_task(queues.SITE_EVALUATE.name, kwargs=kwargs, queue=queue)
+    )
+
+
+# --- 3. Closing -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SiteReports:
+    """The reports a closed (or closing) evaluation rests on."""
+
+    evaluation: RoundEvaluation
+    reports: list[EvaluationReport]
+    missing: list[str]
+
+    @property
+    def site_records(self) -> dict[str, int]:
+        return {r.site: r.records for r in sorted(self.reports, key=lambda r: r.site)}
+
+    def values(self, metric: str) -> dict[str, float]:
+        """Each model's ``metric``, weighted by the reporting sites' records."""
+        return combine(self.reports, metric)
+
+
+def reported_evaluations(rnd: Round) -> SiteReports | None:
+    """The sites' reports on a round's models, or None when no evaluation was requested."""
+    evaluation = RoundEvaluation.objects.filter(round=rnd).first()
+    if evaluation is None:
+        return None
+    rows = list(evaluation.site_evaluations.select_related("institution"))
+    reports = [
+        parse_report(r.report_text) for r in rows if r.status == SiteEvaluation.Status.REPORTED
+    ]
+    missing = sorted(r.institution.slug for r in rows if r.status != SiteEvaluation.Status.REPORTED)
+    return SiteReports(evaluation=evaluation, reports=reports, missing=missing)
+
+
+def evaluation_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
+    """Close a round's evaluation when every site asked has reported or its deadline passed,
+    and record the round's metrics (the caller then scores its contributions:
+    ``training.rounds.contributions.evaluation_close_and_score``). Returns ``"closed"``,
+    ``"waiting"`` or ``"not_collecting"``."""
+    now = now or timezone.now()
+    evaluation = (
+        RoundEvaluation.objects.select_related("round__job__consortium", "round__global_model_out")
+        .filter(round_id=round_id)
+        .first()
+    )
+    if evaluation is None or evaluation.state != RoundEvaluation.State.COLLECTING:
+        return "not_collecting"
+    waiting = evaluation.site_evaluations.filter(status=SiteEvaluation.Status.ASKED).exists()
+    if waiting and now < evaluation.deadline:
+        return "waiting"
+    rnd = evaluation.round
+    job = rnd.job
+    with transaction.atomic():
+        lock_chain()
+        moved = RoundEvaluation.objects.filter(
+            pk=evaluation.pk, state=RoundEvaluation.State.COLLECTING
+        ).update(state=RoundEvaluation.State.CLOSED, closed_at=now)
+        if not moved:
+            return "not_collecting"
+        evaluation.site_evaluations.filter(status=SiteEvaluation.Status.ASKED).update(
+            status=SiteEvaluation.Status.MISSING
+        )
+        reports = reported_evaluations(rnd)
+        assert reports is not None  # noqa: S101 - it was just read above
+        metrics = _round_metrics(reports, evaluation.global_digest)
+        model = rnd.global_model_out
+        model.metrics = metrics
+        model.save(update_fields=["metrics"])
+        append_entry(
+            event=ledger_events.ROUND_EVALUATED,
+            subject=rnd,
+            consortium_slug=job.consortium.slug,
+            payload={
+                "job_id": job.pk,
+                "round": rnd.index,
+                "global_digest": evaluation.global_digest,
+                "metrics": metrics,
+                "site_records": reports.site_records,
+                "missing": reports.missing,
+            },
+        )
+    if reports.missing:
+        log.warning("%s: evaluation closed without %s", rnd, ", ".join(reports.missing))
+    return "closed"
+
+
+def _round_metrics(reports: SiteReports, global_digest: str) -> dict:
+    if not reports.reports:
+        return {
+            "validation": "unavailable: no site reported its evaluation in time "
+            f"(asked: {', '.join(reports.missing)})"
+        }
+    names = sorted(set.intersection(*(set(r.results[global_digest]) for r in reports.reports)))
+    metrics: dict = {}
+    for name in names:
+        metrics["validation_" + name] = reports.values(name)[global_digest]
+    records = sum(r.records for r in reports.reports)
+    metrics["validation_records"] = records
+    metrics["validation_sites"] = len(reports.reports)
+    return metrics
+
+
+# --- The periodic pass --------------------------------------------------------------------------
+
+
+def evaluations_tick(*, now: dt.datetime | None = None) -> dict[str, list[int]]:
+    """Send again the task of a site that has not reported after
+    ``FL_REDISPATCH_AFTER_SECONDS``, and close the evaluations past their deadline (``closed``:
+    their rounds' ids, for the caller to score)."""
+    now = now or timezone.now()
+    done: dict[str, list[int]] = {"resent": [], "closed": []}
+    after = dt.timedelta(seconds=getattr(settings, "FL_REDISPATCH_AFTER_SECONDS", 300))
+    for row in SiteEvaluation.objects.filter(
+        status=SiteEvaluation.Status.ASKED,
+        evaluation__state=RoundEvaluation.State.COLLECTING,
+        sent_at__lte=now - after,
+    ).select_related("evaluation__round__job", "institution"):
+        with transaction.atomic():
+            if SiteEvaluation.objects.filter(pk=row.pk, sent_at=row.sent_at).update(sent_at=now):
+                job = row.evaluation.round.job
+                _send_evaluate_task(job, row.evaluation.round.index, row.institution.slug)
+                done["resent"].append(row.pk)
+    for round_id in list(
+        RoundEvaluation.objects.filter(
+            state=RoundEvaluation.State.COLLECTING, deadline__lte=now
+        ).values_list("round_id", flat=True)
+    ):
+        if evaluation_maybe_close(round_id, now=now) == "closed":
+            done["closed"].append(round_id)
+    return done
+
+
+def rounds_without_evaluation(*, since: dt.datetime) -> list[int]:
+    """Closed rounds (since ``since``) of jobs that evaluate at the sites, with no evaluation
+    requested: a coordinator that died between a round's close and its request. Each job's
+    spec is read once."""
+    rows = (
+        Round.objects.filter(
+            state=Round.State.CLOSED, evaluation__isnull=True, closed_at__gte=since
+        )
+        .order_by("pk")
+        .values_list("pk", "job_id")
+    )
+    by_job: dict[int, bool] = {}
+    out = []
+    for round_id, job_id in rows:
+        if job_id not in by_job:
+            job = TrainingJob.objects.only("spec_text").get(pk=job_id)
+            by_job[job_id] = evaluates_at_sites(job)
+        if by_job[job_id]:
+            out.append(round_id)
+    return out
