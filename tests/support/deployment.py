@@ -1,0 +1,252 @@
+"""Run the production layout of docs/deploy/ for real (tests/deploy/): the systemd units' commands
+with their environment files, nginx with the shipped proxy configuration, and an HTTPS client
+that trusts only the deployment's own certificate authority.
+
+Nothing here invents a command: :func:`unit_commands` reads ``ExecStartPre=``/``ExecStart=`` from
+the unit files and only moves the installation's paths (``/srv/...``) into the test's folder and
+this checkout, and its port to a free one; :func:`read_env_file` reads the environment files,
+and the test overrides only the values the files mark ``CHANGE-ME`` or name as this machine's
+(hosts, paths, ports).
+"""
+
+from __future__ import annotations
+
+import http.cookiejar
+import json
+import os
+import re
+import shlex
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "docs" / "deploy"
+VENV_BIN = Path(sys.executable).parent
+
+__all__ = [
+    "DEPLOY",
+    "HTTPS",
+    "Processes",
+    "free_port",
+    "nginx_config",
+    "read_env_file",
+    "unit_commands",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """``KEY=VALUE`` lines (systemd's EnvironmentFile format: no quoting, ``#`` comments)."""
+    out = {}
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        key, _, value = line.partition("=")
+        out[key.strip()] = value.strip()
+    return out
+
+
+def unit_commands(unit: Path, *, paths: dict[str, str], port: int | None = None) -> list[list[str]]:
+    """The unit's ``ExecStartPre=`` then ``ExecStart=`` commands, as argument lists, with the
+    installation's paths replaced (longest first) and systemd's ``%H`` expanded."""
+    commands = []
+    for line in unit.read_text().splitlines():
+        key, _, value = line.partition("=")
+        if key.strip() not in ("ExecStartPre", "ExecStart"):
+            continue
+        for old in sorted(paths, key=len, reverse=True):
+            value = value.replace(old, paths[old])
+        value = value.replace("%H", socket.gethostname()).replace("%%", "%")
+        argv = shlex.split(value)
+        if port is not None and "--port" in argv:
+            argv[argv.index("--port") + 1] = str(port)
+        commands.append(argv)
+    return commands
+
+
+def nginx_config(
+    folder: Path, *, https_port: int, http_port: int, upstream_port: int, cert: Path, key: Path
+) -> Path:
+    """A whole nginx.conf for an unprivileged nginx under ``folder`` that includes the shipped
+    site configuration with this machine's ports, certificate and name."""
+    site = (DEPLOY / "nginx" / "consortium.conf").read_text()
+    site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
+    site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
+    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+    site = site.replace("/etc/ssl/consortium/fullchain.pem", str(cert))
+    site = site.replace("/etc/ssl/consortium/privkey.pem", str(key))
+    site = site.replace("consortium.example.org", "localhost")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "consortium.conf").write_text(site)
+    for sub in ("client", "proxy", "fastcgi", "uwsgi", "scgi", "logs"):
+        (folder / sub).mkdir(parents=True, exist_ok=True)
+    user = "user root;\n" if os.geteuid() == 0 else ""
+    conf = folder / "nginx.conf"
+    conf.write_text(
+        f"{user}daemon off;\nworker_processes 1;\npid {folder}/nginx.pid;\n"
+        f"error_log {folder}/logs/error.log warn;\n"
+        "events { worker_connections 256; }\n"
+        "http {\n"
+        f"  access_log {folder}/logs/access.log;\n"
+        f"  client_body_temp_path {folder}/client;\n  proxy_temp_path {folder}/proxy;\n"
+        f"  fastcgi_temp_path {folder}/fastcgi;\n  uwsgi_temp_path {folder}/uwsgi;\n"
+        f"  scgi_temp_path {folder}/scgi;\n"
+        f"  include {folder}/consortium.conf;\n"
+        "}\n"
+    )
+    return conf
+
+
+def nginx_binary() -> str | None:
+    return shutil.which("nginx") or next(
+        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).is_file()), None
+    )
+
+
+@dataclass
+class Processes:
+    """Child processes with their logs; all stopped (SIGTERM, then SIGKILL) by :meth:`stop`."""
+
+    logs: Path
+    running: dict[str, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str]) -> subprocess.Popen:
+        self.logs.mkdir(parents=True, exist_ok=True)
+        out = (self.logs / f"{name}.log").open("ab")
+        process = subprocess.Popen(  # noqa: S603 - the units' own commands
+            argv, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.running[name] = process
+        return process
+
+    def run(self, name: str, argv: list[str], env: dict[str, str], *, timeout=600) -> str:
+        """Run a command to its end; its output, or AssertionError with it when it fails."""
+        done = subprocess.run(  # noqa: S603
+            argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=False
+        )
+        self.logs.mkdir(parents=True, exist_ok=True)
+        (self.logs / f"{name}.log").write_text(done.stdout + done.stderr)
+        assert done.returncode == 0, (
+            f"{name} failed ({done.returncode}):\n{done.stdout}\n{done.stderr}"
+        )
+        return done.stdout
+
+    def check_alive(self) -> None:
+        dead = {n: p.returncode for n, p in self.running.items() if p.poll() is not None}
+        assert not dead, f"processes died: {dead}\n{self.tails()}"
+
+    def tails(self, lines: int = 40) -> str:
+        out = []
+        for name in self.running:
+            path = self.logs / f"{name}.log"
+            text = path.read_text(errors="replace").splitlines()[-lines:] if path.exists() else []
+            out.append(f"--- {name} ---\n" + "\n".join(text))
+        return "\n".join(out)
+
+    def stop(self) -> None:
+        for process in self.running.values():
+            if process.poll() is None:
+                os.killpg(process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + 20
+        for process in self.running.values():
+            try:
+                process.wait(timeout=max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait(timeout=10)
+
+
+class HTTPSError(AssertionError):
+    def __init__(self, status: int, body: str):
+        super().__init__(f"HTTP {status}: {body[:2000]}")
+        self.status = status
+        self.body = body
+
+
+class HTTPS:
+    """A client of the deployment through its proxy: TLS verified against ``ca`` only, with
+    cookies (for the pages' forms) or HTTP Basic (for the API)."""
+
+    def __init__(self, base: str, ca: Path, *, basic: tuple[str, str] | None = None):
+        self.base = base.rstrip("/")
+        context = ssl.create_default_context(cafile=str(ca))
+        self.jar = http.cookiejar.CookieJar()
+        self.opener = urllib.request.build_opener(
+            urllib.request.HTTPSHandler(context=context),
+            urllib.request.HTTPCookieProcessor(self.jar),
+        )
+        self.basic = basic
+
+    def request(self, method: str, path: str, *, data=None, form=None, headers=None):
+        url = path if path.startswith("http") else self.base + path
+        headers = dict(headers or {})
+        body = None
+        if data is not None:
+            body = json.dumps(data).encode()
+            headers["Content-Type"] = "application/json"
+        elif form is not None:
+            body = urllib.parse.urlencode(form).encode()
+            headers["Content-Type"] = "application/x-www-form-urlencoded"
+            headers["Referer"] = url
+        if self.basic:
+            import base64
+
+            token = base64.b64encode(f"{self.basic[0]}:{self.basic[1]}".encode()).decode()
+            headers["Authorization"] = f"Basic {token}"
+        request = urllib.request.Request(url, data=body, method=method, headers=headers)
+        try:
+            with self.opener.open(request, timeout=60) as response:
+                return response.status, response.read().decode("utf-8", "replace")
+        except urllib.error.HTTPError as exc:
+            raise HTTPSError(exc.code, exc.read().decode("utf-8", "replace")) from None
+
+    def json(self, method: str, path: str, data=None):
+        _status, text = self.request(method, path, data=data)
+        return json.loads(text)
+
+    def csrf(self) -> str:
+        return next(c.value for c in self.jar if c.name == "csrftoken")
+
+    def submit_form(self, path: str, fields: dict[str, str]) -> str:
+        """GET a page with a form, then POST ``fields`` with its CSRF token; the final page."""
+        _status, page = self.request("GET", path)
+        token = re.search(r'name="csrfmiddlewaretoken" value="([^"]+)"', page)
+        assert token, f"no form on {path}:\n{page[:1000]}"
+        _status, answer = self.request(
+            "POST", path, form={"csrfmiddlewaretoken": token.group(1), **fields}
+        )
+        return answer
+
+
+def wait_until(what: str, probe, *, timeout: float, every: float = 1.0, processes=None):
+    """Call ``probe`` until it returns a true value (which is returned)."""
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        if processes is not None:
+            processes.check_alive()
+        try:
+            value = probe()
+        except (OSError, HTTPSError, AssertionError, ValueError) as exc:
+            last, value = exc, None
+        if value:
+            return value
+        time.sleep(every)
+    tails = processes.tails() if processes is not None else ""
+    raise AssertionError(f"timed out waiting for {what} (last: {last})\n{tails}")
