@@ -22,13 +22,16 @@ from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from tests.support.agreements import add_institution, agreement_in_force
 from tests.support.coordinator_harness import job_payloads, propose_and_start
-from tests.support.fl_harness import OPEN_TERMS, Consortium3, Site, use_artifact_folder
+from tests.support.fl_harness import (
+    OPEN_TERMS,
+    Consortium3,
+    site_with_credentials,
+    use_artifact_folder,
+)
 from tests.support.training_fixtures import TrainingScene, offer_dataset
 from training.fl.data import demo_split, load_site_data
 from training.fl.holdout import training_count, validation_count
-from training.fl.signing import generate_keypair
 from training.models import GlobalModel, JobState, SiteUpdate
-from training.rounds.credentials import site_credential_create
 
 OWN_KEY = "ward-scans"
 
@@ -142,19 +145,11 @@ def make_png_consortium(cast, tmp_path, kind: Kind) -> Consortium3:
                 n_classes=kind.n_classes,
             )
         )
-        private_pem, public_pem = generate_keypair()
-        key_path = tmp_path / "keys" / f"{institution.slug}.pem"
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.write_bytes(private_pem)
-        key_path.chmod(0o600)
-        _credential, token = site_credential_create(
-            acting_user=cast.admin, institution=institution, label="worker", public_key=public_pem
-        )
         out.sites.append(
-            Site(
-                institution=institution,
-                token=token,
-                key_path=key_path,
+            site_with_credentials(
+                cast,
+                institution,
+                keys=tmp_path / "keys",
                 data_root=root,
                 num_records=data.num_records,
             )

@@ -154,21 +154,35 @@ def make_consortium3(
                 n_classes=2,
             )
         )
-        private_pem, public_pem = generate_keypair()
-        key_path = tmp_path / "keys" / f"{institution.slug}.pem"
-        key_path.parent.mkdir(parents=True, exist_ok=True)
-        key_path.write_bytes(private_pem)
-        key_path.chmod(0o600)
-        _credential, token = site_credential_create(
-            acting_user=cast.admin, institution=institution, label="worker", public_key=public_pem
-        )
         out.sites.append(
-            Site(
-                institution=institution,
-                token=token,
-                key_path=key_path,
+            site_with_credentials(
+                cast,
+                institution,
+                keys=tmp_path / "keys",
                 data_root=root,
                 num_records=data.num_records,
             )
         )
     return out
+
+
+def site_with_credentials(
+    cast, institution, *, keys: Path, data_root: Path, num_records: int
+) -> Site:
+    """A site of ``institution`` whose data is under ``data_root``: its own Ed25519 key (0600,
+    under ``keys``) and worker credentials created by the administrator."""
+    private_pem, public_pem = generate_keypair()
+    key_path = keys / f"{institution.slug}.pem"
+    key_path.parent.mkdir(parents=True, exist_ok=True)
+    key_path.write_bytes(private_pem)
+    key_path.chmod(0o600)
+    _credential, token = site_credential_create(
+        acting_user=cast.admin, institution=institution, label="worker", public_key=public_pem
+    )
+    return Site(
+        institution=institution,
+        token=token,
+        key_path=key_path,
+        data_root=data_root,
+        num_records=num_records,
+    )

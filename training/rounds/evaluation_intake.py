@@ -90,6 +90,20 @@ def evaluation_asked_of(credential: SiteCredential, job_id: int, round_index: in
     }
 
 
+def _already_reported(row: SiteEvaluation, report: str, *, slug: str, round_index: int) -> bool:
+    """True when the site already reported exactly this report (a harmless repeat); raises
+    :class:`EvaluationRefused` (409) when it reported another; False when it has not yet."""
+    if row.status != SiteEvaluation.Status.REPORTED:
+        return False
+    if row.report_text == report:
+        return True
+    raise EvaluationRefused(
+        f"{slug} already reported a different evaluation of round {round_index}.",
+        code="already_reported",
+        status=409,
+    )
+
+
 def evaluation_receive(
     *,
     credential: SiteCredential,
@@ -108,14 +122,8 @@ def evaluation_receive(
     evaluation = row.evaluation
     job = evaluation.round.job
     slug = credential.institution.slug
-    if row.status == SiteEvaluation.Status.REPORTED:
-        if row.report_text == report:
-            return row, True
-        raise EvaluationRefused(
-            f"{slug} already reported a different evaluation of round {round_index}.",
-            code="already_reported",
-            status=409,
-        )
+    if _already_reported(row, report, slug=slug, round_index=round_index):
+        return row, True
     try:
         parsed = parse_report(report)
     except ReportError as exc:
@@ -163,14 +171,8 @@ def evaluation_receive(
     with transaction.atomic():
         lock_chain()
         fresh = SiteEvaluation.objects.select_related("evaluation").get(pk=row.pk)
-        if fresh.status == SiteEvaluation.Status.REPORTED:
-            if fresh.report_text == report:
-                return fresh, True
-            raise EvaluationRefused(
-                f"{slug} already reported a different evaluation of round {round_index}.",
-                code="already_reported",
-                status=409,
-            )
+        if _already_reported(fresh, report, slug=slug, round_index=round_index):
+            return fresh, True
         if fresh.evaluation.state != RoundEvaluation.State.COLLECTING:
             raise EvaluationRefused(
                 f"The evaluation of round {round_index} of job #{job.pk} closed before this "

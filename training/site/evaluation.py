@@ -28,9 +28,15 @@ import logging
 
 from training.fl.evaluation_report import report_text
 from training.fl.signing import sign_update
-from training.jobs.registry import model_registry
 from training.site.client import CentralClient, CentralError, WorkerConfig
-from training.site.worker import IntegrityFailure, WrongSite, holdout_of, job_spec
+from training.site.worker import (
+    IntegrityFailure,
+    WrongSite,
+    holdout_of,
+    job_spec,
+    site_model,
+    skipped_when,
+)
 
 log = logging.getLogger(__name__)
 
@@ -65,16 +71,16 @@ def run_site_evaluation(
     try:
         asked = client.evaluation_request(job_id, round_index)
     except CentralError as exc:
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        if exc.status == 409 and code in _NOTHING_TO_DO:
-            log.info(
-                "job #%s round %s: no evaluation is asked of %s now (%s)",
-                job_id,
-                round_index,
-                site,
-                exc.body.get("detail", code),
-            )
-            return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
+        skipped = skipped_when(
+            exc,
+            _NOTHING_TO_DO,
+            what="evaluation",
+            job_id=job_id,
+            round_index=round_index,
+            site=site,
+        )
+        if skipped:
+            return skipped
         raise
     if asked.get("spec_digest") != spec_digest:
         raise IntegrityFailure(
@@ -91,7 +97,6 @@ def run_site_evaluation(
     from training.fl.data import load_site_data
     from training.fl.evaluate import evaluate
     from training.fl.local import pick_device
-    from training.fl.models import build_model
     from training.fl.serialization import unpack_tensors
 
     data = load_site_data(
@@ -101,12 +106,7 @@ def run_site_evaluation(
     if split is None:
         raise NotEvaluatedHere(f"job #{job_id} does not evaluate its models at the sites")
     _training, x_val, y_val = split
-    model = build_model(
-        model_registry()[spec["model"]["name"]].class_path,
-        input_shape=list(job.input_shape) if job.input_shape else data.input_shape,
-        n_classes=job.n_classes or data.n_classes,
-        params=spec["model"].get("params") or {},
-    ).to(pick_device())
+    model = site_model(job, data).to(pick_device())
     results: dict[str, dict[str, float]] = {}
     for digest in models:
         body = client.model(job_id, digest)

@@ -73,8 +73,13 @@ __all__ = [
     "IntegrityFailure",
     "JobSpec",
     "WrongSite",
+    "conflict_code",
+    "holdout_of",
     "job_spec",
     "run_site_round",
+    "site_model",
+    "skipped_when",
+    "training_share",
 ]
 
 SLEEP_BEFORE_UPLOAD_ENV = "FL_TEST_SLEEP_BEFORE_UPLOAD"
@@ -207,6 +212,47 @@ def _save_optimizer_state(path: Path, state) -> None:
     tmp.replace(path)
 
 
+def conflict_code(exc: CentralError) -> str | None:
+    """The ``code`` of a 409 answer of the central server, else None."""
+    if exc.status != 409 or not isinstance(exc.body, dict):
+        return None
+    return exc.body.get("code")
+
+
+def skipped_when(
+    exc: CentralError, codes: frozenset, *, what: str, job_id: int, round_index: int, site: str
+) -> dict | None:
+    """The task's summary when the central server answered that nothing is asked of this site
+    now (a 409 with one of ``codes``: a second delivery, a closed round...), logged; else None
+    (the caller raises)."""
+    code = conflict_code(exc)
+    if code not in codes:
+        return None
+    log.info(
+        "job #%s round %s: no %s is asked of %s now (%s); nothing to do",
+        job_id,
+        round_index,
+        what,
+        site,
+        exc.body.get("detail", code),
+    )
+    return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
+
+
+def site_model(job: JobSpec, data):
+    """The job's model for this site: the architecture its spec names, shaped by the job's data
+    set as the central server described it (else by the site's data). Loads torch."""
+    from training.fl.models import build_model  # lazy torch: see the module docstring
+
+    spec = job.spec
+    return build_model(
+        model_registry()[spec["model"]["name"]].class_path,
+        input_shape=list(job.input_shape) if job.input_shape else data.input_shape,
+        n_classes=job.n_classes or data.n_classes,
+        params=spec["model"].get("params") or {},
+    )
+
+
 def holdout_of(data, *, spec: dict, spec_digest: str, site: str):
     """``(training part, x_val, y_val)`` when the job evaluates at the sites (the site keeps
     its validation share aside: :mod:`training.fl.holdout`), else ``None``."""
@@ -255,17 +301,12 @@ def run_site_round(
     try:
         sent = client.round_model(job_id, round_index)
     except CentralError as exc:
-        code = exc.body.get("code") if isinstance(exc.body, dict) else None
-        if exc.status == 409 and code in _NOTHING_TO_DO:
-            log.info(
-                "job #%s round %s: no update is asked of %s now (%s); nothing to do",
-                job_id,
-                round_index,
-                site,
-                exc.body.get("detail", code),
-            )
-            return {"status": "skipped", "job_id": job_id, "round": round_index, "site": site}
-        if exc.status == 409 and code == "not_sent":
+        skipped = skipped_when(
+            exc, _NOTHING_TO_DO, what="update", job_id=job_id, round_index=round_index, site=site
+        )
+        if skipped:
+            return skipped
+        if conflict_code(exc) == "not_sent":
             raise IntegrityFailure(
                 f"job #{job_id} round {round_index}: the task starts from {start_digest[:12]}…, "
                 "but the central server has sent this site nothing yet"
@@ -296,7 +337,6 @@ def run_site_round(
     from training.fl.data import load_site_data
     from training.fl.filters import apply_pipeline
     from training.fl.local import pick_device, train_local
-    from training.fl.models import build_model
     from training.fl.serialization import unpack_tensors
 
     data = training_share(
@@ -305,12 +345,7 @@ def run_site_round(
         spec_digest=spec_digest,
         site=site,
     )
-    model = build_model(
-        model_registry()[spec["model"]["name"]].class_path,
-        input_shape=list(job.input_shape) if job.input_shape else data.input_shape,
-        n_classes=job.n_classes or data.n_classes,
-        params=spec["model"].get("params") or {},
-    )
+    model = site_model(job, data)
     model.load_state_dict(unpack_tensors(model_bytes))
 
     restart = bool(spec.get("momentum_restart", True))
