@@ -363,7 +363,9 @@ class SiteUpdate(models.Model):
     institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.DISPATCHED)
     samples = models.PositiveIntegerField(default=0)
-    update_digest = models.CharField(max_length=64, blank=True)
+    # Indexed: the intake looks every upload's digest up to refuse replays (a copy of an update
+    # already received is refused without counting against the site).
+    update_digest = models.CharField(max_length=64, blank=True, db_index=True)
     signature = models.TextField(blank=True)
     size_bytes = models.PositiveBigIntegerField(default=0)
     pipeline = models.JSONField(default=list, blank=True)

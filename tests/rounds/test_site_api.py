@@ -298,7 +298,9 @@ def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
         assert upload(world).status_code == 201
         send_task.assert_not_called()
         # Hospital B's update is the last one expected; it is rejected, and still counts.
-        rejected = upload(world, site=site_b, sign_with=world.site.private_pem)
+        rejected = upload(
+            world, site=site_b, tensors=update_tensors(seed=9), sign_with=world.site.private_pem
+        )
         assert rejected.json()["code"] == "bad_signature"
     send_task.assert_called_once_with(
         "training.round_maybe_close", args=[world.round.pk], queue="central"

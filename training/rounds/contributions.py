@@ -78,6 +78,7 @@ __all__ = [
     "job_score_missing",
     "round_contributions",
     "round_score",
+    "rescore_missing",
     "round_seed",
     "scores_tick",
 ]
@@ -273,10 +274,72 @@ def evaluation_close_and_score(round_id: int, *, now=None) -> str:
     return outcome
 
 
+#: How long after a round's close its scoring may still be in progress in the coordinator that
+#: closed it; past this, the periodic pass scores a round that has no contribution entry (the
+#: coordinator died between the close and the scoring, or the database dropped it).
+SCORE_GRACE_SECONDS = 120
+#: How far back the periodic pass looks for unscored rounds and job totals (older ones:
+#: ``manage.py score_contributions --job ID``), and how many rounds it scores per pass.
+RESCORE_WINDOW = dt.timedelta(hours=24)
+RESCORE_PER_PASS = 5
+
+
+def rescore_missing(*, now=None) -> dict[str, list[int]]:
+    """Score closed rounds that were never scored, and write the totals of completed jobs whose
+    rounds are all scored but whose ``contribution.job_scored`` was never written. Safe beside
+    a coordinator that is scoring the same round: recording is checked under the ledger's lock,
+    so a round is recorded once whoever gets there first."""
+    now = now or timezone.now()
+    since = now - RESCORE_WINDOW
+    grace = dt.timedelta(seconds=SCORE_GRACE_SECONDS)
+    closed = list(
+        Round.objects.filter(
+            state=Round.State.CLOSED, closed_at__gte=since, closed_at__lte=now - grace
+        )
+        # Waiting for the sites' evaluations is not a crash: their close scores the round.
+        .exclude(evaluation__state=RoundEvaluation.State.COLLECTING)
+        .order_by("pk")
+        .values_list("pk", flat=True)
+    )
+    recorded = {
+        int(pk)
+        for pk in subjects_recorded(
+            [ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE],
+            _ROUND_LABEL,
+            [str(pk) for pk in closed],
+        )
+    }
+    done: dict[str, list[int]] = {"rescored": [], "totals": []}
+    for round_id in [pk for pk in closed if pk not in recorded][:RESCORE_PER_PASS]:
+        outcome = round_score(round_id)
+        if outcome in ("scored", "unavailable"):
+            done["rescored"].append(round_id)
+    jobs = list(
+        TrainingJob.objects.filter(state=JobState.COMPLETED, state_changed_at__gte=since)
+        .select_related("consortium")
+        .order_by("pk")
+    )
+    totals = set(
+        subjects_recorded(
+            [ledger_events.CONTRIBUTION_JOB_SCORED], _JOB_LABEL, [str(j.pk) for j in jobs]
+        )
+    )
+    for job in jobs:
+        if str(job.pk) in totals:
+            continue
+        with transaction.atomic():
+            lock_chain()
+            _maybe_job_total(job)
+        if _recorded((ledger_events.CONTRIBUTION_JOB_SCORED,), _JOB_LABEL, job.pk):
+            done["totals"].append(job.pk)
+    return done
+
+
 def scores_tick(*, now=None) -> dict[str, list[int]]:
-    """The coordinator's periodic pass over evaluations at the sites: ask for the evaluations
-    a coordinator died before asking for, send again lost site tasks, close evaluations past
-    their deadline and score their rounds."""
+    """The coordinator's periodic pass over scores: ask for the evaluations at the sites a
+    coordinator died before asking for, send again lost site tasks, close evaluations past
+    their deadline and score their rounds, and score what a crash left unscored
+    (:func:`rescore_missing`)."""
     now = now or timezone.now()
     done = site_evaluation.evaluations_tick(now=now)
     for round_id in done["closed"]:
@@ -293,6 +356,7 @@ def scores_tick(*, now=None) -> dict[str, list[int]]:
             continue
         if round_score(round_id) == "requested":
             done["requested"].append(round_id)
+    done.update(rescore_missing(now=now))
     return done
 
 

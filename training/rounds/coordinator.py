@@ -13,7 +13,10 @@ Celery's result store, and every move is a compare-and-set update, so that
   visibility timeout);
 * after a coordinator restart the job resumes from its last completed round: a running job
   whose latest round is closed but has no next round gets it from :func:`rounds_tick`; a round
-  left aggregating by a killed coordinator is aggregated again.
+  left aggregating by a killed coordinator is aggregated again (after
+  ``FL_AGGREGATION_STALE_SECONDS``), and one whose aggregation hit a database error is handed
+  back at once and claimed again at the next tick; rounds a crash left unscored are scored by
+  the tick (``training.rounds.contributions.rescore_missing``).
 
 Lock order is the project's: the ledger chain (``audit.ledger.chain.lock_chain``) first, then rows.
 The slow work (building, aggregating and evaluating models) runs outside any transaction.
@@ -56,7 +59,7 @@ from dataclasses import dataclass, field
 
 from celery import current_app
 from django.conf import settings
-from django.db import transaction
+from django.db import DatabaseError, close_old_connections, transaction
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
@@ -440,7 +443,31 @@ def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
 
 
 def _aggregate_and_finish(round_id: int) -> str:
-    """Aggregate a round claimed for aggregation, then close it and move the job on."""
+    """Aggregate a round claimed for aggregation, then close it and move the job on.
+
+    A database error on the way (a dropped connection, a failover) must not leave the round
+    claimed until the stale timeout: the claim is handed back (AGGREGATING -> OPEN, a
+    compare-and-set) so that the next ``rounds_tick`` claims and aggregates it again, and
+    ``"retry"`` is returned. Nothing was committed for the round before the close's own
+    transaction, so aggregating again is safe. When even handing back fails (the database is
+    still away), the stale timeout is the last resort."""
+    try:
+        return _aggregate_and_finish_once(round_id)
+    except DatabaseError:
+        log.exception(
+            "aggregating round #%s hit a database error; handing the claim back", round_id
+        )
+        try:
+            close_old_connections()
+            Round.objects.filter(pk=round_id, state=Round.State.AGGREGATING).update(
+                state=Round.State.OPEN
+            )
+        except DatabaseError:
+            log.exception("round #%s stays claimed until the stale timeout", round_id)
+        return "retry"
+
+
+def _aggregate_and_finish_once(round_id: int) -> str:
     rnd = Round.objects.select_related("job__consortium", "global_model_in").get(pk=round_id)
     if rnd.state != Round.State.AGGREGATING:
         return "not_open"
@@ -572,7 +599,8 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
        jobs that no longer run (a lost ``round_maybe_close`` costs at most one tick);
     3. aggregate again rounds left aggregating by a coordinator that died;
     4. resume running jobs whose latest round is closed but whose next round was never opened;
-    5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS``;
+    5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS`` or
+       half their round's timeout, whichever is shorter (:func:`redispatch_delay`);
     6. evaluations at the sites (``contributions.scores_tick``): ask for those never asked,
        send again lost evaluation tasks, close those past their deadline and score them.
     """
@@ -606,23 +634,39 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
             report.resumed.append(job.pk)
 
     after = dt.timedelta(seconds=_setting("FL_REDISPATCH_AFTER_SECONDS", 300))
-    lost = (
+    # A round's lost task is sent again before its deadline whatever the two settings are:
+    # after FL_REDISPATCH_AFTER_SECONDS or half the round's timeout, whichever comes first.
+    soonest = min(after, dt.timedelta(seconds=MIN_ROUND_TIMEOUT_SECONDS / 2))
+    candidates = (
         SiteUpdate.objects.filter(
             status=SiteUpdate.Status.DISPATCHED,
             round__state=Round.State.OPEN,
             round__job__state=JobState.RUNNING,
-            sent_at__lte=now - after,  # a cyclic site not sent yet (null) is not lost
+            sent_at__lte=now - soonest,  # a cyclic site not sent yet (null) is not lost
         )
         .select_related("round__job__consortium", "round__global_model_in", "institution")
         .order_by("pk")
     )
-    for update in lost:
+    for update in candidates:
+        if update.sent_at > now - redispatch_delay(update.round, after):
+            continue
         if _guard(report, f"sending again update #{update.pk}")(_redispatch)(update, now):
             report.redispatched.append(update.pk)
 
     evaluations = _guard(report, "evaluations at the sites")(scores_tick)(now=now) or {}
     report.evaluations = {k: v for k, v in evaluations.items() if v}
     return report
+
+
+#: The shortest round timeout a spec may set (``training.jobs.spec``: round_timeout_seconds).
+MIN_ROUND_TIMEOUT_SECONDS = 10
+
+
+def redispatch_delay(rnd: Round, after: dt.timedelta) -> dt.timedelta:
+    """How long a site task of ``rnd`` may go unreported before it is sent again: ``after``
+    (``FL_REDISPATCH_AFTER_SECONDS``) or half the round's timeout, whichever is shorter, so a
+    lost task is always sent again before the round's deadline."""
+    return min(after, (rnd.deadline - rnd.opened_at) / 2)
 
 
 def _resume(job: TrainingJob) -> bool:

@@ -8,10 +8,24 @@ passes (size, digest, signature, the tensors against the model the site was sent
 format of ``training.fl.update``, finite values, samples, metadata). A refused update is
 recorded on its ``SiteUpdate`` (status rejected, with the reason) and in the ledger, and never
 counts; a closed round, an unknown job or round, or an update already received are only
-refused (:class:`UpdateRefused` says which, and the HTTP status to answer). The upload
+refused (:class:`UpdateRefused` says which, and the HTTP status to answer). The same update
+(same digest) as the site's accepted one is answered as a duplicate, whatever the round's state
+since: a worker that retries an upload whose answer it lost after the round closed is told
+its update counted, not that the round is closed. The upload
 (accepted, or rejected and recorded) that leaves no site of a FedAvg round expected asks the
 coordinator to close the round (``training.round_maybe_close``); in a cyclic round every upload
 does, so the next site is sent.
+
+A replay (``training.rounds.verification`` says what is one: an update signed for another job
+or round of this site, or a byte-identical copy of an update already received) is refused
+with 409 ``replayed_update`` and recorded nowhere: not on the site's ``SiteUpdate`` for the
+round, whose genuine upload is still taken, and not in the ledger, whose entries are acts of
+the site or of the consortium (a replay is neither: it is not this site's update for this
+round, and one recorded against the site's row would cost an honest site its round). It is
+logged as a warning, with the site, the credential and the round, for the operators. A copy
+is looked for at the first look only (one subquery, no query of its own): a replay of this
+site's update racing the original's own upload is still refused on its signature, which verifies
+for the original's round and not this one.
 
 The expensive checks (hashing, the signature, unpacking tensors) run before any lock is taken;
 then, in one transaction, the ledger chain is locked first and the rows after it (the project's
@@ -21,10 +35,12 @@ together.
 
 from __future__ import annotations
 
+import logging
+
 from celery import current_app
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Exists
+from django.db.models import Exists, OuterRef, Q, Subquery
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
@@ -38,12 +54,15 @@ from training.rounds.lookups import one_or_none
 from training.rounds.verification import (
     Rejected,
     Rejection,
+    Replayed,
     StartModelUnavailable,
     VerifiedUpdate,
     verify_upload,
 )
 
 __all__ = ["UpdateRefused", "update_receive", "update_refuse_oversize"]
+
+logger = logging.getLogger(__name__)
 
 
 class UpdateRefused(ServiceError):
@@ -115,10 +134,30 @@ def _check_round(rnd: Round | None, job: TrainingJob, round_index: int) -> None:
         )
 
 
-def _first_look(credential: SiteCredential, job_id: int, round_index: int):
+def _is_duplicate(update: SiteUpdate | None, digest: str) -> bool:
+    return (
+        update is not None
+        and update.status == SiteUpdate.Status.ACCEPTED
+        and bool(digest)
+        and update.update_digest == digest
+    )
+
+
+def _copies_of(digest: str, institution_id: int):
+    """The update rows that make an upload of ``digest`` a copy (see
+    ``training.rounds.verification``): this site's, whatever their status, and any site's
+    accepted one. (Another site's rejected row may hold a digest that was only declared.)"""
+    return SiteUpdate.objects.filter(update_digest=digest).filter(
+        Q(institution_id=institution_id) | Q(status=SiteUpdate.Status.ACCEPTED)
+    )
+
+
+def _first_look(credential: SiteCredential, job_id: int, round_index: int, digest: str = ""):
     """Unlocked: the job (through the site's participant row, which the participation check
     reads too), the round and the site's ``SiteUpdate`` row, in two queries; or a refusal that
-    is not recorded (no such job or round for this site, the round not open)."""
+    is not recorded (no such job or round for this site, the round not open). The row carries
+    ``copy_of``: another update row with the same digest, if any (a subquery of the same
+    query, so a replay costs the upload no query of its own)."""
     participant = one_or_none(
         JobParticipant.objects.select_related("job__consortium").filter(
             job_id=job_id, institution_id=credential.institution_id
@@ -127,36 +166,43 @@ def _first_look(credential: SiteCredential, job_id: int, round_index: int):
     if participant is None:
         raise UpdateRefused("Not found.", code="not_found", status=404)
     job = participant.job
-    update = one_or_none(
-        SiteUpdate.objects.select_related("round__global_model_in").filter(
-            round__job=job, round__index=round_index, institution_id=credential.institution_id
-        )
+    rows = SiteUpdate.objects.select_related("round__global_model_in").filter(
+        round__job=job, round__index=round_index, institution_id=credential.institution_id
     )
+    if is_digest(digest):
+        copies = _copies_of(digest, credential.institution_id).exclude(pk=OuterRef("pk"))
+        rows = rows.annotate(copy_of=Subquery(copies.order_by("pk").values("pk")[:1]))
+    update = one_or_none(rows)
     if update is not None:
         rnd = update.round
     else:
         rnd = one_or_none(
             Round.objects.select_related("global_model_in").filter(job=job, index=round_index)
         )
-    _check_round(rnd, job, round_index)
+    if not _is_duplicate(update, digest):
+        _check_round(rnd, job, round_index)
     return job, rnd, update, participant
 
 
-def _locked_look(credential: SiteCredential, job: TrainingJob, round_index: int):
+def _locked_look(credential: SiteCredential, job: TrainingJob, round_index: int, digest: str = ""):
     """Under the chain lock: the round and the site's ``SiteUpdate`` row read again and locked,
     the round first (the coordinator's claim of a round updates the round, then its rows), since
-    either may have moved since the first look. The job's spec and consortium do not move."""
+    either may have moved since the first look. The job's spec and consortium do not move. A
+    duplicate of the accepted update passes whatever the round's state (the caller answers it)."""
     rnd = one_or_none(
         Round.objects.select_for_update(of=("self",))
         .select_related("global_model_in")
         .filter(job=job, index=round_index)
     )
-    _check_round(rnd, job, round_index)
+    if rnd is None:
+        _check_round(rnd, job, round_index)
     update = one_or_none(
         SiteUpdate.objects.select_for_update(of=("self",)).filter(
             round=rnd, institution_id=credential.institution_id
         )
     )
+    if not _is_duplicate(update, digest):
+        _check_round(rnd, job, round_index)
     return rnd, update
 
 
@@ -338,14 +384,15 @@ def update_receive(
     no harm and changes nothing. Raises :class:`UpdateRefused` otherwise, with
     the HTTP status to answer and whether the refusal was recorded (a failed
     check on an update the round asked for is; a closed round, an unknown job or
-    round, or an update already received are only refused).
+    round, an update already received, or a replay (409 ``replayed_update``) are
+    only refused). The duplicate is answered even after the round closed.
     """
     site = credential.institution.slug
     digest = update_digest if isinstance(update_digest, str) else ""
 
     # Unlocked first look: a duplicate or a refused state costs no verification. The
     # credential is as authenticated; everything is read again under the locks below.
-    job, rnd, update, participant = _first_look(credential, job_id, round_index)
+    job, rnd, update, participant = _first_look(credential, job_id, round_index, digest)
     state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
     if isinstance(state, SiteUpdate):
         state.duplicate = True
@@ -371,9 +418,22 @@ def update_receive(
                 metrics=metrics,
                 privacy_events=privacy_events,
                 pipeline=pipeline,
+                copy_of_pk=getattr(update, "copy_of", None),
             )
         except Rejected as exc:
             rejection = exc.rejection
+        except Replayed as exc:
+            logger.warning(
+                "Replayed update refused, not recorded: site %s, credential %s…, job #%s "
+                "round %s, digest %s: %s",
+                site,
+                credential.token_prefix,
+                job.pk,
+                round_index,
+                digest[:12],
+                exc,
+            )
+            raise UpdateRefused(str(exc), code="replayed_update", status=409) from None
         except StartModelUnavailable as exc:
             # The central side's own fault, nothing the site did: refused, not recorded,
             # so the site can upload again once the store is repaired.
@@ -396,7 +456,7 @@ def update_receive(
 
     with transaction.atomic():
         lock_chain()
-        rnd, update = _locked_look(credential, job, round_index)
+        rnd, update = _locked_look(credential, job, round_index, digest)
         state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
         if isinstance(state, SiteUpdate):
             state.duplicate = True

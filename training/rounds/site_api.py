@@ -61,11 +61,15 @@ application/octet-stream``; the metadata travels in headers:
   parameters (default ``[]``).
 
 Answers: 201 accepted; 200 the same update (same digest) was already accepted,
-nothing changed; otherwise ``{"detail", "code", "recorded"}`` with 400 (a
-failed check: digest, signature, tensors, values, samples, metadata), 401
-(token), 403 (the site no longer takes part), 404, 409 (the round is closed or
-the site's update for it was already received), 413 (over
-``settings.FL_MAX_UPDATE_BYTES``, refused while the body is read) or 415.
+nothing changed (also once the round has closed); otherwise
+``{"detail", "code", "recorded"}`` with 400 (a failed check: digest, signature,
+tensors, values, samples, metadata), 401 (token), 403 (the site no longer
+takes part), 404, 409 (the round is closed, the site's update for it was
+already received, or ``replayed_update``: the update was signed for another
+job or round of this site, or its bytes were already received as another
+update; never recorded, so the site's own update for the round is still
+taken), 413 (over ``settings.FL_MAX_UPDATE_BYTES``, refused while the body is
+read) or 415.
 ``recorded`` is true when the refusal was written on the site's update for the
 round (rejected, with the reason) and in the ledger: that update then never
 counts. 503 means the central side could not read the global model or store
@@ -371,20 +375,28 @@ class SiteUpdateView(SiteAPIView):
         "the `X-Update-*` headers. The update is verified (digest, Ed25519 signature, "
         "tensor names, shapes and dtypes, finite values, samples, privacy events) before "
         "it counts; a failed check is recorded on the site's update as rejected, with the "
-        "reason, and answered with it.",
+        "reason, and answered with it. A replay (an update signed for another job or round "
+        "of this site, or a copy of an update already received) is refused with 409 "
+        "`replayed_update` and not recorded.",
         request={"application/octet-stream": OpenApiTypes.BINARY},
         parameters=_UPDATE_HEADERS,
         responses={
             201: OpenApiResponse(UpdateResultSerializer, description="Accepted."),
             200: OpenApiResponse(
                 UpdateResultSerializer,
-                description="The same update (same digest) was already accepted; nothing changed.",
+                description="The same update (same digest) was already accepted, "
+                "even if the round has closed since; nothing changed.",
             ),
             400: _error("A check failed (recorded), or a header is missing or malformed."),
             401: _401,
             403: _error("The site no longer takes part in the job (recorded)."),
             404: _404,
-            409: _error("The round is closed, or this site's update for it was already received."),
+            409: _error(
+                "Not recorded: the round is closed (`round_closed`), this site's update for it "
+                "was already received (`already_received`), or the upload is a replay "
+                "(`replayed_update`: signed for another job or round of this site, or a copy "
+                "of an update already received; the site's own update is still taken)."
+            ),
             413: _error("Over the size limit (recorded)."),
             415: _error("The body is not application/octet-stream."),
             503: _error("The central side cannot read the global model or store the update now."),

@@ -11,6 +11,25 @@ valid JSON of bounded size. A failed check raises :class:`Rejected`, whose
 :class:`Rejection` the intake (``training.rounds.intake``) records; a start model the central
 side cannot read raises :class:`StartModelUnavailable`, which is nobody's fault at the site
 and is not recorded.
+
+A replay raises :class:`Replayed`, which the intake refuses without recording it: an update
+made for another round is not this round's work, and whoever sent it again (an attacker
+holding the token, or a confused worker re-sending an old upload) must not cost the site its
+own update for this round. What is a replay, and what is a genuinely bad update:
+
+* the bytes hash to the declared digest, and that digest is already on another update row
+  (this site's for another job or round, or another site's): a byte-identical copy of an
+  update received elsewhere, whatever it is signed for;
+* the signature does not verify for this job, round, site and sample count, but does verify
+  with one of the site's keys (its credentials, revoked ones included: a key since rotated
+  signed older updates) over :func:`~training.fl.signing.update_message` for another job and
+  round this site was asked for (its last :data:`REPLAY_LOOKBACK` update rows): an update
+  signed for another round.
+
+Everything else stays the site's own doing and is rejected as before: a digest that does not
+match the bytes, a signature that verifies for nothing of this site's, bad tensors, NaN,
+implausible samples. The digest is checked before the copy (a declared digest of an old
+update over other bytes is tampering, not a replay), and the copy before the signature.
 """
 
 from __future__ import annotations
@@ -26,13 +45,15 @@ from django.conf import settings
 from training.fl import update as wire
 from training.fl.signing import BadSignature, update_message, verify_update
 from training.jobs.accounting import PrivacyEvent
-from training.models import Round, SiteCredential, SiteDataset, TrainingJob
+from training.models import Round, SiteCredential, SiteDataset, SiteUpdate, TrainingJob
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
 from training.rounds.lookups import one_or_none
 
 __all__ = [
     "MAX_METADATA_CHARS",
+    "REPLAY_LOOKBACK",
     "Rejected",
+    "Replayed",
     "Rejection",
     "StartModelUnavailable",
     "VerifiedUpdate",
@@ -41,6 +62,11 @@ __all__ = [
 
 #: Largest metrics / pipeline / privacy-events JSON kept per update.
 MAX_METADATA_CHARS = 16_384
+
+#: How many of the site's latest update rows (other rounds) a signature that does not verify
+#: for this round is tried against before it is called bad: each costs one Ed25519
+#: verification per key of the site, and only on that path.
+REPLAY_LOOKBACK = 200
 
 
 @dataclass
@@ -59,6 +85,12 @@ class Rejected(Exception):
     def __init__(self, code: str, reason: str, status: int = 400):
         super().__init__(reason)
         self.rejection = Rejection(code=code, reason=reason, status=status)
+
+
+class Replayed(Exception):
+    """The upload is a replay (an update made for another job or round, or a copy of an
+    update already received): refused, never recorded against the site. The message says
+    what it is."""
 
 
 class StartModelUnavailable(Exception):
@@ -140,6 +172,55 @@ def _check_metadata(*, metrics, pipeline, privacy_events) -> tuple[dict, list, l
     return metrics, pipeline, events
 
 
+def _copy_reason(copy_of_pk: int, credential: SiteCredential) -> str:
+    copy = one_or_none(SiteUpdate.objects.select_related("round").filter(pk=copy_of_pk))
+    if copy is None:  # pragma: no cover - the row was deleted since the first look
+        where = "another update"
+    elif copy.institution_id == credential.institution_id:
+        where = f"this site's update for job #{copy.round.job_id} round {copy.round.index}"
+    else:
+        where = f"another site's update (job #{copy.round.job_id} round {copy.round.index})"
+    return (
+        f"replayed update: these bytes were already received as {where}; a round takes "
+        "only an update made for it (nothing was recorded: send this round's own update)"
+    )
+
+
+def _signed_for_another_round(
+    *, credential: SiteCredential, rnd: Round, update_digest: str, samples: int, signature: str
+) -> tuple[int, int] | None:
+    """The (job, round) of this site's, other than ``rnd``, for which ``signature`` verifies
+    with one of the site's keys, or None (see the module docstring)."""
+    institution_id = credential.institution_id
+    keys = list(
+        SiteCredential.objects.filter(institution_id=institution_id)
+        .order_by("-pk")
+        .values_list("public_key", flat=True)
+    )
+    rounds = (
+        SiteUpdate.objects.filter(institution_id=institution_id)
+        .exclude(round_id=rnd.pk)
+        .order_by("-pk")
+        .values_list("round__job_id", "round__index")[:REPLAY_LOOKBACK]
+    )
+    slug = credential.institution.slug
+    for job_id, index in rounds:
+        message = update_message(
+            job_id=job_id,
+            round_index=index,
+            site=slug,
+            update_digest=update_digest,
+            samples=samples,
+        )
+        for key in keys:
+            try:
+                verify_update(key, message, signature)
+            except BadSignature:
+                continue
+            return job_id, index
+    return None
+
+
 def verify_upload(
     *,
     credential: SiteCredential,
@@ -153,9 +234,11 @@ def verify_upload(
     metrics,
     privacy_events,
     pipeline,
+    copy_of_pk: int | None = None,
 ) -> VerifiedUpdate:
-    """Every check that needs no lock, in the order a site can act on. Raises
-    :class:`Rejected`, or :class:`StartModelUnavailable`."""
+    """Every check that needs no lock, in the order a site can act on. ``copy_of_pk`` is
+    another update row with the same digest, if the caller found one. Raises
+    :class:`Rejected`, :class:`Replayed`, or :class:`StartModelUnavailable`."""
     limit = settings.FL_MAX_UPDATE_BYTES
     if len(data) > limit:
         raise Rejected(
@@ -163,6 +246,8 @@ def verify_upload(
         )
     if not is_digest(update_digest) or sha256_hex(data) != update_digest:
         raise Rejected("digest_mismatch", "digest mismatch: the upload was truncated or altered")
+    if copy_of_pk is not None:
+        raise Replayed(_copy_reason(copy_of_pk, credential))
     if not isinstance(samples, int) or isinstance(samples, bool) or samples < 1:
         raise Rejected(
             "bad_samples", f"the sample count must be a whole number of at least 1, got {samples!r}"
@@ -178,6 +263,19 @@ def verify_upload(
         )
         verify_update(credential.public_key, message, signature)
     except BadSignature as exc:
+        elsewhere = _signed_for_another_round(
+            credential=credential,
+            rnd=rnd,
+            update_digest=update_digest,
+            samples=samples,
+            signature=signature,
+        )
+        if elsewhere is not None:
+            raise Replayed(
+                f"replayed update: this update was signed for job #{elsewhere[0]} round "
+                f"{elsewhere[1]}, not for job #{job.pk} round {rnd.index} (nothing was "
+                "recorded: send this round's own update)"
+            ) from None
         raise Rejected(
             "bad_signature",
             f"the signature does not verify with the key of credential "

@@ -13,17 +13,44 @@ Configuration (environment): ``SITE_SLUG``, ``CENTRAL_URL``, ``SITE_TOKEN``,
 ``CENTRAL_TIMEOUT`` (seconds), ``SITE_CA_BUNDLE`` (a PEM file of the certificate
 authorities to trust for an ``https`` ``CENTRAL_URL``, e.g. a hospital's or consortium's
 private CA; set, it replaces the system's trust store for the central server) and
-``SITE_HEARTBEAT_SECONDS`` (how often the worker reports that it is online, default 30).
+``SITE_HEARTBEAT_SECONDS`` (how often the worker reports that it is online, default 30) and
+``CENTRAL_RETRY_SECONDS`` (how long a request of a task is retried, default 120; 0: never).
+
+Retries. A web server restarting for a few seconds must not cost a site its round (issue 13:
+a 5 s restart failed 3 of 4 uploads, each recovered only by the coordinator's re-dispatch).
+A task's requests (the job, a model, the round's model, the upload, the evaluation request
+and report) are retried when there was *no answer* (connection refused or reset, a timeout)
+or the answer says "not now" (HTTP 502, 503, 504 from a proxy in front of a restarting
+server, 429), with exponential back-off and full jitter (a random delay between 0 and
+``RETRY_BASE_SECONDS`` doubled per attempt, capped at ``RETRY_MAX_SECONDS``; a
+``Retry-After`` header of a 429 or 503 is honoured instead), for at most
+``CENTRAL_RETRY_SECONDS`` in all and never past a ``deadline`` the caller passes (the round's
+or the evaluation's). Every other answer is an answer and is raised at once: a 409 says there
+is nothing to do, a 400 or 401 is a refusal that a retry would only repeat, and a certificate
+that does not verify will not verify in a second. The uploads may be retried because they
+are idempotent on the server: an identical re-upload is answered 200 ``duplicate``. When the
+budget is spent the last :class:`CentralError` is raised, with its status and body, so the
+callers' handling is the same as without retries. The checks' and the heartbeat's requests
+(``whoami``, ``datasets``, ``heartbeat``) are not retried here: their callers loop already
+(:func:`training.site.checks.wait_for_central`, the heartbeat's next beat) and a check must
+say at once that the server does not answer.
 """
 
 from __future__ import annotations
 
+import email.utils
+import http.client
 import json
+import logging
 import os
+import random
 import ssl
+import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,13 +58,20 @@ from training.site.protocol import PROTOCOL_HEADER, SITE_API_PATH, SITE_PROTOCOL
 
 __all__ = [
     "DEFAULT_HEARTBEAT_SECONDS",
+    "DEFAULT_RETRY_SECONDS",
+    "RETRY_BASE_SECONDS",
+    "RETRY_MAX_SECONDS",
+    "RETRY_STATUSES",
     "CentralClient",
     "CentralError",
     "RoundModel",
     "WorkerConfig",
     "WorkerConfigError",
+    "retryable",
     "tls_context",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class WorkerConfigError(RuntimeError):
@@ -49,17 +83,83 @@ class CentralError(RuntimeError):
     ``tls`` is true when there was no answer because the server's certificate did not
     verify."""
 
-    def __init__(self, message: str, *, status: int = 0, body: Any = None, tls: bool = False):
+    def __init__(
+        self,
+        message: str,
+        *,
+        status: int = 0,
+        body: Any = None,
+        tls: bool = False,
+        retry_after: float | None = None,
+    ):
         super().__init__(message)
         self.status = status
         self.body = body
         self.tls = tls
+        #: Seconds the server asked to wait (its ``Retry-After`` header), when it said.
+        self.retry_after = retry_after
 
 
 #: How often a worker reports that it is online, unless ``SITE_HEARTBEAT_SECONDS`` says.
 DEFAULT_HEARTBEAT_SECONDS = 30.0
 MIN_HEARTBEAT_SECONDS = 5.0
 MAX_HEARTBEAT_SECONDS = 3600.0
+
+#: How long, in all, a task's request is retried unless ``CENTRAL_RETRY_SECONDS`` says (0: never).
+DEFAULT_RETRY_SECONDS = 120.0
+MAX_RETRY_SECONDS = 3600.0
+#: The first retry's delay is drawn between 0 and this; it doubles per attempt (full jitter)...
+RETRY_BASE_SECONDS = 0.5
+#: ... up to this.
+RETRY_MAX_SECONDS = 15.0
+#: The answers that say "not now" rather than "no": a proxy in front of a server that is
+#: restarting (502, 503, 504) or a server asking the client to slow down (429).
+RETRY_STATUSES = frozenset({429, 502, 503, 504})
+
+
+def retryable(exc: CentralError) -> bool:
+    """Whether a request that failed with ``exc`` may go through if sent again: no answer at
+    all (but not a certificate that does not verify), or one of :data:`RETRY_STATUSES`."""
+    if exc.status == 0:
+        return not exc.tls
+    return exc.status in RETRY_STATUSES
+
+
+def _retry_after(value: str | None) -> float | None:
+    """Seconds from a ``Retry-After`` header (a number of seconds or an HTTP date), else None."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+#: When a task's request stops being retried: epoch seconds (``time.time()``), an aware
+#: datetime or its ISO 8601 text (the site API's deadlines); None: only the retry budget.
+Deadline = float | datetime | str | None
+
+
+def _seconds_left(deadline: Deadline) -> float | None:
+    """Seconds from now to ``deadline``: epoch seconds (``time.time()``), an aware datetime or
+    its ISO 8601 text (as the site API writes deadlines); None for no deadline."""
+    if deadline is None:
+        return None
+    if isinstance(deadline, str):
+        deadline = datetime.fromisoformat(deadline.replace("Z", "+00:00"))
+    if isinstance(deadline, datetime):
+        if deadline.tzinfo is None:
+            raise ValueError(f"a deadline needs a time zone, not {deadline.isoformat()}")
+        deadline = deadline.timestamp()
+    return float(deadline) - time.time()
 
 
 def _seconds(env, name: str, default: float, *, minimum: float, maximum: float | None = None):
@@ -101,6 +201,7 @@ class WorkerConfig:
     timeout: float = 60.0
     ca_bundle: Path | None = None
     heartbeat_seconds: float = DEFAULT_HEARTBEAT_SECONDS
+    retry_seconds: float = DEFAULT_RETRY_SECONDS
 
     ENV = ("SITE_SLUG", "CENTRAL_URL", "SITE_TOKEN", "SITE_SIGNING_KEY", "DATA_ROOT")
 
@@ -140,6 +241,13 @@ class WorkerConfig:
                 minimum=MIN_HEARTBEAT_SECONDS,
                 maximum=MAX_HEARTBEAT_SECONDS,
             ),
+            retry_seconds=_seconds(
+                env,
+                "CENTRAL_RETRY_SECONDS",
+                DEFAULT_RETRY_SECONDS,
+                minimum=0,
+                maximum=MAX_RETRY_SECONDS,
+            ),
         )
 
     def state_dir(self, job_id: int) -> Path:
@@ -158,19 +266,98 @@ class RoundModel:
 class CentralClient:
     """The central site API over urllib, authenticated as the site (``Authorization: Site``),
     stating its protocol (``X-Site-Protocol``), over TLS verified against ``SITE_CA_BUNDLE``
-    when it is set (else the system's certificate authorities)."""
+    when it is set (else the system's certificate authorities); a task's requests retried
+    (module docstring, "Retries").
 
-    def __init__(self, config: WorkerConfig):
+    ``retry_seconds`` (else the configuration's), ``base_delay``, ``max_delay``, ``sleep`` and
+    ``rng`` are there for tests and callers that need other retry timings."""
+
+    def __init__(
+        self,
+        config: WorkerConfig,
+        *,
+        retry_seconds: float | None = None,
+        base_delay: float = RETRY_BASE_SECONDS,
+        max_delay: float = RETRY_MAX_SECONDS,
+        sleep: Callable[[float], None] = time.sleep,
+        rng: random.Random | None = None,
+    ):
         self.config = config
         self.base = config.central_url + SITE_API_PATH
         self._context = tls_context(config.ca_bundle) if config.ca_bundle else None
+        self.retry_seconds = float(config.retry_seconds if retry_seconds is None else retry_seconds)
+        self.base_delay = float(base_delay)
+        self.max_delay = float(max_delay)
+        self._sleep = sleep
+        # Seeded from the OS: workers restarted together must not retry in step.
+        self._rng = rng or random.SystemRandom()
 
-    def _request(self, method: str, path: str, *, body: bytes | None = None, headers=None):
+    def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        headers=None,
+        retry: bool = True,
+        deadline: Deadline = None,
+    ):
+        """One request, sent again while it fails with a :func:`retryable` error, for at most
+        ``retry_seconds`` and never past ``deadline``; the last :class:`CentralError` else.
+        Every attempt sends the same headers and body."""
         sent = {
             "Authorization": f"Site {self.config.token}",
             PROTOCOL_HEADER: str(SITE_PROTOCOL),
             **(headers or {}),
         }
+        budget = self.retry_seconds if retry else 0.0
+        left = _seconds_left(deadline)
+        if left is not None:
+            budget = min(budget, left)
+        give_up = time.monotonic() + budget
+        attempt = 0
+        while True:
+            try:
+                answer = self._send(method, path, body, sent)
+            except CentralError as exc:
+                if not retryable(exc):
+                    raise
+                remaining = give_up - time.monotonic()
+                # A jittered delay past the budget is cut short for a last try at its end; a
+                # Retry-After past it says the server will not be back in time.
+                jittered = self._rng.uniform(
+                    0.0, min(self.max_delay, self.base_delay * 2.0**attempt)
+                )
+                delay = exc.retry_after if exc.retry_after is not None else min(jittered, remaining)
+                if remaining <= 0 or delay > remaining:
+                    if attempt:
+                        log.warning(
+                            "%s %s: giving up after %d retr%s (%s)",
+                            method,
+                            path,
+                            attempt,
+                            "y" if attempt == 1 else "ies",
+                            exc,
+                        )
+                    raise
+                attempt += 1
+                log.warning(
+                    "%s %s failed (%s); retry %d in %.2f s (%.0f s of retries left)",
+                    method,
+                    path,
+                    exc,
+                    attempt,
+                    delay,
+                    remaining,
+                )
+                self._sleep(delay)
+                continue
+            if attempt:
+                log.info("%s %s: went through at retry %d", method, path, attempt)
+            return answer
+
+    def _send(self, method: str, path: str, body: bytes | None, sent: dict):
+        """One attempt: (status, headers, body), or :class:`CentralError`."""
         request = urllib.request.Request(  # noqa: S310 - the URL's scheme is checked in from_env
             self.base + path, data=body, method=method, headers=sent
         )
@@ -180,15 +367,27 @@ class CentralClient:
             ) as response:
                 return response.status, dict(response.headers), response.read()
         except urllib.error.HTTPError as exc:
-            data = exc.read()
+            try:
+                data = exc.read()
+            except (OSError, http.client.HTTPException):
+                data = b""
             try:
                 detail = json.loads(data)
             except ValueError:
                 detail = data[:500].decode("utf-8", "replace")
             raise CentralError(
-                f"{method} {path}: HTTP {exc.code}: {detail}", status=exc.code, body=detail
+                f"{method} {path}: HTTP {exc.code}: {detail}",
+                status=exc.code,
+                body=detail,
+                retry_after=_retry_after(exc.headers.get("Retry-After") if exc.headers else None),
             ) from None
-        except (urllib.error.URLError, TimeoutError, ConnectionError, ssl.SSLError) as exc:
+        except (
+            urllib.error.URLError,
+            TimeoutError,
+            ConnectionError,
+            ssl.SSLError,
+            http.client.HTTPException,
+        ) as exc:
             reason = getattr(exc, "reason", exc)
             if isinstance(reason, ssl.SSLCertVerificationError):
                 trusted = (
@@ -202,17 +401,19 @@ class CentralClient:
                     f"not verify against {trusted}: {reason.verify_message or reason}",
                     tls=True,
                 ) from None
-            raise CentralError(f"{method} {path}: no answer from {self.base} ({exc})") from None
+            raise CentralError(
+                f"{method} {path}: no answer from {self.base} ({str(exc) or repr(exc)})"
+            ) from None
 
     def whoami(self) -> dict:
         """The site, credential and registered public key the token belongs to."""
-        _status, _headers, data = self._request("GET", "whoami/")
+        _status, _headers, data = self._request("GET", "whoami/", retry=False)
         return json.loads(data)
 
     def datasets(self) -> list[dict]:
         """The data sets this site registered (key, modality, input_shape, n_classes,
         num_records), to check them against the files under DATA_ROOT."""
-        _status, _headers, data = self._request("GET", "datasets/")
+        _status, _headers, data = self._request("GET", "datasets/", retry=False)
         return json.loads(data)
 
     def heartbeat(self, report: dict) -> dict:
@@ -222,22 +423,27 @@ class CentralClient:
             "heartbeat/",
             body=json.dumps(report).encode("utf-8"),
             headers={"Content-Type": "application/json"},
+            retry=False,  # the next beat is the retry
         )
         return json.loads(data)
 
-    def job(self, job_id: int) -> dict:
-        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/")
+    def job(self, job_id: int, *, deadline: Deadline = None) -> dict:
+        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/", deadline=deadline)
         return json.loads(data)
 
-    def model(self, job_id: int, digest: str) -> bytes:
-        _status, _headers, data = self._request("GET", f"jobs/{int(job_id)}/models/{digest}/")
+    def model(self, job_id: int, digest: str, *, deadline: Deadline = None) -> bytes:
+        _status, _headers, data = self._request(
+            "GET", f"jobs/{int(job_id)}/models/{digest}/", deadline=deadline
+        )
         return data
 
-    def round_model(self, job_id: int, round_index: int) -> RoundModel:
+    def round_model(
+        self, job_id: int, round_index: int, *, deadline: Deadline = None
+    ) -> RoundModel:
         """The model to train from in the round; CentralError (409, with a ``code`` in its
         body) when the round does not ask this site for an update now."""
         _status, headers, data = self._request(
-            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/"
+            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/", deadline=deadline
         )
         headers = {name.lower(): value for name, value in headers.items()}
         return RoundModel(
@@ -258,7 +464,10 @@ class CentralClient:
         metrics: dict,
         privacy_events: list,
         pipeline: list,
+        deadline: Deadline = None,
     ) -> tuple[int, dict]:
+        """Post this site's signed update of a round; sent again as it is when it did not go
+        through (the server answers an identical re-upload 200 ``duplicate``)."""
         status, _headers, body = self._request(
             "POST",
             f"jobs/{int(job_id)}/rounds/{int(round_index)}/update/",
@@ -272,20 +481,29 @@ class CentralClient:
                 "X-Update-Privacy-Events": json.dumps(privacy_events, allow_nan=False),
                 "X-Update-Pipeline": json.dumps(pipeline, allow_nan=False),
             },
+            deadline=deadline,
         )
         return status, json.loads(body)
 
-    def evaluation_request(self, job_id: int, round_index: int) -> dict:
+    def evaluation_request(
+        self, job_id: int, round_index: int, *, deadline: Deadline = None
+    ) -> dict:
         """The models this site is asked to evaluate after a round (``{"models": [digest,
         ...], "deadline": ...}``); CentralError (409, with a ``code``) when nothing is asked
         of it now (already reported, evaluation closed, not asked)."""
         _status, _headers, data = self._request(
-            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/evaluation/"
+            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/evaluation/", deadline=deadline
         )
         return json.loads(data)
 
     def upload_evaluation(
-        self, job_id: int, round_index: int, *, report: str, signature: str
+        self,
+        job_id: int,
+        round_index: int,
+        *,
+        report: str,
+        signature: str,
+        deadline: Deadline = None,
     ) -> tuple[int, dict]:
         """Post this site's signed evaluation report of a round's models."""
         status, _headers, body = self._request(
@@ -293,5 +511,6 @@ class CentralClient:
             f"jobs/{int(job_id)}/rounds/{int(round_index)}/evaluation/",
             body=json.dumps({"report": report, "signature": signature}).encode("utf-8"),
             headers={"Content-Type": "application/json"},
+            deadline=deadline,
         )
         return status, json.loads(body)

@@ -1,0 +1,95 @@
+"""What the periodic pass picks up after the coordinator fails between two commits (issue 13,
+items 2 and 3): a round whose aggregation hit a database error is claimed again at the next
+tick, not after the stale timeout; a round a dead coordinator never scored is scored by the
+tick, and the job's total written. Jobs run through the real coordinator and site-worker code
+(the in-memory broker of tests/support/coordinator_harness.py) on three hospitals holding the
+bundled breast-cancer set (evaluated centrally).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from django.db import OperationalError
+
+from audit.ledger import events as ledger_events
+from audit.ledger.chain import verify_chain
+from tests.support.coordinator_harness import job_payloads, propose_and_start
+from training.models import JobState, Round
+from training.rounds import contributions, coordinator, states
+
+
+def test_a_database_error_while_aggregating_hands_the_claim_back_to_the_next_tick(
+    c3, broker, monkeypatch
+):
+    job = propose_and_start(c3, broker, rounds=1)
+    real_store = states.store_state
+    failures = []
+
+    def store_once_failing(state):
+        if not failures:
+            failures.append(1)
+            raise OperationalError("server closed the connection unexpectedly")
+        return real_store(state)
+
+    monkeypatch.setattr(states, "store_state", store_once_failing)
+    broker.deliver()  # the sites upload; the last upload's round_maybe_close hits the error
+    rnd = Round.objects.get(job=job, index=1)
+    assert failures and rnd.state == Round.State.OPEN  # handed back, not stuck AGGREGATING
+    job.refresh_from_db()
+    assert job.state == JobState.RUNNING
+
+    report = broker.run(coordinator.rounds_tick)  # the very next tick, no stale wait
+    assert report.closed == [rnd.pk]
+    broker.deliver()
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED
+    (closed,) = job_payloads(ledger_events.ROUND_CLOSED, job)
+    assert len(closed["updates"]) == 3  # every accepted update counted, once
+    assert verify_chain().ok
+
+
+def test_rounds_a_dead_coordinator_never_scored_are_scored_by_the_tick(c3, broker, monkeypatch):
+    # The coordinator dies right after each round's commit, before it scores it.
+    monkeypatch.setattr(coordinator, "round_score", lambda round_id: "killed")
+    job = propose_and_start(c3, broker, rounds=2)
+    broker.deliver()
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED
+    assert not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
+
+    last_close = max(job.rounds.values_list("closed_at", flat=True))
+    # Within the grace the closing coordinator may still be scoring: the tick leaves it be.
+    early = broker.run(contributions.scores_tick, now=last_close + dt.timedelta(seconds=5))
+    assert early["rescored"] == [] and not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
+    later = last_close + dt.timedelta(seconds=contributions.SCORE_GRACE_SECONDS + 1)
+    broker.run(contributions.scores_tick, now=later)
+    scored = job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
+    assert sorted(p["round"] for p in scored) == [1, 2]
+    (total,) = job_payloads(ledger_events.CONTRIBUTION_JOB_SCORED, job)
+    assert total["rounds"] == dict.fromkeys(sorted(s.slug for s in c3.sites), 2)
+    # A second pass finds nothing left: each round and the total are recorded once.
+    again = broker.run(contributions.scores_tick, now=later)
+    assert again["rescored"] == [] and again["totals"] == []
+    assert len(job_payloads(ledger_events.CONTRIBUTION_SCORED, job)) == 2
+    assert verify_chain().ok
+
+
+def test_a_lost_task_is_sent_again_before_a_short_rounds_deadline(c3, broker, settings):
+    # Issue 13, item 5: with a 45 s round and the default 300 s re-dispatch, a lost task used
+    # to be failed with the round before it was ever sent again.
+    settings.FL_REDISPATCH_AFTER_SECONDS = 300
+    lost = c3.sites[0].slug
+    job = propose_and_start(c3, broker, rounds=1, round_timeout_seconds=45)
+    broker.deliver(drop_sites=(lost,))
+    rnd = Round.objects.get(job=job, index=1)
+    assert rnd.state == Round.State.OPEN
+    assert broker.run(coordinator.rounds_tick, now=rnd.opened_at + dt.timedelta(seconds=20))
+    assert [m for m in broker.messages if m["kwargs"].get("site") == lost] == []
+    report = broker.run(coordinator.rounds_tick, now=rnd.opened_at + dt.timedelta(seconds=23))
+    assert len(report.redispatched) == 1
+    broker.deliver()
+    rnd.refresh_from_db()
+    assert rnd.state == Round.State.CLOSED
+    (closed,) = job_payloads(ledger_events.ROUND_CLOSED, job)
+    assert lost in closed["sites"] and closed["stragglers"] == []
