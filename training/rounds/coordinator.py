@@ -59,7 +59,7 @@ from dataclasses import dataclass, field
 
 from celery import current_app
 from django.conf import settings
-from django.db import DatabaseError, close_old_connections, transaction
+from django.db import DatabaseError, close_old_connections, connection, transaction
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
@@ -458,7 +458,8 @@ def _aggregate_and_finish(round_id: int) -> str:
             "aggregating round #%s hit a database error; handing the claim back", round_id
         )
         try:
-            close_old_connections()
+            if not connection.in_atomic_block:  # a broken connection is replaced, not reused
+                close_old_connections()
             Round.objects.filter(pk=round_id, state=Round.State.AGGREGATING).update(
                 state=Round.State.OPEN
             )
