@@ -41,15 +41,42 @@ def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
     connects, so its consumer's transport takes it."""
     from django.conf import settings  # not at the top: this module loads before the settings
 
+    global _serves_central
     conf = conf if conf is not None else app.conf
-    transport = dict(conf.broker_transport_options or {})
-    if "polling_interval" not in transport:
-        return  # not the embedded broker (Redis, RabbitMQ: no polling)
     queues = [
         q.strip()
         for item in maybe_list((options or {}).get("queues")) or []
         for q in str(item).split(",")
     ]
-    if not queues or conf.task_default_queue in queues:  # no -Q: the default queue only
+    _serves_central = not queues or conf.task_default_queue in queues  # no -Q: default only
+    transport = dict(conf.broker_transport_options or {})
+    if "polling_interval" not in transport:
+        return  # not the embedded broker (Redis, RabbitMQ: no polling)
+    if _serves_central:
         transport["polling_interval"] = settings.EMBEDDED_BROKER_CENTRAL_POLL_SECONDS
         conf.broker_transport_options = transport
+
+
+#: Whether this worker consumes the coordinator's queue (set by ``celeryd_init`` above).
+_serves_central = False
+
+
+@signals.worker_ready.connect
+def _start_outbox_relay(sender=None, **kwargs):
+    """The coordinator's worker relays the outbox and writes the coordinator's heartbeat
+    (training.outbox, training.liveness), in a thread of its main process: so every way of
+    running the coordinator (systemd, the demo, the tests' workers) has exactly what keeps a
+    broker outage from dropping messages, and a dead coordinator shows. Site workers do not
+    (they hold no database credentials)."""
+    if _serves_central:
+        from training.liveness import start_coordinator_thread
+
+        start_coordinator_thread()
+
+
+@signals.worker_shutdown.connect
+def _stop_outbox_relay(sender=None, **kwargs):
+    if _serves_central:
+        from training.liveness import stop_coordinator_thread
+
+        stop_coordinator_thread()

@@ -1,8 +1,16 @@
-"""Health checks for operators and load balancers: can this process reach the
-database, the broker and the channel layer it is configured with?
+"""Health checks for operators and load balancers.
 
-``GET /health/`` answers 200 when all pass and 503 naming the failing ones. It
-says nothing about data and needs no login, like Healthchecks' own probe.
+``GET /health/`` answers 200 when everything passes and 503 naming what fails: can this
+process reach the database, the broker and the channel layer it is configured with (the web
+tier), and are the coordinator's parts alive (``training.liveness``): its worker (heartbeat),
+the periodic tick (Celery beat) and the outbox relay (no message waiting too long). A dead
+coordinator used to leave ``/health/`` at 200 while every job froze.
+
+``GET /health/?scope=web`` checks the web tier only: for a load balancer, which should not take
+a web server out of rotation because the coordinator is down, and for start-up scripts that
+wait for the server before the coordinator has had time to beat.
+
+It says nothing about data and needs no login, like Healthchecks' own probe.
 """
 
 from __future__ import annotations
@@ -50,19 +58,44 @@ def check_channel_layer() -> None:
         raise RuntimeError("the channel layer returned another message")
 
 
-CHECKS = {
+def _service_check(name: str):
+    """A check of one coordinator service, from its heartbeat (``training.liveness``)."""
+
+    def check() -> None:
+        from training.liveness import service_statuses  # on use: the models load after setup
+
+        status = next(s for s in service_statuses() if s.name == name)
+        if not status.ok:
+            raise ServiceDown(status.summary)
+
+    return check
+
+
+class ServiceDown(RuntimeError):
+    pass
+
+
+WEB_CHECKS = {
     "database": check_database,
     "broker": check_broker,
     "channel_layer": check_channel_layer,
 }
+COORDINATOR_CHECKS = {
+    "coordinator": _service_check("coordinator"),
+    "tick": _service_check("tick"),
+    "relay": _service_check("relay"),
+}
+CHECKS = {**WEB_CHECKS, **COORDINATOR_CHECKS}
 
 
-def run_checks() -> dict[str, dict]:
+def run_checks(checks: dict | None = None) -> dict[str, dict]:
     results = {}
-    for name, check in CHECKS.items():
+    for name, check in (CHECKS if checks is None else checks).items():
         started = time.perf_counter()
         try:
             check()
+        except ServiceDown as exc:
+            results[name] = {"ok": False, "error": str(exc)[:300]}
         except Exception as exc:  # noqa: BLE001 - report any failure, never raise
             results[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
         else:
@@ -74,7 +107,8 @@ def run_checks() -> dict[str, dict]:
 @never_cache
 @require_GET
 def health_view(request):
-    results = run_checks()
+    web_only = request.GET.get("scope") == "web"
+    results = run_checks(WEB_CHECKS if web_only else CHECKS)
     healthy = all(r["ok"] for r in results.values())
     body = {
         "status": "ok" if healthy else "failing",

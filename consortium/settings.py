@@ -27,6 +27,7 @@ from training.queues import (
     TimeLimitError,
     celery_beat_schedule,
     celery_task_routes,
+    recovery_timing_problems,
     task_time_limits,
 )
 
@@ -356,10 +357,30 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
 # A site task that has not reported after this long is sent again (a killed worker's
 # message is dropped by the filesystem broker; uploads are idempotent).
 FL_REDISPATCH_AFTER_SECONDS = env.int("FL_REDISPATCH_AFTER_SECONDS", default=300)
-# A round left aggregating this long (its coordinator died) is aggregated again.
-FL_AGGREGATION_STALE_SECONDS = env.int("FL_AGGREGATION_STALE_SECONDS", default=600)
+# The coordinator that claims a round for aggregation holds a lease of this long, renewed
+# while it works; a coordinator killed mid-aggregation lets it run out and the next tick
+# claims the round again (training.rounds.coordinator).
+FL_CLAIM_LEASE_SECONDS = env.int("FL_CLAIM_LEASE_SECONDS", default=30)
+# The coordinator's relay thread publishes the outbox every FL_OUTBOX_RELAY_SECONDS and
+# writes the coordinator's heartbeat every FL_COORDINATOR_HEARTBEAT_SECONDS; /health/ calls
+# the relay failing when a message has waited FL_OUTBOX_STALE_SECONDS (training.outbox,
+# training.liveness).
+FL_OUTBOX_RELAY_SECONDS = env.float("FL_OUTBOX_RELAY_SECONDS", default=1.0)
+FL_COORDINATOR_HEARTBEAT_SECONDS = env.float("FL_COORDINATOR_HEARTBEAT_SECONDS", default=5.0)
+FL_OUTBOX_STALE_SECONDS = env.int("FL_OUTBOX_STALE_SECONDS", default=60)
+if _recovery_problems := recovery_timing_problems(
+    redispatch_after=FL_REDISPATCH_AFTER_SECONDS,
+    claim_lease=FL_CLAIM_LEASE_SECONDS,
+    relay_every=FL_OUTBOX_RELAY_SECONDS,
+    heartbeat_every=FL_COORDINATOR_HEARTBEAT_SECONDS,
+    outbox_stale=FL_OUTBOX_STALE_SECONDS,
+):
+    raise ImproperlyConfigured("; ".join(_recovery_problems))
 # An approved job whose start message was lost is started by the tick after this long.
 FL_START_GRACE_SECONDS = env.int("FL_START_GRACE_SECONDS", default=30)
+# A site that missed this many rounds of a running job in a row is shown as absent on the
+# job's page and its proposer notified, once per streak (training.rounds.absences).
+FL_ABSENT_ROUNDS_ALERT = env.int("FL_ABSENT_ROUNDS_ALERT", default=3)
 
 # A deployment's own model classes, by dotted path ("bring your own model"):
 # {"name": {"class_path": "pkg.module.Class", "modality": "tabular", "description": "..."}}
@@ -440,3 +461,28 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env.str("LOG_LEVEL", default="INFO")},
     "loggers": {"daphne": {"level": "WARNING"}},
 }
+
+# --- Monitoring: /metrics and JSON logs (consortium/observability) -----------------------------
+# Kept together, last: it wraps what is above (the middleware list, LOGGING).
+# /metrics is for operators: a signed-in staff member or superuser, or a scraper sending
+# "Authorization: Bearer <METRICS_TOKEN>". Unset, only the signed-in operators may read it.
+# Read from os.environ directly, as the secret key is (a token may start with "$").
+METRICS_TOKEN = os.environ.get("METRICS_TOKEN", "").strip()
+if PRODUCTION and METRICS_TOKEN and len(METRICS_TOKEN) < 32:
+    raise ImproperlyConfigured(
+        "METRICS_TOKEN must be at least 32 random characters in production (e.g. "
+        "python -c 'import secrets; print(secrets.token_urlsafe(32))'), or unset."
+    )
+# "json": every log record is one JSON line on stderr (time, level, logger, message and the
+# call's extra fields), in the web server, the coordinator, beat and the site workers.
+LOG_FORMAT = env.str("LOG_FORMAT", default="text").strip().lower()
+if LOG_FORMAT not in {"text", "json"}:
+    raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
+# First, so the request latency it measures includes every other middleware.
+MIDDLEWARE.insert(0, "consortium.observability.middleware.RequestLatencyMiddleware")
+if LOG_FORMAT == "json":
+    from consortium.observability.logging import json_logging  # noqa: E402
+
+    LOGGING = json_logging(LOGGING)
+    # A Celery worker would otherwise put its own text handler on the root logger.
+    CELERY_WORKER_HIJACK_ROOT_LOGGER = False

@@ -6,12 +6,14 @@ from django.contrib.auth import views as auth_views
 from django.urls import include, path
 
 from consortium.health import health_view
+from consortium.observability.metrics import metrics_view
 
 urlpatterns = [
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     path("admin/", admin.site.urls),
     path("health/", health_view, name="health"),
+    path("metrics", metrics_view, name="metrics"),
     path("api/", include("consortium.api_urls")),
     path("", include("audit.urls")),
     path("", include("training.urls")),

@@ -332,6 +332,12 @@ class Round(models.Model):
     deadline = models.DateTimeField()
     closed_at = models.DateTimeField(null=True, blank=True)
     failure_reason = models.TextField(blank=True)
+    # The aggregation claim (OPEN -> AGGREGATING) is a lease: the coordinator that holds it
+    # renews ``lease_expires_at`` while it works, and closes the round only while
+    # ``claim_token`` is still its own; a coordinator killed mid-aggregation lets the lease run
+    # out and the next tick claims the round again (training.rounds.coordinator).
+    claim_token = models.CharField(max_length=32, blank=True)
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["job", "index"]
@@ -567,3 +573,71 @@ class CentralValidationSet(models.Model):
 
     def __str__(self) -> str:
         return f"central validation set '{self.key}' from {self.institution}"
+
+
+class OutboxMessage(models.Model):
+    """A Celery message that must follow a commit: written in the same transaction as the
+    state change that calls for it, and published by the relay until the broker takes it
+    (``training.outbox``). A broker outage delays the message, never drops it, and the
+    request that caused it never fails after its commit.
+
+    Delivery is at least once (a relay killed between publishing and marking the row sent
+    publishes it again), which every task of ``training.queues`` tolerates: each is a
+    compare-and-set on our own rows. Sent rows are kept a day for operators, then deleted."""
+
+    task = models.CharField(max_length=100, help_text="A task name of training.queues.")
+    queue = models.CharField(max_length=200)
+    args = models.JSONField(default=list, blank=True)
+    kwargs = models.JSONField(default=dict, blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    available_at = models.DateTimeField(
+        default=timezone.now, help_text="When the relay may next try to publish it."
+    )
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.TextField(blank=True)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["pk"]
+        indexes = [
+            models.Index(
+                fields=["available_at"],
+                condition=Q(sent_at__isnull=True),
+                name="outbox_pending",
+            ),
+            models.Index(fields=["sent_at"], name="outbox_sent"),
+        ]
+
+    def __str__(self) -> str:
+        state = f"sent {self.sent_at:%H:%M:%S}" if self.sent_at else f"pending ({self.attempts})"
+        return f"{self.task} to {self.queue}, {state}"
+
+
+class ServiceHeartbeat(models.Model):
+    """What a central process last said of itself: one row per process (``instance`` is
+    ``host:pid``), overwritten in place. The coordinator's worker writes one every few seconds
+    (with its relay's last pass), the periodic tick one per run; ``/health/``, ``/metrics`` and
+    the dashboard read them to tell a live coordinator from a dead one
+    (``training.liveness``). Operational state, not a governance act: no ledger entry."""
+
+    class Component(models.TextChoices):
+        COORDINATOR = "coordinator", "Coordinator worker"
+        TICK = "tick", "Periodic tick"
+
+    component = models.CharField(max_length=32, choices=Component.choices)
+    instance = models.CharField(max_length=255)
+    hostname = models.CharField(max_length=255, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    started_at = models.DateTimeField(default=timezone.now)
+    last_seen_at = models.DateTimeField(default=timezone.now)
+    interval_seconds = models.FloatField(help_text="Seconds between its heartbeats.")
+    detail = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["component", "-last_seen_at"]
+        constraints = [
+            models.UniqueConstraint(fields=["component", "instance"], name="uniq_service_heartbeat")
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.component} {self.instance} last seen {self.last_seen_at:%H:%M:%S}"

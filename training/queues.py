@@ -174,3 +174,49 @@ def task_time_limits(
             f"BROKER_CONSUMER_TIMEOUT_SECONDS={consumer_timeout} s)"
         )
     return TaskTimeLimits(soft=soft, hard=hard, ceiling=ceiling)
+
+
+# --- Recovery timings ---------------------------------------------------------------------------
+
+#: The shortest round timeout a spec may set: twice the tick, so that at least one tick falls
+#: between the moment a lost site task is sent again (half the timeout, at the latest) and the
+#: round's deadline (``training.rounds.coordinator.redispatch_delay``).
+MIN_ROUND_TIMEOUT_SECONDS = int(2 * ROUNDS_TICK.every_seconds)
+
+
+def recovery_timing_problems(
+    *,
+    redispatch_after: float,
+    claim_lease: float,
+    relay_every: float,
+    heartbeat_every: float,
+    outbox_stale: float,
+) -> list[str]:
+    """What is wrong with the coordinator's recovery settings, each in words (the settings
+    refuse to start on any): timings that would make a lost message, a dead claimer or a dead
+    coordinator go unnoticed or be acted on before it could be known."""
+    tick = ROUNDS_TICK.every_seconds
+    problems = []
+    if redispatch_after < tick:
+        problems.append(
+            f"FL_REDISPATCH_AFTER_SECONDS={redispatch_after:g} is shorter than the periodic tick "
+            f"({tick:g} s), which is what sends a lost task again: set it to {tick:g} or more"
+        )
+    if claim_lease < 3:
+        problems.append(
+            f"FL_CLAIM_LEASE_SECONDS={claim_lease:g} is too short to be renewed (every third of "
+            "it, at least 1 s): set it to 3 or more (30 by default)"
+        )
+    if relay_every <= 0 or heartbeat_every < relay_every:
+        problems.append(
+            f"FL_COORDINATOR_HEARTBEAT_SECONDS={heartbeat_every:g} must be at least "
+            f"FL_OUTBOX_RELAY_SECONDS={relay_every:g} (> 0): the heartbeat is written by the "
+            "relay's passes"
+        )
+    if outbox_stale < 3 * max(heartbeat_every, relay_every, 5):
+        problems.append(
+            f"FL_OUTBOX_STALE_SECONDS={outbox_stale:g} would call the relay failing before it "
+            f"has had three passes and its 5 s grace: set it to "
+            f"{3 * max(heartbeat_every, relay_every, 5):g} or more"
+        )
+    return problems

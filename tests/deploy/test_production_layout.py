@@ -204,7 +204,7 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     anonymous = HTTPS(site_url, tls.ca)
     wait_until(
         "the server's health check through nginx",
-        lambda: anonymous.request("GET", "/health/")[0] == 200,
+        lambda: anonymous.request("GET", "/health/?scope=web")[0] == 200,
         timeout=120,
         processes=processes,
     )
@@ -457,6 +457,12 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         assert re.search(r">\s*online<", page), page[:3000]
     # The live pages' websockets pass the proxy (upgraded, the session cookie forwarded).
     assert _websocket_status(admin, https_port, tls.ca, "/ws/consortia/thames/") == 101
+    # The whole probe passes through the proxy: the coordinator beats, beat ticks, the outbox
+    # is empty (every message the job needed went out).
+    status, body = anonymous.request("GET", "/health/")
+    checks = json.loads(body)["checks"]
+    assert status == 200, body
+    assert checks["coordinator"]["ok"] and checks["tick"]["ok"] and checks["relay"]["ok"]
 
 
 _FACTS = """

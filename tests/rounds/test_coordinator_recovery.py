@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 
 from django.db import OperationalError
+from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
@@ -93,3 +94,85 @@ def test_a_lost_task_is_sent_again_before_a_short_rounds_deadline(c3, broker, se
     assert rnd.state == Round.State.CLOSED
     (closed,) = job_payloads(ledger_events.ROUND_CLOSED, job)
     assert lost in closed["sites"] and closed["stragglers"] == []
+
+
+# --- A coordinator killed while it aggregates (issue 13, item 2) ----------------------------------
+
+
+def _die_after_claiming(monkeypatch):
+    """The coordinator claims the round, then dies before it aggregates."""
+    monkeypatch.setattr(coordinator, "_aggregate_and_finish", lambda round_id, token: "killed")
+
+
+def test_a_round_whose_claimer_died_is_claimed_again_when_its_lease_runs_out(
+    c3, broker, monkeypatch, settings
+):
+    settings.FL_CLAIM_LEASE_SECONDS = 30
+    job = propose_and_start(c3, broker, rounds=1)
+    _die_after_claiming(monkeypatch)
+    broker.deliver()
+    monkeypatch.undo()
+    monkeypatch.setattr(coordinator.outbox.current_app, "send_task", broker.send_task)
+    rnd = Round.objects.get(job=job, index=1)
+    assert rnd.state == Round.State.AGGREGATING
+    assert rnd.claim_token and rnd.lease_expires_at is not None
+
+    # While the lease runs, no one else takes the round.
+    within = rnd.lease_expires_at - dt.timedelta(seconds=1)
+    assert broker.run(coordinator.rounds_tick, now=within).closed == []
+    assert Round.objects.get(pk=rnd.pk).claim_token == rnd.claim_token
+
+    # The first tick after it ran out claims it again and closes it: 30 s, not 600.
+    after = rnd.lease_expires_at + dt.timedelta(seconds=1)
+    assert (after - rnd.closed_at).total_seconds() < 35
+    assert broker.run(coordinator.rounds_tick, now=after).closed == [rnd.pk]
+    broker.deliver()
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED
+    (closed,) = job_payloads(ledger_events.ROUND_CLOSED, job)
+    assert len(closed["updates"]) == 3  # counted once
+    assert verify_chain().ok
+
+
+def test_a_claimer_whose_lease_was_taken_over_closes_nothing(c3, broker, monkeypatch):
+    job = propose_and_start(c3, broker, rounds=1)
+    _die_after_claiming(monkeypatch)
+    broker.deliver()
+    monkeypatch.undo()
+    monkeypatch.setattr(coordinator.outbox.current_app, "send_task", broker.send_task)
+    rnd = Round.objects.get(job=job, index=1)
+    paused_token = rnd.claim_token
+    # Another coordinator takes the claim over (the first one was paused past its lease).
+    new_token = coordinator._reclaim(rnd.pk, rnd.lease_expires_at + dt.timedelta(seconds=1))
+    assert new_token and new_token != paused_token
+    # A second coordinator finds the claim held again, under a fresh lease.
+    assert coordinator._reclaim(rnd.pk, timezone.now()) is None
+
+    # The paused one wakes up and finishes its aggregation: it closes nothing.
+    assert broker.run(coordinator._aggregate_and_finish, rnd.pk, paused_token) == "not_open"
+    assert Round.objects.get(pk=rnd.pk).state == Round.State.AGGREGATING
+    assert not job.global_models.filter(round_index=1).exists()
+    # The one holding the claim does.
+    assert broker.run(coordinator._aggregate_and_finish, rnd.pk, new_token) == "closed"
+    assert job.global_models.filter(round_index=1).count() == 1
+
+
+def test_a_long_aggregation_renews_its_lease(c3, broker, monkeypatch, settings):
+    settings.FL_CLAIM_LEASE_SECONDS = 3  # renewed every second
+    job = propose_and_start(c3, broker, rounds=1)
+    seen = []
+    real = coordinator._aggregate_and_finish_once
+
+    def slow(round_id, token):
+        first = Round.objects.get(pk=round_id).lease_expires_at
+        lease = coordinator._Lease(round_id, token)
+        lease._renew_once()  # what the thread does every third of the lease
+        seen.append((first, Round.objects.get(pk=round_id).lease_expires_at))
+        return real(round_id, token)
+
+    monkeypatch.setattr(coordinator, "_aggregate_and_finish_once", slow)
+    broker.deliver()
+    (first, renewed), *_ = seen
+    assert renewed > first
+    job.refresh_from_db()
+    assert job.state == JobState.COMPLETED

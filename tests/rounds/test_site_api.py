@@ -21,6 +21,7 @@ from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from tests.support.fl_harness import use_artifact_folder
 from tests.support.training_fixtures import make_scene
+from training import outbox
 from training.fl.serialization import pack_tensors, sha256_hex
 from training.fl.signing import generate_keypair, sign_update, update_message
 from training.jobs.proposals import job_cancel
@@ -238,7 +239,7 @@ def test_a_signed_update_is_accepted_and_recorded(world, django_capture_on_commi
     tensors = update_tensors()
     data = pack_tensors(tensors)
     with (
-        mock.patch.object(intake.current_app, "send_task") as send_task,
+        mock.patch.object(outbox.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
     ):
         response = upload(world, tensors=tensors, samples=640)
@@ -292,7 +293,7 @@ def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
     """The round closes on its last upload, accepted or rejected, not on the next tick."""
     site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
     with (
-        mock.patch.object(intake.current_app, "send_task") as send_task,
+        mock.patch.object(outbox.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
     ):
         assert upload(world).status_code == 201
@@ -303,13 +304,13 @@ def test_the_last_report_of_a_round_asks_the_coordinator_to_close_it(
         )
         assert rejected.json()["code"] == "bad_signature"
     send_task.assert_called_once_with(
-        "training.round_maybe_close", args=[world.round.pk], queue="central"
+        "training.round_maybe_close", args=[world.round.pk], kwargs={}, queue="central", retry=False
     )
 
 
 def test_a_duplicated_upload_does_no_harm(world, django_capture_on_commit_callbacks):
     tensors = update_tensors()
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         first = upload(world, tensors=tensors)
         second = upload(world, tensors=tensors)
     assert first.status_code == 201
@@ -322,7 +323,7 @@ def test_a_duplicated_upload_does_no_harm(world, django_capture_on_commit_callba
 
 
 def test_another_update_after_acceptance_is_refused_not_recorded(world):
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         assert upload(world, tensors=update_tensors(seed=1)).status_code == 201
         again = upload(world, tensors=update_tensors(seed=2))
     assert again.status_code == 409
@@ -357,7 +358,7 @@ def test_the_service_reports_duplicates(world):
         privacy_events=[],
         pipeline=[],
     )
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         first = intake.update_receive(**kwargs)
         second = intake.update_receive(**kwargs)
     assert first.duplicate is False and second.duplicate is True
@@ -537,7 +538,7 @@ def test_a_removed_participant_is_rejected(world):
 
 def test_a_rejected_update_takes_no_second_upload(world):
     upload(world, sign_with=generate_keypair()[0])
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         again = upload(world)
     assert again.status_code == 409
     assert again.json()["code"] == "already_received"
@@ -796,7 +797,7 @@ def test_an_update_is_checked_against_the_model_the_site_was_sent(world, cast):
         start_digest=start
     )
     fitting = {f"delta/{n}": torch.zeros(s) for n, s in shapes.items()}
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         assert upload(world, tensors=update_tensors(mask=False)).status_code == 400
         assert site_update(world).status == SiteUpdate.Status.REJECTED
         reason = site_update(world).reject_reason
@@ -852,7 +853,7 @@ def test_the_round_model_is_the_model_the_site_was_sent(world, cast):
 
 
 def _accept(world):
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         assert upload(world).status_code == 201
 
 
@@ -930,7 +931,7 @@ def test_the_queries_an_upload_costs(world, django_assert_num_queries):
     round_model(world)  # writes the credential's last_used_at, not counted below
     data = pack_tensors(update_tensors())
     expected = 17 if connection.vendor == "postgresql" else 18
-    with mock.patch.object(intake.current_app, "send_task"), django_assert_num_queries(expected):
+    with mock.patch.object(outbox.current_app, "send_task"), django_assert_num_queries(expected):
         assert upload(world, data=data).status_code == 201
 
 
@@ -938,7 +939,7 @@ def test_a_duplicate_upload_costs_four_queries(world, django_assert_num_queries)
     """A repeated upload stops at the unlocked first look (authentication, who may upload,
     the participant, the site's row): no verification, no lock."""
     data = pack_tensors(update_tensors())
-    with mock.patch.object(intake.current_app, "send_task"):
+    with mock.patch.object(outbox.current_app, "send_task"):
         assert upload(world, data=data).status_code == 201
         with django_assert_num_queries(4):
             assert upload(world, data=data).status_code == 200
@@ -967,7 +968,7 @@ def test_one_site_cannot_upload_for_another(world, cast):
 
 def test_both_sites_accepted(world, cast):
     site_b = make_site(cast, institution=cast.hospital_b, label="b-node")
-    with mock.patch.object(intake.current_app, "send_task") as send_task:
+    with mock.patch.object(outbox.current_app, "send_task") as send_task:
         assert upload(world).status_code == 201
         assert upload(world, site=site_b, tensors=update_tensors(seed=5)).status_code == 201
     assert SiteUpdate.objects.filter(status=SiteUpdate.Status.ACCEPTED).count() == 2
@@ -1059,7 +1060,7 @@ def test_simultaneous_uploads_count_once(cast, same):
     SiteUpdate.objects.filter(round=_rnd, institution=cast.hospital_b).update(
         status=SiteUpdate.Status.STRAGGLER
     )
-    with mock.patch.object(intake.current_app, "send_task") as send_task:
+    with mock.patch.object(outbox.current_app, "send_task") as send_task:
         threads = [threading.Thread(target=go, args=(kwargs,)) for kwargs in calls]
         for t in threads:
             t.start()

@@ -27,6 +27,7 @@ from tests.rounds.test_site_api import (  # noqa: F401 - _artifact_root is a fix
     upload,
 )
 from tests.support.training_fixtures import make_scene
+from training import outbox
 from training.fl.serialization import pack_tensors, sha256_hex
 from training.fl.signing import generate_keypair, sign_update, update_message
 from training.models import Round, SiteUpdate
@@ -102,7 +103,7 @@ def assert_replay_refused(response, *, contains: str) -> None:
 
 @pytest.fixture
 def send_task():
-    with mock.patch.object(intake.current_app, "send_task") as send_task:
+    with mock.patch.object(outbox.current_app, "send_task") as send_task:
         yield send_task
 
 

@@ -9,7 +9,6 @@ checks it too.
 
 from __future__ import annotations
 
-from celery import current_app
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
@@ -20,7 +19,7 @@ from consortium.core.errors import ConflictError, ServiceError
 from consortium.governance.models import Institution, Role
 from consortium.governance.permissions import has_institution_role
 from consortium.governance.selectors import agreement_in_force
-from training import queues
+from training import outbox, queues
 from training.jobs.compliance import check_job_compliance
 from training.jobs.notifications import approvers_of, job_url, notify
 from training.jobs.selectors import active_participants, current_decisions
@@ -229,12 +228,7 @@ def _settle(job: TrainingJob, *, acting_user) -> None:
         )
         # The coordinator starts the job once the approval is committed (a lost message is
         # made up for by training.rounds.coordinator.rounds_tick).
-        job_id = job.pk
-        transaction.on_commit(
-            lambda: current_app.send_task(
-                queues.JOB_START.name, args=[job_id], queue=queues.JOB_START.queue
-            )
-        )
+        outbox.send_after_commit(queues.JOB_START, args=[job.pk])
         notify(
             users=everyone,
             consortium=job.consortium,

@@ -68,6 +68,7 @@ from training.fl.params import (
     Number,
 )
 from training.jobs.registry import MODALITY_PURPOSE, ModelSpec, model_registry
+from training.queues import MIN_ROUND_TIMEOUT_SECONDS
 
 SPEC_SCHEMA_VERSION = 1
 
@@ -602,7 +603,8 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
         raw,
         "round_timeout_seconds",
         "round_timeout_seconds",
-        Number("int", 10, 86400, default=600),
+        # At least two ticks, so a lost site task is sent again before the deadline.
+        Number("int", MIN_ROUND_TIMEOUT_SECONDS, 86400, default=600),
     )
     out["approval_ttl_hours"] = c.field(
         raw, "approval_ttl_hours", "approval_ttl_hours", Number("int", 1, 720, default=168)

@@ -13,10 +13,14 @@ Celery's result store, and every move is a compare-and-set update, so that
   visibility timeout);
 * after a coordinator restart the job resumes from its last completed round: a running job
   whose latest round is closed but has no next round gets it from :func:`rounds_tick`; a round
-  left aggregating by a killed coordinator is aggregated again (after
-  ``FL_AGGREGATION_STALE_SECONDS``), and one whose aggregation hit a database error is handed
-  back at once and claimed again at the next tick; rounds a crash left unscored are scored by
-  the tick (``training.rounds.contributions.rescore_missing``).
+  left aggregating by a killed coordinator is claimed again by the next tick once its claim's
+  lease runs out (``FL_CLAIM_LEASE_SECONDS``, renewed while the claimer works: :class:`_Lease`),
+  and one whose aggregation hit a database error is handed back at once and claimed again at
+  the next tick; rounds a crash left unscored are scored by the tick
+  (``training.rounds.contributions.rescore_missing``);
+* every message a move calls for (a site's task, closing a round, starting a job) is written to
+  the outbox in the move's own transaction (``training.outbox``): a broker outage delays it,
+  never drops it.
 
 Lock order is the project's: the ledger chain (``audit.ledger.chain.lock_chain``) first, then rows.
 The slow work (building, aggregating and evaluating models) runs outside any transaction.
@@ -55,17 +59,19 @@ import datetime as dt
 import functools
 import logging
 import math
+import secrets
+import threading
 from dataclasses import dataclass, field
 
-from celery import current_app
 from django.conf import settings
 from django.db import DatabaseError, close_old_connections, connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
-from training import queues
+from training import liveness, outbox, queues
 from training.jobs.selectors import round_with_job
 from training.jobs.transitions import job_transition
 from training.models import (
@@ -157,18 +163,19 @@ def _fail_job(job: TrainingJob, reason: str) -> None:
 
 
 def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_digest: str) -> None:
-    """Queue one site's training task once the transaction commits: ids and digests only
-    (``start_digest``: the model the site starts from, its ``SiteUpdate.start_digest``)."""
-    kwargs = {
-        "job_id": job.pk,
-        "round_index": round_index,
-        "site": slug,
-        "spec_digest": job.spec_digest,
-        "start_digest": start_digest,
-    }
-    queue = queues.site_queue(slug)
-    transaction.on_commit(
-        lambda: current_app.send_task(queues.SITE_TRAIN.name, kwargs=kwargs, queue=queue)
+    """Send one site its training task through the outbox (in the caller's transaction): ids
+    and digests only (``start_digest``: the model the site starts from, its
+    ``SiteUpdate.start_digest``)."""
+    outbox.send_after_commit(
+        queues.SITE_TRAIN,
+        kwargs={
+            "job_id": job.pk,
+            "round_index": round_index,
+            "site": slug,
+            "spec_digest": job.spec_digest,
+            "start_digest": start_digest,
+        },
+        queue=queues.site_queue(slug),
     )
 
 
@@ -337,12 +344,21 @@ def _cyclic_send(rnd: Round, job: TrainingJob, slug: str, digest: str) -> bool:
 # --- Closing a round -----------------------------------------------------------------------------
 
 
-def _fail_round(rnd: Round, reason: str, *, from_state: str = Round.State.OPEN) -> bool:
-    """Fail the round (compare-and-set) and its job; stragglers recorded. One transaction."""
+def _fail_round(
+    rnd: Round, reason: str, *, from_state: str = Round.State.OPEN, token: str | None = None
+) -> bool:
+    """Fail the round (compare-and-set, on the claim ``token`` too when aggregating) and its
+    job; stragglers recorded. One transaction."""
     with transaction.atomic():
         job = _lock_job(rnd.job_id)
-        failed = Round.objects.filter(pk=rnd.pk, state=from_state).update(
-            state=Round.State.FAILED, failure_reason=reason, closed_at=timezone.now()
+        guard = Round.objects.filter(pk=rnd.pk, state=from_state)
+        if token is not None:
+            guard = guard.filter(claim_token=token)
+        failed = guard.update(
+            state=Round.State.FAILED,
+            failure_reason=reason,
+            closed_at=timezone.now(),
+            lease_expires_at=None,
         )
         if not failed:
             return False
@@ -408,17 +424,102 @@ def round_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
             )
         return "failed" if _fail_round(rnd, reason) else "not_open"
 
-    # Claim the round: OPEN -> AGGREGATING. A second delivery stops here.
+    # Claim the round: OPEN -> AGGREGATING, with a lease. A second delivery stops here.
+    token = _claim_token()
     with transaction.atomic():
         claimed = Round.objects.filter(pk=rnd.pk, state=Round.State.OPEN).update(
-            state=Round.State.AGGREGATING, closed_at=now
+            state=Round.State.AGGREGATING,
+            closed_at=now,
+            claim_token=token,
+            lease_expires_at=timezone.now() + _lease_length(),
         )
         if not claimed:
             return "not_open"
         rnd.updates.filter(status=SiteUpdate.Status.DISPATCHED).update(
             status=SiteUpdate.Status.STRAGGLER
         )
-    return _aggregate_and_finish(rnd.pk)
+    return _aggregate_and_finish(rnd.pk, token)
+
+
+# --- The aggregation claim's lease ------------------------------------------------------------
+
+
+def _claim_token() -> str:
+    return secrets.token_hex(16)
+
+
+def _lease_length() -> dt.timedelta:
+    return dt.timedelta(seconds=_setting("FL_CLAIM_LEASE_SECONDS", 30))
+
+
+def _reclaim(round_id: int, now: dt.datetime) -> str | None:
+    """Take over the claim of a round whose lease ran out (its claimer died): a
+    compare-and-set on the old token and expiry, so of two coordinators only one takes it.
+    Returns the new token, or None when the claim is not free."""
+    old = (
+        Round.objects.filter(pk=round_id, state=Round.State.AGGREGATING)
+        .values("claim_token", "lease_expires_at")
+        .first()
+    )
+    if old is None or (old["lease_expires_at"] is not None and old["lease_expires_at"] > now):
+        return None
+    token = _claim_token()
+    taken = Round.objects.filter(
+        pk=round_id,
+        state=Round.State.AGGREGATING,
+        claim_token=old["claim_token"],
+        lease_expires_at=old["lease_expires_at"],
+    ).update(claim_token=token, lease_expires_at=timezone.now() + _lease_length())
+    if not taken:
+        return None
+    log.warning("round #%s: its aggregation claim's lease ran out; claiming it again", round_id)
+    return token
+
+
+class _Lease:
+    """Renews a claim's lease from a thread while the claimer aggregates, so that a long
+    aggregation keeps its claim and a killed one loses it within ``FL_CLAIM_LEASE_SECONDS``.
+
+    Correctness never rests on the lease: the close is a compare-and-set on the claim's token,
+    so a claimer that lost its lease (paused longer than the lease) closes nothing and the
+    round is closed once, by the coordinator that took it over. The lease only bounds how long
+    a dead claimer holds the round."""
+
+    def __init__(self, round_id: int, token: str):
+        self.round_id = round_id
+        self.token = token
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=self._renew, name=f"lease-round-{round_id}", daemon=True
+        )
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(timeout=10)
+        return False
+
+    def _renew(self) -> None:
+        every = max(1.0, _lease_length().total_seconds() / 3)
+        try:
+            while not self._stop.wait(every):
+                try:
+                    self._renew_once()
+                except DatabaseError:
+                    log.warning("could not renew the lease of round #%s", self.round_id)
+                    connection.close()
+        finally:
+            connection.close()
+
+    def _renew_once(self) -> bool:
+        return bool(
+            Round.objects.filter(
+                pk=self.round_id, state=Round.State.AGGREGATING, claim_token=self.token
+            ).update(lease_expires_at=timezone.now() + _lease_length())
+        )
 
 
 def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
@@ -442,17 +543,19 @@ def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
         return
 
 
-def _aggregate_and_finish(round_id: int) -> str:
-    """Aggregate a round claimed for aggregation, then close it and move the job on.
+def _aggregate_and_finish(round_id: int, token: str) -> str:
+    """Aggregate a round claimed for aggregation (the claim ``token`` is ours), then close it
+    and move the job on, renewing the claim's lease meanwhile.
 
     A database error on the way (a dropped connection, a failover) must not leave the round
-    claimed until the stale timeout: the claim is handed back (AGGREGATING -> OPEN, a
+    claimed until its lease runs out: the claim is handed back (AGGREGATING -> OPEN, a
     compare-and-set) so that the next ``rounds_tick`` claims and aggregates it again, and
     ``"retry"`` is returned. Nothing was committed for the round before the close's own
     transaction, so aggregating again is safe. When even handing back fails (the database is
-    still away), the stale timeout is the last resort."""
+    still away), the lease runs out and the tick claims the round again."""
     try:
-        return _aggregate_and_finish_once(round_id)
+        with _Lease(round_id, token):
+            return _aggregate_and_finish_once(round_id, token)
     except DatabaseError:
         log.exception(
             "aggregating round #%s hit a database error; handing the claim back", round_id
@@ -460,17 +563,17 @@ def _aggregate_and_finish(round_id: int) -> str:
         try:
             if not connection.in_atomic_block:  # a broken connection is replaced, not reused
                 close_old_connections()
-            Round.objects.filter(pk=round_id, state=Round.State.AGGREGATING).update(
-                state=Round.State.OPEN
-            )
+            Round.objects.filter(
+                pk=round_id, state=Round.State.AGGREGATING, claim_token=token
+            ).update(state=Round.State.OPEN, claim_token="", lease_expires_at=None)
         except DatabaseError:
-            log.exception("round #%s stays claimed until the stale timeout", round_id)
+            log.exception("round #%s stays claimed until its lease runs out", round_id)
         return "retry"
 
 
-def _aggregate_and_finish_once(round_id: int) -> str:
+def _aggregate_and_finish_once(round_id: int, token: str) -> str:
     rnd = Round.objects.select_related("job__consortium", "global_model_in").get(pk=round_id)
-    if rnd.state != Round.State.AGGREGATING:
+    if rnd.state != Round.State.AGGREGATING or rnd.claim_token != token:
         return "not_open"
     job = rnd.job
     spec = job.spec
@@ -490,14 +593,17 @@ def _aggregate_and_finish_once(round_id: int) -> str:
             metrics = _finite(aggregation.evaluate(job, dataset, state))
     except (ValueError, ArtifactError, OSError, RuntimeError) as exc:
         log.exception("aggregation of %s failed", rnd)
-        _fail_round(rnd, f"aggregation failed: {exc}", from_state=Round.State.AGGREGATING)
+        _fail_round(
+            rnd, f"aggregation failed: {exc}", from_state=Round.State.AGGREGATING, token=token
+        )
         return "failed"
 
     contributions = [(u.update_digest, u.samples) for u in updates]
     lineage = lineage_hash(parent.lineage_hash, digest, contributions)
     with transaction.atomic():
         job = _lock_job(job.pk)
-        closed = Round.objects.filter(pk=rnd.pk, state=Round.State.AGGREGATING)
+        # Ours to close only while the claim is: a claimer whose lease was taken over stops here.
+        closed = Round.objects.filter(pk=rnd.pk, state=Round.State.AGGREGATING, claim_token=token)
         if not closed.exists():
             return "not_open"
         model = GlobalModel.objects.create(
@@ -509,7 +615,7 @@ def _aggregate_and_finish_once(round_id: int) -> str:
             size_bytes=size,
             metrics=metrics,
         )
-        closed.update(state=Round.State.CLOSED, global_model_out=model)
+        closed.update(state=Round.State.CLOSED, global_model_out=model, lease_expires_at=None)
         rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
         _record(
             ledger_events.ROUND_CLOSED,
@@ -598,7 +704,7 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     1. start approved jobs whose ``training.job_start`` message was lost (after a grace period);
     2. close (or fail) open rounds that are done or past their deadline, and fail open rounds of
        jobs that no longer run (a lost ``round_maybe_close`` costs at most one tick);
-    3. aggregate again rounds left aggregating by a coordinator that died;
+    3. claim again (and aggregate) rounds whose claimer died: their lease ran out;
     4. resume running jobs whose latest round is closed but whose next round was never opened;
     5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS`` or
        half their round's timeout, whichever is shorter (:func:`redispatch_delay`);
@@ -607,6 +713,8 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     """
     now = now or timezone.now()
     report = TickReport()
+    # Messages a broker outage held back (the relay thread's backstop).
+    _guard(report, "relaying the outbox")(outbox.relay_pending)()
     grace = dt.timedelta(seconds=_setting("FL_START_GRACE_SECONDS", 30))
     for pk in TrainingJob.objects.filter(
         state=JobState.APPROVED, state_changed_at__lte=now - grace
@@ -621,13 +729,17 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
         elif outcome == "failed":
             report.failed.append(pk)
 
-    stale = dt.timedelta(seconds=_setting("FL_AGGREGATION_STALE_SECONDS", 600))
     for pk in list(
-        Round.objects.filter(state=Round.State.AGGREGATING, closed_at__lte=now - stale).values_list(
-            "pk", flat=True
-        )
+        Round.objects.filter(state=Round.State.AGGREGATING)
+        .filter(Q(lease_expires_at__lte=now) | Q(lease_expires_at__isnull=True))
+        .values_list("pk", flat=True)
     ):
-        if _guard(report, f"aggregating round #{pk}")(_aggregate_and_finish)(pk) == "closed":
+        token = _guard(report, f"claiming round #{pk} again")(_reclaim)(pk, now)
+        if (
+            token
+            and _guard(report, f"aggregating round #{pk}")(_aggregate_and_finish)(pk, token)
+            == "closed"
+        ):
             report.closed.append(pk)
 
     for job in TrainingJob.objects.filter(state=JobState.RUNNING).select_related("consortium"):
@@ -637,7 +749,7 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     after = dt.timedelta(seconds=_setting("FL_REDISPATCH_AFTER_SECONDS", 300))
     # A round's lost task is sent again before its deadline whatever the two settings are:
     # after FL_REDISPATCH_AFTER_SECONDS or half the round's timeout, whichever comes first.
-    soonest = min(after, dt.timedelta(seconds=MIN_ROUND_TIMEOUT_SECONDS / 2))
+    soonest = min(after, dt.timedelta(seconds=queues.MIN_ROUND_TIMEOUT_SECONDS / 2))
     candidates = (
         SiteUpdate.objects.filter(
             status=SiteUpdate.Status.DISPATCHED,
@@ -656,11 +768,12 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
 
     evaluations = _guard(report, "evaluations at the sites")(scores_tick)(now=now) or {}
     report.evaluations = {k: v for k, v in evaluations.items() if v}
+    _guard(report, "recording the tick's heartbeat")(liveness.record_heartbeat)(
+        liveness.TICK,
+        interval_seconds=queues.ROUNDS_TICK.every_seconds,
+        detail={"errors": len(report.errors)},
+    )
     return report
-
-
-#: The shortest round timeout a spec may set (``training.jobs.spec``: round_timeout_seconds).
-MIN_ROUND_TIMEOUT_SECONDS = 10
 
 
 def redispatch_delay(rnd: Round, after: dt.timedelta) -> dt.timedelta:

@@ -15,14 +15,13 @@ from __future__ import annotations
 
 import hashlib
 
-from celery import current_app
 from django.db import transaction
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
 from consortium.core.errors import ServiceError
-from training import queues
+from training import outbox, queues
 from training.fl.evaluation_report import ReportError, parse_report
 from training.fl.signing import BadSignature, verify_update
 from training.models import RoundEvaluation, SiteCredential, SiteDataset, SiteEvaluation
@@ -206,13 +205,8 @@ def evaluation_receive(
                 "public_key": credential.public_key,
             },
         )
-        round_id = evaluation.round_id
-        transaction.on_commit(
-            lambda: current_app.send_task(
-                queues.ROUND_EVALUATION_MAYBE_CLOSE.name,
-                kwargs={"round_id": round_id},
-                queue=queues.CENTRAL_QUEUE,
-            )
+        outbox.send_after_commit(
+            queues.ROUND_EVALUATION_MAYBE_CLOSE, kwargs={"round_id": evaluation.round_id}
         )
     fresh.refresh_from_db()
     return fresh, False

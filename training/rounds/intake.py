@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import logging
 
-from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Exists, OuterRef, Q, Subquery
@@ -46,7 +45,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
 from consortium.core.errors import ServiceError
-from training import queues
+from training import outbox, queues
 from training.models import JobParticipant, Round, SiteCredential, SiteUpdate, TrainingJob
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest
 from training.rounds.credentials import site_actor_repr
@@ -345,7 +344,8 @@ def _record_acceptance(
 
 
 def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
-    """Once the transaction commits, ask the coordinator to close the round, when the update
+    """Ask the coordinator, through the outbox (so a broker outage never turns an accepted
+    upload into an error, nor drops the request), to close the round when the update
     just recorded (accepted or rejected) may let it move: in a FedAvg round, when no site is
     still expected (the round then closes on its last upload, not on the next periodic tick);
     in a cyclic round, always (the next site is sent once this one has reported).
@@ -356,12 +356,7 @@ def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
         SiteUpdate.objects.filter(round_id=rnd.pk, status=SiteUpdate.Status.DISPATCHED).exists()
     ):
         return
-    round_pk = rnd.pk
-    transaction.on_commit(
-        lambda: current_app.send_task(
-            queues.ROUND_MAYBE_CLOSE.name, args=[round_pk], queue=queues.ROUND_MAYBE_CLOSE.queue
-        )
-    )
+    outbox.send_after_commit(queues.ROUND_MAYBE_CLOSE, args=[rnd.pk])
 
 
 def update_receive(

@@ -44,14 +44,13 @@ import datetime as dt
 import logging
 from dataclasses import dataclass
 
-from celery import current_app
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
-from training import queues
+from training import outbox, queues
 from training.fl.evaluation_report import (
     EvaluationReport,
     combine,
@@ -220,10 +219,7 @@ def _send_evaluate_task(job: TrainingJob, round_index: int, slug: str) -> None:
         "site": slug,
         "spec_digest": job.spec_digest,
     }
-    queue = queues.site_queue(slug)
-    transaction.on_commit(
-        lambda: current_app.send_task(queues.SITE_EVALUATE.name, kwargs=kwargs, queue=queue)
-    )
+    outbox.send_after_commit(queues.SITE_EVALUATE, kwargs=kwargs, queue=queues.site_queue(slug))
 
 
 # --- 3. Closing -------------------------------------------------------------------------------

@@ -9,17 +9,31 @@ that site's worker, which holds no database credentials: its body calls
 torch is imported inside the site task's training (``training.site.worker`` loads it
 lazily), never when this module is imported, so CUDA cannot initialise in a worker's parent
 process before it forks.
+
+A database error in a coordinator's task (a dropped connection, a failover) is retried with
+jittered back-off (:data:`RETRY_DATABASE_ERRORS`) rather than lost; the periodic tick backs every
+one of them up anyway, so the retries only make recovery quicker.
 """
 
 from celery import shared_task
 from celery.exceptions import Reject
 from django.conf import settings
+from django.db import DatabaseError
 
 from training import queues
 from training.jobs.approvals import jobs_expire_overdue
 from training.rounds import contributions, coordinator
 from training.site.evaluation import NotEvaluatedHere, run_site_evaluation
 from training.site.worker import WrongSite, run_site_round
+
+#: Central tasks meet a database error with a retry after 1, 2, 4 … (at most 30) seconds.
+RETRY_DATABASE_ERRORS = {
+    "autoretry_for": (DatabaseError,),
+    "retry_backoff": 1,
+    "retry_backoff_max": 30,
+    "retry_jitter": True,
+    "max_retries": 8,
+}
 
 
 @shared_task(name=queues.EXPIRE_OVERDUE_JOBS.name, ignore_result=True)
@@ -28,14 +42,14 @@ def expire_overdue_jobs() -> int:
     return jobs_expire_overdue()
 
 
-@shared_task(name=queues.JOB_START.name, ignore_result=True)
+@shared_task(name=queues.JOB_START.name, ignore_result=True, **RETRY_DATABASE_ERRORS)
 def job_start(job_id: int) -> int | None:
     """Start an approved job (queued when it becomes approved)."""
     rnd = coordinator.job_start(job_id)
     return rnd.pk if rnd is not None else None
 
 
-@shared_task(name=queues.ROUND_MAYBE_CLOSE.name, ignore_result=True)
+@shared_task(name=queues.ROUND_MAYBE_CLOSE.name, ignore_result=True, **RETRY_DATABASE_ERRORS)
 def round_maybe_close(round_id: int) -> str:
     """Close a round if it is done (queued after each accepted update)."""
     return coordinator.round_maybe_close(round_id)
@@ -83,7 +97,9 @@ def site_train(
         raise Reject(str(exc), requeue=False) from exc
 
 
-@shared_task(name=queues.ROUND_EVALUATION_MAYBE_CLOSE.name, ignore_result=True)
+@shared_task(
+    name=queues.ROUND_EVALUATION_MAYBE_CLOSE.name, ignore_result=True, **RETRY_DATABASE_ERRORS
+)
 def round_evaluation_maybe_close(round_id: int) -> str:
     """Close a round's evaluation at the sites if every site reported, then score the round."""
     return contributions.evaluation_close_and_score(round_id)

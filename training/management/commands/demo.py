@@ -246,7 +246,7 @@ class Command(BaseCommand):
 
         self._wait(
             "the central server",
-            lambda: http_ok(local + "/health/"),
+            lambda: http_ok(local + "/health/?scope=web"),
             limit=90,
         )
         self._wait(

@@ -1,0 +1,178 @@
+"""The transactional outbox: messages that must follow a commit survive a broker outage.
+
+A state change that calls for a Celery message (open a round and send the sites their tasks,
+ask the coordinator to close a round, start an approved job, ask for evaluations) writes an
+:class:`~training.models.OutboxMessage` row in the same transaction, with
+:func:`send_after_commit`. When the transaction commits, the message is published at once (the
+fast path); if the broker does not take it, the row stays pending and the relay publishes it
+later, with jittered exponential back-off, until the broker does. So:
+
+* a broker outage delays work and never drops it (before, ``transaction.on_commit`` published
+  once, and one failed send raised out of the callback and dropped every send after it);
+* a request never fails after its commit (an accepted upload used to be answered 500 when the
+  close-the-round message could not be published);
+* a message is never published for a transaction that rolled back (the row goes with it).
+
+Delivery is at least once: a relay killed after publishing and before marking the row sent
+publishes it again. Every task of ``training.queues`` is a compare-and-set on our own rows, so
+a second delivery does nothing.
+
+Who relays: a thread in the coordinator's Celery worker
+(``training.liveness.start_coordinator_thread``, started by ``consortium.celery`` when a worker
+consumes the ``central`` queue), every ``FL_OUTBOX_RELAY_SECONDS``; the same thread writes the
+coordinator's heartbeat. The periodic tick relays too, as a backstop for a dead thread. Two
+relays may run at once (two coordinators): on PostgreSQL each claims its rows with
+``SKIP LOCKED``, elsewhere a second publish is harmless.
+
+Hand-written: the pattern is a few queries, and the libraries that offer it (for Celery,
+none well kept) would bring their own tables and workers.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import random
+from dataclasses import dataclass
+
+from celery import current_app
+from django.db import connection, transaction
+from django.utils import timezone
+
+from training.models import OutboxMessage
+from training.queues import TaskName
+
+log = logging.getLogger(__name__)
+
+__all__ = [
+    "Backlog",
+    "RelayPass",
+    "backlog",
+    "relay_pending",
+    "send_after_commit",
+]
+
+#: How long the relay leaves a new message to the fast path of the transaction that wrote it.
+FAST_PATH_GRACE = dt.timedelta(seconds=5)
+#: Back-off between two failed publishes of one message: full jitter under an exponential cap.
+BACKOFF_FIRST_SECONDS = 1.0
+BACKOFF_CAP_SECONDS = 30.0
+#: Sent rows are kept this long (operators can see what went out), then deleted by the relay.
+KEEP_SENT = dt.timedelta(days=1)
+
+
+def send_after_commit(
+    task: TaskName, *, args=(), kwargs: dict | None = None, queue: str | None = None
+) -> OutboxMessage:
+    """Record ``task`` in the caller's transaction, to be published once it commits.
+
+    ``queue`` is required for tasks routed per message (the site tasks), else the task's own
+    queue. Arguments are ids and digests (JSON), never tensors or patient data."""
+    queue = queue or task.queue
+    if not queue:
+        raise ValueError(f"{task.name} is routed per message: give its queue")
+    message = OutboxMessage.objects.create(
+        task=task.name,
+        queue=queue,
+        args=list(args),
+        kwargs=dict(kwargs or {}),
+        available_at=timezone.now() + FAST_PATH_GRACE,
+    )
+    transaction.on_commit(lambda: _publish_committed(message.pk))
+    return message
+
+
+def _publish_committed(pk: int) -> None:
+    """The fast path, run once the message's transaction commits: never raises (a request
+    that committed must not fail), a message the broker refused waits for the relay."""
+    try:
+        message = OutboxMessage.objects.filter(pk=pk, sent_at__isnull=True).first()
+        if message is not None:
+            _publish(message)
+    except Exception:  # noqa: BLE001 - the relay publishes whatever this could not
+        log.exception("outbox message #%s is left to the relay", pk)
+
+
+def _publish(message: OutboxMessage) -> bool:
+    """Publish one message; on success mark it sent, on failure schedule the next attempt."""
+    try:
+        current_app.send_task(
+            message.task,
+            args=message.args,
+            kwargs=message.kwargs,
+            queue=message.queue,
+            retry=False,  # our back-off, not the producer's: fail fast and let the relay wait
+        )
+    except Exception as exc:  # noqa: BLE001 - any broker error: try again later
+        attempts = message.attempts + 1
+        cap = min(BACKOFF_CAP_SECONDS, BACKOFF_FIRST_SECONDS * 2**attempts)
+        delay = random.uniform(0, cap)  # noqa: S311 - jitter, not a secret
+        OutboxMessage.objects.filter(pk=message.pk, sent_at__isnull=True).update(
+            attempts=attempts,
+            available_at=timezone.now() + dt.timedelta(seconds=max(delay, 0.5)),
+            last_error=f"{type(exc).__name__}: {exc}"[:500],
+        )
+        log.warning(
+            "could not publish %s to %s (attempt %s): %s",
+            message.task,
+            message.queue,
+            attempts,
+            exc,
+            extra={"outbox_id": message.pk},
+        )
+        return False
+    OutboxMessage.objects.filter(pk=message.pk, sent_at__isnull=True).update(
+        sent_at=timezone.now(), attempts=message.attempts + 1
+    )
+    return True
+
+
+@dataclass(frozen=True)
+class RelayPass:
+    sent: int = 0
+    failed: int = 0
+
+
+def relay_pending(*, limit: int = 200) -> RelayPass:
+    """Publish the pending messages that are due, oldest first; stop at the first failure
+    (the broker is down: the rest would fail too, each a wasted connection attempt).
+
+    On PostgreSQL the rows are claimed with ``SKIP LOCKED`` for the pass, so two relays do
+    not publish the same message; the lock is held while publishing, which is short."""
+    now = timezone.now()
+    sent = failed = 0
+    with transaction.atomic():
+        due = OutboxMessage.objects.filter(sent_at__isnull=True, available_at__lte=now).order_by(
+            "pk"
+        )
+        if connection.features.has_select_for_update_skip_locked:
+            due = due.select_for_update(skip_locked=True)
+        for message in list(due[:limit]):
+            if _publish(message):
+                sent += 1
+            else:
+                failed += 1
+                break
+    if sent and random.random() < 0.05:  # noqa: S311 - now and then: forget a day-old send
+        OutboxMessage.objects.filter(sent_at__lt=now - KEEP_SENT).delete()
+    return RelayPass(sent=sent, failed=failed)
+
+
+@dataclass(frozen=True)
+class Backlog:
+    """What waits in the outbox: for ``/health/``, ``/metrics`` and the dashboard."""
+
+    depth: int
+    oldest_age_seconds: float | None
+    failing: int  # pending messages the broker has refused at least once
+
+
+def backlog() -> Backlog:
+    from django.db.models import Count, Min, Q
+
+    row = OutboxMessage.objects.filter(sent_at__isnull=True).aggregate(
+        depth=Count("pk"), oldest=Min("created_at"), failing=Count("pk", filter=Q(attempts__gt=0))
+    )
+    oldest = row["oldest"]
+    age = (timezone.now() - oldest).total_seconds() if oldest is not None else None
+    return Backlog(depth=row["depth"], oldest_age_seconds=age, failing=row["failing"])
