@@ -529,6 +529,19 @@ ROUND_FAILED = _event(
     doc="A round failed (too few sites reported in time); the job fails with it.",
     fields=(_JOB_ID, _ROUND, _REASON, F("stragglers", ARRAY, "The sites that did not report.")),
 )
+SITE_ABSENT = _event(
+    "site.absent",
+    subject="training.trainingjob",
+    doc="A site of a running job missed FL_ABSENT_ROUNDS_ALERT rounds in a row (asked, never "
+    "reported); the job's proposer and the administrators were told. One entry per streak.",
+    fields=(
+        _JOB_ID,
+        _SITE,
+        F("rounds_missed", INTEGER, "How many rounds in a row it missed."),
+        F("rounds", ARRAY, "The rounds it missed, oldest first."),
+        F("threshold", INTEGER, "The number of rounds in a row that makes a site absent."),
+    ),
+)
 EVALUATION_REQUESTED = _event(
     "evaluation.requested",
     subject="training.round",

@@ -8,6 +8,7 @@ from django.views.generic import TemplateView
 
 from audit.ledger.selectors import consortium_entries
 from consortium.core.pages import SIGNED_IN, PermissionRequiredMixin
+from consortium.dashboard.services import can_see_services, services_panel
 from consortium.dashboard.tables import InstitutionTable
 from consortium.governance import selectors
 from consortium.governance.pages import GovernancePage, InstitutionScopedMixin
@@ -38,8 +39,8 @@ class OverviewView(PermissionRequiredMixin, TemplateView):
 
 class ConsortiumDetailView(GovernancePage):
     """The consortium's front page: its institutions and their standing under each agreement,
-    what waits on the user, its jobs live, and (to those who may read the ledger) its newest
-    entries."""
+    what waits on the user, its jobs live, (to those who may read the ledger) its newest
+    entries, and (to operators) whether the services and the site workers are up."""
 
     permission_required = "consortium.view_consortium"
     template_name = "consortium/consortium_detail.html"
@@ -84,6 +85,12 @@ class ConsortiumDetailView(GovernancePage):
                 consortium_entries(self.consortium.slug).order_by("-seq")[:RECENT_ENTRIES]
                 if can_view_ledger
                 else []
+            ),
+            # Operators only: the central services and every site worker, red when down.
+            services=(
+                services_panel(dashboard.institutions, workers)
+                if can_see_services(self.request.user, self.consortium)
+                else None
             ),
             can_add_institution=self.can("consortium.add_institution", self.consortium),
             can_manage_agreements=self.can("consortium.manage_agreements", self.consortium),

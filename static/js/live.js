@@ -66,6 +66,47 @@
     }], { yaxis: { title: { text: "score" } } });
   }
 
+  // What the job waits on, in words (training/rounds/waiting.py): the coordinator when it is
+  // not heard from, the stage, each site still expected with its worker's state, absent sites.
+  function renderWaiting(w) {
+    const box = $("waiting");
+    if (!box || !w) return;
+    const signature = JSON.stringify(w);
+    if (box.dataset.signature === signature) return; // unchanged: nothing to announce again
+    box.dataset.signature = signature;
+    const parts = [];
+    if (w.coordinator) {
+      const p = document.createElement("p");
+      p.className = "notice bad"; p.id = "waiting-coordinator"; p.setAttribute("role", "alert");
+      p.textContent = w.coordinator.text; parts.push(p);
+    }
+    if (w.summary) {
+      const p = document.createElement("p"); p.id = "waiting-summary"; p.textContent = w.summary;
+      parts.push(p);
+    }
+    const list = document.createElement("ul");
+    list.id = "waiting-sites"; list.className = "reasons";
+    for (const s of w.sites) {
+      const li = document.createElement("li");
+      li.dataset.workerState = s.state;
+      const badge = document.createElement("span");
+      badge.className = `badge ${s.tone}`; badge.textContent = s.label;
+      li.append(badge, ` ${s.text}`);
+      list.appendChild(li);
+    }
+    parts.push(list);
+    const absent = document.createElement("div");
+    absent.id = "absent-sites";
+    for (const a of w.absent) {
+      const p = document.createElement("p");
+      p.className = "notice warn"; p.dataset.missed = a.missed; p.textContent = `${a.text}.`;
+      absent.appendChild(p);
+    }
+    parts.push(absent);
+    box.dataset.waitingOn = w.sites.length;
+    box.replaceChildren(...parts);
+  }
+
   function render(state) {
     const job = state.job;
     root.dataset.jobState = job.state;
@@ -86,6 +127,7 @@
     warnings.replaceChildren(...state.budget_warnings.map((w) => {
       const p = document.createElement("p"); p.className = "notice warn"; p.textContent = w; return p;
     }));
+    renderWaiting(state.waiting);
     renderCharts(state.series);
   }
 
@@ -115,9 +157,21 @@
     root.dataset.refreshed = String(Number(root.dataset.refreshed || 0) + 1);
   });
 
+  // Heartbeats write no ledger entry, so nothing wakes the socket when a worker goes quiet:
+  // while the job may be waiting, ask for a fresh state every half-minute ("offline for 4 min"
+  // keeps counting, a worker that stopped shows as offline).
+  const WAITING_REFRESH_MS = 30000;
+  let socket = null;
+  setInterval(() => {
+    const waiting = ["approved", "running"].includes(root.dataset.jobState);
+    if (waiting && socket && socket.readyState === WebSocket.OPEN) {
+      socket.send(JSON.stringify({ type: "refresh" }));
+    }
+  }, WAITING_REFRESH_MS);
+
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
-    const socket = new WebSocket(`${scheme}://${location.host}${root.dataset.liveUrl}`);
+    socket = new WebSocket(`${scheme}://${location.host}${root.dataset.liveUrl}`);
     socket.onopen = () => { retry = 500; text(statusEl, "updates live"); root.dataset.live = "open"; };
     socket.onmessage = (event) => {
       const message = JSON.parse(event.data);

@@ -61,10 +61,10 @@ def test_a_message_is_published_once_its_transaction_commits(django_capture_on_c
     with (
         mock.patch.object(outbox.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
+        transaction.atomic(),
     ):
-        with transaction.atomic():
-            message = outbox.send_after_commit(queues.ROUND_MAYBE_CLOSE, args=[7])
-            send_task.assert_not_called()  # not before the commit
+        message = outbox.send_after_commit(queues.ROUND_MAYBE_CLOSE, args=[7])
+        send_task.assert_not_called()  # not before the commit
     send_task.assert_called_once_with(
         "training.round_maybe_close", args=[7], kwargs={}, queue="central", retry=False
     )
@@ -79,10 +79,11 @@ def test_a_rolled_back_transaction_sends_nothing(django_capture_on_commit_callba
     with (
         mock.patch.object(outbox.current_app, "send_task") as send_task,
         django_capture_on_commit_callbacks(execute=True),
+        pytest.raises(RuntimeError),
+        transaction.atomic(),
     ):
-        with pytest.raises(RuntimeError), transaction.atomic():
-            outbox.send_after_commit(queues.JOB_START, args=[1])
-            raise RuntimeError("the state change failed")
+        outbox.send_after_commit(queues.JOB_START, args=[1])
+        raise RuntimeError("the state change failed")
     send_task.assert_not_called()
     assert not OutboxMessage.objects.exists()
 
@@ -156,7 +157,8 @@ def test_a_broker_outage_while_a_round_opens_drops_no_site_task(c3, broker, swit
     switch.down = False  # the broker is back
     _due_now()
     assert outbox.relay_pending().sent == 3
-    assert sorted(m["kwargs"]["site"] for m in broker.site_tasks()) == sorted(s.slug for s in c3.sites)
+    slugs = sorted(s.slug for s in c3.sites)
+    assert sorted(m["kwargs"]["site"] for m in broker.site_tasks()) == slugs
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED

@@ -56,7 +56,7 @@ def test_a_process_refuses_to_start_on_inconsistent_settings():
 
 
 def test_a_round_timeout_leaves_a_tick_between_redispatch_and_deadline():
-    assert queues.MIN_ROUND_TIMEOUT_SECONDS == 2 * queues.ROUNDS_TICK.every_seconds
+    assert 2 * queues.ROUNDS_TICK.every_seconds == queues.MIN_ROUND_TIMEOUT_SECONDS
     errors = errors_of(minimal_spec(round_timeout_seconds=queues.MIN_ROUND_TIMEOUT_SECONDS - 1))
     assert list(errors) == ["round_timeout_seconds"]
     assert str(queues.MIN_ROUND_TIMEOUT_SECONDS) in errors["round_timeout_seconds"]

@@ -83,9 +83,7 @@ def test_a_dead_coordinator_and_a_stuck_outbox_fail_the_probe_in_words(client):
     assert checks["coordinator"]["error"] == "no coordinator heard from for 4 min"
     assert checks["tick"]["error"].startswith("the periodic tick has not run for 4 min")
     assert "Celery beat" in checks["tick"]["error"]
-    assert checks["relay"]["error"].startswith(
-        "1 message(s) wait to be sent, the oldest for 4 min"
-    )
+    assert checks["relay"]["error"].startswith("1 message(s) wait to be sent, the oldest for 4 min")
     # The web tier is fine, and says so.
     assert client.get("/health/?scope=web").status_code == 200
 

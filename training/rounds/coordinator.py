@@ -83,7 +83,7 @@ from training.models import (
     SiteUpdate,
     TrainingJob,
 )
-from training.rounds import aggregation, states
+from training.rounds import absences, aggregation, states
 from training.rounds.artifacts import ArtifactError
 from training.rounds.budgets import check_budgets
 from training.rounds.contributions import round_score, scores_tick
@@ -678,6 +678,7 @@ class TickReport:
     resumed: list = field(default_factory=list)
     redispatched: list = field(default_factory=list)
     evaluations: dict = field(default_factory=dict)
+    absent: list = field(default_factory=list)
     errors: list = field(default_factory=list)
 
 
@@ -709,7 +710,9 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS`` or
        half their round's timeout, whichever is shorter (:func:`redispatch_delay`);
     6. evaluations at the sites (``contributions.scores_tick``): ask for those never asked,
-       send again lost evaluation tasks, close those past their deadline and score them.
+       send again lost evaluation tasks, close those past their deadline and score them;
+    7. sites absent from ``FL_ABSENT_ROUNDS_ALERT`` rounds in a row: their jobs' proposers told
+       (``absences.notify_absent_sites``); then the tick's heartbeat.
     """
     now = now or timezone.now()
     report = TickReport()
@@ -768,6 +771,10 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
 
     evaluations = _guard(report, "evaluations at the sites")(scores_tick)(now=now) or {}
     report.evaluations = {k: v for k, v in evaluations.items() if v}
+    # Sites that missed FL_ABSENT_ROUNDS_ALERT rounds in a row: their jobs' proposers told, once
+    # per streak (a site.absent ledger entry, checked under the ledger's lock).
+    told = _guard(report, "absent sites")(absences.notify_absent_sites)(now=now) or []
+    report.absent = [(a.job_id, a.slug) for a in told]
     _guard(report, "recording the tick's heartbeat")(liveness.record_heartbeat)(
         liveness.TICK,
         interval_seconds=queues.ROUNDS_TICK.every_seconds,

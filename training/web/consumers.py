@@ -13,7 +13,8 @@ from audit.ledger import live
 from consortium.core.live import LedgerLiveConsumer
 from consortium.governance.models import Consortium
 from training.models import TrainingJob
-from training.rounds.live import consortium_live_state, job_live_state
+from training.rounds.live import consortium_live_state
+from training.rounds.waiting import job_page_state
 
 
 class JobLiveConsumer(LedgerLiveConsumer):
@@ -44,7 +45,9 @@ class JobLiveConsumer(LedgerLiveConsumer):
         return json.loads(entry.payload_text).get("job_id") == target.pk
 
     def state_of(self, target) -> dict:
-        return job_live_state(target)
+        # With what the job waits on, in words; the page asks for a fresh state every
+        # half-minute while it runs (heartbeats write no ledger entry to wake it).
+        return job_page_state(target)
 
 
 class ConsortiumLiveConsumer(LedgerLiveConsumer):

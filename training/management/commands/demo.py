@@ -12,7 +12,8 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    match, so a second run changes nothing;
 2. starts the central web server (Daphne) as a subprocess, on ``--port`` or, with
    ``--no-serve``, on a free port of 127.0.0.1 (the site workers upload through the REST API,
-   so the server runs either way), and waits for ``/health/``;
+   so the server runs either way), and waits for ``/health/?scope=web`` (the web tier; the
+   coordinator, started beside it, beats a few seconds later);
 3. starts one central Celery worker with beat (queue ``central``: the coordinator) and one site
    worker per hospital (``manage.py run_site_worker``, queue ``site.<slug>``). A site worker
    gets a ``DATABASE_URL`` that points into a folder that does not exist: it must not need the

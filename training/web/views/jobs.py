@@ -26,7 +26,7 @@ from training.jobs.proposals import (
 )
 from training.jobs.spec import shared_fraction
 from training.models import JobState, PrivacyReservation, SiteDataset, TrainingJob
-from training.rounds.live import job_live_state
+from training.rounds.waiting import job_page_state
 from training.web.forms import CancelForm, JobForm
 from training.web.presenters import (
     field_for_spec_path,
@@ -256,7 +256,7 @@ class JobDetailView(JobMixin, GovernancePage):
             contribution_text=describe_contribution(spec),
             evaluation_text=describe_evaluation(spec, uploaded=uploaded_summary(job)),
             accountability=accountability,
-            live_state=job_live_state(job, account=accountability),
+            live_state=job_page_state(job, account=accountability),
             ledger=entries_about(TrainingJob._meta.label_lower, str(job.pk)),
             can_edit=job.state in EDITABLE_STATES and user.has_perm("training.change_job", job),
             can_submit=job.state == JobState.DRAFT and user.has_perm("training.change_job", job),
