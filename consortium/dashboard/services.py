@@ -19,7 +19,6 @@ from dataclasses import dataclass
 
 from django.utils import timezone
 
-from consortium.governance.permissions import is_consortium_admin, is_operator
 from training.liveness import MISSED_BEATS, service_statuses
 from training.models import ServiceHeartbeat
 from training.rounds.heartbeats import SiteWorkers
@@ -30,10 +29,8 @@ __all__ = ["ServicesPanel", "can_see_services", "services_panel"]
 
 def can_see_services(user, consortium) -> bool:
     """The platform's operators (superusers, and staff: whom ``/metrics`` serves too) and the
-    consortium's administrators."""
-    if user is None or not user.is_active:
-        return False
-    return bool(is_operator(user) or user.is_staff or is_consortium_admin(user, consortium))
+    consortium's administrators (the rule ``consortium.view_services``)."""
+    return bool(user is not None and user.has_perm("consortium.view_services", consortium))
 
 
 @dataclass(frozen=True)

@@ -149,6 +149,12 @@ PLATFORM = Platform()
 
 # Starting a consortium with its first administrator: the operator only.
 rules.add_perm("consortium.start_consortium", is_operator)
+# The state of the central services and the site workers (the dashboard's services panel):
+# the platform's operators, staff (whom /metrics serves too) and the consortium's admins.
+rules.add_perm(
+    "consortium.view_services",
+    is_operator | (rules.is_active & rules.is_staff) | is_consortium_admin,
+)
 
 # Reading governance data: any member of the consortium.
 rules.add_perm("consortium.view_consortium", is_consortium_member)

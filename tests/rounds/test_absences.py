@@ -21,20 +21,17 @@ from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.governance.models import Membership, Notification, Role
 from tests.support.factories import UserFactory
+from tests.support.liveness_fixtures import add_round, running_job, worker_heard
 from tests.support.training_fixtures import make_scene
-from training.fl.signing import generate_keypair
 from training.jobs.transitions import job_transition
 from training.models import (
-    GlobalModel,
     JobParticipant,
     JobState,
-    Round,
     SiteUpdate,
-    SiteWorkerStatus,
 )
-from training.rounds import absences, credentials
+from training.rounds import absences
 from training.rounds.absences import absent_sites, notify_absent_sites
-from training.rounds.heartbeats import site_workers, worker_heartbeat_record
+from training.rounds.heartbeats import site_workers
 
 pytestmark = pytest.mark.django_db
 
@@ -44,40 +41,6 @@ S = SiteUpdate.Status
 @pytest.fixture
 def scene(cast):
     return make_scene(cast)
-
-
-def running_job(scene):
-    """Hospitals A and B, approved by both, running (the researcher proposed it)."""
-    cast = scene.cast
-    job = scene.propose()
-    scene.decide(job, cast.hospital_a)
-    scene.decide(job, cast.hospital_b)
-    job.refresh_from_db()
-    assert job.state == JobState.APPROVED
-    return job_transition(acting_user=None, job=job, to_state=JobState.RUNNING)
-
-
-def add_round(job, index, statuses: dict, *, state=Round.State.CLOSED, now=None) -> Round:
-    """Round ``index`` of ``job`` in ``state``, with one update per institution in
-    ``statuses`` (institution -> SiteUpdate status; an institution left out was not asked)."""
-    now = now or timezone.now()
-    model, _ = GlobalModel.objects.get_or_create(
-        job=job, round_index=0, defaults={"digest": "0" * 64, "lineage_hash": "1" * 64}
-    )
-    rnd = Round.objects.create(
-        job=job,
-        index=index,
-        state=state,
-        global_model_in=model,
-        opened_at=now - dt.timedelta(minutes=5),
-        deadline=now + dt.timedelta(minutes=5),
-        closed_at=None if state == Round.State.OPEN else now,
-    )
-    for institution, status in statuses.items():
-        SiteUpdate.objects.create(
-            round=rnd, institution=institution, status=status, sent_at=now - dt.timedelta(minutes=4)
-        )
-    return rnd
 
 
 def rounds_where_b_misses(job, cast, indices, *, start=1):
@@ -91,29 +54,6 @@ def rounds_where_b_misses(job, cast, indices, *, start=1):
                 cast.hospital_b: S.STRAGGLER if indices[index - start] else S.ACCEPTED,
             },
         )
-
-
-def worker_heard(cast, institution, *, ago: dt.timedelta | None, hostname="node-7"):
-    """A worker credential for ``institution`` whose last heartbeat was ``ago`` (None: its
-    worker never reported), every 30 s."""
-    _private, public_pem = generate_keypair()
-    credential, _token = credentials.site_credential_create(
-        acting_user=cast.admin, institution=institution, label="worker", public_key=public_pem
-    )
-    if ago is not None:
-        worker_heartbeat_record(
-            credential=credential,
-            protocol=1,
-            version="0.1.0",
-            device="cpu",
-            interval_seconds=30,
-            hostname=hostname,
-            uptime_seconds=3600,
-        )
-        SiteWorkerStatus.objects.filter(credential=credential).update(
-            last_seen_at=timezone.now() - ago
-        )
-    return credential
 
 
 def absent_notices(job):

@@ -17,7 +17,7 @@ from channels.testing import WebsocketCommunicator
 from django.utils import timezone
 
 from consortium.routing import websocket_urlpatterns
-from tests.rounds.test_absences import add_round, running_job, worker_heard
+from tests.support.liveness_fixtures import add_round, running_job, worker_heard
 from tests.support.training_fixtures import make_scene
 from training.models import Round, ServiceHeartbeat, SiteUpdate, SiteWorkerStatus
 from training.rounds.waiting import job_page_state, job_waiting

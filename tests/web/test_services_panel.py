@@ -12,8 +12,8 @@ import pytest
 from django.utils import timezone
 
 from consortium.dashboard.services import can_see_services
-from tests.rounds.test_absences import worker_heard
 from tests.support.factories import UserFactory
+from tests.support.liveness_fixtures import worker_heard
 from training.models import OutboxMessage, ServiceHeartbeat
 
 pytestmark = pytest.mark.django_db
