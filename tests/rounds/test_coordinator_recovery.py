@@ -51,19 +51,24 @@ def test_a_database_error_while_aggregating_hands_the_claim_back_to_the_next_tic
 
 
 def test_rounds_a_dead_coordinator_never_scored_are_scored_by_the_tick(c3, broker, monkeypatch):
-    # The coordinator dies right after each round's commit, before it scores it.
+    # The coordinator dies right after each round's commit, before it scores it (and so
+    # before it lets its lease go).
     monkeypatch.setattr(coordinator, "round_score", lambda round_id: "killed")
+    monkeypatch.setattr(coordinator, "_release_claim", lambda round_id, token: None)
     job = propose_and_start(c3, broker, rounds=2)
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED
     assert not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
 
-    last_close = max(job.rounds.values_list("closed_at", flat=True))
-    # Within the grace the closing coordinator may still be scoring: the tick leaves it be.
-    early = broker.run(contributions.scores_tick, now=last_close + dt.timedelta(seconds=5))
+    leases = list(job.rounds.values_list("lease_expires_at", flat=True))
+    assert all(leases)  # held by the closer that died while scoring
+    # While the closer's lease runs it may still be scoring: the tick leaves the rounds be.
+    early = broker.run(contributions.scores_tick, now=min(leases) - dt.timedelta(seconds=1))
     assert early["rescored"] == [] and not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
-    later = last_close + dt.timedelta(seconds=contributions.SCORE_GRACE_SECONDS + 1)
+    # Once it ran out (FL_CLAIM_LEASE_SECONDS, 30 s, not the former 120 s grace), they are.
+    later = max(leases) + dt.timedelta(seconds=1)
+    assert (later - max(job.rounds.values_list("closed_at", flat=True))).total_seconds() < 35
     broker.run(contributions.scores_tick, now=later)
     scored = job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
     assert sorted(p["round"] for p in scored) == [1, 2]
@@ -129,6 +134,8 @@ def test_a_round_whose_claimer_died_is_claimed_again_when_its_lease_runs_out(
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED
+    assert Round.objects.get(pk=rnd.pk).lease_expires_at is None  # scored, then let go
+    assert job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
     (closed,) = job_payloads(ledger_events.ROUND_CLOSED, job)
     assert len(closed["updates"]) == 3  # counted once
     assert verify_chain().ok

@@ -49,6 +49,7 @@ import time
 from collections import defaultdict
 
 from django.db import transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
@@ -274,10 +275,6 @@ def evaluation_close_and_score(round_id: int, *, now=None) -> str:
     return outcome
 
 
-#: How long after a round's close its scoring may still be in progress in the coordinator that
-#: closed it; past this, the periodic pass scores a round that has no contribution entry (the
-#: coordinator died between the close and the scoring, or the database dropped it).
-SCORE_GRACE_SECONDS = 120
 #: How far back the periodic pass looks for unscored rounds and job totals (older ones:
 #: ``manage.py score_contributions --job ID``), and how many rounds it scores per pass.
 RESCORE_WINDOW = dt.timedelta(hours=24)
@@ -291,11 +288,11 @@ def rescore_missing(*, now=None) -> dict[str, list[int]]:
     so a round is recorded once whoever gets there first."""
     now = now or timezone.now()
     since = now - RESCORE_WINDOW
-    grace = dt.timedelta(seconds=SCORE_GRACE_SECONDS)
     closed = list(
-        Round.objects.filter(
-            state=Round.State.CLOSED, closed_at__gte=since, closed_at__lte=now - grace
-        )
+        Round.objects.filter(state=Round.State.CLOSED, closed_at__gte=since)
+        # The coordinator that closed it holds its lease while it scores it; one that died
+        # lets the lease run out (FL_CLAIM_LEASE_SECONDS), and then the round is ours to score.
+        .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lte=now))
         # Waiting for the sites' evaluations is not a crash: their close scores the round.
         .exclude(evaluation__state=RoundEvaluation.State.COLLECTING)
         .order_by("pk")

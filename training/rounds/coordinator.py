@@ -477,8 +477,10 @@ def _reclaim(round_id: int, now: dt.datetime) -> str | None:
 
 
 class _Lease:
-    """Renews a claim's lease from a thread while the claimer aggregates, so that a long
-    aggregation keeps its claim and a killed one loses it within ``FL_CLAIM_LEASE_SECONDS``.
+    """Renews a claim's lease from a thread while the claimer aggregates and then scores the
+    round it closed, so that a long aggregation keeps its claim and a killed one loses it within
+    ``FL_CLAIM_LEASE_SECONDS`` (a closed round whose lease ran out unscored is scored by the
+    tick: ``contributions.rescore_missing``).
 
     Correctness never rests on the lease: the close is a compare-and-set on the claim's token,
     so a claimer that lost its lease (paused longer than the lease) closes nothing and the
@@ -515,9 +517,13 @@ class _Lease:
             connection.close()
 
     def _renew_once(self) -> bool:
+        # Aggregating, and once closed, scoring: the rescoring pass waits on the same lease.
         return bool(
             Round.objects.filter(
-                pk=self.round_id, state=Round.State.AGGREGATING, claim_token=self.token
+                pk=self.round_id,
+                state__in=(Round.State.AGGREGATING, Round.State.CLOSED),
+                claim_token=self.token,
+                lease_expires_at__isnull=False,
             ).update(lease_expires_at=timezone.now() + _lease_length())
         )
 
@@ -615,7 +621,9 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
             size_bytes=size,
             metrics=metrics,
         )
-        closed.update(state=Round.State.CLOSED, global_model_out=model, lease_expires_at=None)
+        # The lease stays ours until the round is scored (below): a coordinator killed between
+        # the close and the scores leaves a lease that runs out, and the tick scores the round.
+        closed.update(state=Round.State.CLOSED, global_model_out=model)
         rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
         _record(
             ledger_events.ROUND_CLOSED,
@@ -649,9 +657,16 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
         else:
             round_open(job, rnd.index + 1, model)
     # Contribution scores (and, for a job evaluated at the sites, the request to evaluate),
-    # after the commit: own transaction, never raises.
+    # after the commit: own transaction, never raises. Then the lease is let go.
     round_score(rnd.pk)
+    _release_claim(rnd.pk, token)
     return "closed"
+
+
+def _release_claim(round_id: int, token: str) -> None:
+    """The closer is done with the round (closed and scored): its lease is cleared, so the
+    periodic pass's rescoring (``contributions.rescore_missing``) need not wait for it."""
+    Round.objects.filter(pk=round_id, claim_token=token).update(lease_expires_at=None)
 
 
 def _complete(job: TrainingJob, model: GlobalModel) -> None:
