@@ -130,8 +130,11 @@ def test_the_command_prints_the_lines_and_the_sites_url(cast, tmp_path):
         call_command("site_broker_account", "--slug", "nowhere", "--broker-url", "amqp://rabbit//")
 
 
-def test_the_site_worker_runs_without_remote_control_events_gossip_mingle_or_heartbeats():
-    argv = worker_argv("hospital-a", pool="prefork")
+@pytest.mark.parametrize("broker_url", ["amqp://site-a:pw@rabbit:5672/consortium", "filesystem://"])
+def test_the_site_worker_runs_without_remote_control_events_gossip_mingle_or_heartbeats(
+    broker_url,
+):
+    argv = worker_argv("hospital-a", pool="prefork", broker_url=broker_url)
     assert argv[:3] == ["worker", "-Q", "site.hospital-a"]
     for flag in ("--without-gossip", "--without-mingle", "--without-heartbeat"):
         assert flag in argv
@@ -139,6 +142,15 @@ def test_the_site_worker_runs_without_remote_control_events_gossip_mingle_or_hea
     assert "worker_enable_remote_control=False" in argv
     assert "worker_send_task_events=False" in argv
     assert not {"-E", "--task-events", "--events", "-B", "--beat"} & set(argv)
+
+
+def test_on_redis_the_site_worker_keeps_remote_control():
+    # Without it a site worker holding a task when Redis restarts never consumes again
+    # (tests/faults, "broker down during uploads").
+    argv = worker_argv("hospital-a", pool="prefork", broker_url="redis://127.0.0.1:6379/0")
+    assert "worker_enable_remote_control=False" not in argv
+    assert "worker_send_task_events=False" in argv
+    assert "--without-heartbeat" in argv
 
 
 # --- Time limits under the consumer timeout (no broker) -------------------------------------------

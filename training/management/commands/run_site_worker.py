@@ -73,8 +73,11 @@ def _self_command() -> list[str]:
     return [sys.executable, "-m", "django", "run_site_worker"]
 
 
-def worker_argv(slug: str, *, pool: str, loglevel: str = "INFO") -> list[str]:
-    """The Celery worker's arguments for the site ``slug``.
+def worker_argv(
+    slug: str, *, pool: str, loglevel: str = "INFO", broker_url: str | None = None
+) -> list[str]:
+    """The Celery worker's arguments for the site ``slug`` on ``broker_url`` (the settings'
+    ``CELERY_BROKER_URL`` by default).
 
     The site worker consumes its queue and does nothing else on the broker, so that its own
     broker account, allowed only ``site.<slug>`` (``training.site.broker``), is enough: no
@@ -83,7 +86,15 @@ def worker_argv(slug: str, *, pool: str, loglevel: str = "INFO") -> list[str]:
     option for the last two, so they are set as configuration (``name=value`` arguments, which
     the worker command applies to this worker only; the coordinator keeps its remote control).
     With any of them on, a restricted account is refused (ACCESS_REFUSED) and the worker either
-    stops (remote control) or retries in a loop (heartbeats): measured on RabbitMQ 3.10.8."""
+    stops (remote control) or retries in a loop (heartbeats): measured on RabbitMQ 3.10.8.
+
+    On Redis, remote control stays on: there a site worker holding a task when Redis restarts
+    empty reconnects, fails to acknowledge the task ("Couldn't ack ... ConnectionError") and
+    never consumes again when remote control is off (kombu 5.7, redis-py 8.2; every run of the
+    fault suite's "broker down during uploads", tests/faults); with it on, 3 runs of 3
+    recovered. Redis has no per-queue accounts to refuse the pidbox, so nothing is lost."""
+    if broker_url is None:
+        broker_url = settings.CELERY_BROKER_URL
     argv = [
         "worker",
         "-Q",
@@ -101,9 +112,10 @@ def worker_argv(slug: str, *, pool: str, loglevel: str = "INFO") -> list[str]:
         "--without-gossip",
         "--without-mingle",
         "--without-heartbeat",
-        "worker_enable_remote_control=False",
         "worker_send_task_events=False",
     ]
+    if not broker_url.startswith(("redis://", "rediss://")):
+        argv.append("worker_enable_remote_control=False")
     if pool:
         argv += ["--pool", pool]
     return argv
