@@ -6,14 +6,10 @@ institution), ``approver``, ``steward``, ``inst_admin`` and ``researcher`` of
 ``hospital_a``, ``auditor`` and ``admin`` of the consortium.
 """
 
-from dataclasses import dataclass
-
 import pytest
-from django.test import Client
 
-from consortium.governance.models import Role
-from consortium.governance.services.institutions import consortium_create, institution_create
-from tests.support.factories import PASSWORD, MembershipFactory, UserFactory
+from tests.support.cast import make_cast
+from tests.support.factories import PASSWORD
 
 
 @pytest.fixture(autouse=True)
@@ -22,55 +18,9 @@ def _fast_passwords(settings):
     settings.AXES_ENABLED = False
 
 
-@dataclass
-class Cast:
-    consortium: object
-    hospital_a: object
-    hospital_b: object
-    admin: object
-    auditor: object
-    approver: object
-    approver_b: object
-    steward: object
-    inst_admin: object
-    researcher: object
-    other_member: object
-    outsider: object
-
-    def client_for(self, who: str | None) -> Client:
-        """A Django test client signed in as ``who`` (a field name), or anonymous."""
-        client = Client()
-        if who and who != "anonymous":
-            client.force_login(getattr(self, who))
-        return client
-
-
 @pytest.fixture
 def cast(db):
-    admin = UserFactory(username="admin", first_name="Ada", last_name="Admin")
-    consortium = consortium_create(acting_user=admin, name="Test Consortium")
-    hospital_a = institution_create(acting_user=admin, consortium=consortium, name="Hospital A")
-    hospital_b = institution_create(acting_user=admin, consortium=consortium, name="Hospital B")
-
-    def member(username, role, institution=None):
-        user = UserFactory(username=username)
-        MembershipFactory(user=user, consortium=consortium, institution=institution, role=role)
-        return user
-
-    return Cast(
-        consortium=consortium,
-        hospital_a=hospital_a,
-        hospital_b=hospital_b,
-        admin=admin,
-        auditor=member("auditor", Role.AUDITOR),
-        approver=member("approver", Role.APPROVER, hospital_a),
-        approver_b=member("approver_b", Role.APPROVER, hospital_b),
-        steward=member("steward", Role.DATA_STEWARD, hospital_a),
-        inst_admin=member("inst_admin", Role.INSTITUTION_ADMIN, hospital_a),
-        researcher=member("researcher", Role.RESEARCHER, hospital_a),
-        other_member=member("other_member", Role.RESEARCHER, hospital_b),
-        outsider=UserFactory(username="outsider"),
-    )
+    return make_cast()
 
 
 @pytest.fixture

@@ -31,7 +31,6 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 
 import psycopg2
 from django.conf import settings
@@ -104,29 +103,9 @@ def wait_until(
 def build_cast():
     """What ``tests/conftest.py``'s ``cast`` makes (a consortium, hospitals A and B and their
     people), for a cluster that outlives one test: the same services, called once per module."""
-    from consortium.governance.models import Role
-    from consortium.governance.services.institutions import consortium_create, institution_create
-    from tests.support.factories import MembershipFactory, UserFactory
+    from tests.support.cast import make_cast
 
-    admin = UserFactory(username="admin", first_name="Ada", last_name="Admin")
-    consortium = consortium_create(acting_user=admin, name="Fault Consortium")
-    hospital_a = institution_create(acting_user=admin, consortium=consortium, name="Hospital A")
-    hospital_b = institution_create(acting_user=admin, consortium=consortium, name="Hospital B")
-
-    def member(username, role, institution=None):
-        user = UserFactory(username=username)
-        MembershipFactory(user=user, consortium=consortium, institution=institution, role=role)
-        return user
-
-    return SimpleNamespace(
-        consortium=consortium,
-        hospital_a=hospital_a,
-        hospital_b=hospital_b,
-        admin=admin,
-        approver=member("approver", Role.APPROVER, hospital_a),
-        approver_b=member("approver_b", Role.APPROVER, hospital_b),
-        researcher=member("researcher", Role.RESEARCHER, hospital_a),
-    )
+    return make_cast(consortium_name="Fault Consortium")
 
 
 # --- The processes ----------------------------------------------------------------------------
