@@ -3,11 +3,15 @@
 
     DATABASE_URL=postgres://postgres@127.0.0.1:5432/postgres \\
         .venv/bin/python benchmarks/recovery.py [--baselines 3] [--only NAME ...] [--keep]
+    .venv/bin/python benchmarks/recovery.py       # the embedded default: SQLite, filesystem broker
 
 The fault suite's cluster (tests/support/fault_cluster.py) runs for real: the central web
 server (Daphne), the coordinator (``celery -A consortium worker -Q central``), Celery beat
 (``rounds_tick`` every 10 s, production's interval) and three ``manage.py run_site_worker``
-processes on PostgreSQL and a throwaway ``redis-server`` of the run's own. Each scenario of the
+processes, on PostgreSQL and a throwaway ``redis-server`` of the run's own, or (without a
+PostgreSQL ``DATABASE_URL``) on the embedded default: a SQLite file and a filesystem broker in the
+run's folder, where the three scenarios that terminate PostgreSQL connections or kill the broker
+process do not apply and are left out, saying so. Each scenario of the
 fault suite (tests/faults/scenarios.py) runs one job (3 sites, 3 rounds of logistic regression
 on the breast-cancer set; the site gone for good: 2 rounds, 20 s round timeout, 2 of 3 sites
 required) through one fault, and the benchmark prints
@@ -23,9 +27,9 @@ required) through one fault, and the benchmark prints
 The cluster runs with ``FL_CLAIM_LEASE_SECONDS=10`` and ``FL_REDISPATCH_AFTER_SECONDS=15``
 (tests/support/fault_cluster.py); production's defaults are 30 s and 300 s.
 
-Needs PostgreSQL (``DATABASE_URL``: the run creates and drops ``flc_bench_recovery`` on that
-server), ``redis-server``, and the dev extras (the consortium is built with the tests'
-helpers). Logs go to a temporary folder (``--keep`` keeps it).
+On PostgreSQL (``DATABASE_URL``) the run creates and drops ``flc_bench_recovery`` on that
+server and needs ``redis-server``; either way it needs the dev extras (the consortium is built
+with the tests' helpers). Logs go to a temporary folder (``--keep`` keeps it).
 """
 
 from __future__ import annotations
@@ -61,12 +65,8 @@ def parse_args():
 def prepare(var: Path):
     import ledger as bench_ledger
 
-    url = os.environ.get("DATABASE_URL", "")
-    if not url.startswith(("postgres://", "postgresql://")):
-        raise SystemExit(
-            "recovery.py needs PostgreSQL: set DATABASE_URL (the fault helpers lock tables and "
-            "terminate the coordinator's backends, and SQLite has neither)"
-        )
+    for name in ("CELERY_BROKER_URL", "CHANNEL_LAYER_URL"):
+        os.environ.pop(name, None)  # the cluster's broker is its own
     bench_ledger.BENCH_DB = BENCH_DB
     where, cleanup = bench_ledger.prepare_database(var)
     os.environ["DJANGO_SETTINGS_MODULE"] = "consortium.settings"
@@ -95,19 +95,25 @@ def run(args, var: Path) -> None:
         point_this_process_at,
         start_cluster,
     )
+    from tests.support.filesystem_broker import FilesystemBroker
     from tests.support.fl_harness import make_consortium3
     from tests.support.redis_server import RedisServer
 
-    redis = RedisServer(var / "redis")
-    redis.start()
-    undo = point_this_process_at(redis)
+    database_url = os.environ["DATABASE_URL"]
+    broker = (
+        FilesystemBroker(var / "broker")
+        if database_url.startswith("sqlite:")
+        else RedisServer(var / "redis")
+    )
+    broker.start()
+    undo = point_this_process_at(broker)
     c3 = make_consortium3(build_cast(), var)
     started = time.monotonic()
-    cluster = start_cluster(var, c3, redis, database_url=os.environ["DATABASE_URL"])
+    cluster = start_cluster(var, c3, broker, database_url=database_url)
     print(
         f"cluster up in {time.monotonic() - started:.1f} s: web server, coordinator, beat, "
         f"{len(c3.sites)} site workers; tick {TICK_SECONDS:.0f} s, claim lease "
-        f"{LEASE_SECONDS} s, re-dispatch after {REDISPATCH_SECONDS} s"
+        f"{LEASE_SECONDS} s, re-dispatch after {REDISPATCH_SECONDS} s; broker: {broker.kind}"
     )
     names = args.only or list(scenarios.SCENARIOS)
     unknown = set(names) - set(scenarios.SCENARIOS)
@@ -115,6 +121,11 @@ def run(args, var: Path) -> None:
         raise SystemExit(
             f"unknown scenarios: {sorted(unknown)}; known: {list(scenarios.SCENARIOS)}"
         )
+    for name in list(names):
+        reason = scenarios.not_applicable(cluster, name)
+        if reason is not None:
+            print(f"{name}: left out: {reason}")
+            names.remove(name)
     baselines: dict[str, list[float]] = {"default": [], "site-gone": []}
 
     def baseline(shape: str):

@@ -12,7 +12,6 @@ Every fault leaves the cluster with every process running again.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import time
 from dataclasses import dataclass, field
@@ -143,7 +142,7 @@ def _park_in_aggregation(cluster: FaultCluster, job: TrainingJob, index: int) ->
     rnd = wait_round(cluster, job, index, Round.State.AGGREGATING)
     wait_until(
         "the coordinator to wait inside the close",
-        cluster.coordinator_waits_on_lock,
+        cluster.coordinator_parked,
         timeout=30,
         cluster=cluster,
     )
@@ -188,7 +187,7 @@ def coordinator_killed_while_scoring(cluster: FaultCluster, down_for: float = 1.
         rnd1 = wait_round(cluster, job, 1, Round.State.CLOSED)
         wait_until(
             "the coordinator to wait inside the scoring",
-            cluster.coordinator_waits_on_lock,
+            cluster.coordinator_parked,
             timeout=30,
             cluster=cluster,
         )
@@ -247,9 +246,9 @@ def broker_killed_with_task_in_flight(cluster: FaultCluster, down_for: float = 2
     wait_round(cluster, job, 1)
     with hold_aggregation(cluster):
         _park_in_aggregation(cluster, job, 1)
-        cluster.redis.kill()
+        cluster.broker.kill()
         time.sleep(down_for)
-        cluster.redis.start()
+        cluster.broker.start()
         restarted = time.monotonic()
     wait_until(
         "an update of round 2 through the new broker",
@@ -289,14 +288,14 @@ def broker_down_during_uploads(cluster: FaultCluster, down_for: float = 4.0) -> 
         cluster=cluster,
     )
     time.sleep(0.3)  # the relay's publish reached Redis; the sites' consumers took the tasks
-    cluster.redis.kill()
+    cluster.broker.kill()
     time.sleep(down_for)
     accepted_while_down = SiteUpdate.objects.filter(
         round__job=job, round__index=2, status=SiteUpdate.Status.ACCEPTED
     ).count()
     progress = checks.Progress(job, updates=False)
     progress.mark()
-    cluster.redis.start()
+    cluster.broker.start()
     try:
         recovery = progress.wait(timeout=JOB_TIMEOUT, cluster=cluster)
         wait_ended(cluster, job)
@@ -346,10 +345,7 @@ def site_gone_for_good(cluster: FaultCluster, slug: str = "hospital-c") -> Outco
         wait_ended(cluster, job)
         wall = time.monotonic() - started
     finally:
-        import redis as redis_client
-
-        with contextlib.closing(redis_client.Redis.from_url(cluster.redis.url(0))) as client:
-            client.delete(f"site.{slug}")
+        cluster.broker.purge(f"site.{slug}")
         cluster.start(name)
         cluster.wait_ready(name)
     return Outcome("a site gone for good", job, wall, None, {"slug": slug})
@@ -398,6 +394,25 @@ def replayed_upload(cluster: FaultCluster, slug: str = "hospital-a") -> Outcome:
             "own_status_at_replay": before,
         },
     )
+
+
+#: What a scenario needs beyond what both configurations have: PostgreSQL's backends to
+#: terminate, a broker process (Redis) to kill. The rest run on the embedded default too.
+NEEDS = {
+    "coordinator-db-connections-terminated": "postgresql",
+    "broker-killed-restarted-empty": "redis",
+    "broker-down-during-uploads": "redis",
+}
+
+
+def not_applicable(cluster: FaultCluster, name: str) -> str | None:
+    """Why scenario ``name`` cannot run on ``cluster`` (None when it can)."""
+    need = NEEDS.get(name)
+    if need == "postgresql" and cluster.vendor != "postgresql":
+        return "the embedded default's SQLite has no server connections to terminate"
+    if need == "redis" and cluster.broker.kind != "redis":
+        return "the embedded default's broker is a folder, with no process to kill"
+    return None
 
 
 SCENARIOS = {

@@ -1,5 +1,8 @@
 """Recovery under faults (issue 13), with real processes: the web server, the coordinator, beat
-and three site workers on PostgreSQL and a Redis of the test's own (tests/faults/conftest.py).
+and three site workers, on PostgreSQL and a Redis of the test's own, or on the embedded default
+(a SQLite file and the filesystem broker), whichever the suite runs on (tests/faults/conftest.py).
+The scenarios that need PostgreSQL's server connections or a broker process say so and are
+skipped on the embedded default (:data:`tests.faults.scenarios.NEEDS`).
 
 Each scenario runs a job of its own through one fault (tests/faults/scenarios.py) and asserts
 what issue 13 asks of every fault (tests/faults/checks.py): every accepted update counted once,
@@ -25,6 +28,12 @@ STARTUP_SECONDS = 30.0
 BACKOFF_SECONDS = 20.0
 #: The stale timeout the bounds must stay clear of (``FL_AGGREGATION_STALE_SECONDS``).
 STALE_SECONDS = 600.0
+
+
+def _applicable(cluster, name: str) -> None:
+    reason = scenarios.not_applicable(cluster, name)
+    if reason is not None:
+        pytest.skip(f"not applicable on this configuration: {reason}")
 
 
 def _sound(outcome, *, expect=JobState.COMPLETED, cluster=None):
@@ -94,6 +103,7 @@ def test_coordinator_killed_while_it_scores_a_closed_round(faults):
 def test_coordinator_database_connections_terminated(faults):
     """A dropped connection inside the close hands the claim back; the coordinator lives on
     and the next tick closes the round."""
+    _applicable(faults, "coordinator-db-connections-terminated")
     coordinator = faults.procs["coordinator"]
     starts = coordinator.starts
     outcome = scenarios.coordinator_connections_terminated(faults)
@@ -108,6 +118,7 @@ def test_broker_killed_with_a_task_in_flight_and_restarted_empty(faults):
     """Issue 13, item 1: the coordinator holds a task when Redis dies; Redis comes back empty.
     The coordinator must survive (no ``Unrecoverable error``), reconnect, and the job finish:
     what the empty broker lost is sent again from the outbox and by the tick."""
+    _applicable(faults, "broker-killed-restarted-empty")
     coordinator = faults.procs["coordinator"]
     starts = coordinator.starts
     outcome = scenarios.broker_killed_with_task_in_flight(faults)
@@ -122,6 +133,7 @@ def test_broker_down_during_uploads(faults):
     """Issue 13, item 7: uploads accepted while the broker is away are answered 200 (their
     request to close the round waits in the outbox), never 500; the round closes once the
     broker is back, empty."""
+    _applicable(faults, "broker-down-during-uploads")
     outcome = scenarios.broker_down_during_uploads(faults)
     assert outcome.notes["accepted_while_down"] >= 1, "no upload came while the broker was down"
     _sound(outcome, cluster=faults)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import re
 import threading
 
 import pytest
@@ -120,6 +121,31 @@ def test_the_open_round_does_not_count_and_a_failed_one_does(scene):
     [absence] = absent_sites([job.pk], threshold=2)[job.pk]
     assert absence.rounds == (1, 2)
     assert absence.returned_round is None
+
+
+def test_a_long_streak_is_followed_past_the_window_and_the_rows_read_stay_bounded(scene):
+    """The check reads the sites' updates of the latest 2 × N finished rounds; a streak that
+    goes further back is followed into the history for that site alone, so a site away for
+    20 rounds is reported with all 20, and the rows read for the others do not grow with the
+    rounds run."""
+    from django.db import connection as conn
+    from django.test.utils import CaptureQueriesContext
+
+    cast = scene.cast
+    job = running_job(scene)
+    rounds_where_b_misses(job, cast, [False] * 5 + [True] * 20)  # rounds 6 to 25
+    with CaptureQueriesContext(conn) as queries:
+        [absence] = absent_sites([job.pk], threshold=3)[job.pk]
+    assert absence.rounds == tuple(range(6, 26))
+    assert absence.returned_round == 5
+    assert absence.text == "Hospital B missed the last 20 rounds (rounds 6 to 25)"
+    assert len(queries) == 4, [q["sql"] for q in queries]
+    window_sql = queries.captured_queries[2]["sql"]
+    assert '"index" >= 20' in window_sql, window_sql  # rounds 20 to 25: 2 × N = 6 rounds
+    # A's latest report is inside the window: only B's history is read.
+    history_sql = queries.captured_queries[3]["sql"]
+    assert re.search(rf'"institution_id" = {cast.hospital_b.pk}\b', history_sql), history_sql
+    assert not re.search(rf'"institution_id" = {cast.hospital_a.pk}\b', history_sql)
 
 
 def test_a_site_taken_out_of_the_job_is_not_reported(scene):

@@ -3,17 +3,27 @@ recovery benchmark (benchmarks/recovery.py): the central web server (Daphne), th
 (``celery -A consortium worker -Q central``), Celery beat (``celery -A consortium beat``: the
 ``rounds_tick`` every :data:`TICK_SECONDS`, the production interval) and one
 ``manage.py run_site_worker`` per hospital, with the commands the demo and the systemd units use
-(``training.demo.processes``), on the PostgreSQL database this process uses and a throwaway
-Redis of the cluster's own (:class:`tests.support.redis_server.RedisServer`: broker on db 0,
-channel layer on db 1) that it can kill and start again empty.
+(``training.demo.processes``), in either of the two configurations the README documents:
+
+* PostgreSQL (the database this process's tests use) and a throwaway Redis of the cluster's own
+  (:class:`tests.support.redis_server.RedisServer`: broker on db 0, channel layer on db 1) that
+  it can kill and start again empty;
+* the embedded default: a SQLite file of the cluster's own (pytest's SQLite test database lives
+  in this process's memory, where no other process can reach it: tests/faults/conftest.py
+  copies it to a file and points this process at the copy) and kombu's filesystem transport in
+  a folder of the cluster's own (:class:`tests.support.filesystem_broker.FilesystemBroker`),
+  which has no process to kill.
 
 The helpers inject the faults: :meth:`FaultCluster.kill` (SIGKILL to a process group) and
 :meth:`FaultCluster.start`, :meth:`FaultCluster.terminate_coordinator_connections`
 (``pg_terminate_backend`` on the backends of the coordinator: its processes connect with
-libpq's ``PGAPPNAME`` set to :data:`COORDINATOR_APP`), and :func:`hold_aggregation`, which
-parks the coordinator *inside* a round's aggregation, after its claim committed and before the
-close, without any hook in the product: it holds ``LOCK TABLE training_globalmodel IN SHARE
-MODE`` on a connection of its own, so the close's ``INSERT`` of the new global model waits.
+libpq's ``PGAPPNAME`` set to :data:`COORDINATOR_APP`; PostgreSQL only), and
+:func:`hold_aggregation`, which parks the coordinator *inside* a round's aggregation, after its
+claim committed and before the close, without any hook in the product. On PostgreSQL it holds
+``LOCK TABLE training_globalmodel IN SHARE MODE`` on a connection of its own, so the close's
+``INSERT`` of the new global model waits; SQLite has no table locks, so there a temporary
+trigger on that ``INSERT`` keeps the close's transaction busy (counting a large cross join)
+until the scenario kills the coordinator or the block ends.
 
 Nothing here decides what a scenario asserts; :mod:`tests.faults.checks` does.
 """
@@ -25,6 +35,7 @@ import os
 import re
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
@@ -32,15 +43,15 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg2
-from django.conf import settings
-
 from tests.support.child_processes import child_database_url
+from tests.support.filesystem_broker import FilesystemBroker
 from tests.support.redis_server import RedisServer
 from training import queues
 from training.demo.processes import server_argv, site_worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
+#: A broker of the cluster's own: a throwaway Redis, or the embedded default's folders.
+Broker = RedisServer | FilesystemBroker
 
 #: The tick interval of production (``training.queues.ROUNDS_TICK``): the suite's unit of time.
 TICK_SECONDS = float(queues.ROUNDS_TICK.every_seconds or 10.0)
@@ -139,10 +150,10 @@ class Proc:
 @dataclass
 class FaultCluster:
     """The processes of one consortium (``c3``: tests.support.fl_harness.Consortium3) on a
-    throwaway Redis. Built by :func:`start_cluster`; :meth:`stop` ends everything."""
+    broker of its own. Built by :func:`start_cluster`; :meth:`stop` ends everything."""
 
     root: Path
-    redis: RedisServer
+    broker: Broker
     c3: object
     database_url: str
     web_port: int
@@ -160,13 +171,22 @@ class FaultCluster:
     def artifact_root(self) -> Path:
         return self.root / "artifacts"
 
+    @property
+    def vendor(self) -> str:
+        """``sqlite`` (the embedded default) or ``postgresql``, from the database URL."""
+        return "sqlite" if self.database_url.startswith("sqlite:") else "postgresql"
+
+    @property
+    def sqlite_path(self) -> Path:
+        assert self.vendor == "sqlite", self.database_url
+        return Path(self.database_url.removeprefix("sqlite:///").removeprefix("sqlite://"))
+
     def central_env(self, **extra: str) -> dict:
         env = {
             **os.environ,
             "DJANGO_SETTINGS_MODULE": "consortium.settings",
             "DATABASE_URL": self.database_url,
-            "CELERY_BROKER_URL": self.redis.url(0),
-            "CHANNEL_LAYER_URL": self.redis.url(1),
+            **self.broker.env(),
             "ARTIFACT_ROOT": str(self.artifact_root),
             "SITE_URL": self.central_url,
             "PYTHONUNBUFFERED": "1",
@@ -175,8 +195,11 @@ class FaultCluster:
             "PYTHONPATH": str(ROOT),
             **extra,
         }
-        env.pop("DJANGO_ALLOW_ASYNC_UNSAFE", None)
-        env.pop("CELERY_TASK_ALWAYS_EAGER", None)
+        for key in ("DJANGO_ALLOW_ASYNC_UNSAFE", "CELERY_TASK_ALWAYS_EAGER"):
+            env.pop(key, None)
+        if self.broker.kind == "filesystem":
+            # The embedded default's channel layer is in-memory: no caller's Redis URL.
+            env.pop("CHANNEL_LAYER_URL", None)
         return env
 
     def site_env(self, site) -> dict:
@@ -282,7 +305,7 @@ class FaultCluster:
 
     def tails(self, chars: int = 2500) -> str:
         parts = [f"--- {n} ---\n{p.tail(chars)}" for n, p in self.procs.items()]
-        parts.append(f"--- redis ---\n{self.redis.tail(800)}")
+        parts.append(f"--- broker ({self.broker.kind}) ---\n{self.broker.tail(800)}")
         return "\n".join(parts)
 
     def stop(self) -> None:
@@ -297,15 +320,26 @@ class FaultCluster:
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.process.wait(timeout=max(0.1, deadline - time.monotonic()))
             self.kill(name)
-        self.redis.stop()
+        self.broker.stop()
 
     # --- the database ---
 
     def connect(self, **kwargs):
-        """A psycopg2 connection of the test's own to the cluster's database."""
+        """A connection of the test's own to the cluster's database, outside Django: psycopg2's
+        on PostgreSQL, sqlite3's (autocommit, no busy wait unless ``timeout`` says) on SQLite."""
+        if self.vendor == "sqlite":
+            kwargs.setdefault("timeout", 0)
+            return sqlite3.connect(self.sqlite_path, isolation_level=None, **kwargs)
+        import psycopg2
+
         return psycopg2.connect(self.database_url, **kwargs)
 
+    def require_postgresql(self, what: str) -> None:
+        if self.vendor != "postgresql":
+            raise NotImplementedError(f"{what} needs PostgreSQL; this cluster runs on SQLite")
+
     def coordinator_backends(self) -> list[int]:
+        self.require_postgresql("finding the coordinator's backends")
         with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT pid FROM pg_stat_activity WHERE application_name = %s "
@@ -323,8 +357,17 @@ class FaultCluster:
                 cur.execute("SELECT pg_terminate_backend(%s)", [pid])
         return pids
 
-    def coordinator_waits_on_lock(self) -> bool:
-        """Whether a coordinator backend is waiting on a heavyweight lock (held by the test)."""
+    def coordinator_parked(self) -> bool:
+        """Whether the coordinator is parked by :func:`hold_table`: on PostgreSQL, one of its
+        backends waits on a heavyweight lock (the test's); on SQLite, where the coordinator
+        is the only writer while a scenario parks it, the database's write lock has been held
+        for a whole second (by the parking trigger: no write of the product takes that long)."""
+        if self.vendor == "sqlite":
+            for _ in range(5):
+                if not self._sqlite_write_locked():
+                    return False
+                time.sleep(0.25)
+            return self._sqlite_write_locked()
         with contextlib.closing(self.connect()) as conn, conn.cursor() as cur:
             cur.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
@@ -333,12 +376,37 @@ class FaultCluster:
             )
             return cur.fetchone()[0] > 0
 
+    def _sqlite_write_locked(self) -> bool:
+        """Whether another connection holds the SQLite database's write lock now."""
+        with contextlib.closing(self.connect()) as conn:
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if "locked" in str(exc) or "busy" in str(exc):
+                    return True
+                raise
+            conn.execute("ROLLBACK")
+            return False
+
+
+#: The rows the SQLite parking trigger counts, four times over (about 4e9 combinations: half a
+#: minute or more of one core; the scenario kills the coordinator long before).
+_PARK_ROWS = 250
+
+
+def hold_table(cluster: FaultCluster, table: str):
+    """While the block runs, a process that inserts into ``table`` waits inside its
+    transaction, which stays uncommitted; reads go on."""
+    if cluster.vendor == "sqlite":
+        return _busy_insert_sqlite(cluster, table)
+    return _lock_table_postgresql(cluster, table)
+
 
 @contextlib.contextmanager
-def hold_table(cluster: FaultCluster, table: str) -> Iterator[None]:
-    """While the block runs, nothing can be inserted into ``table`` (``LOCK TABLE ... IN SHARE
-    MODE`` on a connection of the test's own); reads go on. A process that inserts waits,
-    inside its transaction, until the block ends."""
+def _lock_table_postgresql(cluster: FaultCluster, table: str) -> Iterator[None]:
+    """``LOCK TABLE ... IN SHARE MODE`` on a connection of the test's own."""
+    import psycopg2
+
     conn = cluster.connect()
     try:
         with conn.cursor() as cur:
@@ -348,6 +416,35 @@ def hold_table(cluster: FaultCluster, table: str) -> Iterator[None]:
         with contextlib.suppress(psycopg2.Error):
             conn.rollback()
         conn.close()
+
+
+@contextlib.contextmanager
+def _busy_insert_sqlite(cluster: FaultCluster, table: str) -> Iterator[None]:
+    """A trigger before each ``INSERT`` into ``table`` that counts a four-way cross join of
+    :data:`_PARK_ROWS` rows: the inserting transaction (which holds the database's write
+    lock) stays busy, uncommitted, until its process is killed. Dropped when the block ends
+    (after the kill; otherwise the drop waits for the count to finish)."""
+    trigger = f"fault_park_{table}"
+    with contextlib.closing(cluster.connect(timeout=30)) as conn:
+        conn.executescript(
+            f"""
+            BEGIN IMMEDIATE;
+            CREATE TABLE IF NOT EXISTS fault_park_rows (n INTEGER);
+            DELETE FROM fault_park_rows;
+            WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < {_PARK_ROWS})
+            INSERT INTO fault_park_rows SELECT n FROM r;
+            CREATE TRIGGER "{trigger}" BEFORE INSERT ON "{table}" BEGIN
+                SELECT count(*) FROM fault_park_rows a, fault_park_rows b, fault_park_rows c,
+                    fault_park_rows d;
+            END;
+            COMMIT;
+            """
+        )
+    try:
+        yield
+    finally:
+        with contextlib.closing(cluster.connect(timeout=120)) as conn:
+            conn.execute(f'DROP TRIGGER IF EXISTS "{trigger}"')
 
 
 def hold_aggregation(cluster: FaultCluster):
@@ -362,15 +459,16 @@ def site_worker_name(slug: str) -> str:
 
 
 def start_cluster(
-    root: Path, c3, redis: RedisServer, *, database_url: str | None = None
+    root: Path, c3, broker: Broker, *, database_url: str | None = None
 ) -> FaultCluster:
     """Start the web server, the coordinator, beat and one site worker per site of ``c3`` on
-    ``redis`` (started here if it is not running), and wait until all are ready."""
-    if not redis.running():
-        redis.start()
+    ``broker`` (started here if it is not running) and ``database_url`` (the test database's on
+    PostgreSQL), and wait until all are ready."""
+    if not broker.running():
+        broker.start()
     cluster = FaultCluster(
         root=root,
-        redis=redis,
+        broker=broker,
         c3=c3,
         database_url=database_url or child_database_url(),
         web_port=_free_port(),
@@ -428,26 +526,44 @@ def start_cluster(
     return cluster
 
 
-def point_this_process_at(redis: RedisServer) -> Callable[[], None]:
-    """Make this process's Celery app send to ``redis`` (a test's sends, e.g. the last
-    approval's ``job_start`` when it is not relayed from the outbox). Returns the undo."""
+def point_this_process_at(broker: Broker) -> Callable[[], None]:
+    """Make this process's Celery app send to ``broker`` (a test's sends, e.g. the last
+    approval's ``job_start`` on the outbox's fast path). Returns the undo.
+
+    Celery reads ``CELERY_BROKER_URL`` from the environment before its configuration
+    (``celery.app.utils.Settings.broker_url``), so the variable is pointed at ``broker`` too:
+    with only the configuration changed, a suite run against the machine's Redis sent the
+    cluster's ``job_start`` there, and the cluster's tick started each job a grace later."""
     import kombu.pools
 
     from consortium.celery import app
 
-    saved = (app.conf.broker_url, app.conf.broker_transport_options, settings.CELERY_BROKER_URL)
+    saved_conf = (app.conf.broker_url, app.conf.broker_transport_options)
+    saved_env = {name: os.environ.get(name) for name in _BROKER_ENV}
 
     def reset():
         kombu.pools.reset()
         app._pool = None
         app.amqp._producer_pool = None
 
-    app.conf.broker_url = redis.url(0)
-    app.conf.broker_transport_options = {"visibility_timeout": 3600}
+    for name in _BROKER_ENV:
+        os.environ.pop(name, None)
+    os.environ["CELERY_BROKER_URL"] = broker.url(0)
+    app.conf.broker_url = broker.url(0)
+    app.conf.broker_transport_options = broker.transport_options()
     reset()
 
     def undo():
-        app.conf.broker_url, app.conf.broker_transport_options, _ = saved
+        app.conf.broker_url, app.conf.broker_transport_options = saved_conf
+        for name, value in saved_env.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
         reset()
 
     return undo
+
+
+#: The environment variables Celery prefers to its configuration for the broker's address.
+_BROKER_ENV = ("CELERY_BROKER_URL", "CELERY_BROKER_READ_URL", "CELERY_BROKER_WRITE_URL")

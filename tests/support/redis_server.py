@@ -76,6 +76,7 @@ class RedisServer:
     port: int = field(default_factory=_free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
+    kind = "redis"
 
     @property
     def log(self) -> Path:
@@ -83,6 +84,21 @@ class RedisServer:
 
     def url(self, db: int = 0) -> str:
         return f"redis://127.0.0.1:{self.port}/{db}"
+
+    def env(self) -> dict[str, str]:
+        """What a process of the fault suite's cluster needs: the broker on db 0, the channel
+        layer on db 1."""
+        return {"CELERY_BROKER_URL": self.url(0), "CHANNEL_LAYER_URL": self.url(1)}
+
+    def transport_options(self) -> dict:
+        return {"visibility_timeout": 3600}
+
+    def purge(self, queue: str) -> int:
+        """Drop every message waiting in ``queue`` (a list of that name on db 0)."""
+        import redis as redis_client
+
+        with contextlib.closing(redis_client.Redis.from_url(self.url(0))) as client:
+            return int(client.delete(queue))
 
     def start(self, timeout: float = 10.0) -> None:
         """Start an empty server and wait until it answers."""

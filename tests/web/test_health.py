@@ -90,3 +90,23 @@ def test_a_dead_coordinator_and_a_stuck_outbox_fail_the_probe_in_words(client):
 
 def test_channel_layer_round_trip():
     health.check_channel_layer()
+
+
+@pytest.mark.django_db
+def test_one_probe_reads_the_coordinators_heartbeats_once(client, monkeypatch):
+    """The coordinator, tick and relay checks share one read of the heartbeats and the outbox
+    (a load balancer probes every few seconds)."""
+    _coordinator_alive()
+    reads = []
+    real = liveness.service_statuses
+
+    def counted(*args, **kwargs):
+        reads.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(liveness, "service_statuses", counted)
+    body = client.get("/health/").json()
+    assert body["status"] == "ok", body
+    assert len(reads) == 1
+    client.get("/health/")
+    assert len(reads) == 2  # not cached across probes: each probe reads afresh

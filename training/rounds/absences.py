@@ -27,11 +27,11 @@ from __future__ import annotations
 
 import datetime as dt
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from audit.ledger import events as ledger_events
@@ -94,26 +94,93 @@ class Absence:
         return f"{self.institution} missed the last {noun} ({span})"
 
 
+#: How many of a job's latest finished rounds (times N) one check reads for every site: a
+#: streak that reaches further back is followed into the history for that site alone.
+WINDOW_ROUNDS_PER_N = 2
+
+
 def absent_sites(job_ids, *, threshold: int | None = None) -> dict[int, list[Absence]]:
     """Per job id asked, its active participants that missed at least ``threshold`` (default
     :func:`alert_rounds`) of their latest finished rounds in a row, by institution name.
 
-    Two queries whatever the number of jobs and sites: the active participants, and the sites'
-    updates in the jobs' finished rounds, newest round first (the rows of a job's whole
-    history: a streak is counted back to the site's last report, and the tick runs this only
-    for running jobs)."""
+    The tick runs this every few seconds for every running job, so what it reads stays bounded
+    by the number of sites, not by the rounds run so far: the sites' updates in each job's
+    latest ``WINDOW_ROUNDS_PER_N × threshold`` finished rounds (a streak that ends inside the
+    window is decided there), then, for the few sites that reported nothing in the whole window
+    (absent, or left out of rounds to spare their budget), their earlier history, to count the
+    streak back to their last report. A site left out of every round in the window is not
+    waited on, and not reported. Four queries at most, whatever the number of jobs."""
     threshold = alert_rounds() if threshold is None else threshold
     ids = list(job_ids)
     found: dict[int, list[Absence]] = {i: [] for i in ids}
     if not ids:
         return found
+    latest = dict(
+        Round.objects.filter(job_id__in=ids, state__in=_FINISHED_ROUNDS)
+        .values("job_id")
+        .annotate(last=Max("index"))
+        .values_list("job_id", "last")
+    )
+    if not latest:
+        return found
     active = set(
         JobParticipant.objects.filter(
-            job_id__in=ids, status=JobParticipant.Status.ACTIVE
+            job_id__in=latest.keys(), status=JobParticipant.Status.ACTIVE
         ).values_list("job_id", "institution_id")
     )
-    rows = (
-        SiteUpdate.objects.filter(round__job_id__in=ids, round__state__in=_FINISHED_ROUNDS)
+    window = WINDOW_ROUNDS_PER_N * max(1, threshold)
+    first_in_window = {job_id: max(1, last - window + 1) for job_id, last in latest.items()}
+    in_window = Q()
+    for job_id, first in first_in_window.items():
+        in_window |= Q(round__job_id=job_id, round__index__gte=first)
+    streaks: dict[tuple[int, int], _Streak] = {}
+    _follow(_update_rows(in_window), active, streaks)
+    cut = [key for key, streak in streaks.items() if streak.open and first_in_window[key[0]] > 1]
+    if cut:
+        earlier = Q()
+        for job_id, institution_id in cut:
+            earlier |= Q(
+                round__job_id=job_id,
+                institution_id=institution_id,
+                round__index__lt=first_in_window[job_id],
+            )
+        _follow(_update_rows(earlier), active, streaks)
+    for (job_id, institution_id), streak in streaks.items():
+        if len(streak.missed) >= threshold:
+            found[job_id].append(
+                Absence(
+                    job_id=job_id,
+                    institution_id=institution_id,
+                    institution=streak.name,
+                    slug=streak.slug,
+                    rounds=tuple(sorted(streak.missed)),
+                    returned_round=streak.returned,
+                )
+            )
+    for absences in found.values():
+        absences.sort(key=lambda a: a.institution)
+    return found
+
+
+@dataclass
+class _Streak:
+    """One site's run of missed rounds in one job, counted back from the newest round."""
+
+    name: str
+    slug: str
+    missed: list[int] = field(default_factory=list)
+    returned: int | None = None
+
+    @property
+    def open(self) -> bool:
+        """Still counting back: no report of the site's found yet."""
+        return self.returned is None
+
+
+def _update_rows(where: Q):
+    """The sites' updates in finished rounds matching ``where``: newest round first per site."""
+    return (
+        SiteUpdate.objects.filter(where, round__state__in=_FINISHED_ROUNDS)
         .order_by("round__job_id", "institution_id", "-round__index")
         .values_list(
             "round__job_id",
@@ -124,36 +191,22 @@ def absent_sites(job_ids, *, threshold: int | None = None) -> dict[int, list[Abs
             "institution__slug",
         )
     )
-    streaks: dict[tuple[int, int], dict] = {}
+
+
+def _follow(rows, active: set, streaks: dict[tuple[int, int], _Streak]) -> None:
+    """Extend each active site's streak with ``rows`` (newest first per site), up to its
+    latest report: a straggler round is a miss, any other status ends the streak."""
     for job_id, institution_id, index, status, name, slug in rows.iterator():
         key = (job_id, institution_id)
         if key not in active:
             continue
-        streak = streaks.setdefault(
-            key, {"name": name, "slug": slug, "missed": [], "returned": None, "open": True}
-        )
-        if not streak["open"]:
+        streak = streaks.setdefault(key, _Streak(name=name, slug=slug))
+        if not streak.open:
             continue
         if status == SiteUpdate.Status.STRAGGLER:
-            streak["missed"].append(index)
-        else:  # its latest report ends the streak (counting back from the newest round)
-            streak["returned"] = index
-            streak["open"] = False
-    for (job_id, institution_id), s in streaks.items():
-        if len(s["missed"]) >= threshold:
-            found[job_id].append(
-                Absence(
-                    job_id=job_id,
-                    institution_id=institution_id,
-                    institution=s["name"],
-                    slug=s["slug"],
-                    rounds=tuple(sorted(s["missed"])),
-                    returned_round=s["returned"],
-                )
-            )
-    for absences in found.values():
-        absences.sort(key=lambda a: a.institution)
-    return found
+            streak.missed.append(index)
+        else:
+            streak.returned = index
 
 
 # --- Telling people (the periodic tick) ---------------------------------------------------------
