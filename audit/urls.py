@@ -1,4 +1,4 @@
-"""Auditor pages (namespace ``audit``): the ledger and the contribution reports."""
+"""Auditor pages (namespace ``audit``): the ledger, the contribution and compliance reports."""
 
 from django.urls import path
 
@@ -21,5 +21,10 @@ urlpatterns = [
         "consortia/<slug:slug>/institutions/<slug:inst_slug>/report/",
         views.InstitutionReportView.as_view(),
         name="institution-report",
+    ),
+    path(
+        "consortia/<slug:slug>/agreements/<int:agreement_pk>/versions/<int:number>/compliance/",
+        views.ComplianceReportView.as_view(),
+        name="compliance-report",
     ),
 ]

@@ -6,9 +6,11 @@ and the permission is checked on it, so a consortium the user may not read and o
 exist give the same 404.
 
 Ledger: ``audit.view_ledger`` / ``audit.verify_ledger`` on the consortium (auditors and
-consortium administrators). Reports: ``audit.export_job_report`` on the job,
-``audit.export_institution_report`` on the institution. The rules are in ``audit.permissions``;
-the ledger is read through ``audit.ledger.selectors``.
+consortium administrators). Compliance reports: ``audit.view_ledger`` on the consortium too (the
+report is the ledger read for one agreement version, so whoever reads the whole ledger reads it;
+an approver, who may not, gets the same 404 as an outsider). Contribution reports:
+``audit.export_job_report`` on the job, ``audit.export_institution_report`` on the institution.
+The rules are in ``audit.permissions``; the ledger is read through ``audit.ledger.selectors``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import json
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.http import FileResponse, QueryDict
+from django.http import FileResponse, HttpResponse, QueryDict
 from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils import timezone
@@ -27,13 +29,16 @@ from audit.forms import LedgerFilterForm
 from audit.ledger.chain import verify_chain
 from audit.ledger.selectors import consortium_entries, ledger_event_names
 from audit.reports.build import ContributionReport
+from audit.reports.compliance import ComplianceReport
+from audit.reports.compliance_contents import ComplianceScope
+from audit.reports.compliance_services import compliance_export
 from audit.reports.errors import ReportError
 from audit.reports.files import FORMATS
 from audit.reports.scope import Scope, as_of, ledger_head
 from audit.reports.services import CONTENT_TYPES, report_export, spool
 from consortium.core.pages import first_or_404
 from consortium.governance.pages import GovernanceAction, GovernancePage
-from consortium.governance.selectors import institutions_visible_to
+from consortium.governance.selectors import institutions_visible_to, versions_visible_to
 from training.jobs.selectors import jobs_visible_to
 
 PAGE_SIZE = 50
@@ -77,6 +82,10 @@ class LedgerView(GovernancePage):
             entries=page.object_list,
             verification=verification,
             can_verify=self.can("audit.verify_ledger", consortium),
+            compliance_versions=versions_visible_to(request.user)
+            .filter(agreement__consortium=consortium, status="published")
+            .select_related("agreement")
+            .order_by("agreement__title", "agreement_id", "number"),
             **kwargs,
         )
 
@@ -130,6 +139,42 @@ class LedgerVerifyView(GovernanceAction):
 # --- Contribution reports -------------------------------------------------------------------
 
 
+def export_response(out, result) -> FileResponse:
+    """The exported file (spooled in ``out``), with its digest, head and export entry in the
+    headers: the response of every report export."""
+    out.seek(0)
+    response = FileResponse(
+        out, as_attachment=True, filename=result.filename, content_type=CONTENT_TYPES[result.fmt]
+    )
+    response["X-Report-SHA256"] = result.sha256
+    response["X-Ledger-Head"] = f"{result.head.seq} {result.head.entry_hash}"
+    response["X-Ledger-Entry"] = str(result.entry.seq)
+    return response
+
+
+def export_from_post(request, export, scope, subject) -> HttpResponse:
+    """Answer a report page's export form: check the chosen format and head, then ``export``
+    (:func:`~audit.reports.services.report_export` or its compliance twin) ``scope`` into a
+    spool and send the file, or say why it could not be made. Every report page exports
+    through here, with the same checks and messages."""
+    fmt = request.POST.get("format", "")
+    raw_head = request.POST.get("head", "")
+    if fmt not in FORMATS or (raw_head and not raw_head.isdigit()):
+        messages.error(request, "Choose CSV, JSON or PDF to export.")
+        return redirect(request.path)
+    out = spool()
+    try:
+        head = ledger_head(int(raw_head)) if raw_head else None
+        result = export(
+            acting_user=request.user, scope=scope, fmt=fmt, out=out, head=head, subject=subject
+        )
+    except ReportError as exc:
+        out.close()
+        messages.error(request, f"The report could not be made: {exc}.")
+        return redirect(request.path)
+    return export_response(out, result)
+
+
 class _ReportView(GovernancePage):
     """The report's page (GET: the summary at the current ledger head, and the export buttons)
     and its export (POST ``format`` and the ``head`` the page showed: the file is made from that
@@ -168,34 +213,7 @@ class _ReportView(GovernancePage):
         )
 
     def post(self, request, *args, **kwargs):
-        fmt = request.POST.get("format", "")
-        raw_head = request.POST.get("head", "")
-        if fmt not in FORMATS or (raw_head and not raw_head.isdigit()):
-            messages.error(request, "Choose CSV, JSON or PDF to export.")
-            return redirect(request.path)
-        out = spool()
-        try:
-            head = ledger_head(int(raw_head)) if raw_head else None
-            result = report_export(
-                acting_user=request.user,
-                scope=self.scope(),
-                fmt=fmt,
-                out=out,
-                head=head,
-                subject=self.subject(),
-            )
-        except ReportError as exc:
-            out.close()
-            messages.error(request, f"The report could not be made: {exc}.")
-            return redirect(request.path)
-        out.seek(0)
-        response = FileResponse(
-            out, as_attachment=True, filename=result.filename, content_type=CONTENT_TYPES[fmt]
-        )
-        response["X-Report-SHA256"] = result.sha256
-        response["X-Ledger-Head"] = f"{result.head.seq} {result.head.entry_hash}"
-        response["X-Ledger-Entry"] = str(result.entry.seq)
-        return response
+        return export_from_post(request, report_export, self.scope(), self.subject())
 
 
 class JobReportView(_ReportView):
@@ -250,3 +268,64 @@ class InstitutionReportView(_ReportView):
             ),
             **kwargs,
         )
+
+
+# --- Compliance reports (issue 14) -------------------------------------------------------------
+
+
+class ComplianceReportView(GovernancePage):
+    """An agreement version's compliance report: GET shows it at the current ledger head with
+    the export buttons; POST ``format`` and the ``head`` the page showed exports it (recorded in
+    the ledger as ``report.compliance_exported``, then sent)."""
+
+    permission_required = "audit.view_ledger"
+    template_name = "audit/compliance_report.html"
+
+    @cached_property
+    def version(self):
+        return first_or_404(
+            versions_visible_to(self.request.user).select_related("agreement"),
+            agreement__consortium=self.consortium,
+            agreement_id=self.kwargs["agreement_pk"],
+            number=self.kwargs["number"],
+            status="published",
+        )
+
+    def get_permission_object(self):
+        # The version is looked up first: a version the user cannot see is a 404 either way.
+        return self.version.agreement.consortium
+
+    def scope(self) -> ComplianceScope:
+        return ComplianceScope(self.consortium.slug, self.version.agreement_id, self.version.number)
+
+    def get_context_data(self, **kwargs):
+        head = ledger_head()
+        doc, error = None, ""
+        try:
+            doc = ComplianceReport(self.scope(), head).document()
+        except ReportError as exc:
+            error = str(exc)
+        for records in (doc or {}).values():
+            for record in records if isinstance(records, list) else []:
+                # The page shows ledger times to the second, with their zone (the files keep
+                # the ledger's exact ISO 8601 times).
+                at = record.get("at")
+                record["at"] = f"{at[:19].replace('T', ' ')} UTC" if at else None
+        return super().get_context_data(
+            version=self.version,
+            agreement=self.version.agreement,
+            head=head,
+            as_of=as_of(head),
+            doc=doc,
+            terms=json.loads(doc["terms"]) if doc and doc.get("terms") else {},
+            error=error,
+            formats=FORMATS,
+            back_url=reverse(
+                "consortium:version-detail",
+                args=[self.consortium.slug, self.version.agreement_id, self.version.number],
+            ),
+            **kwargs,
+        )
+
+    def post(self, request, *args, **kwargs):
+        return export_from_post(request, compliance_export, self.scope(), self.version)

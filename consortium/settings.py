@@ -115,6 +115,8 @@ INSTALLED_APPS = [
 ]
 
 MIDDLEWARE = [
+    # Outermost: swaps Django's technical 404/500 pages (DEBUG) for the app's own.
+    "consortium.core.error_pages.AppErrorPagesMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -129,6 +131,12 @@ MIDDLEWARE = [
 ]
 
 ROOT_URLCONF = "consortium.urls"
+# A refused CSRF check answers with the app's page, in its layout (consortium.core.error_pages).
+CSRF_FAILURE_VIEW = "consortium.core.error_pages.csrf_failure"
+# With DEBUG on, the app's error pages are shown instead of Django's technical ones (which list
+# the URL patterns, the settings and a traceback to whoever asked); a developer at their own
+# machine may ask for the technical ones.
+TECHNICAL_ERROR_PAGES = env_bool("DJANGO_TECHNICAL_ERROR_PAGES", default=False)
 WSGI_APPLICATION = "consortium.wsgi.application"
 ASGI_APPLICATION = "consortium.asgi.application"
 

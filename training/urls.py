@@ -6,6 +6,7 @@ from training.web.views import (
     approvals,
     credentials,
     datasets,
+    job_model,
     jobs,
     notifications,
     validation_sets,
@@ -30,11 +31,19 @@ urlpatterns = [
     # Jobs.
     path(C + "jobs/", jobs.JobListView.as_view(), name="job-list"),
     path(C + "jobs/new/", jobs.JobCreateView.as_view(), name="job-create"),
+    path(C + "jobs/compare/", jobs.JobCompareView.as_view(), name="job-compare"),
+    path(C + "jobs/new/budget/", jobs.JobBudgetPreviewView.as_view(), name="job-create-budget"),
     path(J, jobs.JobDetailView.as_view(), name="job-detail"),
     path(J + "edit/", jobs.JobEditView.as_view(), name="job-edit"),
+    path(J + "edit/budget/", jobs.JobEditBudgetPreviewView.as_view(), name="job-edit-budget"),
     path(J + "submit/", jobs.JobSubmitView.as_view(), name="job-submit"),
     path(J + "cancel/", jobs.JobCancelView.as_view(), name="job-cancel"),
     path(J + "review/", approvals.JobReviewView.as_view(), name="job-review"),
+    path(
+        J + "models/<int:round_index>/download/",
+        job_model.JobModelDownloadView.as_view(),
+        name="job-model-download",
+    ),
     # Site worker credentials (the token is shown once, on the page that creates it).
     path(W, credentials.SiteCredentialListView.as_view(), name="credential-list"),
     path(

@@ -355,6 +355,19 @@ JOB_PROPOSAL_REFUSED = _event(
         _TITLE,
         _SPEC_DIGEST,
         F("problems", ARRAY, "Each broken term, with the institution concerned."),
+        F(
+            "agreement_version",
+            INTEGER,
+            "The agreement version it was checked against (absent from older entries, and when "
+            "no agreement was in force).",
+            optional=True,
+        ),
+        F(
+            "agreement_digest",
+            STRING,
+            "That version's content digest (absent where agreement_version is).",
+            optional=True,
+        ),
     ),
 )
 JOB_SPEC_CHANGED = _event(
@@ -373,11 +386,25 @@ JOB_SPEC_CHANGED = _event(
 JOB_AGREEMENT_REBOUND = _event(
     "job.agreement_rebound",
     subject="training.trainingjob",
-    doc="A job awaiting approval was bound to a newer version of the agreement.",
+    doc="A job awaiting approval was bound to the agreement version in force (a newer version "
+    "of its agreement, or a version of another agreement).",
     fields=(
         _JOB_ID,
         F("old_version", INTEGER, "The version before."),
         F("new_version", INTEGER, "The version after."),
+        F(
+            "old_agreement_id",
+            INTEGER,
+            "The agreement of the version before (absent from older entries).",
+            optional=True,
+        ),
+        F(
+            "new_agreement_id",
+            INTEGER,
+            "The agreement of the version after, which may be another agreement: the newest "
+            "in force (absent from older entries, which stayed within one agreement).",
+            optional=True,
+        ),
     ),
 )
 JOB_DECISION = _event(
@@ -661,5 +688,30 @@ REPORT_EXPORTED = _event(
         F("filename", STRING, "The file's name."),
         F("sha256", STRING, "SHA-256 of the file's bytes."),
         F("size_bytes", INTEGER, "The file's size."),
+    ),
+)
+COMPLIANCE_EXPORTED = _event(
+    "report.compliance_exported",
+    subject="consortium.agreementversion",
+    doc="An auditor exported the compliance report of an agreement version.",
+    fields=(
+        F("format", STRING, "csv, json or pdf."),
+        F("schema_version", INTEGER, "The compliance report's schema version."),
+        F("scope", OBJECT, "The agreement version the report covers."),
+        F("ledger_head", OBJECT, "The ledger head the report was built at."),
+        F("filename", STRING, "The file's name."),
+        F("sha256", STRING, "SHA-256 of the file's bytes."),
+        F("size_bytes", INTEGER, "The file's size."),
+    ),
+)
+MODEL_DOWNLOADED = _event(
+    "model.downloaded",
+    subject="training.trainingjob",
+    doc="Someone took a copy of one of a job's global models from the server.",
+    fields=(
+        _JOB_ID,
+        _ROUND,
+        F("digest", STRING, "SHA-256 of the model file handed out."),
+        F("size_bytes", INTEGER, "Its size."),
     ),
 )

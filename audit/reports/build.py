@@ -22,15 +22,20 @@ Where each figure comes from:
   update went into that round's global model);
 * privacy: the ``privacy_events`` of the institution's accepted updates, replayed by
   :func:`training.jobs.accounting.epsilon_spent` at the δ of the job's agreement version (found from
-  ``job.proposed``'s ``agreement_digest`` and ``job.agreement_rebound`` in the
-  ``agreement.version_published`` entries, which carry the terms). ``epsilon_spent`` replays the
+  ``job.proposed``'s ``agreement_digest`` and ``job.agreement_rebound``, which may move it to
+  another agreement, in the ``agreement.version_published`` entries, which carry the terms: see
+  :mod:`audit.reports.agreements`). ``epsilon_spent`` replays the
   job's events, ``epsilon_total`` everything the institution spent in the consortium up to the
   head, and ``within_cap`` compares the total with the cap. Identical events are merged by adding
   their counts before the replay (composition of the same mechanism is what ``count`` means), so
   the memory a replay needs is bounded by the number of *distinct* events, not the ledger's length;
 * withdrawals: ``consent.withdrawn``; a global model (``round.closed``: digest, round, lineage
-  hash) is derived from an institution's contributions when its round, or an earlier round of the
-  same job, used that institution's update (each round's model is built from the previous one).
+  hash) is derived from a withdrawn institution's contributions when its round, or an earlier
+  round of the same job, used that institution's update (each round's model is built from the
+  previous one) and the withdrawal was under the agreement the job ran under (the entry's
+  ``agreement_id`` against the agreement of the job's version, any version of it): consent is
+  given and withdrawn per agreement, so a withdrawal from another agreement flags nothing. A job's
+  report lists only the withdrawals that concern it; an institution's report lists all of its own.
 
 Streaming: :meth:`ContributionReport.records` reads the ledger twice, each time as one ordered,
 chunked pass (``iterator()``): the first pass builds the summaries (state bounded by the number
@@ -60,6 +65,7 @@ from typing import Any
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import format_timestamp
 from audit.ledger.selectors import consortium_entry_rows
+from audit.reports.agreements import PublishedVersions
 from audit.reports.contents import document_from_records
 from audit.reports.errors import ReportError
 from audit.reports.scope import Head, Scope, ledger_head
@@ -178,8 +184,7 @@ class ContributionReport:
 
     # -- pass 1 --
     def _summarise(self) -> None:
-        versions: dict[str, dict] = {}  # content digest -> {agreement_id, version, cap, delta}
-        by_number: dict[tuple, str] = {}
+        versions = PublishedVersions()  # each with its cap and delta
         jobs: dict[int, _Job] = {}
         totals: dict[str, PrivacySpend] = {}
         withdrawals: list[dict] = []
@@ -196,19 +201,11 @@ class ContributionReport:
         for seq, event, institution, created_at, p in self._entries(_EVENTS):
             if event == ledger_events.AGREEMENT_PUBLISHED:
                 terms = p.get("terms") if isinstance(p.get("terms"), dict) else {}
-                digest = p.get("content_digest")
                 try:
                     cap, delta = float(terms["epsilon_cap"]), float(terms["delta"])
                 except (KeyError, TypeError, ValueError):
                     cap = delta = None
-                if isinstance(digest, str):
-                    versions[digest] = {
-                        "agreement_id": p.get("agreement_id"),
-                        "version": p.get("version"),
-                        "cap": cap,
-                        "delta": delta,
-                    }
-                    by_number[(p.get("agreement_id"), p.get("version"))] = digest
+                versions.publish(p, seq, cap=cap, delta=delta)
                 continue
             if event == ledger_events.CONSENT_WITHDRAWN:
                 slug = institution
@@ -220,6 +217,8 @@ class ContributionReport:
                         "ledger_seq": seq,
                         "at": format_timestamp(created_at),
                         "detail": _text(p.get("reason")),
+                        # Not a field of the record: which jobs the withdrawal concerns.
+                        "_agreement_id": _int(p.get("agreement_id")),
                     }
                 )
                 continue
@@ -241,10 +240,7 @@ class ContributionReport:
                         if isinstance(slug, str):
                             job.institutions.add(slug)
             elif event == ledger_events.JOB_AGREEMENT_REBOUND:
-                current = versions.get(job.agreement, {})
-                digest = by_number.get((current.get("agreement_id"), p.get("new_version")))
-                if digest:
-                    job.agreement = digest
+                job.agreement = versions.rebound(job.agreement, p)
             elif event == ledger_events.JOB_DECISION:
                 if institution:
                     job.institutions.add(institution)
@@ -303,16 +299,40 @@ class ContributionReport:
         self._versions = versions
         self._jobs = {job.job_id: job for job in in_scope}
         self._totals = totals
+        # Which withdrawn institutions each job's models are flagged for: consent is withdrawn
+        # under one agreement, so only a withdrawal under the job's own agreement counts.
+        self._withdrawn = {
+            job.job_id: {w["institution"] for w in withdrawals if self._concerns(w, job)}
+            for job in in_scope
+        }
+        # A job's report lists the withdrawals that concern it; an institution's report lists
+        # all of its own (they are its acts, whatever job they reach).
         self._withdrawals = [
-            w
+            {k: v for k, v in w.items() if not k.startswith("_")}
             for w in withdrawals
-            if self.scope.kind == "institution" or w["institution"] in in_scope[0].institutions
+            if self.scope.kind == "institution" or self._concerns(w, in_scope[0])
         ]
-        self._withdrawn = {w["institution"] for w in self._withdrawals}
         self._title = title
 
+    def _agreement_of(self, job: _Job) -> int | None:
+        """The agreement (id) the job ran under, from its version's published terms."""
+        return self._versions.agreement_of(job.agreement)
+
+    def _concerns(self, withdrawal: dict, job: _Job) -> bool:
+        """Whether a withdrawal is one of the job's: by one of its institutions, under the
+        agreement the job ran under (any version of it).
+
+        Where the ledger does not say (an entry without the agreement, a job whose version was
+        never published in this ledger), the withdrawal is taken to concern the job: a report
+        that cannot tell must not hide a withdrawal from an auditor."""
+        if withdrawal["institution"] not in job.institutions | set(job.sites):
+            return False
+        withdrawn_from = withdrawal["_agreement_id"]
+        ran_under = self._agreement_of(job)
+        return withdrawn_from is None or ran_under is None or withdrawn_from == ran_under
+
     def _terms(self, job: _Job) -> tuple[float | None, float | None]:
-        version = self._versions.get(job.agreement) or {}
+        version = self._versions.get(job.agreement)
         return version.get("cap"), version.get("delta")
 
     def _summary(self, job: _Job, slug: str) -> dict:
@@ -430,7 +450,7 @@ class ContributionReport:
                 # An institution's report lists the models its updates went into.
                 if not only or only in sites:
                     yield {"record": "model", **model, "detail": " ".join(sites) or None}
-                for slug in sorted(self._withdrawn):
+                for slug in sorted(self._withdrawn[job_id]):
                     first = job.sites[slug].first_round if slug in job.sites else None
                     if first is not None and index is not None and index >= first:
                         yield {"record": "derived_model", "institution": slug, **model}

@@ -37,6 +37,8 @@ GROUPS = {
     "derived_model": "derived_models",
 }
 
+# An institution's ε against its cap, as every report states it (the compliance report too).
+PRIVACY_FIELDS = ("epsilon_spent", "epsilon_total", "epsilon_cap", "delta", "within_cap")
 # Each record type's fields, in order (the CSV has the union as fixed columns).
 RECORD_FIELDS: dict[str, tuple[str, ...]] = {
     "report": ("consortium", "title", "at"),
@@ -51,11 +53,7 @@ RECORD_FIELDS: dict[str, tuple[str, ...]] = {
         "rounds_participated",
         "updates_accepted",
         "updates_rejected",
-        "epsilon_spent",
-        "epsilon_total",
-        "epsilon_cap",
-        "delta",
-        "within_cap",
+        *PRIVACY_FIELDS,
     ),
     "withdrawal": ("institution", "ledger_seq", "at", "detail"),
     "update": (

@@ -13,29 +13,36 @@ from __future__ import annotations
 import base64
 import json
 import re
+from collections.abc import Callable
+from typing import Any
 
 from audit.ledger.canonical import canonical_json
 from audit.reports.errors import MalformedReport
 from audit.reports.formats import json_document
 
 PDF_MARKER = b"flc-contribution-report:"
-_PDF_EMBEDDED = re.compile(re.escape(PDF_MARKER) + rb"([A-Za-z0-9+/=]+)")
 
 
-def pdf_keywords(doc: dict) -> str:
-    """The ``/Keywords`` text that carries the document inside the PDF."""
-    return PDF_MARKER.decode() + base64.b64encode(canonical_json(doc).encode()).decode()
+def pdf_keywords(doc: dict, marker: bytes = PDF_MARKER) -> str:
+    """The ``/Keywords`` text that carries the document inside the PDF (``marker`` names the
+    kind of report: the compliance report has its own, :mod:`audit.reports.compliance_files`)."""
+    return marker.decode() + base64.b64encode(canonical_json(doc).encode()).decode()
 
 
-def pdf_document(data: bytes) -> dict:
-    """The document embedded in a report PDF."""
-    found = _PDF_EMBEDDED.findall(data)
+def embedded_payloads(data: bytes, marker: bytes) -> list[bytes]:
+    """The base64 payloads that follow ``marker`` in a PDF's bytes (one for a report's PDF)."""
+    return re.findall(re.escape(marker) + rb"([A-Za-z0-9+/=]+)", data)
+
+
+def embedded_document(
+    data: bytes, marker: bytes, json_document: Callable[[Any], dict], missing: str
+) -> dict:
+    """The document embedded after ``marker`` in a report PDF, checked by ``json_document``;
+    ``missing`` says what is wrong when the PDF carries none. Shared by every kind of report,
+    so they reject a PDF in the same words."""
+    found = embedded_payloads(data, marker)
     if not found:
-        raise MalformedReport(
-            "the PDF carries no embedded contribution report (no flc-contribution-report "
-            "keywords): it was not made by export_contributions, or was re-saved by a tool "
-            "that dropped its metadata"
-        )
+        raise MalformedReport(missing)
     if len(set(found)) > 1:
         raise MalformedReport("the PDF carries more than one embedded report")
     try:
@@ -43,3 +50,15 @@ def pdf_document(data: bytes) -> dict:
         return json_document(json.loads(text))
     except (ValueError, UnicodeDecodeError) as exc:
         raise MalformedReport(f"the PDF's embedded report is unreadable ({exc})") from None
+
+
+def pdf_document(data: bytes) -> dict:
+    """The document embedded in a contribution report PDF."""
+    return embedded_document(
+        data,
+        PDF_MARKER,
+        json_document,
+        "the PDF carries no embedded contribution report (no flc-contribution-report "
+        "keywords): it was not made by export_contributions, or was re-saved by a tool "
+        "that dropped its metadata",
+    )

@@ -11,15 +11,18 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-from typing import BinaryIO
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, BinaryIO
 
 from audit.reports.build import ContributionReport
 from audit.reports.contents import records_from_document
 from audit.reports.embedded import pdf_document
 from audit.reports.errors import MalformedReport
-from audit.reports.formats import csv_document, iter_csv, json_bytes, json_document
+from audit.reports.formats import LAYOUT, iter_csv, json_bytes
 from audit.reports.pdf import render_pdf
 from audit.reports.scope import Head, Scope
+from audit.reports.tabular import RecordLayout
 
 FORMATS = ("csv", "json", "pdf")
 
@@ -63,32 +66,81 @@ def report_bytes(report: ContributionReport, fmt: str) -> bytes:
     return buffer.getvalue()
 
 
+@dataclass(frozen=True)
+class ReportFormats:
+    """One kind of report's writers and readers, for the code that picks among CSV, JSON and
+    PDF: given them, :meth:`document_bytes` and :meth:`read_document` behave alike for every
+    kind of report (the contribution report, :data:`CONTRIBUTION`; the compliance report,
+    :mod:`audit.reports.compliance_files`)."""
+
+    iter_csv: Callable[[Any, Head, Iterable[dict]], Iterable[str]]
+    records_from_document: Callable[[dict], Iterable[dict]]
+    render_pdf: Callable[[dict], bytes]
+    csv_document: Callable[[str], dict]
+    json_document: Callable[[Any], dict]
+    pdf_document: Callable[[bytes], dict]
+    scope_from_json: Callable[[Any], Any]
+
+    @classmethod
+    def of(
+        cls,
+        layout: RecordLayout,
+        records_from_document: Callable[[dict], Iterable[dict]],
+        render_pdf: Callable[[dict], bytes],
+        pdf_document: Callable[[bytes], dict],
+    ) -> ReportFormats:
+        """The formats of a report whose CSV and JSON follow ``layout``."""
+        return cls(
+            layout.iter_csv,
+            records_from_document,
+            render_pdf,
+            layout.csv_document,
+            layout.json_document,
+            pdf_document,
+            layout.scope_from_json,
+        )
+
+    def document_bytes(self, fmt: str, scope: Any, head: Head, doc: dict) -> bytes:
+        """The file ``fmt`` for a report's document: what ``verify_report`` compares a file
+        with."""
+        if fmt == "csv":
+            return "".join(self.iter_csv(scope, head, self.records_from_document(doc))).encode(
+                "utf-8"
+            )
+        if fmt == "json":
+            return json_bytes(doc)
+        if fmt == "pdf":
+            return self.render_pdf(doc)
+        raise ValueError(f"unknown report format {fmt!r}")
+
+    def read_document(self, data: bytes) -> tuple[str, dict]:
+        """Recognise a report file by its content; return (format, document)."""
+        if not data:
+            raise MalformedReport("the file is empty")
+        if data.startswith(b"%PDF-"):
+            return "pdf", self.pdf_document(data)
+        try:
+            text = data.decode("utf-8-sig")
+        except UnicodeDecodeError:
+            raise MalformedReport("the file is neither a PDF nor UTF-8 text") from None
+        if text.lstrip().startswith("{"):
+            try:
+                parsed = json.loads(text)
+            except ValueError as exc:
+                raise MalformedReport(f"the JSON is unreadable ({exc})") from None
+            return "json", self.json_document(parsed)
+        return "csv", self.csv_document(text)
+
+
+CONTRIBUTION = ReportFormats.of(LAYOUT, records_from_document, render_pdf, pdf_document)
+
+
 def document_bytes(fmt: str, scope: Scope, head: Head, doc: dict) -> bytes:
     """The file ``fmt`` for a report's document (the bytes :func:`write_report` gives for the
     report the document was gathered from): what ``verify_report`` compares a file with."""
-    if fmt == "csv":
-        return "".join(iter_csv(scope, head, records_from_document(doc))).encode("utf-8")
-    if fmt == "json":
-        return json_bytes(doc)
-    if fmt == "pdf":
-        return render_pdf(doc)
-    raise ValueError(f"unknown report format {fmt!r}")
+    return CONTRIBUTION.document_bytes(fmt, scope, head, doc)
 
 
 def read_document(data: bytes) -> tuple[str, dict]:
     """Recognise a report file by its content; return (format, document)."""
-    if not data:
-        raise MalformedReport("the file is empty")
-    if data.startswith(b"%PDF-"):
-        return "pdf", pdf_document(data)
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError:
-        raise MalformedReport("the file is neither a PDF nor UTF-8 text") from None
-    if text.lstrip().startswith("{"):
-        try:
-            parsed = json.loads(text)
-        except ValueError as exc:
-            raise MalformedReport(f"the JSON is unreadable ({exc})") from None
-        return "json", json_document(parsed)
-    return "csv", csv_document(text)
+    return CONTRIBUTION.read_document(data)

@@ -18,6 +18,7 @@ The standard PDF fonts cover Latin-1 only, so the text says "epsilon" and "delta
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from xml.sax.saxutils import escape
 
 from reportlab.graphics.charts.barcharts import VerticalBarChart
@@ -313,34 +314,64 @@ def _story(doc: dict) -> list:
     return story
 
 
-def render_pdf(doc: dict) -> bytes:
-    """The report's PDF; the same document gives the same bytes."""
+@dataclass(frozen=True)
+class PageSetup:
+    """How one kind of report lays out its pages: size, margins, the footer's words and height,
+    and the PDF's creator."""
+
+    pagesize: tuple[float, float] = A4
+    margin: float = 15 * mm
+    bottom_margin: float = 15 * mm
+    footer_y: float = 8 * mm
+    footer_label: str = "Ledger head"
+    creator: str = CREATOR
+
+
+CONTRIBUTION_PAGES = PageSetup()
+
+
+def build_pdf(story: list, doc: dict, title: str, keywords: str, pages: PageSetup) -> bytes:
+    """Lay out ``story`` as the PDF of the report ``doc``: the ledger head in the footer of
+    every page (with the page number) and in the subject, ``keywords`` (the embedded document,
+    :func:`~audit.reports.embedded.pdf_keywords`) in the keywords. Reproducible (invariant):
+    the same document gives the same bytes, which is how ``verify_report`` checks the pages.
+    Every kind of report is laid out by this one function, so their PDFs carry the same
+    metadata."""
     head = doc["ledger_head"]
-    footer = f"Ledger head #{head['seq']}  {head['entry_hash']}"
+    footer = f"{pages.footer_label} #{head['seq']}  {head['entry_hash']}"
+    width = pages.pagesize[0]
 
     def on_page(canvas, template):
         canvas.saveState()
         canvas.setFont("Helvetica", 6.5)
-        canvas.drawString(15 * mm, 8 * mm, footer)
-        canvas.drawRightString(A4[0] - 15 * mm, 8 * mm, f"page {canvas.getPageNumber()}")
+        canvas.drawString(pages.margin, pages.footer_y, footer)
+        canvas.drawRightString(
+            width - pages.margin, pages.footer_y, f"page {canvas.getPageNumber()}"
+        )
         canvas.restoreState()
 
     buffer = io.BytesIO()
     template = SimpleDocTemplate(
         buffer,
-        pagesize=A4,
-        leftMargin=15 * mm,
-        rightMargin=15 * mm,
-        topMargin=15 * mm,
-        bottomMargin=15 * mm,
-        title=f"Contribution report: {_scope_text(doc)}",
+        pagesize=pages.pagesize,
+        leftMargin=pages.margin,
+        rightMargin=pages.margin,
+        topMargin=pages.margin,
+        bottomMargin=pages.bottom_margin,
+        title=title,
         author="fl-consortium",
         subject=f"ledger head #{head['seq']} {head['entry_hash']} ({head['entry_count']} entries)",
-        creator=CREATOR,
-        producer=CREATOR,
-        keywords=pdf_keywords(doc),
+        creator=pages.creator,
+        producer=pages.creator,
+        keywords=keywords,
         invariant=1,
         pageCompression=1,
     )
-    template.build(_story(doc), onFirstPage=on_page, onLaterPages=on_page)
+    template.build(story, onFirstPage=on_page, onLaterPages=on_page)
     return buffer.getvalue()
+
+
+def render_pdf(doc: dict) -> bytes:
+    """The report's PDF; the same document gives the same bytes."""
+    title = f"Contribution report: {_scope_text(doc)}"
+    return build_pdf(_story(doc), doc, title, pdf_keywords(doc), CONTRIBUTION_PAGES)

@@ -13,8 +13,9 @@ entry's seq in its headers. The cost is the time to first byte: the whole report
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from django.db import transaction
 
@@ -52,6 +53,62 @@ def spool() -> BinaryIO:
     return tempfile.SpooledTemporaryFile(max_size=SPOOL_MEMORY_BYTES, mode="w+b")
 
 
+def check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise ReportError(f"unknown report format {fmt!r} (use {', '.join(FORMATS)})")
+
+
+@dataclass(frozen=True)
+class ExportKind:
+    """How one kind of report is written to a file, and the schema version its files follow."""
+
+    write: Callable[[Any, str, BinaryIO], tuple[str, int]]
+    schema_version: int
+
+
+def write_and_record(
+    event: str,
+    kind: ExportKind,
+    report,
+    fmt: str,
+    out: BinaryIO,
+    acting_user,
+    actor_repr: str | None,
+    subject,
+    institution_slug: str = "",
+) -> ExportResult:
+    """Write ``report`` (any kind: it has a ``scope`` and a ``head``) as ``fmt`` to ``out``,
+    then append its export entry ``event`` naming the file's SHA-256, size and head. Every kind
+    of report records its exports with the same payload, so ``verify_report`` finds them
+    alike."""
+    check_format(fmt)
+    digest, size = kind.write(report, fmt, out)
+    scope = report.scope
+    filename = scope.filename(report.head, fmt)
+    with transaction.atomic():
+        entry = append_entry(
+            event=event,
+            actor=acting_user,
+            actor_repr=actor_repr,
+            subject=subject,
+            consortium_slug=scope.consortium,
+            institution_slug=institution_slug,
+            payload={
+                "scope": scope.to_json(),
+                "format": fmt,
+                "schema_version": kind.schema_version,
+                "filename": filename,
+                "sha256": digest,
+                "size_bytes": size,
+                "ledger_head": report.head.to_json(),
+            },
+        )
+    return ExportResult(scope, fmt, digest, size, report.head, filename, entry)
+
+
+CONTRIBUTION_EXPORT = ExportKind(write_report, SCHEMA_VERSION)
+
+
 def report_export(
     *,
     acting_user,
@@ -69,27 +126,15 @@ def report_export(
     ``subject`` is the job or institution the report is about (so the export shows in its
     history). The entry is appended after the head the report names, so it is never part of it.
     """
-    if fmt not in FORMATS:
-        raise ReportError(f"unknown report format {fmt!r} (use {', '.join(FORMATS)})")
-    report = build_report(scope, head)
-    digest, size = write_report(report, fmt, out)
-    filename = scope.filename(report.head, fmt)
-    with transaction.atomic():
-        entry = append_entry(
-            event=ledger_events.REPORT_EXPORTED,
-            actor=acting_user,
-            actor_repr=actor_repr,
-            subject=subject,
-            consortium_slug=scope.consortium,
-            institution_slug=scope.institution or "",
-            payload={
-                "scope": scope.to_json(),
-                "format": fmt,
-                "schema_version": SCHEMA_VERSION,
-                "filename": filename,
-                "sha256": digest,
-                "size_bytes": size,
-                "ledger_head": report.head.to_json(),
-            },
-        )
-    return ExportResult(scope, fmt, digest, size, report.head, filename, entry)
+    check_format(fmt)
+    return write_and_record(
+        ledger_events.REPORT_EXPORTED,
+        CONTRIBUTION_EXPORT,
+        build_report(scope, head),
+        fmt,
+        out,
+        acting_user,
+        actor_repr,
+        subject,
+        scope.institution or "",
+    )

@@ -20,12 +20,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import format_timestamp, verify_rows
 from audit.ledger.selectors import (
+    ExportRecord,
     chain_rows_up_to,
     consortium_entry_rows,
     entry_stamp,
@@ -35,7 +37,7 @@ from audit.ledger.selectors import (
 from audit.reports.build import ContributionReport
 from audit.reports.contents import EPSILON_REL_TOL, GROUPS, RECORD_FIELDS, TOLERANT_FIELDS
 from audit.reports.errors import MalformedReport, ReportError
-from audit.reports.files import document_bytes, read_document
+from audit.reports.files import CONTRIBUTION, ReportFormats
 from audit.reports.formats import head_of
 from audit.reports.scope import Head, Scope
 
@@ -110,12 +112,39 @@ def _label(kind: str, record: dict) -> str:
     )
 
 
-def _same(name: str, a: Any, b: Any) -> bool:
+def _same(name: str, a: Any, b: Any, tolerant: frozenset[str] = TOLERANT_FIELDS) -> bool:
     if type(a) is bool or type(b) is bool:
         return a is b
-    if name in TOLERANT_FIELDS and isinstance(a, int | float) and isinstance(b, int | float):
+    if name in tolerant and isinstance(a, int | float) and isinstance(b, int | float):
         return math.isclose(a, b, rel_tol=EPSILON_REL_TOL)
     return a == b
+
+
+def compare_groups(
+    report: dict,
+    ledger: dict,
+    groups: dict[str, str],
+    record_fields: dict[str, tuple[str, ...]],
+    label: Callable[[str, dict], str],
+    tolerant: frozenset[str],
+) -> list[Difference]:
+    """Every record of ``report``'s groups that differs from ``ledger``'s, field by field
+    (shared by every kind of report: ``label`` names a record in the message)."""
+    out: list[Difference] = []
+    for kind, group in groups.items():
+        mine, theirs = report.get(group) or [], ledger.get(group) or []
+        for i in range(max(len(mine), len(theirs))):
+            if i >= len(mine):
+                out.append(Difference(label(kind, theirs[i]), "", "missing from the report", None))
+                continue
+            if i >= len(theirs):
+                out.append(Difference(label(kind, mine[i]), "", "not in the ledger's report", None))
+                continue
+            for name in record_fields[kind]:
+                a, b = mine[i].get(name), theirs[i].get(name)
+                if not _same(name, a, b, tolerant):
+                    out.append(Difference(label(kind, theirs[i]), name, a, b))
+    return out
 
 
 def compare_documents(report: dict, ledger: dict) -> list[Difference]:
@@ -125,22 +154,7 @@ def compare_documents(report: dict, ledger: dict) -> list[Difference]:
         out.append(
             Difference("the report's title", "title", report.get("title"), ledger.get("title"))
         )
-    for kind, group in GROUPS.items():
-        mine, theirs = report.get(group) or [], ledger.get(group) or []
-        for i in range(max(len(mine), len(theirs))):
-            if i >= len(mine):
-                out.append(Difference(_label(kind, theirs[i]), "", "missing from the report", None))
-                continue
-            if i >= len(theirs):
-                out.append(
-                    Difference(_label(kind, mine[i]), "", "not in the ledger's report", None)
-                )
-                continue
-            for name in RECORD_FIELDS[kind]:
-                a, b = mine[i].get(name), theirs[i].get(name)
-                if not _same(name, a, b):
-                    out.append(Difference(_label(kind, theirs[i]), name, a, b))
-    return out
+    return out + compare_groups(report, ledger, GROUPS, RECORD_FIELDS, _label, TOLERANT_FIELDS)
 
 
 def _check_head(outcome: Outcome) -> Head | None:
@@ -329,29 +343,39 @@ def _check_site_evaluations(outcome: Outcome, scope: Scope, head: Head) -> None:
         )
 
 
-def verify_report_bytes(data: bytes) -> Outcome:
-    """Verify a report file's content; raises MalformedReport for an unreadable file."""
-    fmt, doc = read_document(data)
-    scope = Scope.from_json(doc["scope"])
+def verify_file(
+    data: bytes,
+    formats: ReportFormats,
+    recompute: Callable[[Any, Head], dict],
+    compare: Callable[[dict, dict], list[Difference]],
+    groups: dict[str, str],
+    find_export: Callable[[str, Any], ExportRecord | None],
+    extra_checks: tuple[Callable[[Outcome, Any, Head], None], ...] = (),
+) -> Outcome:
+    """The steps of the module docstring for any kind of report, given its file formats, its
+    recomputation from the ledger, its comparison and where its exports are recorded; raises
+    MalformedReport for an unreadable file."""
+    fmt, doc = formats.read_document(data)
+    scope = formats.scope_from_json(doc["scope"])
     outcome = Outcome(fmt=fmt, scope=scope, head=head_of(doc))
     head = _check_head(outcome)
     if head is None:
         return outcome
     try:
-        expected = ContributionReport(scope, head).document()
+        expected = recompute(scope, head)
     except ReportError as exc:
         outcome.fail(f"the report cannot be recomputed from the ledger: {exc}")
         return outcome
-    differences = compare_documents(doc, expected)
+    differences = compare(doc, expected)
     outcome.differences = differences
-    _check_round_scores(outcome, scope, head)
-    _check_site_evaluations(outcome, scope, head)
+    for check in extra_checks:
+        check(outcome, scope, head)
     if differences:
         outcome.fail(f"{len(differences)} figure(s) differ from the ledger")
     else:
-        counts = ", ".join(f"{len(expected[g])} {g.replace('_', ' ')}" for g in GROUPS.values())
+        counts = ", ".join(f"{len(expected[g])} {g.replace('_', ' ')}" for g in groups.values())
         outcome.matched.append(f"every figure matches the ledger ({counts})")
-        rendered = document_bytes(fmt, scope, head, expected)
+        rendered = formats.document_bytes(fmt, scope, head, expected)
         if rendered == data:
             outcome.matched.append(f"the file is byte for byte the {fmt.upper()} the ledger gives")
         elif fmt == "pdf":
@@ -366,7 +390,7 @@ def verify_report_bytes(data: bytes) -> Outcome:
                 "ledger gives (it was re-saved or re-formatted by another program)"
             )
     digest = hashlib.sha256(data).hexdigest()
-    export = export_recording(digest)
+    export = find_export(digest, scope)
     if export:
         outcome.notes.append(
             f"this very file (SHA-256 {digest}) was exported by {export.actor_repr} at "
@@ -375,6 +399,23 @@ def verify_report_bytes(data: bytes) -> Outcome:
     else:
         outcome.notes.append(f"no export entry in the ledger records this file's SHA-256 {digest}")
     return outcome
+
+
+def _recompute(scope: Scope, head: Head) -> dict:
+    return ContributionReport(scope, head).document()
+
+
+def verify_report_bytes(data: bytes) -> Outcome:
+    """Verify a report file's content; raises MalformedReport for an unreadable file."""
+    return verify_file(
+        data,
+        CONTRIBUTION,
+        _recompute,
+        compare_documents,
+        GROUPS,
+        lambda digest, scope: export_recording(digest),
+        (_check_round_scores, _check_site_evaluations),
+    )
 
 
 __all__ = ["Difference", "MalformedReport", "Outcome", "compare_documents", "verify_report_bytes"]

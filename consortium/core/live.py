@@ -22,13 +22,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 
 from channels.db import database_sync_to_async
 from channels.generic.websocket import AsyncJsonWebsocketConsumer
 from django.conf import settings
 from django.contrib.auth import get_user_model
+from django.utils import timezone
 
 from audit.ledger.selectors import consortium_entries_after, current_head_seq
+from audit.ledger.words import entry_sentence
 from audit.models import LedgerEntry
 
 #: Close code for "not allowed" (4000-4999 are the application's; 4403 mirrors HTTP 403).
@@ -38,13 +41,31 @@ FORBIDDEN = 4403
 MAX_ENTRIES = 50
 
 
-def entry_json(entry: LedgerEntry) -> dict:
+def entry_json(entry: LedgerEntry, names: dict[str, str] | None = None) -> dict:
+    """One entry for a live page: its code and, in words, what happened (``words``) and when,
+    in the server's time zone with the zone named (``time_text``), as the server-rendered rows
+    say it (a browser's own zone would make the same page show two clocks)."""
+    names = names or {}
+    try:
+        payload = json.loads(entry.payload_text)
+    except (TypeError, ValueError):
+        payload = {}
+    slug = entry.institution_slug or None
+    local = timezone.localtime(entry.created_at)
     return {
         "seq": entry.seq,
         "event": entry.event,
+        "words": entry_sentence(
+            entry.event,
+            payload,
+            institution=names.get(slug, slug) if slug else None,
+            name_of=lambda s: names.get(s, s),
+        ),
         "time": entry.created_at.isoformat(),
+        "time_text": local.strftime("%H:%M:%S ") + (local.tzname() or ""),
         "actor": entry.actor_repr,
         "institution": entry.institution_slug,
+        "institution_name": names.get(slug, slug) if slug else "",
         "hash": entry.entry_hash,
     }
 
@@ -71,6 +92,10 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
 
     def state_of(self, target) -> dict:
         raise NotImplementedError
+
+    def institution_names(self, target) -> dict[str, str]:
+        """The page's institutions by slug, to name them in the entries' words."""
+        return {}
 
     def consortium_slug_of(self, target) -> str:
         raise NotImplementedError
@@ -106,7 +131,8 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
         if head <= since and not initial:
             return head, [], None
         rows = list(self.entries_query(target, since).order_by("-seq")[: MAX_ENTRIES * 4])
-        entries = [entry_json(e) for e in reversed(rows) if self.relevant(e, target)]
+        names = self.institution_names(target) if rows else {}
+        entries = [entry_json(e, names) for e in reversed(rows) if self.relevant(e, target)]
         if not entries and not initial:
             return head, [], None
         shown = entries[-MAX_ENTRIES:] if self.with_entries else []

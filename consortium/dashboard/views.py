@@ -10,16 +10,18 @@ from audit.ledger.selectors import consortium_entries
 from consortium.core.pages import SIGNED_IN, PermissionRequiredMixin
 from consortium.dashboard.services import can_see_services, services_panel
 from consortium.dashboard.tables import InstitutionTable
+from consortium.dashboard.worker_keys import worker_keys
 from consortium.governance import selectors
 from consortium.governance.pages import GovernancePage, InstitutionScopedMixin
 from consortium.governance.permissions import PLATFORM
-from consortium.governance.services.institutions import key_fingerprint
-from training.jobs.selectors import institution_accountability
+from training.jobs.selectors import approver_inbox, institution_accountability
 from training.rounds.heartbeats import site_workers
 from training.rounds.live import consortium_live_state
 
 #: Ledger entries the consortium dashboard lists (to those who may read the ledger).
 RECENT_ENTRIES = 10
+#: Jobs awaiting the user's decision listed under "Waiting on you" (the inbox has them all).
+REVIEWS_LISTED = 5
 
 
 class OverviewView(PermissionRequiredMixin, TemplateView):
@@ -49,7 +51,16 @@ class ConsortiumDetailView(GovernancePage):
         return self.consortium
 
     def get_context_data(self, **kwargs):
-        dashboard = selectors.consortium_dashboard(self.request.user, self.consortium)
+        institutions = list(self.consortium.institutions.order_by("name"))
+        keys = worker_keys(institutions)
+        dashboard = selectors.consortium_dashboard(
+            self.request.user,
+            self.consortium,
+            institutions_with_worker_key={i for i, k in keys.items() if k.registered},
+        )
+        # The jobs awaiting this user's decision: the approval inbox's own selector, so the
+        # dashboard and the inbox cannot disagree on what waits.
+        reviews = approver_inbox(self.request.user, self.consortium)
         can_view_ledger = self.can("audit.view_ledger", self.consortium)
         # Per institution, its standing under each agreement's current version; the table sorts
         # and pages by query string, and ?q= keeps the institutions whose name or slug has it.
@@ -63,7 +74,8 @@ class ConsortiumDetailView(GovernancePage):
                 "institution": institution,
                 "name": institution.name,
                 "country": institution.country,
-                "worker_key": bool(institution.worker_public_key),
+                "worker_key": keys[institution.pk],
+                "worker_key_order": len(keys[institution.pk].signing_keys),
                 "worker": workers[institution.pk],
                 "worker_order": workers[institution.pk].sort_key,
             }
@@ -77,6 +89,8 @@ class ConsortiumDetailView(GovernancePage):
         )
         return super().get_context_data(
             dashboard=dashboard,
+            reviews=reviews[:REVIEWS_LISTED],
+            reviews_count=len(reviews),
             institutions_table=table,
             institution_query=query,
             can_view_ledger=can_view_ledger,
@@ -116,9 +130,10 @@ def _standing(status: selectors.AgreementStatus, institution) -> dict:
 
 
 class InstitutionDetailView(InstitutionScopedMixin, GovernancePage):
-    """An institution's page: its members, signatures and withdrawals, its worker key's
-    fingerprint, whether its site's workers are online (their heartbeats), and its
-    contributions and privacy spent job by job (issue 5)."""
+    """An institution's page: its members, signatures and withdrawals, its workers' signing
+    keys (those of its active credentials, which uploads are verified against), whether its
+    site's workers are online (their heartbeats), and its contributions and privacy spent job
+    by job (issue 5)."""
 
     permission_required = "consortium.view_institution"
     template_name = "consortium/institution_detail.html"
@@ -133,7 +148,7 @@ class InstitutionDetailView(InstitutionScopedMixin, GovernancePage):
                 "-signed_at"
             ),
             withdrawals=institution.withdrawals.select_related("agreement"),
-            fingerprint=key_fingerprint(institution.worker_public_key),
+            worker_keys=worker_keys([institution])[institution.pk],
             site_workers=site_workers([institution.pk])[institution.pk],
             can_edit=self.can("consortium.change_institution", institution),
             accountability=institution_accountability(self.request.user, institution),

@@ -8,7 +8,9 @@ is the same 404 as one that does not exist, and nested objects are looked up ins
 
 from __future__ import annotations
 
+from django.contrib import messages
 from django.core.exceptions import ValidationError
+from django.shortcuts import redirect
 from django.utils.functional import cached_property
 from django.views.generic import TemplateView, View
 from django.views.generic.edit import FormView
@@ -85,3 +87,34 @@ class InstitutionScopedMixin:
     def get_context_data(self, **kwargs):
         kwargs.setdefault("institution", self.institution)
         return super().get_context_data(**kwargs)
+
+
+class ActsForOneOfMyInstitutions:
+    """A form that acts on behalf of one of the user's institutions (signing, withdrawing
+    consent, deciding on a job). With none to choose from (a superuser passes every
+    permission check but approves for no institution), the page does not show a form that
+    cannot be sent: it says why and sends the user back to ``nothing_to_choose_url()``.
+
+    Mixed in before the page base, it runs after the permission check (on GET and POST), so
+    an outsider still gets the 404."""
+
+    def institution_choices(self):
+        raise NotImplementedError
+
+    def nothing_to_choose_message(self) -> str:
+        raise NotImplementedError
+
+    def nothing_to_choose_url(self) -> str:
+        raise NotImplementedError
+
+    def _refusal(self):
+        if self.institution_choices().exists():
+            return None
+        messages.error(self.request, self.nothing_to_choose_message())
+        return redirect(self.nothing_to_choose_url())
+
+    def get(self, request, *args, **kwargs):
+        return self._refusal() or super().get(request, *args, **kwargs)
+
+    def post(self, request, *args, **kwargs):
+        return self._refusal() or super().post(request, *args, **kwargs)

@@ -7,6 +7,7 @@ Each ``*_visible_to(user)`` applies the same scope as the predicates in
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from django.db.models import Prefetch, QuerySet
@@ -72,6 +73,21 @@ def user_institutions_with_role(user, consortium: Consortium, *roles: str) -> Qu
         if g.consortium_id == consortium.pk and g.institution_id and g.role in roles
     }
     return Institution.objects.filter(pk__in=ids).order_by("name")
+
+
+def institutions_user_signs_for(user, consortium: Consortium) -> QuerySet[Institution]:
+    """The institutions of ``consortium`` the user may sign an agreement for: those they
+    approve for. The signing form's choices, and the condition of every "Sign" offer: a
+    superuser passes every ``has_perm`` check yet approves for none, so an offer that asked
+    ``has_perm`` alone would lead to a form with nothing to choose."""
+    return user_institutions_with_role(user, consortium, Role.APPROVER)
+
+
+def institutions_user_withdraws_for(user, consortium: Consortium) -> QuerySet[Institution]:
+    """The institutions of ``consortium`` whose consent the user may withdraw (the rule
+    ``consortium.withdraw_consent``: their approvers and administrators). The withdrawal
+    form's choices, and the condition of its offer, for the reason given above."""
+    return user_institutions_with_role(user, consortium, Role.APPROVER, Role.INSTITUTION_ADMIN)
 
 
 def current_version(agreement: Agreement) -> AgreementVersion | None:
@@ -140,6 +156,26 @@ def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> Agre
     return status
 
 
+def institutions_left_to_sign(user, status: AgreementStatus) -> list[Institution]:
+    """The user's institutions (those they sign for) that have yet to sign the agreement's
+    current version and have not withdrawn: what a "Sign version n" offer (the dashboard's
+    *Waiting on you*, the agreement's page) is for. Empty when nothing is left to sign."""
+    if status.version is None:
+        return []
+    mine = set(
+        institutions_user_signs_for(user, status.agreement.consortium).values_list("pk", flat=True)
+    )
+    return [i for i in status.unsigned if i.pk in mine]
+
+
+def institutions_still_consenting(user, agreement: Agreement) -> QuerySet[Institution]:
+    """The user's institutions (those whose consent they may withdraw) that have not yet
+    withdrawn under ``agreement``: what a "Withdraw consent…" offer is for."""
+    return institutions_user_withdraws_for(user, agreement.consortium).exclude(
+        withdrawals__agreement=agreement
+    )
+
+
 def agreements_with_versions(user) -> QuerySet[Agreement]:
     """Agreements for list pages, with their versions prefetched (one query more)."""
     return agreements_visible_to(user).prefetch_related(
@@ -180,9 +216,18 @@ class ConsortiumDashboard:
         return next((s for s in self.statuses if s.in_force), None)
 
 
-def consortium_dashboard(user, consortium: Consortium) -> ConsortiumDashboard:
+def consortium_dashboard(
+    user, consortium: Consortium, *, institutions_with_worker_key: Collection[int]
+) -> ConsortiumDashboard:
     """What the consortium's front page shows ``user``: institutions, every
-    agreement's status, the user's own roles and what waits on them."""
+    agreement's status, the user's own roles and what waits on them.
+
+    ``institutions_with_worker_key`` are the ids of the institutions whose site worker has a
+    signing key it can upload with (an active worker credential). Those credentials are
+    training's (governance imports none of it), so the dashboard, which composes both, reads
+    them and passes them here: an institution is asked for a worker key only when it has
+    none, and only of the people who can create one (its administrators and data stewards,
+    the rule ``training.manage_site_credentials``)."""
     agreements = list(consortium.agreements.order_by("-created_at"))
     statuses = [agreement_status(a) for a in agreements]
     grants = [g for g in grants_of(user) if g.consortium_id == consortium.pk]
@@ -190,21 +235,16 @@ def consortium_dashboard(user, consortium: Consortium) -> ConsortiumDashboard:
     for g in grants:
         roles_at.setdefault(g.institution_id, set()).add(g.role)
     pending: list[PendingAction] = []
-    approver_of = {i for i, roles in roles_at.items() if i and Role.APPROVER in roles}
     for status in statuses:
-        if status.version is None:
-            continue
-        withdrawn = {w.institution_id for w in status.withdrawn}
-        for institution in status.unsigned:
-            if institution.pk in approver_of and institution.pk not in withdrawn:
-                pending.append(
-                    PendingAction(
-                        "sign",
-                        agreement=status.agreement,
-                        version=status.version,
-                        institution=institution,
-                    )
+        for institution in institutions_left_to_sign(user, status):
+            pending.append(
+                PendingAction(
+                    "sign",
+                    agreement=status.agreement,
+                    version=status.version,
+                    institution=institution,
                 )
+            )
     is_admin = Role.CONSORTIUM_ADMIN in roles_at.get(None, set())
     if is_admin:
         for draft in AgreementVersion.objects.filter(
@@ -216,9 +256,10 @@ def consortium_dashboard(user, consortium: Consortium) -> ConsortiumDashboard:
         for i, roles in roles_at.items()
         if i and roles & {Role.INSTITUTION_ADMIN, Role.DATA_STEWARD}
     }
+    with_key = set(institutions_with_worker_key)
     institutions = list(consortium.institutions.order_by("name"))
     for institution in institutions:
-        if (is_admin or institution.pk in keepers) and not institution.worker_public_key:
+        if institution.pk in keepers and institution.pk not in with_key:
             pending.append(PendingAction("worker_key", institution=institution))
     return ConsortiumDashboard(
         consortium=consortium,

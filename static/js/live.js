@@ -34,36 +34,106 @@
     }
   }
 
+  // Colours come from the server (consortium/core/palette.py, the same on every page and in the
+  // PDFs): an institution keeps its colour everywhere.
+  const paletteEl = $("chart-palette");
+  const palette = paletteEl ? JSON.parse(paletteEl.textContent) : { series: [], institutions: {} };
+  function colourOf(name, i) {
+    return palette.institutions[name] || palette.series[i % palette.series.length] || undefined;
+  }
+  // Metrics that are shares: their axis is [0, 1] whatever the values, so a rise reads true.
+  const SHARE_METRIC = /accuracy|dice|auc|f1|precision|recall/i;
+
+  function axis(title, extra) {
+    return Object.assign({
+      title: { text: title }, color: palette.axis, gridcolor: palette.grid, zeroline: false,
+      automargin: true,
+    }, extra || {});
+  }
+
   function chart(id, traces, layout) {
     const el = $(id);
     if (!el || !window.Plotly) return;
+    // Legends sit under the plot, never over the data.
     window.Plotly.react(el, traces, Object.assign({
-      margin: { t: 30, r: 10, b: 70, l: 50 }, height: 280, showlegend: traces.length > 1,
-      legend: { orientation: "h", x: 0, y: 1.2 },
+      margin: { t: 12, r: 16, b: 36, l: 56 }, height: 230,
+      showlegend: traces.filter((t) => t.showlegend !== false).length > 1,
+      // Below the axis title, in the figure's own margin (grown to fit it).
+      legend: { orientation: "h", x: 0, xref: "container", y: 0, yref: "container", yanchor: "bottom" },
+      font: { size: 12 }, paper_bgcolor: "rgba(0,0,0,0)", plot_bgcolor: "rgba(0,0,0,0)",
     }, layout), { displayModeBar: false, responsive: true });
   }
 
-  function renderCharts(series) {
+  function note(text) {
+    return [{ text, xref: "paper", yref: "paper", x: 0.5, y: 0.5, showarrow: false,
+      font: { color: palette.axis } }];
+  }
+
+  function roundAxis(rounds) {
+    const last = Math.max(1, ...rounds);
+    return axis("round", { dtick: 1, range: [-0.3, last + 0.3] });
+  }
+
+  // Nothing is drawn before the first round has closed: empty axes (−1 to 6) say nothing.
+  function renderCharts(series, roundsClosed) {
+    const box = $("charts");
+    const empty = $("charts-empty");
+    if (!box) return;
+    const drawn = roundsClosed > 0;
+    box.hidden = !drawn;
+    if (empty) empty.hidden = drawn;
+    if (!drawn) {
+      for (const el of box.querySelectorAll(".chart")) if (window.Plotly) window.Plotly.purge(el);
+      return;
+    }
+    const metric = series.metric || "";
+    const metricName = metric.replace("validation_", "").replace(/_/g, " ") || "metric";
+    const share = SHARE_METRIC.test(metric);
     chart("chart-validation", [{
-      x: series.rounds, y: series.validation, mode: "lines+markers",
-      name: series.metric || "validation",
-    }], { xaxis: { title: { text: "round" }, dtick: 1 },
-          yaxis: { title: { text: (series.metric || "metric").replace("validation_", "") } } });
-    chart("chart-loss", series.site_loss.map((s) => ({
+      x: series.rounds, y: series.validation, mode: "lines+markers", name: metricName,
+      line: { color: palette.global_model }, marker: { color: palette.global_model },
+    }], {
+      xaxis: roundAxis(series.rounds),
+      yaxis: axis(share ? `${metricName} (0 to 1)` : metricName, share ? { range: [0, 1] } : {}),
+      annotations: series.validation.some((v) => v !== null) ? [] : note("not evaluated yet"),
+    });
+    const lossRounds = series.site_loss.flatMap((s) => s.rounds);
+    chart("chart-loss", series.site_loss.map((s, i) => ({
       x: s.rounds, y: s.values, mode: "lines+markers", name: s.institution,
-    })), { xaxis: { title: { text: "round" }, dtick: 1 }, yaxis: { title: { text: "loss" } } });
+      line: { color: colourOf(s.institution, i) }, marker: { color: colourOf(s.institution, i) },
+    })), {
+      xaxis: roundAxis(lossRounds.length ? lossRounds : series.rounds),
+      yaxis: axis("training loss", { rangemode: "tozero" }),
+      annotations: series.site_loss.length ? [] : note("no site has reported a loss yet"),
+    });
     const names = series.privacy.map((p) => p.institution);
-    const caps = series.privacy.map((p) => p.cap);
+    const caps = series.privacy.map((p) => p.cap).filter((c) => c !== null && c !== undefined);
+    const cap = caps.length ? Math.max(...caps) : null;
+    const top = Math.max(cap || 0, ...series.privacy.map((p) => p.spent || 0), 0.1) * 1.15;
     chart("chart-privacy", [
-      { type: "bar", x: names, y: series.privacy.map((p) => p.spent), name: "ε spent (all jobs)" },
-      { type: "bar", x: names, y: series.privacy.map((p) => p.job), name: "ε spent (this job)" },
-      { type: "scatter", mode: "markers", x: names, y: caps, name: "cap",
-        marker: { symbol: "line-ew-open", size: 30 } },
-    ], { yaxis: { title: { text: "ε" } }, barmode: "group" });
+      { type: "bar", x: names, y: series.privacy.map((p) => p.job), name: "ε this job",
+        marker: { color: palette.spent_this_job } },
+      { type: "bar", x: names, y: series.privacy.map((p) => p.spent), name: "ε all jobs",
+        marker: { color: palette.spent_all_jobs } },
+      // The cap as a line across the plot, with a legend entry of its own.
+      { type: "scatter", mode: "lines", x: [null], y: [null], name: cap === null ? "cap" : `cap: ε ${cap}`,
+        line: { color: palette.cap, dash: "dash", width: 2 } },
+    ], {
+      barmode: "group",
+      yaxis: axis("ε (privacy loss)", { range: [0, top] }),
+      xaxis: axis("", { automargin: true }),
+      shapes: cap === null ? [] : [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: cap, y1: cap,
+        line: { color: palette.cap, dash: "dash", width: 2 } }],
+    });
+    const scores = series.contribution.map((c) => c.score);
+    const scored = scores.some((v) => v !== null);
     chart("chart-contribution", [{
-      type: "bar", x: series.contribution.map((c) => c.institution),
-      y: series.contribution.map((c) => c.score), name: "score",
-    }], { yaxis: { title: { text: "score" } } });
+      type: "bar", x: series.contribution.map((c) => c.institution), y: scores, name: "score",
+      marker: { color: series.contribution.map((c, i) => colourOf(c.institution, i)) },
+    }], {
+      yaxis: axis("contribution score", scored ? {} : { range: [-1, 1] }), xaxis: axis(""),
+      annotations: scored ? [] : note("not scored yet"),
+    });
   }
 
   // What the job waits on, in words (training/rounds/waiting.py): the coordinator when it is
@@ -128,15 +198,18 @@
       const p = document.createElement("p"); p.className = "notice warn"; p.textContent = w; return p;
     }));
     renderWaiting(state.waiting);
-    renderCharts(state.series);
+    renderCharts(state.series, job.rounds_closed);
   }
 
   function addEntries(entries) {
     const list = $("live-activity");
     for (const e of entries) {
+      // In words, at the server's clock with its zone named (the page's other times use it).
       const li = document.createElement("li");
-      const time = new Date(e.time).toLocaleTimeString();
-      li.textContent = `${time} · #${e.seq} ${e.event}` + (e.institution ? ` · ${e.institution}` : "");
+      const code = document.createElement("code");
+      code.className = "event-code";
+      code.textContent = e.event;
+      li.append(`${e.time_text} · ${e.words} `, code);
       list.prepend(li);
     }
     while (list.children.length > 20) list.lastElementChild.remove();

@@ -42,8 +42,11 @@
     if (body.querySelector("td.muted")) body.replaceChildren();
     for (const e of entries) {
       const tr = document.createElement("tr");
-      const code = document.createElement("code"); code.textContent = e.event;
-      const cells = [String(e.seq), e.time.replace("T", " ").slice(0, 19), code, e.actor, e.institution || "—"];
+      const what = document.createElement("span");
+      const code = document.createElement("code"); code.className = "event-code"; code.textContent = e.event;
+      what.append(e.words, document.createElement("br"), code);
+      const when = e.time.replace("T", " ").slice(0, 10) + " " + e.time_text;
+      const cells = [String(e.seq), when, what, e.actor, e.institution_name || "—"];
       for (const c of cells) { const td = document.createElement("td"); td.append(c); tr.appendChild(td); }
       body.prepend(tr);
     }

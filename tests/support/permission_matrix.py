@@ -11,6 +11,8 @@ the exact code for every persona (:func:`api_codes`).
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from django.urls import reverse
 
@@ -94,3 +96,14 @@ def assert_api_answer(response, expected):
     assert response.status_code == expected, getattr(response, "content", response)
     if response.status_code == 404:
         assert response.json() == {"detail": "Not found."}
+
+
+def same_404_page(forbidden, missing) -> bool:
+    """Whether a forbidden and a missing object got the same 404 page, byte for byte but for
+    the CSRF token of the page's sign-out form, which is masked afresh on every response
+    (random, so it tells a probe nothing)."""
+
+    def page(response) -> bytes:
+        return re.sub(rb'name="csrfmiddlewaretoken" value="[^"]+"', b"", response.content)
+
+    return forbidden.status_code == missing.status_code == 404 and page(forbidden) == page(missing)

@@ -408,3 +408,211 @@ def test_5_an_outsider_reaches_none_of_it(stack, browser):
         _shot(page, "5-outsider")
     finally:
         context.close()
+
+
+# --- 6. A first proposal with the form's defaults, and the approvers who are waited on ----------
+
+
+def test_6_a_proposal_with_the_forms_defaults_is_accepted_and_waits_on_the_approvers(
+    stack, browser
+):
+    """Issue 14: the form opens on a job the agreement in force accepts (its pipeline, its
+    sites, a budget that fits), so a new administrator's first proposal goes through; each
+    approver's dashboard then lists it under "Waiting on you"."""
+    context, page = _context(browser, stack, "admin")
+    try:
+        page.goto(f"/consortia/{SLUG}/jobs/new/")
+        assert page.locator("#id_title").input_value(), "the form opens without a title"
+        budget = page.locator("main").inner_text()
+        assert "exceeds" not in budget.lower(), budget[:3000]
+        page.get_by_label("Title").fill("Defaults job")
+        page.get_by_role("button", name="Propose for approval").click()
+        page.wait_for_load_state()
+        assert "Awaiting approval" in page.locator("#job-heading").inner_text(), page.url
+        job = _job_id(page)
+        stack.notes["awaiting"] = job
+    finally:
+        context.close()
+    context, page = _context(browser, stack, "approver-barts")
+    try:
+        page.goto(f"/consortia/{SLUG}/")
+        waiting = page.locator("#pending-h").locator("xpath=..").inner_text()
+        assert "Nothing waits on you" not in waiting, waiting
+        link = page.locator(f"a[href$='/jobs/{job}/review/']")
+        assert link.count() >= 1, waiting
+        link.first.click()
+        page.wait_for_load_state()
+        assert page.url.endswith(f"/jobs/{job}/review/")
+        _shot(page, "6-approver-waited-on")
+    finally:
+        context.close()
+
+
+# --- 7. The auditor's compliance report -------------------------------------------------------
+
+
+def test_7_the_auditor_reads_and_exports_the_compliance_report(stack, browser):
+    job = stack.notes.get("job")
+    assert job, "journey 1 did not create the job"
+    context, page = _context(browser, stack, "auditor")
+    try:
+        page.goto(f"/consortia/{SLUG}/ledger/")
+        page.locator("#compliance-reports a").first.click()
+        page.wait_for_load_state()
+        assert "Compliance report" in page.locator("h1").inner_text()
+        stack.notes["compliance"] = page.url.removeprefix(stack.url)
+        jobs = page.locator("#compliance-jobs").inner_text()
+        assert "Browser journey job" in jobs, jobs
+        approvals = page.locator("#compliance-approvals").inner_text()
+        assert "Barts" in approvals, approvals  # hospitals by name, not slug
+        head_hash = re.search(r"[0-9a-f]{64}", page.locator("#report-head").inner_text()).group(0)
+        for fmt in ("CSV", "JSON", "PDF"):
+            with page.expect_download() as info:
+                page.get_by_role("button", name=f"Export {fmt}").click()
+            data = Path(info.value.path()).read_bytes()
+            if fmt == "PDF":
+                assert data.startswith(b"%PDF-")
+            else:
+                assert head_hash.encode() in data, (fmt, data[:500])
+        page.goto(f"/consortia/{SLUG}/ledger/?event=report.compliance_exported")
+        assert page.locator("main").inner_text().count("report.compliance_exported") >= 3
+        _shot(page, "7-auditor-compliance")
+    finally:
+        context.close()
+
+
+# --- 8. Every page at a laptop's and a phone's width ----------------------------------------------
+
+#: The pages each role works in, after the journeys above (the job is the completed one).
+PAGES_BY_ROLE = {
+    "admin": [
+        ("dashboard", "/consortia/{slug}/"),
+        ("agreements", "/consortia/{slug}/agreements/"),
+        ("members", "/consortia/{slug}/members/"),
+        ("jobs", "/consortia/{slug}/jobs/"),
+        ("job", "/consortia/{slug}/jobs/{job}/"),
+        ("propose", "/consortia/{slug}/jobs/new/"),
+        ("notifications", "/notifications/"),
+    ],
+    "approver-barts": [
+        ("dashboard", "/consortia/{slug}/"),
+        ("approvals", "/consortia/{slug}/approvals/"),
+        ("job", "/consortia/{slug}/jobs/{job}/"),
+    ],
+    "auditor": [
+        ("ledger", "/consortia/{slug}/ledger/"),
+        ("report", "/consortia/{slug}/jobs/{job}/report/"),
+        ("compliance", "{compliance}"),
+    ],
+    "visitor": [("missing", "/consortia/{slug}/jobs/{job}/")],
+}
+
+
+def _fits(page, width: int) -> list[str]:
+    """What does not fit a window ``width`` px wide: the page scrolling sideways, or the top
+    bar's "Sign out" off-screen."""
+    problems = []
+    scroll = page.evaluate("document.documentElement.scrollWidth")
+    if scroll > width + 1:
+        problems.append(f"the page is {scroll} px wide")
+    box = page.get_by_role("button", name="Sign out").bounding_box()
+    if box is None or box["x"] < 0 or box["x"] + box["width"] > width + 1:
+        problems.append(f"'Sign out' is off-screen: {box}")
+    return problems
+
+
+def test_8_every_page_fits_a_laptop_and_a_phone(stack, browser):
+    job = stack.notes.get("job") or 1
+    problems = []
+    for role, pages in PAGES_BY_ROLE.items():
+        context, page = _context(browser, stack, role)
+        try:
+            for width, height in ((1280, 900), (390, 844)):
+                page.set_viewport_size({"width": width, "height": height})
+                for name, path in pages:
+                    compliance = stack.notes.get("compliance", f"/consortia/{SLUG}/ledger/")
+                    page.goto(path.format(slug=SLUG, job=job, compliance=compliance))
+                    page.wait_for_load_state()
+                    problems += [f"{role} {name} at {width} px: {p}" for p in _fits(page, width)]
+                    _shot(page, f"8-{width}-{role}-{name}")
+        finally:
+            context.close()
+    assert problems == [], "\n".join(problems)
+
+
+# --- 9. A withdrawal under a second agreement leaves the first one's jobs and reports alone ------
+
+
+def test_9_a_withdrawal_under_a_second_agreement_leaves_the_first_agreements_jobs_alone(
+    stack, browser
+):
+    """Issue 14: Barts signs a second, unrelated agreement and withdraws from it. The jobs under
+    the agreement in force keep Barts (the one awaiting approval too), and the completed job's
+    report lists no withdrawal and no model derived from a withdrawn hospital."""
+    job = stack.notes.get("job")
+    assert job, "journey 1 did not create the job"
+    context, page = _context(browser, stack, "admin")
+    try:
+        page.goto(f"/consortia/{SLUG}/agreements/new/")
+        page.locator("#id_title").fill("Imaging data-sharing agreement")
+        page.locator("#id_purpose").fill("Imaging research, unrelated to the oncology jobs.")
+        page.locator("input[name=permitted_model_families][value=cnn]").check()
+        page.locator("#id_max_shared_fraction").fill("0.5")
+        page.locator("#id_required_dp_mechanism").select_option("gaussian")
+        page.locator("#id_epsilon_cap").fill("10")
+        page.locator("#id_delta").fill("0.00001")
+        page.locator("#id_valid_from").fill("2026-01-01")
+        page.locator("#id_valid_until").fill("2030-12-31")
+        page.locator("#id_text").fill("The imaging sites share CNN updates under Gaussian noise.")
+        page.get_by_role("button", name="Save draft").click()
+        page.wait_for_load_state()
+        found = re.search(rf"/consortia/{SLUG}/agreements/(\d+)/", page.url)
+        assert found, (page.url, page.locator("main").inner_text()[:2000])
+        agreement = int(found.group(1))
+        page.goto(f"/consortia/{SLUG}/agreements/{agreement}/versions/1/publish/")
+        page.get_by_role("button", name="Publish version 1").click()
+        page.wait_for_load_state()
+    finally:
+        context.close()
+
+    context, page = _context(browser, stack, "approver-barts")
+    try:
+        account = page.locator(".topbar .account a[title='Change your password']")
+        full_name = account.inner_text().strip()
+        page.goto(f"/consortia/{SLUG}/agreements/{agreement}/versions/1/sign/")
+        page.locator("#id_typed_name").fill(full_name)
+        page.locator("#id_confirmed").check()
+        page.get_by_role("button", name="Sign", exact=True).click()
+        page.wait_for_load_state()
+        page.goto(f"/consortia/{SLUG}/agreements/{agreement}/")
+        page.get_by_role("link", name=re.compile("Withdraw consent")).click()
+        page.get_by_label("Reason").fill("Our imaging programme has been stopped by the board.")
+        page.get_by_role("button", name="Withdraw consent").click()
+        page.wait_for_load_state()
+        _shot(page, "9-approver-withdrew-second-agreement")
+    finally:
+        context.close()
+
+    context, page = _context(browser, stack, "auditor")
+    try:
+        for unfinished_or_done in (stack.notes.get("awaiting"), job):
+            if unfinished_or_done is None:
+                continue
+            page.goto(f"/consortia/{SLUG}/jobs/{unfinished_or_done}/")
+            participants = page.locator("#participants").inner_text()
+            assert "Barts" in participants, participants
+            assert "removed" not in participants.lower(), participants
+        page.goto(f"/consortia/{SLUG}/jobs/{job}/report/")
+        with page.expect_download() as info:
+            page.get_by_role("button", name="Export JSON").click()
+        document = json.loads(Path(info.value.path()).read_text(encoding="utf-8"))
+        text = json.dumps(document)
+        assert "Our imaging programme" not in text, (
+            "the report lists the other agreement's withdrawal"
+        )
+        derived = [k for k in document if "withdraw" in k.lower()]
+        for key in derived:
+            assert not document[key], (key, document[key])
+        _shot(page, "9-auditor-report-untouched")
+    finally:
+        context.close()

@@ -377,6 +377,11 @@ class BudgetProjection:
         # A relative tolerance so float noise in a replay cannot flip a cap that is met exactly.
         return self.projected <= self.cap or math.isclose(self.projected, self.cap, rel_tol=1e-9)
 
+    @property
+    def remaining(self) -> float:
+        """What is left under the cap after the job (0 when it is met or exceeded)."""
+        return max(self.cap - self.projected, 0.0)
+
     def explain(self) -> str:
         """One sentence for a form error, a page or the ledger."""
         d = _decimals(self.projected, self.cap)

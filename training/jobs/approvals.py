@@ -1,7 +1,8 @@
 """Writes for the approvers' decisions and what settles a job: an institution's decision
 (refused as stale when the job or the agreement changed since the approver looked), the job
 approved or rejected once the decisions are in, rebinding a job to a newer agreement version,
-expiring jobs whose deadline passed, and taking a withdrawn institution out of its jobs.
+expiring jobs whose deadline passed, and taking a withdrawn institution out of the jobs that run
+under the agreement it withdrew from.
 
 Only an institution's approver decides for it: that rule is part of the act, so the service
 checks it too.
@@ -16,7 +17,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import describe_actor
 from consortium.core.errors import ConflictError, ServiceError
-from consortium.governance.models import Institution, Role
+from consortium.governance.models import Agreement, Institution, Role
 from consortium.governance.permissions import has_institution_role
 from consortium.governance.selectors import agreement_in_force
 from training import outbox, queues
@@ -40,7 +41,8 @@ from training.models import (
 
 
 def _rebind_agreement(job: TrainingJob, *, acting_user) -> None:
-    """If a newer agreement version is in force, re-check the job under it and
+    """If another agreement version is in force (a newer version of the job's
+    agreement, or a version of a newer agreement), re-check the job under it and
     bind the job to it (earlier decisions then no longer count)."""
     status = agreement_in_force(job.consortium)
     current = status.version if status else None
@@ -64,15 +66,22 @@ def _rebind_agreement(job: TrainingJob, *, acting_user) -> None:
             + " ".join(p.message for p in report.problems),
         )
         return
-    old = job.agreement_version.number if job.agreement_version else None
+    old = job.agreement_version
+    # The version in force may belong to another agreement (the newest one in
+    # force): the entry names both agreements, so a reader of the ledger follows
+    # the job to the right one.
+    agreements = {"new_agreement_id": current.agreement_id}
+    if old is not None:
+        agreements["old_agreement_id"] = old.agreement_id
     job.agreement_version = current
     job.save(update_fields=["agreement_version"])
     record_job_event(
         ledger_events.JOB_AGREEMENT_REBOUND,
         actor=acting_user,
         job=job,
-        old_version=old,
+        old_version=old.number if old is not None else None,
         new_version=current.number,
+        **agreements,
     )
 
 
@@ -252,16 +261,33 @@ def jobs_expire_overdue(*, now=None) -> int:
     return expired
 
 
-def jobs_remove_institution(*, institution: Institution, reason: str, acting_user) -> list[int]:
-    """Take an institution out of every unfinished job (after a withdrawal of
-    consent): from the next round on it takes no part. A job left with fewer
-    than its minimum of participants fails. Returns the affected job ids."""
+def jobs_remove_institution(
+    *, institution: Institution, agreement: Agreement, reason: str, acting_user
+) -> list[int]:
+    """Take an institution out of every unfinished job that runs under ``agreement`` (after
+    its withdrawal of consent under that agreement): from the next round on it takes no part.
+    A job left with fewer than its minimum of participants fails. Returns the affected job ids.
+
+    Consent is given per agreement, so it is withdrawn per agreement: a job runs under the
+    agreement version it is bound to (``TrainingJob.agreement_version``, set when it is
+    proposed, moved only by a rebinding), and only a withdrawal under that agreement, whichever
+    of its versions, reaches it. Jobs under another agreement the institution still consents to
+    keep it (no removal, no release of its budget, no ledger entry)."""
     affected = []
-    rows = JobParticipant.objects.filter(
-        institution=institution, status=JobParticipant.Status.ACTIVE
-    ).exclude(job__state__in=TERMINAL_STATES)
+    rows = (
+        JobParticipant.objects.filter(
+            institution=institution,
+            status=JobParticipant.Status.ACTIVE,
+            job__agreement_version__agreement=agreement,
+        )
+        .exclude(job__state__in=TERMINAL_STATES)
+        .order_by("job_id")
+    )
     for participant in rows.select_related("job__consortium"):
         job = lock_job(participant.job_id)
+        if job.is_terminal or job.agreement_version.agreement_id != agreement.pk:
+            # Settled or rebound between the read and the lock: no longer this withdrawal's.
+            continue
         participant.status = JobParticipant.Status.REMOVED
         participant.removed_at = timezone.now()
         participant.removed_reason = reason

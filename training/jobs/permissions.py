@@ -51,6 +51,23 @@ rules.add_perm("training.change_job", is_consortium_admin | is_proposer)
 rules.add_perm("training.cancel_job", is_consortium_admin | is_proposer)
 rules.add_perm("training.decide_job", approves_for_a_participant)
 
+
+@rules.predicate
+def is_member_of_an_active_participant(user, job) -> bool:
+    """The user holds a role at an institution still taking part in the job (a withdrawn
+    institution's members are not: the agreement's consent no longer covers them)."""
+    if job is None:
+        return False
+    active = {p.institution_id for p in job.participants.all() if p.status == p.Status.ACTIVE}
+    return any(g.institution_id in active for g in grants_of(user))
+
+
+# A job's global models (obj is the job). The agreement's terms say nothing of who may take a
+# model away, so the narrowest reading: those who built it (the participating institutions'
+# members) and the consortium's admins, who answer for the agreement. Not the other
+# institutions of the consortium, who only see the job.
+rules.add_perm("training.download_model", is_consortium_admin | is_member_of_an_active_participant)
+
 # Site data sets: obj is the institution.
 rules.add_perm("training.view_datasets", is_consortium_member)
 rules.add_perm("training.manage_datasets", is_data_steward | is_institution_admin)

@@ -88,17 +88,24 @@ def _record_refusal(
     *, acting_user, consortium: Consortium, title: str, spec: dict, exc, job_id=None
 ):
     """A refused proposal or change leaves the job as it was (or no job), but
-    the refusal itself is on the record."""
+    the refusal itself is on the record, naming the agreement version it was
+    checked against (when one was in force), so that version's compliance
+    report lists it without guessing."""
+    payload = {
+        "job_id": job_id,
+        "title": title,
+        "spec_digest": spec_digest(spec),
+        "problems": [p.to_json() for p in exc.problems],
+    }
+    version = exc.report.version
+    if version is not None:
+        payload["agreement_version"] = version.number
+        payload["agreement_digest"] = version.content_digest
     append_entry(
         event=ledger_events.JOB_PROPOSAL_REFUSED,
         actor=acting_user,
         consortium_slug=consortium.slug,
-        payload={
-            "job_id": job_id,
-            "title": title,
-            "spec_digest": spec_digest(spec),
-            "problems": [p.to_json() for p in exc.problems],
-        },
+        payload=payload,
     )
 
 

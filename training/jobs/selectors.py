@@ -10,9 +10,9 @@ from dataclasses import dataclass, field
 
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Sum
 
-from consortium.governance.models import Notification, Role
+from consortium.governance.models import Institution, Notification, Role
 from consortium.governance.permissions import grants_of
-from consortium.governance.selectors import consortium_ids_of
+from consortium.governance.selectors import consortium_ids_of, user_institutions_with_role
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
 from training.models import (
     Approval,
@@ -35,6 +35,13 @@ def round_with_job(round_id: int) -> Round | None:
         .filter(pk=round_id)
         .first()
     )
+
+
+def job_spec_texts(job_ids) -> dict[int, str]:
+    """Each job's spec as stored with the job (its canonical text, which its spec digest is
+    taken over), by job id. The ledger records only the digest: the compliance report checks
+    the stored text against it, so it reads the text here rather than the model directly."""
+    return dict(TrainingJob.objects.filter(pk__in=list(job_ids)).values_list("pk", "spec_text"))
 
 
 def jobs_visible_to(user) -> QuerySet[TrainingJob]:
@@ -63,6 +70,54 @@ def jobs_for_list(user) -> QuerySet[TrainingJob]:
     )
 
 
+def jobs_listed(
+    user, *, consortium, participant: Institution | None = None, state: str = ""
+) -> QuerySet[TrainingJob]:
+    """The consortium's jobs page: :func:`jobs_for_list` in ``consortium``, narrowed to the
+    jobs ``participant`` took part in (withdrawn or not: it was a participant) and to
+    ``state`` when given. Still scoped to the user, so a filter can only narrow what they
+    may see."""
+    jobs = jobs_for_list(user).filter(consortium=consortium)
+    if participant is not None:
+        jobs = jobs.filter(participants__institution=participant)
+    if state:
+        jobs = jobs.filter(state=state)
+    return jobs
+
+
+def job_participant_choices(user, *, consortium) -> QuerySet[Institution]:
+    """The institutions the jobs page can be filtered by: those that took part in a job of
+    ``consortium`` the user may see, by name. Institutions of other consortia, and ones in no
+    job (a filter that could only answer "none"), are not offered."""
+    visible = jobs_visible_to(user).filter(consortium=consortium)
+    return (
+        Institution.objects.filter(
+            consortium=consortium, job_participations__job__in=visible.values("pk")
+        )
+        .distinct()
+        .order_by("name")
+    )
+
+
+def jobs_to_compare(user, *, consortium, job_ids) -> dict[int, TrainingJob]:
+    """The jobs of ``consortium`` among ``job_ids`` that the user may see, by id, with their
+    participants' institutions (what the comparison page shows of each). A missing id and one
+    the user may not see are both simply absent, so the page answers them alike."""
+    jobs = (
+        jobs_visible_to(user)
+        .filter(consortium=consortium, pk__in=list(job_ids))
+        .prefetch_related(
+            Prefetch(
+                "participants",
+                queryset=JobParticipant.objects.select_related("institution").order_by(
+                    "institution__name"
+                ),
+            )
+        )
+    )
+    return {job.pk: job for job in jobs}
+
+
 def is_valid_approval(approval: Approval, job: TrainingJob) -> bool:
     """A decision counts only for the spec and agreement version it was made under."""
     return (
@@ -82,6 +137,22 @@ def current_decisions(job: TrainingJob) -> dict[int, Approval]:
 
 def active_participants(job: TrainingJob) -> list[JobParticipant]:
     return [p for p in job.participants.all() if p.status == JobParticipant.Status.ACTIVE]
+
+
+def institutions_user_decides_for(user, job: TrainingJob) -> QuerySet[Institution]:
+    """The user's institutions that take part (actively) in ``job`` and that they approve
+    for: the review form's choices. A superuser passes every ``has_perm`` check yet approves
+    for none, so the review page and its offer ask this, not ``has_perm`` alone."""
+    active = {p.institution_id for p in active_participants(job)}
+    return user_institutions_with_role(user, job.consortium, Role.APPROVER).filter(pk__in=active)
+
+
+def institutions_awaiting_decision_from(user, job: TrainingJob) -> QuerySet[Institution]:
+    """Of :func:`institutions_user_decides_for`, those with no valid decision yet: what a
+    "Review and decide" offer is for (empty once the job no longer awaits approval)."""
+    if job.state != JobState.AWAITING_APPROVAL:
+        return Institution.objects.none()
+    return institutions_user_decides_for(user, job).exclude(pk__in=list(current_decisions(job)))
 
 
 @dataclass

@@ -11,13 +11,21 @@ import json
 
 from audit.ledger import live
 from consortium.core.live import LedgerLiveConsumer
-from consortium.governance.models import Consortium
+from consortium.governance.models import Consortium, Institution
 from training.models import TrainingJob
 from training.rounds.live import consortium_live_state
 from training.rounds.waiting import job_page_state
 
 
-class JobLiveConsumer(LedgerLiveConsumer):
+class _NamesInstitutions:
+    """The consortium's institutions by slug, for the entries' words."""
+
+    def institution_names(self, target) -> dict[str, str]:
+        slug = self.consortium_slug_of(target)
+        return dict(Institution.objects.filter(consortium__slug=slug).values_list("slug", "name"))
+
+
+class JobLiveConsumer(_NamesInstitutions, LedgerLiveConsumer):
     """``/ws/consortia/<slug>/jobs/<pk>/``: rounds, site updates, state changes, budget warnings."""
 
     def load_target(self):
@@ -50,7 +58,7 @@ class JobLiveConsumer(LedgerLiveConsumer):
         return job_page_state(target)
 
 
-class ConsortiumLiveConsumer(LedgerLiveConsumer):
+class ConsortiumLiveConsumer(_NamesInstitutions, LedgerLiveConsumer):
     """``/ws/consortia/<slug>/``: jobs by state, approvals awaited, recent ledger entries."""
 
     def load_target(self):

@@ -9,12 +9,14 @@ import json
 
 from django import forms
 
+from training.fl.params import FILTER_NAMES, FILTER_PARAMS, MISSING, Choice, LayerList, Number
 from training.jobs.spec import PURPOSES
 from training.models import Approval, Modality
 from training.web.presenters import model_choices
 
-#: What the privacy-pipeline box holds on a new job: a pipeline that satisfies a
-#: typical agreement (40% shared, clipped, Gaussian noise).
+#: A pipeline that satisfies a typical agreement (40% shared, clipped, Gaussian noise), kept for
+#: the tests that type it. The proposal page does not offer it: it starts from the agreement in
+#: force (``training.jobs.proposal_guidance``), since an agreement may require another mechanism.
 DEFAULT_PIPELINE = [
     {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
     {"filter": "percentile_clipping", "percentile": 95},
@@ -126,6 +128,46 @@ class DatasetForm(forms.Form):
 
 
 # --- Training jobs ---------------------------------------------------------------------
+
+
+#: Each privacy filter in words, for the step-by-step pipeline editor.
+FILTER_LABELS = {
+    "exclude_layers": "Keep named layers at the site",
+    "partial_sharing": "Share only part of the update",
+    "percentile_clipping": "Clip the update's outliers",
+    "laplace_noise": "Add Laplace noise (pure ε per round)",
+    "gaussian_noise": "Add Gaussian noise to the update",
+    "svt": "Select what is shared by the sparse vector technique",
+    "dp_sgd": "Train with DP-SGD at the site",
+}
+
+
+def _param_schema(key: str, spec) -> dict:
+    out: dict = {"key": key}
+    if isinstance(spec, LayerList):
+        out["kind"] = "layers"
+    elif isinstance(spec, Choice):
+        out.update(kind="choice", choices=list(spec.choices))
+    elif isinstance(spec, Number):
+        out.update(kind=spec.kind, min=spec.lo, max=spec.hi, help=spec.message())
+    default = getattr(spec, "default", MISSING)
+    if default is not MISSING:
+        out["default"] = default
+    return out
+
+
+def pipeline_step_schema() -> dict:
+    """Every privacy filter with its parameters' kinds, bounds and defaults, for
+    ``static/js/proposal_pipeline.js``: it edits the pipeline as ordered steps and writes the
+    JSON box the server reads, so the browser never becomes a second source of the rules
+    (the server still checks every value, from ``training.fl.params``)."""
+    return {
+        name: {
+            "label": FILTER_LABELS.get(name, name),
+            "params": [_param_schema(key, spec) for key, spec in FILTER_PARAMS[name].items()],
+        }
+        for name in FILTER_NAMES
+    }
 
 
 def _choices(values) -> list[tuple[str, str]]:
@@ -264,18 +306,25 @@ class JobForm(forms.Form):
             spec["contribution"] = d["contribution"]
         return spec
 
-    @staticmethod
-    def initial_default() -> dict:
-        return {"privacy_pipeline": _pipeline_text(DEFAULT_PIPELINE), "momentum_restart": True}
+    @classmethod
+    def initial_proposal(cls, defaults) -> dict:
+        """The fields of a new proposal, filled from
+        :func:`training.jobs.proposal_guidance.proposal_defaults`: derived from the agreement
+        in force, so that proposing the form as it comes is accepted."""
+        return cls.initial_from_spec(title=defaults.title, spec=defaults.spec)
+
+    @classmethod
+    def initial_from(cls, job) -> dict:
+        return cls.initial_from_spec(title=job.title, spec=job.spec)
 
     @staticmethod
-    def initial_from(job) -> dict:
-        spec = job.spec
+    def initial_from_spec(*, title: str, spec: dict) -> dict:
+        """The field values that ``to_spec()`` turns back into ``spec``."""
         optimizer = spec.get("optimizer") or {}
         model = spec.get("model") or {}
         everyone = len(spec.get("participants") or [])
         return {
-            "title": job.title,
+            "title": title,
             "participants": list(spec.get("participants") or []),
             "dataset_key": spec.get("dataset_key", ""),
             "purpose": spec.get("purpose"),

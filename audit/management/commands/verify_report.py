@@ -1,4 +1,5 @@
-"""``manage.py verify_report FILE``: check a contribution report against the ledger it names.
+"""``manage.py verify_report FILE``: check a contribution or compliance report against the ledger
+it names (the kind is recognised by the file's content).
 
 Exit status 0 when the named head is in the chain, the chain verifies up to it and every figure
 matches the report recomputed from the ledger; 1 when anything differs (each differing figure is
@@ -9,12 +10,17 @@ from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.reports.compliance_files import is_compliance_file
+from audit.reports.compliance_verify import verify_compliance_bytes
 from audit.reports.errors import MalformedReport, ReportError
 from audit.reports.verify import MAX_LISTED, verify_report_bytes
 
 
 class Command(BaseCommand):
-    help = "Check that a contribution report (CSV, JSON or PDF) matches the ledger it names."
+    help = (
+        "Check that a contribution or compliance report (CSV, JSON or PDF) matches the ledger "
+        "it names."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("file", help="The report file.")
@@ -25,15 +31,17 @@ class Command(BaseCommand):
                 data = handle.read()
         except OSError as exc:
             raise CommandError(f"cannot read {file}: {exc.strerror or exc}", returncode=2) from None
+        compliance = is_compliance_file(data)
+        kind = "compliance" if compliance else "contribution"
         try:
-            outcome = verify_report_bytes(data)
+            outcome = (verify_compliance_bytes if compliance else verify_report_bytes)(data)
         except (MalformedReport, ReportError) as exc:
             raise CommandError(
-                f"{file} is not a readable contribution report: {exc}", returncode=2
+                f"{file} is not a readable {kind} report: {exc}", returncode=2
             ) from None
         head = outcome.head
         self.stdout.write(
-            f"{file}: {outcome.fmt.upper()} report for {outcome.scope.label} in "
+            f"{file}: {outcome.fmt.upper()} {kind} report for {outcome.scope.label} in "
             f"{outcome.scope.consortium}, made from ledger entry #{head.seq} "
             f"({head.entry_count} entries, head {head.entry_hash})"
         )

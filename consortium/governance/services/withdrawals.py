@@ -1,7 +1,10 @@
-"""Withdrawal of consent: an institution leaves an agreement and takes part in no future job.
+"""Withdrawal of consent: an institution leaves an agreement and takes part in no future job
+under it.
 
-The training app removes it from the jobs still open through the ``consent_withdrawn`` signal
-(``training.jobs.receivers``), so governance does not import training.
+Consent is given per agreement, so it is withdrawn per agreement: the institution stays in the
+jobs that run under another agreement it still consents to. The training app removes it from
+the unfinished jobs under this agreement (any of its versions) through the ``consent_withdrawn``
+signal (``training.jobs.receivers``), so governance does not import training.
 """
 
 from __future__ import annotations
@@ -19,7 +22,8 @@ from consortium.governance.signals import consent_withdrawn
 def consent_withdraw(
     *, acting_user, agreement: Agreement, institution: Institution, reason: str
 ) -> Withdrawal:
-    """Withdraw an institution's consent: it takes part in no future job."""
+    """Withdraw an institution's consent under ``agreement``: it takes part in no future job
+    under that agreement and leaves the unfinished ones (the signal's receiver)."""
     reason = (reason or "").strip()
     if len(reason) < 10:
         raise ValidationError(

@@ -17,8 +17,12 @@ from consortium.core.errors import ServiceError
 from consortium.core.pages import error_message, first_or_404
 from consortium.governance import selectors
 from consortium.governance.forms import AgreementCreateForm, AgreementTermsForm, SignForm
-from consortium.governance.models import Role
-from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
+from consortium.governance.pages import (
+    ActsForOneOfMyInstitutions,
+    GovernanceAction,
+    GovernanceForm,
+    GovernancePage,
+)
 from consortium.governance.services.agreements import (
     agreement_amend,
     agreement_create,
@@ -143,8 +147,12 @@ class AgreementDetailView(AgreementMixin, GovernancePage):
             versions=versions,
             draft=selectors.draft_version(agreement),
             can_manage=self.can("consortium.manage_agreements", agreement),
-            can_sign=self.can("consortium.sign_for_an_institution", agreement),
-            can_withdraw=self.can("consortium.withdraw_for_an_institution", agreement),
+            # Offered only when the form would have something to choose (not has_perm: a
+            # superuser passes it while approving for no institution).
+            can_sign=bool(selectors.institutions_left_to_sign(self.request.user, status)),
+            can_withdraw=selectors.institutions_still_consenting(
+                self.request.user, agreement
+            ).exists(),
             **kwargs,
         )
 
@@ -157,7 +165,11 @@ class VersionDetailView(VersionMixin, GovernancePage):
         return super().get_context_data(
             signatures=self.version.signatures.select_related("institution"),
             can_manage=self.can("consortium.manage_agreements", self.version),
-            can_sign=self.can("consortium.sign_for_an_institution", self.version),
+            can_sign=bool(
+                selectors.institutions_left_to_sign(
+                    self.request.user, selectors.agreement_status(self.agreement)
+                )
+            ),
             **kwargs,
         )
 
@@ -218,15 +230,28 @@ class AgreementAmendView(AgreementMixin, GovernanceAction):
         return redirect(version_url("version-edit", version))
 
 
-class VersionSignView(VersionMixin, GovernanceForm):
+class VersionSignView(ActsForOneOfMyInstitutions, VersionMixin, GovernanceForm):
     permission_required = "consortium.sign_for_an_institution"
     template_name = "consortium/version_sign.html"
     form_class = SignForm
 
     @cached_property
     def institutions(self):
-        return selectors.user_institutions_with_role(
-            self.request.user, self.consortium, Role.APPROVER
+        return selectors.institutions_user_signs_for(self.request.user, self.consortium)
+
+    def institution_choices(self):
+        return self.institutions
+
+    def nothing_to_choose_message(self) -> str:
+        return (
+            f"You approve for no institution in {self.consortium}: there is nothing for you to "
+            f"sign. An institution's approver signs for it."
+        )
+
+    def nothing_to_choose_url(self) -> str:
+        return reverse(
+            "consortium:agreement-detail",
+            kwargs={"slug": self.consortium.slug, "pk": self.agreement.pk},
         )
 
     def get_initial(self):

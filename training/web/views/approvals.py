@@ -11,9 +11,12 @@ from django.shortcuts import redirect
 
 from consortium.core.errors import ConflictError, ServiceError
 from consortium.core.pages import apply_service_errors
-from consortium.governance import selectors as governance
 from consortium.governance.models import Role
-from consortium.governance.pages import GovernanceForm, GovernancePage
+from consortium.governance.pages import (
+    ActsForOneOfMyInstitutions,
+    GovernanceForm,
+    GovernancePage,
+)
 from consortium.governance.permissions import grants_of
 from training.jobs import selectors
 from training.jobs.approvals import approval_decide
@@ -50,7 +53,7 @@ class ApprovalInboxView(GovernancePage):
         )
 
 
-class JobReviewView(JobMixin, GovernanceForm):
+class JobReviewView(ActsForOneOfMyInstitutions, JobMixin, GovernanceForm):
     """What the job will do with the approver's data, in plain words, whether each
     participating site's worker is online (so an approver does not approve a job that no
     worker will run), and the decision form. The form carries the digest and agreement
@@ -64,11 +67,19 @@ class JobReviewView(JobMixin, GovernanceForm):
 
     def approver_institutions(self):
         """The user's institutions that take part (actively) in the job."""
-        mine = governance.user_institutions_with_role(
-            self.request.user, self.consortium, Role.APPROVER
+        return selectors.institutions_user_decides_for(self.request.user, self.job)
+
+    def institution_choices(self):
+        return self.approver_institutions()
+
+    def nothing_to_choose_message(self) -> str:
+        return (
+            f"You approve for no institution taking part in job #{self.job.pk}: there is "
+            "nothing for you to decide. Each participating institution's approver decides."
         )
-        active = {p.institution_id for p in selectors.active_participants(self.job)}
-        return mine.filter(pk__in=active)
+
+    def nothing_to_choose_url(self) -> str:
+        return job_detail_url(self.job)
 
     def awaiting(self):
         decided = selectors.current_decisions(self.job)

@@ -7,16 +7,22 @@ from __future__ import annotations
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
+from django.http import Http404
 from django.shortcuts import redirect
+from django.urls import reverse
+from django.utils.functional import cached_property
+from django.utils.http import urlencode
 
 from audit.ledger.selectors import entries_about
 from consortium.core.errors import ServiceError
-from consortium.core.pages import apply_service_errors, error_message
+from consortium.core.pages import NOT_FOUND, apply_service_errors, error_message
 from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
+from consortium.governance.selectors import agreement_in_force
 from training.jobs import selectors
 from training.jobs.central_validation import uploaded_summary
 from training.jobs.compliance import ComplianceError
 from training.jobs.describe import describe_contribution, describe_evaluation, describe_pipeline
+from training.jobs.proposal_guidance import proposal_budget_preview, proposal_defaults
 from training.jobs.proposals import (
     job_cancel,
     job_create_draft,
@@ -27,7 +33,9 @@ from training.jobs.proposals import (
 from training.jobs.spec import shared_fraction
 from training.models import JobState, PrivacyReservation, SiteDataset, TrainingJob
 from training.rounds.waiting import job_page_state
-from training.web.forms import CancelForm, JobForm
+from training.web.forms import CancelForm, JobForm, pipeline_step_schema
+from training.web.job_compare import compare_jobs
+from training.web.job_list_forms import JobCompareForm, JobFilterForm
 from training.web.presenters import (
     field_for_spec_path,
     filter_help,
@@ -36,6 +44,7 @@ from training.web.presenters import (
     spec_rows,
     split_spec_error,
 )
+from training.web.views.job_model import job_page_sections
 from training.web.views.mixins import JobMixin, job_detail_url
 
 JOBS_PER_PAGE = 25
@@ -50,7 +59,9 @@ def _compliance_message(exc: ComplianceError) -> str:
 
 
 class JobListView(GovernancePage):
-    """The consortium's jobs, newest first, in a fixed number of queries."""
+    """The consortium's jobs, newest first, in a fixed number of queries; filtered by a
+    participant institution and a state (GET parameters the pager carries along), with a box
+    on each row to pick two jobs for the comparison page."""
 
     permission_required = "consortium.view_consortium"
     template_name = "training/job_list.html"
@@ -59,21 +70,66 @@ class JobListView(GovernancePage):
         return self.consortium
 
     def get_context_data(self, **kwargs):
-        jobs = selectors.jobs_for_list(self.request.user).filter(consortium=self.consortium)
-        state = self.request.GET.get("state", "")
-        if state in JobState.values:
-            jobs = jobs.filter(state=state)
-        else:
-            state = ""
+        form = JobFilterForm(self.request.GET, user=self.request.user, consortium=self.consortium)
+        filters = form.filters()
+        jobs = selectors.jobs_listed(self.request.user, consortium=self.consortium, **filters)
         page = Paginator(jobs, JOBS_PER_PAGE).get_page(self.request.GET.get("page"))
         return super().get_context_data(
             page_obj=page,
             jobs=page.object_list,
-            state=state,
-            states=JobState.choices,
+            filter_form=form,
+            filtered=any(filters.values()),
+            filter_query=urlencode(form.query()),
             can_propose=self.can("training.propose_job", self.consortium),
             **kwargs,
         )
+
+
+class JobCompareView(GovernancePage):
+    """Two jobs of the consortium side by side (``?a=<id>&b=<id>``). Ticked boxes from the
+    list (``?jobs=<id>&jobs=<id>``) are sent on to that address. A job the user may not see
+    is the same 404 as a missing one; bad or missing numbers get the picker back, with why."""
+
+    permission_required = "consortium.view_consortium"
+    template_name = "training/job_compare.html"
+
+    def get_permission_object(self):
+        return self.consortium
+
+    def get(self, request, *args, **kwargs):
+        query = request.GET
+        ticked = query.getlist("jobs")
+        if ticked and "a" not in query and "b" not in query:
+            if len(ticked) == 2:
+                # The older job first (A), whichever order the list showed them in.
+                first, second = sorted(ticked, key=lambda v: (not v.isdigit(), len(v), v))
+                address = reverse("training:job-compare", args=[self.consortium.slug])
+                return redirect(f"{address}?{urlencode({'a': first, 'b': second})}")
+            form = JobCompareForm(user=request.user, consortium=self.consortium)
+            problem = f"Tick two jobs to compare: {_ticked_words(len(ticked))}."
+            return self.render_to_response(
+                self.get_context_data(form=form, problem=problem), status=400
+            )
+        form = JobCompareForm(query or None, user=request.user, consortium=self.consortium)
+        if not form.is_bound:
+            return self.render_to_response(self.get_context_data(form=form))
+        if not form.is_valid():
+            return self.render_to_response(self.get_context_data(form=form), status=400)
+        ids = (form.cleaned_data["a"], form.cleaned_data["b"])
+        found = selectors.jobs_to_compare(request.user, consortium=self.consortium, job_ids=ids)
+        if any(
+            pk not in found or not request.user.has_perm("training.view_job", found[pk])
+            for pk in ids
+        ):
+            raise Http404(NOT_FOUND)
+        comparison = compare_jobs(found[ids[0]], found[ids[1]])
+        return self.render_to_response(
+            self.get_context_data(form=form, comparison=comparison, chart=comparison.chart())
+        )
+
+
+def _ticked_words(count: int) -> str:
+    return "1 job was ticked" if count == 1 else f"{count} jobs were ticked"
 
 
 def apply_job_errors(form, exc: ValidationError) -> list[str]:
@@ -102,14 +158,20 @@ def apply_job_errors(form, exc: ValidationError) -> list[str]:
     return summary
 
 
+#: The submit button that checks the spec and shows its privacy budget instead of proposing.
+CHECK_ACTION = "check"
+
+
 class JobFormMixin:
-    """Shared by propose and edit: the form's choices, its help, and the way
-    service errors come back on it."""
+    """Shared by propose and edit: the form's choices, its help, the agreement's terms beside
+    it, the budget check, and the way service errors come back on it."""
 
     template_name = "training/job_form.html"
     form_class = JobForm
     spec_errors: list[str] = []
     compliance: ComplianceError | None = None
+    #: The job whose reservation a budget check leaves out (the one being edited).
+    budget_exclude_job_id: int | None = None
 
     def get_form_kwargs(self):
         kwargs = super().get_form_kwargs()
@@ -122,15 +184,55 @@ class JobFormMixin:
         )
         return kwargs
 
+    @cached_property
+    def agreement_status(self):
+        return agreement_in_force(self.consortium)
+
+    def budget_preview_url(self) -> str:
+        raise NotImplementedError
+
+    def initial_spec(self) -> dict | None:
+        """The spec the page opens with, whose budget it shows at once (None: none yet)."""
+        return None
+
     def get_context_data(self, **kwargs):
+        status = self.agreement_status
+        if self.request.method == "GET" and "budget" not in kwargs:
+            spec = self.initial_spec()
+            if spec and spec.get("participants"):
+                kwargs["budget"] = proposal_budget_preview(
+                    consortium=self.consortium,
+                    spec=spec,
+                    exclude_job_id=self.budget_exclude_job_id,
+                )
         return super().get_context_data(
             filter_help=filter_help(),
+            pipeline_schema=pipeline_step_schema(),
             spec_errors=self.spec_errors,
             compliance=self.compliance,
+            terms_version=status.version if status else None,
+            eligible_institutions=(
+                [
+                    s.institution
+                    for s in status.signed
+                    if s.institution_id in status.eligible_institution_ids
+                ]
+                if status
+                else []
+            ),
+            budget_preview_url=self.budget_preview_url(),
             **kwargs,
         )
 
     def form_valid(self, form):
+        if self.request.POST.get("action") == CHECK_ACTION:
+            # Without JavaScript: the same page again, with what was typed and its budget.
+            budget = proposal_budget_preview(
+                consortium=self.consortium,
+                spec=form.to_spec(),
+                exclude_job_id=self.budget_exclude_job_id,
+            )
+            return self.render_to_response(self.get_context_data(form=form, budget=budget))
         try:
             return self.perform(form)
         except ComplianceError as exc:
@@ -150,8 +252,23 @@ class JobCreateView(JobFormMixin, GovernanceForm):
     def get_permission_object(self):
         return self.consortium
 
+    @cached_property
+    def defaults(self):
+        return proposal_defaults(consortium=self.consortium)
+
     def get_initial(self):
-        return JobForm.initial_default()
+        return JobForm.initial_proposal(self.defaults)
+
+    def initial_spec(self):
+        return self.defaults.spec
+
+    def budget_preview_url(self) -> str:
+        return reverse("training:job-create-budget", args=[self.consortium.slug])
+
+    def get_context_data(self, **kwargs):
+        if self.request.method == "GET":
+            kwargs.setdefault("proposal_notes", self.defaults.notes)
+        return super().get_context_data(**kwargs)
 
     def perform(self, form):
         title = form.cleaned_data["title"]
@@ -185,8 +302,18 @@ class JobCreateView(JobFormMixin, GovernanceForm):
 class JobEditView(JobMixin, JobFormMixin, GovernanceForm):
     permission_required = "training.change_job"
 
+    @property
+    def budget_exclude_job_id(self):
+        return self.job.pk
+
     def get_initial(self):
         return JobForm.initial_from(self.job)
+
+    def initial_spec(self):
+        return self.job.spec
+
+    def budget_preview_url(self) -> str:
+        return reverse("training:job-edit-budget", args=[self.consortium.slug, self.job.pk])
 
     def get_context_data(self, **kwargs):
         job = self.job
@@ -213,6 +340,48 @@ class JobEditView(JobMixin, JobFormMixin, GovernanceForm):
             text = f"Draft job #{job.pk} was saved."
         messages.success(self.request, text)
         return redirect(job_detail_url(job))
+
+
+class JobBudgetPreviewView(JobFormMixin, GovernanceForm):
+    """The proposal form's values in, the privacy budget they would spend out: the table the
+    form shows as the proposer types (htmx posts the form here on every change). It proposes
+    and reserves nothing; the same check runs again when the job is proposed."""
+
+    http_method_names = ["post"]
+    permission_required = "training.propose_job"
+    template_name = "training/_proposal_budget.html"
+
+    def get_permission_object(self):
+        return self.consortium
+
+    def budget_preview_url(self) -> str:
+        return self.request.path
+
+    def form_valid(self, form):
+        budget = proposal_budget_preview(
+            consortium=self.consortium,
+            spec=form.to_spec(),
+            exclude_job_id=self.budget_exclude_job_id,
+        )
+        return self.render_to_response(self.get_context_data(form=form, budget=budget))
+
+
+class JobEditBudgetPreviewView(JobMixin, JobBudgetPreviewView):
+    """The budget check of the edit form: the job's own reservation is left out, as the
+    service replaces it when the change is saved."""
+
+    permission_required = "training.change_job"
+
+    def get_permission_object(self):
+        return self.job
+
+    @property
+    def budget_exclude_job_id(self):
+        return self.job.pk
+
+
+#: The job page's newest ledger entries shown (newest first); the older ones are folded below.
+HISTORY_SHOWN = 5
 
 
 class JobDetailView(JobMixin, GovernancePage):
@@ -247,7 +416,10 @@ class JobDetailView(JobMixin, GovernancePage):
             )
         user = self.request.user
         accountability = selectors.job_accountability(job)
+        live_state = job_page_state(job, account=accountability)
+        ledger = list(entries_about(TrainingJob._meta.label_lower, str(job.pk)).reverse())
         return super().get_context_data(
+            **job_page_sections(job, user=user, state=live_state, account=accountability),
             spec_rows=spec_rows(spec),
             pipeline=describe_pipeline(spec),
             shared_percent=percent(shared_fraction(spec)),
@@ -256,13 +428,13 @@ class JobDetailView(JobMixin, GovernancePage):
             contribution_text=describe_contribution(spec),
             evaluation_text=describe_evaluation(spec, uploaded=uploaded_summary(job)),
             accountability=accountability,
-            live_state=job_page_state(job, account=accountability),
-            ledger=entries_about(TrainingJob._meta.label_lower, str(job.pk)),
+            live_state=live_state,
+            ledger_recent=ledger[:HISTORY_SHOWN],
+            ledger_earlier=ledger[HISTORY_SHOWN:],
             can_edit=job.state in EDITABLE_STATES and user.has_perm("training.change_job", job),
             can_submit=job.state == JobState.DRAFT and user.has_perm("training.change_job", job),
             can_cancel=not job.is_terminal and user.has_perm("training.cancel_job", job),
-            can_review=job.state == JobState.AWAITING_APPROVAL
-            and user.has_perm("training.decide_job", job),
+            can_review=selectors.institutions_awaiting_decision_from(user, job).exists(),
             **kwargs,
         )
 
