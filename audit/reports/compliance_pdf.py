@@ -22,7 +22,18 @@ from reportlab.lib.units import mm
 from reportlab.platypus import Paragraph, Spacer
 
 from audit.reports.embedded import pdf_keywords
-from audit.reports.pdf import _BODY, _MONO, _SMALL, _STYLES, PageSetup, _fmt, _table, build_pdf
+from audit.reports.pdf import (
+    _BODY,
+    _MONO,
+    _SMALL,
+    _STYLES,
+    DELTA,
+    EPS,
+    PageSetup,
+    _fmt,
+    _table,
+    build_pdf,
+)
 
 PDF_MARKER = b"flc-compliance-report:"
 CREATOR = "fl-consortium compliance report (schema v1)"
@@ -37,8 +48,7 @@ PAGES = PageSetup(
 # Digests have no spaces: let them break anywhere rather than run into the next cell.
 _DIGEST = _MONO.clone("digest", wordWrap="CJK")
 
-_EPS = '<font face="Symbol">ε</font>'
-_DELTA = '<font face="Symbol">δ</font>'
+_EPS, _DELTA = EPS, DELTA
 
 
 def _esc(text: Any) -> str:

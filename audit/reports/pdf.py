@@ -12,7 +12,9 @@ the head entry's time, never the time of rendering). The report's whole document
 ``/Keywords`` (see :mod:`audit.reports.embedded`), so ``verify_report`` reads the figures back
 exactly, and compares the rest of the file by rendering it again.
 
-The standard PDF fonts cover Latin-1 only, so the text says "epsilon" and "delta" in words.
+The standard PDF fonts cover Latin-1 only; ε and δ are written in the Symbol font, which every
+PDF reader has (as the compliance report does), and the privacy chart draws each institution's
+cap as a dashed line across its bars, not as a third bar.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from xml.sax.saxutils import escape
 
 from reportlab.graphics.charts.barcharts import VerticalBarChart
 from reportlab.graphics.charts.legends import Legend
-from reportlab.graphics.shapes import Drawing, String
+from reportlab.graphics.shapes import Drawing, Line, String
 from reportlab.lib import colors
 from reportlab.lib.pagesizes import A4
 from reportlab.lib.styles import getSampleStyleSheet
@@ -44,6 +46,12 @@ _STYLES = getSampleStyleSheet()
 _BODY = _STYLES["BodyText"]
 _SMALL = _STYLES["BodyText"].clone("small", fontSize=7, leading=8.5)
 _MONO = _STYLES["BodyText"].clone("mono", fontName="Courier", fontSize=6.5, leading=8)
+_HEAD = _SMALL.clone("head", fontName="Helvetica-Bold")
+#: ε and δ in the Symbol font (Helvetica has no Greek), as Paragraph markup.
+EPS = '<font face="Symbol">ε</font>'
+DELTA = '<font face="Symbol">δ</font>'
+#: The cap's colour and dash on the privacy chart (the job page draws it the same way).
+_CAP_COLOUR = colors.HexColor("#b42318")
 _TABLE = TableStyle(
     [
         ("FONT", (0, 0), (-1, -1), "Helvetica", 7),
@@ -89,7 +97,20 @@ def _scope_text(doc: dict) -> str:
     return f"Institution {scope['institution']} in {scope['consortium']}"
 
 
-def _bar_chart(title: str, labels: list[str], series: list[list[float]], names: list[str]):
+def _markup(text: str, style=_SMALL) -> Paragraph:
+    """A paragraph whose text already holds markup (:data:`EPS`, :data:`DELTA`)."""
+    return Paragraph(text, style)
+
+
+def _bar_chart(
+    title: str,
+    labels: list[str],
+    series: list[list[float]],
+    names: list[str],
+    caps: list[float | None] | None = None,
+):
+    """Bars per category and series; ``caps`` (one per category) drawn as a dashed line across
+    the category's bars, with "cap" in the legend."""
     width, height = 170 * mm, 62 * mm
     drawing = Drawing(width, height)
     chart = VerticalBarChart()
@@ -101,20 +122,34 @@ def _bar_chart(title: str, labels: list[str], series: list[list[float]], names: 
     chart.categoryAxis.labels.angle = 20 if len(labels) > 6 else 0
     chart.categoryAxis.labels.boxAnchor = "ne" if len(labels) > 6 else "n"
     chart.valueAxis.labels.fontSize = 6
-    low = min([0.0, *(v for s in series for v in s)])
-    high = max([0.0, *(v for s in series for v in s)])
+    cap_values = [c for c in (caps or []) if c is not None]
+    low = min([0.0, *(v for s in series for v in s), *cap_values])
+    high = max([0.0, *(v for s in series for v in s), *cap_values])
     chart.valueAxis.valueMin = low
     chart.valueAxis.valueMax = high if high > low else low + 1.0
     palette = [colors.HexColor("#3c6e9f"), colors.HexColor("#c9a227"), colors.HexColor("#b5523b")]
     for i in range(len(series)):
         chart.bars[i].fillColor = palette[i % len(palette)]
     drawing.add(chart)
+    pairs = [(palette[i], names[i]) for i in range(len(names))]
+    if caps:
+        span = chart.valueAxis.valueMax - chart.valueAxis.valueMin
+        step = chart.width / max(len(caps), 1)
+        for i, cap in enumerate(caps):
+            if cap is None:
+                continue
+            y = chart.y + (cap - chart.valueAxis.valueMin) / span * chart.height
+            x0, x1 = chart.x + i * step + step * 0.08, chart.x + (i + 1) * step - step * 0.08
+            drawing.add(
+                Line(x0, y, x1, y, strokeColor=_CAP_COLOUR, strokeWidth=1.2, strokeDashArray=[3, 2])
+            )
+        pairs.append((_CAP_COLOUR, "cap (line)"))
     drawing.add(String(12 * mm, height - 6 * mm, title, fontName="Helvetica-Bold", fontSize=8))
-    if len(names) > 1:
+    if len(pairs) > 1:
         legend = Legend()
         legend.x, legend.y = width - 36 * mm, height - 14 * mm
         legend.fontSize = 6
-        legend.colorNamePairs = [(palette[i], names[i]) for i in range(len(names))]
+        legend.colorNamePairs = pairs
         drawing.add(legend)
     return drawing
 
@@ -137,12 +172,11 @@ def _story(doc: dict) -> list:
             _BODY,
         ),
         _p(head["entry_hash"], _MONO),
-        _p(
+        _markup(
             "Every figure is recomputed from the ledger up to that entry by "
-            "'manage.py verify_report FILE'. Privacy spent is epsilon at the agreement's delta, "
+            f"'manage.py verify_report FILE'. Privacy spent is {EPS} at the agreement's {DELTA}, "
             "replayed from the privacy events of the accepted updates; 'total' is everything the "
-            "institution spent in the consortium.",
-            _SMALL,
+            "institution spent in the consortium."
         ),
         Spacer(1, 4 * mm),
     ]
@@ -175,10 +209,10 @@ def _story(doc: dict) -> list:
                 "Rounds",
                 "Accepted",
                 "Rejected",
-                "Eps. job",
-                "Eps. total",
-                "Eps. cap",
-                "Delta",
+                _markup(f"{EPS} this job", _HEAD),
+                _markup(f"{EPS} total", _HEAD),
+                _markup(f"{EPS} cap", _HEAD),
+                _markup(DELTA, _HEAD),
                 "Within",
             ],
             rows or [["(none)", *[""] * 11]],
@@ -204,15 +238,22 @@ def _story(doc: dict) -> list:
         )
     )
     story.append(
+        _markup(
+            f"Privacy spent ({EPS}) against the cap: bars for "
+            + ("this job" if kind == "job" else "each job")
+            + " and the institution's total; the dashed line is its cap."
+        )
+    )
+    story.append(
         _bar_chart(
-            "Privacy spent (epsilon) against the cap",
+            "Privacy spent against the cap",
             labels,
             [
                 [r["epsilon_spent"] or 0.0 for r in summary],
                 [r["epsilon_total"] or 0.0 for r in summary],
-                [r["epsilon_cap"] or 0.0 for r in summary],
             ],
-            ["this job" if kind == "job" else "jobs", "total", "cap"],
+            ["this job" if kind == "job" else "jobs", "total"],
+            caps=[r["epsilon_cap"] for r in summary],
         )
     )
     story.append(PageBreak())

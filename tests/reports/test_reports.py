@@ -209,8 +209,15 @@ def test_the_pdf_opens_with_its_pages_charts_and_embedded_report(planted):
     assert len(reader.pages) == 2
     first, second = (page.extract_text() for page in reader.pages)
     assert report.head.entry_hash in first
-    assert "Contribution score" in first and "Privacy spent (epsilon) against the cap" in first
+    assert "Contribution score" in first and "Privacy spent (ε) against the cap" in first
     assert "hospital-a" in first and "hospital-b" in first
+    # ε and δ written as such (the Symbol font), never "epsilon" or "Eps." (issue 14).
+    assert "ε this job" in first and "ε cap" in first and "δ" in first
+    assert "epsilon" not in first.lower() and "Eps." not in first
+    # The cap is a dashed line across each institution's bars (a dash pattern in the page's
+    # drawing), not a third bar: the legend names the line.
+    assert "cap (line)" in first
+    assert b"[3 2] 0 d" in reader.pages[0].get_contents().get_data()
     assert "Withdrawals of consent" in second and planted.models[2][0][:16] in second
     assert report.head.entry_hash in reader.metadata.subject
     assert pdf_document(data) == report.document()
