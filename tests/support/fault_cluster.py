@@ -34,7 +34,6 @@ import contextlib
 import os
 import re
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,7 +46,7 @@ from tests.support.child_processes import child_database_url
 from tests.support.filesystem_broker import FilesystemBroker
 from tests.support.redis_server import RedisServer
 from training import queues
-from training.demo.processes import server_argv, site_worker_argv
+from training.demo.processes import free_port, server_argv, site_worker_argv
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A broker of the cluster's own: a throwaway Redis, or the embedded default's folders.
@@ -66,12 +65,6 @@ REDISPATCH_SECONDS = 15
 UPLOAD_PAUSE_SECONDS = 1.5
 #: libpq's application name of the coordinator's connections (``PGAPPNAME``).
 COORDINATOR_APP = "fl-fault-coordinator"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _http_answers(url: str) -> bool:
@@ -471,7 +464,7 @@ def start_cluster(
         broker=broker,
         c3=c3,
         database_url=database_url or child_database_url(),
-        web_port=_free_port(),
+        web_port=free_port(),
     )
     cluster.artifact_root.mkdir(parents=True, exist_ok=True)
     cluster.add("web", server_argv(cluster.web_port), cluster.central_env())

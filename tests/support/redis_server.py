@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from training.demo.processes import free_port
+
 __all__ = ["RedisServer", "faults_required", "redis_binary", "require_redis_binary"]
 
 
@@ -48,12 +50,6 @@ def require_redis_binary() -> str:
     return binary
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _answers(port: int) -> bool:
     """Whether a Redis on ``port`` answers PING (raw protocol: no client library needed)."""
     try:
@@ -73,7 +69,7 @@ class RedisServer:
 
     folder: Path
     binary: str = field(default_factory=require_redis_binary)
-    port: int = field(default_factory=_free_port)
+    port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     starts: int = 0
     kind = "redis"
