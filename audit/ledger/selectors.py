@@ -207,6 +207,32 @@ def consortium_entry_rows(
             yield EntryRow(seq, event, institution, created_at, text)
 
 
+class InstitutionNamingRow(NamedTuple):
+    """An ``institution.created`` or ``institution.updated`` entry: who the institution is."""
+
+    event: str
+    institution_slug: str
+    subject_id: str
+    payload_text: str
+
+
+def institution_naming_rows(consortium_slug: str, *, up_to: int) -> Iterator[InstitutionNamingRow]:
+    """A consortium's ``institution.created`` and ``institution.updated`` entries up to entry
+    ``up_to``, in ledger order: the names (and the primary keys, the entries' subject) of its
+    institutions as the ledger knew them at that entry."""
+    rows = (
+        LedgerEntry.objects.filter(
+            consortium_slug=consortium_slug,
+            seq__lte=up_to,
+            event__in=[ledger_events.INSTITUTION_CREATED, ledger_events.INSTITUTION_UPDATED],
+        )
+        .order_by("seq")
+        .values_list("event", "institution_slug", "subject_id", "payload_text")
+    )
+    for row in rows.iterator(chunk_size=500):
+        yield InstitutionNamingRow(*row)
+
+
 def event_payloads(consortium_slug: str, event: str, *, up_to: int) -> Iterator[tuple[int, str]]:
     """(seq, payload text) of a consortium's ``event`` entries up to entry ``up_to``, in
     ledger order, streamed."""

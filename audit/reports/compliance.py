@@ -51,6 +51,7 @@ from audit.reports.compliance_contents import (
     document_from_records,
 )
 from audit.reports.errors import ReportError
+from audit.reports.institutions import InstitutionDirectory
 from audit.reports.scope import Head
 from audit.reports.spend import PrivacySpend
 from training.jobs.selectors import job_spec_texts
@@ -151,7 +152,7 @@ class ComplianceReport:
         """Every record, in report order (header, jobs, approvals, filters, floor checks,
         privacy, withdrawals, their effects, refusals)."""
         scope = self.scope
-        names: dict[str, str] = {}
+        names = InstitutionDirectory()
         versions = PublishedVersions()
         titles: dict[int, str] = {}
         jobs: dict[int, _Job] = {}
@@ -166,16 +167,11 @@ class ComplianceReport:
         totals: dict[str, PrivacySpend] = {}
 
         for seq, event, institution, actor, at, p in self._entries():
-            if event == ledger_events.INSTITUTION_CREATED:
-                if isinstance(p.get("slug"), str) and isinstance(p.get("name"), str):
-                    names[p["slug"]] = p["name"]
-            elif event == ledger_events.INSTITUTION_UPDATED:
-                change = (p.get("changes") or {}).get("name")
-                new = change.get("new") if isinstance(change, dict) else None
-                if isinstance(change, list) and len(change) == 2:
-                    new = change[1]
-                if institution and isinstance(new, str):
-                    names[institution] = new
+            if event in (
+                ledger_events.INSTITUTION_CREATED,
+                ledger_events.INSTITUTION_UPDATED,
+            ):
+                names.observe(event, institution, p)
             elif event == ledger_events.AGREEMENT_DRAFTED:
                 if isinstance(p.get("title"), str):
                     titles[_int(p.get("agreement_id")) or 0] = p["title"]
@@ -267,8 +263,7 @@ class ComplianceReport:
         under = {j.job_id: j for j in jobs.values() if j.digest == digest and j.seq}
         specs = job_spec_texts(list(under))
 
-        def name(slug: str | None) -> str | None:
-            return names.get(slug) if slug else None
+        name = names.known_name
 
         yield {
             "record": "report",

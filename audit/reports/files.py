@@ -20,6 +20,7 @@ from audit.reports.contents import records_from_document
 from audit.reports.embedded import pdf_document
 from audit.reports.errors import MalformedReport
 from audit.reports.formats import LAYOUT, iter_csv, json_bytes
+from audit.reports.institutions import institution_directory
 from audit.reports.pdf import render_pdf
 from audit.reports.scope import Head, Scope
 from audit.reports.tabular import RecordLayout
@@ -54,10 +55,17 @@ def write_report(report: ContributionReport, fmt: str, out: BinaryIO) -> tuple[s
     elif fmt == "json":
         writer.write(json_bytes(report.document()))
     elif fmt == "pdf":
-        writer.write(render_pdf(report.document()))
+        writer.write(render_contribution_pdf(report.document()))
     else:
         raise ValueError(f"unknown report format {fmt!r}")
     return writer.sha256.hexdigest(), writer.size
+
+
+def render_contribution_pdf(doc: dict) -> bytes:
+    """A contribution report's PDF, its institutions named as the ledger named them at the
+    report's head (so rendering it again later, after a rename, gives the same bytes)."""
+    names = institution_directory(doc["scope"]["consortium"], doc["ledger_head"]["seq"])
+    return render_pdf(doc, names)
 
 
 def report_bytes(report: ContributionReport, fmt: str) -> bytes:
@@ -132,7 +140,9 @@ class ReportFormats:
         return "csv", self.csv_document(text)
 
 
-CONTRIBUTION = ReportFormats.of(LAYOUT, records_from_document, render_pdf, pdf_document)
+CONTRIBUTION = ReportFormats.of(
+    LAYOUT, records_from_document, render_contribution_pdf, pdf_document
+)
 
 
 def document_bytes(fmt: str, scope: Scope, head: Head, doc: dict) -> bytes:

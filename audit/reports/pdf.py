@@ -15,6 +15,12 @@ exactly, and compares the rest of the file by rendering it again.
 The standard PDF fonts cover Latin-1 only; ε and δ are written in the Symbol font, which every
 PDF reader has (as the compliance report does), and the privacy chart draws each institution's
 cap as a dashed line across its bars, not as a third bar.
+
+Institutions are printed by name, as the ledger named them at the report's head
+(:mod:`audit.reports.institutions`; the CSV and JSON keep the slug, and page 1 gives the key from
+one to the other), and the charts take their colours from :mod:`consortium.core.palette`, like
+the job page: an institution's bar is its series colour there, privacy spent in this job and in
+all jobs and the cap are the page's colours for them.
 """
 
 from __future__ import annotations
@@ -40,6 +46,8 @@ from reportlab.platypus import (
 from reportlab.platypus.tables import TableStyle
 
 from audit.reports.embedded import pdf_keywords
+from audit.reports.institutions import InstitutionDirectory
+from consortium.core import palette
 
 CREATOR = "fl-consortium contribution report (schema v1)"
 _STYLES = getSampleStyleSheet()
@@ -51,7 +59,9 @@ _HEAD = _SMALL.clone("head", fontName="Helvetica-Bold")
 EPS = '<font face="Symbol">ε</font>'
 DELTA = '<font face="Symbol">δ</font>'
 #: The cap's colour and dash on the privacy chart (the job page draws it the same way).
-_CAP_COLOUR = colors.HexColor("#b42318")
+_CAP_COLOUR = colors.HexColor(palette.CAP)
+_AXIS_COLOUR = colors.HexColor(palette.AXIS)
+_GRID_COLOUR = colors.HexColor(palette.GRID)
 _TABLE = TableStyle(
     [
         ("FONT", (0, 0), (-1, -1), "Helvetica", 7),
@@ -89,12 +99,12 @@ def _table(header: list[str], rows: list[list], widths=None) -> LongTable:
     return table
 
 
-def _scope_text(doc: dict) -> str:
+def _scope_text(doc: dict, names: InstitutionDirectory) -> str:
     scope = doc["scope"]
     if scope["kind"] == "job":
         title = f" “{doc['title']}”" if doc.get("title") else ""
         return f"Job #{scope['job_id']}{title} in {scope['consortium']}"
-    return f"Institution {scope['institution']} in {scope['consortium']}"
+    return f"{names.name(scope['institution'])} in {scope['consortium']}"
 
 
 def _markup(text: str, style=_SMALL) -> Paragraph:
@@ -107,10 +117,13 @@ def _bar_chart(
     labels: list[str],
     series: list[list[float]],
     names: list[str],
+    fills: list[str],
     caps: list[float | None] | None = None,
+    bar_fills: list[str] | None = None,
 ):
-    """Bars per category and series; ``caps`` (one per category) drawn as a dashed line across
-    the category's bars, with "cap" in the legend."""
+    """Bars per category and series, series ``i`` filled with ``fills[i]`` (or, with one series,
+    each category's bar with ``bar_fills``); ``caps`` (one per category) drawn as a dashed line
+    across the category's bars, with "cap" in the legend."""
     width, height = 170 * mm, 62 * mm
     drawing = Drawing(width, height)
     chart = VerticalBarChart()
@@ -122,16 +135,25 @@ def _bar_chart(
     chart.categoryAxis.labels.angle = 20 if len(labels) > 6 else 0
     chart.categoryAxis.labels.boxAnchor = "ne" if len(labels) > 6 else "n"
     chart.valueAxis.labels.fontSize = 6
+    for axis in (chart.categoryAxis, chart.valueAxis):
+        axis.strokeColor = _AXIS_COLOUR
+        axis.labels.fillColor = _AXIS_COLOUR
+    chart.valueAxis.visibleGrid = True
+    chart.valueAxis.gridStrokeColor = _GRID_COLOUR
+    chart.valueAxis.gridStrokeWidth = 0.25
     cap_values = [c for c in (caps or []) if c is not None]
     low = min([0.0, *(v for s in series for v in s), *cap_values])
     high = max([0.0, *(v for s in series for v in s), *cap_values])
     chart.valueAxis.valueMin = low
     chart.valueAxis.valueMax = high if high > low else low + 1.0
-    palette = [colors.HexColor("#3c6e9f"), colors.HexColor("#c9a227"), colors.HexColor("#b5523b")]
+    series_colours = [colors.HexColor(fill) for fill in fills]
     for i in range(len(series)):
-        chart.bars[i].fillColor = palette[i % len(palette)]
+        chart.bars[i].fillColor = series_colours[i % len(series_colours)]
+        chart.bars[i].strokeColor = None
+    for j, fill in enumerate(bar_fills or []):
+        chart.bars[(0, j)].fillColor = colors.HexColor(fill)
     drawing.add(chart)
-    pairs = [(palette[i], names[i]) for i in range(len(names))]
+    pairs = [(series_colours[i], names[i]) for i in range(len(names))]
     if caps:
         span = chart.valueAxis.valueMax - chart.valueAxis.valueMin
         step = chart.width / max(len(caps), 1)
@@ -154,18 +176,46 @@ def _bar_chart(
     return drawing
 
 
-def _summary_label(row: dict, scope_kind: str) -> str:
+def _summary_label(row: dict, scope_kind: str, names: InstitutionDirectory) -> str:
     if scope_kind == "job":
-        return row["institution"]
+        return names.name(row["institution"])
     return f"job {row['job_id']}" if row["job_id"] is not None else "all jobs"
 
 
-def _story(doc: dict) -> list:
+def _chart_label(text: str, limit: int = 22) -> str:
+    """A category label short enough for the chart's axis (the table above has it whole)."""
+    return text if len(text) <= limit else text[: limit - 1].rstrip() + "…"
+
+
+def _key_to_slugs(doc: dict, names: InstitutionDirectory) -> str | None:
+    """ "Name = slug" for every institution the report mentions whose name is not its slug."""
+    slugs = {
+        record.get("institution")
+        for group in ("summary", "withdrawals", "updates", "round_scores", "derived_models")
+        for record in doc.get(group) or []
+    }
+    slugs.add(doc["scope"].get("institution"))
+    for model in doc.get("models") or []:
+        slugs.update((model.get("detail") or "").split())
+    pairs = [
+        f"{names.name(slug)} = {slug}"
+        for slug in sorted(s for s in slugs if s)
+        if names.name(slug) != slug
+    ]
+    return "; ".join(pairs) or None
+
+
+def _sites_text(detail: str | None, names: InstitutionDirectory) -> str:
+    """A model's sites (the record's space-separated slugs) as names."""
+    return ", ".join(names.name(slug) for slug in (detail or "").split()) or "-"
+
+
+def _story(doc: dict, names: InstitutionDirectory) -> list:
     head = doc["ledger_head"]
     kind = doc["scope"]["kind"]
     story: list = [
         Paragraph("Contribution report", _STYLES["Title"]),
-        _p(_scope_text(doc), _BODY),
+        _p(_scope_text(doc, names), _BODY),
         _p(
             f"Made from the ledger up to entry #{head['seq']} ({head['entry_count']} entries), "
             f"as of {head['at'] or 'the empty ledger'}. Ledger head hash:",
@@ -183,7 +233,7 @@ def _story(doc: dict) -> list:
     summary = doc["summary"]
     rows = [
         [
-            _summary_label(r, kind),
+            _p(_summary_label(r, kind, names)),
             _fmt(r["score"]),
             _fmt(r["score_rounds_sum"]),
             _fmt(r["samples"]),
@@ -218,12 +268,23 @@ def _story(doc: dict) -> list:
             rows or [["(none)", *[""] * 11]],
         )
     )
+    key = _key_to_slugs(doc, names)
+    if key:
+        story.append(
+            _p(
+                "Institutions are named as the ledger named them at this head; the CSV and JSON "
+                f"identify them by slug: {key}."
+            )
+        )
     methods = sorted({(r["score_method"], r["score_metric"]) for r in summary if r["score_method"]})
     if methods:
         text = "; ".join(f"{m} on {metric or 'the agreed metric'}" for m, metric in methods)
         story.append(_p(f"Scores: {text}."))
     story.append(Spacer(1, 4 * mm))
-    labels = [_summary_label(r, kind) for r in summary]
+    labels = [_chart_label(_summary_label(r, kind, names)) for r in summary]
+    # Each institution's bar in its series colour (the job page's); an institution's report
+    # draws its jobs in its own colour.
+    owner = doc["scope"].get("institution")
     story.append(
         _bar_chart(
             "Contribution score",
@@ -235,6 +296,8 @@ def _story(doc: dict) -> list:
                 ]
             ],
             ["score"],
+            [names.colour(owner)],
+            bar_fills=[names.colour(r["institution"]) for r in summary] if kind == "job" else None,
         )
     )
     story.append(
@@ -253,6 +316,7 @@ def _story(doc: dict) -> list:
                 [r["epsilon_total"] or 0.0 for r in summary],
             ],
             ["this job" if kind == "job" else "jobs", "total"],
+            [palette.SPENT_THIS_JOB, palette.SPENT_ALL_JOBS],
             caps=[r["epsilon_cap"] for r in summary],
         )
     )
@@ -264,7 +328,12 @@ def _story(doc: dict) -> list:
             _table(
                 ["Institution", "Entry", "At", "Reason"],
                 [
-                    [w["institution"], f"#{w['ledger_seq']}", w["at"], _p(w["detail"] or "")]
+                    [
+                        _p(names.name(w["institution"])),
+                        f"#{w['ledger_seq']}",
+                        w["at"],
+                        _p(w["detail"] or ""),
+                    ]
                     for w in doc["withdrawals"]
                 ],
                 [30 * mm, 14 * mm, 36 * mm, 80 * mm],
@@ -278,7 +347,7 @@ def _story(doc: dict) -> list:
                 ["Withdrawn", "Job", "Round", "Model digest", "Lineage hash", "Entry"],
                 [
                     [
-                        d["institution"],
+                        _p(names.name(d["institution"])),
                         _fmt(d["job_id"]),
                         _fmt(d["round"]),
                         _p(d["model_digest"] or "-", _MONO),
@@ -302,7 +371,7 @@ def _story(doc: dict) -> list:
                 [
                     _fmt(s["job_id"]),
                     _fmt(s["round"]),
-                    s["institution"],
+                    _p(names.name(s["institution"])),
                     _fmt(s["score"], 6),
                     s["score_method"] or "-",
                     s["score_metric"] or "-",
@@ -323,7 +392,7 @@ def _story(doc: dict) -> list:
                     _fmt(m["round"]),
                     _short(m["model_digest"]),
                     _short(m["lineage_hash"]),
-                    _p(m["detail"] or "-"),
+                    _p(_sites_text(m["detail"], names)),
                     f"#{m['ledger_seq']}",
                 ]
                 for m in doc["models"]
@@ -339,7 +408,7 @@ def _story(doc: dict) -> list:
                 [
                     _fmt(u["job_id"]),
                     _fmt(u["round"]),
-                    u["institution"],
+                    _p(names.name(u["institution"])),
                     u["status"],
                     _fmt(u["samples"]),
                     _short(u["update_digest"]),
@@ -412,7 +481,10 @@ def build_pdf(story: list, doc: dict, title: str, keywords: str, pages: PageSetu
     return buffer.getvalue()
 
 
-def render_pdf(doc: dict) -> bytes:
-    """The report's PDF; the same document gives the same bytes."""
-    title = f"Contribution report: {_scope_text(doc)}"
-    return build_pdf(_story(doc), doc, title, pdf_keywords(doc), CONTRIBUTION_PAGES)
+def render_pdf(doc: dict, names: InstitutionDirectory | None = None) -> bytes:
+    """The report's PDF, institutions named by ``names`` (the ledger's names at the report's
+    head: :func:`audit.reports.institutions.institution_directory`; slugs without it); the same
+    document and names give the same bytes."""
+    names = names or InstitutionDirectory()
+    title = f"Contribution report: {_scope_text(doc, names)}"
+    return build_pdf(_story(doc, names), doc, title, pdf_keywords(doc), CONTRIBUTION_PAGES)

@@ -25,6 +25,7 @@ from audit.reports.compliance_contents import ComplianceScope
 from audit.reports.compliance_files import compliance_bytes, read_compliance_document
 from audit.reports.compliance_services import compliance_export
 from audit.reports.scope import ledger_head
+from consortium.governance.services.institutions import institution_update
 from consortium.governance.services.withdrawals import consent_withdraw
 from tests.support.agreements import agreement_in_force
 from tests.support.training_pages import default_pipeline_spec, steward_registers_datasets
@@ -203,6 +204,16 @@ def test_epsilon_spent_per_institution_is_against_its_cap(history):
     assert rows["hospital-a"]["within_cap"] is (expected <= 8.0)
     assert rows["hospital-a"]["institution_name"] == history.cast.hospital_a.name
     assert rows["hospital-b"]["epsilon_spent"] == 0.0
+
+
+def test_a_renamed_institution_is_named_as_the_ledger_renamed_it(history):
+    # institution_update records the new name as the plain value of changes.name: the report
+    # once read only {"old", "new"} pairs and kept the first name.
+    institution_update(
+        acting_user=history.cast.admin, institution=history.cast.hospital_a, name="St Anne's"
+    )
+    rows = {p["institution"]: p for p in document(history)["privacy"]}
+    assert rows["hospital-a"]["institution_name"] == "St Anne's"
 
 
 def test_a_withdrawal_is_listed_with_what_it_changed(history):

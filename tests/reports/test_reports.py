@@ -14,6 +14,9 @@ from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db import connection
 from pypdf import PdfReader
+from reportlab.graphics.charts.barcharts import VerticalBarChart
+from reportlab.graphics.shapes import Drawing
+from reportlab.lib import colors
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry
@@ -24,8 +27,13 @@ from audit.reports.embedded import pdf_document
 from audit.reports.errors import MalformedReport
 from audit.reports.files import read_document, report_bytes
 from audit.reports.formats import COLUMNS, csv_document, escape_cell, json_document, unescape_cell
+from audit.reports.institutions import institution_directory
 from audit.reports.scope import Scope, institution_scope, job_scope, ledger_head
 from audit.reports.services import report_export
+from consortium.core import palette
+from consortium.core.palette import institution_colour
+from consortium.governance.models import Institution
+from consortium.governance.services.institutions import institution_update
 from tests.support.agreements import agreement_in_force
 from tests.support.report_fixtures import FORMULA_REASON, ROUND_SCORES, plant
 from tests.support.training_pages import (
@@ -210,7 +218,10 @@ def test_the_pdf_opens_with_its_pages_charts_and_embedded_report(planted):
     first, second = (page.extract_text() for page in reader.pages)
     assert report.head.entry_hash in first
     assert "Contribution score" in first and "Privacy spent (ε) against the cap" in first
-    assert "hospital-a" in first and "hospital-b" in first
+    # Institutions by their names (issue 14), with the key to the CSV's slugs on page 1.
+    assert "Hospital A" in first and "Hospital B" in first
+    assert "Hospital A = hospital-a" in first and "Hospital B = hospital-b" in first
+    assert "hospital-b" not in second and "Hospital B" in second
     # ε and δ written as such (the Symbol font), never "epsilon" or "Eps." (issue 14).
     assert "ε this job" in first and "ε cap" in first and "δ" in first
     assert "epsilon" not in first.lower() and "Eps." not in first
@@ -223,6 +234,41 @@ def test_the_pdf_opens_with_its_pages_charts_and_embedded_report(planted):
     assert pdf_document(data) == report.document()
     # The embedded report is also what any PDF library reads from the metadata.
     assert reader.metadata["/Keywords"].startswith("flc-contribution-report:")
+
+
+def test_the_pdf_charts_use_the_job_pages_palette(planted):
+    doc = build_report(job_scope(planted.job.pk)).document()
+    names = institution_directory(doc["scope"]["consortium"], doc["ledger_head"]["seq"])
+    charts = [
+        item.contents[0]
+        for item in report_pdf._story(doc, names)
+        if isinstance(item, Drawing) and isinstance(item.contents[0], VerticalBarChart)
+    ]
+    score, privacy = charts
+    # Each institution's bar in its series colour, the same as on the job page.
+    for j, row in enumerate(doc["summary"]):
+        institution = Institution.objects.get(slug=row["institution"])
+        assert score.bars[(0, j)].fillColor == colors.HexColor(institution_colour(institution.pk))
+    assert colors.HexColor(palette.SERIES[0]) != colors.HexColor(palette.SERIES[1])
+    assert privacy.bars[0].fillColor == colors.HexColor(palette.SPENT_THIS_JOB)
+    assert privacy.bars[1].fillColor == colors.HexColor(palette.SPENT_ALL_JOBS)
+
+
+def test_a_pdf_keeps_the_names_of_its_head_after_a_rename(planted, tmp_path):
+    path, _ = export(tmp_path, "--job", str(planted.job.pk), "--format", "pdf")
+    institution_update(
+        acting_user=planted.cast.admin, institution=planted.cast.hospital_a, name="Royal Free"
+    )
+    # The old report still verifies byte for byte: its pages name the hospital as the ledger
+    # did at its head, not as the database does now.
+    code, said = verify(path)
+    assert code == 0, said
+    assert "byte for byte" in said
+    again, _ = export(tmp_path, "--job", str(planted.job.pk), "--format", "pdf", name="again")
+    first_page = PdfReader(io.BytesIO(again.read_bytes())).pages[0].extract_text()
+    assert "Royal Free = hospital-a" in first_page
+    code, said = verify(again)
+    assert code == 0, said
 
 
 def test_the_same_report_gives_the_same_bytes(planted):
