@@ -34,6 +34,8 @@ from audit.reports.pdf import (
     _table,
     build_pdf,
 )
+from consortium.governance.models import FinalModelAccess
+from consortium.governance.services.agreements import LATER_TERMS
 
 PDF_MARKER = b"flc-compliance-report:"
 CREATOR = "fl-consortium compliance report (schema v1)"
@@ -67,6 +69,17 @@ def _when(at: str | None) -> str:
 def _who(slug: str | None, name: str | None) -> str:
     """A hospital by its name (its slug only when the ledger records no name)."""
     return name or slug or "-"
+
+
+def _later_terms_text(terms: dict) -> str:
+    """The terms added after the first versions were signed, in words. The published terms
+    name such a term only where it differs from its default (its absence means the default:
+    ``consortium.governance.services.agreements.LATER_TERMS``)."""
+    later = {**LATER_TERMS, **{k: v for k, v in terms.items() if k in LATER_TERMS}}
+    central = "allowed" if later["allows_central_validation_set"] is True else "not allowed"
+    access = later["final_model_access"]
+    words = dict(FinalModelAccess.choices).get(access, str(access))
+    return f"Central validation set: {central}. Who may download the final model: {words}."
 
 
 def _story(doc: dict) -> list:
@@ -114,6 +127,7 @@ def _story(doc: dict) -> list:
                 ]
             ],
         ),
+        Paragraph(_esc(_later_terms_text(terms)), _SMALL),
         Paragraph(_esc(f"Version digest: {doc.get('version_digest')}"), _MONO),
     ]
     names = {}

@@ -7,8 +7,10 @@ it (:class:`training.models.SiteCredential`, created with the worker's token by
 ``worker_public_key``. That field is only the key a new credential takes when none is pasted. So
 a site whose workers run and upload signed updates may have an empty ``worker_public_key``, and
 one with a key on file may have no worker able to upload. The truth for "has a worker key" is an
-active (unrevoked) credential. Governance cannot read training's credentials (its layer rule),
-so the dashboard, which sits above both, reads them here.
+active (unrevoked) credential. The rows are read by governance's
+:func:`~consortium.governance.selectors.active_credentials_of` (through ``Institution``'s
+``site_credentials`` relation, importing nothing of training), the one read that the
+governance API's ``signing_keys`` also uses, so the pages and the API tell the same truth.
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from consortium.governance.selectors import active_credentials_of
 from consortium.governance.services.institutions import key_fingerprint
-from training.models import SiteCredential
 
 __all__ = ["SigningKey", "WorkerKeys", "worker_keys"]
 
@@ -50,16 +52,18 @@ def worker_keys(institutions: Iterable) -> dict[int, WorkerKeys]:
     """Per institution id (every one given, with or without credentials), its workers'
     signing keys. One query."""
     institutions = list(institutions)
-    found: dict[int, list[SigningKey]] = {i.pk: [] for i in institutions}
-    credentials = (
-        SiteCredential.objects.filter(institution_id__in=list(found), revoked_at__isnull=True)
-        .order_by("-created_at", "-pk")
-        .values_list("institution_id", "label", "token_prefix", "public_key")
-    )
-    for institution_id, label, prefix, public_key in credentials:
-        found[institution_id].append(
-            SigningKey(label=label, token_prefix=prefix, fingerprint=key_fingerprint(public_key))
-        )
+    active = active_credentials_of([i.pk for i in institutions])
+    found = {
+        pk: [
+            SigningKey(
+                label=c.label,
+                token_prefix=c.token_prefix,
+                fingerprint=key_fingerprint(c.public_key),
+            )
+            for c in credentials
+        ]
+        for pk, credentials in active.items()
+    }
     return {
         i.pk: WorkerKeys(
             institution_id=i.pk,

@@ -11,15 +11,20 @@ from consortium.governance.models import (
     INSTITUTION_ROLES,
     AgreementVersion,
     DPMechanism,
+    FinalModelAccess,
     Institution,
     ModelFamily,
     Role,
 )
 
 PEM_HELP = (
-    "The site worker's Ed25519 public key, PEM-encoded "
-    "('-----BEGIN PUBLIC KEY-----' ...). Optional; can be registered later."
+    "Optional. An Ed25519 public key, PEM-encoded ('-----BEGIN PUBLIC KEY-----' ...), kept on "
+    "file as the key a new worker credential takes when none is pasted. It does not let a "
+    "worker upload by itself: a site's workers sign their updates with the keys of their "
+    "worker credentials, created and revoked on the site's Worker credentials page."
 )
+#: The label of the key on file, as the institution's page names it.
+KEY_ON_FILE_LABEL = "Key on file for new worker credentials (PEM)"
 
 
 def _role_choices(roles) -> list[tuple[str, str]]:
@@ -59,7 +64,7 @@ class InstitutionCreateForm(forms.Form):
     )
     country = forms.CharField(max_length=64, required=False)
     worker_public_key = forms.CharField(
-        label="Worker public key (PEM)",
+        label=KEY_ON_FILE_LABEL,
         required=False,
         widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}),
         help_text=PEM_HELP,
@@ -70,10 +75,11 @@ class InstitutionUpdateForm(forms.Form):
     name = forms.CharField(max_length=200)
     country = forms.CharField(max_length=64, required=False)
     worker_public_key = forms.CharField(
-        label="Worker public key (PEM)",
+        label=KEY_ON_FILE_LABEL,
         required=False,
         widget=forms.Textarea(attrs={"rows": 5, "class": "mono"}),
-        help_text=PEM_HELP + " Empty it to remove the key.",
+        help_text=PEM_HELP
+        + " Empty it to remove the key on file; credentials already created keep their keys.",
     )
 
 
@@ -164,6 +170,17 @@ class AgreementTermsForm(forms.Form):
         help_text=AgreementVersion._meta.get_field("allows_central_validation_set").help_text
         + " Leave unticked and no record ever leaves a site.",
     )
+    final_model_access = forms.ChoiceField(
+        label="Who may download the final model",
+        choices=FinalModelAccess.choices,
+        initial=FinalModelAccess.PARTICIPANTS_AND_ADMINS,
+        # Not required: a form posted without it (an older page) means the default on a new
+        # agreement and "unchanged" on an edit, as the API does (clean_final_model_access).
+        required=False,
+        widget=forms.RadioSelect,
+        help_text=AgreementVersion._meta.get_field("final_model_access").help_text
+        + ' Choose "Nobody" to keep every model on the consortium\'s server.',
+    )
     valid_from = forms.DateField(widget=DateInput)
     valid_until = forms.DateField(widget=DateInput)
     text = forms.CharField(
@@ -180,10 +197,15 @@ class AgreementTermsForm(forms.Form):
         "epsilon_cap",
         "delta",
         "allows_central_validation_set",
+        "final_model_access",
         "valid_from",
         "valid_until",
         "text",
     )
+
+    def clean_final_model_access(self):
+        # Left out: None, which the services read as the default (new) or unchanged (edit).
+        return self.cleaned_data.get("final_model_access") or None
 
     def terms(self) -> dict:
         return {name: self.cleaned_data[name] for name in self.TERM_NAMES}

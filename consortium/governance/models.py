@@ -212,6 +212,19 @@ class Agreement(models.Model):
         return self.title
 
 
+class FinalModelAccess(models.TextChoices):
+    """Who may download a job's global models (the final model above all) through the product:
+    a term of the data-use agreement the job runs under. Whoever may see the job still sees the
+    model's digest, lineage and where it is stored; this term decides only who takes a copy."""
+
+    PARTICIPANTS_AND_ADMINS = (
+        "participants_and_admins",
+        "Members of the participating institutions and the consortium's administrators",
+    )
+    PARTICIPANTS = "participants", "Members of the participating institutions only"
+    NOBODY = "nobody", "Nobody: the model stays on the consortium's server"
+
+
 class AgreementVersion(models.Model):
     """One version of an agreement's terms.
 
@@ -219,9 +232,9 @@ class AgreementVersion(models.Model):
     SHA-256 of its canonical terms and text, and signatures record it). An
     amendment is a new version, which needs new signatures.
 
-    ``allows_central_validation_set`` came after versions had been signed: it enters the
-    digested terms only when it is true, so every earlier version keeps its digest
-    (``services.agreements.version_terms``).
+    ``allows_central_validation_set`` and ``final_model_access`` came after versions had been
+    signed: each enters the digested terms only when it differs from its default, so every
+    earlier version keeps its digest (``services.agreements.version_terms``).
     """
 
     class Status(models.TextChoices):
@@ -262,6 +275,16 @@ class AgreementVersion(models.Model):
         help_text=(
             "An institution's data steward may send records to the consortium's server as a "
             "central validation set, on which models are evaluated centrally."
+        ),
+    )
+    final_model_access = models.CharField(
+        max_length=32,
+        choices=FinalModelAccess.choices,
+        default=FinalModelAccess.PARTICIPANTS_AND_ADMINS,
+        help_text=(
+            "Who may download a job's models (the final model above all) from the consortium's "
+            "server. Members of an institution that has withdrawn from the job never may; "
+            "everyone who sees the job still sees the model's digest and lineage."
         ),
     )
     valid_from = models.DateField()

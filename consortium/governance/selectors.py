@@ -272,3 +272,49 @@ def consortium_dashboard(
         ),
         pending=pending,
     )
+
+
+@dataclass(frozen=True)
+class ActiveCredential:
+    """One active (unrevoked) worker credential of a site: its label, its token's prefix and
+    the Ed25519 public key (PEM) its worker signs updates with."""
+
+    label: str
+    token_prefix: str
+    public_key: str
+
+
+def active_credentials_of(
+    institution_ids: Collection[int],
+) -> dict[int, tuple[ActiveCredential, ...]]:
+    """Per institution id (every one given, ``()`` when none), its site workers' active
+    credentials, newest first. One query.
+
+    Why this is the truth for "has a worker key": the central side verifies an upload against
+    the key of the worker credential that sends it, never against
+    ``Institution.worker_public_key`` (only the key a new credential takes when none is
+    pasted). The credentials are training's rows; governance imports none of training (its
+    layer rule) and reads them only through the ``site_credentials`` relation Django sets on
+    ``Institution``, so the dashboard's pages (``consortium.dashboard.worker_keys``) and
+    governance's API (``InstitutionSerializer.signing_keys``) read the same rows alike."""
+    found: dict[int, list[ActiveCredential]] = {pk: [] for pk in institution_ids}
+    rows = (
+        # Both conditions in one filter(): the same credential row, and one that exists.
+        Institution.objects.filter(
+            pk__in=list(found),
+            site_credentials__isnull=False,
+            site_credentials__revoked_at__isnull=True,
+        )
+        .order_by("pk", "-site_credentials__created_at", "-site_credentials__pk")
+        .values_list(
+            "pk",
+            "site_credentials__label",
+            "site_credentials__token_prefix",
+            "site_credentials__public_key",
+        )
+    )
+    for institution_id, label, prefix, public_key in rows:
+        found[institution_id].append(
+            ActiveCredential(label=label, token_prefix=prefix, public_key=public_key)
+        )
+    return {pk: tuple(credentials) for pk, credentials in found.items()}

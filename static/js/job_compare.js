@@ -7,17 +7,18 @@
   const el = document.getElementById("chart-compare");
   if (!data || !el || !window.Plotly) return;
   const chart = JSON.parse(data.textContent);
-  // Job A and job B in the reports' colours (audit/reports/pdf.py), dashed B for print.
-  const colours = ["#3c6e9f", "#c9a227"];
+  // Each job in the colour the server gives it (consortium/core/palette.py, the same palette as
+  // the job page and the PDF reports); job B dashed, for print.
   const traces = chart.traces.map((t, i) => ({
     x: t.rounds, y: t.values, name: t.name, mode: "lines+markers", connectgaps: true,
-    line: { color: colours[i % colours.length], dash: i ? "dash" : "solid" },
+    line: { color: t.colour, dash: i ? "dash" : "solid" }, marker: { color: t.colour },
   }));
-  const yaxis = { title: { text: chart.metric || "metric" } };
+  const axis = { color: chart.axis, gridcolor: chart.grid };
+  const yaxis = { title: { text: chart.metric || "metric" }, ...axis };
   if (chart.unit_range) yaxis.range = [0, 1];
   window.Plotly.newPlot(el, traces, {
     margin: { t: 10, r: 10, b: 50, l: 60 }, height: 320, showlegend: true,
     legend: { orientation: "h", x: 0, y: -0.25, yanchor: "top" },
-    xaxis: { title: { text: "round" }, dtick: 1, rangemode: "tozero" }, yaxis,
+    xaxis: { title: { text: "round" }, dtick: 1, rangemode: "tozero", ...axis }, yaxis,
   }, { displayModeBar: false, responsive: true });
 }());

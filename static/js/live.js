@@ -106,34 +106,53 @@
       yaxis: axis("training loss", { rangemode: "tozero" }),
       annotations: series.site_loss.length ? [] : note("no site has reported a loss yet"),
     });
+    // One bar group per institution, drawn sideways: hospitals' names are long, and as labels
+    // under vertical bars they took the whole chart (its bars were squeezed to a few pixels).
     const names = series.privacy.map((p) => p.institution);
+    const labels = shortLabels(names);
     const caps = series.privacy.map((p) => p.cap).filter((c) => c !== null && c !== undefined);
     const cap = caps.length ? Math.max(...caps) : null;
     const top = Math.max(cap || 0, ...series.privacy.map((p) => p.spent || 0), 0.1) * 1.15;
     chart("chart-privacy", [
-      { type: "bar", x: names, y: series.privacy.map((p) => p.job), name: "ε this job",
-        marker: { color: palette.spent_this_job } },
-      { type: "bar", x: names, y: series.privacy.map((p) => p.spent), name: "ε all jobs",
-        marker: { color: palette.spent_all_jobs } },
+      { type: "bar", orientation: "h", y: labels, x: series.privacy.map((p) => p.job),
+        name: "ε this job", hovertext: names, marker: { color: palette.spent_this_job } },
+      { type: "bar", orientation: "h", y: labels, x: series.privacy.map((p) => p.spent),
+        name: "ε all jobs", hovertext: names, marker: { color: palette.spent_all_jobs } },
       // The cap as a line across the plot, with a legend entry of its own.
       { type: "scatter", mode: "lines", x: [null], y: [null], name: cap === null ? "cap" : `cap: ε ${cap}`,
         line: { color: palette.cap, dash: "dash", width: 2 } },
     ], {
-      barmode: "group",
-      yaxis: axis("ε (privacy loss)", { range: [0, top] }),
-      xaxis: axis("", { automargin: true }),
-      shapes: cap === null ? [] : [{ type: "line", xref: "paper", x0: 0, x1: 1, y0: cap, y1: cap,
+      barmode: "group", height: barChartHeight(names.length, 2),
+      xaxis: axis("ε (privacy loss)", { range: [0, top] }),
+      yaxis: axis("", { autorange: "reversed" }),
+      shapes: cap === null ? [] : [{ type: "line", yref: "paper", y0: 0, y1: 1, x0: cap, x1: cap,
         line: { color: palette.cap, dash: "dash", width: 2 } }],
     });
     const scores = series.contribution.map((c) => c.score);
     const scored = scores.some((v) => v !== null);
+    const scoredNames = series.contribution.map((c) => c.institution);
     chart("chart-contribution", [{
-      type: "bar", x: series.contribution.map((c) => c.institution), y: scores, name: "score",
+      type: "bar", orientation: "h", y: shortLabels(scoredNames), x: scores, name: "score",
+      hovertext: scoredNames,
       marker: { color: series.contribution.map((c, i) => colourOf(c.institution, i)) },
     }], {
-      yaxis: axis("contribution score", scored ? {} : { range: [-1, 1] }), xaxis: axis(""),
+      height: barChartHeight(scoredNames.length, 1),
+      xaxis: axis("contribution score", scored ? {} : { range: [-1, 1] }),
+      yaxis: axis("", { autorange: "reversed" }),
       annotations: scored ? [] : note("not scored yet"),
     });
+  }
+
+  // Bar labels short enough to leave the plot its room (the full name is in the hover text and
+  // the tables); the full names where shortening would make two alike.
+  function shortLabels(names) {
+    const short = names.map((n) => (n.length > 22 ? `${n.slice(0, 21).trimEnd()}…` : n));
+    return new Set(short).size === short.length ? short : names;
+  }
+
+  // Tall enough for every institution's bars, whatever their number.
+  function barChartHeight(count, barsEach) {
+    return Math.max(260, 110 + count * (14 * barsEach + 12));
   }
 
   // What the job waits on, in words (training/rounds/waiting.py): the coordinator when it is

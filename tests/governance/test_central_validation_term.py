@@ -23,33 +23,15 @@ from consortium.governance.services.agreements import (
     version_digest,
     version_terms,
 )
-from tests.support.agreements import TERMS, publish_agreement
+from tests.support.agreements import TERMS, publish_agreement, terms_as_first_written
 
 pytestmark = pytest.mark.django_db
-
-
-def _terms_before_the_term_existed(version: AgreementVersion) -> dict:
-    """The digested terms exactly as they were written before the term was added."""
-    return {
-        "agreement_id": version.agreement_id,
-        "number": version.number,
-        "purpose": TERMS["purpose"],
-        "permitted_purposes": ["classification"],
-        "permitted_model_families": ["linear", "mlp"],
-        "max_shared_fraction": "0.4",
-        "required_dp_mechanism": "gaussian",
-        "epsilon_cap": "8",
-        "delta": "0.00001",
-        "valid_from": TERMS["valid_from"].isoformat(),
-        "valid_until": TERMS["valid_until"].isoformat(),
-        "text": TERMS["text"],
-    }
 
 
 def test_a_version_without_the_term_keeps_the_digest_of_the_old_format(cast):
     version = publish_agreement(cast)
     assert version.allows_central_validation_set is False
-    old = _terms_before_the_term_existed(version)
+    old = terms_as_first_written(version)
     assert version_terms(version) == old
     assert version.content_digest == sha256_hex(canonical_json(old))
     # Read back from the database (as a row migrated with the default would be), unchanged.
@@ -61,7 +43,7 @@ def test_the_term_is_digested_when_it_allows_a_central_set(cast):
     version = publish_agreement(cast, allows_central_validation_set=True)
     terms = version_terms(version)
     assert terms == {
-        **_terms_before_the_term_existed(version),
+        **terms_as_first_written(version),
         "allows_central_validation_set": True,
     }
     assert version.content_digest == sha256_hex(canonical_json(terms))

@@ -24,6 +24,7 @@ from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
 from consortium.core.errors import ConflictError, ServiceError
 from consortium.governance.services.withdrawals import consent_withdraw
+from tests.support.agreements import agreement_in_force
 from tests.support.fl_harness import use_artifact_folder
 from tests.support.training_fixtures import DATASET_KEY, make_scene, offer_dataset
 from tests.web.test_accessibility import unlabelled
@@ -363,3 +364,79 @@ def test_the_set_of_an_institution_that_withdrew_is_no_longer_used(allowed, cast
     assert validation_set_current(cast.consortium.pk, DATASET_KEY) is None
     with pytest.raises(ConflictError, match="withdrawn its consent"):
         upload(cast, csv_bytes())
+
+
+# --- a withdrawal reaches only the agreement it was made under (issue 14) -----------------------
+
+
+def withdraw_a(cast, agreement, reason: str):
+    """Hospital A's approver withdraws its consent under ``agreement`` only."""
+    return consent_withdraw(
+        acting_user=cast.approver, agreement=agreement, institution=cast.hospital_a, reason=reason
+    )
+
+
+@pytest.fixture
+def two_agreements(cast, artifacts):
+    """An imaging agreement first, then the tumour agreement (the newest, so the one in force),
+    both signed by both hospitals and both allowing a central validation set."""
+    imaging = agreement_in_force(cast, title="Imaging DUA", allows_central_validation_set=True)
+    scene = make_scene(cast, title="Tumour DUA", allows_central_validation_set=True)
+    assert scene.version.agreement != imaging.agreement
+    scene.imaging = imaging
+    return scene
+
+
+def test_a_withdrawal_from_another_agreement_leaves_the_set_in_use_and_uploads_open(
+    two_agreements, cast
+):
+    held = upload(cast, csv_bytes(rows=10))
+    assert held.agreement_version == two_agreements.version  # given under the tumour DUA
+    withdraw_a(cast, two_agreements.imaging.agreement, "We leave the imaging study only.")
+
+    assert validation_set_current(cast.consortium.pk, DATASET_KEY) == held
+    job = two_agreements.propose(evaluation=CENTRAL)
+    assert job.state == JobState.AWAITING_APPROVAL
+    assert validation_set_in_use(job) == held
+    # The steward still sends records under the agreement in force.
+    newer = upload(cast, csv_bytes(rows=11, seed=2))
+    assert validation_set_in_use(job) == newer
+    page = cast.client_for("steward").get(page_url(cast)).content.decode()
+    assert "Send to the consortium" in page
+
+
+def test_a_withdrawal_under_the_jobs_agreement_takes_the_set_out_of_its_jobs_only(cast, artifacts):
+    imaging = make_scene(cast, title="Imaging DUA", allows_central_validation_set=True)
+    held = upload(cast, csv_bytes(rows=10))  # given under the imaging DUA
+    imaging_job = imaging.propose(evaluation=CENTRAL)
+    tumour = agreement_in_force(cast, title="Tumour DUA", allows_central_validation_set=True)
+    withdraw_a(cast, tumour.agreement, "We leave the tumour study only.")
+
+    # The imaging job still measures on the records Hospital A gave under the imaging DUA.
+    assert validation_set_in_use(imaging_job) == held
+    # A job under the tumour DUA may not use Hospital A's records, and A sends none under it.
+    assert validation_set_current(cast.consortium.pk, DATASET_KEY) is None
+    assert (
+        validation_set_current(
+            cast.consortium.pk, DATASET_KEY, agreement_id=imaging.version.agreement_id
+        )
+        == held
+    )
+    with pytest.raises(ConflictError, match="withdrawn its consent under “Tumour DUA”"):
+        upload(cast, csv_bytes())
+
+
+def test_records_given_under_an_agreement_the_uploader_left_are_used_by_no_job(cast, artifacts):
+    imaging = make_scene(cast, title="Imaging DUA", allows_central_validation_set=True)
+    upload(cast, csv_bytes(rows=10))  # given under the imaging DUA
+    imaging_job = imaging.propose(evaluation=CENTRAL)
+    tumour = agreement_in_force(cast, title="Tumour DUA", allows_central_validation_set=True)
+    withdraw_a(cast, imaging.version.agreement, "We withdraw the imaging records.")
+
+    assert validation_set_in_use(imaging_job) is None
+    # Nor does a job under the tumour DUA, still in force for Hospital A, read them.
+    assert validation_set_current(cast.consortium.pk, DATASET_KEY) is None
+    # Hospital A may send records anew under the tumour DUA; those are used there.
+    again = upload(cast, csv_bytes(rows=12))
+    assert again.agreement_version == tumour
+    assert validation_set_current(cast.consortium.pk, DATASET_KEY) == again

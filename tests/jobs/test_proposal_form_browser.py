@@ -116,3 +116,29 @@ def test_a_pipeline_pasted_as_json_redraws_the_steps_and_a_refused_one_is_kept(c
     )
     assert not TrainingJob.objects.exists()
     assert errors == []
+
+
+def test_enter_in_the_title_proposes_and_the_budget_check_still_only_checks(cast, browser_page):
+    """Enter in a text field presses the form's default button: it proposes the job, as
+    "Propose for approval" does, not the "Check privacy budget" button above it."""
+    agreement_in_force(cast)
+    steward_registers_datasets(cast)
+    page, errors = browser_page
+    page.goto(reverse("training:job-create", args=[cast.consortium.slug]))
+
+    # The budget check, pressed, re-renders the form with the projection and creates nothing.
+    page.get_by_role("button", name="Check privacy budget").click()
+    page.wait_for_load_state()
+    assert "fits" in page.locator("#proposal-budget").inner_text()
+    assert not TrainingJob.objects.exists()
+
+    title = page.get_by_label("Title")
+    title.fill("Proposed by pressing Enter")
+    with page.expect_navigation():
+        title.press("Enter")
+
+    job = TrainingJob.objects.get(consortium=cast.consortium)
+    assert job.title == "Proposed by pressing Enter"
+    assert job.state == JobState.AWAITING_APPROVAL
+    assert page.url.endswith(reverse("training:job-detail", args=[cast.consortium.slug, job.pk]))
+    assert errors == []

@@ -23,6 +23,7 @@ from audit.models import LedgerEntry
 from audit.reports.compliance import ComplianceReport
 from audit.reports.compliance_contents import ComplianceScope
 from audit.reports.compliance_files import compliance_bytes, read_compliance_document
+from audit.reports.compliance_pdf import _later_terms_text
 from audit.reports.compliance_services import compliance_export
 from audit.reports.scope import ledger_head
 from consortium.governance.services.institutions import institution_update
@@ -291,6 +292,21 @@ def test_the_pdf_names_hospitals_by_name_and_writes_epsilon(history):
     assert history.cast.hospital_a.name in text and history.cast.hospital_b.name in text
     assert "ε" in text and "epsilon" not in text.lower()
     assert "Compliance report" in text and REJECTION in text
+    # The later terms, in words, their absence read as their defaults.
+    assert "Central validation set: not allowed." in " ".join(text.split())
+    assert "Who may download the final model: Members of the participating" in " ".join(
+        text.split()
+    )
+
+
+def test_the_pdf_states_the_later_terms_a_version_sets():
+    said = _later_terms_text(
+        {"final_model_access": "nobody", "allows_central_validation_set": True}
+    )
+    assert said == (
+        "Central validation set: allowed. Who may download the final model: Nobody: the model "
+        "stays on the consortium's server."
+    )
 
 
 # --- export and verification ----------------------------------------------------------------------

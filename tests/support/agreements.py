@@ -107,3 +107,22 @@ def add_institution(cast, name: str = "Hospital C"):
     extra = getattr(cast, "extra_signers", [])
     cast.extra_signers = [*extra, (approver, institution)]
     return institution, approver
+
+
+def terms_as_first_written(version) -> dict:
+    """The digested terms of a version made from :data:`TERMS`, exactly as they were written
+    before any later term (``LATER_TERMS``) existed: what its digest must still be taken over."""
+    return {
+        "agreement_id": version.agreement_id,
+        "number": version.number,
+        "purpose": TERMS["purpose"],
+        "permitted_purposes": ["classification"],
+        "permitted_model_families": ["linear", "mlp"],
+        "max_shared_fraction": "0.4",
+        "required_dp_mechanism": "gaussian",
+        "epsilon_cap": "8",
+        "delta": "0.00001",
+        "valid_from": TERMS["valid_from"].isoformat(),
+        "valid_until": TERMS["valid_until"].isoformat(),
+        "text": TERMS["text"],
+    }

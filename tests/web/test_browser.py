@@ -483,58 +483,181 @@ def test_7_the_auditor_reads_and_exports_the_compliance_report(stack, browser):
 
 # --- 8. Every page at a laptop's and a phone's width ----------------------------------------------
 
-#: The pages each role works in, after the journeys above (the job is the completed one).
+
+def _verify_the_ledger(page) -> None:
+    page.get_by_role("button", name="Verify the ledger").click()
+    page.wait_for_load_state()
+
+
+def _create_worker_credentials(page) -> None:
+    """The token page is shown once, after the form: it holds the token and the settings."""
+    from training.fl.signing import generate_keypair
+
+    page.locator("#id_label").fill("phone-width-check")
+    page.locator("#id_public_key").fill(generate_keypair()[1])
+    page.get_by_role("button", name="Create credentials").click()
+    page.wait_for_load_state()
+    assert "This token will not be shown again" in page.locator("main").inner_text()
+
+
+#: Every page each role reaches, after the journeys above, by GET (or, for a page shown only
+#: after a form, by the step that opens it): ``(name, path)`` or ``(name, path, step)``. The
+#: placeholders: ``job`` is the completed job, ``awaiting`` the one proposed with the form's
+#: defaults (still awaiting approval), ``agreement``/``version`` the agreement in force.
+#: A page a role cannot see is visited as a role that can (the data steward's pages).
 PAGES_BY_ROLE = {
     "admin": [
+        ("overview", "/"),
         ("dashboard", "/consortia/{slug}/"),
         ("agreements", "/consortia/{slug}/agreements/"),
+        ("agreement", "/consortia/{slug}/agreements/{agreement}/"),
+        ("agreement-new", "/consortia/{slug}/agreements/new/"),
+        ("version", "/consortia/{slug}/agreements/{agreement}/versions/{version}/"),
         ("members", "/consortia/{slug}/members/"),
+        ("member-invite", "/consortia/{slug}/members/invite/"),
+        *(
+            entry
+            for site in SITES
+            for entry in (
+                (f"institution-{site}", f"/consortia/{{slug}}/institutions/{site}/"),
+                (f"institution-{site}-edit", f"/consortia/{{slug}}/institutions/{site}/edit/"),
+            )
+        ),
+        ("institution-new", "/consortia/{slug}/institutions/new/"),
+        ("consortium-new", "/consortia/new/"),
         ("jobs", "/consortia/{slug}/jobs/"),
+        ("jobs-filtered", "/consortia/{slug}/jobs/?participant=barts&state=completed"),
         ("job", "/consortia/{slug}/jobs/{job}/"),
+        ("job-awaiting", "/consortia/{slug}/jobs/{awaiting}/"),
+        ("job-edit", "/consortia/{slug}/jobs/{awaiting}/edit/"),
+        ("job-cancel", "/consortia/{slug}/jobs/{awaiting}/cancel/"),
+        ("compare-pick", "/consortia/{slug}/jobs/compare/"),
+        ("compare", "/consortia/{slug}/jobs/compare/?a={job}&b={awaiting}"),
         ("propose", "/consortia/{slug}/jobs/new/"),
+        ("ledger", "/consortia/{slug}/ledger/"),
         ("notifications", "/notifications/"),
+        ("password-change", "/accounts/password/change/"),
     ],
     "approver-barts": [
         ("dashboard", "/consortia/{slug}/"),
         ("approvals", "/consortia/{slug}/approvals/"),
         ("job", "/consortia/{slug}/jobs/{job}/"),
+        ("review", "/consortia/{slug}/jobs/{awaiting}/review/"),
+        ("review-decided", "/consortia/{slug}/jobs/{job}/review/"),
+        ("withdraw", "/consortia/{slug}/agreements/{agreement}/withdraw/"),
+        ("institution", "/consortia/{slug}/institutions/barts/"),
+        ("agreement", "/consortia/{slug}/agreements/{agreement}/"),
+        ("sign", "/consortia/{slug}/agreements/{agreement}/versions/{version}/sign/"),
+        ("notifications", "/notifications/"),
+        ("password-change", "/accounts/password/change/"),
+    ],
+    "steward-barts": [
+        ("datasets", "/consortia/{slug}/institutions/barts/datasets/"),
+        ("dataset-new", "/consortia/{slug}/institutions/barts/datasets/new/"),
+        ("dataset-edit", "/consortia/{slug}/institutions/barts/datasets/breast-cancer/edit/"),
+        ("validation-sets", "/consortia/{slug}/institutions/barts/validation-sets/"),
+        ("credentials", "/consortia/{slug}/institutions/barts/worker-credentials/"),
+        (
+            "credentials-token",
+            "/consortia/{slug}/institutions/barts/worker-credentials/",
+            _create_worker_credentials,
+        ),
     ],
     "auditor": [
         ("ledger", "/consortia/{slug}/ledger/"),
+        ("ledger-verified", "/consortia/{slug}/ledger/", _verify_the_ledger),
+        ("ledger-exports", "/consortia/{slug}/ledger/?event=report.exported"),
+        ("job", "/consortia/{slug}/jobs/{job}/"),
         ("report", "/consortia/{slug}/jobs/{job}/report/"),
         ("compliance", "{compliance}"),
+        ("institution-report", "/consortia/{slug}/institutions/barts/report/"),
+        ("password-change", "/accounts/password/change/"),
     ],
+    # Signed in, a member of nothing: the consortium's pages are "not found" to them.
     "visitor": [("missing", "/consortia/{slug}/jobs/{job}/")],
+    # Not signed in: no "Sign out" to look for.
+    None: [
+        ("login", "/accounts/login/"),
+        ("password-reset", "/accounts/password/reset/"),
+        ("password-reset-sent", "/accounts/password/reset/sent/"),
+        ("missing", "/no-such-page/"),
+    ],
 }
 
+#: The pages that answer "not found" on purpose.
+NOT_FOUND_PAGES = {("visitor", "missing"), (None, "missing")}
 
-def _fits(page, width: int) -> list[str]:
-    """What does not fit a window ``width`` px wide: the page scrolling sideways, or the top
-    bar's "Sign out" off-screen."""
+
+def _fits(page, width: int, *, signed_in: bool = True) -> list[str]:
+    """What does not fit a window ``width`` px wide: the page scrolling sideways (naming the
+    elements that stick out, to say where to look), or the top bar's "Sign out" off-screen."""
     problems = []
     scroll = page.evaluate("document.documentElement.scrollWidth")
     if scroll > width + 1:
-        problems.append(f"the page is {scroll} px wide")
-    box = page.get_by_role("button", name="Sign out").bounding_box()
-    if box is None or box["x"] < 0 or box["x"] + box["width"] > width + 1:
-        problems.append(f"'Sign out' is off-screen: {box}")
+        # Where to look: the outermost elements past the right edge (their children would
+        # only repeat them), and the innermost whose text (a long digest) runs out of them.
+        culprits = page.evaluate(
+            """width => {
+                const all = [...document.querySelectorAll('body *')];
+                const past = all.filter(e => e.getBoundingClientRect().right > width + 1);
+                const spill = all.filter(e => e.scrollWidth > e.clientWidth + 1 &&
+                    e.clientWidth > 0 && getComputedStyle(e).overflowX === 'visible');
+                const name = e => e.tagName.toLowerCase() + (e.id ? '#' + e.id : '') +
+                    (typeof e.className === 'string' && e.className.trim()
+                        ? '.' + e.className.trim().split(/\\s+/).join('.') : '');
+                return [
+                    ...past.filter(e => !past.includes(e.parentElement)).slice(0, 3).map(
+                        e => name(e) + ' ends at ' + Math.round(e.getBoundingClientRect().right)),
+                    ...spill.filter(e => !spill.some(d => d !== e && e.contains(d))).slice(0, 3)
+                        .map(e => name(e) + ' overflows'),
+                ];
+            }""",
+            width,
+        )
+        problems.append(f"the page is {scroll} px wide ({', '.join(culprits)})")
+    if signed_in:
+        box = page.get_by_role("button", name="Sign out").bounding_box()
+        if box is None or box["x"] < 0 or box["x"] + box["width"] > width + 1:
+            problems.append(f"'Sign out' is off-screen: {box}")
     return problems
 
 
 def test_8_every_page_fits_a_laptop_and_a_phone(stack, browser):
+    """Issue 14: every page each role works in, the forms included, fits a laptop and a phone
+    (390 px): no sideways scroll of the page (a wide table scrolls in its own box), and the
+    top bar's "Sign out" on-screen."""
     job = stack.notes.get("job") or 1
+    compliance = stack.notes.get("compliance", f"/consortia/{SLUG}/ledger/")
+    found = re.search(r"/agreements/(\d+)/versions/(\d+)/", compliance)
+    agreement, version = found.groups() if found else (1, 1)
+    values = {
+        "slug": SLUG,
+        "job": job,
+        "awaiting": stack.notes.get("awaiting") or job,
+        "agreement": agreement,
+        "version": version,
+        "compliance": compliance,
+    }
     problems = []
     for role, pages in PAGES_BY_ROLE.items():
         context, page = _context(browser, stack, role)
         try:
             for width, height in ((1280, 900), (390, 844)):
                 page.set_viewport_size({"width": width, "height": height})
-                for name, path in pages:
-                    compliance = stack.notes.get("compliance", f"/consortia/{SLUG}/ledger/")
-                    page.goto(path.format(slug=SLUG, job=job, compliance=compliance))
+                for name, path, *step in pages:
+                    where = f"{role or 'anonymous'} {name} at {width} px"
+                    response = page.goto(path.format(**values))
                     page.wait_for_load_state()
-                    problems += [f"{role} {name} at {width} px: {p}" for p in _fits(page, width)]
-                    _shot(page, f"8-{width}-{role}-{name}")
+                    expected = 404 if (role, name) in NOT_FOUND_PAGES else 200
+                    if response.status != expected:
+                        problems.append(f"{where}: answered {response.status} ({page.url})")
+                        continue
+                    for action in step:
+                        action(page)
+                    problems += [
+                        f"{where}: {p}" for p in _fits(page, width, signed_in=role is not None)
+                    ]
+                    _shot(page, f"8-{width}-{role or 'anonymous'}-{name}")
         finally:
             context.close()
     assert problems == [], "\n".join(problems)

@@ -11,18 +11,23 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
+from django.conf import settings
 from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from django.urls import reverse
 
+from consortium.core import palette
 from consortium.governance.services.institutions import consortium_create, institution_create
 from tests.support.agreements import agreement_in_force
 from tests.support.factories import MembershipFactory, UserFactory
 from tests.support.planted_jobs import plant_job
 from training.models import JobState
 from training.rounds.live import job_live_state
+
+BASE_DIR = Path(settings.BASE_DIR)
 
 
 def compare_url(consortium) -> str:
@@ -112,6 +117,11 @@ def test_the_chart_is_the_job_pages_series_for_both_jobs(cast, pair):
         assert trace["values"] == series["validation"]
         assert trace["name"].startswith(f"#{job.pk} ") or f"#{job.pk} " in trace["name"]
     assert [t["name"].split(":")[0] for t in chart["traces"]] == ["A", "B"]
+    # Colours from the one palette, never hard-coded in the page's script.
+    assert [t["colour"] for t in chart["traces"]] == list(palette.SERIES[:2])
+    assert (chart["axis"], chart["grid"]) == (palette.AXIS, palette.GRID)
+    script = (BASE_DIR / "static" / "js" / "job_compare.js").read_text()
+    assert not re.search(r"#[0-9a-fA-F]{6}", script)
     # Plotly is served from our own static files, never a CDN.
     html = response.content.decode()
     assert '<script src="/static/vendor/plotly.min.js" defer>' in html
@@ -154,7 +164,10 @@ def test_a_job_with_no_measured_round_draws_no_chart(cast, pair):
     assert response.status_code == 200
     text = text_of(response)
     assert "not measured yet" in text and "No participant yet (a draft)." in text
-    assert [t["name"].split(":")[0] for t in chart_of(response)["traces"]] == ["B"]
+    [trace] = chart_of(response)["traces"]
+    assert trace["name"].split(":")[0] == "B"
+    # Job B keeps its colour (the palette's second) when job A has nothing to draw.
+    assert trace["colour"] == palette.SERIES[1]
     other = plant_job(cast.consortium, title="Another draft", state=JobState.DRAFT)
     response = cast.client_for("researcher").get(
         compare_url(cast.consortium), {"a": draft.pk, "b": other.pk}
@@ -179,7 +192,8 @@ def test_ticked_boxes_from_the_list_open_the_comparison(cast, pair):
     [
         ("jobs={a}", "Tick two jobs to compare: 1 job was ticked."),
         ("jobs={a}&jobs={b}&jobs={a}", "Tick two jobs to compare: 3 jobs were ticked."),
-        ("a={a}", "Choose a second job to compare with job #{a}."),
+        # The picker sent without a second job (``b`` there, empty): a mistake to point out.
+        ("a={a}&b=", "Choose a second job to compare with job #{a}."),
         ("b={b}", "Choose a second job to compare with job #{b}."),
         ("a={a}&b={a}", "Choose two different jobs: job #{a} was chosen twice."),
         ("a=seven&b={b}", "First job: “seven” is not a job number."),
@@ -209,6 +223,78 @@ def test_the_picker_offers_only_the_jobs_the_user_may_see(cast, pair, elsewhere_
     offered = re.findall(r'<option value="(\d+)"', select)
     assert sorted(offered) == sorted(str(j.pk) for j in pair)
     assert "compare-errors" not in html
+
+
+def test_the_first_job_alone_shows_it_and_asks_for_the_second(cast, pair, elsewhere_job):
+    """``?a=<id>`` alone (the job page's "Compare with another job" link) is a normal page:
+    job A's column, and the picker offering the second job among the jobs the user may see
+    (not A itself, not another consortium's job even to a member of both)."""
+    first, second = pair
+    MembershipFactory(user=cast.researcher, consortium=elsewhere_job.consortium, role="auditor")
+    response = cast.client_for("researcher").get(compare_url(cast.consortium), {"a": first.pk})
+    assert response.status_code == 200
+    html = response.content.decode()
+    text = text_of(response)
+    assert "compare-errors" not in html
+    assert f"Compare job #{first.pk} with another job" in text
+    assert f"Choose the second job to compare job #{first.pk} with" in text
+    # Job A's side, as it will read beside the second job.
+    sides = html.split('<table id="compare-sides">', 1)[1].split("</table>", 1)[0]
+    assert "Baseline MLP" in sides and "Linear, more noise" not in sides
+    assert "0.8100 accuracy after round 3" in text
+    assert [t["name"].split(":")[0] for t in chart_of(response)["traces"]] == ["A"]
+    assert 'id="privacy-a"' in html and 'id="privacy-b"' not in html
+    # The picker: A stays chosen; B offers the other jobs the user may see, and only those.
+    picker = html.split('id="compare-picker"', 1)[1].split("</form>", 1)[0]
+    assert 'method="get"' in html.split('id="compare-picker"', 1)[0].rsplit("<form", 1)[1]
+    select_a = re.search(r'<select name="a"[^>]*>(.*?)</select>', picker, re.S).group(1)
+    select_b = re.search(r'<select name="b"[^>]*>(.*?)</select>', picker, re.S).group(1)
+    assert f'<option value="{first.pk}" selected>' in select_a
+    assert re.findall(r'<option value="(\d+)"', select_b) == [str(second.pk)]
+    assert str(elsewhere_job.pk) not in re.findall(r'<option value="(\d+)"', picker)
+    # Choosing the second job in that picker is the full comparison.
+    both = cast.client_for("researcher").get(
+        compare_url(cast.consortium), {"a": first.pk, "b": second.pk}
+    )
+    assert both.status_code == 200
+    assert f"Job #{first.pk} and job #{second.pk} side by side" in text_of(both)
+
+
+def test_the_first_job_alone_with_no_measured_round(cast):
+    draft = plant_job(cast.consortium, title="Just a draft", state=JobState.DRAFT)
+    response = cast.client_for("researcher").get(compare_url(cast.consortium), {"a": draft.pk})
+    assert response.status_code == 200
+    assert "The job has no measured round yet" in text_of(response)
+    assert "plotly" not in response.content.decode()
+
+
+def test_the_first_job_alone_keeps_the_400_and_404(cast, pair, elsewhere_job):
+    """Alone or not, a malformed number is bad input and a job the user may not see (or one
+    that does not exist) is the 404 a missing job gets."""
+    client = cast.client_for("researcher")
+    url = compare_url(cast.consortium)
+    malformed = client.get(url, {"a": "seven"})
+    assert malformed.status_code == 400
+    assert "First job: “seven” is not a job number." in text_of(malformed)
+    assert "compare-sides" not in malformed.content.decode()
+    missing = client.get(url, {"a": 999_999})
+    hidden = client.get(url, {"a": elsewhere_job.pk})
+    assert missing.status_code == hidden.status_code == 404
+    assert text_of(missing) == text_of(hidden)
+
+
+def test_the_job_page_links_to_comparing_it(cast, pair):
+    first, _second = pair
+    client = cast.client_for("other_member")
+    page = client.get(reverse("training:job-detail", args=[cast.consortium.slug, first.pk]))
+    assert page.status_code == 200
+    link = re.search(
+        r'<a [^>]*id="compare-link"[^>]*href="([^"]+)"[^>]*>([^<]+)</a>', page.content.decode()
+    )
+    assert link is not None and link.group(2) == "Compare with another job"
+    address = link.group(1).replace("&amp;", "&")
+    assert address == compare_url(cast.consortium) + f"?a={first.pk}"
+    assert client.get(address).status_code == 200
 
 
 @pytest.mark.parametrize("who", ["researcher", "other_member", "approver", "auditor", "admin"])

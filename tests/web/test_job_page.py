@@ -20,6 +20,7 @@ from django.urls import reverse
 from audit.models import LedgerEntry
 from tests.support.fl_harness import use_artifact_folder
 from tests.support.job_page_fixtures import ACCURACY, REJECT_REASON, job_with_rounds, model_bytes
+from tests.support.planted_jobs import plant_job
 from tests.support.training_fixtures import make_scene
 from training.models import GlobalModel
 from training.rounds.artifacts import sha256_hex
@@ -213,3 +214,14 @@ def test_the_pages_queries_do_not_grow_with_the_rounds(cast, scene):
 
     short = queries(job_with_rounds(scene, rounds=1))
     assert queries(job_with_rounds(scene, rounds=4)) == short
+
+
+def test_the_title_and_crumbs_carry_no_stray_closing_tag(cast):
+    """The job page's title block once ended in a stray ``</div>``: the browser tab read
+    "Job #1 …</div>", and the crumbs' one closed ``<main>``'s content early."""
+    job = plant_job(cast.consortium, title="Tidy title", institutions=[cast.hospital_a])
+    page = cast.client_for("researcher").get(job_url(job)).content.decode()
+    title = re.search(r"<title>(.*?)</title>", page, re.S).group(1)
+    assert re.sub(r"\s+", " ", title) == f"Job #{job.pk} Tidy title · FL Consortium"
+    main = page.split("<main", 1)[1].split("</main>", 1)[0]
+    assert main.count("<div") == main.count("</div>")

@@ -76,6 +76,8 @@ def test_the_institution_page_shows_its_worker_online_then_offline(cast):
     text = text_of(institution_page(cast, cast.hospital_a))
     assert "Site worker offline worker “gpu-node-1”" in text
     assert "last seen 2 hours, 1 minute ago" in text
+    # The time once said its zone twice ("14:54 UTC UTC").
+    assert re.search(r"ago \(\d{4}-\d\d-\d\d \d\d:\d\d UTC\), release", text), text
 
     credentials.site_credential_revoke(acting_user=cast.admin, credential=credential)
     text = text_of(institution_page(cast, cast.hospital_a))

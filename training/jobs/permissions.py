@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import rules
 
-from consortium.governance.models import Role
+from consortium.governance.models import FinalModelAccess, Role
 from consortium.governance.permissions import (
     grants_of,
     is_consortium_admin,
@@ -62,11 +62,36 @@ def is_member_of_an_active_participant(user, job) -> bool:
     return any(g.institution_id in active for g in grants_of(user))
 
 
-# A job's global models (obj is the job). The agreement's terms say nothing of who may take a
-# model away, so the narrowest reading: those who built it (the participating institutions'
-# members) and the consortium's admins, who answer for the agreement. Not the other
+def final_model_access(job) -> str:
+    """The term ``final_model_access`` of the agreement version the job runs under: who may
+    take its models away. A job bound to no version yet (a draft: it has no model) reads the
+    term's default, which is the rule from before agreements had the term."""
+    version = job.agreement_version if job.agreement_version_id else None
+    if version is None:
+        return FinalModelAccess.PARTICIPANTS_AND_ADMINS
+    return version.final_model_access
+
+
+@rules.predicate
+def agreement_lets_participants_download(user, job) -> bool:
+    return job is not None and final_model_access(job) != FinalModelAccess.NOBODY
+
+
+@rules.predicate
+def agreement_lets_admins_download(user, job) -> bool:
+    return job is not None and final_model_access(job) == FinalModelAccess.PARTICIPANTS_AND_ADMINS
+
+
+# A job's global models (obj is the job): the agreement's term ``final_model_access`` says who
+# may take one away. At most those who built it (the members of the institutions still taking
+# part) and, when the term says so, the consortium's admins, who answer for the agreement;
+# nobody when the term keeps the models on the consortium's server. Never the other
 # institutions of the consortium, who only see the job.
-rules.add_perm("training.download_model", is_consortium_admin | is_member_of_an_active_participant)
+rules.add_perm(
+    "training.download_model",
+    (is_member_of_an_active_participant & agreement_lets_participants_download)
+    | (is_consortium_admin & agreement_lets_admins_download),
+)
 
 # Site data sets: obj is the institution.
 rules.add_perm("training.view_datasets", is_consortium_member)

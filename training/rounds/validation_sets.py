@@ -105,7 +105,8 @@ def validation_set_upload(
     uploaded by ``institution``'s data steward; it replaces the set held for ``key`` so far.
 
     Refused (``ConflictError``) unless the agreement in force allows a central validation set
-    and the institution has not withdrawn its consent; refused (``ValidationError``) when no
+    and the institution has not withdrawn its consent under that agreement (a withdrawal from
+    another agreement of the consortium does not stop it); refused (``ValidationError``) when no
     site registered a data set under ``key``, or the file is malformed (the message names the
     line and column, or the array) or does not fit the registered data sets."""
     consortium = institution.consortium
@@ -127,11 +128,15 @@ def validation_set_upload(
         raise ConflictError(
             f"No validation set can be uploaded: {why_not}.", code="central_set_not_allowed"
         )
+    # Records are given under the agreement in force (``version``), so only a withdrawal
+    # under that agreement refuses them; one from another agreement of the consortium does
+    # not (the jobs under it never read the set: ``central_validation.usable_validation_sets``).
     if Withdrawal.objects.filter(
-        agreement__consortium=consortium, institution=institution
+        agreement_id=version.agreement_id, institution=institution
     ).exists():
         raise ConflictError(
-            f"{institution} has withdrawn its consent: it sends no record to the consortium.",
+            f"{institution} has withdrawn its consent under “{version.agreement}”, the "
+            "agreement in force: it sends no record to the consortium under it.",
             code="withdrawn",
         )
     datasets = list(

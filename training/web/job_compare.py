@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from consortium.core import palette
 from training.jobs.describe import describe_pipeline
 from training.models import JobParticipant, JobState, TrainingJob
 from training.rounds.live import job_live_state
@@ -107,7 +108,12 @@ def compared_job(job: TrainingJob, letter: str) -> ComparedJob:
 
 @dataclass
 class JobComparison:
-    sides: list  # two ComparedJob
+    sides: list  # two ComparedJob, or one while the second job is still to be chosen
+
+    @property
+    def complete(self) -> bool:
+        """Whether both jobs are there (not just A, waiting for the second job)."""
+        return len(self.sides) == 2
 
     @property
     def metric_words(self) -> str:
@@ -127,13 +133,18 @@ class JobComparison:
         return {
             "metric": self.metric_words,
             "unit_range": unit,
+            # Colours from the one palette (consortium/core/palette.py): job A and job B keep
+            # theirs whether or not the other has a measured round yet.
+            "axis": palette.AXIS,
+            "grid": palette.GRID,
             "traces": [
                 {
                     "name": s.label + (f" ({metric_words(s.metric)})" if s.metric else ""),
                     "rounds": s.rounds,
                     "values": s.validation,
+                    "colour": palette.SERIES[i % len(palette.SERIES)],
                 }
-                for s in self.sides
+                for i, s in enumerate(self.sides)
                 if any(v is not None for v in s.validation)
             ],
         }
@@ -142,3 +153,9 @@ class JobComparison:
 def compare_jobs(first: TrainingJob, second: TrainingJob) -> JobComparison:
     """``first`` and ``second`` side by side (A and B), each read as its own page reads it."""
     return JobComparison(sides=[compared_job(first, "A"), compared_job(second, "B")])
+
+
+def compare_one(first: TrainingJob) -> JobComparison:
+    """``first`` alone (A), as the page shows it while the second job is still to be chosen:
+    the same facts it will show beside that job, so choosing it only adds a column."""
+    return JobComparison(sides=[compared_job(first, "A")])

@@ -90,7 +90,12 @@ class JobNumberField(forms.IntegerField):
 class JobCompareForm(forms.Form):
     """The two jobs to compare (``a`` and ``b``). Only their numbers are checked here; whether
     the user may see them is the page's lookup (a job they may not see is a 404, exactly like
-    a missing one)."""
+    a missing one).
+
+    ``a`` alone (no ``b`` in the address at all, as the job page's "Compare with another job"
+    link sends it) is valid: the page shows that job and asks for the second one. A ``b`` that
+    was sent empty (the picker submitted without a second job) is still a mistake to point out.
+    """
 
     a = JobNumberField("First job")
     b = JobNumberField("Second job")
@@ -107,8 +112,18 @@ class JobCompareForm(forms.Form):
         choices = [("", "Choose a job")] + [
             (pk, f"#{pk} {title} ({states.get(state, state).lower()})") for pk, title, state in jobs
         ]
-        for name in ("a", "b"):
-            self.fields[name].widget = forms.Select(choices=choices)
+        self.fields["a"].widget = forms.Select(choices=choices)
+        # The job already chosen as A is not offered as B: a job compared with itself says nothing.
+        first = str((data or {}).get("a", "")).strip()
+        self.fields["b"].widget = forms.Select(
+            choices=[c for c in choices if not first or str(c[0]) != first]
+        )
+
+    @property
+    def awaits_second(self) -> bool:
+        """Whether only the first job was asked for (``?a=<id>``, no ``b``): the page shows it
+        and the picker for the second one. Only meaningful once the form is valid."""
+        return self.cleaned_data.get("b") is None
 
     def clean(self):
         cleaned = super().clean()
@@ -117,6 +132,8 @@ class JobCompareForm(forms.Form):
             return cleaned
         if first is None and second is None:
             raise forms.ValidationError("Choose the two jobs to compare.")
+        if second is None and first is not None and "b" not in self.data:
+            return cleaned
         if first is None or second is None:
             raise forms.ValidationError(
                 f"Choose a second job to compare with job #{first or second}."

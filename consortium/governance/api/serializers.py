@@ -21,6 +21,7 @@ from consortium.governance.models import (
     AgreementVersion,
     Consortium,
     DPMechanism,
+    FinalModelAccess,
     Institution,
     Invitation,
     Membership,
@@ -85,12 +86,60 @@ class ConsortiumSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+class SigningKeySerializer(serializers.Serializer):
+    """One active worker credential's public key (``selectors.active_credentials_of``)."""
+
+    label = serializers.CharField(help_text="The credential's label.")
+    token_prefix = serializers.CharField(help_text="The first characters of its API token.")
+    fingerprint = serializers.CharField(
+        help_text="The first 16 hex digits of the SHA-256 of its Ed25519 public key (PEM)."
+    )
+
+
+class _InstitutionListSerializer(serializers.ListSerializer):
+    """Reads the active credentials of a whole page of institutions in one query."""
+
+    def to_representation(self, data):
+        institutions = list(data.all() if hasattr(data, "all") else data)
+        self.child.active_credentials = selectors.active_credentials_of(
+            [i.pk for i in institutions]
+        )
+        return super().to_representation(institutions)
+
+
 class InstitutionSerializer(serializers.ModelSerializer):
+    """An institution. Its site workers sign their updates with the keys of their active
+    worker credentials (``signing_keys``), which is what the central side verifies uploads
+    against and what the pages show as the worker key; ``worker_public_key`` is only the key
+    on file that a new credential takes when none is pasted."""
+
     consortium = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    worker_key_fingerprint = serializers.SerializerMethodField()
+    signing_keys = serializers.SerializerMethodField(
+        help_text=(
+            "The keys the consortium verifies this site's updates against: one per active "
+            "(unrevoked) worker credential, newest first. Empty when no worker of the site "
+            "can upload a signed update. Worker credentials are created and revoked on the "
+            "institution's site workers page."
+        )
+    )
+    worker_key_registered = serializers.SerializerMethodField(
+        help_text=(
+            "True when the site has at least one active worker credential (signing_keys is "
+            "not empty): what the pages show as 'Worker key: registered'."
+        )
+    )
+    worker_key_fingerprint = serializers.SerializerMethodField(
+        help_text=(
+            "Fingerprint of worker_public_key, the key on file that a new worker credential "
+            "takes when none is pasted; empty when none is on file. Not the key updates are "
+            "verified against (see signing_keys): a site may sign with credentials and have "
+            "no key on file, or have a key on file and no active credential."
+        )
+    )
 
     class Meta:
         model = Institution
+        list_serializer_class = _InstitutionListSerializer
         fields = [
             "slug",
             "name",
@@ -98,9 +147,41 @@ class InstitutionSerializer(serializers.ModelSerializer):
             "country",
             "worker_public_key",
             "worker_key_fingerprint",
+            "signing_keys",
+            "worker_key_registered",
             "created_at",
         ]
         read_only_fields = fields
+        extra_kwargs = {
+            "worker_public_key": {
+                "help_text": (
+                    "The Ed25519 public key (PEM) on file: the default a new worker "
+                    "credential takes when none is pasted. Updates are verified against "
+                    "the active credentials' keys (signing_keys), not this one."
+                )
+            }
+        }
+
+    def _credentials(self, obj: Institution) -> tuple[selectors.ActiveCredential, ...]:
+        found = getattr(self, "active_credentials", None)
+        if found is None or obj.pk not in found:
+            found = selectors.active_credentials_of([obj.pk])
+        return found[obj.pk]
+
+    @extend_schema_field(SigningKeySerializer(many=True))
+    def get_signing_keys(self, obj: Institution) -> list[dict]:
+        return [
+            {
+                "label": c.label,
+                "token_prefix": c.token_prefix,
+                "fingerprint": key_fingerprint(c.public_key),
+            }
+            for c in self._credentials(obj)
+        ]
+
+    @extend_schema_field(OpenApiTypes.BOOL)
+    def get_worker_key_registered(self, obj: Institution) -> bool:
+        return bool(self._credentials(obj))
 
     @extend_schema_field(OpenApiTypes.STR)
     def get_worker_key_fingerprint(self, obj: Institution) -> str:
@@ -117,7 +198,11 @@ class InstitutionCreateSerializer(serializers.Serializer):
         allow_blank=True,
         default="",
         trim_whitespace=False,
-        help_text="The site worker's Ed25519 public key, PEM-encoded.",
+        help_text=(
+            "An Ed25519 public key (PEM) to keep on file: the default a new worker credential "
+            "takes when none is pasted. It does not by itself let a worker upload: that needs "
+            "an active worker credential (signing_keys)."
+        ),
     )
 
 
@@ -128,7 +213,10 @@ class InstitutionUpdateSerializer(serializers.Serializer):
         required=False,
         allow_blank=True,
         trim_whitespace=False,
-        help_text="The site worker's Ed25519 public key, PEM-encoded; empty removes it.",
+        help_text=(
+            "The Ed25519 public key (PEM) on file for new worker credentials; empty removes "
+            "it. Credentials already issued keep their own keys (signing_keys)."
+        ),
     )
 
 
@@ -238,6 +326,15 @@ class TermsInputSerializer(serializers.Serializer):
         help_text="An institution's data steward may send records to the consortium's server "
         "for central validation. Left out: false on a new agreement, unchanged on an edit.",
     )
+    final_model_access = serializers.ChoiceField(
+        choices=FinalModelAccess.choices,
+        required=False,
+        help_text="Who may download a job's models (the final model above all): "
+        "'participants_and_admins' (members of the institutions still taking part in the job "
+        "and the consortium's administrators), 'participants' (those members only) or "
+        "'nobody' (the models stay on the consortium's server). Left out: "
+        "'participants_and_admins' on a new agreement, unchanged on an edit.",
+    )
     valid_from = serializers.DateField()
     valid_until = serializers.DateField()
     text = serializers.CharField(trim_whitespace=False)
@@ -338,6 +435,7 @@ _VERSION_FIELDS = [
     "epsilon_cap",
     "delta",
     "allows_central_validation_set",
+    "final_model_access",
     "valid_from",
     "valid_until",
     "content_digest",

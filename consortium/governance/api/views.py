@@ -103,7 +103,7 @@ class InstitutionViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Gover
         return Response(self.get_serializer(institution).data, status=status.HTTP_201_CREATED)
 
     @extend_schema(
-        summary="Change an institution's details or worker key",
+        summary="Change an institution's details or the worker key on file for new credentials",
         request=serializers.InstitutionUpdateSerializer,
         responses={
             200: serializers.InstitutionSerializer,

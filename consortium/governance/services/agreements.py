@@ -6,12 +6,13 @@ The digested terms (:func:`version_terms`) are a format that signatures already 
 on: a version's ``content_digest`` is recorded in its signatures and in the ledger, and is
 recomputed from the row whenever anyone checks it. A term added later must therefore leave
 the terms of every version written before it unchanged. The rule, for
-``allows_central_validation_set`` and any later term with a default: the term enters the
-terms only when it differs from its default (``False`` here), which is exactly what every
-earlier version means by not naming it. So an old version's digest stays what was signed,
-and a version that allows a central validation set has a digest that says so (the signer
-signs that permission too). A version-number field for the format was the alternative; it
-would have changed every old digest unless itself left out by default, which is this rule.
+``allows_central_validation_set``, ``final_model_access`` and any later term with a default:
+the term enters the terms only when it differs from its default (:data:`LATER_TERMS`), which
+is exactly what every earlier version means by not naming it. So an old version's digest
+stays what was signed, and a version that allows a central validation set, or narrows who
+may download the final model, has a digest that says so (the signer signs that too). A
+version-number field for the format was the alternative; it would have changed every old
+digest unless itself left out by default, which is this rule.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from consortium.governance.models import (
     AgreementVersion,
     Consortium,
     DPMechanism,
+    FinalModelAccess,
     Institution,
     ModelFamily,
     Purpose,
@@ -52,6 +54,7 @@ TERM_FIELDS = (
     "epsilon_cap",
     "delta",
     "allows_central_validation_set",
+    "final_model_access",
     "valid_from",
     "valid_until",
     "text",
@@ -59,7 +62,12 @@ TERM_FIELDS = (
 
 #: Terms added after versions were signed, with the default that earlier versions mean by
 #: leaving them out: :func:`version_terms` names them only when they differ from it.
-LATER_TERMS = {"allows_central_validation_set": False}
+#: ``final_model_access``'s default is the rule the product applied before agreements had the
+#: term (the participating institutions' members and the consortium's administrators).
+LATER_TERMS = {
+    "allows_central_validation_set": False,
+    "final_model_access": FinalModelAccess.PARTICIPANTS_AND_ADMINS.value,
+}
 
 
 def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
@@ -110,6 +118,9 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
     allows = terms.get("allows_central_validation_set")
     if allows is not None and not isinstance(allows, bool):
         errors["allows_central_validation_set"] = "Answer yes or no (true or false)."
+    access = terms.get("final_model_access")
+    if access is not None and access not in FinalModelAccess.values:
+        errors["final_model_access"] = f"Choose one of {', '.join(FinalModelAccess.values)}."
     start, end = terms.get("valid_from"), terms.get("valid_until")
     if start and end and end < start:
         errors["valid_until"] = "The agreement cannot end before it starts."

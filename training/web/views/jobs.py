@@ -34,7 +34,7 @@ from training.jobs.spec import shared_fraction
 from training.models import JobState, PrivacyReservation, SiteDataset, TrainingJob
 from training.rounds.waiting import job_page_state
 from training.web.forms import CancelForm, JobForm, pipeline_step_schema
-from training.web.job_compare import compare_jobs
+from training.web.job_compare import compare_jobs, compare_one
 from training.web.job_list_forms import JobCompareForm, JobFilterForm
 from training.web.presenters import (
     field_for_spec_path,
@@ -87,8 +87,10 @@ class JobListView(GovernancePage):
 
 class JobCompareView(GovernancePage):
     """Two jobs of the consortium side by side (``?a=<id>&b=<id>``). Ticked boxes from the
-    list (``?jobs=<id>&jobs=<id>``) are sent on to that address. A job the user may not see
-    is the same 404 as a missing one; bad or missing numbers get the picker back, with why."""
+    list (``?jobs=<id>&jobs=<id>``) are sent on to that address. ``?a=<id>`` alone (the job
+    page's "Compare with another job") shows that job and the picker for the second. A job
+    the user may not see is the same 404 as a missing one; bad or missing numbers get the
+    picker back, with why."""
 
     permission_required = "consortium.view_consortium"
     template_name = "training/job_compare.html"
@@ -115,14 +117,17 @@ class JobCompareView(GovernancePage):
             return self.render_to_response(self.get_context_data(form=form))
         if not form.is_valid():
             return self.render_to_response(self.get_context_data(form=form), status=400)
-        ids = (form.cleaned_data["a"], form.cleaned_data["b"])
+        ids = [form.cleaned_data["a"]]
+        if not form.awaits_second:
+            ids.append(form.cleaned_data["b"])
         found = selectors.jobs_to_compare(request.user, consortium=self.consortium, job_ids=ids)
         if any(
             pk not in found or not request.user.has_perm("training.view_job", found[pk])
             for pk in ids
         ):
             raise Http404(NOT_FOUND)
-        comparison = compare_jobs(found[ids[0]], found[ids[1]])
+        jobs = [found[pk] for pk in ids]
+        comparison = compare_jobs(*jobs) if len(jobs) == 2 else compare_one(jobs[0])
         return self.render_to_response(
             self.get_context_data(form=form, comparison=comparison, chart=comparison.chart())
         )
