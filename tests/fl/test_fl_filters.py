@@ -7,11 +7,11 @@ import numpy as np
 import pytest
 import torch
 
-from training.fl import selection
-from training.fl.filters import FilteredUpdate, apply_pipeline, svt_gamma
+from training.fl import filters, selection
+from training.fl.filters import FilteredUpdate, apply_pipeline, svt_budget, svt_gamma
 from training.fl.noise import NOISE_CHUNK, gaussian_noise_, laplace_noise_, uniform_keys_
 from training.fl.params import validate_filter
-from training.fl.pipeline_state import Workspace
+from training.fl.pipeline_state import PipelineState, Workspace
 from training.fl.selection import EXACT_BELOW
 from training.jobs.accounting import PrivacyEvent, events_for_pipeline
 
@@ -101,6 +101,18 @@ def test_dp_sgd_is_skipped_here():
         ({"filter": "gaussian_noise", "noise_multiplier": True, "clip_norm": 1}, "noise_mult"),
         ({"filter": "gaussian_noise", "noise_multiplier": 1, "clip_norm": 1, "x": 1}, "unknown"),
         ({"filter": "svt", "epsilon": 1, "threshold": -1, "fraction": 0.1}, "threshold"),
+        ({"filter": "svt", "epsilon": 1, "threshold": 0, "fraction": 0.1}, "svt.threshold"),
+        ({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "bound": 0.5}, "bound"),
+        (
+            {"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "selection_share": 1},
+            "selection_share",
+        ),
+        (
+            {"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "threshold_share": 0},
+            "threshold_share",
+        ),
+        ({"filter": "laplace_noise", "epsilon": 1, "sensitivity": 1, "clip": 2}, "clip"),
+        ({"filter": "laplace_noise", "epsilon": 1, "sensitivity": 1, "clip": -1}, "clip"),
         ({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "max_passes": 11}, "max"),
         ({"filter": "exclude_layers", "layers": []}, "layers"),
         ({"filter": "exclude_layers", "layers": [3]}, "layers"),
@@ -116,6 +128,10 @@ def test_validate_fills_defaults():
     assert validate_filter({"filter": "partial_sharing", "fraction": 1})["strategy"] == "topk"
     svt = validate_filter({"filter": "svt", "epsilon": 1, "threshold": 0.1, "fraction": 0.1})
     assert svt["max_passes"] == 1 and svt["epsilon"] == 1.0
+    assert svt["selection_share"] == 0.5 and svt["threshold_share"] == 0.5
+    assert svt["bound"] == svt_gamma(0.1) == 0.2
+    laplace = validate_filter({"filter": "laplace_noise", "epsilon": 1, "sensitivity": 1})
+    assert laplace["clip"] is None
 
 
 # --- partial sharing -----------------------------------------------------------------------
@@ -477,6 +493,40 @@ def test_laplace_clips_l1_before_noise():
     assert float(flat(out.delta).abs().sum()) <= 2.0 * (1 + 1e-6)  # noise ~ 2e-9
 
 
+def test_laplace_clip_clamps_each_coordinate_before_noise():
+    delta = {"w": torch.tensor([3.0, -2.0, 0.05, -0.01, 0.5])}
+    # The L1 bound is far away: only the per-coordinate clamp acts; noise ~ 1e-9.
+    spec = {"filter": "laplace_noise", "epsilon": 1e9, "sensitivity": 10.0, "clip": 0.1}
+    out = run(delta, [spec])
+    torch.testing.assert_close(
+        out.delta["w"], torch.tensor([0.1, -0.1, 0.05, -0.01, 0.1]), atol=1e-6, rtol=0
+    )
+    note = out.notes["steps"][0]
+    assert note["clip"] == 0.1 and note["l1_bound_of_clip"] == pytest.approx(0.5)
+    assert note["l1_clipped"] == pytest.approx(0.36)
+    # the clamp comes first, then the L1 clip to the sensitivity
+    out = run(delta, [{**spec, "sensitivity": 0.18, "clip": 0.1}])
+    torch.testing.assert_close(
+        out.delta["w"], torch.tensor([0.1, -0.1, 0.05, -0.01, 0.1]) * 0.5, atol=1e-6, rtol=0
+    )
+    # and before the noise: the noise is not clamped (mean |out - clamped| ~ b, far above 0.1)
+    big = {"w": torch.full((200_000,), 5.0)}
+    out = run(big, [{"filter": "laplace_noise", "epsilon": 1.0, "sensitivity": 1e6, "clip": 0.1}])
+    residual = out.delta["w"].double() - 0.1
+    b = 1e6
+    assert float(residual.abs().mean()) == pytest.approx(b, rel=0.05)
+
+
+def test_laplace_clip_after_a_tighter_percentile_clip_keeps_the_tighter_one():
+    delta = update(9)
+    pct = {"filter": "percentile_clipping", "percentile": 50}
+    both = run(
+        delta, [pct, {"filter": "laplace_noise", "epsilon": 1e9, "sensitivity": 1e6, "clip": 1e3}]
+    )
+    only = run(delta, [pct, {"filter": "laplace_noise", "epsilon": 1e9, "sensitivity": 1e6}])
+    torch.testing.assert_close(flat(both.delta), flat(only.delta), atol=1e-5, rtol=0)
+
+
 def test_gaussian_clips_l2_before_noise():
     delta = update(10)
     step = run(delta, [{"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 0.5}])
@@ -674,6 +724,138 @@ def test_svt_prefers_large_values():
     mask = out.mask["w"]
     ratio = float(big[mask].mean()) / float(big[~mask].mean())
     assert 0.7 < ratio < 1.4
+
+
+def test_svt_threshold_zero_is_refused_by_the_engine():
+    """Threshold 0 once gave bound 0: an all-zero update whose mask said "shared", ε charged."""
+    spec = {"filter": "svt", "epsilon": 1.0, "threshold": 0, "fraction": 0.5}
+    with pytest.raises(ValueError, match=r"svt\.threshold: must be a number greater than 0"):
+        run(update(), [spec])
+    # and the filter itself, for a caller that skips validate_filter
+    st_spec = {**spec, "max_passes": 1, "selection_share": 0.5, "threshold_share": 0.5}
+    with pytest.raises(ValueError, match=r"svt\.threshold"):
+        filters._FILTERS["svt"](_state(update()), {**st_spec, "bound": None}, {})
+
+
+def _state(delta):
+    values = flat(delta).clone()
+    return PipelineState(values, Workspace(), gen(0))
+
+
+def test_svt_budget_split_adds_up_and_defaults_are_the_old_split():
+    assert svt_budget(1.0, 0.5, 0.5) == (0.25, 0.25, 0.5)
+    for eps, s, t in [(0.3, 0.2, 0.9), (7.0, 0.9, 0.1), (1e-3, 0.5, 0.25)]:
+        e1, e2, e3 = svt_budget(eps, s, t)
+        assert e1 + e2 + e3 == pytest.approx(eps, rel=1e-12)
+        assert e1 == pytest.approx(eps * s * t) and e3 == pytest.approx(eps * (1 - s))
+
+
+def test_svt_default_split_and_bound_give_the_same_draws_as_written_out():
+    delta = update(21)
+    plain = run(delta, [svt(fraction=0.2, epsilon=3.0, threshold=0.4, max_passes=3)])
+    spelled = {"selection_share": 0.5, "threshold_share": 0.5, "bound": 0.8}
+    written = run(
+        delta, [{**svt(fraction=0.2, epsilon=3.0, threshold=0.4, max_passes=3), **spelled}]
+    )
+    for k in plain.delta:
+        assert torch.equal(plain.delta[k], written.delta[k])
+    assert plain.notes["steps"][0]["epsilon_split"] == [0.75, 0.75, 1.5]
+
+
+def _release_noise(selection_share, seed=1, n=200_000):
+    """The released values of a zero update at a share of 100% in one pass: the release noise
+    ``Lap(c * bound / eps3)``, clipped to ``[-bound, bound]``. With ``c = n`` and
+    ``eps = 20 n`` the release scale is ``bound / 10 / (1 - selection_share) * 0.5``."""
+    delta = {"w": torch.zeros(n)}
+    spec = {
+        **svt(fraction=1.0, epsilon=20.0 * n, threshold=1e-9, max_passes=1),
+        "selection_share": selection_share,
+        "bound": 1.0,
+    }
+    out = run(delta, [spec], seed=seed)
+    return out, out.delta["w"][out.mask["w"]].double()
+
+
+def test_svt_release_noise_follows_the_split():
+    out, default_release = _release_noise(0.5)
+    _, small_release = _release_noise(0.9)
+    note = out.notes["steps"][0]
+    n = note["target"]
+    assert note["epsilon_split"] == [5.0 * n, 5.0 * n, 10.0 * n]
+    # the query noise Lap(2 n / eps2) = Lap(0.4) passes about half of the zeros
+    assert 0.45 * n < int(out.mask["w"].sum()) < 0.55 * n
+    for values, scale in ((default_release, 0.1), (small_release, 0.5)):
+        # mean |Lap(b)| clipped at 1 is b (1 - e^(-1/b)); its std over the ~1e5 draws is < 0.3%
+        expected = scale * (1 - math.exp(-1 / scale))
+        assert float(values.abs().mean()) == pytest.approx(expected, rel=0.02)
+        assert abs(float(values.mean())) < 0.01
+    # a larger release share, smaller noise, with the same generator
+    assert float(default_release.abs().mean()) < float(small_release.abs().mean()) / 3
+
+
+def test_svt_query_and_threshold_noise_follow_the_split(monkeypatch):
+    """The noise scales the filter asks the samplers for, pass by pass."""
+    scalar_scales, array_scales = [], []
+    real_scalar, real_array = filters.laplace_scalar, filters.laplace_noise_
+
+    def scalar(scale, generator):
+        scalar_scales.append(scale)
+        return real_scalar(scale, generator)
+
+    def array(out, scale, generator):
+        array_scales.append(scale)
+        return real_array(out, scale, generator)
+
+    monkeypatch.setattr(filters, "laplace_scalar", scalar)
+    monkeypatch.setattr(filters, "laplace_noise_", array)
+    delta = {"w": torch.linspace(-1, 1, 1000)}
+    spec = {
+        **svt(fraction=0.1, epsilon=2.0, threshold=0.5, max_passes=1),
+        "selection_share": 0.8,
+        "threshold_share": 0.25,
+        "bound": 0.75,
+    }
+    out = run(delta, [spec])
+    c = 100
+    e1, e2, e3 = 2.0 * 0.8 * 0.25, 2.0 * 0.8 * 0.75, 2.0 * 0.2
+    assert scalar_scales == [pytest.approx(0.75 / e1)]
+    assert array_scales[0] == pytest.approx(2 * c * 0.75 / e2)
+    if out.notes["steps"][0]["selected"]:
+        assert array_scales[-1] == pytest.approx(c * 0.75 / e3)
+    assert out.notes["steps"][0]["gamma"] == 0.75
+    assert float(out.delta["w"].abs().max()) <= 0.75
+    assert out.events[0]["params"] == {"epsilon": 2.0}  # the split never changes the charge
+
+
+def test_svt_stops_when_the_selection_is_complete():
+    """At a share of 100% passes run until every coordinate is selected, and no further:
+    with little noise one pass selects all of them, and one pass of ten is charged."""
+    delta = {"w": torch.linspace(0.5, 1.0, 500)}
+    out = run(delta, [svt(fraction=1.0, epsilon=1e9, threshold=0.1, max_passes=10)])
+    note = out.notes["steps"][0]
+    assert note["passes"] == 1 and note["per_pass"] == [500]
+    assert out.shared_fraction == 1.0
+    assert out.events[0]["params"]["epsilon"] == 1e9
+    # With real noise each pass takes a part of what is left (more as c, and with it the query
+    # noise, shrinks): here the selection completes in the fifth pass of ten, and stops there.
+    out = run(delta, [svt(fraction=1.0, epsilon=1e3, threshold=0.1, max_passes=10)], seed=3)
+    note = out.notes["steps"][0]
+    assert note["selected"] == sum(note["per_pass"]) == 500
+    assert note["passes"] == len(note["per_pass"]) == 5
+    assert out.events[0]["params"]["epsilon"] == 1e3 * 5
+
+
+def test_svt_with_nothing_shared_runs_no_pass():
+    delta = update(22)
+    out = run(
+        delta,
+        [
+            {"filter": "exclude_layers", "layers": ["conv", "fc"]},
+            svt(fraction=1.0, epsilon=1.0, threshold=0.1, max_passes=5),
+        ],
+    )
+    assert out.notes["steps"][1]["passes"] == 0
+    assert out.events[0]["params"]["epsilon"] == 0.0
 
 
 def test_svt_reported_within_projection():

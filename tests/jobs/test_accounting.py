@@ -259,6 +259,18 @@ def test_svt_charges_every_pass():
     assert event.count == 3
 
 
+def test_svt_split_and_bound_do_not_change_the_charge():
+    """The split moves ε between the threshold, the queries and the release of one pass; the
+    pass's ε, and so ε x max_passes, is what it was. Laplace's clip changes no event either."""
+    svt = {"filter": "svt", "epsilon": 0.2, "threshold": 0.5, "fraction": 0.05, "max_passes": 4}
+    tuned = {**svt, "selection_share": 0.9, "threshold_share": 0.1, "bound": 3.0}
+    laplace = {"filter": "laplace_noise", "epsilon": 0.3, "sensitivity": 2.0}
+    kwargs = {"rounds": 3, "local_epochs": 1, "batch_size": 1, "num_records": 1}
+    assert events_for_pipeline([tuned, {**laplace, "clip": 0.5}], **kwargs) == events_for_pipeline(
+        [svt, laplace], **kwargs
+    )
+
+
 def test_dp_sgd_sample_rate_is_capped_at_one():
     dp_sgd = {"filter": "dp_sgd", "noise_multiplier": 1.0, "max_grad_norm": 1.0}
     (event,) = events_for_pipeline(

@@ -9,6 +9,7 @@ it, with the values the page rendered.
 
 from __future__ import annotations
 
+import json
 import re
 from html.parser import HTMLParser
 
@@ -377,6 +378,27 @@ def test_htmx_endpoint_renders_the_budget_table(cast):
     assert "Rounds" in text_of(incomplete)
 
 
+def test_the_budget_check_warns_that_svt_at_a_full_share_leaves_coordinates_unshared(cast):
+    """Issue 15: SVT at a share of 100% shares far from everything and charges every pass; the
+    proposer reads it before proposing, beside the projected budget."""
+    agreement_in_force(cast)
+    steward_registers_datasets(cast)
+    client = cast.client_for("admin")
+    values = form_values(client.get(reverse("training:job-create", args=[cast.consortium.slug])))
+    budget_url = reverse("training:job-create-budget", args=[cast.consortium.slug])
+    svt = {"filter": "svt", "epsilon": 0.5, "threshold": 0.01, "fraction": 1.0, "max_passes": 3}
+    pipeline = [{"filter": "dp_sgd", "noise_multiplier": 1.5, "max_grad_norm": 1.0}, svt]
+    response = client.post(
+        budget_url, {**values, "privacy_pipeline": json.dumps(pipeline)}, HTTP_HX_REQUEST="true"
+    )
+    body = response.content.decode()
+    assert 'id="proposal-budget-advice"' in body
+    assert "does not share every coordinate" in text_of(response)
+    assert "12.5%" in text_of(response)  # 0.5 ** 3 of the coordinates stay unshared
+    plain = client.post(budget_url, values, HTTP_HX_REQUEST="true")
+    assert 'id="proposal-budget-advice"' not in plain.content.decode()
+
+
 def test_edit_budget_leaves_the_jobs_own_reservation_out(cast):
     """Editing a job awaiting approval: its own reservation is replaced, not added to."""
     agreement_in_force(cast, epsilon_cap="3")
@@ -411,3 +433,96 @@ def test_budget_endpoint_sends_anonymous_to_login(cast):
     response = cast.client_for(None).post(budget_url, {})
     assert response.status_code == 302
     assert response.url.startswith(reverse("login"))
+
+
+# --- Enter in a field proposes (issue 14: offer only what a user can do) ------------------
+
+
+class _SubmitButtons(HTMLParser):
+    """Each POST form's submit buttons in DOM order, as (name, value, text, attributes): the
+    first is the form's default button, the one a browser presses when Enter is typed in a
+    field (HTML's implicit submission)."""
+
+    def __init__(self):
+        super().__init__()
+        self.forms: list[list[dict]] = []
+        self._buttons: list[dict] | None = None
+        self._button: dict | None = None
+
+    def handle_starttag(self, tag, attrs):
+        a = dict(attrs)
+        if tag == "form" and (a.get("method") or "").lower() == "post":
+            self._buttons = []
+            self.forms.append(self._buttons)
+        elif self._buttons is not None and tag == "button":
+            if (a.get("type") or "submit").lower() == "submit":
+                self._button = {**a, "text": ""}
+                self._buttons.append(self._button)
+        elif (
+            self._buttons is not None
+            and tag == "input"
+            and (a.get("type") or "").lower() in ("submit", "image")
+        ):
+            self._buttons.append({**a, "text": a.get("value", "")})
+
+    def handle_data(self, data):
+        if self._button is not None:
+            self._button["text"] += data
+
+    def handle_endtag(self, tag):
+        if tag == "button":
+            self._button = None
+        elif tag == "form":
+            self._buttons = None
+
+
+def submit_buttons(response) -> list[dict]:
+    """The job form's submit buttons in DOM order (the page's form with the most buttons)."""
+    parser = _SubmitButtons()
+    parser.feed(response.content.decode())
+    return max(parser.forms, key=len)
+
+
+def test_enter_in_a_field_proposes_rather_than_checking_the_budget(cast):
+    """The form's first submit button (what Enter presses) proposes the job, as "Propose for
+    approval" does; "Check privacy budget" comes later and still only checks."""
+    agreement_in_force(cast)
+    steward_registers_datasets(cast)
+    client = cast.client_for("admin")
+    create_url = reverse("training:job-create", args=[cast.consortium.slug])
+    page = client.get(create_url)
+    buttons = submit_buttons(page)
+
+    default = buttons[0]
+    assert (default["name"], default["value"]) == ("action", "propose")
+    assert default["text"].strip() == "Propose for approval"
+    # Out of sight and out of the tab order: the visible buttons are the ones to press.
+    assert "visually-hidden" in default["class"].split()
+    assert default["tabindex"] == "-1" and default["aria-hidden"] == "true"
+    values = [(b.get("name"), b.get("value")) for b in buttons]
+    assert values.index(("action", "check")) > 0
+    assert ("action", "propose") in values[1:], "the visible primary button is still there"
+
+    # What Enter sends (the default button's name and value) proposes the job.
+    response = client.post(create_url, {**form_values(page), default["name"]: default["value"]})
+    assert_proposed(response, cast.consortium)
+
+
+def test_enter_in_the_edit_form_saves(cast):
+    agreement_in_force(cast)
+    steward_registers_datasets(cast)
+    client = cast.client_for("admin")
+    create_url = reverse("training:job-create", args=[cast.consortium.slug])
+    job = assert_proposed(propose_form_as_it_comes(client, create_url)[1], cast.consortium)
+    edit_url = reverse("training:job-edit", args=[cast.consortium.slug, job.pk])
+    page = client.get(edit_url)
+    default = submit_buttons(page)[0]
+    assert (default["name"], default["value"]) == ("action", "save")
+    assert default["text"].strip() == "Save changes"
+
+    values = form_values(page)
+    values["title"] = ["Renamed by pressing Enter"]
+    response = client.post(edit_url, {**values, default["name"]: default["value"]})
+    assert response.status_code == 302, text_of(response)[:2000]
+    job.refresh_from_db()
+    assert job.title == "Renamed by pressing Enter"

@@ -15,7 +15,7 @@ import pytest
 from django.core.exceptions import ImproperlyConfigured
 
 from training.fl.params import FILTER_NAMES
-from training.jobs.describe import describe_pipeline
+from training.jobs.describe import describe_pipeline, pipeline_warnings
 from training.jobs.registry import ModelSpec, builtin_models, get_model, model_registry
 from training.jobs.spec import (
     SPEC_SCHEMA_VERSION,
@@ -184,13 +184,13 @@ def test_filter_defaults_are_filled():
         minimal_spec(
             privacy_pipeline=[
                 {"filter": "partial_sharing", "fraction": 0.3},
-                {"filter": "svt", "epsilon": 1, "threshold": 0, "fraction": 0.1},
+                {"filter": "svt", "epsilon": 1, "threshold": 0.1, "fraction": 0.1},
             ]
         )
     )
     assert spec["privacy_pipeline"] == [
         {"filter": "partial_sharing", "fraction": 0.3, "strategy": "topk"},
-        {"filter": "svt", "epsilon": 1.0, "threshold": 0.0, "fraction": 0.1, "max_passes": 1},
+        {"filter": "svt", "epsilon": 1.0, "threshold": 0.1, "fraction": 0.1, "max_passes": 1},
     ]
 
 
@@ -332,9 +332,47 @@ BAD_FIELDS = [
         id="svt-threshold",
     ),
     pytest.param(
-        _pipe({"filter": "svt", "epsilon": 1, "threshold": 0, "fraction": 0.1, "max_passes": 11}),
+        _pipe({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 0.1, "max_passes": 11}),
         "privacy_pipeline[0].max_passes",
         id="svt-passes",
+    ),
+    pytest.param(
+        _pipe({"filter": "svt", "epsilon": 1, "threshold": 0.5, "fraction": 0.1, "bound": 0.4}),
+        "privacy_pipeline[0].bound",
+        id="svt-bound-below-threshold",
+    ),
+    pytest.param(
+        _pipe({"filter": "svt", "epsilon": 1, "threshold": 0.5, "fraction": 0.1, "bound": 0}),
+        "privacy_pipeline[0].bound",
+        id="svt-bound-zero",
+    ),
+    pytest.param(
+        _pipe(
+            {"filter": "svt", "epsilon": 1, "threshold": 0.5, "fraction": 0.1},
+            {"filter": "svt", "epsilon": 1, "threshold": 0.5, "fraction": 0.1, "bound": 0.3},
+        ),
+        "privacy_pipeline[1].bound",
+        id="svt-bound-checked-per-entry",
+    ),
+    pytest.param(
+        _pipe({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 1, "selection_share": 1}),
+        "privacy_pipeline[0].selection_share",
+        id="svt-selection-share-all",
+    ),
+    pytest.param(
+        _pipe({"filter": "svt", "epsilon": 1, "threshold": 1, "fraction": 1, "threshold_share": 0}),
+        "privacy_pipeline[0].threshold_share",
+        id="svt-threshold-share-none",
+    ),
+    pytest.param(
+        _pipe({"filter": "laplace_noise", "epsilon": 1, "sensitivity": 1, "clip": 0}),
+        "privacy_pipeline[0].clip",
+        id="laplace-clip-zero",
+    ),
+    pytest.param(
+        _pipe({"filter": "laplace_noise", "epsilon": 1, "sensitivity": 1, "clip": 1.5}),
+        "privacy_pipeline[0].clip",
+        id="laplace-clip-above-sensitivity",
     ),
     pytest.param(
         _pipe({"filter": "dp_sgd", "noise_multiplier": 1}),
@@ -665,3 +703,92 @@ def test_modules_import_without_django_settings_torch_or_models():
         [sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True
     )
     assert result.returncode == 0, result.stderr
+
+
+# --- the privacy engine's knobs (issue 15) ---------------------------------------------------
+
+
+def test_svt_threshold_zero_is_refused_and_says_why():
+    """Threshold 0 used to pass: the bound 2 x threshold then clipped every value to 0 while the
+    mask said shared and ε was charged."""
+    errors = errors_of(
+        minimal_spec(
+            privacy_pipeline=[{"filter": "svt", "epsilon": 1, "threshold": 0, "fraction": 0.1}]
+        )
+    )
+    message = errors["privacy_pipeline[0].threshold"]
+    assert "greater than 0" in message and "bound is derived from it" in message
+
+
+SVT_OLD = {"filter": "svt", "epsilon": 0.5, "threshold": 0.01, "fraction": 0.1, "max_passes": 3}
+
+
+def test_new_filter_parameters_leave_old_specs_and_digests_alone():
+    """The split, the bound and Laplace's clip are optional and left out of the normal form when
+    absent or at the value they take when left out: a spec written before them keeps its
+    canonical text, so its digest and approvals."""
+    laplace = {"filter": "laplace_noise", "epsilon": 0.7, "sensitivity": 0.05}
+    spec = validate_spec(minimal_spec(privacy_pipeline=[SVT_OLD, laplace]))
+    assert spec["privacy_pipeline"] == [
+        {**SVT_OLD, "epsilon": 0.5},
+        {**laplace},
+    ]
+    assert "selection_share" not in canonical_spec_text(spec)
+    assert validate_spec(spec) == spec
+    spelled_out = [
+        {**SVT_OLD, "selection_share": 0.5, "threshold_share": 0.5, "bound": 0.02},
+        laplace,
+    ]
+    assert spec_digest(validate_spec(minimal_spec(privacy_pipeline=spelled_out))) == spec_digest(
+        spec
+    )
+
+
+def test_new_filter_parameters_are_kept_when_set():
+    pipeline = [
+        {**SVT_OLD, "selection_share": 0.25, "threshold_share": 0.75, "bound": 0.05},
+        {"filter": "laplace_noise", "epsilon": 0.7, "sensitivity": 0.05, "clip": 0.001},
+    ]
+    spec = validate_spec(minimal_spec(privacy_pipeline=pipeline))
+    assert spec["privacy_pipeline"] == [
+        {
+            **SVT_OLD,
+            "epsilon": 0.5,
+            "selection_share": 0.25,
+            "threshold_share": 0.75,
+            "bound": 0.05,
+        },
+        {"filter": "laplace_noise", "epsilon": 0.7, "sensitivity": 0.05, "clip": 0.001},
+    ]
+    assert validate_spec(spec) == spec
+    assert spec_digest(spec) != spec_digest(validate_spec(minimal_spec(privacy_pipeline=[SVT_OLD])))
+    svt, laplace = describe_pipeline(spec)
+    assert "±0.05" in svt and "25% of each pass's ε" in svt and "75% of the selection" in svt
+    assert "±0.001" in laplace
+
+
+def test_svt_at_full_share_says_it_leaves_coordinates_unshared():
+    full = {**SVT_OLD, "fraction": 1.0}
+    spec = validate_spec(minimal_spec(privacy_pipeline=[full]))
+    (line,) = describe_pipeline(spec)
+    assert "still leaves coordinates unshared" in line and "each pass is charged" in line
+    (warning,) = pipeline_warnings(spec)
+    assert "does not share every coordinate" in warning
+    assert "12.5% of them stay unshared" in warning  # 2**-3 after 3 passes
+    assert "up to 1.5 per round" in warning
+    partial = validate_spec(minimal_spec(privacy_pipeline=[SVT_OLD]))
+    assert pipeline_warnings(partial) == []
+    assert "unshared" not in describe_pipeline(partial)[0]
+
+
+@pytest.mark.parametrize("cap", [0.1, 1.0])
+def test_the_proposal_forms_svt_pipeline_is_valid(cap):
+    """The form's starting pipeline for an agreement that requires SVT had threshold 0, which
+    shared nothing; it now validates, and at a share of 100% the proposer is told the truth."""
+    from training.jobs.proposal_guidance import pipeline_for_terms
+
+    pipeline = pipeline_for_terms(required_mechanism="svt", max_shared_fraction=cap)
+    spec = validate_spec(minimal_spec(privacy_pipeline=pipeline))
+    (svt,) = [f for f in spec["privacy_pipeline"] if f["filter"] == "svt"]
+    assert svt["threshold"] > 0 and svt["fraction"] == cap
+    assert bool(pipeline_warnings(spec)) == (cap == 1.0)

@@ -50,23 +50,44 @@ Decisions (each one tested in ``tests/fl/test_fl_filters.py``):
   the floating-point attacks of Mironov (2012), and the noise is only as unpredictable as
   ``generator``'s seed: seed it from ``os.urandom``/``secrets`` in production (the site worker
   does).
+* **Laplace noise** (``laplace_noise``) clips the update to L1 norm ``sensitivity`` (with
+  the margin above) and adds ``Lap(sensitivity / ε)`` to every shared coordinate: the L1 clip is
+  the fixed bound the guarantee rests on (a site's whole update against none). The optional
+  ``clip`` first clamps every shared coordinate to ``[-clip, clip]``, so that no single
+  coordinate, whatever the relative ``percentile_clipping`` before it let through, takes the
+  whole L1 budget; ``clip`` may not exceed ``sensitivity`` (validated). When
+  ``clip * shared coordinates <= sensitivity`` the L1 clip never binds and the noise is
+  calibrated to the per-coordinate bound alone. The clamp is recorded like a percentile clip
+  (the smaller bound wins) and applied in the pass that adds the noise: no extra pass.
 * **Sparse vector technique** (``svt``), after Lyu, Su and Li, "Understanding the Sparse Vector
   Technique for Differential Privacy" (2017), Algorithm 1, as used for FL updates by Li et al.
-  (NVIDIA/KCL, 2019). ``gamma = SVT_GAMMA_FACTOR * threshold`` (twice the threshold) bounds every
-  value: the update is clipped to ``[-gamma, gamma]`` and the query for coordinate ``i`` is
-  ``|v_i|`` in ``[0, gamma]``, of sensitivity ``gamma`` (a site's whole update against none, the
-  convention of the other filters here). Each *pass* is a fresh ε-DP run that may select up to the
-  ``c`` coordinates still missing, over the coordinates not selected yet: selection gets ε/2, split
-  as Lyu's ε1 = ε/4 for the threshold noise ``Lap(gamma / ε1)`` and ε2 = ε/4 for the query noise
-  ``Lap(2 c gamma / ε2)``; release gets ε/2: the pass's selected values receive
-  ``Lap(c gamma / (ε/2))`` and are clipped to ``[-gamma, gamma]`` again (post-processing).
-  Scanning in a uniformly random order and stopping at the ``c``-th positive is carried out as
-  "all noisy tests at once, then a uniformly random ``c``-subset of the positives", which has
-  exactly the same output distribution, so the same privacy, without a permutation of every
-  coordinate. No coordinate is tested again once selected, so none is selected twice. The event is
-  ``pure_epsilon`` with ε × passes actually run (the accountant projects ε × ``max_passes``).
-  Note that ``c`` grows with the update, so on a large model the query noise dwarfs ``gamma`` and
-  selection is close to uniform: that is the price of update-level pure DP, not a bug.
+  (NVIDIA/KCL, 2019). ``gamma`` (the parameter ``bound``; ``SVT_GAMMA_FACTOR * threshold``,
+  twice the threshold, when left out, and never below ``threshold``) bounds every value: the
+  update is clipped to ``[-gamma, gamma]`` and the query for coordinate ``i`` is ``|v_i|`` in
+  ``[0, gamma]``, of sensitivity ``gamma`` (a site's whole update against none, the convention
+  of the other filters here). ``threshold`` must be above 0 (validated here and in the spec): at
+  0 the default bound would clip every value to 0 while ε is spent. Each *pass* is a fresh ε-DP
+  run that may select up to the ``c`` coordinates still missing, over the coordinates not
+  selected yet. Its ε is split by two parameters: ``selection_share`` ``s`` (default 0.5) goes to
+  the selection, split by ``threshold_share`` ``t`` (default 0.5, Lyu's ε1 = ε2) into
+  ε1 = ε s t for the threshold noise ``Lap(gamma / ε1)`` and ε2 = ε s (1 - t) for the query
+  noise ``Lap(2 c gamma / ε2)``; the release gets ε3 = ε (1 - s): the pass's selected values
+  receive ``Lap(c gamma / ε3)`` and are clipped to ``[-gamma, gamma]`` again
+  (post-processing). ε1 + ε2 + ε3 = ε whatever the split, so the accountant's pure ε per pass
+  holds; the defaults give ε/4, ε/4 and ε/2 exactly (the same draws as before the split was a
+  parameter). Scanning in a uniformly random order and stopping at the ``c``-th positive is
+  carried out as "all noisy tests at once, then a uniformly random ``c``-subset of the
+  positives", which has exactly the same output distribution, so the same privacy, without a
+  permutation of every coordinate. No coordinate is tested again once selected, so none is
+  selected twice. Passes stop as soon as the selection is complete (``round(fraction * m)``
+  selected, or no coordinate left to select), so a pass that could select nothing is neither
+  run nor charged. The event is ``pure_epsilon`` with ε × passes actually run (the accountant
+  projects ε × ``max_passes``). Note that ``c`` grows with the update, so on a large model the
+  query noise dwarfs ``gamma`` and selection is close to uniform: that is the price of
+  update-level pure DP, not a bug. For the same reason ``fraction`` 1.0 does not share
+  everything: each pass selects about the half of the remaining coordinates whose noisy query
+  passes the noisy threshold, so ``max_passes`` passes leave about ``2**-max_passes`` of them
+  unshared (measured: 87% to 99.5% shared), and every pass run is charged.
 
 Performance: everything runs on one flat float32 copy of the shared parameters, in place, and every
 large scratch buffer comes from a :class:`~training.fl.pipeline_state.Workspace`. The loops over the
@@ -98,7 +119,7 @@ import torch
 
 from training.fl import kernels
 from training.fl.noise import gaussian_noise_, laplace_noise_, laplace_scalar, uniform_keys_
-from training.fl.params import validate_filter
+from training.fl.params import SVT_BOUND_FACTOR, validate_filter
 from training.fl.pipeline_state import PipelineState, Workspace
 from training.fl.selection import keep_top_lazily, percentile, select_top
 
@@ -106,11 +127,13 @@ __all__ = [
     "SVT_GAMMA_FACTOR",
     "FilteredUpdate",
     "apply_pipeline",
+    "svt_budget",
     "svt_gamma",
 ]
 
-#: ``gamma`` (the SVT value bound) is this multiple of the job's ``threshold``.
-SVT_GAMMA_FACTOR = 2.0
+#: ``gamma`` (the SVT value bound) is this multiple of the job's ``threshold`` unless the
+#: filter's ``bound`` says otherwise (:data:`training.fl.params.SVT_BOUND_FACTOR`).
+SVT_GAMMA_FACTOR = SVT_BOUND_FACTOR
 _CLIP_MARGIN = 1.0 - 2.0**-20
 
 
@@ -133,9 +156,19 @@ class FilteredUpdate:
     notes: dict[str, Any] = field(default_factory=dict)
 
 
-def svt_gamma(threshold: float) -> float:
-    """The value bound ``gamma`` that :func:`apply_pipeline` uses for an svt ``threshold``."""
-    return SVT_GAMMA_FACTOR * float(threshold)
+def svt_gamma(threshold: float, bound: float | None = None) -> float:
+    """The value bound ``gamma`` that :func:`apply_pipeline` uses for an svt ``threshold``
+    (and its ``bound``, when given)."""
+    return float(bound) if bound is not None else SVT_GAMMA_FACTOR * float(threshold)
+
+
+def svt_budget(
+    epsilon: float, selection_share: float, threshold_share: float
+) -> tuple[float, float, float]:
+    """``(ε1, ε2, ε3)``: one svt pass's ε for the threshold noise, the query noise and the
+    release; they add up to ``epsilon`` (the module docstring)."""
+    selection = epsilon * selection_share
+    return selection * threshold_share, selection * (1.0 - threshold_share), epsilon - selection
 
 
 # --- the filters ---------------------------------------------------------------------------
@@ -204,7 +237,15 @@ def _draws(st: PipelineState, fill: Callable[[torch.Tensor], torch.Tensor]) -> n
 def _laplace_noise(
     st: PipelineState, f: dict[str, Any], notes: dict[str, Any]
 ) -> list[dict[str, Any]]:
-    eps, sens = f["epsilon"], f["sensitivity"]
+    eps, sens, clip = f["epsilon"], f["sensitivity"], f.get("clip")
+    if clip is not None:
+        if not clip > 0:
+            raise ValueError(f"laplace_noise.clip: must be greater than 0, got {clip!r}")
+        if clip < st.clip:
+            # Recorded like a percentile clip: the pass below clamps, scales and adds noise.
+            st.clip = float(clip)
+            st.touched()
+        notes.update(clip=float(clip), l1_bound_of_clip=float(clip) * st.shared)
     before, after, factor = _clip_scale(st, sens, 1)
     scale = sens / eps
     noise = _draws(st, lambda out: laplace_noise_(out, scale, st.generator))
@@ -227,7 +268,16 @@ def _gaussian_noise(
 
 def _svt(st: PipelineState, f: dict[str, Any], notes: dict[str, Any]) -> list[dict[str, Any]]:
     eps, threshold = f["epsilon"], f["threshold"]
-    gamma = svt_gamma(threshold)
+    gamma = svt_gamma(threshold, f.get("bound"))
+    if not (threshold > 0 and gamma >= threshold):
+        # validate_filter refuses both; a direct caller must not get zeros marked as shared.
+        raise ValueError(
+            f"svt.threshold: must be greater than 0 and at most the bound, got threshold "
+            f"{threshold!r} and bound {gamma!r}"
+        )
+    eps_threshold, eps_queries, eps_release = svt_budget(
+        eps, f.get("selection_share", 0.5), f.get("threshold_share", 0.5)
+    )
     ws, n = st.ws, st.n
     target = round(f["fraction"] * st.shared)
     st.finish()
@@ -245,9 +295,10 @@ def _svt(st: PipelineState, f: dict[str, Any], notes: dict[str, Any]) -> list[di
     noise, scratch = ws.get("noise", n), ws.get("scratch", n)
     positives = ws.get("svt_pos", n)
     chosen, passes, per_pass = 0, 0, []
-    eps_threshold = eps_queries = eps / 4.0
-    eps_release = eps / 2.0
-    while chosen < target and passes < f["max_passes"]:
+    left = st.shared  # coordinates that may still be selected
+    # Complete once the quota is met or nothing is left to select: no pass runs (or is
+    # charged) past that.
+    while chosen < target and left > 0 and passes < f["max_passes"]:
         passes += 1
         c = target - chosen
         noisy_threshold = threshold + laplace_scalar(gamma / eps_threshold, st.generator)
@@ -272,10 +323,18 @@ def _svt(st: PipelineState, f: dict[str, Any], notes: dict[str, Any]) -> list[di
             selected.add_(positives)
             candidates.sub_(positives)
         chosen += found
+        left -= found
         per_pass.append(found)
     st.values.mul_(selected)
     st.set_mask(torch.ne(selected, 0.0, out=st.new_bool_buffer()), chosen)
-    notes.update(gamma=gamma, target=target, selected=chosen, passes=passes, per_pass=per_pass)
+    notes.update(
+        gamma=gamma,
+        epsilon_split=[eps_threshold, eps_queries, eps_release],
+        target=target,
+        selected=chosen,
+        passes=passes,
+        per_pass=per_pass,
+    )
     return [_event("pure_epsilon", {"epsilon": eps * passes}, "svt")]
 
 

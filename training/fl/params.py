@@ -27,12 +27,15 @@ __all__ = [
     "LAYER_NAME_MAX_LEN",
     "MISSING",
     "NOT_ON_UPDATE",
+    "SVT_BOUND_FACTOR",
     "UPDATE_FILTERS",
     "Choice",
     "Field",
     "LayerList",
     "Missing",
     "Number",
+    "derived_default",
+    "relation_errors",
     "validate_filter",
 ]
 
@@ -69,12 +72,21 @@ class Number:
     lo_open: bool = False
     hi_open: bool = False
     default: float | Missing = MISSING
+    #: May be left out even without a ``default`` (its value is then derived: see
+    #: :func:`derived_default`). An optional field is left out of a normalised spec when it is
+    #: absent or equal to its default, so adding one never changes the digest of a spec
+    #: written before it existed.
+    optional: bool = False
+    #: Why the bounds are what they are, or what leaving it out means: said with the bounds.
+    note: str = ""
 
     def message(self) -> str:
         noun = "an integer" if self.kind == "int" else "a number"
         if self.kind == "int" and self.lo is not None and self.hi is not None:
-            return f"must be an integer from {self.lo} to {self.hi}"
-        return f"must be {noun}" + _range_text(self.lo, self.hi, self.lo_open, self.hi_open)
+            text = f"must be an integer from {self.lo} to {self.hi}"
+        else:
+            text = f"must be {noun}" + _range_text(self.lo, self.hi, self.lo_open, self.hi_open)
+        return f"{text} ({self.note})" if self.note else text
 
     def convert(self, value: object) -> int | float | None:
         """The value typed (an integral float becomes an int for an int field), or None when
@@ -123,6 +135,9 @@ class LayerList:
 
 Field = Number | Choice | LayerList
 
+#: An svt filter's value bound ``bound`` is this multiple of its ``threshold`` unless given.
+SVT_BOUND_FACTOR = 2.0
+
 #: Parameters of each privacy filter (besides ``"filter"`` itself), in the order the filters are
 #: listed to people.
 FILTER_PARAMS: dict[str, dict[str, Field]] = {
@@ -135,6 +150,15 @@ FILTER_PARAMS: dict[str, dict[str, Field]] = {
     "laplace_noise": {
         "epsilon": Number("float", 0, lo_open=True),
         "sensitivity": Number("float", 0, lo_open=True),
+        # Each shared coordinate clamped to [-clip, clip] before the L1 clip and the noise.
+        "clip": Number(
+            "float",
+            0,
+            lo_open=True,
+            optional=True,
+            note="optional: each shared coordinate is clamped to [-clip, clip] before the noise; "
+            "at most sensitivity",
+        ),
     },
     "gaussian_noise": {
         "noise_multiplier": Number("float", 0, lo_open=True),
@@ -142,9 +166,46 @@ FILTER_PARAMS: dict[str, dict[str, Field]] = {
     },
     "svt": {
         "epsilon": Number("float", 0, lo_open=True),
-        "threshold": Number("float", 0),
+        "threshold": Number(
+            "float",
+            0,
+            lo_open=True,
+            note="the value bound is derived from it: bound is 2 × threshold unless given, so at 0 "
+            "every value would be clipped to 0 and nothing shared while ε is spent",
+        ),
         "fraction": Number("float", 0, 1, lo_open=True),
         "max_passes": Number("int", 1, 10, default=1),
+        # Lyu et al.'s budget split: selection (threshold and query noise) against release.
+        "selection_share": Number(
+            "float",
+            0,
+            1,
+            lo_open=True,
+            hi_open=True,
+            default=0.5,
+            optional=True,
+            note="the part of each pass's ε spent on selecting coordinates; the release of "
+            "their values gets the rest",
+        ),
+        "threshold_share": Number(
+            "float",
+            0,
+            1,
+            lo_open=True,
+            hi_open=True,
+            default=0.5,
+            optional=True,
+            note="the part of the selection's ε spent on the threshold's noise; the queries' "
+            "noise gets the rest",
+        ),
+        "bound": Number(
+            "float",
+            0,
+            lo_open=True,
+            optional=True,
+            note="optional: every value is clipped to [-bound, bound], the sensitivity of the "
+            "queries and the release; 2 × threshold when left out; at least threshold",
+        ),
     },
     "dp_sgd": {
         "noise_multiplier": Number("float", 0, lo_open=True),
@@ -170,10 +231,45 @@ UPDATE_FILTERS = (
 NOT_ON_UPDATE = ("exclude_layers", "dp_sgd")
 
 
+def derived_default(name: str, key: str, params: Mapping[str, Any]) -> Any:
+    """The value an optional parameter takes when it is left out: its default, or one derived
+    from the entry's other (checked) parameters; None where leaving it out means "none"."""
+    if name == "svt" and key == "bound":
+        return SVT_BOUND_FACTOR * float(params["threshold"])
+    field_spec = FILTER_PARAMS[name][key]
+    return None if field_spec.default is MISSING else field_spec.default
+
+
+def relation_errors(name: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """The rules that tie one filter's parameters together, as ``{parameter: message}``.
+
+    ``params`` holds the checked values (an absent optional parameter is absent or None). Both
+    sides run them: the spec validation after each field's own check, the engine in
+    :func:`validate_filter`.
+    """
+    errors: dict[str, str] = {}
+    if name == "svt":
+        bound, threshold = params.get("bound"), params.get("threshold")
+        if bound is not None and threshold is not None and bound < threshold:
+            errors["bound"] = (
+                f"must be at least threshold ({threshold!r}): every value is clipped to the "
+                "bound, so no query could reach a higher threshold"
+            )
+    elif name == "laplace_noise":
+        clip, sensitivity = params.get("clip"), params.get("sensitivity")
+        if clip is not None and sensitivity is not None and clip > sensitivity:
+            errors["clip"] = (
+                f"must be at most sensitivity ({sensitivity!r}): one coordinate cannot move "
+                "further than the L1 norm the noise is calibrated to"
+            )
+    return errors
+
+
 def validate_filter(spec: object) -> dict[str, Any]:
     """One pipeline entry checked with the spec's own rules, defaults filled in.
 
-    Raises ``ValueError`` naming the filter and the parameter.
+    Optional parameters left out take :func:`derived_default` (None for "none"), so the
+    engine always finds every key. Raises ``ValueError`` naming the filter and the parameter.
     """
     if not isinstance(spec, Mapping) or "filter" not in spec:
         raise ValueError(f"a privacy filter must be an object with a 'filter' key, got {spec!r}")
@@ -189,6 +285,9 @@ def validate_filter(spec: object) -> dict[str, Any]:
     out: dict[str, Any] = {"filter": name}
     for key, field_spec in params.items():
         if key not in spec:
+            if isinstance(field_spec, Number) and field_spec.optional:
+                out[key] = None  # filled in below, once the others are checked
+                continue
             if field_spec.default is MISSING:
                 raise ValueError(f"{name}.{key}: required")
             out[key] = field_spec.default
@@ -208,4 +307,11 @@ def validate_filter(spec: object) -> dict[str, Any]:
         if converted is None:
             raise ValueError(f"{name}.{key}: {field_spec.message()}, got {value!r}")
         out[key] = converted
+    errors = relation_errors(name, out)
+    if errors:
+        key, message = next(iter(errors.items()))
+        raise ValueError(f"{name}.{key}: {message}, got {out[key]!r}")
+    for key in params:
+        if out[key] is None:
+            out[key] = derived_default(name, key, out)
     return out

@@ -60,9 +60,15 @@ def _describe_clip(f: Mapping) -> str:
 
 
 def _describe_laplace(f: Mapping) -> str:
+    clamp = (
+        f"clamping every shared coordinate to ±{_num(f['clip'])} and then "
+        if f.get("clip") is not None
+        else ""
+    )
     return (
         f"Add Laplace noise for differential privacy with ε = {_num(f['epsilon'])} per round, "
-        f"calibrated to an update sensitivity of {_num(f['sensitivity'])}"
+        f"{clamp}calibrated to an update sensitivity of {_num(f['sensitivity'])} "
+        "(the update's L1 norm is clipped to it)"
     )
 
 
@@ -75,12 +81,30 @@ def _describe_gaussian(f: Mapping) -> str:
 
 def _describe_svt(f: Mapping) -> str:
     passes = f.get("max_passes", 1)
-    return (
+    text = (
         f"Share at most {_percent(f['fraction'])}% of coordinates, chosen by the sparse "
-        f"vector technique with ε = {_num(f['epsilon'])} and threshold "
+        f"vector technique with ε = {_num(f['epsilon'])} per pass and threshold "
         f"{_num(f['threshold'])} (at most {passes} {'pass' if passes == 1 else 'passes'} "
-        "over the update)"
+        "over the update, each pass run charged its ε)"
     )
+    details = []
+    if f.get("bound") is not None:
+        details.append(f"values clipped to ±{_num(f['bound'])}")
+    if f.get("selection_share") is not None:
+        details.append(f"{_percent(f['selection_share'])}% of each pass's ε spent on selecting")
+    if f.get("threshold_share") is not None:
+        details.append(
+            f"{_percent(f['threshold_share'])}% of the selection's ε on the threshold's noise"
+        )
+    if details:
+        text += "; " + ", ".join(details)
+    if float(f["fraction"]) >= 1.0:
+        text += (
+            ". At 100% it still leaves coordinates unshared: each pass selects only about "
+            "half of those left, so some stay unshared after the last pass, and each pass "
+            "is charged"
+        )
+    return text
 
 
 def _describe_dp_sgd(f: Mapping) -> str:
@@ -109,6 +133,25 @@ def describe_pipeline(spec: Mapping) -> list[str]:
     is shared as computed); the caller words that case for its page.
     """
     return [_DESCRIBE[f["filter"]](f) for f in spec.get("privacy_pipeline") or []]
+
+
+def pipeline_warnings(spec: Mapping) -> list[str]:
+    """Plain words on what a normalised spec's pipeline does that its numbers hide, for the
+    proposer before proposing (:class:`training.jobs.proposal_guidance.BudgetPreview`) and the
+    approver. Empty when there is nothing to say."""
+    out = []
+    for f in spec.get("privacy_pipeline") or []:
+        if f["filter"] == "svt" and float(f["fraction"]) >= 1.0:
+            passes = f.get("max_passes", 1)
+            out.append(
+                "The sparse vector technique at a share of 100% does not share every "
+                "coordinate: each pass selects only about half of the coordinates left, so "
+                f"after {passes} {'pass' if passes == 1 else 'passes'} about "
+                f"{_percent(0.5**passes)}% of them stay unshared, and every pass run is charged "
+                f"ε = {_num(f['epsilon'])} (up to {_num(f['epsilon'] * passes)} per round). "
+                "To share everything, use Laplace or Gaussian noise instead."
+            )
+    return out
 
 
 def describe_evaluation(spec: Mapping, *, uploaded: tuple[str, int] | None = None) -> str:

@@ -18,6 +18,7 @@ from consortium.governance.models import Consortium, DPMechanism
 from consortium.governance.selectors import AgreementStatus, agreement_in_force
 from training.jobs.accounting import BudgetProjection
 from training.jobs.compliance import ComplianceReport, Problem, check_job_compliance
+from training.jobs.describe import pipeline_warnings
 from training.jobs.registry import model_registry
 from training.jobs.spec import SpecError, validate_spec
 from training.models import SiteDataset
@@ -43,6 +44,10 @@ _BASE_NOISE = {
     DPMechanism.NONE: 4.0,  # nothing required: Gaussian noise anyway, it is the safe default
 }
 _BASE_EPSILON_PER_ROUND = {DPMechanism.LAPLACE: 0.2, DPMechanism.SVT: 0.2}
+#: The sparse vector technique's threshold on |change| of one coordinate: above 0, since the
+#: value bound (twice the threshold) is derived from it, and of the order of one local epoch's
+#: changes at the form's learning rate.
+_SVT_THRESHOLD = 0.01
 
 #: Tried in order until every participant's projected ε fits its cap: more noise first (the
 #: model still trains as long), then a single round with the most noise.
@@ -79,7 +84,7 @@ def pipeline_for_terms(*, required_mechanism: str, max_shared_fraction: float, s
         epsilon = _BASE_EPSILON_PER_ROUND[DPMechanism.SVT] / strength
         return [
             clipping,
-            {"filter": "svt", "epsilon": epsilon, "threshold": 0.0, "fraction": cap},
+            {"filter": "svt", "epsilon": epsilon, "threshold": _SVT_THRESHOLD, "fraction": cap},
         ]
     sharing = (
         [{"filter": "partial_sharing", "fraction": cap, "strategy": "topk"}]
@@ -243,6 +248,9 @@ class BudgetPreview:
     rows: list[BudgetProjection] = field(default_factory=list)
     problems: list[Problem] = field(default_factory=list)
     spec_errors: list[str] = field(default_factory=list)
+    #: What the pipeline does that its numbers hide (:func:`training.jobs.describe.
+    #: pipeline_warnings`): not problems, the job may still be proposed.
+    advice: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -275,4 +283,8 @@ def proposal_budget_preview(
     report = check_job_compliance(
         consortium=consortium, spec=normalised, exclude_job_id=exclude_job_id
     )
-    return BudgetPreview(rows=_rows(report), problems=list(report.problems))
+    return BudgetPreview(
+        rows=_rows(report),
+        problems=list(report.problems),
+        advice=pipeline_warnings(normalised),
+    )

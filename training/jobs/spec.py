@@ -20,7 +20,11 @@ Normalisation rules (so equal jobs get equal digests):
   ``contribution`` and ``evaluation``: each is present only when it differs from
   its default (specs written before they existed keep their digests, and so their
   approvals); :func:`contribution_settings` and :func:`evaluation_settings` read
-  them with the defaults filled in.
+  them with the defaults filled in. Privacy-filter parameters marked ``optional`` in
+  :data:`training.fl.params.FILTER_PARAMS` (svt's ``selection_share``,
+  ``threshold_share`` and ``bound``, laplace_noise's ``clip``) follow the same rule: present
+  only when given at a value other than the one they take when left out
+  (:func:`training.fl.params.derived_default`), which the engine fills in itself.
 
 Where models are evaluated (``evaluation``): ``{"where": "central"}`` on the
 consortium's validation set (the bundled data sets carry one; for any other key it is one an
@@ -66,6 +70,8 @@ from training.fl.params import (
     Field,
     LayerList,
     Number,
+    derived_default,
+    relation_errors,
 )
 from training.jobs.registry import MODALITY_PURPOSE, ModelSpec, model_registry
 from training.queues import MIN_ROUND_TIMEOUT_SECONDS
@@ -348,10 +354,22 @@ def _check_pipeline(c: _Checker, raw: Mapping) -> list[dict] | None:
                 known = ", ".join(params)
                 c.error(f"{path}.{key}", f"unknown parameter of {name} (allowed: {known})")
         entry: dict[str, Any] = {"filter": name}
+        optional = [k for k, s in params.items() if isinstance(s, Number) and s.optional]
         for key, spec in params.items():
+            if key in optional and key not in item:
+                continue  # left out of the normal form (module docstring)
             entry[key] = c.field(item, key, f"{path}.{key}", spec)
+        if len(c.errors) == before:
+            for key, message in relation_errors(name, entry).items():
+                c.error(f"{path}.{key}", message)
         if len(c.errors) != before:
             ok = False
+        else:
+            # An optional parameter given at the value it takes when left out says nothing:
+            # the normal form leaves it out, so the two spellings of one job share a digest.
+            for key in optional:
+                if key in entry and entry[key] == derived_default(name, key, entry):
+                    del entry[key]
         out.append(entry)
     if not ok:
         return None
