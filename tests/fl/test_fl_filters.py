@@ -577,8 +577,8 @@ def test_gaussian_sampler_moments_and_tails(n):
     assert float(z.std()) == pytest.approx(1.0, rel=0.005)
     assert float((z**4).mean()) == pytest.approx(3.0, rel=0.03)  # kurtosis of a normal
     assert float((z**3).mean()) == pytest.approx(0.0, abs=0.02)
-    # 24-bit uniforms: |z| <= sqrt(2 * 24 ln 2) = 5.77; P(|z| > 4) = 6.3e-5
-    assert float(z.abs().max()) <= math.sqrt(48 * math.log(2)) + 1e-4
+    # wide radius uniforms: |z| <= 37.7 (tests/fl/test_noise_tails.py); P(|z| > 4) = 6.3e-5
+    assert float(z.abs().max()) <= 37.7
     assert 20 < int((z.abs() > 4).sum()) < 110
     # both halves of each Box-Muller pair are normal (cos half, sin half)
     for half in (z[: n // 2], z[n // 2 :]):
@@ -595,7 +595,7 @@ def test_laplace_sampler_moments_and_symmetry():
     assert abs(float(x.mean())) < 0.01
     # P(|x| > 3b) = e^-3
     assert float((x.abs() > 3 * b).double().mean()) == pytest.approx(math.exp(-3), rel=0.03)
-    assert float(x.abs().max()) <= 24 * math.log(2) * b * (1 + 1e-6)
+    assert float(x.abs().max()) <= 743.1 * b  # wide uniforms (tests/fl/test_noise_tails.py)
 
 
 def test_uniform_keys_range_and_mean():
@@ -837,12 +837,13 @@ def test_svt_stops_when_the_selection_is_complete():
     assert out.shared_fraction == 1.0
     assert out.events[0]["params"]["epsilon"] == 1e9
     # With real noise each pass takes a part of what is left (more as c, and with it the query
-    # noise, shrinks): here the selection completes in the fifth pass of ten, and stops there.
+    # noise, shrinks): here the selection completes in a few passes of ten (four with these
+    # draws), and stops there.
     out = run(delta, [svt(fraction=1.0, epsilon=1e3, threshold=0.1, max_passes=10)], seed=3)
     note = out.notes["steps"][0]
     assert note["selected"] == sum(note["per_pass"]) == 500
-    assert note["passes"] == len(note["per_pass"]) == 5
-    assert out.events[0]["params"]["epsilon"] == 1e3 * 5
+    assert 2 <= note["passes"] == len(note["per_pass"]) < 10
+    assert out.events[0]["params"]["epsilon"] == 1e3 * note["passes"]
 
 
 def test_svt_with_nothing_shared_runs_no_pass():

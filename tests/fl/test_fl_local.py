@@ -270,9 +270,9 @@ def test_dp_sgd_uses_poisson_sampled_batches(site, monkeypatch):
     sizes = []
     real = local.per_sample_gradients
 
-    def spy(model, x, y):
+    def spy(model, x, y, **kwargs):
         sizes.append(len(x))
-        return real(model, x, y)
+        return real(model, x, y, **kwargs)
 
     monkeypatch.setattr(local, "per_sample_gradients", spy)
     train_local(

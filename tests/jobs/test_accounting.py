@@ -455,3 +455,19 @@ def test_module_imports_neither_django_nor_torch():
     )
     root = Path(__file__).resolve().parents[2]
     subprocess.run([sys.executable, "-c", code], cwd=root, check=True, timeout=60)
+
+
+def test_a_job_without_a_guarantee_is_projected_as_unbounded_and_fits_no_cap():
+    """SVT at an ε of a thousand per pass: the samplers' cut tails void the guarantee at δ
+    (epsilon_spent says so); a projection refuses the job in words instead of failing."""
+    svt = PrivacyEvent("pure_epsilon", {"epsilon": 1000.0}, 5, "svt")
+    with pytest.raises(ValueError, match="no guarantee"):
+        epsilon_spent([svt], delta=DELTA)
+    projection = project_budget(
+        institution="Barts", past_events=[], job_events=[svt], cap=100000.0, delta=DELTA
+    )
+    assert math.isinf(projection.projected) and not projection.fits
+    assert projection.remaining == 0.0
+    assert "no finite ε" in projection.explain() and "Barts" in projection.explain()
+    with pytest.raises(ValueError, match="delta"):
+        project_budget(institution="H", past_events=[], job_events=[svt], cap=8.0, delta=2.0)

@@ -792,3 +792,114 @@ def test_the_proposal_forms_svt_pipeline_is_valid(cap):
     (svt,) = [f for f in spec["privacy_pipeline"] if f["filter"] == "svt"]
     assert svt["threshold"] > 0 and svt["fraction"] == cap
     assert bool(pipeline_warnings(spec)) == (cap == 1.0)
+
+
+# --- the loss, the aggregation and what a coalition is valued by (issue 15) --------------------
+
+#: Digests of specs written before ``loss``, ``aggregation`` and ``contribution.value`` existed,
+#: as the code before them computed: approvals bound to them must stay valid.
+SEG_SPEC = {
+    "purpose": "segmentation",
+    "participants": ["hospital-b", "hospital-a"],
+    "dataset_key": "lesions",
+    "model": {"name": "small_unet"},
+    "rounds": 3,
+    "optimizer": {"name": "adam", "lr": 0.01},
+    "contribution": {"method": "leave_one_out"},
+}
+OLD_DIGESTS = [
+    (minimal_spec(), "38bde1fa5a118c3613061354105b69d2d42ee1d9e4a3049980cb817317a9f892"),
+    (SEG_SPEC, "439faf2dd5fff640d3860a362ae949cd6241e052f606a21067a3f8582272c2c5"),
+]
+
+
+@pytest.mark.parametrize("raw, digest", OLD_DIGESTS)
+def test_specs_without_the_new_keys_keep_their_digests(raw, digest):
+    from training.jobs.spec import aggregation_of, contribution_value, loss_of
+
+    spec = validate_spec(raw)
+    assert spec_digest(spec) == digest
+    assert "loss" not in spec and "aggregation" not in spec
+    # Their meaning is unchanged too: cross-entropy, the mask-aware mean, the task's metric.
+    assert loss_of(spec) == "cross_entropy"
+    assert aggregation_of(spec) == "masked_mean"
+    assert contribution_value(spec) == "metric"
+    # Spelling the defaults out is the same job, with the same digest.
+    contribution = dict(raw.get("contribution") or {"method": "auto"}, value="metric")
+    spelled = dict(raw, loss="cross_entropy", aggregation="masked_mean", contribution=contribution)
+    assert spec_digest(validate_spec(spelled)) == digest
+
+
+def test_the_new_keys_are_kept_when_they_differ_from_the_default():
+    from training.jobs.spec import aggregation_of, contribution_value, loss_of
+
+    spec = validate_spec(
+        dict(
+            SEG_SPEC,
+            loss="dice_bce",
+            aggregation="zero_filled_mean",
+            contribution={"method": "leave_one_out", "value": "loss"},
+        )
+    )
+    assert spec["loss"] == "dice_bce"
+    assert spec["aggregation"] == "zero_filled_mean"
+    assert spec["contribution"] == {"method": "leave_one_out", "value": "loss"}
+    assert (loss_of(spec), aggregation_of(spec), contribution_value(spec)) == (
+        "dice_bce",
+        "zero_filled_mean",
+        "loss",
+    )
+    assert validate_spec(spec) == spec
+    assert spec_digest(spec) != OLD_DIGESTS[1][1]
+    # A default method valued by the loss is kept too (the contribution is not the default).
+    auto = validate_spec(minimal_spec(contribution={"value": "loss"}))
+    assert auto["contribution"] == {
+        "method": "auto",
+        "permutations": 100,
+        "tolerance": 0.02,
+        "truncation": 0.005,
+        "value": "loss",
+    }
+
+
+@pytest.mark.parametrize(
+    "overrides, path, fragment",
+    [
+        ({"loss": "focal"}, "loss", 'must be one of "cross_entropy", "dice_bce"'),
+        ({"loss": 1}, "loss", "must be one of"),
+        ({"loss": "dice_bce"}, "loss", "a classification model trains with cross_entropy"),
+        ({"aggregation": "median"}, "aggregation", "must be one of"),
+        (
+            {"aggregation": "zero_filled_mean", "topology": "cyclic"},
+            "aggregation",
+            "only to the fedavg topology",
+        ),
+        ({"contribution": {"value": "dice"}}, "contribution.value", 'one of "metric", "loss"'),
+    ],
+)
+def test_the_new_keys_are_checked(overrides, path, fragment):
+    errors = errors_of(minimal_spec(**overrides))
+    assert fragment in errors[path], errors
+
+
+def test_the_spec_and_the_engine_name_the_same_choices():
+    from training.fl.aggregate import AGGREGATIONS
+    from training.fl.coalition import VALUES
+    from training.fl.evaluate import DEFAULT_LOSS, LOSSES
+    from training.jobs import spec as spec_module
+
+    assert spec_module.LOSSES == LOSSES and spec_module.DEFAULT_LOSS == DEFAULT_LOSS
+    assert spec_module.AGGREGATIONS == AGGREGATIONS
+    assert spec_module.CONTRIBUTION_VALUES == VALUES
+
+
+def test_describe_contribution_says_when_coalitions_are_valued_by_the_loss():
+    from training.jobs.describe import describe_contribution
+
+    spec = validate_spec(
+        dict(SEG_SPEC, loss="dice_bce", contribution={"method": "leave_one_out", "value": "loss"})
+    )
+    text = describe_contribution(spec)
+    assert "validation Dice + cross-entropy loss (lower is better)" in text
+    assert "Dice score" not in text
+    assert "by the Dice score" in describe_contribution(validate_spec(SEG_SPEC))

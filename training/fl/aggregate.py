@@ -8,6 +8,15 @@ from ``delta`` were not shared by that site (excluded layers), and where ``mask`
 coordinate was not shared. The result is, per coordinate, the weighted mean over the sites that
 shared it, and 0 (no change to the global model) where nobody did.
 
+Zero-filled averaging (``zero_filled=True``; the spec's ``"aggregation": "zero_filled_mean"``):
+the average of the seed's tooling, kept so that the two can be compared. Every site's unshared
+coordinates (masked out, or in a tensor it left out) count as zeros, and each coordinate's mean
+divides by the total weight of every site folded in: a coordinate one site of four shared moves
+by a quarter of that site's change, where the mask-aware mean moves it by all of it. It needs no
+per-coordinate weight buffer.
+
+AGGREGATIONS names the two (``masked_mean`` is the default).
+
 Accumulation is float32 by default: the benchmark (docs/performance.md, "Aggregation") measured a
 float64 accumulator fed float32 updates at many times the cost (torch's mixed-dtype add is not
 vectorised), and for weights that are sample counts the float32 sum of 50 sites differs from a
@@ -31,7 +40,20 @@ import torch
 
 from training.fl import kernels
 
-__all__ = ["StreamingFedAvg", "apply_update", "cyclic_order", "fedavg"]
+__all__ = [
+    "AGGREGATIONS",
+    "MASKED_MEAN",
+    "ZERO_FILLED_MEAN",
+    "StreamingFedAvg",
+    "apply_update",
+    "cyclic_order",
+    "fedavg",
+]
+
+MASKED_MEAN = "masked_mean"
+ZERO_FILLED_MEAN = "zero_filled_mean"
+#: How FedAvg averages partial updates (``training.jobs.spec`` keeps the same names).
+AGGREGATIONS = (MASKED_MEAN, ZERO_FILLED_MEAN)
 
 
 class StreamingFedAvg:
@@ -40,15 +62,24 @@ class StreamingFedAvg:
     ``template`` gives the parameter names and shapes (e.g. the global model's float state).
     Per tensor it keeps a running sum of ``weight * delta``, a scalar total weight of the sites that
     shared the whole tensor, and, created on the first masked update of that tensor, a
-    per-coordinate total weight of the sites that shared part of it.
+    per-coordinate total weight of the sites that shared part of it. With ``zero_filled`` it
+    keeps only the sums and the total weight of every site (module docstring).
     """
 
-    def __init__(self, template: Mapping[str, torch.Tensor], *, dtype: torch.dtype = torch.float32):
+    def __init__(
+        self,
+        template: Mapping[str, torch.Tensor],
+        *,
+        dtype: torch.dtype = torch.float32,
+        zero_filled: bool = False,
+    ):
         if not template:
             raise ValueError("StreamingFedAvg needs a non-empty template")
         if not dtype.is_floating_point:
             raise ValueError(f"accumulator dtype must be floating point, got {dtype}")
         self.dtype = dtype
+        self.zero_filled = bool(zero_filled)
+        self._weight = 0.0  # every site's weight, the zero-filled mean's denominator
         self._shapes = {name: tuple(t.shape) for name, t in template.items()}
         # zeros() touches the memory now, so the first add does not pay for fresh pages.
         self._sum = {name: torch.zeros(shape, dtype=dtype) for name, shape in self._shapes.items()}
@@ -63,6 +94,7 @@ class StreamingFedAvg:
         for t in self._coord.values():
             t.zero_()
         self._full = dict.fromkeys(self._shapes, 0.0)
+        self._weight = 0.0
         self.sites = 0
 
     def _add_masked(
@@ -126,12 +158,23 @@ class StreamingFedAvg:
                 acc.add_(value, alpha=weight)
                 self._full[name] += weight
                 continue
+            if self.zero_filled:
+                acc.add_(torch.where(m.bool(), value.detach(), 0.0).to(acc.dtype), alpha=weight)
+                continue
             self._add_masked(name, value, m, weight)
+        self._weight += weight
         self.sites += 1
 
     def result(self) -> dict[str, torch.Tensor]:
-        """Per-coordinate weighted mean (float32); 0 where no site shared the coordinate."""
+        """Per-coordinate weighted mean (float32); 0 where no site shared the coordinate.
+
+        Zero-filled: the weighted sum over the total weight of every site folded in."""
         out: dict[str, torch.Tensor] = {}
+        if self.zero_filled:
+            for name, acc in self._sum.items():
+                mean = acc / self._weight if self._weight > 0 else torch.zeros_like(acc)
+                out[name] = mean.to(torch.float32)
+            return out
         for name, acc in self._sum.items():
             full = self._full[name]
             coord = self._coord.get(name)
@@ -150,8 +193,10 @@ def fedavg(
     updates: Iterable[tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None, float]],
     *,
     template: Mapping[str, torch.Tensor] | None = None,
+    zero_filled: bool = False,
 ) -> dict[str, torch.Tensor]:
-    """Weighted mask-aware mean of ``(delta, mask, weight)`` updates (see StreamingFedAvg).
+    """Weighted mask-aware (or, with ``zero_filled``, zero-filled) mean of ``(delta, mask,
+    weight)`` updates (see StreamingFedAvg).
 
     Without ``template`` the names and shapes come from the updates themselves (then the updates
     are read twice, so pass a sequence).
@@ -164,7 +209,7 @@ def fedavg(
                 template.setdefault(name, value)
         if not template:
             raise ValueError("fedavg needs at least one update with a tensor")
-    agg = StreamingFedAvg(template)
+    agg = StreamingFedAvg(template, zero_filled=zero_filled)
     for delta, mask, weight in updates:
         agg.add(delta, mask, weight)
     if agg.sites == 0:

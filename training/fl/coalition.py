@@ -22,6 +22,21 @@ How a coalition's model is made depends on the topology:
   this attributes to each site the change it actually handed on.
 
 The empty coalition is the input model.
+
+What a coalition's model is worth (``value``, the spec's ``contribution.value``):
+
+* ``metric`` (the default): the task's validation metric, Dice for segmentation, else accuracy;
+* ``loss``: minus the validation loss under the job's training loss (``loss``, see
+  :mod:`training.fl.evaluate`), so that higher is still better. Accuracy on a small validation
+  set moves in steps of one record; the loss moves with every change of the model, so it can
+  tell apart coalitions whose metric ties. It is reported under :data:`~training.fl.evaluate.
+  NEG_LOSS`, the name the ledger's ``contribution.scored`` entry records as its ``metric``, and
+  sites evaluating the coalitions report the same figure, so the values recompute from their
+  reports as the metric's do.
+
+``zero_filled`` makes the ``mean`` the zero-filled average (:class:`~training.fl.aggregate.
+StreamingFedAvg`), for jobs that aggregate that way, so that the full set still gives the
+round's model.
 """
 
 from __future__ import annotations
@@ -32,15 +47,22 @@ import torch
 from torch import nn
 
 from training.fl.aggregate import StreamingFedAvg
-from training.fl.evaluate import evaluate
+from training.fl.evaluate import DEFAULT_LOSS, NEG_LOSS, check_loss, evaluate
 
-__all__ = ["COMBINES", "CoalitionUtility", "metric_for"]
+__all__ = ["COMBINES", "VALUES", "CoalitionUtility", "metric_for"]
 
 COMBINES = ("mean", "sum")
+#: What a coalition is valued by (module docstring); ``training.jobs.spec`` keeps the names.
+VALUES = ("metric", "loss")
 
 
-def metric_for(modality: str) -> str:
-    """The validation metric a coalition is valued by: Dice for segmentation, else accuracy."""
+def metric_for(modality: str, value: str = "metric") -> str:
+    """The figure a coalition is valued by: Dice for segmentation, else accuracy; or, with
+    ``value="loss"``, :data:`~training.fl.evaluate.NEG_LOSS` (minus the validation loss)."""
+    if value == "loss":
+        return NEG_LOSS
+    if value != "metric":
+        raise ValueError(f"a coalition is valued by one of {VALUES}, not {value!r}")
     return "dice" if modality == "segmentation" else "accuracy"
 
 
@@ -49,6 +71,7 @@ class CoalitionUtility:
 
     ``updates`` maps a site id to ``(delta, mask, weight)`` (``mask`` None or empty: fully
     shared). ``model`` is any module of the job's architecture: its weights are overwritten.
+    ``value``, ``loss`` and ``zero_filled``: see the module docstring.
     """
 
     def __init__(
@@ -64,6 +87,9 @@ class CoalitionUtility:
         y: torch.Tensor,
         modality: str,
         combine: str = "mean",
+        value: str = "metric",
+        loss: str = DEFAULT_LOSS,
+        zero_filled: bool = False,
     ):
         if combine not in COMBINES:
             raise ValueError(f"combine must be one of {COMBINES}, got {combine!r}")
@@ -71,7 +97,8 @@ class CoalitionUtility:
             raise ValueError("a coalition utility needs at least one update")
         self.combine = combine
         self.modality = modality
-        self.metric = metric_for(modality)
+        self.metric = metric_for(modality, value)
+        self.loss = check_loss(loss, modality)
         self.base = {n: t.detach() for n, t in base_state.items()}
         self.model = model
         self.x, self.y = x, y
@@ -84,7 +111,7 @@ class CoalitionUtility:
                 s: (delta, mask or None, float(weight))
                 for s, (delta, mask, weight) in updates.items()
             }
-            self._avg = StreamingFedAvg(floating)
+            self._avg = StreamingFedAvg(floating, zero_filled=zero_filled)
         else:
             # Masked once here: the coordinator's cyclic step applies only shared coordinates.
             self._masked = {}
@@ -129,5 +156,12 @@ class CoalitionUtility:
 
     def __call__(self, coalition: Iterable[str]) -> float:
         self.state_of(coalition)
-        metrics = evaluate(self.model, self.x, self.y, modality=self.modality)
+        metrics = evaluate(
+            self.model,
+            self.x,
+            self.y,
+            modality=self.modality,
+            loss=self.loss,
+            negative_loss=self.metric == NEG_LOSS,
+        )
         return float(metrics[self.metric])

@@ -4,10 +4,10 @@ no torch).
 Hand-written, as docs/architecture.md (section 7) says for contribution scoring: the well-kept
 Shapley libraries
 (shap, for one) explain a model's *features* and sample with their own generators, whereas here
-the players are sites, a coalition's value is the validation metric of a model built from their
-updates (:mod:`training.fl.coalition`), and every score must be recomputable by anyone from the
-coalition values recorded in the ledger. So this module never imports torch or numpy: the web
-process and the auditors' tools can replay it.
+the players are sites, a coalition's value is the validation metric (or minus the validation
+loss) of a model built from their updates (:mod:`training.fl.coalition`), and every score must
+be recomputable by anyone from the coalition values recorded in the ledger. So this module
+never imports torch or numpy: the web process and the auditors' tools can replay it.
 
 A *utility* maps a coalition (a ``frozenset`` of site ids) to a finite float; the empty coalition
 is the round's input model and the full set the round's model. :class:`CachedUtility` makes sure no
@@ -79,7 +79,8 @@ DEFAULT_TOLERANCE = 0.02
 
 #: A set of players: site ids (institution slugs).
 Coalition = frozenset[str]
-#: The value of a coalition: the validation metric of the model its updates make.
+#: The value of a coalition: the validation metric (or minus the validation loss) of the model
+#: its updates make; higher is better, and nothing here depends on which.
 Utility = Callable[[Coalition], float]
 
 

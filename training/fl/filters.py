@@ -38,11 +38,12 @@ Decisions (each one tested in ``tests/fl/test_fl_filters.py``):
   percentile's ranks are known once ``k`` is), which also sums what the clipped norm needs.
 * **Clipping margin.** L1 and L2 clips scale by ``bound / norm * (1 - 2**-20)`` so that the bound
   holds after float32 rounding (a DP guarantee needs the bound to hold, not almost hold).
-* **Noise.** Gaussian noise is Box-Muller, Laplace noise the inverse CDF, both on 24-bit uniforms
-  (as torch's own float samplers; Gaussian tails end at 5.77 std, Laplace tails at about 16.6 b)
-  made from AES-128-CTR keystream (``cryptography``/OpenSSL, AES-NI), in chunks of
-  :data:`training.fl.noise.NOISE_CHUNK` values on a small thread pool, with numpy's vectorised
-  float32 log, sin and cos. Noise is drawn only for the shared coordinates, one draw each in order.
+* **Noise.** Gaussian noise is Box-Muller, Laplace noise the inverse CDF, the uniform that decides
+  the tail "wide" (64 or 63 bits in float64, extended geometrically: tails to 37.7 std and 743 b,
+  the rest accounted in δ; see :mod:`training.fl.noise`), made from AES-128-CTR keystream
+  (``cryptography``/OpenSSL, AES-NI), in chunks of :data:`training.fl.noise.NOISE_CHUNK` values
+  on a small thread pool, with numpy's vectorised float64 log and float32 sin and cos. Noise is
+  drawn only for the shared coordinates, one draw each in order.
   The AES key is 128 bits drawn from the caller's ``generator``; chunk ``i`` uses counter block
   ``i * 2**64``, so results depend only on the generator, not on the thread count. This is about 3x
   faster than torch's single-threaded Mersenne Twister sampler and, unlike it, its output does not

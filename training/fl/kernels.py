@@ -38,6 +38,9 @@ __all__ = [
     "band_sums",
     "box_muller_radius",
     "box_muller_uniforms",
+    "box_muller_wide_uniforms",
+    "laplace_magnitudes",
+    "laplace_wide_uniforms",
     "chunk_of",
     "chunk_size",
     "chunk_starts",
@@ -456,3 +459,56 @@ def box_muller_radius(log_u: Floats, std: float) -> None:  # pragma: no cover - 
     s = np.float32(std)
     for i in range(log_u.size):
         log_u[i] = np.sqrt(max(log_u[i] * np.float32(-2.0), np.float32(0.0))) * s
+
+
+# --- Wide uniforms: 63 or 64 bits where the tail is decided (training.fl.noise) ---------------
+
+
+@njit(nogil=True, cache=True)
+def box_muller_wide_uniforms(
+    words: npt.NDArray[np.uint32], u: Floats, angle: Floats
+) -> int:  # pragma: no cover - jitted
+    """From ``3 * u.size`` words (``2 * u.size`` for the radii, then one per angle, with
+    ``angle.size <= u.size``): ``u = (w + 0.5) / 2**64`` for the 64-bit ``w`` of words ``2i,
+    2i + 1`` (rounded to float32, which keeps 24 bits of it down to 1.5 * 2**-64), and ``angle =
+    2 pi (j + 1) / 2**24`` as before. A ``w`` of 0 (probability 2**-64) leaves ``u = 0`` for the
+    caller to extend with fresh words (:func:`training.fl.noise._wide_logs`); returns how many."""
+    scale = 2.0**-64
+    turn = np.float32(2.0 * np.pi)
+    fscale = np.float32(2.0**-24)
+    h = u.size
+    zeros = 0
+    for i in range(h):
+        w = (np.uint64(words[2 * i]) << np.uint64(32)) | np.uint64(words[2 * i + 1])
+        zeros += w == 0
+        u[i] = np.float32((np.float64(w) + 0.5) * scale) if w else np.float32(0.0)
+    for i in range(angle.size):
+        angle[i] = np.float32(np.int32(words[2 * h + i] & 0xFFFFFF) + 1) * fscale * turn
+    return zeros
+
+
+@njit(nogil=True, cache=True)
+def laplace_wide_uniforms(words: npt.NDArray[np.uint32], u: Floats) -> int:  # pragma: no cover
+    """From ``2 * u.size`` words: ``u = (w + 0.5) / 2**63`` (float32) for the low 63 bits ``w``
+    of words ``2i, 2i + 1`` (word ``2i``'s top bit is the sign, read by
+    :func:`laplace_magnitudes`); a ``w`` of 0 leaves ``u = 0`` for the caller to extend.
+    Returns how many."""
+    scale = 2.0**-63
+    zeros = 0
+    for i in range(u.size):
+        w = (np.uint64(words[2 * i] & 0x7FFFFFFF) << np.uint64(32)) | np.uint64(words[2 * i + 1])
+        zeros += w == 0
+        u[i] = np.float32((np.float64(w) + 0.5) * scale) if w else np.float32(0.0)
+    return zeros
+
+
+@njit(nogil=True, cache=True)
+def laplace_magnitudes(
+    words: npt.NDArray[np.uint32], log_u: Floats, scale: float, out: Floats
+) -> None:  # pragma: no cover - jitted
+    """``out = ±(-scale * log u)`` in float32 (``out`` may be ``log_u``), the sign from the top
+    bit of word ``2i``."""
+    s = np.float32(-scale)
+    for i in range(out.size):
+        x = log_u[i] * s
+        out[i] = -x if words[2 * i] & np.uint32(0x80000000) else x

@@ -37,6 +37,14 @@ round number) could be subtracted from the update, and the guarantee would be vo
 ``dp_seed`` only in tests. Models with batch normalisation are refused under DP-SGD (batch
 statistics mix samples, so per-sample clipping would not bound one record's influence).
 
+The loss
+--------
+``loss`` names the loss minimised (:data:`training.fl.evaluate.LOSSES`, defined there so that
+evaluation computes the same one): ``cross_entropy`` (the default, per pixel for segmentation)
+or ``dice_bce`` (segmentation only: cross-entropy plus one minus the soft Dice of the
+foreground, per record; the seed's Dice + BCE for two-class masks). DP-SGD's per-sample
+gradients differentiate the same loss of each record.
+
 The training metrics (losses, accuracy or Dice on the site's own data) are plain statistics of
 the site's data and are not covered by the DP guarantee; a worker running a DP job should
 report them only where the agreement allows it.
@@ -53,11 +61,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from training.fl.data import SiteData
-from training.fl.evaluate import evaluate
+from training.fl.evaluate import DEFAULT_LOSS, check_loss, evaluate, task_loss
+from training.fl.noise import gaussian_noise_
 
 __all__ = [
     "LocalResult",
@@ -134,15 +142,16 @@ def build_optimizer(
     return optimizer
 
 
-def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    # Cross-entropy; for segmentation logits [N, C, H, W] and targets [N, H, W] it is per pixel.
-    return F.cross_entropy(logits, target)
+def _loss(logits: torch.Tensor, target: torch.Tensor, loss: str = DEFAULT_LOSS) -> torch.Tensor:
+    # The batch's mean loss (training.fl.evaluate.task_loss); cross-entropy is per pixel for
+    # segmentation logits [N, C, H, W] and targets [N, H, W].
+    return task_loss(logits, target, loss)
 
 
 def per_sample_gradients(
-    model: nn.Module, x: torch.Tensor, y: torch.Tensor
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, loss: str = DEFAULT_LOSS
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """Gradients of each example's loss, ``{name: [B, *shape]}``, and the losses ``[B]``.
+    """Gradients of each example's ``loss``, ``{name: [B, *shape]}``, and the losses ``[B]``.
 
     Only trainable parameters are differentiated. Uses ``torch.func.vmap`` over ``grad``
     (dropout draws differ per example).
@@ -156,7 +165,7 @@ def per_sample_gradients(
         p: dict[str, torch.Tensor], b: dict[str, torch.Tensor], xi: torch.Tensor, yi: torch.Tensor
     ) -> torch.Tensor:
         logits = functional_call(model, (p, b), (xi.unsqueeze(0),))
-        return _loss(logits, yi.unsqueeze(0))
+        return _loss(logits, yi.unsqueeze(0), loss)
 
     grads, losses = vmap(grad_and_value(one), in_dims=(None, None, 0, 0), randomness="different")(
         params, buffers, x, y
@@ -193,14 +202,27 @@ def add_gaussian_noise(
     max_grad_norm: float,
     generator: torch.Generator | None = None,
 ) -> dict[str, torch.Tensor]:
-    """``summed`` plus independent ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise."""
+    """``summed`` plus independent ``N(0, (noise_multiplier * max_grad_norm)^2)`` noise.
+
+    The noise comes from the privacy filters' sampler (:func:`training.fl.noise.gaussian_noise_`),
+    not ``torch.randn``: torch's CPU sampler is Box-Muller on 24-bit uniforms (no draw beyond
+    5.77 σ) and CUDA's on 32-bit ones (6.66 σ), while this one draws to 37.7 σ and the cut that
+    is left is in the accountant's δ (see :mod:`training.fl.noise`). One draw per step for all
+    the parameters together, in ``summed``'s order, on the CPU (then moved to each tensor's
+    device), keyed from ``generator`` (a CUDA generator works: only the 128-bit key comes from
+    it), so ``dp_seed`` still fixes the noise; ``None`` means torch's default CPU generator.
+    """
     std = float(noise_multiplier) * float(max_grad_norm)
+    gen = torch.default_generator if generator is None else generator
+    total = sum(tensor.numel() for tensor in summed.values())
+    flat = gaussian_noise_(torch.empty(total, dtype=torch.float32), std, gen)
     out: dict[str, torch.Tensor] = {}
+    offset = 0
     for name, tensor in summed.items():
-        noise = torch.randn(
-            tensor.shape, generator=generator, device=tensor.device, dtype=tensor.dtype
-        )
-        out[name] = tensor + std * noise
+        n = tensor.numel()
+        noise = flat[offset : offset + n].view(tensor.shape)
+        offset += n
+        out[name] = tensor + noise.to(device=tensor.device, dtype=tensor.dtype)
     return out
 
 
@@ -283,6 +305,7 @@ def train_local(
     seed: int = 0,
     device: str = "cpu",
     dp_seed: int | None = None,
+    loss: str = DEFAULT_LOSS,
 ) -> LocalResult:
     """Train ``model`` (in place, moved to ``device``) on ``data``; see the module docstring.
 
@@ -291,11 +314,13 @@ def train_local(
     ``train_loss_first_epoch``, ``train_loss_last_epoch``, ``train_accuracy`` or ``train_dice``
     (after training), ``epochs`` and ``steps``. ``seed`` fixes shuffling, dropout and (without
     DP) everything else; ``dp_seed`` fixes DP-SGD's sampling and noise (secret random if None).
+    ``loss`` is the loss minimised (module docstring; ``dice_bce`` only on segmentation data).
     """
     if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
         raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}")
+    check_loss(loss, data.modality)
     dev = torch.device(device)
     model.to(dev)
     _check_data(model, data, dev)
@@ -330,11 +355,11 @@ def train_local(
                     xb = x_all[idx].to(dev, torch.float32)
                     yb = y_all[idx].to(dev, torch.int64)
                     opt.zero_grad(set_to_none=True)
-                    loss = _loss(model(xb), yb)
-                    loss.backward()
+                    batch_loss = _loss(model(xb), yb, loss)
+                    batch_loss.backward()
                     opt.step()
                     steps += 1
-                    total += loss.item() * len(idx)
+                    total += batch_loss.item() * len(idx)
                     count += len(idx)
                 epoch_losses.append(total / count)
         else:
@@ -353,7 +378,7 @@ def train_local(
                         chunk = idx[start : start + _DP_CHUNK]
                         xb = x_all[chunk].to(dev, torch.float32)
                         yb = y_all[chunk].to(dev, torch.int64)
-                        grads, losses = per_sample_gradients(model, xb, yb)
+                        grads, losses = per_sample_gradients(model, xb, yb, loss=loss)
                         clipped, _ = clip_per_sample(grads, max_grad_norm)
                         for name in summed:
                             summed[name] += clipped[name].sum(dim=0)
@@ -374,7 +399,7 @@ def train_local(
 
     final = _floating_state(model)
     delta = {name: final[name] - initial[name] for name in initial}
-    quality = evaluate(model, x_all, y_all, modality=data.modality, batch_size=256)
+    quality = evaluate(model, x_all, y_all, modality=data.modality, batch_size=256, loss=loss)
     metrics: dict[str, float | None] = {
         "train_loss_first_epoch": epoch_losses[0],
         "train_loss_last_epoch": epoch_losses[-1],

@@ -30,6 +30,11 @@ Composition rule (what :func:`epsilon_spent` computes):
   is tighter than the classical ``min_α R(α) + log(1/δ)/(α-1)``).
 * The total is ``ε_pure + ε_rdp`` at δ: an (ε1, 0)-DP and an (ε2, δ)-DP mechanism compose to
   (ε1 + ε2, δ)-DP. No events at all cost 0.0.
+* The samplers' cut tails (issue 15) are charged to δ: see :func:`sampler_delta`. In every
+  realistic case the term is below float64's resolution of δ and changes nothing; where it is not,
+  the RDP part is converted at ``δ - term`` so that the total still holds at δ, and where no part
+  of δ can cover it (a release at ε of several hundred) the replay is refused like an unbounded
+  loss.
 
 RDP composition is additive per order, which is all ``RdpAccountant.compose`` does
 (``rdp += count * rdp(event)``). Computing the RDP of one Poisson-sampled Gaussian step costs
@@ -62,6 +67,7 @@ __all__ = [
     "epsilon_spent",
     "events_for_pipeline",
     "project_budget",
+    "sampler_delta",
 ]
 
 # dp_accounting 0.6.0's DEFAULT_RDP_ORDERS, written out so that a library upgrade cannot silently
@@ -79,6 +85,17 @@ MECHANISMS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
     "pure_epsilon": (("epsilon",), frozenset()),
 }
 _PURE = frozenset({"laplace", "pure_epsilon"})
+
+#: Per noise draw, the ideal Gaussian or Laplace distribution's mass beyond the largest draw the
+#: engine's samplers can make: ``training.fl.noise.TAIL_MASS`` (2**-1025), written out as a number
+#: because this module must not import torch (a test keeps the two equal).
+SAMPLER_TAIL_MASS = 2.0**-1025
+#: An upper bound on the noise draws of one application of an event (a round's release, or one
+#: DP-SGD step): 2**40 coordinates (a 4 TiB float32 update) times 2**8 draws per coordinate (the
+#: sparse vector technique draws two per coordinate per pass). The event does not record the
+#: model's size, so the bound is generous; in log terms it costs ln(2**48) = 33 of the ~710 of
+#: headroom that ``SAMPLER_TAIL_MASS`` leaves.
+MAX_DRAWS_PER_APPLICATION = 2**48
 
 # Filters that change what is shared but give no DP guarantee on their own.
 _NON_DP_FILTERS = frozenset({"exclude_layers", "partial_sharing", "percentile_clipping"})
@@ -328,18 +345,94 @@ def _rdp_epsilon(gaussian: tuple[tuple[tuple, int], ...], delta: float) -> float
     return float(epsilon)
 
 
+def _log1p_exp(x: float) -> float:
+    """``ln(1 + e**x)`` without overflow."""
+    return x + math.log1p(math.exp(-x)) if x > 0 else math.log1p(math.exp(x))
+
+
+def _cut_term(applications: int, epsilon: float) -> float:
+    """``(1 + e**ε) * applications * MAX_DRAWS_PER_APPLICATION * SAMPLER_TAIL_MASS``, at most 1."""
+    if applications <= 0:
+        return 0.0
+    log_term = (
+        _log1p_exp(epsilon)
+        + math.log(applications)
+        + math.log(MAX_DRAWS_PER_APPLICATION)
+        + math.log(SAMPLER_TAIL_MASS)
+    )
+    return math.exp(min(log_term, 0.0))
+
+
+def _applications(events: Iterable[PrivacyEvent]) -> tuple[list[tuple[float, int]], int]:
+    """Pure events as ``(ε per application, applications)``, and Gaussian applications in all."""
+    pure: list[tuple[float, int]] = []
+    gaussian = 0
+    for event in events:
+        if event.mechanism in _PURE:
+            pure.append((event.params["epsilon"], event.count))
+        elif event.mechanism == "gaussian":
+            gaussian += event.count
+        elif event.params["sample_rate"] > 0:
+            gaussian += event.params["steps"] * event.count
+    return pure, gaussian
+
+
+def sampler_delta(events: Iterable[PrivacyEvent], *, rdp_epsilon: float) -> float:
+    """The δ that the samplers' cut tails add to a guarantee at ``ε_pure + rdp_epsilon``.
+
+    The engine's Gaussian and Laplace samplers never draw beyond their largest value (37.7 σ,
+    743 b: :mod:`training.fl.noise`), where the ideal distribution has mass at most
+    :data:`SAMPLER_TAIL_MASS` per draw. The sampler is the ideal one conditioned on missing that
+    tail, so a coupling that redraws the rare tail draws gives, for a release of ``d`` draws,
+    even chosen adaptively round after round (a union bound over draws), a mechanism ``M'``
+    within total variation ``η = d * SAMPLER_TAIL_MASS`` of the ideal ``M``.
+
+    Bound: if ``M`` is (ε, δ)-DP and ``TV(M(x), M'(x)) <= η`` for every input, then for every set
+    of outputs ``S`` and neighbours ``x, y``: ``P[M'(x) ∈ S] <= P[M(x) ∈ S] + η <= e**ε P[M(y) ∈
+    S] + δ + η <= e**ε (P[M'(y) ∈ S] + η) + δ + η``, so ``M'`` is (ε, δ + (1 + e**ε) η)-DP.
+
+    Applied per pure event (each application is (ε_i, 0)-DP, so its cut version is (ε_i, (1 +
+    e**ε_i) η)-DP; basic composition adds the δs) and once to the Gaussian part as a whole (its
+    RDP-composed (``rdp_epsilon``, δ) guarantee), with ``d`` bounded by
+    :data:`MAX_DRAWS_PER_APPLICATION` per application. Computed in logs, capped at 1. For ε per
+    application below about 600 it is under 1e-30; it reaches δ only for a release at ε of
+    several hundred, whose guarantee means nothing anyway.
+    """
+    pure, gaussian = _applications(events)
+    total = sum(_cut_term(count, epsilon) for epsilon, count in pure)
+    total += _cut_term(gaussian, rdp_epsilon)
+    return min(total, 1.0)
+
+
 def epsilon_spent(events: Iterable[PrivacyEvent], *, delta: float) -> float:
     """Total ε at δ for all the events of one institution.
 
     Replayed from the events every time, never summed by hand for the RDP part; see the module
     docstring for the composition rule. Raises ``ValueError`` for a δ outside
-    (0, 1) and for an unbounded privacy loss (a Gaussian event without noise).
+    (0, 1), for an unbounded privacy loss (a Gaussian event without noise), and where the
+    samplers' cut tails (:func:`sampler_delta`) would take half of δ or more.
     """
     delta = _number(delta, "delta")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be strictly between 0 and 1, got {delta!r}")
+    events = list(events)
     pure, gaussian = _split(events)
-    rdp = _rdp_epsilon(tuple(sorted(gaussian.items())), delta) if gaussian else 0.0
+    key = tuple(sorted(gaussian.items()))
+    rdp = _rdp_epsilon(key, delta) if gaussian else 0.0
+    # The samplers' cut tails (sampler_delta): usually below δ's float resolution.
+    cut = sampler_delta(events, rdp_epsilon=rdp) if math.isfinite(rdp) else 0.0
+    if delta + cut != delta:
+        # Convert the RDP part at δ - cut instead, with cut taken at an ε at least as large as
+        # the result (the RDP part's ε at δ/2), so that the total holds at δ.
+        upper = _rdp_epsilon(key, delta / 2) if gaussian else 0.0
+        cut = sampler_delta(events, rdp_epsilon=upper)
+        if not cut < delta / 2:
+            raise ValueError(
+                f"no guarantee at delta={delta:g}: the noise samplers' cut tails alone cost "
+                f"delta {cut:.3g} at these events' epsilon (a release at epsilon of several "
+                "hundred); see training.jobs.accounting.sampler_delta"
+            )
+        rdp = _rdp_epsilon(key, delta - cut) if gaussian else 0.0
     total = pure + rdp
     if not math.isfinite(total):
         raise ValueError(
@@ -384,6 +477,12 @@ class BudgetProjection:
 
     def explain(self) -> str:
         """One sentence for a form error, a page or the ledger."""
+        if not math.isfinite(self.projected):
+            return (
+                f"{self.institution}: the job gives no finite ε at δ={self.delta:g} (a release "
+                f"at an ε of several hundred voids the guarantee), so it cannot fit the cap "
+                f"{self.cap:g}"
+            )
         d = _decimals(self.projected, self.cap)
         verdict = "is within" if self.fits else "exceeds"
         return (
@@ -391,6 +490,19 @@ class BudgetProjection:
             f"{self.cap:.{d}f} at δ={self.delta:g} (already spent {self.already_spent:.{d}f}, "
             f"this job {self.job_cost:.{d}f})"
         )
+
+
+def _spent_or_unbounded(events: list[PrivacyEvent], delta: float) -> float:
+    """:func:`epsilon_spent`, or infinity where the events give no guarantee at ``delta``: a
+    projection must refuse such a job (it fits no cap), not fail. A δ outside (0, 1) is still a
+    ValueError: that is a wrong argument, not a verdict on the job."""
+    delta = _number(delta, "delta")
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be strictly between 0 and 1, got {delta!r}")
+    try:
+        return epsilon_spent(events, delta=delta)
+    except ValueError:
+        return math.inf
 
 
 def project_budget(
@@ -408,9 +520,9 @@ def project_budget(
     past, job = list(past_events), list(job_events)
     return BudgetProjection(
         institution=institution,
-        already_spent=epsilon_spent(past, delta=delta),
-        job_cost=epsilon_spent(job, delta=delta),
-        projected=epsilon_spent(past + job, delta=delta),
+        already_spent=_spent_or_unbounded(past, delta),
+        job_cost=_spent_or_unbounded(job, delta),
+        projected=_spent_or_unbounded(past + job, delta),
         cap=cap,
         delta=float(delta),
     )

@@ -19,8 +19,16 @@ from training.jobs.spec import (
     CONTRIBUTION_EXACT_MAX,
     EVALUATION_SITES,
     contribution_settings,
+    contribution_value,
     evaluation_settings,
+    loss_of,
 )
+
+#: The training losses (``training.jobs.spec.LOSSES``) in words.
+LOSS_WORDS = {
+    "cross_entropy": "cross-entropy loss",
+    "dice_bce": "Dice + cross-entropy loss",
+}
 
 
 def _num(value: Any) -> str:
@@ -192,6 +200,9 @@ def describe_contribution(spec: Mapping) -> str:
     settings = contribution_settings(spec)
     method = settings["method"]
     metric = "Dice score" if spec.get("purpose") == "segmentation" else "accuracy"
+    if contribution_value(spec) == "loss":
+        # Minus the loss, so that a larger value is still better (training.fl.coalition).
+        metric = f"validation {LOSS_WORDS.get(loss_of(spec), loss_of(spec))} (lower is better)"
     where = (
         "measured by the sites on their own validation shares"
         if evaluation_settings(spec)["where"] == EVALUATION_SITES

@@ -19,6 +19,7 @@ from consortium.governance.selectors import AgreementStatus, agreement_in_force
 from training.jobs.accounting import BudgetProjection
 from training.jobs.compliance import ComplianceReport, Problem, check_job_compliance
 from training.jobs.describe import pipeline_warnings
+from training.jobs.guarantees import guarantee_for_events, weak_guarantee_advice
 from training.jobs.registry import model_registry
 from training.jobs.spec import SpecError, validate_spec
 from training.models import SiteDataset
@@ -286,5 +287,20 @@ def proposal_budget_preview(
     return BudgetPreview(
         rows=_rows(report),
         problems=list(report.problems),
-        advice=pipeline_warnings(normalised),
+        advice=pipeline_warnings(normalised) + _guarantee_advice(report),
     )
+
+
+def _guarantee_advice(report: ComplianceReport) -> list[str]:
+    """The weak-guarantee (or no-mechanism) sentence of :mod:`training.jobs.guarantees`, from
+    the events the check projected at each participant, at the agreement's δ."""
+    if report.version is None:
+        return []
+    delta = float(report.version.delta)
+    guarantees = {}
+    for slug, events in report.job_events.items():
+        institution = report.institutions.get(slug)
+        guarantees[institution.name if institution else slug] = guarantee_for_events(
+            events, delta=delta
+        )
+    return weak_guarantee_advice(guarantees)

@@ -17,10 +17,12 @@ Normalisation rules (so equal jobs get equal digests):
   normalised pipeline lists it first; the other filters keep their order, which
   is the order they are applied to the update.
 * Every optional field is present in the output with its default, except
-  ``contribution`` and ``evaluation``: each is present only when it differs from
-  its default (specs written before they existed keep their digests, and so their
-  approvals); :func:`contribution_settings` and :func:`evaluation_settings` read
-  them with the defaults filled in. Privacy-filter parameters marked ``optional`` in
+  ``contribution``, ``evaluation``, ``loss`` and ``aggregation``: each is present only
+  when it differs from its default (specs written before they existed keep their
+  digests, and so their approvals); :func:`contribution_settings`,
+  :func:`evaluation_settings`, :func:`loss_of` and :func:`aggregation_of` read them
+  with the defaults filled in. Inside ``contribution``, ``value`` follows the same
+  rule. Privacy-filter parameters marked ``optional`` in
   :data:`training.fl.params.FILTER_PARAMS` (svt's ``selection_share``,
   ``threshold_share`` and ``bound``, laplace_noise's ``clip``) follow the same rule: present
   only when given at a value other than the one they take when left out
@@ -40,6 +42,16 @@ The privacy filters' parameters (names, types, bounds, defaults) are the engine'
 schema, :mod:`training.fl.params`, which the site checks again before it filters an
 update; the plain-English summaries an approver reads are in
 :mod:`training.jobs.describe`.
+
+The loss local training minimises (``loss``): ``cross_entropy`` (the default for
+every purpose, so that a segmentation job written before the key existed keeps both
+its digest and its meaning) or ``dice_bce`` (segmentation only: cross-entropy plus
+one minus the soft Dice of the foreground, :mod:`training.fl.evaluate`). How FedAvg
+averages partial updates (``aggregation``, ``fedavg`` only): ``masked_mean`` (the
+default: each coordinate over the sites that shared it) or ``zero_filled_mean``
+(unshared coordinates count as zeros, the seed's tooling; :mod:`training.fl.aggregate`).
+What a coalition is worth in contribution scoring (``contribution.value``): the
+task's ``metric`` (the default) or its ``loss`` (minus the validation loss).
 
 This module imports neither torch nor Django models; model architectures come
 from :mod:`training.jobs.registry`.
@@ -89,6 +101,14 @@ FILTER_MECHANISM = {
 PURPOSES = ("classification", "segmentation")
 TOPOLOGIES = ("fedavg", "cyclic")
 OPTIMIZERS = ("sgd", "adam")
+#: training.fl.evaluate.LOSSES (no torch import here); the first is the default.
+LOSSES = ("cross_entropy", "dice_bce")
+DEFAULT_LOSS = "cross_entropy"
+#: The losses each purpose may train with.
+PURPOSE_LOSSES = {"classification": ("cross_entropy",), "segmentation": LOSSES}
+#: training.fl.aggregate.AGGREGATIONS; the first is the default.
+AGGREGATIONS = ("masked_mean", "zero_filled_mean")
+DEFAULT_AGGREGATION = "masked_mean"
 
 SLUG_RE = re.compile(r"^[a-z0-9-]+$")
 SLUG_MAX_LEN = 64  # Institution.slug max_length
@@ -100,6 +120,9 @@ ROOT = "$"  # the error path of the spec as a whole
 #: Shapley values up to CONTRIBUTION_EXACT_MAX sites and GTG-Shapley sampling above.
 CONTRIBUTION_METHODS = ("auto", "leave_one_out", "shapley_exact", "shapley_sampled")
 CONTRIBUTION_EXACT_MAX = 8  # training.fl.contribution.EXACT_MAX_PLAYERS (no torch import here)
+#: What a coalition is valued by (training.fl.coalition.VALUES); left out when the default.
+CONTRIBUTION_VALUES = ("metric", "loss")
+CONTRIBUTION_DEFAULT_VALUE = "metric"
 CONTRIBUTION_DEFAULTS = {
     "method": "auto",
     "permutations": 100,
@@ -166,6 +189,8 @@ _TOP_LEVEL = (
     "approval_ttl_hours",
     "contribution",
     "evaluation",
+    "loss",
+    "aggregation",
 )
 
 
@@ -386,14 +411,20 @@ def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | Non
     if not isinstance(value, Mapping):
         c.error("contribution", 'must be an object like {"method": "auto"}')
         return None
-    c.unknown_keys(value, ("method", *CONTRIBUTION_SAMPLING), "contribution", "field")
+    c.unknown_keys(value, ("method", "value", *CONTRIBUTION_SAMPLING), "contribution", "field")
     method = c.field(
         value,
         "method",
         "contribution.method",
         Choice(CONTRIBUTION_METHODS, default=CONTRIBUTION_DEFAULTS["method"]),
     )
-    if method is None:
+    valued_by = c.field(
+        value,
+        "value",
+        "contribution.value",
+        Choice(CONTRIBUTION_VALUES, default=CONTRIBUTION_DEFAULT_VALUE),
+    )
+    if method is None or valued_by is None:
         return None
     out: dict[str, Any] = {"method": method}
     ok = True
@@ -418,12 +449,15 @@ def _check_contribution(c: _Checker, raw: Mapping, participants: list[str] | Non
         out[key] = number
     if not ok:
         return None
+    if valued_by != CONTRIBUTION_DEFAULT_VALUE:
+        return out | {"value": valued_by}  # left out at the default (module docstring)
     return MISSING if out == CONTRIBUTION_DEFAULTS else out
 
 
 def contribution_settings(spec: Mapping) -> dict:
-    """The job's contribution scoring with every default filled in (``contribution`` is
-    left out of a normalised spec when it is the default)."""
+    """The job's contribution scoring method and its parameters with every default filled in
+    (``contribution`` is left out of a normalised spec when it is the default); what a
+    coalition is valued by is :func:`contribution_value`."""
     given = spec.get("contribution")
     if not given:
         return dict(CONTRIBUTION_DEFAULTS)
@@ -432,6 +466,59 @@ def contribution_settings(spec: Mapping) -> dict:
         for key in CONTRIBUTION_SAMPLING:
             out[key] = given.get(key, CONTRIBUTION_DEFAULTS[key])
     return out
+
+
+def contribution_value(spec: Mapping) -> str:
+    """What the job's coalitions are valued by: the task's ``metric`` (the default) or its
+    ``loss`` (minus the validation loss; ``training.fl.coalition``)."""
+    given = spec.get("contribution") or {}
+    return str(given.get("value") or CONTRIBUTION_DEFAULT_VALUE)
+
+
+def loss_of(spec: Mapping) -> str:
+    """The loss the job's local training minimises (``loss`` is left out at the default)."""
+    return str(spec.get("loss") or DEFAULT_LOSS)
+
+
+def aggregation_of(spec: Mapping) -> str:
+    """How the job's FedAvg averages partial updates (left out at the default)."""
+    return str(spec.get("aggregation") or DEFAULT_AGGREGATION)
+
+
+def _check_loss(c: _Checker, raw: Mapping, purpose: str | None) -> Any:
+    """The spec's ``loss``, or ``MISSING`` when it is the default (left out of the normal form)."""
+    if "loss" not in raw:
+        return MISSING
+    loss = c.field(raw, "loss", "loss", Choice(LOSSES))
+    if loss is None:
+        return None
+    if purpose in PURPOSE_LOSSES and loss not in PURPOSE_LOSSES[purpose]:
+        c.error(
+            "loss",
+            f"the {loss} loss is for segmentation masks; a {purpose} model trains with "
+            f"{' or '.join(PURPOSE_LOSSES[purpose])}",
+        )
+        return None
+    return MISSING if loss == DEFAULT_LOSS else loss
+
+
+def _check_aggregation(c: _Checker, raw: Mapping, topology: str | None) -> Any:
+    """The spec's ``aggregation``, or ``MISSING`` when it is the default."""
+    if "aggregation" not in raw:
+        return MISSING
+    aggregation = c.field(raw, "aggregation", "aggregation", Choice(AGGREGATIONS))
+    if aggregation is None:
+        return None
+    if aggregation == DEFAULT_AGGREGATION:
+        return MISSING
+    if topology == "cyclic":
+        c.error(
+            "aggregation",
+            "applies only to the fedavg topology (a cyclic round averages nothing: each site's "
+            "shared coordinates are applied in turn)",
+        )
+        return None
+    return aggregation
 
 
 def default_evaluation_where(dataset_key: str | None) -> str:
@@ -586,12 +673,18 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
 
     out["model"] = _check_model(c, raw, models, purpose)
     out["topology"] = c.field(raw, "topology", "topology", Choice(TOPOLOGIES, default="fedavg"))
+    aggregation = _check_aggregation(c, raw, out["topology"])
+    if aggregation is not MISSING:
+        out["aggregation"] = aggregation
     out["rounds"] = c.field(raw, "rounds", "rounds", Number("int", 1, 1000))
     out["local_epochs"] = c.field(
         raw, "local_epochs", "local_epochs", Number("int", 1, 100, default=1)
     )
     out["batch_size"] = c.field(raw, "batch_size", "batch_size", Number("int", 1, 4096, default=32))
     out["optimizer"] = _check_optimizer(c, raw)
+    loss = _check_loss(c, raw, purpose)
+    if loss is not MISSING:
+        out["loss"] = loss
 
     restart = raw.get("momentum_restart", True)
     if not isinstance(restart, bool):

@@ -20,6 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from training.fl.update import masked_delta
+from training.jobs.spec import loss_of
 from training.models import Round, SiteDataset, SiteUpdate, TrainingJob
 from training.rounds.states import build_model, load_state, load_update
 from training.rounds.validation_sets import validation_set_of
@@ -49,13 +50,14 @@ def accepted_updates(rnd: Round) -> list[SiteUpdate]:
     )
 
 
-def fedavg(global_state: State, updates: list[SiteUpdate]) -> State:
-    """The FedAvg round's model: the sample-weighted, mask-aware average of the updates
-    applied to the round's global model."""
+def fedavg(global_state: State, updates: list[SiteUpdate], *, zero_filled: bool = False) -> State:
+    """The FedAvg round's model: the sample-weighted, mask-aware (or, with ``zero_filled``,
+    the spec's ``zero_filled_mean``, zero-filled) average of the updates applied to the
+    round's global model."""
     from training.fl.aggregate import StreamingFedAvg, apply_update  # lazy torch (docstring)
 
     floating = {n: t for n, t in global_state.items() if t.is_floating_point()}
-    avg = StreamingFedAvg(floating)
+    avg = StreamingFedAvg(floating, zero_filled=zero_filled)
     for update in updates:
         delta, mask = load_update(update.update_digest)
         avg.add(delta, mask or None, update.samples)
@@ -115,7 +117,7 @@ def evaluate(job: TrainingJob, dataset: SiteDataset, state: State) -> dict:
         return {"validation": f"unavailable: {exc}"}
     model = build_model(job.spec, dataset)
     model.load_state_dict(state)
-    metrics = evaluate_model(model, x, y, modality=dataset.modality)
+    metrics = evaluate_model(model, x, y, modality=dataset.modality, loss=loss_of(job.spec))
     out = {"validation_" + k: v for k, v in metrics.items()} | {"validation_records": len(y)}
     if held is not None:
         out["validation_set"] = held.digest

@@ -30,7 +30,9 @@ The ledger contract (the auditors' reports read exactly this):
   "metric", "sites", "coalitions", "scores", "evaluations"}``; ``coalitions`` is every
   coalition evaluated (``[]`` and the full set included) as ``{"sites": [...], "value": v}``,
   and :func:`training.fl.contribution.scores_from_coalitions` recomputes ``scores`` from
-  ``method``, ``params`` and ``coalitions`` bit for bit. ``params`` always holds the ``seed``
+  ``method``, ``params`` and ``coalitions`` bit for bit. ``metric`` names the figure the
+  coalitions were valued by: ``accuracy`` or ``dice``, or ``neg_loss`` (minus the validation
+  loss) when the spec's ``contribution.value`` is ``loss``. ``params`` always holds the ``seed``
   (derived from the spec digest and the round, :func:`round_seed`).
 * ``contribution.job_scored``, subject the ``TrainingJob``, once the job has completed and its
   last round is scored: ``{"job_id", "method", "metric", "scores", "rounds"}`` with each site's
@@ -57,7 +59,7 @@ from audit.ledger.canonical import sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
 from audit.ledger.selectors import subjects_recorded
 from training.jobs.selectors import round_with_job
-from training.jobs.spec import contribution_settings
+from training.jobs.spec import aggregation_of, contribution_settings, contribution_value, loss_of
 from training.models import (
     ContributionScore,
     JobState,
@@ -129,6 +131,7 @@ def round_contributions(rnd: Round):
     for update in updates:
         delta, mask = load_update(update.update_digest)
         shared[update.institution.slug] = (delta, mask or None, update.samples)
+    settings = contribution_settings(spec)
     utility = CoalitionUtility(
         base_state=load_state(rnd.global_model_in.digest),
         updates=shared,
@@ -137,8 +140,10 @@ def round_contributions(rnd: Round):
         y=y,
         modality=dataset.modality,
         combine="sum" if spec["topology"] == "cyclic" else "mean",
+        value=contribution_value(spec),
+        loss=loss_of(spec),
+        zero_filled=aggregation_of(spec) == "zero_filled_mean",
     )
-    settings = contribution_settings(spec)
     result = compute(
         settings["method"],
         list(shared),
@@ -168,7 +173,9 @@ def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
             f"{', '.join(reports.missing)})"
         )
     evaluation = reports.evaluation
-    metric = metric_for(dataset_of(rnd.job, rnd.job.spec).modality)
+    metric = metric_for(
+        dataset_of(rnd.job, rnd.job.spec).modality, contribution_value(rnd.job.spec)
+    )
     by_digest = reports.values(metric)
     table = {
         frozenset(m["sites"]): by_digest[m["digest"]]

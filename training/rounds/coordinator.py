@@ -73,6 +73,7 @@ from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
 from training import liveness, outbox, queues
 from training.jobs.selectors import round_with_job
+from training.jobs.spec import aggregation_of
 from training.jobs.transitions import job_transition
 from training.models import (
     GlobalModel,
@@ -590,7 +591,11 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
         if spec["topology"] == "cyclic":
             state = aggregation.cyclic_result(rnd)
         else:
-            state = aggregation.fedavg(states.load_state(parent.digest), updates)
+            state = aggregation.fedavg(
+                states.load_state(parent.digest),
+                updates,
+                zero_filled=aggregation_of(spec) == "zero_filled_mean",
+            )
         digest, size = states.store_state(state)
         if evaluates_at_sites(job):
             # Measured by the sites after the close (training.rounds.site_evaluation).

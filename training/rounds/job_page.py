@@ -14,12 +14,23 @@ a host path: every member who may see the job reads this page.
 
 from __future__ import annotations
 
+import json
+
+from training.jobs.accounting import PrivacyEvent
+from training.jobs.guarantees import NO_MECHANISM, guarantee_for_events, mechanism_names
 from training.jobs.selectors import JobAccountability, current_decisions
-from training.models import GlobalModel, JobState, Round, SiteUpdate, TrainingJob
+from training.models import (
+    GlobalModel,
+    JobState,
+    PrivacyReservation,
+    Round,
+    SiteUpdate,
+    TrainingJob,
+)
 from training.rounds.artifacts import artifact_store
 from training.rounds.liveness_words import duration_words
 
-__all__ = ["job_model", "job_round_tables", "job_summary"]
+__all__ = ["job_guarantees", "job_model", "job_round_tables", "job_summary"]
 
 _UPDATE_LABELS = dict(SiteUpdate.Status.choices)
 _UPDATE_TONES = {
@@ -38,7 +49,8 @@ def _metric_words(metric: str) -> str:
 def job_summary(job: TrainingJob, *, state: dict, account: JobAccountability) -> dict:
     """The page's summary, in words: ``rounds`` ("3 of 5 rounds closed"), ``metric`` (the
     global model's latest validation metric, or None), ``privacy`` (each participant's ε spent
-    against its cap) and ``waiting`` (whom the job waits on, or "")."""
+    against its cap), ``waiting`` (whom the job waits on, or "") and ``guarantees`` (what the
+    job's ε rests on, :func:`job_guarantees`, shown where the page says what leaves each site)."""
     live = state["job"]
     series = state["series"]
     metric = None
@@ -66,6 +78,55 @@ def job_summary(job: TrainingJob, *, state: dict, account: JobAccountability) ->
         "metric": metric,
         "privacy": privacy,
         "waiting": _waiting_words(job, state),
+        "guarantees": job_guarantees(job),
+    }
+
+
+def job_guarantees(job: TrainingJob) -> dict:
+    """What the job's formal ε rests on (:mod:`training.jobs.guarantees`), from the events each
+    participant's live reservation holds (what the budget check charged, at the reservation's δ).
+
+    ``names``: the pipeline's DP mechanisms in words (known before any budget is reserved);
+    ``none``: the sentence for a pipeline without any; ``groups``: one guarantee per distinct
+    set of figures, with the institutions it is theirs. Only DP-SGD's ε depends on a site's
+    number of records, so most jobs have one group, the job-level statement with its
+    participants named; sites of different sizes under DP-SGD get one each. One query.
+    """
+    names = mechanism_names(job.spec)
+    version = job.agreement_version if job.agreement_version_id else None
+    cap = float(version.epsilon_cap) if version is not None else None
+    groups: list[dict] = []
+    reservations = (
+        job.reservations.exclude(status=PrivacyReservation.Status.RELEASED)
+        .select_related("institution")
+        .order_by("institution__name")
+    )
+    for reservation in reservations:
+        try:
+            events = [PrivacyEvent.from_json(e) for e in json.loads(reservation.events_text)]
+            guarantee = guarantee_for_events(events, delta=reservation.delta, cap=cap)
+        except (ValueError, TypeError):  # pragma: no cover - reservations are validated
+            continue
+        key = (
+            tuple((m.name, m.epsilon_text) for m in guarantee.mechanisms),
+            guarantee.epsilon_text,
+            guarantee.delta,
+        )
+        for group in groups:
+            if group["key"] == key:
+                group["institutions"].append(reservation.institution.name)
+                break
+        else:
+            groups.append(
+                {"key": key, "institutions": [reservation.institution.name], "guarantee": guarantee}
+            )
+    for group in groups:
+        group["where"] = ", ".join(group.pop("institutions"))
+        del group["key"]
+    return {
+        "names": names,
+        "none": "" if names else NO_MECHANISM[0].upper() + NO_MECHANISM[1:] + ".",
+        "groups": groups,
     }
 
 

@@ -56,7 +56,13 @@ from training.fl.evaluation_report import (
     combine,
     parse_report,
 )
-from training.jobs.spec import EVALUATION_SITES, contribution_settings, evaluation_settings
+from training.jobs.spec import (
+    EVALUATION_SITES,
+    aggregation_of,
+    contribution_settings,
+    evaluation_settings,
+    loss_of,
+)
 from training.models import (
     JobParticipant,
     Round,
@@ -128,6 +134,8 @@ def _build_models(rnd: Round, job: TrainingJob, coalitions: list) -> list[dict]:
         y=torch.empty(0),
         modality=dataset.modality,
         combine="sum" if spec["topology"] == "cyclic" else "mean",
+        loss=loss_of(spec),
+        zero_filled=aggregation_of(spec) == "zero_filled_mean",
     )
     rows = [
         {

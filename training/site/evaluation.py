@@ -113,7 +113,15 @@ def run_site_evaluation(
         if hashlib.sha256(body).hexdigest() != digest:
             raise IntegrityFailure(f"the model sent as {digest[:12]}… does not hash to it")
         model.load_state_dict(unpack_tensors(body))
-        results[digest] = evaluate(model, x_val, y_val, modality=data.modality)
+        results[digest] = evaluate(
+            model,
+            x_val,
+            y_val,
+            modality=data.modality,
+            loss=spec.get("loss", "cross_entropy"),
+            # A job valuing coalitions by their loss scores from this figure (neg_loss).
+            negative_loss=(spec.get("contribution") or {}).get("value") == "loss",
+        )
     text = report_text(
         job_id=int(job_id),
         round_index=int(round_index),

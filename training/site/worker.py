@@ -365,6 +365,7 @@ def run_site_round(
         dp_sgd=dp_sgd,
         seed=seed,
         device=pick_device(),
+        loss=spec.get("loss", "cross_entropy"),
     )
     train_seconds = clock.lap("train")
     if not restart and result.optimizer_state is not None:

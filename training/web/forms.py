@@ -10,7 +10,7 @@ import json
 from django import forms
 
 from training.fl.params import FILTER_NAMES, FILTER_PARAMS, MISSING, Choice, LayerList, Number
-from training.jobs.spec import PURPOSES
+from training.jobs.spec import AGGREGATIONS, LOSSES, PURPOSES
 from training.models import Approval, Modality
 from training.web.presenters import model_choices
 
@@ -26,6 +26,17 @@ DEFAULT_PIPELINE = [
 
 def pretty_json(value) -> str:
     return json.dumps(value, indent=2)
+
+
+#: The training losses and averaging rules in words (training.jobs.spec.LOSSES, AGGREGATIONS).
+LOSS_WORDS = {
+    "cross_entropy": "Cross-entropy",
+    "dice_bce": "Dice + cross-entropy (segmentation)",
+}
+AGGREGATION_WORDS = {
+    "masked_mean": "Mask-aware mean: each coordinate averaged over the sites that shared it",
+    "zero_filled_mean": "Zero-filled mean: a coordinate a site did not share counts as 0",
+}
 
 
 def _pipeline_text(pipeline) -> str:
@@ -217,6 +228,20 @@ class JobForm(forms.Form):
         required=False,
         initial=True,
     )
+    loss = forms.ChoiceField(
+        label="Training loss",
+        choices=[(key, LOSS_WORDS[key]) for key in LOSSES],
+        initial=LOSSES[0],
+        required=False,  # a post without it (an older form, a script) means the default
+        help_text="Dice + cross-entropy is for segmentation masks; classifiers train with "
+        "cross-entropy.",
+    )
+    aggregation = forms.ChoiceField(
+        label="Averaging of the sites' updates",
+        choices=[(key, AGGREGATION_WORDS[key]) for key in AGGREGATIONS],
+        initial=AGGREGATIONS[0],
+        required=False,
+    )
     privacy_pipeline = forms.CharField(
         label="Privacy pipeline (JSON)",
         widget=forms.Textarea(attrs={"rows": 7, "class": "mono"}),
@@ -240,6 +265,13 @@ class JobForm(forms.Form):
         help_text="Every approval must be in within this time, or the job expires.",
     )
 
+    evaluation = forms.CharField(
+        label="Where models are evaluated (JSON, optional)",
+        required=False,
+        widget=forms.Textarea(attrs={"rows": 2, "class": "mono"}),
+        help_text='E.g. {"where": "sites"} or {"where": "central"}. Empty: centrally for a '
+        "bundled data set (on the consortium's validation set), at the sites otherwise.",
+    )
     contribution = forms.CharField(
         label="Contribution scoring (JSON, optional)",
         required=False,
@@ -261,6 +293,9 @@ class JobForm(forms.Form):
 
     def clean_contribution(self):
         return _json_object(self.cleaned_data["contribution"], "contribution scoring")
+
+    def clean_evaluation(self):
+        return _json_object(self.cleaned_data["evaluation"], "evaluation")
 
     def clean_privacy_pipeline(self):
         text = (self.cleaned_data["privacy_pipeline"] or "").strip()
@@ -296,6 +331,9 @@ class JobForm(forms.Form):
             "batch_size": d["batch_size"],
             "optimizer": optimizer,
             "momentum_restart": bool(d["momentum_restart"]),
+            # At their defaults these are left out of the normalised spec (validate_spec).
+            "loss": d.get("loss") or LOSSES[0],
+            "aggregation": d.get("aggregation") or AGGREGATIONS[0],
             "privacy_pipeline": d["privacy_pipeline"],
             "round_timeout_seconds": d["round_timeout_seconds"],
             "approval_ttl_hours": d["approval_ttl_hours"],
@@ -304,6 +342,8 @@ class JobForm(forms.Form):
             spec["min_participants"] = d["min_participants"]
         if d.get("contribution"):
             spec["contribution"] = d["contribution"]
+        if d.get("evaluation"):
+            spec["evaluation"] = d["evaluation"]
         return spec
 
     @classmethod
@@ -338,6 +378,8 @@ class JobForm(forms.Form):
             "lr": optimizer.get("lr"),
             "momentum": optimizer.get("momentum"),
             "momentum_restart": bool(spec.get("momentum_restart", True)),
+            "loss": spec.get("loss") or LOSSES[0],
+            "aggregation": spec.get("aggregation") or AGGREGATIONS[0],
             "privacy_pipeline": _pipeline_text(spec.get("privacy_pipeline")),
             "min_participants": (
                 None if spec.get("min_participants") == everyone else spec.get("min_participants")
@@ -345,6 +387,7 @@ class JobForm(forms.Form):
             "round_timeout_seconds": spec.get("round_timeout_seconds"),
             "approval_ttl_hours": spec.get("approval_ttl_hours"),
             "contribution": pretty_json(spec["contribution"]) if spec.get("contribution") else "",
+            "evaluation": pretty_json(spec["evaluation"]) if spec.get("evaluation") else "",
         }
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from training.fl.params import FILTER_NAMES, FILTER_PARAMS, LayerList
 from training.jobs.accounting import PrivacyEvent, epsilon_spent
 from training.jobs.describe import describe_pipeline
+from training.jobs.guarantees import Guarantee, guarantee_for_events, guarantee_for_spec
 from training.jobs.registry import model_registry
 from training.jobs.selectors import live_reservations
-from training.jobs.spec import shared_fraction
+from training.jobs.spec import shared_fraction, training_records
 from training.models import PrivacyReservation, SiteDataset, TrainingJob
 
 #: The spec paths (before any ``.`` or ``[``) and the job form field each maps to.
@@ -150,6 +151,8 @@ class InstitutionReview:
     cap: float | None
     delta: float | None
     decision: object = None  # the current valid decision, if any
+    #: What the job's ε rests on, mechanism by mechanism (:mod:`training.jobs.guarantees`).
+    guarantee: Guarantee | None = None
 
 
 @dataclass
@@ -164,6 +167,29 @@ class JobReview:
 
 def _events_of(text: str) -> list[PrivacyEvent]:
     return [PrivacyEvent.from_json(e) for e in json.loads(text)]
+
+
+def _guarantee(
+    spec: dict,
+    reservation: PrivacyReservation | None,
+    dataset: SiteDataset | None,
+    *,
+    delta: float | None,
+    cap: float | None,
+) -> Guarantee | None:
+    """The institution's guarantee from the events its reservation holds (what the budget
+    check charged); before any reservation, from the spec and its registered data set."""
+    if delta is None:
+        return None
+    try:
+        if reservation is not None:
+            return guarantee_for_events(_events_of(reservation.events_text), delta=delta, cap=cap)
+        if dataset is not None:
+            records = training_records(dataset.num_records, spec)
+            return guarantee_for_spec(spec, num_records=records, delta=delta, cap=cap)
+    except (ValueError, KeyError, TypeError):
+        return None  # a spec or reservation the accountant cannot read: the page says nothing
+    return None
 
 
 def job_review(job: TrainingJob, institutions, decisions: dict | None = None) -> JobReview:
@@ -199,6 +225,7 @@ def job_review(job: TrainingJob, institutions, decisions: dict | None = None) ->
     )
     for institution in institutions:
         reservation = own.get(institution.pk)
+        dataset = datasets.get(institution.pk)
         projected = None
         if delta is not None:
             try:
@@ -208,13 +235,14 @@ def job_review(job: TrainingJob, institutions, decisions: dict | None = None) ->
         review.institutions.append(
             InstitutionReview(
                 institution=institution,
-                dataset=datasets.get(institution.pk),
+                dataset=dataset,
                 reservation=reservation,
                 job_epsilon=reservation.epsilon if reservation else None,
                 projected_epsilon=projected,
                 cap=cap,
                 delta=delta,
                 decision=(decisions or {}).get(institution.pk),
+                guarantee=_guarantee(spec, reservation, dataset, delta=delta, cap=cap),
             )
         )
     return review
