@@ -16,6 +16,7 @@ from training.fl.contribution import (
     CoalitionMissing,
     compute,
     plan_coalitions,
+    sampled_kwargs,
     scores_from_coalitions,
 )
 from training.fl.data import SiteData, split_holdout
@@ -176,18 +177,15 @@ def test_the_plan_fits_the_bound_and_covers_what_the_method_needs(
         assert len(coalitions) == count
     table = {c: _value(c) for c in coalitions}
     # Running the method over the planned coalitions alone never needs another one.
-    result = compute(
-        got,
-        players,
-        lambda c: table[frozenset(c)],
-        permutations=int(params.get("permutations", 1)),
-        truncation=float(params.get("truncation", 0.0)),
-        tolerance=float(params.get("tolerance", 0.0)),
-        seed=int(params["seed"]),
-    )
+    sampled = got == "shapley_sampled"
+    kwargs = sampled_kwargs(params) if sampled else {"seed": int(params["seed"])}
+    result = compute(got, players, lambda c: table[frozenset(c)], **kwargs)
     assert set(result.values) <= set(coalitions)
     assert scores_from_coalitions(got, params, result.coalitions()) == result.scores
-    if got == "shapley_sampled":
+    if got == "shapley_sampled" and "budget" in params:
+        # Estimator 2: a planned budget of coalitions within the bound.
+        assert params["estimator"] == 2 and params["budget"] <= bound
+    elif got == "shapley_sampled":
         assert 1 <= params["permutations"] < 100  # as many whole permutations as fit
 
 

@@ -154,6 +154,15 @@ class CoalitionUtility:
                     target.add_(d.to(target.dtype))
         return self._work
 
+    @property
+    def resolution(self) -> float:
+        """The smallest step the value can move: one record of the validation set for
+        accuracy (``1 / len(y)``), 0 (no fixed step) for Dice and the loss. The sampled
+        contribution estimator never counts a move below it (``training.fl.contribution``)."""
+        if self.metric == "accuracy" and len(self.y):
+            return 1.0 / len(self.y)
+        return 0.0
+
     def __call__(self, coalition: Iterable[str]) -> float:
         self.state_of(coalition)
         metrics = evaluate(

@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from training.fl.contribution import PAIRED_MIN_PLAYERS
 from training.jobs.spec import (
     CONTRIBUTION_EXACT_MAX,
     EVALUATION_SITES,
@@ -217,12 +218,25 @@ def describe_contribution(spec: Mapping) -> str:
     exact = "with every subset of the other sites (exact Shapley values)"
     if method == "shapley_exact":
         return base + exact + "."
-    sampled = (
+    # training.fl.contribution's sampled estimators: the paired one from PAIRED_MIN_PLAYERS sites
+    # on (a planned sample, at most a third of the coalitions), the GTG-Shapley walk below (and
+    # where the sites' evaluation budget is too small for the paired plan).
+    walk = (
         f"in at most {settings['permutations']} sampled orderings of the sites (GTG-Shapley), "
         f"stopping early within an ordering once the remaining sites change the {metric} by "
         f"less than {_num(settings['truncation'])}, and when the estimates move by less "
         f"than {_percent(settings['tolerance'])}%"
     )
+    paired = (
+        "on a planned sample of coalitions of the sites (each site alone and each site left "
+        "out, then complementary pairs; at most a third of all coalitions, and no more than "
+        f"{settings['permutations']} sampled orderings of the sites would evaluate), "
+        "fitted so that the scores add up to the round's change; a round in which neither the "
+        f"round's model nor a site alone nor a site left out moves the {metric} by more than "
+        f"{_num(settings['truncation'])} (or one step of the metric) is scored zero for everyone"
+    )
+    sites = len(spec.get("participants") or [])
+    sampled = paired if sites >= PAIRED_MIN_PLAYERS else walk
     if method == "shapley_sampled":
         return base + sampled + "."
-    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {sampled}."
+    return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {paired}."

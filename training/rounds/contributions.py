@@ -152,6 +152,7 @@ def round_contributions(rnd: Round):
         truncation=settings.get("truncation", 0.0),
         tolerance=settings.get("tolerance", 0.0),
         seed=round_seed(job, rnd.index),
+        resolution=utility.resolution,
     )
     return result, utility.metric, updates, ({"validation_set": held.digest} if held else {})
 
@@ -162,7 +163,12 @@ def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
     (:mod:`training.rounds.site_evaluation`). The method and parameters are those the
     coalitions were planned for, so the method needs no coalition the sites were not asked."""
     from training.fl.coalition import metric_for
-    from training.fl.contribution import compute
+    from training.fl.contribution import (
+        ESTIMATOR_PAIRED,
+        SHAPLEY_SAMPLED,
+        compute,
+        sampled_kwargs,
+    )
 
     reports = site_evaluation.reported_evaluations(rnd)
     if reports is None:
@@ -191,15 +197,13 @@ def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
         return table[frozenset(coalition)]
 
     params = dict(plan["params"])
-    result = compute(
-        plan["method"],
-        players,
-        lookup,
-        permutations=int(params.get("permutations", 1)),
-        truncation=float(params.get("truncation", 0.0)),
-        tolerance=float(params.get("tolerance", 0.0)),
-        seed=int(params["seed"]),
-    )
+    kwargs = sampled_kwargs(params) if plan["method"] == SHAPLEY_SAMPLED else {}
+    if kwargs.get("estimator") == ESTIMATOR_PAIRED and metric == "accuracy":
+        # The value is the records-weighted accuracy: it moves in steps of one record of all
+        # those the sites reported on (the plan could not know how many).
+        records = sum(reports.site_records.values())
+        kwargs["resolution"] = 1.0 / records if records else 0.0
+    result = compute(plan["method"], players, lookup, **(kwargs or {"seed": int(params["seed"])}))
     basis = {
         "evaluated_at": "sites",
         "site_records": reports.site_records,
