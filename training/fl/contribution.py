@@ -74,6 +74,12 @@ coalition is evaluated twice and counts the evaluations. The methods:
 :func:`scores_from_coalitions` recomputes the scores from the recorded coalition values alone by
 running the very same code with a lookup table as the utility, so the recomputed floats are
 bit-identical to the recorded ones (a missing coalition is an error).
+
+Why one module: every method, both estimators, the coalition plans sent to the sites and the
+replay of a ledger entry must be the same code, since an auditor's ``verify_report`` reruns an
+entry with whatever method and params it names; spread over modules, a plan and its replay
+could drift apart, and the one module the web process and the auditors' tools import (no torch,
+no numpy) would become several.
 """
 
 from __future__ import annotations
