@@ -21,6 +21,7 @@ from audit.reports.embedded import pdf_document
 from audit.reports.errors import MalformedReport
 from audit.reports.formats import LAYOUT, iter_csv, json_bytes
 from audit.reports.institutions import institution_directory
+from audit.reports.mechanisms import report_mechanisms
 from audit.reports.pdf import render_pdf
 from audit.reports.scope import Head, Scope
 from audit.reports.tabular import RecordLayout
@@ -63,9 +64,13 @@ def write_report(report: ContributionReport, fmt: str, out: BinaryIO) -> tuple[s
 
 def render_contribution_pdf(doc: dict) -> bytes:
     """A contribution report's PDF, its institutions named as the ledger named them at the
-    report's head (so rendering it again later, after a rename, gives the same bytes)."""
-    names = institution_directory(doc["scope"]["consortium"], doc["ledger_head"]["seq"])
-    return render_pdf(doc, names)
+    report's head and each job's privacy mechanisms read from the ledger up to it (so rendering
+    it again later, after a rename or more rounds, gives the same bytes)."""
+    consortium, head = doc["scope"]["consortium"], doc["ledger_head"]["seq"]
+    names = institution_directory(consortium, head)
+    jobs = {r["job_id"] for r in doc["summary"] if r["job_id"] is not None}
+    mechanisms = report_mechanisms(consortium, up_to=head, job_ids=jobs)
+    return render_pdf(doc, names, mechanisms)
 
 
 def report_bytes(report: ContributionReport, fmt: str) -> bytes:

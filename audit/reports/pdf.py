@@ -48,6 +48,7 @@ from reportlab.platypus.tables import TableStyle
 from audit.reports.embedded import pdf_keywords
 from audit.reports.institutions import InstitutionDirectory
 from consortium.core import palette
+from training.jobs.guarantees import WEAK_EPSILON
 
 CREATOR = "fl-consortium contribution report (schema v1)"
 _STYLES = getSampleStyleSheet()
@@ -210,7 +211,46 @@ def _sites_text(detail: str | None, names: InstitutionDirectory) -> str:
     return ", ".join(names.name(slug) for slug in (detail or "").split()) or "-"
 
 
-def _story(doc: dict, names: InstitutionDirectory) -> list:
+def _privacy_basis(
+    doc: dict, names: InstitutionDirectory, mechanisms: dict[int, list[str]] | None
+) -> list:
+    """What the report's ε rests on (per job, the mechanisms of its accepted updates, from the
+    ledger at the head: :mod:`audit.reports.mechanisms`), and where it is weak: above
+    :data:`~training.jobs.guarantees.WEAK_EPSILON` for a job, as the review page says."""
+    out: list = []
+    summary = doc["summary"]
+    kind = doc["scope"]["kind"]
+    if mechanisms is not None:
+        jobs = sorted({r["job_id"] for r in summary if r["job_id"] is not None})
+        parts = [
+            f"job {job_id}: "
+            + escape("; ".join(mechanisms.get(job_id) or []) or "no DP mechanism yet")
+            for job_id in jobs
+        ]
+        if parts:
+            out.append(_markup(f"The privacy figures ({EPS}) rest on: " + "; ".join(parts) + "."))
+    weak = [
+        f"{escape(_summary_label(r, kind, names))} ({EPS} {_fmt(r['epsilon_spent'])})"
+        for r in summary
+        if r["job_id"] is not None
+        and r["epsilon_spent"] is not None
+        and r["epsilon_spent"] > WEAK_EPSILON
+    ]
+    if weak:
+        out.append(
+            _markup(
+                f"The formal guarantee is weak where a job costs more than {EPS} "
+                f"{WEAK_EPSILON:g}: " + ", ".join(weak) + f". {EPS} alone does not say what an "
+                "attacker could rebuild from the updates: the privacy audit measures it "
+                "('manage.py privacy_audit')."
+            )
+        )
+    return out
+
+
+def _story(
+    doc: dict, names: InstitutionDirectory, mechanisms: dict[int, list[str]] | None = None
+) -> list:
     head = doc["ledger_head"]
     kind = doc["scope"]["kind"]
     story: list = [
@@ -276,6 +316,7 @@ def _story(doc: dict, names: InstitutionDirectory) -> list:
                 f"identify them by slug: {key}."
             )
         )
+    story += _privacy_basis(doc, names, mechanisms)
     methods = sorted({(r["score_method"], r["score_metric"]) for r in summary if r["score_method"]})
     if methods:
         text = "; ".join(f"{m} on {metric or 'the agreed metric'}" for m, metric in methods)
@@ -481,10 +522,16 @@ def build_pdf(story: list, doc: dict, title: str, keywords: str, pages: PageSetu
     return buffer.getvalue()
 
 
-def render_pdf(doc: dict, names: InstitutionDirectory | None = None) -> bytes:
+def render_pdf(
+    doc: dict,
+    names: InstitutionDirectory | None = None,
+    mechanisms: dict[int, list[str]] | None = None,
+) -> bytes:
     """The report's PDF, institutions named by ``names`` (the ledger's names at the report's
-    head: :func:`audit.reports.institutions.institution_directory`; slugs without it); the same
-    document and names give the same bytes."""
+    head: :func:`audit.reports.institutions.institution_directory`; slugs without it) and each
+    job's privacy mechanisms from ``mechanisms`` (:func:`audit.reports.mechanisms.
+    report_mechanisms`; not stated without it); the same inputs give the same bytes."""
     names = names or InstitutionDirectory()
     title = f"Contribution report: {_scope_text(doc, names)}"
-    return build_pdf(_story(doc, names), doc, title, pdf_keywords(doc), CONTRIBUTION_PAGES)
+    story = _story(doc, names, mechanisms)
+    return build_pdf(story, doc, title, pdf_keywords(doc), CONTRIBUTION_PAGES)

@@ -222,6 +222,10 @@ def test_the_pdf_opens_with_its_pages_charts_and_embedded_report(planted):
     assert "Hospital A" in first and "Hospital B" in first
     assert "Hospital A = hospital-a" in first and "Hospital B = hospital-b" in first
     assert "hospital-b" not in second and "Hospital B" in second
+    # What ε rests on, from the accepted updates' events in the ledger (issue 15).
+    flat = " ".join(first.split())
+    assert f"rest on: job {planted.job.pk}: Gaussian noise on the update." in flat
+    assert "weak" not in flat  # ε 8.04 and 6.33 for this job: under 10
     # ε and δ written as such (the Symbol font), never "epsilon" or "Eps." (issue 14).
     assert "ε this job" in first and "ε cap" in first and "δ" in first
     assert "epsilon" not in first.lower() and "Eps." not in first
@@ -269,6 +273,17 @@ def test_a_pdf_keeps_the_names_of_its_head_after_a_rename(planted, tmp_path):
     assert "Royal Free = hospital-a" in first_page
     code, said = verify(again)
     assert code == 0, said
+
+
+def test_the_pdf_says_where_the_formal_guarantee_is_weak(planted):
+    doc = build_report(job_scope(planted.job.pk)).document()
+    doc["summary"][0]["epsilon_spent"] = 12.5
+    names = institution_directory(doc["scope"]["consortium"], doc["ledger_head"]["seq"])
+    data = report_pdf.render_pdf(doc, names, {})
+    text = " ".join(PdfReader(io.BytesIO(data)).pages[0].extract_text().split())
+    assert "weak where a job costs more than ε 10: Hospital A (ε 12.5)" in text
+    assert "privacy audit" in text
+    assert f"job {planted.job.pk}: no DP mechanism yet" in text
 
 
 def test_the_same_report_gives_the_same_bytes(planted):
