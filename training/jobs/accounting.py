@@ -64,6 +64,7 @@ __all__ = [
     "BudgetProjection",
     "PrivacyEvent",
     "as_dp_event",
+    "epsilon_or_unbounded",
     "epsilon_spent",
     "events_for_pipeline",
     "project_budget",
@@ -492,7 +493,7 @@ class BudgetProjection:
         )
 
 
-def _spent_or_unbounded(events: list[PrivacyEvent], delta: float) -> float:
+def epsilon_or_unbounded(events: list[PrivacyEvent], delta: float) -> float:
     """:func:`epsilon_spent`, or infinity where the events give no guarantee at ``delta``: a
     projection must refuse such a job (it fits no cap), not fail. A δ outside (0, 1) is still a
     ValueError: that is a wrong argument, not a verdict on the job."""
@@ -520,9 +521,9 @@ def project_budget(
     past, job = list(past_events), list(job_events)
     return BudgetProjection(
         institution=institution,
-        already_spent=_spent_or_unbounded(past, delta),
-        job_cost=_spent_or_unbounded(job, delta),
-        projected=_spent_or_unbounded(past + job, delta),
+        already_spent=epsilon_or_unbounded(past, delta),
+        job_cost=epsilon_or_unbounded(job, delta),
+        projected=epsilon_or_unbounded(past + job, delta),
         cap=cap,
         delta=float(delta),
     )

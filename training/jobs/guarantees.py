@@ -33,7 +33,11 @@ import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from training.jobs.accounting import PrivacyEvent, epsilon_spent, events_for_pipeline
+from training.jobs.accounting import (
+    PrivacyEvent,
+    epsilon_or_unbounded,
+    events_for_pipeline,
+)
 
 __all__ = [
     "AUDIT_POINTER",
@@ -101,16 +105,6 @@ def mechanism_names(spec: Mapping) -> list[str]:
         for f in spec.get("privacy_pipeline") or []
         if isinstance(f, Mapping) and f.get("filter") in _FILTER_NAMES
     ]
-
-
-def _epsilon(events: Sequence[PrivacyEvent], delta: float) -> float:
-    """ε at δ by the accountant; an unbounded loss (a Gaussian without noise) is infinite."""
-    try:
-        return epsilon_spent(events, delta=delta)
-    except ValueError:
-        if not 0 < float(delta) < 1:
-            raise
-        return math.inf
 
 
 def _weak(epsilon: float) -> bool:
@@ -220,14 +214,14 @@ def guarantee_for_events(
         MechanismGuarantee(
             name=mechanism_name(event),
             source=event.source,
-            epsilon=_epsilon([event], delta),
+            epsilon=epsilon_or_unbounded([event], delta),
             events=(event,),
         )
         for event in events
     )
     return Guarantee(
         mechanisms=mechanisms,
-        epsilon=_epsilon(events, delta) if events else 0.0,
+        epsilon=epsilon_or_unbounded(events, delta) if events else 0.0,
         delta=float(delta),
         cap=None if cap is None else float(cap),
     )
