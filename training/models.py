@@ -473,6 +473,76 @@ class SiteEvaluation(models.Model):
         return f"{self.institution} on {self.evaluation.round} ({self.status})"
 
 
+class PrivacyAudit(models.Model):
+    """One site's privacy audit of a job's update, asked before the approvers decide
+    (the spec's ``privacy_audit``; ``training.jobs.privacy_audits``).
+
+    The site trains one local step as the job would on a few of its own records, applies the
+    job's pipeline, attacks its own update and reports only figures, signed
+    (:mod:`training.fl.audit_report`). An audit is bound to the spec digest it ran against: a
+    changed spec asks again. ``outcome`` is ``measured`` (``summary`` holds the figures) or
+    ``out_of_reach`` (``reason`` says why the audit cannot attack this model)."""
+
+    class Status(models.TextChoices):
+        ASKED = "asked", "Asked"
+        REPORTED = "reported", "Reported"
+
+    class Outcome(models.TextChoices):
+        MEASURED = "measured", "Measured"
+        OUT_OF_REACH = "out_of_reach", "Out of the audit's reach"
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="privacy_audits")
+    institution = models.ForeignKey(Institution, on_delete=models.PROTECT, related_name="+")
+    spec_digest = models.CharField(max_length=64)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ASKED)
+    asked_at = models.DateTimeField(default=timezone.now)
+    sent_at = models.DateTimeField(default=timezone.now)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices, blank=True)
+    #: The report's summary figures (``AuditResult.to_json()["summary"]``, with
+    #: ``conclusive`` and ``shared_fraction``), for pages and the approval gate.
+    summary = models.JSONField(null=True, blank=True)
+    reason = models.TextField(blank=True)
+    report_text = models.TextField(blank=True)
+    report_digest = models.CharField(max_length=64, blank=True)
+    signature = models.CharField(max_length=200, blank=True)
+    reported_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["job", "institution__slug", "-asked_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["job", "institution", "spec_digest"], name="uniq_privacy_audit"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"privacy audit of {self.job} by {self.institution} ({self.status})"
+
+
+class AuditPicture(models.Model):
+    """A picture for the approvers of what the audit's attacks rebuild under a job's pipeline,
+    drawn centrally from a bundled **public** data set of the same shape as the job's records
+    (never a site's records; :func:`training.fl.inversion.reconstruction_picture`). ``png`` is
+    empty while it is drawn, or when no bundled set fits (``note`` says why)."""
+
+    job = models.ForeignKey(TrainingJob, on_delete=models.CASCADE, related_name="audit_pictures")
+    spec_digest = models.CharField(max_length=64)
+    dataset_key = models.CharField(max_length=64, blank=True)
+    png = models.BinaryField(blank=True, default=b"")
+    figures = models.JSONField(null=True, blank=True)
+    note = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    drawn_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        constraints = [
+            models.UniqueConstraint(fields=["job", "spec_digest"], name="uniq_audit_picture")
+        ]
+
+    def __str__(self) -> str:
+        return f"audit picture of {self.job}"
+
+
 class ContributionScore(models.Model):
     """One site's contribution score for one round, for display queries.
 

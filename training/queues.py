@@ -75,6 +75,19 @@ SITE_EVALUATE = TaskName(
     doc="Evaluate a round's models on the site's validation share and report (on site.<slug>).",
 )
 
+SITE_AUDIT = TaskName(
+    "training.site_audit",
+    None,
+    doc="Audit the site's own update under a proposed job's pipeline before approval: attack it "
+    "and report the figures, signed (on site.<slug>).",
+)
+AUDIT_PICTURE = TaskName(
+    "training.audit_picture",
+    CENTRAL_QUEUE,
+    doc="Draw, from a bundled public data set, what the audit's attacks rebuild under a "
+    "proposed job's pipeline, for its approvers' page.",
+)
+
 TASKS: tuple[TaskName, ...] = (
     EXPIRE_OVERDUE_JOBS,
     JOB_START,
@@ -83,6 +96,8 @@ TASKS: tuple[TaskName, ...] = (
     SITE_TRAIN,
     ROUND_EVALUATION_MAYBE_CLOSE,
     SITE_EVALUATE,
+    SITE_AUDIT,
+    AUDIT_PICTURE,
 )
 
 

@@ -39,6 +39,7 @@ urlpatterns = [
     path(J + "submit/", jobs.JobSubmitView.as_view(), name="job-submit"),
     path(J + "cancel/", jobs.JobCancelView.as_view(), name="job-cancel"),
     path(J + "review/", approvals.JobReviewView.as_view(), name="job-review"),
+    path(J + "audit-picture.png", jobs.JobAuditPictureView.as_view(), name="job-audit-picture"),
     path(
         J + "models/<int:round_index>/download/",
         job_model.JobModelDownloadView.as_view(),

@@ -604,6 +604,45 @@ EVALUATION_REPORTED = _event(
         ),
     ),
 )
+PRIVACY_AUDIT_REQUESTED = _event(
+    "privacy_audit.requested",
+    subject="training.trainingjob",
+    doc="The sites were asked to audit their own updates under a proposed job's pipeline before "
+    "its approvers decide (the spec's privacy_audit).",
+    fields=(
+        _JOB_ID,
+        _SPEC_DIGEST,
+        F("sites", ARRAY, "The sites asked."),
+        F("records", INTEGER, "How many of its records each site attacks."),
+        F("seed", INTEGER, "The seed that fixes the records, the step, the noise and the attacks."),
+    ),
+)
+PRIVACY_AUDIT_REPORTED = _event(
+    "privacy_audit.reported",
+    subject="training.trainingjob",
+    doc="A site's signed privacy audit of its own update under a proposed job's pipeline, "
+    "verified centrally: figures only, never a record.",
+    fields=(
+        _JOB_ID,
+        _SPEC_DIGEST,
+        F("site", STRING, "The reporting site's slug."),
+        F("outcome", STRING, "measured, or out_of_reach (the audit cannot attack this model)."),
+        F(
+            "summary",
+            OBJECT.or_null(),
+            "The audit's summary figures (median SSIM, PSNR or distance, the share of records "
+            "rebuilt, label inference), whether the result is conclusive; null when out of reach.",
+        ),
+        F("report", STRING, "The report's canonical text, exactly the signed bytes."),
+        F("report_digest", STRING, "The report text's SHA-256."),
+        F("signature", STRING, "The site's Ed25519 signature of the report (base64)."),
+        F(
+            "public_key",
+            STRING,
+            "The site's registered public key (PEM) the signature verified against.",
+        ),
+    ),
+)
 ROUND_EVALUATED = _event(
     "round.evaluated",
     subject="training.round",

@@ -40,6 +40,14 @@ def _state(value: Any) -> str:
     return str(value or "").replace("_", " ")
 
 
+def _audit_words(outcome: str, summary: Mapping[str, Any] | None) -> str:
+    if outcome != "measured" or not summary:
+        return "the model is out of the audit's reach"
+    rate = summary.get("success_rate")
+    text = "measured" if rate is None else f"{float(rate):.0%} of the records audited rebuilt"
+    return text + (" (inconclusive)" if summary.get("conclusive") is False else "")
+
+
 _SENTENCES: dict[str, _Sentence] = {
     ev.CONSORTIUM_CREATED: lambda p, n: f"Consortium “{p['name']}” created",
     ev.INSTITUTION_CREATED: lambda p, n: f"{p['name']} joined the consortium",
@@ -79,6 +87,13 @@ _SENTENCES: dict[str, _Sentence] = {
     ev.SITE_ABSENT: lambda p, n: f"{n(p['site'])} missed {p['rounds_missed']} rounds in a row",
     ev.EVALUATION_REPORTED: lambda p, n: (
         f"{n(p['site'])} reported its evaluation of round {p['round']}"
+    ),
+    ev.PRIVACY_AUDIT_REQUESTED: lambda p, n: (
+        f"Privacy audit of job #{p['job_id']} asked of {_count(len(p['sites']), 'site')}"
+    ),
+    ev.PRIVACY_AUDIT_REPORTED: lambda p, n: (
+        f"{n(p['site'])} reported its privacy audit of job #{p['job_id']}: "
+        + _audit_words(p["outcome"], p["summary"])
     ),
     ev.CONTRIBUTION_SCORED: lambda p, n: f"Contributions to round {p['round']} scored",
     ev.CONTRIBUTION_UNAVAILABLE: lambda p, n: (

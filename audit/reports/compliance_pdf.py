@@ -79,7 +79,21 @@ def _later_terms_text(terms: dict) -> str:
     central = "allowed" if later["allows_central_validation_set"] is True else "not allowed"
     access = later["final_model_access"]
     words = dict(FinalModelAccess.choices).get(access, str(access))
-    return f"Central validation set: {central}. Who may download the final model: {words}."
+    text = f"Central validation set: {central}. Who may download the final model: {words}."
+    # Said only where the version requires the audit, so that the report of a version without
+    # the term (every version before it) renders as it always did.
+    if later["privacy_audit_required"] is True:
+        text += (
+            " Privacy audit before approval: required (each site's worker attacks its own "
+            "update under the job's pipeline and reports the figures before its institution "
+            "approves)."
+        )
+        ssim, rate = later["audit_max_median_ssim"], later["audit_max_success_rate"]
+        if ssim is not None:
+            text += f" Highest median SSIM an institution may approve: {ssim} (1 is an exact copy)."
+        if rate is not None:
+            text += f" Highest share of audited records rebuilt an institution may approve: {rate}."
+    return text
 
 
 def _story(doc: dict) -> list:

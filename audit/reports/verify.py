@@ -7,7 +7,8 @@
    time must be the head's.
 3. Recompute the report from the ledger up to that head and compare every figure, naming each one
    that differs (ε, replayed through the accountant, within a relative 1e-9; everything else
-   exactly).
+   exactly). The sites' signed reports the figures rest on (evaluations at the sites) and those
+   in scope that approvals rest on (privacy audits) must verify with keys the sites registered.
 4. Render the file again from the recomputed report and compare bytes. For a PDF this is what
    checks the visible pages (the figures compared in step 3 are the embedded ones), so a PDF whose
    bytes differ fails; a CSV or JSON file holds nothing but its figures, so a difference in layout
@@ -43,6 +44,9 @@ from audit.reports.scope import Head, Scope
 
 # The engine's contribution module is pure Python (no torch, no numpy at import time: see its
 # docstring), so importing it here at the top initialises nothing.
+from training.fl.audit_report import AuditReportError
+from training.fl.audit_report import parse_report as parse_audit_report
+from training.fl.audit_report import summary_of as audit_summary_of
 from training.fl.contribution import scores_from_coalitions
 from training.fl.evaluation_report import ReportError as EvaluationReportError
 from training.fl.evaluation_report import combine, parse_report
@@ -343,6 +347,58 @@ def _check_site_evaluations(outcome: Outcome, scope: Scope, head: Head) -> None:
         )
 
 
+def _check_privacy_audits(outcome: Outcome, scope: Scope, head: Head) -> None:
+    """Every privacy audit report in scope (``privacy_audit.reported``: a job's, or an
+    institution's own) must be canonical, hash to its recorded digest, name the job, site and
+    spec digest its entry names, verify with the public key it names, and that key must be one
+    the site registered (as for the evaluation reports); the entry's outcome and summary (what
+    the approval gate and the pages read) must be what the signed text says."""
+    events = (ledger_events.CREDENTIAL_CREATED, ledger_events.PRIVACY_AUDIT_REPORTED)
+    fingerprints: dict[str, set[str]] = {}
+    audits: list[tuple[int, dict]] = []
+    for row in consortium_entry_rows(
+        scope.consortium, up_to=head.seq, events=events, chunk_size=2000
+    ):
+        payload = json.loads(row.payload_text)
+        if row.event == ledger_events.CREDENTIAL_CREATED:
+            fingerprints.setdefault(row.institution_slug, set()).add(payload.get("key_fingerprint"))
+            continue
+        if scope.kind == "job" and payload.get("job_id") != scope.job_id:
+            continue
+        if scope.kind == "institution" and payload.get("site") != scope.institution:
+            continue
+        audits.append((row.seq, payload))
+    checked = 0
+    for seq, entry in audits:
+        where = f"the privacy audit report in ledger entry #{seq}"
+        text = entry.get("report") or ""
+        try:
+            report = parse_audit_report(text)
+            if hashlib.sha256(text.encode("utf-8")).hexdigest() != entry.get("report_digest"):
+                raise AuditReportError("its text does not hash to its recorded digest")
+            verify_update(
+                entry.get("public_key") or "", text.encode("utf-8"), entry.get("signature") or ""
+            )
+        except (AuditReportError, BadSignature) as exc:
+            outcome.fail(f"{where} does not verify: {exc}")
+            continue
+        named = (entry.get("job_id"), entry.get("site"), entry.get("spec_digest"))
+        if (report.job_id, report.site, report.spec_digest) != named:
+            outcome.fail(f"{where} is signed for another job, site or spec than its entry names")
+            continue
+        fingerprint = hashlib.sha256((entry.get("public_key") or "").encode("utf-8")).hexdigest()
+        if fingerprint[:16] not in fingerprints.get(report.site, set()):
+            outcome.fail(f"{where} is signed with a key {report.site} never registered")
+            continue
+        summary = audit_summary_of(report.result) if report.result is not None else None
+        if entry.get("outcome") != report.outcome or entry.get("summary") != summary:
+            outcome.fail(f"{where}: its outcome or summary is not what the signed report says")
+            continue
+        checked += 1
+    if checked:
+        outcome.matched.append(f"{checked} signed privacy audit report(s) in the ledger verify")
+
+
 def verify_file(
     data: bytes,
     formats: ReportFormats,
@@ -414,7 +470,7 @@ def verify_report_bytes(data: bytes) -> Outcome:
         compare_documents,
         GROUPS,
         lambda digest, scope: export_recording(digest),
-        (_check_round_scores, _check_site_evaluations),
+        (_check_round_scores, _check_site_evaluations, _check_privacy_audits),
     )
 
 

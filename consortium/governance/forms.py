@@ -181,6 +181,27 @@ class AgreementTermsForm(forms.Form):
         help_text=AgreementVersion._meta.get_field("final_model_access").help_text
         + ' Choose "Nobody" to keep every model on the consortium\'s server.',
     )
+    privacy_audit_required = forms.BooleanField(
+        label="Require each site's privacy audit before approval",
+        required=False,
+        help_text=AgreementVersion._meta.get_field("privacy_audit_required").help_text,
+    )
+    audit_max_median_ssim = forms.DecimalField(
+        label="Highest median SSIM an institution may approve (optional)",
+        max_digits=4,
+        decimal_places=3,
+        required=False,
+        help_text=AgreementVersion._meta.get_field("audit_max_median_ssim").help_text
+        + " A maximum needs the audit: tick the box above too.",
+    )
+    audit_max_success_rate = forms.DecimalField(
+        label="Highest audit success rate an institution may approve (optional)",
+        max_digits=4,
+        decimal_places=3,
+        required=False,
+        help_text=AgreementVersion._meta.get_field("audit_max_success_rate").help_text
+        + " A maximum needs the audit: tick the box above too.",
+    )
     valid_from = forms.DateField(widget=DateInput)
     valid_until = forms.DateField(widget=DateInput)
     text = forms.CharField(
@@ -198,6 +219,9 @@ class AgreementTermsForm(forms.Form):
         "delta",
         "allows_central_validation_set",
         "final_model_access",
+        "privacy_audit_required",
+        "audit_max_median_ssim",
+        "audit_max_success_rate",
         "valid_from",
         "valid_until",
         "text",

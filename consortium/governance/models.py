@@ -232,9 +232,10 @@ class AgreementVersion(models.Model):
     SHA-256 of its canonical terms and text, and signatures record it). An
     amendment is a new version, which needs new signatures.
 
-    ``allows_central_validation_set`` and ``final_model_access`` came after versions had been
-    signed: each enters the digested terms only when it differs from its default, so every
-    earlier version keeps its digest (``services.agreements.version_terms``).
+    ``allows_central_validation_set``, ``final_model_access`` and the privacy audit's terms
+    (``privacy_audit_required``, ``audit_max_median_ssim``, ``audit_max_success_rate``) came
+    after versions had been signed: each enters the digested terms only when it differs from its
+    default, so every earlier version keeps its digest (``services.agreements.version_terms``).
     """
 
     class Status(models.TextChoices):
@@ -285,6 +286,40 @@ class AgreementVersion(models.Model):
             "Who may download a job's models (the final model above all) from the consortium's "
             "server. Members of an institution that has withdrawn from the job never may; "
             "everyone who sees the job still sees the model's digest and lineage."
+        ),
+    )
+    privacy_audit_required = models.BooleanField(
+        default=False,
+        help_text=(
+            "Before an institution approves a job, its own site worker attacks the update the "
+            "job would send, under the job's privacy pipeline, on a few of the site's records, "
+            "and reports only the figures (the privacy audit). Required: a job must ask for "
+            "the audit, and no institution may approve it before its own audit is in."
+        ),
+    )
+    audit_max_median_ssim = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text=(
+            "Highest median similarity (SSIM) between a site's image records and what the "
+            "audit's attacks rebuild of them that an institution may approve: 1 is an exact "
+            "copy; around 0.3 a reconstruction is hard to recognise. Empty: no maximum. Applies "
+            "to image records only (a tabular audit measures no SSIM)."
+        ),
+    )
+    audit_max_success_rate = models.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0), MaxValueValidator(1)],
+        help_text=(
+            "Highest success rate an institution may approve: the share of its audited records "
+            "that the audit's attacks rebuild (0 to 1; 0.25 is one record in four). Empty: no "
+            "maximum."
         ),
     )
     valid_from = models.DateField()

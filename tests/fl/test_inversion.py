@@ -133,6 +133,30 @@ def test_tabular_records_are_measured_by_distance():
     assert "median_ssim" not in clear.summary
 
 
+def test_a_feature_that_never_varies_does_not_inflate_the_distance(digits):
+    """Tabular digits: the always-blank pixels have no spread among the site's records. They
+    are scaled by the spread of all the values, so a small error there stays small (with a
+    clamped zero spread the median relative error was in the tens of millions)."""
+    x = digits.x.reshape(len(digits.x), -1)
+    assert int((x.std(dim=0) == 0).sum()) >= 1  # the premise: constant features exist
+    model = _model(LogisticRegression, input_shape=[64], n_classes=10)
+    result = run_audit(
+        model,
+        x,
+        digits.y,
+        modality="tabular",
+        optimizer=SGD,
+        pipeline=[{"filter": "gaussian_noise", "noise_multiplier": 1.0, "clip_norm": 1.0}],
+        settings=AuditSettings(records=2, dlg_iterations=10, ig_iterations=20),
+    )
+    assert 0.5 < result.summary["median_relative_error"] < 20
+    clear = run_audit(
+        model, x, digits.y, modality="tabular", optimizer=SGD, pipeline=[],
+        settings=AuditSettings(records=2, dlg_iterations=10, ig_iterations=20),
+    )  # fmt: skip
+    assert clear.summary["median_relative_error"] < 0.05
+
+
 def test_convolutional_classifier_and_dp_sgd_are_within_reach(digits):
     data = bundled_records("digits", image_model=True)
     assert tuple(data.x.shape[1:]) == (1, 8, 8)

@@ -526,3 +526,13 @@ def test_enter_in_the_edit_form_saves(cast):
     assert response.status_code == 302, text_of(response)[:2000]
     job.refresh_from_db()
     assert job.title == "Renamed by pressing Enter"
+
+
+def test_defaults_ask_for_the_audit_the_agreement_requires(cast):
+    """Under an agreement that requires each site's privacy audit, the form starts from a job
+    that asks for it, so the defaults comply as they come."""
+    agreement_in_force(cast, privacy_audit_required=True)
+    steward_registers_datasets(cast)
+    defaults = proposal_defaults(consortium=cast.consortium)
+    assert defaults.complies, defaults.notes
+    assert validate_spec(defaults.spec)["privacy_audit"] == {"records": 8, "seed": 0}

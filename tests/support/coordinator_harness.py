@@ -20,6 +20,8 @@ from consortium.celery import app
 from tests.support.fl_harness import make_consortium3, use_artifact_folder
 from training import queues
 from training.rounds import contributions, coordinator
+from training.rounds.audit_pictures import draw_audit_picture
+from training.site.audit import run_site_audit
 from training.site.client import CentralError, RoundModel
 from training.site.evaluation import run_site_evaluation
 from training.site.protocol import SITE_PROTOCOL
@@ -37,6 +39,26 @@ class InProcessClient:
             "HTTP_AUTHORIZATION": f"Site {token}",
             "HTTP_X_SITE_PROTOCOL": str(SITE_PROTOCOL),
         }
+
+    def _answer(self, response):
+        if response.status_code >= 400:
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
+        return response.status_code, response.json()
+
+    def audit_request(self, job_id):
+        response = self.client.get(f"/api/site/v1/jobs/{job_id}/audit/", **self.auth)
+        return self._answer(response)[1]
+
+    def upload_audit(self, job_id, *, report, signature):
+        response = self.client.post(
+            f"/api/site/v1/jobs/{job_id}/audit/",
+            data=json.dumps({"report": report, "signature": signature}),
+            content_type="application/json",
+            **self.auth,
+        )
+        return self._answer(response)
 
     def job(self, job_id):
         response = self.client.get(f"/api/site/v1/jobs/{job_id}/", **self.auth)
@@ -163,6 +185,19 @@ class InMemoryBroker:
                     config=site.config(),
                     client=InProcessClient(site.token),
                 )
+            elif message["name"] == queues.SITE_AUDIT.name:
+                if only_central or message["kwargs"]["site"] in drop_sites:
+                    self.lost.append(message)
+                    continue
+                site = self.c3.site(message["kwargs"]["site"])
+                self.run(
+                    run_site_audit,
+                    **message["kwargs"],
+                    config=site.config(),
+                    client=InProcessClient(site.token),
+                )
+            elif message["name"] == queues.AUDIT_PICTURE.name:
+                self.run(draw_audit_picture, **message["kwargs"])
             elif message["name"] == queues.ROUND_EVALUATION_MAYBE_CLOSE.name:
                 self.run(contributions.evaluation_close_and_score, **message["kwargs"])
             elif message["name"] == "training.round_maybe_close":

@@ -77,6 +77,13 @@ def test_demo_runs_a_job_to_completion_on_real_processes(tmp_path):
         for p in sorted((var / "logs").glob("*.log"))
     )
     assert done.returncode == 0, out + logs
+    # Before approval every hospital's worker audited its own update and reported figures.
+    for slug in SITE_SLUGS:
+        assert re.search(
+            rf"privacy audit of {slug}: With this pipeline \(40% of the update shared\) an "
+            r"attacker rebuilt a record",
+            out,
+        ), out
     assert re.search(r"Round 2/2 closed .*4/4 updates accepted", out), out
     final = re.search(r"Final model [0-9a-f]{16}…: validation accuracy ([01]\.\d{3})", out)
     assert final, out

@@ -1,7 +1,9 @@
 """The job the demo runs: what it trains on each bundled data set (the spec and its privacy
-pipeline, which meet the seeded agreement), its proposal by the administrator and its approval
-by every hospital's approver (the last approval queues ``training.job_start`` on ``central``),
-and the cancellation of a demo job an earlier, interrupted run left unfinished.
+pipeline, which meet the seeded agreement), its proposal by the administrator, the hospitals'
+privacy audits it asks for before approval (each site worker attacks its own update and
+reports the figures), its approval by every hospital's approver (the last approval queues
+``training.job_start`` on ``central``), and the cancellation of a demo job an earlier,
+interrupted run left unfinished.
 """
 
 from __future__ import annotations
@@ -13,9 +15,10 @@ from django.core.exceptions import ValidationError
 
 from consortium.core.errors import ServiceError
 from training.demo.seed import SITE_SLUGS
+from training.fl.audit_report import summary_words
 from training.jobs.approvals import approval_decide
 from training.jobs.proposals import job_cancel, job_propose
-from training.models import TERMINAL_STATES, Approval, TrainingJob
+from training.models import TERMINAL_STATES, Approval, PrivacyAudit, TrainingJob
 
 #: What the demo trains on each bundled data set. The pipeline meets the seeded agreement's
 #: privacy floor (at most 40% shared, DP-SGD at every site) and its ε sets how many jobs fit the
@@ -50,6 +53,11 @@ JOBS = {
 }
 DEMO_TITLES = [job["title"] for job in JOBS.values()]
 
+#: The privacy audit the demo job asks of every hospital before approval: four records each
+#: (a few seconds of a site worker's CPU for the demo's models; the U-Net's takes about 30 s
+#: and says it is inconclusive), so the approvers' pages show what an attacker could rebuild.
+DEMO_AUDIT = {"records": 4, "seed": 0}
+
 
 def demo_pipeline(noise_multiplier: float = NOISE_MULTIPLIER) -> list[dict]:
     return [
@@ -76,6 +84,7 @@ def demo_spec(dataset: str, rounds: int, noise_multiplier: float = NOISE_MULTIPL
         "min_participants": len(SITE_SLUGS),
         "round_timeout_seconds": 300,
         "approval_ttl_hours": 24,
+        "privacy_audit": dict(DEMO_AUDIT),
     }
 
 
@@ -89,6 +98,28 @@ def propose_demo_job(consortium, *, dataset: str, rounds: int, noise_multiplier:
         title=JOBS[dataset]["title"],
         spec=demo_spec(dataset, rounds, noise_multiplier),
     )
+
+
+def audits_reported(job: TrainingJob) -> list[PrivacyAudit] | None:
+    """Every hospital's privacy audit of ``job`` (its current spec), once all have reported;
+    None while one is still awaited."""
+    audits = list(
+        PrivacyAudit.objects.filter(job=job, spec_digest=job.spec_digest)
+        .select_related("institution")
+        .order_by("institution__slug")
+    )
+    if len(audits) < len(SITE_SLUGS) or any(
+        a.status != PrivacyAudit.Status.REPORTED for a in audits
+    ):
+        return None
+    return audits
+
+
+def audit_in_words(audit: PrivacyAudit) -> str:
+    """A reported audit in the words the approvers' page uses."""
+    if audit.outcome == PrivacyAudit.Outcome.OUT_OF_REACH:
+        return f"out of the audit's reach: {audit.reason}"
+    return summary_words(audit.summary or {})
 
 
 def approve_demo_job(job: TrainingJob, consortium) -> list[str]:

@@ -1,8 +1,9 @@
 """Writes for the approvers' decisions and what settles a job: an institution's decision
-(refused as stale when the job or the agreement changed since the approver looked), the job
-approved or rejected once the decisions are in, rebinding a job to a newer agreement version,
-expiring jobs whose deadline passed, and taking a withdrawn institution out of the jobs that run
-under the agreement it withdrew from.
+(refused as stale when the job or the agreement changed since the approver looked, and an
+approval refused while the institution's own privacy audit does not meet the agreement's audit
+terms: ``training.jobs.audit_gate``), the job approved or rejected once the decisions are in,
+rebinding a job to a newer agreement version, expiring jobs whose deadline passed, and taking a
+withdrawn institution out of the jobs that run under the agreement it withdrew from.
 
 Only an institution's approver decides for it: that rule is part of the act, so the service
 checks it too.
@@ -21,6 +22,7 @@ from consortium.governance.models import Agreement, Institution, Role
 from consortium.governance.permissions import has_institution_role
 from consortium.governance.selectors import agreement_in_force
 from training import outbox, queues
+from training.jobs.audit_gate import approval_refusal
 from training.jobs.compliance import check_job_compliance
 from training.jobs.notifications import approvers_of, job_url, notify
 from training.jobs.selectors import active_participants, current_decisions
@@ -118,8 +120,11 @@ def approval_decide(
 
     ``spec_digest`` and ``agreement_version_id`` are what the approver was
     shown. If the job or the agreement changed since, the decision is refused as
-    stale and the approver is asked to review again. A rejection needs a reason
-    and rejects the job; the last approval needed approves (queues) it.
+    stale and the approver is asked to review again. An approval is refused (ConflictError,
+    code ``audit_*``) while the agreement's privacy-audit terms are not met by the
+    institution's own audit (:func:`training.jobs.audit_gate.approval_refusal`); a rejection
+    never is. A rejection needs a reason and rejects the job; the last approval needed
+    approves (queues) it.
     """
     if decision not in Approval.Decision.values:
         raise ValidationError({"decision": "Approve or reject."})
@@ -176,6 +181,13 @@ def _decide(
             "current version and decide again.",
             code="stale",
         )
+    if decision == Approval.Decision.APPROVED:
+        # The agreement's privacy-audit terms, on this institution's own audit of the current
+        # spec (training.jobs.audit_gate). Refused like a stale decision: nothing is recorded,
+        # the approver is told why and may reject instead.
+        refusal = approval_refusal(job, institution)
+        if refusal is not None:
+            return None, refusal
     approval = Approval.objects.create(
         job=job,
         institution=institution,

@@ -29,6 +29,7 @@ from training.jobs.spec import (
     EVALUATION_CENTRAL,
     dp_mechanisms,
     evaluation_settings,
+    privacy_audit_settings,
     shared_fraction,
     training_records,
 )
@@ -209,6 +210,14 @@ def check_job_compliance(
             "dp_mechanism",
             f"The agreement requires {DPMechanism(required).label} in every site's privacy "
             "pipeline, and this job's pipeline has none.",
+        )
+    if version.privacy_audit_required and privacy_audit_settings(spec) is None:
+        # Checked again at each institution's approval (training.jobs.audit_gate): there its
+        # own audit must be in, and within the agreement's maxima.
+        report.add(
+            "privacy_audit",
+            "The agreement requires each site's privacy audit before approval: ask for it in "
+            "the proposal (privacy_audit).",
         )
 
     # Data sets: every participant offers the key, with one shape the model takes.

@@ -2,8 +2,9 @@
 
 An approver signs a spec's digest (:func:`training.jobs.spec.spec_digest`), but reads these
 sentences: one per privacy filter (:func:`describe_pipeline`), one on where the models are
-evaluated (:func:`describe_evaluation`) and one on how each site's contribution is scored
-(:func:`describe_contribution`). They take a *normalised* spec (the output
+evaluated (:func:`describe_evaluation`), one on how each site's contribution is scored
+(:func:`describe_contribution`) and one on the privacy audit asked before approval
+(:func:`describe_privacy_audit`). They take a *normalised* spec (the output
 of :func:`training.jobs.spec.validate_spec`) and spell its numbers as the spec does, so what a
 person reads is what was hashed.
 
@@ -23,6 +24,7 @@ from training.jobs.spec import (
     contribution_value,
     evaluation_settings,
     loss_of,
+    privacy_audit_settings,
 )
 
 #: The training losses (``training.jobs.spec.LOSSES``) in words.
@@ -240,3 +242,20 @@ def describe_contribution(spec: Mapping) -> str:
     if method == "shapley_sampled":
         return base + sampled + "."
     return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {paired}."
+
+
+def describe_privacy_audit(spec: Mapping) -> str:
+    """One plain-English sentence on the privacy audit the job asks of each site before its
+    approvers decide (the spec's ``privacy_audit``), or on its absence."""
+    settings = privacy_audit_settings(spec)
+    if settings is None:
+        return (
+            "This job asks for no privacy audit: no site attacks its own update before the "
+            "approvers decide."
+        )
+    return (
+        "Before you decide, each site's worker attacks its own update under this pipeline on "
+        f"{settings['records']} of its records (seed {settings['seed']}) and reports only the "
+        "figures: how closely the attacks rebuild a record, and the share of those records they "
+        "rebuild. No record and no reconstruction leaves the site."
+    )

@@ -229,6 +229,10 @@ def proposal_defaults(*, consortium: Consortium) -> ProposalDefaults:
             strength=strength,
         )
         spec = _spec(offer, rounds=rounds, pipeline=pipeline)
+        if version.privacy_audit_required:
+            # The agreement requires each site's audit before approval: start from a job
+            # that asks for it (at the default records and seed).
+            spec["privacy_audit"] = {}
         try:
             normalised = validate_spec(spec)
         except SpecError as exc:  # e.g. a registered model whose defaults do not validate

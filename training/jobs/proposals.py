@@ -5,7 +5,9 @@ Proposing checks the job against the agreement in force and the privacy budgets
 (``training.jobs.compliance``) and reserves each participant's budget; a proposal or change
 that breaks the agreement is refused and the refusal is on the record. Every change of state
 goes through ``training.jobs.transitions``; the approvers' decisions are in
-``training.jobs.approvals``.
+``training.jobs.approvals``. A spec that asks for a privacy audit has the sites asked for it
+when it is proposed, and again when it changes before approval
+(``training.jobs.privacy_audits``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from consortium.governance.models import Consortium, Institution
 from training.jobs.accounting import epsilon_spent
 from training.jobs.compliance import ComplianceError, ComplianceReport, check_job_compliance
 from training.jobs.notifications import approvers_of, job_url, notify
+from training.jobs.privacy_audits import audit_request
 from training.jobs.registry import model_registry
 from training.jobs.selectors import active_participants
 from training.jobs.spec import SpecError, canonical_spec_text, spec_digest, validate_spec
@@ -163,6 +166,9 @@ def _submit(job: TrainingJob, *, acting_user, spec: dict) -> TrainingJob:
         approval_deadline=job.approval_deadline.isoformat(),
     )
     apply_transition(job, JobState.AWAITING_APPROVAL, acting_user=acting_user, reason="proposed")
+    # The spec's privacy audit, if it asks for one: each site audits its own update before
+    # its approvers decide (the tasks go out when this transaction commits).
+    audit_request(job, acting_user=acting_user, now=now)
     notify(
         users=approvers_of(i.pk for i in report.institutions.values()),
         consortium=job.consortium,
@@ -300,6 +306,9 @@ def _update_spec(*, acting_user, job: TrainingJob, spec: dict | None, title: str
             projected_epsilon=epsilons,
         )
         if job.state == JobState.AWAITING_APPROVAL and new_digest != old_digest:
+            # An audit is bound to the digest it ran against: the new spec is audited anew
+            # (the old digest's audits stay, as history).
+            audit_request(job, acting_user=acting_user)
             notify(
                 users=approvers_of(p.institution_id for p in active_participants(job)),
                 consortium=job.consortium,

@@ -191,6 +191,7 @@ _TOP_LEVEL = (
     "evaluation",
     "loss",
     "aggregation",
+    "privacy_audit",
 )
 
 
@@ -521,6 +522,45 @@ def _check_aggregation(c: _Checker, raw: Mapping, topology: str | None) -> Any:
     return aggregation
 
 
+#: ``privacy_audit``: each site audits its own update before the approvers decide
+#: (``training.jobs.privacy_audits``); its knobs, with their bounds and defaults. ``records``
+#: is how many of the site's records are attacked (each costs seconds of CPU at the site),
+#: ``seed`` fixes which records, the step's randomness, the pipeline's noise and the attacks.
+PRIVACY_AUDIT_FIELDS = {
+    "records": ("int", 1, 32, 8),
+    "seed": ("int", 0, 2**31 - 1, 0),
+}
+
+
+def _check_privacy_audit(c: _Checker, raw: Mapping) -> Any:
+    """The normalised ``privacy_audit`` object (every knob filled in), or ``MISSING`` when the
+    spec asks for no audit. ``{}`` asks for one at the defaults; ``false`` or ``null`` for none."""
+    value = raw.get("privacy_audit", MISSING)
+    if value is MISSING or value is None or value is False:
+        return MISSING
+    if value is True:
+        value = {}
+    if not isinstance(value, Mapping):
+        c.error("privacy_audit", 'must be an object like {"records": 8, "seed": 0}')
+        return None
+    c.unknown_keys(value, tuple(PRIVACY_AUDIT_FIELDS), "privacy_audit", "field")
+    out: dict[str, Any] = {}
+    for key, (kind, lo, hi, default) in PRIVACY_AUDIT_FIELDS.items():
+        out[key] = c.field(
+            value, key, f"privacy_audit.{key}", Number(kind, lo, hi, default=default)
+        )
+    return None if any(v is None for v in out.values()) else out
+
+
+def privacy_audit_settings(spec: Mapping) -> dict | None:
+    """``{"records", "seed"}`` when the job asks every site for a privacy audit before the
+    approvers decide, else None."""
+    value = spec.get("privacy_audit")
+    if not value:
+        return None
+    return {key: value.get(key, default) for key, (*_, default) in PRIVACY_AUDIT_FIELDS.items()}
+
+
 def default_evaluation_where(dataset_key: str | None) -> str:
     """``central`` for a bundled data set (it has a consortium validation set), else ``sites``."""
     return EVALUATION_CENTRAL if dataset_key in BUNDLED_DATASETS else EVALUATION_SITES
@@ -726,6 +766,9 @@ def validate_spec(raw: Any, *, registry: Mapping[str, ModelSpec] | None = None) 
     evaluation = _check_evaluation(c, raw, out.get("dataset_key"), participants)
     if evaluation is not MISSING:
         out["evaluation"] = evaluation
+    audit = _check_privacy_audit(c, raw)
+    if audit is not MISSING:
+        out["privacy_audit"] = audit
 
     if c.errors:
         raise SpecError(c.errors)

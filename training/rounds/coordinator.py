@@ -72,6 +72,7 @@ from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
 from training import liveness, outbox, queues
+from training.jobs.privacy_audits import audits_tick
 from training.jobs.selectors import round_with_job
 from training.jobs.spec import aggregation_of
 from training.jobs.transitions import job_transition
@@ -698,6 +699,7 @@ class TickReport:
     resumed: list = field(default_factory=list)
     redispatched: list = field(default_factory=list)
     evaluations: dict = field(default_factory=dict)
+    audits_resent: list = field(default_factory=list)
     absent: list = field(default_factory=list)
     errors: list = field(default_factory=list)
 
@@ -731,7 +733,9 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
        half their round's timeout, whichever is shorter (:func:`redispatch_delay`);
     6. evaluations at the sites (``contributions.scores_tick``): ask for those never asked,
        send again lost evaluation tasks, close those past their deadline and score them;
-    7. sites absent from ``FL_ABSENT_ROUNDS_ALERT`` rounds in a row: their jobs' proposers told
+    7. privacy audits of jobs awaiting approval (``privacy_audits.audits_tick``): send again
+       the audit task of a site that has not reported, with back-off;
+    8. sites absent from ``FL_ABSENT_ROUNDS_ALERT`` rounds in a row: their jobs' proposers told
        (``absences.notify_absent_sites``); then the tick's heartbeat.
     """
     now = now or timezone.now()
@@ -791,6 +795,7 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
 
     evaluations = _guard(report, "evaluations at the sites")(scores_tick)(now=now) or {}
     report.evaluations = {k: v for k, v in evaluations.items() if v}
+    report.audits_resent = _guard(report, "privacy audits")(audits_tick)(now=now) or []
     # Sites that missed FL_ABSENT_ROUNDS_ALERT rounds in a row: their jobs' proposers told, once
     # per streak (a site.absent ledger entry, checked under the ledger's lock).
     told = _guard(report, "absent sites")(absences.notify_absent_sites)(now=now) or []

@@ -22,7 +22,8 @@ from django.db import DatabaseError
 
 from training import queues
 from training.jobs.approvals import jobs_expire_overdue
-from training.rounds import contributions, coordinator
+from training.rounds import audit_pictures, contributions, coordinator
+from training.site.audit import run_site_audit
 from training.site.evaluation import NotEvaluatedHere, run_site_evaluation
 from training.site.worker import WrongSite, run_site_round
 
@@ -123,3 +124,26 @@ def site_evaluate(*, job_id: int, round_index: int, site: str, spec_digest: str)
     except (WrongSite, NotEvaluatedHere) as exc:
         # Never run here, never requeued: the centre records the site as missing.
         raise Reject(str(exc), requeue=False) from exc
+
+
+@shared_task(
+    name=queues.SITE_AUDIT.name,
+    ignore_result=True,
+    acks_late=True,
+    reject_on_worker_lost=True,
+    soft_time_limit=settings.FL_SITE_TASK_SOFT_LIMIT,
+    time_limit=settings.FL_SITE_TASK_HARD_LIMIT,
+)
+def site_audit(*, job_id: int, site: str, spec_digest: str) -> dict:
+    """Audit this site's own update under a proposed job's pipeline and report the figures,
+    signed (runs on ``site.<slug>``; ``training.site.audit``)."""
+    try:
+        return run_site_audit(job_id=job_id, site=site, spec_digest=spec_digest)
+    except WrongSite as exc:
+        raise Reject(str(exc), requeue=False) from exc
+
+
+@shared_task(name=queues.AUDIT_PICTURE.name, ignore_result=True, **RETRY_DATABASE_ERRORS)
+def audit_picture(*, job_id: int, spec_digest: str) -> str:
+    """Draw the approvers' picture of what the audit's attacks rebuild, from public data."""
+    return audit_pictures.draw_audit_picture(job_id=job_id, spec_digest=spec_digest)

@@ -33,7 +33,8 @@ budget is spent the last :class:`CentralError` is raised, with its status and bo
 callers' handling is the same as without retries. The checks' and the heartbeat's requests
 (``whoami``, ``datasets``, ``heartbeat``) are not retried here: their callers loop already
 (:func:`training.site.checks.wait_for_central`, the heartbeat's next beat) and a check must
-say at once that the server does not answer.
+say at once that the server does not answer. The privacy audit's request and report
+(``.../jobs/<id>/audit/``) are a task's requests like the evaluation's, and retried alike.
 """
 
 from __future__ import annotations
@@ -509,6 +510,29 @@ class CentralClient:
         status, _headers, body = self._request(
             "POST",
             f"jobs/{int(job_id)}/rounds/{int(round_index)}/evaluation/",
+            body=json.dumps({"report": report, "signature": signature}).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+            deadline=deadline,
+        )
+        return status, json.loads(body)
+
+    def audit_request(self, job_id: int, *, deadline: Deadline = None) -> dict:
+        """The privacy audit asked of this site before the job's approval (``{"job", "site",
+        "spec_digest", "records", "seed"}``); CentralError (409, with a ``code``) when none
+        is asked of it now (not asked, already reported, the job no longer awaits approval)."""
+        _status, _headers, data = self._request(
+            "GET", f"jobs/{int(job_id)}/audit/", deadline=deadline
+        )
+        return json.loads(data)
+
+    def upload_audit(
+        self, job_id: int, *, report: str, signature: str, deadline: Deadline = None
+    ) -> tuple[int, dict]:
+        """Post this site's signed privacy audit report of a proposed job (figures only); sent
+        again as it is when it did not go through (the server answers the same report 200)."""
+        status, _headers, body = self._request(
+            "POST",
+            f"jobs/{int(job_id)}/audit/",
             body=json.dumps({"report": report, "signature": signature}).encode("utf-8"),
             headers={"Content-Type": "application/json"},
             deadline=deadline,

@@ -10,7 +10,7 @@ import json
 from django import forms
 
 from training.fl.params import FILTER_NAMES, FILTER_PARAMS, MISSING, Choice, LayerList, Number
-from training.jobs.spec import AGGREGATIONS, LOSSES, PURPOSES
+from training.jobs.spec import AGGREGATIONS, LOSSES, PRIVACY_AUDIT_FIELDS, PURPOSES
 from training.models import Approval, Modality
 from training.web.presenters import model_choices
 
@@ -44,6 +44,15 @@ def _pipeline_text(pipeline) -> str:
     if not pipeline:
         return "[]"
     return "[\n" + ",\n".join("  " + json.dumps(f) for f in pipeline) + "\n]"
+
+
+def _audit_asked(spec: dict) -> dict | None:
+    """The ``privacy_audit`` a spec asks for, normalised or not (``true`` and ``{}`` ask for
+    one at the defaults, as :func:`training.jobs.spec.validate_spec` reads them), else None."""
+    value = spec.get("privacy_audit")
+    if value is True:
+        return {}
+    return dict(value) if isinstance(value, dict) else None
 
 
 def _json_object(text: str, what: str) -> dict | None:
@@ -272,6 +281,32 @@ class JobForm(forms.Form):
         help_text='E.g. {"where": "sites"} or {"where": "central"}. Empty: centrally for a '
         "bundled data set (on the consortium's validation set), at the sites otherwise.",
     )
+    privacy_audit = forms.BooleanField(
+        label="Ask each site for a privacy audit before approval",
+        required=False,
+        help_text="Before its approvers decide, each site's worker attacks its own update under "
+        "this pipeline on a few of its records and reports only the figures (how closely a "
+        "record is rebuilt, and the share of records rebuilt). No record leaves the site. "
+        "The agreement may require it.",
+    )
+    privacy_audit_records = forms.IntegerField(
+        label="Records each site audits",
+        required=False,
+        min_value=PRIVACY_AUDIT_FIELDS["records"][1],
+        max_value=PRIVACY_AUDIT_FIELDS["records"][2],
+        initial=PRIVACY_AUDIT_FIELDS["records"][3],
+        help_text="Each costs the site a few seconds of CPU. Empty: "
+        f"{PRIVACY_AUDIT_FIELDS['records'][3]}.",
+    )
+    privacy_audit_seed = forms.IntegerField(
+        label="Audit seed",
+        required=False,
+        min_value=PRIVACY_AUDIT_FIELDS["seed"][1],
+        max_value=PRIVACY_AUDIT_FIELDS["seed"][2],
+        initial=PRIVACY_AUDIT_FIELDS["seed"][3],
+        help_text="Fixes which records are attacked, the noise and the attacks, so the audit "
+        f"can be repeated. Empty: {PRIVACY_AUDIT_FIELDS['seed'][3]}.",
+    )
     contribution = forms.CharField(
         label="Contribution scoring (JSON, optional)",
         required=False,
@@ -344,6 +379,12 @@ class JobForm(forms.Form):
             spec["contribution"] = d["contribution"]
         if d.get("evaluation"):
             spec["evaluation"] = d["evaluation"]
+        if d.get("privacy_audit"):
+            # The knobs are read only with the box ticked; empty ones take their defaults.
+            spec["privacy_audit"] = {
+                key: default if d.get(f"privacy_audit_{key}") is None else d[f"privacy_audit_{key}"]
+                for key, (*_, default) in PRIVACY_AUDIT_FIELDS.items()
+            }
         return spec
 
     @classmethod
@@ -363,6 +404,7 @@ class JobForm(forms.Form):
         optimizer = spec.get("optimizer") or {}
         model = spec.get("model") or {}
         everyone = len(spec.get("participants") or [])
+        audit = _audit_asked(spec)
         return {
             "title": title,
             "participants": list(spec.get("participants") or []),
@@ -388,6 +430,11 @@ class JobForm(forms.Form):
             "approval_ttl_hours": spec.get("approval_ttl_hours"),
             "contribution": pretty_json(spec["contribution"]) if spec.get("contribution") else "",
             "evaluation": pretty_json(spec["evaluation"]) if spec.get("evaluation") else "",
+            "privacy_audit": audit is not None,
+            **{
+                f"privacy_audit_{key}": (audit or {}).get(key, default)
+                for key, (*_, default) in PRIVACY_AUDIT_FIELDS.items()
+            },
         }
 
 

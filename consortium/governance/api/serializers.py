@@ -335,6 +335,35 @@ class TermsInputSerializer(serializers.Serializer):
         "'nobody' (the models stay on the consortium's server). Left out: "
         "'participants_and_admins' on a new agreement, unchanged on an edit.",
     )
+    privacy_audit_required = serializers.BooleanField(
+        required=False,
+        help_text="Before an institution approves a job, its own site worker attacks the update "
+        "the job would send (under the job's privacy pipeline, on a few of the site's records) "
+        "and reports only the figures. True: every job must ask for this privacy audit and no "
+        "institution approves before its own audit is in. Left out: false on a new agreement, "
+        "unchanged on an edit.",
+    )
+    audit_max_median_ssim = serializers.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        required=False,
+        allow_null=True,
+        help_text="The highest median SSIM (similarity between a site's image records and what "
+        "the audit's attacks rebuild of them: 1 is an exact copy, around 0.3 a reconstruction "
+        "is hard to recognise) an institution may approve; above 0 and at most 1. It applies "
+        "to image records (a tabular audit measures no SSIM). Needs privacy_audit_required. "
+        "Left out: none on a new agreement, unchanged on an edit; null removes it.",
+    )
+    audit_max_success_rate = serializers.DecimalField(
+        max_digits=4,
+        decimal_places=3,
+        required=False,
+        allow_null=True,
+        help_text="The highest success rate (the share of a site's audited records that the "
+        "audit's attacks rebuild, 0 to 1) an institution may approve. Needs "
+        "privacy_audit_required. Left out: none on a new agreement, unchanged on an edit; null "
+        "removes it.",
+    )
     valid_from = serializers.DateField()
     valid_until = serializers.DateField()
     text = serializers.CharField(trim_whitespace=False)
@@ -436,6 +465,9 @@ _VERSION_FIELDS = [
     "delta",
     "allows_central_validation_set",
     "final_model_access",
+    "privacy_audit_required",
+    "audit_max_median_ssim",
+    "audit_max_success_rate",
     "valid_from",
     "valid_until",
     "content_digest",

@@ -6,13 +6,19 @@ The digested terms (:func:`version_terms`) are a format that signatures already 
 on: a version's ``content_digest`` is recorded in its signatures and in the ledger, and is
 recomputed from the row whenever anyone checks it. A term added later must therefore leave
 the terms of every version written before it unchanged. The rule, for
-``allows_central_validation_set``, ``final_model_access`` and any later term with a default:
-the term enters the terms only when it differs from its default (:data:`LATER_TERMS`), which
-is exactly what every earlier version means by not naming it. So an old version's digest
-stays what was signed, and a version that allows a central validation set, or narrows who
-may download the final model, has a digest that says so (the signer signs that too). A
-version-number field for the format was the alternative; it would have changed every old
-digest unless itself left out by default, which is this rule.
+``allows_central_validation_set``, ``final_model_access``, the privacy audit's terms and any
+later term with a default: the term enters the terms only when it differs from its default
+(:data:`LATER_TERMS`), which is exactly what every earlier version means by not naming it. So
+an old version's digest stays what was signed, and a version that allows a central validation
+set, narrows who may download the final model or requires the privacy audit has a digest that
+says so (the signer signs that too). A version-number field for the format was the alternative;
+it would have changed every old digest unless itself left out by default, which is this rule.
+
+The privacy audit's maxima (``audit_max_median_ssim``, ``audit_max_success_rate``) are read
+at each institution's approval from that institution's audit (``training.jobs.audit_gate``),
+so a maximum without ``privacy_audit_required`` would cap a figure nobody is asked to measure:
+such terms are refused rather than silently completed, so that what the signer reads is what
+is enforced.
 """
 
 from __future__ import annotations
@@ -55,6 +61,9 @@ TERM_FIELDS = (
     "delta",
     "allows_central_validation_set",
     "final_model_access",
+    "privacy_audit_required",
+    "audit_max_median_ssim",
+    "audit_max_success_rate",
     "valid_from",
     "valid_until",
     "text",
@@ -64,10 +73,29 @@ TERM_FIELDS = (
 #: leaving them out: :func:`version_terms` names them only when they differ from it.
 #: ``final_model_access``'s default is the rule the product applied before agreements had the
 #: term (the participating institutions' members and the consortium's administrators).
-LATER_TERMS = {
+#: The privacy audit's terms default to what every earlier version meant: no audit asked, no
+#: maximum.
+LATER_TERMS: dict[str, Any] = {
     "allows_central_validation_set": False,
     "final_model_access": FinalModelAccess.PARTICIPANTS_AND_ADMINS.value,
+    "privacy_audit_required": False,
+    "audit_max_median_ssim": None,
+    "audit_max_success_rate": None,
 }
+
+#: Terms that may be empty (no maximum). On an edit, ``None`` for one of them clears it (the
+#: other terms read ``None`` as "unchanged"): the web form always posts them, and the API sends
+#: them only when they change (``null`` to remove the maximum).
+NULLABLE_TERMS = ("audit_max_median_ssim", "audit_max_success_rate")
+
+#: The privacy audit's maxima, with their bounds: (name, lowest, lowest allowed?, highest).
+_AUDIT_MAXIMA = (
+    ("audit_max_median_ssim", Decimal(0), False, Decimal(1)),
+    ("audit_max_success_rate", Decimal(0), True, Decimal(1)),
+)
+
+#: Why a maximum needs the audit required (the API's and the form's words).
+MAXIMUM_NEEDS_AUDIT = "A maximum risk needs the audit: require the privacy audit too."
 
 
 def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
@@ -121,6 +149,32 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
     access = terms.get("final_model_access")
     if access is not None and access not in FinalModelAccess.values:
         errors["final_model_access"] = f"Choose one of {', '.join(FinalModelAccess.values)}."
+    required = terms.get("privacy_audit_required")
+    if required is not None and not isinstance(required, bool):
+        errors["privacy_audit_required"] = "Answer yes or no (true or false)."
+    for name, lowest, lowest_allowed, highest in _AUDIT_MAXIMA:
+        if terms.get(name) is None:
+            continue
+        maximum = _decimal(terms[name])
+        if maximum is None or not maximum.is_finite():
+            errors[name] = "Enter a number, or leave it empty for no maximum."
+            continue
+        if not ((lowest <= maximum if lowest_allowed else lowest < maximum) and maximum <= highest):
+            bounds = (
+                f"from {lowest} to {highest}"
+                if lowest_allowed
+                else f"above {lowest} and at most {highest}"
+            )
+            errors[name] = f"Must be {bounds} (or empty for no maximum)."
+            continue
+        if -int(maximum.normalize().as_tuple().exponent) > 3:
+            errors[name] = "Give at most three decimals."
+            continue
+        terms[name] = maximum
+        # Both keys are there in a whole set of terms (a new version, the merged terms of an
+        # edit, a publication); a partial edit is checked again once merged.
+        if "privacy_audit_required" in terms and required is not True:
+            errors[name] = MAXIMUM_NEEDS_AUDIT
     start, end = terms.get("valid_from"), terms.get("valid_until")
     if start and end and end < start:
         errors["valid_until"] = "The agreement cannot end before it starts."
@@ -132,6 +186,21 @@ def _clean_terms(terms: dict[str, Any]) -> dict[str, Any]:
     return terms
 
 
+def _decimal(value: Any) -> Decimal | None:
+    try:
+        return value if isinstance(value, Decimal) else Decimal(str(value))
+    except ArithmeticError:
+        return None
+
+
+def _canonical_later(value: Any) -> Any:
+    """A later term's value as the digested terms spell it: a number as its shortest decimal
+    string (``0.3``, as the other numeric terms), anything else as it is."""
+    if isinstance(value, Decimal | float) and not isinstance(value, bool):
+        return str(Decimal(str(value)).normalize())
+    return value
+
+
 def version_terms(version: AgreementVersion) -> dict[str, Any]:
     """The version's terms as canonical, JSON-ready values: what its digest is taken over.
 
@@ -139,7 +208,7 @@ def version_terms(version: AgreementVersion) -> dict[str, Any]:
     (and the digest) of a version written before the term existed are unchanged (module
     docstring)."""
     later = {
-        name: getattr(version, name)
+        name: _canonical_later(getattr(version, name))
         for name, default in LATER_TERMS.items()
         if getattr(version, name) != default
     }
@@ -179,7 +248,7 @@ def agreement_create(
     for name, default in LATER_TERMS.items():
         if terms.get(name) is None:
             terms[name] = default
-    missing = [f for f in TERM_FIELDS if terms.get(f) in (None, "")]
+    missing = [f for f in TERM_FIELDS if f not in NULLABLE_TERMS and terms.get(f) in (None, "")]
     if missing:
         raise ValidationError({f: "This term is required." for f in missing})
     terms = _clean_terms(dict(terms))
@@ -206,7 +275,7 @@ def agreement_version_update(
     *, acting_user, version: AgreementVersion, **terms: Any
 ) -> AgreementVersion:
     """Edit a draft. Published versions are immutable: amend instead."""
-    terms = _clean_terms({k: v for k, v in terms.items() if v is not None})
+    terms = _clean_terms({k: v for k, v in terms.items() if v is not None or k in NULLABLE_TERMS})
     with transaction.atomic():
         version = AgreementVersion.objects.select_for_update().get(pk=version.pk)
         if version.is_published:

@@ -80,7 +80,8 @@ the 8x8 digits) with the same sigma, its weights renormalised. **PSNR** is ``10 
 capped at 100 dB (an exact copy has an infinite PSNR, which JSON cannot hold). **Dice** compares
 the true mask's foreground with the attack's soft mask thresholded at 0.5 (argmax over the
 classes). **Tabular** records are standardised with the mean and standard deviation of the
-records given to the audit; the figures are the relative L2 error ``|x' - x| / |x|`` and the
+records given to the audit (a feature that never varies among them by the standard deviation of
+all their values); the figures are the relative L2 error ``|x' - x| / |x|`` and the
 share of features within ``feature_tolerance`` standard deviations. A record counts as rebuilt
 at SSIM >= 0.5 (images), Dice >= 0.5 (a segmentation's mask, or SSIM >= 0.5 of its image) or
 relative error <= 0.25 (tabular); :class:`AuditSettings` holds the thresholds.

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from training.fl.audit_report import summary_of, summary_words
 from training.fl.inversion.attacks import (
     AttackProblem,
     analytic,
@@ -73,36 +74,10 @@ class AuditResult:
         return bool(self.calibration["success_rate"] > 0)
 
     def in_words(self) -> str:
-        """The result in plain words, for people (the command, later the approver's page)."""
-        s = self.summary
-        shared = f"{self.shared_fraction:.0%} of the update shared"
-        if "median_ssim" in s:
-            best = max(r.ssim for r in self.records if r.ssim is not None)
-            text = (
-                f"With this pipeline ({shared}) an attacker rebuilt a record with similarity "
-                f"{s['median_ssim']:.2f} out of 1 (median SSIM; best {best:.2f})"
-            )
-            if "median_dice" in s:
-                text += f", and its lesion mask with a Dice of {s['median_dice']:.2f}"
-        else:
-            text = (
-                f"With this pipeline ({shared}) an attacker rebuilt a record's features with a "
-                f"median relative error of {s['median_relative_error']:.2f} "
-                f"({s['median_features_within']:.0%} of its features close to the truth)"
-            )
-        text += f". {s['success_rate']:.0%} of the records audited count as rebuilt."
-        if s.get("label_inference_rate") is not None:
-            text += f" The label was inferred right for {s['label_inference_rate']:.0%} of them."
-        else:
-            text += f" Label inference {self.label_inference}."
-        if self.conclusive is False:
-            text += (
-                " Inconclusive: these bounded attacks rebuilt none of "
-                f"{self.calibration['records'] if self.calibration else 0} records even from "
-                "an unfiltered update of this model, so a low figure here does not show that "
-                "the pipeline protects the records; this model is beyond the audit's reach."
-            )
-        return text
+        """The result in plain words, for people (the command, the approver's page): the same
+        words the centre says of a site's report
+        (:func:`training.fl.audit_report.summary_words`)."""
+        return summary_words(summary_of(self.to_json()))
 
     def to_json(self) -> dict[str, Any]:
         """Plain figures only (what may leave a site): no record, label or reconstruction."""
@@ -155,6 +130,22 @@ def _check_reach(model: nn.Module, x: torch.Tensor, modality: str, settings: Aud
             f"a record holds {values:,} values, more than the audit's limit of "
             f"{settings.max_input_values:,} (for example 128x128 greyscale pixels)"
         )
+
+
+def _feature_scale(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each feature's mean and spread among the audited site's records, to standardise tabular
+    records. A feature that (nearly) never varies among them, a pixel that is always blank in
+    the digits, has no spread of its own: it is scaled by the spread of all the values instead.
+    Dividing by a clamped zero would turn a reconstruction error of 0.01 there into a relative
+    error of millions, which says nothing of how well the record was rebuilt."""
+    if len(x) < 2:
+        return torch.zeros_like(x[0]), torch.ones_like(x[0])
+    overall = float(x.std())
+    overall = overall if overall > 1e-8 else 1.0
+    spread = x.std(dim=0)
+    return x.mean(dim=0), torch.where(
+        spread > 1e-3 * overall, spread, torch.full_like(spread, overall)
+    )
 
 
 def _image_view(x: torch.Tensor, shape: tuple[int, int, int] | None) -> torch.Tensor | None:
@@ -270,14 +261,7 @@ def audit_batches(
     if modality == "tabular":
         shape = None
     lo, hi = value_range if value_range is not None else (float(x.min()), float(x.max()))
-    stats = (
-        (x.mean(dim=0), x.std(dim=0).clamp_min(1e-8))
-        if len(x) > 1
-        else (
-            torch.zeros_like(x[0]),
-            torch.ones_like(x[0]),
-        )
-    )
+    stats = _feature_scale(x)
 
     start = copy.deepcopy(model).to("cpu").float()
     attacker = copy.deepcopy(start).eval()

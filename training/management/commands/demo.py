@@ -18,9 +18,12 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    worker per hospital (``manage.py run_site_worker``, queue ``site.<slug>``). A site worker
    gets a ``DATABASE_URL`` that points into a folder that does not exist: it must not need the
    database, and any query would fail its round;
-4. proposes a job as the administrator (:func:`training.jobs.proposals.job_propose`) and has each
-   hospital's approver approve it (:func:`training.jobs.approvals.approval_decide`); the last
-   approval queues ``training.job_start`` on ``central``;
+4. proposes a job as the administrator (:func:`training.jobs.proposals.job_propose`), which asks
+   every hospital's site worker for a privacy audit of its own update (the workers attack it
+   and report figures, signed); once every audit is in, prints them in the approvers' words
+   and has each hospital's approver approve the job
+   (:func:`training.jobs.approvals.approval_decide`); the last approval queues
+   ``training.job_start`` on ``central``;
 5. follows the job round by round and prints the final metrics, the number of ledger entries
    and the verified ledger head. With ``--no-serve`` it then stops everything and exits 0 (or
    non-zero, saying why, when the job fails, a process dies or ``--timeout`` passes); otherwise
@@ -67,6 +70,8 @@ from training.demo.scenario import (
     JOBS,
     NOISE_MULTIPLIER,
     approve_demo_job,
+    audit_in_words,
+    audits_reported,
     cancel_leftovers,
     propose_demo_job,
 )
@@ -358,6 +363,16 @@ class Command(BaseCommand):
             f"{options['noise_multiplier']:g}; projected ε {epsilon:.2f} per hospital "
             f"(cap 8 at δ 1e-5)."
         )
+        self.say("Each hospital's site worker audits its own update under this pipeline …")
+        audits: list = []
+
+        def reported() -> bool:
+            audits[:] = audits_reported(job) or []
+            return bool(audits)
+
+        self._wait("the hospitals' privacy audits", reported, limit=300)
+        for audit in audits:
+            self.say(f"  privacy audit of {audit.institution.slug}: {audit_in_words(audit)}")
         for slug in approve_demo_job(job, consortium):
             self.say(f"  approved by approver-{slug}")
         job.refresh_from_db()

@@ -7,9 +7,10 @@ from __future__ import annotations
 from django.contrib import messages
 from django.core.exceptions import ValidationError
 from django.core.paginator import Paginator
-from django.http import Http404
+from django.http import Http404, HttpResponse
 from django.shortcuts import redirect
 from django.urls import reverse
+from django.utils.cache import patch_cache_control
 from django.utils.functional import cached_property
 from django.utils.http import urlencode
 
@@ -30,15 +31,18 @@ from training.jobs.proposals import (
     job_submit,
     job_update_spec,
 )
-from training.jobs.spec import shared_fraction
+from training.jobs.spec import privacy_audit_settings, shared_fraction
 from training.models import JobState, PrivacyReservation, SiteDataset, TrainingJob
+from training.rounds.audit_pictures import audit_picture_png
 from training.rounds.waiting import job_page_state
 from training.web.forms import CancelForm, JobForm, pipeline_step_schema
 from training.web.job_compare import compare_jobs, compare_one
 from training.web.job_list_forms import JobCompareForm, JobFilterForm
 from training.web.presenters import (
+    audit_picture_view,
     field_for_spec_path,
     filter_help,
+    job_audit_statuses,
     job_spec_json,
     percent,
     spec_rows,
@@ -433,6 +437,8 @@ class JobDetailView(JobMixin, GovernancePage):
             contribution_text=describe_contribution(spec),
             evaluation_text=describe_evaluation(spec, uploaded=uploaded_summary(job)),
             accountability=accountability,
+            privacy_audits=job_audit_statuses(job) if privacy_audit_settings(spec) else None,
+            audit_picture=audit_picture_view(job),
             live_state=live_state,
             ledger_recent=ledger[:HISTORY_SHOWN],
             ledger_earlier=ledger[HISTORY_SHOWN:],
@@ -442,6 +448,26 @@ class JobDetailView(JobMixin, GovernancePage):
             can_review=selectors.institutions_awaiting_decision_from(user, job).exists(),
             **kwargs,
         )
+
+
+class JobAuditPictureView(JobMixin, GovernancePage):
+    """The privacy audit's picture for the job's current spec: a record of a bundled **public**
+    data set and what the attack rebuilt from its update (``training.rounds.audit_pictures``).
+    Whoever may see the job may see it; a site's records are never drawn, so none can be
+    served. 404 while none is drawn (the pages say why)."""
+
+    permission_required = "training.view_job"
+
+    def get(self, request, *args, **kwargs):
+        png = audit_picture_png(self.job)
+        if png is None:
+            raise Http404("No audit picture is drawn for this job's current spec.")
+        response = HttpResponse(png, content_type="image/png")
+        response["Content-Length"] = str(len(png))
+        # Private: it is shown only to the consortium's members. The page's address carries
+        # the spec digest, so a changed spec's picture is fetched afresh.
+        patch_cache_control(response, private=True, max_age=3600)
+        return response
 
 
 class JobSubmitView(JobMixin, GovernanceAction):

@@ -1,0 +1,151 @@
+"""The site API's privacy audit endpoint (under the site API's prefix, ``training.api_urls``):
+before a job's approvers decide, a site asks what audit of its own update is asked of it, and
+posts its signed report (``training.jobs.privacy_audits``; the report's format is
+``training.fl.audit_report``; the intake is ``training.rounds.audit_intake``).
+
+* ``GET  jobs/<job_id>/audit/`` -- ``{"job", "site", "spec_digest", "records", "seed"}`` while
+  the job awaits approval and the site's audit of its current spec is asked and not reported;
+  409 with a ``code`` when nothing is asked of it now (``not_asked``, ``already_reported``,
+  ``not_awaiting_approval``). The spec itself is read from ``jobs/<job_id>/``.
+* ``POST jobs/<job_id>/audit/`` -- ``{"report": <canonical text>, "signature": <base64 Ed25519
+  over the text's UTF-8 bytes>}``: 201 recorded, 200 the same report was already recorded;
+  otherwise ``{"detail", "code"}`` with 400 (``bad_report``, ``bad_signature``,
+  ``bad_request``) or 409 (the codes above).
+
+A job the site does not actively take part in is 404, as everywhere in the site API.
+"""
+
+from __future__ import annotations
+
+from django.urls import path
+from drf_spectacular.utils import OpenApiResponse, extend_schema
+from rest_framework import exceptions, serializers, status
+from rest_framework.response import Response
+
+from training.rounds.audit_intake import AuditRefused, audit_asked_of, audit_receive
+from training.rounds.site_api_auth import SiteAPIView
+from training.rounds.site_api_serializers import SiteErrorSerializer
+from training.rounds.site_selectors import site_job
+
+__all__ = ["urlpatterns"]
+
+
+class AuditAskedSerializer(serializers.Serializer):
+    job = serializers.IntegerField()
+    site = serializers.SlugField(help_text="This site's slug.")
+    spec_digest = serializers.CharField(help_text="The spec digest the audit is asked for.")
+    records = serializers.IntegerField(help_text="How many of the site's records to attack.")
+    seed = serializers.IntegerField(
+        help_text="The seed that fixes the records, the local step, the noise and the attacks."
+    )
+
+
+class AuditReportSerializer(serializers.Serializer):
+    report = serializers.CharField(
+        trim_whitespace=False,
+        max_length=200_000,
+        help_text="The report's canonical JSON text (training.fl.audit_report): figures only.",
+    )
+    signature = serializers.CharField(
+        max_length=200, help_text="Base64 Ed25519 signature over the report text's UTF-8 bytes."
+    )
+
+
+class AuditResultSerializer(serializers.Serializer):
+    job = serializers.IntegerField()
+    site = serializers.SlugField()
+    spec_digest = serializers.CharField()
+    outcome = serializers.CharField(help_text="measured, or out_of_reach.")
+    report_digest = serializers.CharField()
+    duplicate = serializers.BooleanField()
+
+
+def _error(description: str) -> OpenApiResponse:
+    return OpenApiResponse(SiteErrorSerializer, description=description)
+
+
+def _refused(exc: AuditRefused) -> Response:
+    return Response({"detail": str(exc), "code": exc.code}, status=exc.status)
+
+
+class SiteAuditView(SiteAPIView):
+    """The privacy audit asked of a site before a job's approval, and its signed report."""
+
+    def _job_or_404(self, job_id: int) -> None:
+        if site_job(self.credential, job_id) is None:
+            raise exceptions.NotFound("Not found.")
+
+    @extend_schema(
+        tags=["site"],
+        summary="The privacy audit asked of this site before a job's approval",
+        responses={
+            200: AuditAskedSerializer,
+            401: _error("No site token, or an invalid or revoked one."),
+            404: _error("No such job for this site."),
+            409: _error(
+                "Nothing is asked of this site now (the code says why: not_asked, "
+                "already_reported, not_awaiting_approval)."
+            ),
+        },
+    )
+    def get(self, request, job_id: int):
+        self._job_or_404(job_id)
+        try:
+            asked = audit_asked_of(self.credential, job_id)
+        except AuditRefused as exc:
+            return _refused(exc)
+        return Response(AuditAskedSerializer(asked).data)
+
+    @extend_schema(
+        tags=["site"],
+        summary="Post this site's signed privacy audit report of a proposed job",
+        request=AuditReportSerializer,
+        responses={
+            201: OpenApiResponse(AuditResultSerializer, description="Recorded."),
+            200: OpenApiResponse(
+                AuditResultSerializer, description="The same report was already recorded."
+            ),
+            400: _error(
+                "The report is malformed, is another audit's, or does not verify (bad_report, "
+                "bad_signature, bad_request)."
+            ),
+            401: _error("No site token, or an invalid or revoked one."),
+            404: _error("No such job for this site."),
+            409: _error("Nothing is asked of this site now, or it reported something else."),
+        },
+    )
+    def post(self, request, job_id: int):
+        self._job_or_404(job_id)
+        body = AuditReportSerializer(data=request.data)
+        if not body.is_valid():
+            detail = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in body.errors.items())
+            return Response(
+                {"detail": f"bad request: {detail}", "code": "bad_request"},
+                status=status.HTTP_400_BAD_REQUEST,
+            )
+        try:
+            row, duplicate = audit_receive(
+                self.credential,
+                job_id,
+                body.validated_data["report"],
+                body.validated_data["signature"],
+            )
+        except AuditRefused as exc:
+            return _refused(exc)
+        answer = AuditResultSerializer(
+            {
+                "job": job_id,
+                "site": self.credential.institution.slug,
+                "spec_digest": row.spec_digest,
+                "outcome": row.outcome,
+                "report_digest": row.report_digest,
+                "duplicate": duplicate,
+            }
+        ).data
+        return Response(answer, status=status.HTTP_200_OK if duplicate else status.HTTP_201_CREATED)
+
+
+# Under the site API's prefix (``/api/site/v1/``), which ``training.api_urls`` adds.
+urlpatterns = [
+    path("jobs/<int:job_id>/audit/", SiteAuditView.as_view(), name="site-audit"),
+]
