@@ -51,6 +51,7 @@ from training.fl.contribution import scores_from_coalitions
 from training.fl.evaluation_report import ReportError as EvaluationReportError
 from training.fl.evaluation_report import combine, parse_report
 from training.fl.signing import BadSignature, verify_update
+from training.jobs.accounting import ACCOUNTANT_VERSION, ACCOUNTANT_VERSIONS, accountant_version
 
 MAX_LISTED = 25
 
@@ -418,11 +419,10 @@ def verify_file(
     if head is None:
         return outcome
     try:
-        expected = recompute(scope, head)
+        version, expected, differences = _replay(doc, scope, head, recompute, compare)
     except ReportError as exc:
         outcome.fail(f"the report cannot be recomputed from the ledger: {exc}")
         return outcome
-    differences = compare(doc, expected)
     outcome.differences = differences
     for check in extra_checks:
         check(outcome, scope, head)
@@ -431,7 +431,14 @@ def verify_file(
     else:
         counts = ", ".join(f"{len(expected[g])} {g.replace('_', ' ')}" for g in groups.values())
         outcome.matched.append(f"every figure matches the ledger ({counts})")
-        rendered = formats.document_bytes(fmt, scope, head, expected)
+        if version != ACCOUNTANT_VERSION:
+            outcome.notes.append(
+                f"its ε figures are those of the privacy accountant's version {version} "
+                f"({ACCOUNTANT_VERSIONS[version]}): the report was made before version "
+                f"{ACCOUNTANT_VERSION}; a report exported now gives that version's figures"
+            )
+        with accountant_version(version):
+            rendered = formats.document_bytes(fmt, scope, head, expected)
         if rendered == data:
             outcome.matched.append(f"the file is byte for byte the {fmt.upper()} the ledger gives")
         elif fmt == "pdf":
@@ -455,6 +462,31 @@ def verify_file(
     else:
         outcome.notes.append(f"no export entry in the ledger records this file's SHA-256 {digest}")
     return outcome
+
+
+def _replay(
+    doc: dict,
+    scope: Any,
+    head: Head,
+    recompute: Callable[[Any, Head], dict],
+    compare: Callable[[dict, dict], list[Difference]],
+) -> tuple[int, dict, list[Difference]]:
+    """``(accountant version, the ledger's document, differences)``: the current accountant's
+    replay, or, where the report's figures differ from it, the first earlier version whose
+    replay matches them all (a report made before the accountant changed; the figures of every
+    version are sound bounds of the same events). With none, the current one's differences."""
+    expected = recompute(scope, head)
+    differences = compare(doc, expected)
+    if not differences:
+        return ACCOUNTANT_VERSION, expected, differences
+    for version in sorted(ACCOUNTANT_VERSIONS, reverse=True):
+        if version == ACCOUNTANT_VERSION:
+            continue
+        with accountant_version(version):
+            earlier = recompute(scope, head)
+        if not compare(doc, earlier):
+            return version, earlier, []
+    return ACCOUNTANT_VERSION, expected, differences
 
 
 def _recompute(scope: Scope, head: Head) -> dict:

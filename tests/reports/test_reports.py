@@ -586,3 +586,49 @@ def test_a_privacy_event_that_cannot_be_replayed_is_a_clear_report_error(planted
     )
     with pytest.raises(ReportError, match="invalid privacy event"):
         build_report(job_scope(planted.job.pk)).document()
+
+
+#: DP-SGD at a large sampling rate with little noise: the accountant's version 1 (dp-accounting's
+#: bound at fractional orders) and version 2 (the exact signed series) replay different ε.
+DP_SGD_LOW_NOISE = {
+    "mechanism": "sampled_gaussian",
+    "params": {"noise_multiplier": 0.7, "sample_rate": 0.2, "steps": 50},
+    "count": 1,
+    "source": "dp_sgd",
+}
+
+
+@pytest.mark.parametrize("fmt", ["json", "pdf"])
+def test_a_report_made_by_the_earlier_accountant_still_verifies(cast, tmp_path, fmt, monkeypatch):
+    """A report exported before the accountant computed fractional orders exactly carries the
+    larger ε of version 1: it still verifies, saying which version its figures are; a figure
+    changed in it still fails."""
+    from tests.support import report_fixtures
+    from training.jobs.accounting import accountant_version
+
+    monkeypatch.setattr(report_fixtures, "GAUSSIAN", DP_SGD_LOW_NOISE)
+    planted = plant(cast)
+    with accountant_version(1):
+        old_path, _ = export(tmp_path, "--job", str(planted.job.pk), "--format", fmt)
+    new_path, _ = export(tmp_path, "--job", str(planted.job.pk), "--format", fmt, name="new")
+    old = read_document(old_path.read_bytes())[1]["summary"]
+    new = read_document(new_path.read_bytes())[1]["summary"]
+    spent = [(a["epsilon_spent"], b["epsilon_spent"]) for a, b in zip(old, new, strict=True)]
+    assert all(b < a * (1 - 1e-4) for a, b in spent if a), spent  # version 2 charges less
+
+    code, said = verify(old_path)
+    assert code == 0, said
+    assert "every figure matches the ledger" in said
+    assert "privacy accountant's version 1" in said
+    assert f"byte for byte the {fmt.upper()}" in said
+    code, said = verify(new_path)
+    assert code == 0, said
+    assert "accountant's version" not in said
+
+    if fmt == "json":
+        doc = json.loads(old_path.read_text())
+        doc["summary"][0]["epsilon_spent"] *= 0.9
+        old_path.write_text(json.dumps(doc, indent=2))
+        code, said = verify(old_path)
+        assert code != 0
+        assert "differ from the ledger" in said

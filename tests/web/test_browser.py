@@ -175,7 +175,9 @@ def _shot(page, name: str) -> None:
     page.screenshot(path=str(ARTIFACTS / f"{name}.png"), full_page=True)
 
 
-def _fill_job(page, *, title: str, pipeline: list, rounds: int = ROUNDS) -> None:
+def _fill_job(
+    page, *, title: str, pipeline: list, rounds: int = ROUNDS, audit_records: int | None = None
+) -> None:
     page.goto(f"/consortia/{SLUG}/jobs/new/")
     page.get_by_label("Title").fill(title)
     for box in page.locator("input[name=participants]").all():
@@ -188,6 +190,9 @@ def _fill_job(page, *, title: str, pipeline: list, rounds: int = ROUNDS) -> None
     page.locator("#id_lr").fill("0.05")
     page.locator("#id_privacy_pipeline").fill(json.dumps(pipeline))
     page.locator("#id_min_participants").fill(str(len(SITES)))
+    if audit_records is not None:
+        page.get_by_label(re.compile("Ask each site for a privacy audit")).check()
+        page.locator("#id_privacy_audit_records").fill(str(audit_records))
     page.get_by_role("button", name="Propose for approval").click()
     page.wait_for_load_state()
 
@@ -237,7 +242,9 @@ def test_1_the_administrator_proposes_a_job_and_a_breaking_one_is_refused(stack,
         assert "dp" in text.lower(), text
         assert page.locator("#id_title").input_value() == "Whole-model job"  # input kept
 
-        _fill_job(page, title="Browser journey job", pipeline=PIPELINE)
+        # The journey's job asks each site for a privacy audit before approval (two records
+        # each): the site workers attack their own updates while the approvers read.
+        _fill_job(page, title="Browser journey job", pipeline=PIPELINE, audit_records=2)
         stack.notes["job"] = _job_id(page)
         assert "Awaiting approval" in page.locator("#job-heading").inner_text()
         _shot(page, "1-admin-proposed")
@@ -262,6 +269,29 @@ def test_2_3_each_approver_reviews_and_approves_and_the_job_page_updates_live(st
             try:
                 page.goto(f"/consortia/{SLUG}/approvals/")
                 page.get_by_role("link", name=re.compile("Browser journey job")).click()
+                # The hospital's own site worker audits its update; the page shows the figures
+                # in words once they are in (reloaded until then: the review page is static).
+                audit = page.locator(f"#audit-{slug}")
+                deadline = time.monotonic() + 120
+                while audit.get_attribute("data-audit-state") not in ("measured", "inconclusive"):
+                    assert time.monotonic() < deadline, audit.inner_text()
+                    page.wait_for_timeout(1000)
+                    page.reload()
+                words = audit.inner_text()
+                assert re.search(
+                    r"an attacker rebuilt the features of a record of yours with a median "
+                    r"relative error of \d+\.\d\d",
+                    words,
+                ), words
+                assert "privacy_audit.reported" in words, words
+                # The picture: drawn on the coordinator from the bundled public set of the
+                # same shape (breast cancer's 30 features as a strip), served as a PNG.
+                picture = page.locator("#audit-picture img")
+                picture.scroll_into_view_if_needed()
+                page.wait_for_function(
+                    "document.querySelector('#audit-picture img').naturalWidth > 0"
+                )
+                assert "never your records" in page.locator("#audit-picture").inner_text()
                 review = page.locator("main").inner_text()
                 for fact in ("breast-cancer", "logistic_regression", "DP-SGD", "40%"):
                     assert fact in review, (fact, review[:3000])

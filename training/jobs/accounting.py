@@ -36,6 +36,12 @@ Composition rule (what :func:`epsilon_spent` computes):
   of δ can cover it (a release at ε of several hundred) the replay is refused like an unbounded
   loss.
 
+The accountant is versioned (:data:`ACCOUNTANT_VERSIONS`): version 2 computes a sampled
+Gaussian's fractional orders by the exact signed series (:mod:`training.jobs.rdp_fractional`)
+instead of dp-accounting's upper bound, which gives up at low noise with a large sampling rate.
+Budgets and new reports use the current version; the report verifier replays an older report
+with the version it was made by (:func:`accountant_version`), so it still verifies.
+
 RDP composition is additive per order, which is all ``RdpAccountant.compose`` does
 (``rdp += count * rdp(event)``). Computing the RDP of one Poisson-sampled Gaussian step costs
 20 to 150 ms (a series per fractional order), so the curve of one application of each distinct
@@ -47,22 +53,32 @@ A ``noise_multiplier`` is σ divided by the L2 sensitivity of what the filter re
 σ to the right sensitivity is the filter's job, not the accountant's.
 
 No Django and no torch here: the job services, the coordinator and the reports all call it.
+
+Why one module: it is the one definition of what an institution has spent, read by proposals,
+budgets, the coordinator and every report; the events, their replay and the projection share
+the same composition rule and caches, and a split would invite two places to compose ε. The
+series of one mechanism, pure mathematics, is apart (:mod:`training.jobs.rdp_fractional`).
 """
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 __all__ = [
+    "ACCOUNTANT_VERSION",
+    "ACCOUNTANT_VERSIONS",
     "MECHANISMS",
     "RDP_ORDERS",
     "BudgetProjection",
     "PrivacyEvent",
+    "accountant_version",
     "as_dp_event",
     "epsilon_or_unbounded",
     "epsilon_spent",
@@ -77,6 +93,36 @@ __all__ = [
 RDP_ORDERS: tuple[float, ...] = (
     tuple(1 + x / 10.0 for x in range(1, 100)) + tuple(float(a) for a in range(11, 64))
 ) + (128.0, 256.0, 512.0, 1024.0)
+
+#: How the RDP curves are computed, by version. A report's ε figures are replayed by the
+#: accountant when it is verified, so a report made before a change must still verify: the
+#: verifier (``audit.reports.verify``) replays with the current version first and, where the
+#: figures differ, with each earlier one. Budgets and new reports always use the current one.
+ACCOUNTANT_VERSIONS: dict[int, str] = {
+    1: "dp-accounting 0.6's RDP curves; at fractional orders its series of the absolute binomial "
+    "coefficients (an upper bound, infinite where it does not converge)",
+    2: "the sampled Gaussian's fractional orders by the signed series, exact "
+    "(training.jobs.rdp_fractional); every other order as in version 1",
+}
+ACCOUNTANT_VERSION = 2
+_VERSION: contextvars.ContextVar[int] = contextvars.ContextVar(
+    "accountant_version", default=ACCOUNTANT_VERSION
+)
+
+
+@contextlib.contextmanager
+def accountant_version(version: int) -> Iterator[None]:
+    """Replay with an earlier accountant inside the block (the report verifier, for reports made
+    before a change of :data:`ACCOUNTANT_VERSIONS`); a context variable, so it reaches the
+    report's builders without threading a parameter through each of them."""
+    if version not in ACCOUNTANT_VERSIONS:
+        raise ValueError(f"unknown accountant version {version!r}")
+    token = _VERSION.set(version)
+    try:
+        yield
+    finally:
+        _VERSION.reset(token)
+
 
 # mechanism -> (required parameters, parameters that must be whole numbers)
 MECHANISMS: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {
@@ -279,13 +325,15 @@ def _unit_dp_event(key: tuple):
 
 
 @functools.lru_cache(maxsize=4096)
-def _unit_rdp(key: tuple):
+def _unit_rdp(key: tuple, version: int = ACCOUNTANT_VERSION):
     """RDP curve over :data:`RDP_ORDERS` of one application of a Gaussian mechanism.
 
     ``key`` is ``("gaussian", z)`` or ``("sampled_gaussian", z, q)``. dp_accounting has no
     public getter for an accountant's RDP curve, so this reads ``RdpAccountant._rdp``; the tests
     check it against the closed form α/(2z²) and against a single-accountant composition, so a
-    library change that breaks this fails there.
+    library change that breaks this fails there. From version 2 a sampled Gaussian's fractional
+    orders are the exact signed series (:mod:`training.jobs.rdp_fractional`, whose docstring
+    says why), at most what dp_accounting gives.
     """
     accountant = _dp().rdp.RdpAccountant(orders=list(RDP_ORDERS))
     accountant.compose(_unit_dp_event(key))
@@ -294,6 +342,14 @@ def _unit_rdp(key: tuple):
         raise RuntimeError("dp_accounting's RdpAccountant no longer exposes its RDP curve")
     # A read-only copy (about 1.2 kB): cached curves are shared by every replay in the process.
     curve = curve.astype("float64", copy=True)
+    if version >= 2 and key[0] == "sampled_gaussian" and 0 < key[2] < 1:
+        from training.jobs.rdp_fractional import rdp_sampled_gaussian
+
+        _, z, q = key
+        for index, order in enumerate(RDP_ORDERS):
+            if not float(order).is_integer():
+                # Both are upper bounds of the same quantity: keep the smaller.
+                curve[index] = min(curve[index], rdp_sampled_gaussian(q, z, order))
     curve.flags.writeable = False
     return curve
 
@@ -339,9 +395,13 @@ def as_dp_event(events: Iterable[PrivacyEvent]):
     )
 
 
-@functools.lru_cache(maxsize=4096)
 def _rdp_epsilon(gaussian: tuple[tuple[tuple, int], ...], delta: float) -> float:
-    curve = sum(times * _unit_rdp(key) for key, times in gaussian)
+    return _rdp_epsilon_of(gaussian, delta, _VERSION.get())
+
+
+@functools.lru_cache(maxsize=4096)
+def _rdp_epsilon_of(gaussian: tuple[tuple[tuple, int], ...], delta: float, version: int) -> float:
+    curve = sum(times * _unit_rdp(key, version) for key, times in gaussian)
     epsilon, _order = _dp().rdp.compute_epsilon(RDP_ORDERS, curve, delta)
     return float(epsilon)
 
