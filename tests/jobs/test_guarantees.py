@@ -9,6 +9,7 @@ has no formal guarantee. The review page, the job page and the proposal's budget
 from __future__ import annotations
 
 import html
+import json
 import math
 import re
 
@@ -294,3 +295,20 @@ def test_the_proposal_preview_adds_the_weak_guarantee_sentence(cast):
         ),
     )
     assert not any("weak" in a for a in fine.advice)
+
+
+@pytest.mark.django_db
+def test_the_review_page_says_an_unbounded_projection_rather_than_nothing(cast):
+    """Another reservation of the institution holds an event without noise: the projection has
+    no guarantee at δ, and the page says so (it used to print an empty figure)."""
+    scene = make_scene(cast, **DP_SGD_TERMS)
+    job = scene.propose(rounds=10, privacy_pipeline=[DP_SGD, CLIP])
+    reservation = PrivacyReservation.objects.get(job=job, institution=cast.hospital_a)
+    events = json.loads(reservation.events_text)
+    events.append(
+        {"mechanism": "gaussian", "params": {"noise_multiplier": 0.0}, "count": 1, "source": "x"}
+    )
+    PrivacyReservation.objects.filter(pk=reservation.pk).update(events_text=json.dumps(events))
+
+    text = text_of(cast.client_for("approver").get(review_url(job)))
+    assert "your institution would be at an unbounded ε (no guarantee at this δ) of its cap" in text

@@ -35,14 +35,13 @@ from training.jobs.spec import privacy_audit_settings, shared_fraction
 from training.models import JobState, PrivacyReservation, SiteDataset, TrainingJob
 from training.rounds.audit_pictures import audit_picture_png
 from training.rounds.waiting import job_page_state
+from training.web.audit_presenters import audit_picture_view, job_audit_statuses
 from training.web.forms import CancelForm, JobForm, pipeline_step_schema
 from training.web.job_compare import compare_jobs, compare_one
 from training.web.job_list_forms import JobCompareForm, JobFilterForm
 from training.web.presenters import (
-    audit_picture_view,
     field_for_spec_path,
     filter_help,
-    job_audit_statuses,
     job_spec_json,
     percent,
     spec_rows,
