@@ -333,25 +333,39 @@ def _unit_rdp(key: tuple, version: int = ACCOUNTANT_VERSION):
     check it against the closed form α/(2z²) and against a single-accountant composition, so a
     library change that breaks this fails there. From version 2 a sampled Gaussian's fractional
     orders are the exact signed series (:mod:`training.jobs.rdp_fractional`, whose docstring
-    says why), at most what dp_accounting gives.
+    says why) instead of dp_accounting's upper bound of them.
     """
-    accountant = _dp().rdp.RdpAccountant(orders=list(RDP_ORDERS))
+    exact_fractional = version >= 2 and key[0] == "sampled_gaussian" and 0 < key[2] < 1
+    # From version 2 dp_accounting computes only the whole orders of a sampled Gaussian (a
+    # finite sum); its fractional orders, most of its time, come from the signed series.
+    orders = [a for a in RDP_ORDERS if float(a).is_integer()] if exact_fractional else RDP_ORDERS
+    accountant = _dp().rdp.RdpAccountant(orders=list(orders))
     accountant.compose(_unit_dp_event(key))
-    curve = getattr(accountant, "_rdp", None)
-    if curve is None or len(curve) != len(RDP_ORDERS):
+    computed = getattr(accountant, "_rdp", None)
+    if computed is None or len(computed) != len(orders):
         raise RuntimeError("dp_accounting's RdpAccountant no longer exposes its RDP curve")
-    # A read-only copy (about 1.2 kB): cached curves are shared by every replay in the process.
-    curve = curve.astype("float64", copy=True)
-    if version >= 2 and key[0] == "sampled_gaussian" and 0 < key[2] < 1:
+    if not exact_fractional:
+        # A read-only copy (about 1.2 kB): cached curves are shared by every replay.
+        curve = computed.astype("float64", copy=True)
+    else:
         from training.jobs.rdp_fractional import rdp_sampled_gaussian
 
         _, z, q = key
-        for index, order in enumerate(RDP_ORDERS):
-            if not float(order).is_integer():
-                # Both are upper bounds of the same quantity: keep the smaller.
-                curve[index] = min(curve[index], rdp_sampled_gaussian(q, z, order))
+        whole = dict(zip(orders, computed.tolist(), strict=True))
+        curve = _float_array(
+            [
+                whole[order] if order in whole else rdp_sampled_gaussian(q, z, order)
+                for order in RDP_ORDERS
+            ]
+        )
     curve.flags.writeable = False
     return curve
+
+
+def _float_array(values: list[float]):
+    import numpy  # lazy, with dp_accounting's other imports
+
+    return numpy.array(values, dtype="float64")
 
 
 def _split(events: Iterable[PrivacyEvent]) -> tuple[float, dict[tuple, int]]:
