@@ -223,6 +223,24 @@ def test_a_batch_of_several_records_is_audited_record_by_record(digits):
     assert result.summary["label_inference_rate"] is not None
 
 
+def test_a_tabular_record_is_drawn_as_bars_one_can_read():
+    """Breast cancer's 30 features: two strips of 30 cells side by side, each 6 cells high (a
+    fifth of their length), not one cell: 8 px a cell gives 48 x 488 px."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    model = _model(LogisticRegression, input_shape=[30], n_classes=2)
+    png, _figures = reconstruction_picture(
+        model,
+        "breast-cancer",
+        optimizer=SGD,
+        pipeline=[],
+        settings=AuditSettings(dlg_iterations=5, ig_iterations=5),
+    )
+    assert Image.open(BytesIO(png)).size == (61 * 8, 6 * 8)
+
+
 def test_reconstruction_picture_is_a_png_of_public_data():
     model = _model(LogisticRegression, input_shape=[64], n_classes=10)
     png, figures = reconstruction_picture(

@@ -99,8 +99,11 @@ def reconstruction_picture(
     true_x, true_y, rec_x, rec_soft = kept[0]
     if data.modality == "tabular":
         mean, std = data.x.mean(dim=0), data.x.std(dim=0).clamp_min(1e-8)
-        left = (((true_x - mean) / std + 3) / 6).reshape(1, -1)
-        right = (((rec_x - mean) / std + 3) / 6).reshape(1, -1)
+        # One row of features would be a strip one cell high: repeated to a fifth of its
+        # length (30 features: 6 rows), so that each feature reads as a bar on the page.
+        rows = max(1, round(true_x.numel() / 5))
+        left = (((true_x - mean) / std + 3) / 6).reshape(1, -1).repeat(rows, 1)
+        right = (((rec_x - mean) / std + 3) / 6).reshape(1, -1).repeat(rows, 1)
     else:
         lo, hi = data.value_range or (0.0, 1.0)
         shape = data.image_shape or tuple(true_x.shape)
