@@ -26,6 +26,7 @@ from tests.support.ledger_checks import ledger_records
 from tests.support.training_fixtures import make_scene
 from tests.support.training_pages import AGREEMENT_TITLE, job_data, steward_registers_datasets
 from training.fl.audit_report import summary_of
+from training.jobs.audit_gate import approval_refusal
 from training.jobs.compliance import ComplianceError
 from training.jobs.describe import describe_privacy_audit
 from training.jobs.proposals import job_update_spec
@@ -409,3 +410,19 @@ def test_the_audit_asked_in_words():
         "of its records (seed 11) and reports only the figures"
     )
     assert describe_privacy_audit({}).startswith("This job asks for no privacy audit")
+
+
+def test_the_gate_reads_an_audit_the_caller_already_holds_without_a_query(
+    cast, django_assert_num_queries
+):
+    """The pages pass each institution's audit they already read: the gate then answers from
+    it (the same answer as when it reads the audit itself) without another query."""
+    scene = make_scene(cast, privacy_audit_required=True, **CAPS)
+    job = scene.propose(privacy_audit=AUDIT)
+    row = report(job, cast.hospital_a, summary=image_summary(median_ssim=0.96))
+    job = TrainingJob.objects.select_related("agreement_version").get(pk=job.pk)
+    read_itself = approval_refusal(job, cast.hospital_a)
+    with django_assert_num_queries(0):
+        given = approval_refusal(job, cast.hospital_a, row)
+    assert read_itself is not None and given is not None
+    assert str(given) == str(read_itself) and given.code == "audit_above_maximum"

@@ -20,6 +20,7 @@ the job's current spec digest), the selector the pages read too.
 from __future__ import annotations
 
 from decimal import Decimal
+from typing import cast
 
 from consortium.core.errors import ConflictError
 from consortium.governance.models import Institution
@@ -54,14 +55,22 @@ def _maxima_words(version) -> str:
     return " and ".join(names)
 
 
-def approval_refusal(job: TrainingJob, institution: Institution) -> ConflictError | None:
+#: ``approval_refusal``'s ``audit`` when the caller has not read it (None means "none asked").
+_READ_IT = object()
+
+
+def approval_refusal(
+    job: TrainingJob, institution: Institution, audit: PrivacyAudit | None | object = _READ_IT
+) -> ConflictError | None:
     """Why ``institution`` may not approve ``job`` now under the agreement's audit terms, or
     None when it may. Read in :func:`training.jobs.approvals.approval_decide`'s transaction,
-    after the job was rebound to the agreement in force; the review page may read it too."""
+    after the job was rebound to the agreement in force; the pages read it too, passing the
+    institution's audit of the current spec (:func:`audit_of`) they already hold, so that a page
+    of several institutions does not read each audit twice."""
     version = job.agreement_version
     if version is None or not version.privacy_audit_required:
         return None
-    audit = audit_of(job, institution)
+    audit = audit_of(job, institution) if audit is _READ_IT else cast(PrivacyAudit | None, audit)
     terms = f"version {version.number} of the agreement"
     if privacy_audit_settings(job.spec) is None:
         # Compliance refuses such a spec at proposal and at a rebinding; said for completeness.

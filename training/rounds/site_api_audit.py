@@ -19,13 +19,12 @@ from __future__ import annotations
 
 from django.urls import path
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import exceptions, serializers, status
+from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from training.rounds.audit_intake import AuditRefused, audit_asked_of, audit_receive
 from training.rounds.site_api_auth import SiteAPIView
-from training.rounds.site_api_serializers import SiteErrorSerializer
-from training.rounds.site_selectors import site_job
+from training.rounds.site_api_serializers import bad_request, refusal, site_error
 
 __all__ = ["urlpatterns"]
 
@@ -60,40 +59,28 @@ class AuditResultSerializer(serializers.Serializer):
     duplicate = serializers.BooleanField()
 
 
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(SiteErrorSerializer, description=description)
-
-
-def _refused(exc: AuditRefused) -> Response:
-    return Response({"detail": str(exc), "code": exc.code}, status=exc.status)
-
-
 class SiteAuditView(SiteAPIView):
     """The privacy audit asked of a site before a job's approval, and its signed report."""
-
-    def _job_or_404(self, job_id: int) -> None:
-        if site_job(self.credential, job_id) is None:
-            raise exceptions.NotFound("Not found.")
 
     @extend_schema(
         tags=["site"],
         summary="The privacy audit asked of this site before a job's approval",
         responses={
             200: AuditAskedSerializer,
-            401: _error("No site token, or an invalid or revoked one."),
-            404: _error("No such job for this site."),
-            409: _error(
+            401: site_error("No site token, or an invalid or revoked one."),
+            404: site_error("No such job for this site."),
+            409: site_error(
                 "Nothing is asked of this site now (the code says why: not_asked, "
                 "already_reported, not_awaiting_approval)."
             ),
         },
     )
     def get(self, request, job_id: int):
-        self._job_or_404(job_id)
+        self.require_job(job_id)
         try:
             asked = audit_asked_of(self.credential, job_id)
         except AuditRefused as exc:
-            return _refused(exc)
+            return refusal(exc)
         return Response(AuditAskedSerializer(asked).data)
 
     @extend_schema(
@@ -105,24 +92,20 @@ class SiteAuditView(SiteAPIView):
             200: OpenApiResponse(
                 AuditResultSerializer, description="The same report was already recorded."
             ),
-            400: _error(
+            400: site_error(
                 "The report is malformed, is another audit's, or does not verify (bad_report, "
                 "bad_signature, bad_request)."
             ),
-            401: _error("No site token, or an invalid or revoked one."),
-            404: _error("No such job for this site."),
-            409: _error("Nothing is asked of this site now, or it reported something else."),
+            401: site_error("No site token, or an invalid or revoked one."),
+            404: site_error("No such job for this site."),
+            409: site_error("Nothing is asked of this site now, or it reported something else."),
         },
     )
     def post(self, request, job_id: int):
-        self._job_or_404(job_id)
+        self.require_job(job_id)
         body = AuditReportSerializer(data=request.data)
         if not body.is_valid():
-            detail = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in body.errors.items())
-            return Response(
-                {"detail": f"bad request: {detail}", "code": "bad_request"},
-                status=status.HTTP_400_BAD_REQUEST,
-            )
+            return bad_request(body.errors)
         try:
             row, duplicate = audit_receive(
                 self.credential,
@@ -131,7 +114,7 @@ class SiteAuditView(SiteAPIView):
                 body.validated_data["signature"],
             )
         except AuditRefused as exc:
-            return _refused(exc)
+            return refusal(exc)
         answer = AuditResultSerializer(
             {
                 "job": job_id,

@@ -26,6 +26,7 @@ from rest_framework.views import APIView
 
 from training.models import SiteCredential
 from training.rounds.credentials import site_credential_authenticate, site_token_revoked
+from training.rounds.site_selectors import site_job
 from training.site.protocol import PROTOCOL_HEADER, SITE_PROTOCOL, protocol_refusal
 
 __all__ = [
@@ -117,6 +118,11 @@ class SiteAPIView(APIView):
     @property
     def credential(self) -> SiteCredential:
         return self.request.auth
+
+    def require_job(self, job_id: int) -> None:
+        """The API's 404 (as for a missing job) unless this site actively takes part in it."""
+        if site_job(self.credential, job_id) is None:
+            raise exceptions.NotFound("Not found.")
 
     def initial(self, request, *args, **kwargs):
         super().initial(request, *args, **kwargs)  # the token first (401), then the protocol

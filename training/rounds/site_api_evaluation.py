@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from django.urls import path
 from drf_spectacular.utils import OpenApiResponse, extend_schema
-from rest_framework import exceptions, serializers, status
+from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from training.rounds.evaluation_intake import (
@@ -29,8 +29,7 @@ from training.rounds.evaluation_intake import (
     evaluation_receive,
 )
 from training.rounds.site_api_auth import SiteAPIView
-from training.rounds.site_api_serializers import SiteErrorSerializer
-from training.rounds.site_selectors import site_job
+from training.rounds.site_api_serializers import bad_request, refusal, site_error
 
 __all__ = ["urlpatterns"]
 
@@ -65,37 +64,25 @@ class EvaluationResultSerializer(serializers.Serializer):
     duplicate = serializers.BooleanField()
 
 
-def _error(description: str) -> OpenApiResponse:
-    return OpenApiResponse(SiteErrorSerializer, description=description)
-
-
-def _refused(exc: EvaluationRefused) -> Response:
-    return Response({"detail": str(exc), "code": exc.code}, status=exc.status)
-
-
 class SiteEvaluationView(SiteAPIView):
     """The models a site is asked to evaluate after a round, and its signed report."""
-
-    def _job_or_404(self, job_id: int):
-        if site_job(self.credential, job_id) is None:
-            raise exceptions.NotFound("Not found.")
 
     @extend_schema(
         tags=["site"],
         summary="The models this site is asked to evaluate after a round",
         responses={
             200: EvaluationAskedSerializer,
-            401: _error("No site token, or an invalid or revoked one."),
-            404: _error("No such job for this site."),
-            409: _error("Nothing is asked of this site now (the code says why)."),
+            401: site_error("No site token, or an invalid or revoked one."),
+            404: site_error("No such job for this site."),
+            409: site_error("Nothing is asked of this site now (the code says why)."),
         },
     )
     def get(self, request, job_id: int, round_index: int):
-        self._job_or_404(job_id)
+        self.require_job(job_id)
         try:
             asked = evaluation_asked_of(self.credential, job_id, round_index)
         except EvaluationRefused as exc:
-            return _refused(exc)
+            return refusal(exc)
         return Response(EvaluationAskedSerializer(asked).data)
 
     @extend_schema(
@@ -107,21 +94,17 @@ class SiteEvaluationView(SiteAPIView):
             200: OpenApiResponse(
                 EvaluationResultSerializer, description="The same report was already recorded."
             ),
-            400: _error("The report is malformed, names other models, or does not verify."),
-            401: _error("No site token, or an invalid or revoked one."),
-            404: _error("No such job for this site."),
-            409: _error("Nothing is asked of this site now, or it reported something else."),
+            400: site_error("The report is malformed, names other models, or does not verify."),
+            401: site_error("No site token, or an invalid or revoked one."),
+            404: site_error("No such job for this site."),
+            409: site_error("Nothing is asked of this site now, or it reported something else."),
         },
     )
     def post(self, request, job_id: int, round_index: int):
-        self._job_or_404(job_id)
+        self.require_job(job_id)
         body = EvaluationReportSerializer(data=request.data)
         if not body.is_valid():
-            detail = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in body.errors.items())
-            return Response(
-                {"detail": f"bad request: {detail}", "code": "bad_request"},
-                status=status.HTTP_400_BAD_REQUEST,
-            )
+            return bad_request(body.errors)
         try:
             row, duplicate = evaluation_receive(
                 credential=self.credential,
@@ -131,7 +114,7 @@ class SiteEvaluationView(SiteAPIView):
                 signature=body.validated_data["signature"],
             )
         except EvaluationRefused as exc:
-            return _refused(exc)
+            return refusal(exc)
         answer = EvaluationResultSerializer(
             {
                 "job": job_id,

@@ -3,7 +3,9 @@ schema documents them."""
 
 from __future__ import annotations
 
-from rest_framework import serializers
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers, status
+from rest_framework.response import Response
 
 from consortium.governance.api.serializers import ErrorSerializer
 from training.models import JobState, SiteUpdate
@@ -17,6 +19,9 @@ __all__ = [
     "SiteJobSerializer",
     "UpdateResultSerializer",
     "WhoAmISerializer",
+    "bad_request",
+    "refusal",
+    "site_error",
 ]
 
 
@@ -25,6 +30,26 @@ class SiteErrorSerializer(ErrorSerializer):
         required=False,
         help_text="For an upload: true when the refusal was recorded on the site's update "
         "for the round (rejected, with the reason) and in the ledger.",
+    )
+
+
+def site_error(description: str) -> OpenApiResponse:
+    """An error answer in the OpenAPI schema: ``{"detail", "code"}``, described."""
+    return OpenApiResponse(SiteErrorSerializer, description=description)
+
+
+def refusal(exc) -> Response:
+    """A service's refusal (a ``ServiceError`` carrying the HTTP ``status`` to answer) as the
+    site API answers it: ``{"detail", "code"}``."""
+    return Response({"detail": str(exc), "code": exc.code}, status=exc.status)
+
+
+def bad_request(errors: dict) -> Response:
+    """A body that does not validate, as a 400 ``bad_request`` naming each field's fault."""
+    detail = "; ".join(f"{k}: {' '.join(map(str, v))}" for k, v in errors.items())
+    return Response(
+        {"detail": f"bad request: {detail}", "code": "bad_request"},
+        status=status.HTTP_400_BAD_REQUEST,
     )
 
 

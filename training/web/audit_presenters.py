@@ -159,7 +159,7 @@ def audit_status(
         required_words = f"The agreement requires this audit before {name} may approve" + (
             ": reported, measured, conclusive and within its maximum risk." if has_maximum else "."
         )
-    refused = job.state == JobState.AWAITING_APPROVAL and approval_refusal(job, institution)
+    refused = job.state == JobState.AWAITING_APPROVAL and approval_refusal(job, institution, audit)
 
     def status(state: str, words: str, **more: Any) -> AuditStatus:
         return AuditStatus(
