@@ -27,9 +27,11 @@ shared, valued by validation accuracy, and :func:`training.fl.contribution.compu
 
 * ``leave_one_out`` (6 models per round), ``shapley_exact`` (all 32 coalitions);
 * ``shapley_sampled`` at the platform's defaults (``contribution_settings``: 100 permutations,
-  tolerance 0.02, truncation 0.005; at 5 sites that is estimator 1, the permutation walk) with
-  the utility's ``resolution`` (one validation record), and, for comparison, estimator 2 (the
-  paired kernel estimator, the default from 8 sites on) at its default budget.
+  tolerance 0.02, truncation 0.005) with the utility's ``resolution`` (one validation record),
+  as the coordinator runs it on such a round: estimator 3, with the surrogate
+  ``CoalitionUtility.surrogate`` makes; and, for comparison, estimator 1 (the permutation walk,
+  the default below 8 sites where no surrogate can be made) and estimator 2 (the paired kernel
+  estimator alone), each at its defaults.
 
 Both coalition values the spec allows are scored on the same training (``--values``):
 ``metric`` (validation accuracy, the platform's default; it moves in steps of one record) and
@@ -69,7 +71,9 @@ from training.fl.aggregate import StreamingFedAvg, apply_update  # noqa: E402
 from training.fl.baseline import pool_site_data  # noqa: E402
 from training.fl.coalition import CoalitionUtility  # noqa: E402
 from training.fl.contribution import (  # noqa: E402
+    ESTIMATOR_CONTROL_VARIATE,
     ESTIMATOR_PAIRED,
+    ESTIMATOR_PERMUTATIONS,
     compute,
     leave_one_out,
     shapley_exact,
@@ -96,7 +100,8 @@ DEFAULT_NOISE = 0.8
 METHODS: tuple[tuple[str, str], ...] = (
     ("loo", "leave-one-out"),
     ("exact", "exact Shapley"),
-    ("sampled", "sampled Shapley (defaults: estimator 1)"),
+    ("sampled", "sampled Shapley (the coordinator's default here: estimator 3)"),
+    ("walk", "sampled Shapley, estimator 1"),
     ("paired", "sampled Shapley, estimator 2"),
 )
 #: What a coalition is valued by (the spec's ``contribution.value``): the metric (accuracy, the
@@ -215,7 +220,18 @@ def score_round(
     results = {
         "loo": leave_one_out(players, v),
         "exact": shapley_exact(players, v),
-        "sampled": compute("shapley_sampled", players, v, **sampled_args),
+        # As training.rounds.contributions scores a sampled round on the coordinator.
+        "sampled": compute(
+            "shapley_sampled",
+            players,
+            v,
+            **sampled_args,
+            estimator=ESTIMATOR_CONTROL_VARIATE,
+            surrogate=utility.surrogate(),
+        ),
+        "walk": compute(
+            "shapley_sampled", players, v, **sampled_args, estimator=ESTIMATOR_PERMUTATIONS
+        ),
         "paired": compute(
             "shapley_sampled", players, v, **sampled_args, estimator=ESTIMATOR_PAIRED
         ),
@@ -358,7 +374,7 @@ def summarise(seed_runs: list[dict[str, Any]], value: str) -> dict[str, Any]:
             mean, std = _mean_std([run["totals"][method][slug] for run in runs])
             scores[method][slug] = {"mean": mean, "std": std}
     estimators: dict[str, Any] = {}
-    for method in ("loo", "sampled", "paired"):
+    for method in ("loo", "sampled", "walk", "paired"):
         per_round, moved, totals, evaluations = [], 0, [], []
         for run in runs:
             for rnd in run["rounds"]:

@@ -148,11 +148,7 @@ FAMILIES = {
 def measure(family: str, n: int, seed: int, estimator: int) -> tuple[float, float]:
     """``(normalised error, evaluations / 2^n)`` of one run at the platform's defaults."""
     names, v, resolution = FAMILIES[family](n, seed)
-    exact = (
-        C.shapley_exact(names, v).scores
-        if n <= C.EXACT_MAX_PLAYERS
-        else (C._exact_scores(tuple(sorted(names)), C.CachedUtility(v)))
-    )
+    exact = C.shapley_exact(names, v, max_players=n).scores
     total = v(frozenset(names)) - v(frozenset())
     got = C.compute(
         "shapley_sampled", names, v, seed=seed, estimator=estimator, resolution=resolution

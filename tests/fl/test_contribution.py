@@ -426,3 +426,19 @@ def test_describe_names_the_paired_estimator_from_eight_sites():
     text = describe_contribution(spec)
     assert "planned sample of coalitions" in text and "at most a third" in text
     assert "GTG-Shapley" not in text
+
+
+def test_describe_names_the_surrogate_where_the_coordinator_can_make_it():
+    def text(n, **overrides):
+        many = [f"hospital-{i:02d}" for i in range(n)]
+        spec = base_spec(participants=many, contribution={"method": "shapley_sampled"})
+        return describe_contribution(validate_spec({**spec, **overrides}))
+
+    # Breast cancer is bundled: the coordinator values the coalitions on its own copy.
+    assert "second-order approximation of every coalition's accuracy" in text(9)
+    assert "the sample is used alone" in text(9)
+    assert "GTG-Shapley" in text(6)  # below 8 sites, without the approximation: the walk
+    assert "second-order" not in text(13)  # beyond the surrogate's 12 sites
+    assert "second-order" not in text(9, topology="cyclic")
+    at_sites = text(9, evaluation={"where": "sites"})
+    assert "measured by the sites" in at_sites and "second-order" not in at_sites

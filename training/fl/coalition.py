@@ -96,6 +96,7 @@ class CoalitionUtility:
         if not updates:
             raise ValueError("a coalition utility needs at least one update")
         self.combine = combine
+        self.zero_filled = bool(zero_filled)
         self.modality = modality
         self.metric = metric_for(modality, value)
         self.loss = check_loss(loss, modality)
@@ -153,6 +154,22 @@ class CoalitionUtility:
                 if d is not None and target.is_floating_point():
                     target.add_(d.to(target.dtype))
         return self._work
+
+    @property
+    def updates(
+        self,
+    ) -> Mapping[str, tuple[Mapping[str, torch.Tensor], Mapping[str, torch.Tensor] | None, float]]:
+        """The round's shared updates, ``site -> (delta, mask or None, weight)`` (``mean``)."""
+        if self.combine != "mean":
+            raise ValueError("a cyclic round's utility keeps its deltas summed, not as updates")
+        return self._updates
+
+    def surrogate(self) -> list[float] | None:
+        """Every coalition's surrogate value for contribution estimator 3, or ``None`` where
+        the surrogate cannot serve (:mod:`training.fl.coalition_surrogate`)."""
+        from training.fl.coalition_surrogate import quadratic_surrogate
+
+        return quadratic_surrogate(self)
 
     @property
     def resolution(self) -> float:

@@ -16,7 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from training.fl.contribution import PAIRED_MIN_PLAYERS
+from training.fl.contribution import PAIRED_MIN_PLAYERS, SURROGATE_MAX_PLAYERS
 from training.jobs.spec import (
     CONTRIBUTION_EXACT_MAX,
     EVALUATION_SITES,
@@ -239,6 +239,28 @@ def describe_contribution(spec: Mapping) -> str:
     )
     sites = len(spec.get("participants") or [])
     sampled = paired if sites >= PAIRED_MIN_PLAYERS else walk
+    # Estimator 3 (training.rounds.contributions): where the coordinator values the coalitions
+    # of a classification job's averaged rounds, a surrogate corrects the planned sample.
+    if (
+        evaluation_settings(spec)["where"] != EVALUATION_SITES
+        and spec.get("purpose") != "segmentation"
+        and spec.get("topology") != "cyclic"
+        and sites <= SURROGATE_MAX_PLAYERS
+    ):
+
+        def corrected(fallback: str) -> str:
+            return (
+                f"{paired}; a second-order approximation of every coalition's {metric}, worked "
+                "out from the round's model and the sites' updates, is shared out exactly and "
+                "the sample corrects only its error (where a site shares part of its update "
+                f"and the average is mask-aware, the approximation does not apply: {fallback})"
+            )
+
+        alone = "the sample is used alone"
+        sampled = corrected(
+            alone if sites >= PAIRED_MIN_PLAYERS else f"the sites are then scored {walk}"
+        )
+        paired = corrected(alone)  # auto samples only above CONTRIBUTION_EXACT_MAX sites
     if method == "shapley_sampled":
         return base + sampled + "."
     return base + f"{exact} when at most {CONTRIBUTION_EXACT_MAX} sites take part, else {paired}."

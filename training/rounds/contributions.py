@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
+import math
 import time
 from collections import defaultdict
 
@@ -111,7 +112,7 @@ def round_contributions(rnd: Round):
     """
     # Lazy torch: the engine's modules load it, and only a process that scores pays for it.
     from training.fl.coalition import CoalitionUtility
-    from training.fl.contribution import compute
+    from training.fl.contribution import SHAPLEY_SAMPLED, compute, resolve_method
 
     # Through the coordinator's own definitions (training.rounds.states and .aggregation): one
     # way an update artifact reads and the job's model is built, whatever the engine changes.
@@ -144,6 +145,7 @@ def round_contributions(rnd: Round):
         loss=loss_of(spec),
         zero_filled=aggregation_of(spec) == "zero_filled_mean",
     )
+    sampled = resolve_method(settings["method"], len(shared)) == SHAPLEY_SAMPLED
     result = compute(
         settings["method"],
         list(shared),
@@ -153,8 +155,26 @@ def round_contributions(rnd: Round):
         tolerance=settings.get("tolerance", 0.0),
         seed=round_seed(job, rnd.index),
         resolution=utility.resolution,
+        **(_with_surrogate(rnd, utility) if sampled else {}),
     )
     return result, utility.metric, updates, ({"validation_set": held.digest} if held else {})
+
+
+def _with_surrogate(rnd: Round, utility) -> dict:
+    """Estimator 3's arguments when the round's surrogate can be made (``training.fl.
+    coalition_surrogate``), else none, and the sampled method's default estimator runs. A
+    surrogate that fails (a registered model forward-mode differentiation cannot go through,
+    an overflow) costs the round its control variate, never its scores."""
+    from training.fl.contribution import ESTIMATOR_CONTROL_VARIATE
+
+    try:
+        surrogate = utility.surrogate()
+    except Exception:  # noqa: BLE001 - the estimator without it is still right, only noisier
+        log.warning("%s: no surrogate for contribution scoring", rnd, exc_info=True)
+        return {}
+    if surrogate is None or not all(math.isfinite(x) for x in surrogate):
+        return {}
+    return {"estimator": ESTIMATOR_CONTROL_VARIATE, "surrogate": surrogate}
 
 
 def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
