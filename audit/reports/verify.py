@@ -49,7 +49,7 @@ from training.fl.audit_report import parse_report as parse_audit_report
 from training.fl.audit_report import summary_of as audit_summary_of
 from training.fl.contribution import scores_from_coalitions
 from training.fl.evaluation_report import ReportError as EvaluationReportError
-from training.fl.evaluation_report import combine, parse_report
+from training.fl.evaluation_report import combine, combine_surrogates, parse_report
 from training.fl.signing import BadSignature, verify_update
 from training.jobs.accounting import ACCOUNTANT_VERSION, ACCOUNTANT_VERSIONS, accountant_version
 
@@ -248,7 +248,8 @@ def _check_site_evaluations(outcome: Outcome, scope: Scope, head: Head) -> None:
     ledger: each report must be canonical, hash to its recorded digest, verify with the public
     key it names, and that key must be one the site registered (the fingerprint of one of its
     ``site.credential_created`` entries); the values are then the reports' figures weighted by
-    their records, on the models the ``evaluation.requested`` entry names for each coalition."""
+    their records, on the models the ``evaluation.requested`` entry names for each coalition,
+    and a recorded surrogate (contribution estimator 3) the reports' surrogates weighted alike."""
     events = (
         ledger_events.CREDENTIAL_CREATED,
         ledger_events.EVALUATION_REQUESTED,
@@ -338,6 +339,10 @@ def _check_site_evaluations(outcome: Outcome, scope: Scope, head: Head) -> None:
                 f"the coalition values of {where} do not follow from the sites' reports "
                 f"(first: {differs[0]})"
             )
+            continue
+        recorded_surrogate = (payload.get("params") or {}).get("surrogate")
+        if recorded_surrogate is not None and combine_surrogates(reports) != recorded_surrogate:
+            outcome.fail(f"the surrogate of {where} does not follow from the sites' signed reports")
             continue
         rounds += 1
         reports_checked += len(reports)

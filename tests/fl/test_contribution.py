@@ -428,7 +428,7 @@ def test_describe_names_the_paired_estimator_from_eight_sites():
     assert "GTG-Shapley" not in text
 
 
-def test_describe_names_the_surrogate_where_the_coordinator_can_make_it():
+def test_describe_names_the_surrogate_where_it_can_be_made():
     def text(n, **overrides):
         many = [f"hospital-{i:02d}" for i in range(n)]
         spec = base_spec(participants=many, contribution={"method": "shapley_sampled"})
@@ -441,4 +441,5 @@ def test_describe_names_the_surrogate_where_the_coordinator_can_make_it():
     assert "second-order" not in text(13)  # beyond the surrogate's 12 sites
     assert "second-order" not in text(9, topology="cyclic")
     at_sites = text(9, evaluation={"where": "sites"})
-    assert "measured by the sites" in at_sites and "second-order" not in at_sites
+    assert "measured by the sites" in at_sites
+    assert "worked out by each site on its own validation share" in at_sites

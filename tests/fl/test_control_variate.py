@@ -231,3 +231,56 @@ def test_the_surrogate_goes_through_the_registrys_cnn():
     real = table_of(sorted(updates), utility)
     assert surrogate[-1] == pytest.approx(real[-1], abs=1e-5)
     assert max(abs(a - b) for a, b in zip(surrogate, real, strict=True)) < max(real) - min(real)
+
+
+# --- the surrogate at a site, rebuilt from the models it evaluates ------------------------------
+
+
+def test_a_site_rebuilds_the_centres_surrogate_from_the_models_it_is_sent():
+    """The centre sends the empty coalition's model and each site's own; a site that takes
+    the updates as their differences makes the surrogate the centre would on the same
+    records (zero-filled masks included)."""
+    from training.site.evaluation import _surrogate_models, surrogate_on_share
+
+    base, updates, model, x, y = round_of(MLP, seed=4, masks=True, hidden_sizes=(8,))
+    centre = utility_of(base, updates, model, x, y, value="loss", zero_filled=True)
+    players = sorted(updates)
+    states = {"d-base": {k: t.clone() for k, t in centre.state_of(frozenset()).items()}}
+    for p in players:
+        states[f"d-{p}"] = {k: t.clone() for k, t in centre.state_of({p}).items()}
+    ask = {
+        "players": players,
+        "weights": [updates[p][2] for p in players],
+        "base": "d-base",
+        "singletons": {p: f"d-{p}" for p in players},
+    }
+    assert _surrogate_models(ask, list(states)) == set(states)
+    torch.manual_seed(9)
+    fresh = MLP(input_shape=[12], n_classes=3, hidden_sizes=(8,))
+    got = surrogate_on_share(
+        ask, states, fresh, x, y, modality="tabular", value="loss", loss="cross_entropy"
+    )
+    assert got == pytest.approx(centre.surrogate(), abs=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("change", "fragment"),
+    [
+        (lambda a: a.update(players=["b", "a"]), "names its sites inconsistently"),
+        (lambda a: a["singletons"].pop("b"), "names its sites inconsistently"),
+        (lambda a: a.update(base="elsewhere"), "rests on models not sent to evaluate"),
+    ],
+)
+def test_a_site_refuses_a_surrogate_ask_that_does_not_add_up(change, fragment):
+    from training.site.evaluation import _surrogate_models
+    from training.site.worker import IntegrityFailure
+
+    ask = {
+        "players": ["a", "b"],
+        "weights": [1, 1],
+        "base": "m0",
+        "singletons": {"a": "m1", "b": "m2"},
+    }
+    change(ask)
+    with pytest.raises(IntegrityFailure, match=fragment):
+        _surrogate_models(ask, ["m0", "m1", "m2"])

@@ -23,6 +23,7 @@ from training.fl.data import SiteData, split_holdout
 from training.fl.evaluation_report import (
     ReportError,
     combine,
+    combine_surrogates,
     parse_report,
     report_text,
 )
@@ -115,6 +116,9 @@ def test_the_report_is_canonical_and_parses_back():
         (lambda d: d["results"].append(dict(d["results"][0])), "reported twice"),
         (lambda d: d["results"][0].update(model="XYZ"), "SHA-256 hex digest"),
         (lambda d: d.update(results=[]), "results must be a list of 1"),
+        (lambda d: d.update(surrogate=[0.1, 0.2, 0.3]), "surrogate must be a list of 2\\^n"),
+        (lambda d: d.update(surrogate=[0.1, None]), "surrogate value 1 is not a number"),
+        (lambda d: d.update(surrogate="0.1"), "surrogate must be a list"),
     ],
 )
 def test_a_malformed_report_says_what_is_wrong(mutate, message):
@@ -122,6 +126,24 @@ def test_a_malformed_report_says_what_is_wrong(mutate, message):
     mutate(raw)
     with pytest.raises(ReportError, match=message):
         parse_report(json.dumps(raw, sort_keys=True, separators=(",", ":")))
+
+
+def test_a_surrogate_travels_in_the_signed_text_and_combines_by_records():
+    plain = _text()
+    assert "surrogate" not in plain  # reports without one keep their bytes
+    text = _text(surrogate=[0.25, 0.5, 0.75, 1])
+    report = parse_report(text)
+    assert report.surrogate == (0.25, 0.5, 0.75, 1.0)
+    assert parse_report(plain).surrogate is None
+    other = parse_report(_text(site="leeds", records=10, surrogate=[1, 1, 1, 1]))
+    # Weighted by records, as the values are: (40 x 0.25 + 10 x 1) / 50 for the first.
+    assert combine_surrogates([report, other]) == pytest.approx([0.4, 0.6, 0.8, 1.0])
+    assert combine_surrogates([other, report]) == combine_surrogates([report, other])
+    assert combine_surrogates([report, parse_report(plain)]) is None  # not every site sent one
+    longer = parse_report(_text(site="leeds", surrogate=[0.0] * 8))
+    assert combine_surrogates([report, longer]) is None
+    with pytest.raises(ReportError, match="surrogate value 2 is not finite"):
+        _text(surrogate=[0.0, 1.0, float("inf"), 0.0])
 
 
 def test_a_report_not_in_canonical_form_is_refused():

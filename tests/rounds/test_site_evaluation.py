@@ -215,13 +215,16 @@ def _asked(c3, broker, silent):
     return job, evaluation
 
 
-def _report(job, site, evaluation, *, records=10, key_path=None, models=None, value=0.5):
+def _report(
+    job, site, evaluation, *, records=10, key_path=None, models=None, value=0.5, surrogate=None
+):
     text = report_text(
         job_id=job.pk,
         round_index=1,
         site=site.slug,
         records=records,
         results={d: {"accuracy": value, "loss": 0.7} for d in (models or evaluation.digests)},
+        surrogate=surrogate,
     )
     signature = sign_update((key_path or site.key_path).read_bytes(), text.encode())
     return text, signature
@@ -258,6 +261,13 @@ def test_a_forged_or_wrong_report_is_refused_with_its_reason(c3, broker, tmp_pat
 
     response = _post(site, job, text.replace('"kind"', ' "kind"', 1), signature)
     assert response.status_code == 400 and response.json()["code"] == "bad_report"
+
+    # Exact Shapley's plan asks for no surrogate: a report carrying one is refused.
+    assert "surrogate" not in evaluation.plan
+    text, signature = _report(job, site, evaluation, surrogate=[0.5] * 8)
+    response = _post(site, job, text, signature)
+    assert response.status_code == 400 and response.json()["code"] == "bad_surrogate"
+    assert "none was asked for" in response.json()["detail"]
 
     # Another site's report posted with this site's token is refused too.
     text, signature = _report(job, c3.sites[0], evaluation)
@@ -451,3 +461,62 @@ def test_an_evaluation_a_dead_coordinator_never_asked_for_is_asked_by_the_tick(
     assert len(job_payloads(ledger_events.CONTRIBUTION_JOB_SCORED, job)) == 1
     # A second pass finds nothing left to ask.
     assert broker.run(contributions.scores_tick)["requested"] == []
+
+
+# --- Contribution estimator 3 at the sites: each site makes the surrogate on its own share -----
+
+
+def test_sampled_scores_at_the_sites_are_corrected_by_the_sites_own_surrogates(c3, broker):
+    job = _run(c3, broker, rounds=1, contribution={"method": "shapley_sampled"})
+    slugs = sorted(s.slug for s in c3.sites)
+    (requested,) = job_payloads(ledger_events.EVALUATION_REQUESTED, job)
+    ask = requested["plan"]["surrogate"]
+    by_sites = {
+        tuple(m["sites"]): m["digest"] for m in requested["models"] if m["role"] == "coalition"
+    }
+    # What a site needs: the players, the weights, and models it evaluates anyway.
+    assert ask["players"] == slugs and len(ask["weights"]) == 3
+    assert ask["base"] == by_sites[()]
+    assert ask["singletons"] == {s: by_sites[(s,)] for s in slugs}
+    reports = [
+        parse_report(e["report"]) for e in job_payloads(ledger_events.EVALUATION_REPORTED, job)
+    ]
+    assert len(reports) == 3 and all(len(r.surrogate) == 8 for r in reports)
+    (entry,) = job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
+    assert entry["evaluated_at"] == "sites" and entry["params"]["estimator"] == 3
+    from training.fl.evaluation_report import combine_surrogates
+
+    surrogate = entry["params"]["surrogate"]
+    assert surrogate == combine_surrogates(reports)
+    # At the round's model the sites' surrogate is their measured accuracy (up to a record
+    # on a decision boundary: each site rebuilt the model from the updates itself).
+    full = next(c["value"] for c in entry["coalitions"] if c["sites"] == slugs)
+    records = sum(entry["site_records"].values())
+    assert abs(surrogate[-1] - full) <= 1.01 / records
+    assert (
+        scores_from_coalitions(entry["method"], entry["params"], entry["coalitions"])
+        == entry["scores"]
+    )
+    assert _site_checks(job).ok
+
+    # A surrogate rewritten in the entry no longer follows from the signed reports.
+    scored = LedgerEntry.objects.get(event=ledger_events.CONTRIBUTION_SCORED)
+    _rewrite(scored, lambda p: p["params"]["surrogate"].__setitem__(0, 0.123))
+    outcome = _site_checks(job)
+    assert not outcome.ok
+    assert any("surrogate" in f and "does not follow" in f for f in outcome.failed)
+
+
+def test_a_surrogate_of_the_wrong_size_is_refused(c3, broker):
+    site = c3.sites[1]
+    job = propose_and_start(c3, broker, rounds=1, contribution={"method": "shapley_sampled"})
+    broker.deliver(drop_evaluations=(site.slug,))
+    evaluation = RoundEvaluation.objects.get(round__job=job, round__index=1)
+    assert evaluation.plan["surrogate"]["players"] == sorted(s.slug for s in c3.sites)
+    text, signature = _report(job, site, evaluation, surrogate=[0.5] * 4)
+    response = _post(site, job, text, signature)
+    assert response.status_code == 400 and response.json()["code"] == "bad_surrogate"
+    assert "holds 4 values; the round's 3 sites have 8 coalitions" in response.json()["detail"]
+    # Without one, the report is taken (the scores then rest on the sample alone).
+    text, signature = _report(job, site, evaluation)
+    assert _post(site, job, text, signature).status_code == 201

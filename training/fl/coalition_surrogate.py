@@ -143,7 +143,8 @@ def quadratic_surrogate(utility: CoalitionUtility) -> list[float] | None:
     constants = {k: t for k, t in full.items() if not t.is_floating_point()}
     primals = {k: full[k] for k in names}
     directions = _directions(utility, names)
-    stacked = {k: torch.stack([d[k] for d in directions]) for k in names}  # [n, *shape]
+    # [n, *shape] per tensor, where the model's weights are (a site may evaluate on a GPU).
+    stacked = {k: torch.stack([d[k] for d in directions]).to(full[k].device) for k in names}
     coeffs = _coefficients([utility.updates[s][2] for s in sites]).to(torch.float32)
     # ½ Σ_ij c_i c_j H_ij over i <= j only (H is symmetric): the off-diagonal terms twice.
     upper_i, upper_j = torch.triu_indices(n, n)

@@ -16,6 +16,12 @@ what was made of it:
 has no ``kind``), so one signature cannot pass for the other. ``results`` is sorted by model
 digest, one entry per model.
 
+Where the centre asks for it (a sampled plan it can correct, see
+:mod:`training.rounds.site_evaluation`), the report also carries ``"surrogate"``: the site's
+surrogate value of every one of the round's ``2^n`` coalitions on its share
+(:mod:`training.fl.coalition_surrogate`, by bit mask over the sorted sites), for contribution
+estimator 3. Reports without it keep their bytes as they were.
+
 :func:`combine` is the consortium's value of a model: the mean of the sites' figures weighted
 by the records each evaluated on. For accuracy and the mean loss that is exactly the figure on
 the sites' shares pooled; for Dice it is the record-weighted mean of the sites' Dice, not the
@@ -36,6 +42,7 @@ __all__ = [
     "EvaluationReport",
     "ReportError",
     "combine",
+    "combine_surrogates",
     "parse_report",
     "report_text",
 ]
@@ -44,6 +51,8 @@ REPORT_KIND = "evaluation"
 _DIGEST_RE = re.compile(r"^[0-9a-f]{64}$")
 _METRIC_RE = re.compile(r"^[a-z][a-z0-9_]{0,63}$")
 _MAX_MODELS = 4096
+#: 2^12 coalitions: training.fl.contribution.SURROGATE_MAX_PLAYERS sites.
+_MAX_SURROGATE = 4096
 
 
 class ReportError(ValueError):
@@ -60,6 +69,7 @@ class EvaluationReport:
     records: int
     results: dict[str, dict[str, float]]
     text: str
+    surrogate: tuple[float, ...] | None = None
 
     @property
     def models(self) -> list[str]:
@@ -87,6 +97,23 @@ def _metrics(value: object, model: str) -> dict[str, float]:
     return out
 
 
+def _surrogate(value: object) -> tuple[float, ...]:
+    size = len(value) if isinstance(value, list | tuple) else 0
+    if not size or size > _MAX_SURROGATE or size & (size - 1):
+        raise ReportError(
+            f"surrogate must be a list of 2^n values (at most {_MAX_SURROGATE}), one per coalition"
+        )
+    assert isinstance(value, list | tuple)  # noqa: S101 - checked by size above
+    out = []
+    for index, number in enumerate(value):
+        if isinstance(number, bool) or not isinstance(number, int | float):
+            raise ReportError(f"surrogate value {index} is not a number: {number!r}")
+        if not math.isfinite(float(number)):
+            raise ReportError(f"surrogate value {index} is not finite")
+        out.append(float(number))
+    return tuple(out)
+
+
 def report_text(
     *,
     job_id: int,
@@ -94,6 +121,7 @@ def report_text(
     site: str,
     records: int,
     results: Mapping[str, Mapping[str, float]],
+    surrogate: Iterable[float] | None = None,
 ) -> str:
     """The canonical text a site signs for its evaluation of a round's models."""
     _int(job_id, "job_id", 1)
@@ -108,7 +136,7 @@ def report_text(
         rows.append({"metrics": _metrics(results[model], model), "model": model})
     if not rows:
         raise ReportError("an evaluation report names at least one model")
-    payload = {
+    payload: dict[str, Any] = {
         "job_id": job_id,
         "kind": REPORT_KIND,
         "records": records,
@@ -116,6 +144,8 @@ def report_text(
         "round": round_index,
         "site": site,
     }
+    if surrogate is not None:
+        payload["surrogate"] = list(_surrogate(list(surrogate)))
     return json.dumps(payload, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
 
 
@@ -133,7 +163,7 @@ def parse_report(text: str) -> EvaluationReport:
     if not isinstance(raw, dict):
         raise ReportError("the report must be a JSON object")
     allowed = {"job_id", "kind", "records", "results", "round", "site"}
-    unknown = sorted(set(raw) - allowed)
+    unknown = sorted(set(raw) - allowed - {"surrogate"})
     missing = sorted(allowed - set(raw))
     if unknown or missing:
         raise ReportError(
@@ -156,12 +186,14 @@ def parse_report(text: str) -> EvaluationReport:
         if model in results:
             raise ReportError(f"model {model[:12]}… is reported twice")
         results[model] = _metrics(row["metrics"], model)
+    surrogate = _surrogate(raw["surrogate"]) if "surrogate" in raw else None
     canonical = report_text(
         job_id=raw["job_id"],
         round_index=raw["round"],
         site=raw["site"],
         records=raw["records"],
         results=results,
+        surrogate=surrogate,
     )
     if canonical != text:
         raise ReportError("the report is not in canonical form (sorted keys, no spaces)")
@@ -172,6 +204,7 @@ def parse_report(text: str) -> EvaluationReport:
         records=raw["records"],
         results=results,
         text=text,
+        surrogate=surrogate,
     )
 
 
@@ -188,3 +221,25 @@ def combine(reports: Iterable[EvaluationReport], metric: str) -> dict[str, float
             sums[model] = sums.get(model, 0.0) + metrics[metric] * report.records
             weights[model] = weights.get(model, 0) + report.records
     return {model: sums[model] / weights[model] for model in sorted(sums)}
+
+
+def combine_surrogates(reports: Iterable[EvaluationReport]) -> list[float] | None:
+    """Every coalition's surrogate value over the reporting sites, weighted by their records
+    as :func:`combine` weighs the real values; ``None`` unless every report carries a
+    surrogate, all of one length (a value the sites did not all approximate would mix
+    surrogates of different games)."""
+    reports = list(reports)
+    if not reports or any(r.surrogate is None for r in reports):
+        return None
+    sizes = {len(r.surrogate or ()) for r in reports}
+    if len(sizes) != 1:
+        return None
+    (size,) = sizes
+    sums = [0.0] * size
+    weight = 0
+    for report in sorted(reports, key=lambda r: r.site):
+        assert report.surrogate is not None  # noqa: S101 - checked above
+        for index, value in enumerate(report.surrogate):
+            sums[index] += value * report.records
+        weight += report.records
+    return [total / weight for total in sums]

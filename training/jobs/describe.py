@@ -239,27 +239,31 @@ def describe_contribution(spec: Mapping) -> str:
     )
     sites = len(spec.get("participants") or [])
     sampled = paired if sites >= PAIRED_MIN_PLAYERS else walk
-    # Estimator 3 (training.rounds.contributions): where the coordinator values the coalitions
-    # of a classification job's averaged rounds, a surrogate corrects the planned sample.
+    # Estimator 3 (training.rounds.contributions): for a classification job's averaged rounds
+    # a surrogate, made by the coordinator or by each site on its share, corrects the sample.
     if (
-        evaluation_settings(spec)["where"] != EVALUATION_SITES
-        and spec.get("purpose") != "segmentation"
+        spec.get("purpose") != "segmentation"
         and spec.get("topology") != "cyclic"
         and sites <= SURROGATE_MAX_PLAYERS
     ):
+        at_sites = evaluation_settings(spec)["where"] == EVALUATION_SITES
+        maker = (
+            "by each site on its own validation share from the models it evaluates"
+            if at_sites
+            else "from the round's model and the sites' updates"
+        )
 
         def corrected(fallback: str) -> str:
             return (
                 f"{paired}; a second-order approximation of every coalition's {metric}, worked "
-                "out from the round's model and the sites' updates, is shared out exactly and "
-                "the sample corrects only its error (where a site shares part of its update "
-                f"and the average is mask-aware, the approximation does not apply: {fallback})"
+                f"out {maker}, is shared out exactly and the sample corrects only its error "
+                "(where a site shares part of its update and the average is mask-aware, the "
+                f"approximation does not apply: {fallback})"
             )
 
         alone = "the sample is used alone"
-        sampled = corrected(
-            alone if sites >= PAIRED_MIN_PLAYERS else f"the sites are then scored {walk}"
-        )
+        walked = f"the sites are then scored {walk}"
+        sampled = corrected(alone if sites >= PAIRED_MIN_PLAYERS else walked)
         paired = corrected(alone)  # auto samples only above CONTRIBUTION_EXACT_MAX sites
     if method == "shapley_sampled":
         return base + sampled + "."

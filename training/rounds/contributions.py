@@ -184,6 +184,7 @@ def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
     coalitions were planned for, so the method needs no coalition the sites were not asked."""
     from training.fl.coalition import metric_for
     from training.fl.contribution import (
+        ESTIMATOR_CONTROL_VARIATE,
         ESTIMATOR_PAIRED,
         SHAPLEY_SAMPLED,
         compute,
@@ -223,6 +224,10 @@ def _from_site_reports(rnd: Round, updates: list[SiteUpdate]):
         # those the sites reported on (the plan could not know how many).
         records = sum(reports.site_records.values())
         kwargs["resolution"] = 1.0 / records if records else 0.0
+    surrogate = reports.surrogate() if plan.get("surrogate") else None
+    if kwargs.get("estimator") == ESTIMATOR_PAIRED and surrogate is not None:
+        # Every reporting site made the surrogate on its share: estimator 3 on the same plan.
+        kwargs.update(estimator=ESTIMATOR_CONTROL_VARIATE, surrogate=surrogate)
     result = compute(plan["method"], players, lookup, **(kwargs or {"seed": int(params["seed"])}))
     basis = {
         "evaluated_at": "sites",

@@ -65,7 +65,9 @@ def _site_row(credential: SiteCredential, job_id: int, round_index: int) -> Site
 
 def evaluation_asked_of(credential: SiteCredential, job_id: int, round_index: int) -> dict:
     """What the site is asked to evaluate now: ``{"models": [digests], "spec_digest",
-    "deadline"}``; :class:`EvaluationRefused` (409) when nothing is asked of it now."""
+    "deadline", "surrogate"}`` (``surrogate``: what it needs to make contribution estimator 3's
+    surrogate, or None when it is not asked for one); :class:`EvaluationRefused` (409) when
+    nothing is asked of it now."""
     row = _site_row(credential, job_id, round_index)
     evaluation = row.evaluation
     if row.status == SiteEvaluation.Status.REPORTED:
@@ -86,7 +88,31 @@ def evaluation_asked_of(credential: SiteCredential, job_id: int, round_index: in
         "spec_digest": evaluation.round.job.spec_digest,
         "models": evaluation.digests,
         "deadline": evaluation.deadline,
+        "surrogate": evaluation.plan.get("surrogate"),
     }
+
+
+def _check_surrogate(evaluation: RoundEvaluation, parsed) -> None:
+    """A report's surrogate, when it carries one, must have been asked for and cover every
+    coalition of the round's players; a report without one is taken (the scores then rest on
+    the sample alone)."""
+    if parsed.surrogate is None:
+        return
+    asked = evaluation.plan.get("surrogate")
+    if asked is None:
+        raise EvaluationRefused(
+            "the report carries a surrogate, but none was asked for this round",
+            code="bad_surrogate",
+            status=400,
+        )
+    coalitions = 2 ** len(asked["players"])
+    if len(parsed.surrogate) != coalitions:
+        raise EvaluationRefused(
+            f"the report's surrogate holds {len(parsed.surrogate)} values; the round's "
+            f"{len(asked['players'])} sites have {coalitions} coalitions",
+            code="bad_surrogate",
+            status=400,
+        )
 
 
 def _already_reported(row: SiteEvaluation, report: str, *, slug: str, round_index: int) -> bool:
@@ -114,9 +140,10 @@ def evaluation_receive(
     """Verify and record a site's signed evaluation report; returns ``(row, duplicate)``.
 
     Raises :class:`EvaluationRefused`: 400 for a report that is malformed, names other models
-    than those asked, claims more records than the site's data set has, or does not verify with
-    the site's key; 409 when nothing is asked of the site (or it reported something else
-    already, or the evaluation closed)."""
+    than those asked, carries a surrogate not asked for or of the wrong size, claims more
+    records than the site's data set has, or does not verify with the site's key; 409 when
+    nothing is asked of the site (or it reported something else already, or the evaluation
+    closed)."""
     row = _site_row(credential, job_id, round_index)
     evaluation = row.evaluation
     job = evaluation.round.job
@@ -145,6 +172,7 @@ def evaluation_receive(
             code="wrong_models",
             status=400,
         )
+    _check_surrogate(evaluation, parsed)
     dataset = one_or_none(
         SiteDataset.objects.filter(
             institution_id=credential.institution_id, key=job.spec["dataset_key"]

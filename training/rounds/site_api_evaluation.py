@@ -4,14 +4,15 @@ signed report (``training.rounds.site_evaluation``; the report's format is
 ``training.fl.evaluation_report``).
 
 * ``GET  jobs/<job_id>/rounds/<round_index>/evaluation/`` -- ``{"job", "round",
-  "spec_digest", "models": [digest, ...], "deadline"}`` while the site is asked to evaluate
-  the round; 409 with a ``code`` when nothing is asked of it now (``not_asked``,
-  ``already_reported``, ``evaluation_closed``). Each model is then read from
-  ``jobs/<job_id>/models/<digest>/``.
+  "spec_digest", "models": [digest, ...], "deadline", "surrogate"}`` while the site is asked
+  to evaluate the round (``surrogate``: null, or what it needs to make contribution estimator
+  3's surrogate, which its report then carries); 409 with a ``code`` when nothing is asked of
+  it now (``not_asked``, ``already_reported``, ``evaluation_closed``). Each model is then read
+  from ``jobs/<job_id>/models/<digest>/``.
 * ``POST jobs/<job_id>/rounds/<round_index>/evaluation/`` -- ``{"report": <canonical text>,
   "signature": <base64 Ed25519 over the text's UTF-8 bytes>}``: 201 recorded, 200 the same
   report was already recorded; otherwise ``{"detail", "code"}`` with 400 (``bad_report``,
-  ``wrong_models``, ``bad_records``, ``bad_signature``) or 409.
+  ``wrong_models``, ``bad_surrogate``, ``bad_records``, ``bad_signature``) or 409.
 
 A job the site does not actively take part in is 404, as everywhere in the site API.
 """
@@ -34,6 +35,19 @@ from training.rounds.site_api_serializers import bad_request, refusal, site_erro
 __all__ = ["urlpatterns"]
 
 
+class SurrogateAskedSerializer(serializers.Serializer):
+    players = serializers.ListField(
+        child=serializers.CharField(), help_text="The round's sites, sorted: bit j is the j-th."
+    )
+    weights = serializers.ListField(
+        child=serializers.FloatField(), help_text="The records each site's update counted for."
+    )
+    base = serializers.CharField(help_text="The digest of the empty coalition's model.")
+    singletons = serializers.DictField(
+        child=serializers.CharField(), help_text="Each site's own model's digest, by site."
+    )
+
+
 class EvaluationAskedSerializer(serializers.Serializer):
     job = serializers.IntegerField()
     round = serializers.IntegerField()
@@ -42,6 +56,11 @@ class EvaluationAskedSerializer(serializers.Serializer):
         child=serializers.CharField(), help_text="The digests of the models to evaluate."
     )
     deadline = serializers.DateTimeField(help_text="When the evaluation closes without it.")
+    surrogate = SurrogateAskedSerializer(
+        allow_null=True,
+        help_text="Asked for contribution estimator 3: the site also reports its surrogate "
+        "value of every coalition (training.fl.coalition_surrogate); null when not asked.",
+    )
 
 
 class EvaluationReportSerializer(serializers.Serializer):

@@ -11,7 +11,12 @@ after each round closes, the coordinator:
    (:class:`training.fl.coalition.CoalitionUtility`), stores them as artifacts, and asks every
    active participant to evaluate them and the round's model (:func:`evaluation_request`:
    ``RoundEvaluation`` and one ``SiteEvaluation`` per site, the ledger's
-   ``evaluation.requested``, then one ``training.site_evaluate`` task per site queue);
+   ``evaluation.requested``, then one ``training.site_evaluate`` task per site queue). Where
+   contribution estimator 3 can serve (a classification job's averaged rounds whose updates
+   keep the coalitions in their span, ``training.fl.coalition_surrogate``), a sampled method
+   plans estimator 2's coalitions and the plan's ``surrogate`` asks each site to make the
+   surrogate on its own share too, from models it evaluates anyway: the empty coalition's
+   and each site's own (:func:`_surrogate_ask`);
 2. takes each site's signed report (``training.rounds.evaluation_intake``, behind ``POST
    /api/site/.../rounds/<index>/evaluation/``): the report must name exactly the models asked,
    carry finite figures and a record count no larger than the site's registered data set, and
@@ -21,7 +26,8 @@ after each round closes, the coordinator:
    round timeout after the request) with whatever came in (:func:`evaluation_maybe_close`):
    the round's metrics are the sites' figures weighted by their records (``round.evaluated``,
    and the round's ``GlobalModel.metrics``), the sites that did not report are named, and the
-   contribution scores are computed from the same reports
+   contribution scores are computed from the same reports (with estimator 3 when every
+   reporting site sent its surrogate, weighted by records as the values are)
    (:func:`training.rounds.contributions.round_score`, whose ``contribution.scored`` entry
    then says ``evaluated_at: "sites"``, on which sites' records the values rest, and which
    sites were missing).
@@ -54,6 +60,7 @@ from training import outbox, queues
 from training.fl.evaluation_report import (
     EvaluationReport,
     combine,
+    combine_surrogates,
     parse_report,
 )
 from training.jobs.spec import (
@@ -95,7 +102,9 @@ def evaluates_at_sites(job: TrainingJob) -> bool:
 # --- 1. Asking the sites ------------------------------------------------------------------------
 
 
-def _plan(job: TrainingJob, players: list[str], seed: int) -> tuple[str, dict, list]:
+def _plan(
+    job: TrainingJob, players: list[str], seed: int, *, estimator: int | None
+) -> tuple[str, dict, list]:
     from training.fl.contribution import plan_coalitions
 
     settings_ = contribution_settings(job.spec)
@@ -107,26 +116,27 @@ def _plan(job: TrainingJob, players: list[str], seed: int) -> tuple[str, dict, l
         truncation=settings_.get("truncation", 0.0),
         tolerance=settings_.get("tolerance", 0.0),
         seed=seed,
+        estimator=estimator,
     )
     return method, params, coalitions
 
 
-def _build_models(rnd: Round, job: TrainingJob, coalitions: list) -> list[dict]:
-    """Store each coalition's model; ``[{"digest", "sites", "role"}]`` with the round's model."""
+def _coalition_utility(rnd: Round, job: TrainingJob):
+    """The round's coalitions, as central scoring builds them (no validation records: the
+    sites hold them)."""
     # Lazy torch: the engine's modules load it, and only the coordinator pays for it.
     import torch
 
     from training.fl.coalition import CoalitionUtility
-    from training.rounds.states import build_model, dataset_of, load_state, load_update, store_state
+    from training.rounds.states import build_model, dataset_of, load_state, load_update
 
     spec = job.spec
-    updates = accepted_updates(rnd)
     shared = {}
-    for update in updates:
+    for update in accepted_updates(rnd):
         delta, mask = load_update(update.update_digest)
         shared[update.institution.slug] = (delta, mask or None, update.samples)
     dataset = dataset_of(job, spec)
-    utility = CoalitionUtility(
+    return CoalitionUtility(
         base_state=load_state(rnd.global_model_in.digest),
         updates=shared,
         model=build_model(spec, dataset),
@@ -137,10 +147,16 @@ def _build_models(rnd: Round, job: TrainingJob, coalitions: list) -> list[dict]:
         loss=loss_of(spec),
         zero_filled=aggregation_of(spec) == "zero_filled_mean",
     )
+
+
+def _build_models(rnd: Round, utility, coalitions: list) -> list[dict]:
+    """Store each coalition's model; ``[{"digest", "sites", "role"}]`` with the round's model."""
+    from training.rounds.states import store_state
+
     rows = [
         {
             "digest": rnd.global_model_out.digest,
-            "sites": sorted(shared),
+            "sites": list(utility.sites),
             "role": ROLE_GLOBAL,
         }
     ]
@@ -149,6 +165,25 @@ def _build_models(rnd: Round, job: TrainingJob, coalitions: list) -> list[dict]:
         digest, _size = store_state(state)
         rows.append({"digest": digest, "sites": sorted(coalition), "role": ROLE_COALITION})
     return rows
+
+
+def _surrogate_ask(utility, rows: list[dict]) -> dict | None:
+    """What a site needs to make contribution estimator 3's surrogate on its own share
+    (``training.site.evaluation``): the players, their weights (the records each update
+    counted for), and the digests of the empty coalition's model (the round's input model)
+    and of each site's own (the input model plus its shared change), all among the models it
+    evaluates anyway, so that the site rebuilds every update as one minus the other. None
+    when a model it needs is not in the plan."""
+    by_sites = {tuple(r["sites"]): r["digest"] for r in rows if r["role"] == ROLE_COALITION}
+    players = list(utility.sites)
+    if () not in by_sites or any((p,) not in by_sites for p in players):
+        return None
+    return {
+        "players": players,
+        "weights": [float(utility.updates[p][2]) for p in players],
+        "base": by_sites[()],
+        "singletons": {p: by_sites[(p,)] for p in players},
+    }
 
 
 def evaluation_request(round_id: int, *, seed: int) -> str:
@@ -168,9 +203,23 @@ def evaluation_request(round_id: int, *, seed: int) -> str:
         return "not_sites"
     if RoundEvaluation.objects.filter(round=rnd).exists():
         return "already"
-    players = sorted(u.institution.slug for u in accepted_updates(rnd))
-    method, params, coalitions = _plan(job, players, seed)
-    asked_models = _build_models(rnd, job, coalitions)
+    from training.fl.coalition_surrogate import surrogate_out_of_reach
+    from training.fl.contribution import ESTIMATOR_PAIRED, SHAPLEY_SAMPLED
+
+    utility = _coalition_utility(rnd, job)
+    players = list(utility.sites)
+    # Where the sites can make contribution estimator 3's surrogate, a sampled method plans
+    # estimator 2's coalitions (the ones estimator 3 corrects), whatever the number of sites.
+    correctable = not surrogate_out_of_reach(utility)
+    method, params, coalitions = _plan(
+        job, players, seed, estimator=ESTIMATOR_PAIRED if correctable else None
+    )
+    asked_models = _build_models(rnd, utility, coalitions)
+    plan = {"method": method, "params": params, "players": players}
+    if correctable and method == SHAPLEY_SAMPLED and params.get("estimator") == ESTIMATOR_PAIRED:
+        ask = _surrogate_ask(utility, asked_models)
+        if ask is not None:
+            plan["surrogate"] = ask
     now = timezone.now()
     deadline = now + dt.timedelta(seconds=int(job.spec["round_timeout_seconds"]))
     with transaction.atomic():
@@ -186,7 +235,7 @@ def evaluation_request(round_id: int, *, seed: int) -> str:
             round=rnd,
             global_digest=rnd.global_model_out.digest,
             asked_models=asked_models,
-            plan={"method": method, "params": params, "players": players},
+            plan=plan,
             requested_at=now,
             deadline=deadline,
         )
@@ -248,6 +297,11 @@ class SiteReports:
     def values(self, metric: str) -> dict[str, float]:
         """Each model's ``metric``, weighted by the reporting sites' records."""
         return combine(self.reports, metric)
+
+    def surrogate(self) -> list[float] | None:
+        """Every coalition's surrogate value, weighted as :meth:`values` (None unless every
+        reporting site sent one)."""
+        return combine_surrogates(self.reports)
 
 
 def reported_evaluations(rnd: Round) -> SiteReports | None:

@@ -14,7 +14,9 @@ coalition models its contribution scores need (at most the spec's ``max_models``
    (:func:`training.site.worker.holdout_of`): records it never trained on in this job;
 4. fetches each model by digest (``GET .../models/<digest>/``), checks its SHA-256, measures it
    (:func:`training.fl.evaluate.evaluate`: accuracy and loss, or Dice and loss);
-5. signs the canonical report (:mod:`training.fl.evaluation_report`) with the site's key and
+5. when the centre asks for it (``surrogate`` in the answer: contribution estimator 3), makes
+   the surrogate value of every coalition on the same share (:func:`surrogate_on_share`);
+6. signs the canonical report (:mod:`training.fl.evaluation_report`) with the site's key and
    posts it (``POST .../rounds/<index>/evaluation/``). Only figures leave the site.
 
 torch is imported inside :func:`run_site_evaluation`, never when this module is imported (the
@@ -107,12 +109,19 @@ def run_site_evaluation(
         raise NotEvaluatedHere(f"job #{job_id} does not evaluate its models at the sites")
     _training, x_val, y_val = split
     model = site_model(job, data).to(pick_device())
+    ask = asked.get("surrogate")
+    wanted = _surrogate_models(ask, models) if ask else set()
+    value = "loss" if (spec.get("contribution") or {}).get("value") == "loss" else "metric"
     results: dict[str, dict[str, float]] = {}
+    kept = {}
     for digest in models:
         body = client.model(job_id, digest)
         if hashlib.sha256(body).hexdigest() != digest:
             raise IntegrityFailure(f"the model sent as {digest[:12]}… does not hash to it")
-        model.load_state_dict(unpack_tensors(body))
+        state = unpack_tensors(body)
+        if digest in wanted:
+            kept[digest] = state
+        model.load_state_dict(state)
         results[digest] = evaluate(
             model,
             x_val,
@@ -120,14 +129,30 @@ def run_site_evaluation(
             modality=data.modality,
             loss=spec.get("loss", "cross_entropy"),
             # A job valuing coalitions by their loss scores from this figure (neg_loss).
-            negative_loss=(spec.get("contribution") or {}).get("value") == "loss",
+            negative_loss=value == "loss",
         )
+    surrogate = None
+    if ask:
+        try:
+            surrogate = surrogate_on_share(
+                ask,
+                kept,
+                model,
+                x_val,
+                y_val,
+                modality=data.modality,
+                value=value,
+                loss=spec.get("loss", "cross_entropy"),
+            )
+        except Exception:  # noqa: BLE001 - the report still counts without it (sample alone)
+            log.warning("job #%s round %s: no surrogate made", job_id, round_index, exc_info=True)
     text = report_text(
         job_id=int(job_id),
         round_index=int(round_index),
         site=site,
         records=len(y_val),
         results=results,
+        surrogate=surrogate,
     )
     signature = sign_update(config.signing_key_path.read_bytes(), text.encode("utf-8"))
     status, body = client.upload_evaluation(job_id, round_index, report=text, signature=signature)
@@ -148,4 +173,45 @@ def run_site_evaluation(
         "site": site,
         "models": len(results),
         "records": len(y_val),
+        "surrogate": surrogate is not None,
     }
+
+
+def _surrogate_models(ask: dict, models: list[str]) -> set[str]:
+    """The digests the surrogate is rebuilt from; each must be among the models asked."""
+    players = [str(p) for p in ask.get("players") or []]
+    singletons = ask.get("singletons") or {}
+    if not players or players != sorted(players) or set(singletons) != set(players):
+        raise IntegrityFailure("the surrogate asked for names its sites inconsistently")
+    wanted = {str(ask.get("base"))} | {str(singletons[p]) for p in players}
+    if not wanted <= set(models):
+        raise IntegrityFailure("the surrogate asked for rests on models not sent to evaluate")
+    return wanted
+
+
+def surrogate_on_share(ask: dict, states: dict, model, x, y, *, modality, value, loss):
+    """Contribution estimator 3's surrogate of every coalition on this site's share (a list of
+    2^n values by bit mask over the sorted sites; ``training.fl.coalition_surrogate``).
+
+    Each site's shared change is its own model less the empty coalition's (the round's input
+    model): the centre builds both that way (the mean of one update is the update), so the
+    coalitions rebuilt here are the centre's."""
+    from training.fl.coalition import CoalitionUtility
+
+    base = states[ask["base"]]
+    updates = {}
+    for player, weight in zip(ask["players"], ask["weights"], strict=True):
+        own = states[ask["singletons"][player]]
+        delta = {k: own[k] - t for k, t in base.items() if t.is_floating_point()}
+        updates[player] = (delta, None, float(weight))
+    utility = CoalitionUtility(
+        base_state=base,
+        updates=updates,
+        model=model,
+        x=x,
+        y=y,
+        modality=modality,
+        value=value,
+        loss=loss,
+    )
+    return utility.surrogate()
