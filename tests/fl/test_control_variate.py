@@ -284,3 +284,17 @@ def test_a_site_refuses_a_surrogate_ask_that_does_not_add_up(change, fragment):
     change(ask)
     with pytest.raises(IntegrityFailure, match=fragment):
         _surrogate_models(ask, ["m0", "m1", "m2"])
+
+
+def test_the_cost_benchmark_measures_both_sides_in_one_run():
+    """benchmarks/contribution_surrogate.py, in-process on a tiny case (no timing asserted)."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "benchmarks" / "contribution_surrogate.py"
+    spec = importlib.util.spec_from_file_location("contribution_surrogate", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    figures = module.measure("mlp", 3, 16, 1)
+    assert figures["surrogate_s"] > 0 and figures["exact_s"] > 0
+    assert figures["ratio"] == figures["surrogate_s"] / figures["exact_s"]
