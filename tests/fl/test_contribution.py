@@ -443,3 +443,12 @@ def test_describe_names_the_surrogate_where_it_can_be_made():
     at_sites = text(9, evaluation={"where": "sites"})
     assert "measured by the sites" in at_sites
     assert "worked out by each site on its own validation share" in at_sites
+    # ... and the evaluation's own sentence says what more the sites then send back.
+    from training.jobs.describe import describe_evaluation
+
+    sampled = validate_spec(
+        base_spec(contribution={"method": "shapley_sampled"}, evaluation={"where": "sites"})
+    )
+    assert "an approximation of every coalition's accuracy" in describe_evaluation(sampled)
+    exact = validate_spec(base_spec(evaluation={"where": "sites"}))  # auto, 3 sites: exact
+    assert "approximation" not in describe_evaluation(exact)

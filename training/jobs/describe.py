@@ -186,15 +186,47 @@ def describe_evaluation(spec: Mapping, *, uploaded: tuple[str, int] | None = Non
             "The models are evaluated centrally, on the consortium's own validation set for "
             f"'{spec.get('dataset_key')}': no site's records are used to measure them."
         )
+    approximated = (
+        f" and, for sampled contribution scores, an approximation of every coalition's {metric} "
+        "worked out on the same records"
+        if _contribution_surrogate_possible(spec)
+        else ""
+    )
     return (
         f"The models are evaluated at the sites: each site keeps "
         f"{_percent(settings['validation_fraction'])}% of its own records aside (never trained "
         "on, never sent) and, after each round, measures on them the round's model and at "
         f"most {settings['max_models']} models that contribution scoring builds from the "
         "sites' shared updates, then sends back only "
-        f"the {metric}, the loss and its number of records, signed with its key. The round's "
-        f"{metric} is the sites' figures weighted by their records. Your site is sent models "
-        "built from other sites' shared updates, and the other sites models built from yours."
+        f"the {metric}, the loss and its number of records{approximated}, signed with its key. "
+        f"The round's {metric} is the sites' figures weighted by their records. Your site is "
+        "sent models built from other sites' shared updates, and the other sites models built "
+        "from yours."
+    )
+
+
+def _contribution_surrogate_possible(spec: Mapping) -> bool:
+    """Whether contribution estimator 3's surrogate can be made for this job's rounds (by the
+    coordinator, or by each site when the sites evaluate): a classification job's averaged
+    rounds, at most ``SURROGATE_MAX_PLAYERS`` sites, a method that may sample. Whether each
+    round's updates keep the coalitions in their span is known only when they arrive."""
+    sites = len(spec.get("participants") or [])
+    method = contribution_settings(spec)["method"]
+    may_sample = method == "shapley_sampled" or (
+        method == "auto"
+        and (
+            sites > CONTRIBUTION_EXACT_MAX
+            or (
+                evaluation_settings(spec)["where"] == EVALUATION_SITES
+                and 2**sites > evaluation_settings(spec)["max_models"]
+            )
+        )
+    )
+    return (
+        may_sample
+        and spec.get("purpose") != "segmentation"
+        and spec.get("topology") != "cyclic"
+        and sites <= SURROGATE_MAX_PLAYERS
     )
 
 
@@ -241,11 +273,7 @@ def describe_contribution(spec: Mapping) -> str:
     sampled = paired if sites >= PAIRED_MIN_PLAYERS else walk
     # Estimator 3 (training.rounds.contributions): for a classification job's averaged rounds
     # a surrogate, made by the coordinator or by each site on its share, corrects the sample.
-    if (
-        spec.get("purpose") != "segmentation"
-        and spec.get("topology") != "cyclic"
-        and sites <= SURROGATE_MAX_PLAYERS
-    ):
+    if _contribution_surrogate_possible(spec):
         at_sites = evaluation_settings(spec)["where"] == EVALUATION_SITES
         maker = (
             "by each site on its own validation share from the models it evaluates"
