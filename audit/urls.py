@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from audit import views
 
 app_name = "audit"
@@ -13,7 +14,7 @@ urlpatterns = [
         name="ledger-verify",
     ),
     path(
-        "consortia/<slug:slug>/jobs/<int:pk>/report/",
+        "consortia/<slug:slug>/jobs/<id:pk>/report/",
         views.JobReportView.as_view(),
         name="job-report",
     ),
@@ -23,7 +24,7 @@ urlpatterns = [
         name="institution-report",
     ),
     path(
-        "consortia/<slug:slug>/agreements/<int:agreement_pk>/versions/<int:number>/compliance/",
+        "consortia/<slug:slug>/agreements/<id:agreement_pk>/versions/<id:number>/compliance/",
         views.ComplianceReportView.as_view(),
         name="compliance-report",
     ),

@@ -2,6 +2,7 @@
 
 from django.urls import path
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from training.web.views import (
     approvals,
     credentials,
@@ -16,7 +17,7 @@ app_name = "training"
 
 C = "consortia/<slug:slug>/"
 D = C + "institutions/<slug:inst_slug>/datasets/"
-J = C + "jobs/<int:pk>/"
+J = C + "jobs/<id:pk>/"
 W = C + "institutions/<slug:inst_slug>/worker-credentials/"
 V = C + "institutions/<slug:inst_slug>/validation-sets/"
 
@@ -41,14 +42,14 @@ urlpatterns = [
     path(J + "review/", approvals.JobReviewView.as_view(), name="job-review"),
     path(J + "audit-picture.png", jobs.JobAuditPictureView.as_view(), name="job-audit-picture"),
     path(
-        J + "models/<int:round_index>/download/",
+        J + "models/<id:round_index>/download/",
         job_model.JobModelDownloadView.as_view(),
         name="job-model-download",
     ),
     # Site worker credentials (the token is shown once, on the page that creates it).
     path(W, credentials.SiteCredentialListView.as_view(), name="credential-list"),
     path(
-        W + "<int:pk>/revoke/",
+        W + "<id:pk>/revoke/",
         credentials.SiteCredentialRevokeView.as_view(),
         name="credential-revoke",
     ),

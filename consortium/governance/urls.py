@@ -5,11 +5,12 @@ those pages to it (Django allows one URLconf per namespace)."""
 
 from django.urls import path
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from consortium.governance.views import agreements, consortia, institutions, members, withdrawals
 
 C = "consortia/<slug:slug>/"
-A = C + "agreements/<int:pk>/"
-V = A + "versions/<int:number>/"
+A = C + "agreements/<id:pk>/"
+V = A + "versions/<id:number>/"
 
 urlpatterns = [
     # The operator starts a consortium. "new" is not a consortium slug (the services refuse
@@ -30,16 +31,14 @@ urlpatterns = [
     # Members and invitations.
     path(C + "members/", members.MemberListView.as_view(), name="member-list"),
     path(C + "members/invite/", members.MemberInviteView.as_view(), name="member-invite"),
+    path(C + "members/<id:pk>/role/", members.MembershipRoleView.as_view(), name="membership-role"),
     path(
-        C + "members/<int:pk>/role/", members.MembershipRoleView.as_view(), name="membership-role"
-    ),
-    path(
-        C + "members/<int:pk>/remove/",
+        C + "members/<id:pk>/remove/",
         members.MembershipRemoveView.as_view(),
         name="membership-remove",
     ),
     path(
-        C + "invitations/<int:pk>/revoke/",
+        C + "invitations/<id:pk>/revoke/",
         members.InvitationRevokeView.as_view(),
         name="invitation-revoke",
     ),

@@ -93,6 +93,7 @@ from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_sche
 from rest_framework import exceptions, status
 from rest_framework.response import Response
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from consortium.governance.services.institutions import key_fingerprint
 from training.models import Round, SiteCredential, SiteDataset, SiteUpdate
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest
@@ -508,19 +509,19 @@ urlpatterns = [
     path("whoami/", WhoAmIView.as_view(), name="site-whoami"),
     path("datasets/", SiteDatasetsView.as_view(), name="site-datasets"),
     path("heartbeat/", HeartbeatView.as_view(), name="site-heartbeat"),
-    path("jobs/<int:job_id>/", SiteJobView.as_view(), name="site-job"),
+    path("jobs/<id:job_id>/", SiteJobView.as_view(), name="site-job"),
     path(
-        "jobs/<int:job_id>/models/<str:digest>/",
+        "jobs/<id:job_id>/models/<str:digest>/",
         SiteModelView.as_view(),
         name="site-model",
     ),
     path(
-        "jobs/<int:job_id>/rounds/<int:round_index>/model/",
+        "jobs/<id:job_id>/rounds/<id:round_index>/model/",
         SiteRoundModelView.as_view(),
         name="site-round-model",
     ),
     path(
-        "jobs/<int:job_id>/rounds/<int:round_index>/update/",
+        "jobs/<id:job_id>/rounds/<id:round_index>/update/",
         SiteUpdateView.as_view(),
         name="site-update",
     ),

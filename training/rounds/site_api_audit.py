@@ -22,6 +22,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from training.rounds.audit_intake import AuditRefused, audit_asked_of, audit_receive
 from training.rounds.site_api_auth import SiteAPIView
 from training.rounds.site_api_serializers import bad_request, refusal, site_error
@@ -130,5 +131,5 @@ class SiteAuditView(SiteAPIView):
 
 # Under the site API's prefix (``/api/site/v1/``), which ``training.api_urls`` adds.
 urlpatterns = [
-    path("jobs/<int:job_id>/audit/", SiteAuditView.as_view(), name="site-audit"),
+    path("jobs/<id:job_id>/audit/", SiteAuditView.as_view(), name="site-audit"),
 ]

@@ -24,6 +24,7 @@ from drf_spectacular.utils import OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
+import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
 from training.rounds.evaluation_intake import (
     EvaluationRefused,
     evaluation_asked_of,
@@ -150,7 +151,7 @@ class SiteEvaluationView(SiteAPIView):
 # Under the site API's prefix (``/api/site/v1/``), which ``training.api_urls`` adds.
 urlpatterns = [
     path(
-        "jobs/<int:job_id>/rounds/<int:round_index>/evaluation/",
+        "jobs/<id:job_id>/rounds/<id:round_index>/evaluation/",
         SiteEvaluationView.as_view(),
         name="site-evaluation",
     ),

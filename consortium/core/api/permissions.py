@@ -21,6 +21,7 @@ give the same 404 with the same body, so ids cannot be probed.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,6 +30,8 @@ from django.core.exceptions import ImproperlyConfigured
 from django.http import Http404
 from rest_framework import permissions, viewsets
 from rest_framework.exceptions import NotFound
+
+from consortium.core.converters import ID_PATTERN
 
 # Marker for actions any signed-in user may call, because what they reach is
 # already scoped: lists over a ``*_visible_to`` queryset, accepting one's own
@@ -114,6 +117,11 @@ class GovernanceViewSet(viewsets.GenericViewSet):
         return self.visible_queryset(self.request.user)
 
     def get_object(self):
+        lookup = self.kwargs.get(self.lookup_url_kwarg or self.lookup_field)
+        if self.lookup_field == "pk" and not re.fullmatch(ID_PATTERN, str(lookup)):
+            # Not an id the database can hold: the 404 of a missing object, before any query
+            # (a 23-digit id once reached the database and overflowed there, a 500).
+            raise NotFound(NOT_FOUND)
         try:
             return super().get_object()
         except Http404:

@@ -4,7 +4,9 @@ is already scoped to what the user may see; they never widen it."""
 from __future__ import annotations
 
 import django_filters
+from django import forms
 
+from consortium.core.converters import MAX_ID
 from consortium.governance.models import (
     Agreement,
     AgreementVersion,
@@ -13,6 +15,18 @@ from consortium.governance.models import (
     Membership,
     Role,
 )
+
+
+class IdFilter(django_filters.NumberFilter):
+    """An id: a whole number from 1 to what the database holds; anything else is a 400 that
+    says so (``-1.6e46`` once reached the database as an overflowing integer, a 500)."""
+
+    field_class = forms.IntegerField
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("min_value", 1)
+        kwargs.setdefault("max_value", MAX_ID)
+        super().__init__(*args, **kwargs)
 
 
 class InstitutionFilter(django_filters.FilterSet):
@@ -63,7 +77,7 @@ class AgreementFilter(django_filters.FilterSet):
 
 
 class AgreementVersionFilter(django_filters.FilterSet):
-    agreement = django_filters.NumberFilter(field_name="agreement_id", help_text="Agreement id.")
+    agreement = IdFilter(field_name="agreement_id", help_text="Agreement id.")
     status = django_filters.ChoiceFilter(choices=AgreementVersion.Status.choices)
 
     class Meta:
