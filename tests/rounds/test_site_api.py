@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
+import math
 from dataclasses import dataclass
 from unittest import mock
 
@@ -60,10 +61,10 @@ def global_state(seed: int = 0) -> dict:
     return state
 
 
-def start_job(scene, *, seed: int = 0):
+def start_job(scene, *, seed: int = 0, **spec_overrides):
     """An approved, running job with round 1 open and an update dispatched to each site."""
     cast = scene.cast
-    job = scene.propose()
+    job = scene.propose(**spec_overrides)
     scene.decide(job, cast.hospital_a)
     scene.decide(job, cast.hospital_b)
     job.refresh_from_db()
@@ -130,10 +131,20 @@ def world(cast):
 
 
 def update_tensors(*, scale: float = 0.01, seed: int = 1, mask: bool = True) -> dict:
+    """An update as the job's pipeline (partial sharing 0.4) makes it: each tensor shares a
+    random 40% of its coordinates (rounded down), zero elsewhere; ``mask=False`` shares all
+    (more than the agreement's 0.4 allows: the centre refuses it, test_privacy_floor)."""
     g = torch.Generator().manual_seed(seed)
     tensors = {f"delta/{n}": torch.randn(s, generator=g) * scale for n, s in SHAPES.items()}
     if mask:
-        tensors["mask/net.0.weight"] = torch.rand(SHAPES["net.0.weight"], generator=g) < 0.4
+        for name, shape in SHAPES.items():
+            numel = math.prod(shape)
+            chosen = torch.randperm(numel, generator=g)[: int(0.4 * numel)]
+            shared = torch.zeros(numel, dtype=torch.bool)
+            shared[chosen] = True
+            shared = shared.reshape(shape)
+            tensors[f"mask/{name}"] = shared
+            tensors[f"delta/{name}"] = torch.where(shared, tensors[f"delta/{name}"], 0.0)
     return tensors
 
 
@@ -797,6 +808,7 @@ def test_an_update_is_checked_against_the_model_the_site_was_sent(world, cast):
         start_digest=start
     )
     fitting = {f"delta/{n}": torch.zeros(s) for n, s in shapes.items()}
+    fitting |= {f"mask/{n}": torch.zeros(s, dtype=torch.bool) for n, s in shapes.items()}
     with mock.patch.object(outbox.current_app, "send_task"):
         assert upload(world, tensors=update_tensors(mask=False)).status_code == 400
         assert site_update(world).status == SiteUpdate.Status.REJECTED

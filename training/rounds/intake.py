@@ -158,7 +158,8 @@ def _first_look(credential: SiteCredential, job_id: int, round_index: int, diges
     ``copy_of``: another update row with the same digest, if any (a subquery of the same
     query, so a replay costs the upload no query of its own)."""
     participant = one_or_none(
-        JobParticipant.objects.select_related("job__consortium").filter(
+        # The agreement version too: the privacy floor's check reads its maximum share.
+        JobParticipant.objects.select_related("job__consortium", "job__agreement_version").filter(
             job_id=job_id, institution_id=credential.institution_id
         )
     )

@@ -6,8 +6,10 @@ whole number, the site's Ed25519 signature holds over
 ``training.fl.signing.update_message(...)``, the file is an update in the wire format
 (``training.fl.update``) whose tensors match the model the site was sent
 (``SiteUpdate.start_digest``, from which the update is a delta) with finite values, the sample
-count is plausible for the site's data set, and the metrics, pipeline and privacy events are
-valid JSON of bounded size. A failed check raises :class:`Rejected`, whose
+count is plausible for the site's data set, the update keeps to the privacy floor (no more
+coordinates leave the site than the job's pipeline and the agreement allow, and no excluded
+layer: :func:`_check_privacy_floor`), and the metrics, pipeline and privacy events are valid
+JSON of bounded size. A failed check raises :class:`Rejected`, whose
 :class:`Rejection` the intake (``training.rounds.intake``) records; a start model the central
 side cannot read raises :class:`StartModelUnavailable`, which is nobody's fault at the site
 and is not recorded.
@@ -45,6 +47,7 @@ from django.conf import settings
 from training.fl import update as wire
 from training.fl.signing import BadSignature, update_message, verify_update
 from training.jobs.accounting import PrivacyEvent
+from training.jobs.spec import shared_fraction
 from training.models import Round, SiteCredential, SiteDataset, SiteUpdate, TrainingJob
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest, sha256_hex
 from training.rounds.lookups import one_or_none
@@ -116,10 +119,10 @@ def _model_layout(digest: str) -> dict[str, wire.TensorLayout]:
     return wire.model_layout(artifact_store().get(digest))
 
 
-def _check_tensors(data: bytes, start_digest: str) -> None:
+def _check_tensors(data: bytes, start_digest: str) -> dict:
     """The update's tensors against those of the model the site was sent (names, shapes,
-    dtypes, finite values: ``training.fl.update.check_update``). Raises :class:`Rejected`
-    naming the tensor and what is wrong."""
+    dtypes, finite values: ``training.fl.update.check_update``), returned once checked. Raises
+    :class:`Rejected` naming the tensor and what is wrong."""
     try:
         tensors = wire.read_update(data, max_bytes=settings.FL_MAX_UPDATE_BYTES)
     except wire.BadUpdate as exc:
@@ -132,6 +135,55 @@ def _check_tensors(data: bytes, start_digest: str) -> None:
         wire.check_update(tensors, layout)
     except wire.BadUpdate as exc:
         raise Rejected(exc.code, exc.reason) from None
+    return tensors
+
+
+def _check_privacy_floor(tensors: dict, job: TrainingJob) -> None:
+    """What a site's update shares must be what its hospital agreed to, whatever its worker
+    does: a modified worker could otherwise send more than its pipeline (and its agreement)
+    allow. A coordinate counts as shared when its mask says so or its value is not zero (the
+    pipeline zeroes what it does not share, so a value outside the mask still left the
+    hospital); a tensor without a mask is shared whole. Refused (and recorded, as every
+    rejection) when an ``exclude_layers`` layer is shared at all, or when more coordinates are
+    shared than the smaller of the job's pipeline fraction and the agreement's maximum share
+    allows (plus the pipeline's own rounding: half a coordinate per fraction filter)."""
+    spec = job.spec
+    pipeline = list(spec.get("privacy_pipeline") or [])
+    delta, mask = wire.split_update(tensors)
+    shared: dict[str, int] = {}
+    for name, values in delta.items():
+        marked = mask.get(name)
+        if marked is None:
+            shared[name] = values.numel()
+        else:
+            shared[name] = int((marked | (values != 0)).sum())
+    for entry in pipeline:
+        if entry.get("filter") != "exclude_layers":
+            continue
+        for prefix in entry.get("layers") or []:
+            leaked = sorted(n for n, count in shared.items() if n.startswith(prefix) and count)
+            if leaked:
+                raise Rejected(
+                    "privacy_floor",
+                    f"{leaked[0]} is shared ({shared[leaked[0]]} coordinates), but the job's "
+                    f"pipeline excludes the layers starting with {prefix!r}: they never leave "
+                    "the site",
+                )
+    total = sum(values.numel() for values in delta.values())
+    agreed = float(job.agreement_version.max_shared_fraction) if job.agreement_version else 1.0
+    planned = shared_fraction(spec)
+    fraction = min(agreed, planned)
+    filters = sum(1 for f in pipeline if f.get("filter") in ("partial_sharing", "svt"))
+    allowed = math.floor(fraction * total + 0.5 * filters + 1e-9)
+    count = sum(shared.values())
+    if count > allowed:
+        raise Rejected(
+            "privacy_floor",
+            f"the update shares {count} of the model's {total} coordinates "
+            f"({100 * count / total:.1f}%); the job's pipeline shares at most "
+            f"{100 * planned:g}% and the agreement in force at most {100 * agreed:g}%, so at "
+            f"most {allowed} may leave the site",
+        )
 
 
 def _json_safe(value: Any, what: str, depth: int = 0) -> None:
@@ -281,7 +333,7 @@ def verify_upload(
             f"the signature does not verify with the key of credential "
             f"'{credential.label}' ({credential.token_prefix}…): {exc}",
         ) from None
-    _check_tensors(data, start_digest)
+    tensors = _check_tensors(data, start_digest)
     key = job.spec.get("dataset_key")
     dataset = one_or_none(
         SiteDataset.objects.filter(institution_id=credential.institution_id, key=key)
@@ -294,6 +346,7 @@ def verify_upload(
             f"{samples} samples is not between 1 and the {dataset.num_records} records of "
             f"'{key}' at {slug}",
         )
+    _check_privacy_floor(tensors, job)
     metrics, pipeline, events = _check_metadata(
         metrics=metrics, pipeline=pipeline, privacy_events=privacy_events
     )
