@@ -8,34 +8,8 @@ hashes. Each entry stores its payload as canonical JSON *text* and
 
 from __future__ import annotations
 
-import pgtrigger
 from django.conf import settings
 from django.db import models
-
-_IMMUTABLE_COLUMNS = (
-    "id",
-    "seq",
-    "prev_hash",
-    "entry_hash",
-    "event",
-    "actor_id_at_write",
-    "actor_repr",
-    "subject_type",
-    "subject_id",
-    "consortium_slug",
-    "institution_slug",
-    "payload_text",
-    "created_at",
-)
-# Refuse the UPDATE if any immutable column changes, or if actor_id is set to
-# anything but NULL (a deleted user's ON DELETE SET NULL is the one allowed change).
-_ONLY_ACTOR_NULLED_IS_ALLOWED = (
-    "ROW("
-    + ", ".join(f'OLD."{c}"' for c in _IMMUTABLE_COLUMNS)
-    + ") IS DISTINCT FROM ROW("
-    + ", ".join(f'NEW."{c}"' for c in _IMMUTABLE_COLUMNS)
-    + ') OR NEW."actor_id" IS NOT NULL'
-)
 
 
 class LedgerEntry(models.Model):
@@ -43,8 +17,9 @@ class LedgerEntry(models.Model):
 
     ``actor`` may become NULL when the user is deleted; ``actor_repr`` keeps a
     readable name and ``actor_id_at_write`` the id, both inside the hash. On
-    PostgreSQL a trigger refuses every UPDATE and DELETE except that one change
-    (``actor`` set to NULL and nothing else).
+    PostgreSQL, plain triggers (``audit.ledger.database_guard``, installed by migration 0004)
+    refuse every UPDATE except that one change (``actor`` set to NULL and nothing else), every
+    DELETE and TRUNCATE, and any INSERT that does not chain on the head.
     """
 
     seq = models.PositiveBigIntegerField(unique=True)
@@ -84,18 +59,6 @@ class LedgerEntry(models.Model):
             # The history of one object (a job's page).
             models.Index(fields=["subject_type", "subject_id", "seq"], name="ledger_subject_seq"),
         ]
-        triggers = [
-            pgtrigger.Protect(
-                name="ledger_no_delete",
-                operation=pgtrigger.Delete,
-            ),
-            # The only UPDATE allowed is ON DELETE SET NULL of the actor's user.
-            pgtrigger.Protect(
-                name="ledger_no_update",
-                operation=pgtrigger.Update,
-                condition=pgtrigger.Condition(_ONLY_ACTOR_NULLED_IS_ALLOWED),
-            ),
-        ]
 
     def __str__(self) -> str:
         return f"#{self.seq} {self.event} by {self.actor_repr}"
@@ -107,7 +70,8 @@ class LedgerHead(models.Model):
     Appends lock it (``SELECT ... FOR UPDATE`` on PostgreSQL; SQLite's IMMEDIATE
     transactions already serialise writers), so two writers cannot both chain on
     the same predecessor. Verification also compares it with the last entry, which
-    is how a deleted tail is caught.
+    is how a deleted tail is caught. On PostgreSQL a trigger lets it move only one step
+    forward, to the entry just chained on it, and never be deleted.
     """
 
     id = models.PositiveSmallIntegerField(primary_key=True, default=1)

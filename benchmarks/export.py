@@ -199,6 +199,7 @@ class HistoryWriter(bench_ledger.ChainWriter):
         event, site, payload = self.pending.pop(0)
         return event, site, canonical_json(payload)
 
+    @bench_ledger.ledger_guard_off()
     def extend_to(self, total: int, batch: int = 20_000) -> None:
         from django.db import connection
 

@@ -12,6 +12,32 @@ from tests.support.cast import make_cast
 from tests.support.factories import PASSWORD
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _flush_past_the_ledger_guard():
+    """Let the test runner empty the database between transactional tests.
+
+    On PostgreSQL the ledger's triggers refuse TRUNCATE, which is how Django flushes; the
+    runner is a superuser and flushes with triggers off, as only a superuser may
+    (``session_replication_role``). Nothing else in the tests gets this.
+    """
+    from django.db.backends.postgresql.operations import DatabaseOperations
+
+    real_flush = DatabaseOperations.execute_sql_flush
+
+    def flush_with_triggers_off(self, sql_list):
+        with self.connection.cursor() as cursor:
+            cursor.execute("SET session_replication_role = replica")
+        try:
+            real_flush(self, sql_list)
+        finally:
+            with self.connection.cursor() as cursor:
+                cursor.execute("SET session_replication_role = DEFAULT")
+
+    DatabaseOperations.execute_sql_flush = flush_with_triggers_off
+    yield
+    DatabaseOperations.execute_sql_flush = real_flush
+
+
 @pytest.fixture(autouse=True)
 def _fast_passwords(settings):
     settings.PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]

@@ -87,11 +87,14 @@ def _base_env() -> dict[str, str]:
 
 @pytest.fixture
 def database(requirements):
-    """A database of the test's own on the PostgreSQL server DATABASE_URL names."""
+    """A database of the test's own on the PostgreSQL server DATABASE_URL names, owned by an
+    owner role of its own, with an application role beside it (README, "The database's two
+    roles"): the URLs of both, the owner's first."""
     import psycopg2
 
     admin = urllib.parse.urlsplit(os.environ["DATABASE_URL"])
     name = f"fl_deploy_{uuid.uuid4().hex[:10]}"
+    owner, app = f"{name}_owner", f"{name}_app"
     connect = dict(
         host=admin.hostname,
         port=admin.port or 5432,
@@ -102,13 +105,21 @@ def database(requirements):
     conn = psycopg2.connect(**connect)
     conn.autocommit = True
     with conn.cursor() as cursor:
-        cursor.execute(f'CREATE DATABASE "{name}"')
-    url = urllib.parse.urlunsplit(admin._replace(path="/" + name))
+        for role in (owner, app):
+            cursor.execute(f'CREATE ROLE "{role}" LOGIN')
+        cursor.execute(f'CREATE DATABASE "{name}" OWNER "{owner}"')
+
+    def url(role: str) -> str:
+        netloc = f"{role}@{admin.hostname}:{admin.port or 5432}"
+        return urllib.parse.urlunsplit(admin._replace(netloc=netloc, path="/" + name))
+
     try:
-        yield url
+        yield url(owner), url(app)
     finally:
         with conn.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            for role in (owner, app):
+                cursor.execute(f'DROP ROLE IF EXISTS "{role}"')
         conn.close()
 
 
@@ -159,6 +170,7 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     assert [k for k, v in central.items() if "CHANGE-ME" in v] == [
         "DJANGO_SECRET_KEY",
         "DATABASE_URL",
+        "DATABASE_OWNER_URL",
         "CELERY_BROKER_URL",
         "EMAIL_URL",
     ]
@@ -167,7 +179,8 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         DJANGO_ALLOWED_HOSTS="localhost",
         DJANGO_CSRF_TRUSTED_ORIGINS=site_url,
         SITE_URL=site_url,
-        DATABASE_URL=database,
+        DATABASE_OWNER_URL=database[0],
+        DATABASE_URL=database[1],
         CELERY_BROKER_URL=vhost.central,
         CHANNEL_LAYER_URL="redis://127.0.0.1:6379/13",
         ARTIFACT_ROOT=str(tmp_path / "artifacts"),
@@ -183,9 +196,9 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         "/srv/fl-site/venv/bin/python": sys.executable,
     }
     units = DEPLOY / "systemd"
-    web = unit_commands(units / "fl-web.service", paths=paths, port=web_port)
+    web = unit_commands(units / "fl-web.service", paths=paths, port=web_port, env=central)
     *pre, web_start = web
-    for i, argv in enumerate(pre):  # migrate, collectstatic
+    for i, argv in enumerate(pre):  # migrate and grant_app_role as the owner, collectstatic
         processes.run(f"web-pre-{i}", argv, central_env)
     processes.start("web", web_start, central_env)
     (coordinator,) = unit_commands(units / "fl-coordinator.service", paths=paths)

@@ -3,7 +3,6 @@ ledger's transaction and user-deletion guarantees. Runs on SQLite and PostgreSQL
 
 import datetime as dt
 
-import pgtrigger
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
@@ -17,23 +16,14 @@ from consortium.governance.models import Institution
 from consortium.governance.services import recording
 from consortium.governance.services.institutions import consortium_create, institution_create
 from tests.support.factories import UserFactory
+from tests.support.ledger_checks import tamper_ledger
 
 pytestmark = pytest.mark.django_db
 
 
 def tamper(sql: str, params=()) -> None:
-    """Run raw SQL against the ledger, bypassing the PostgreSQL trigger.
-
-    pgtrigger.ignore switches the two protections off for this thread's
-    statements only (SQLite has no trigger: the SQL runs as it is).
-    """
-    with (
-        pgtrigger.ignore(
-            "audit.LedgerEntry:ledger_no_update", "audit.LedgerEntry:ledger_no_delete"
-        ),
-        connection.cursor() as cursor,
-    ):
-        cursor.execute(sql, params)
+    """Run raw SQL against the ledger as a database superuser with the triggers off."""
+    tamper_ledger(sql, params)
 
 
 def make_chain(n: int = 6, *, actor=None) -> list[LedgerEntry]:

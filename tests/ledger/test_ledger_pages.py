@@ -3,13 +3,13 @@
 import datetime as dt
 import re
 
-import pgtrigger
 import pytest
 from django.db import connection
 from django.urls import reverse
 
 from audit.ledger.chain import append_entry
 from audit.models import LedgerEntry
+from tests.support.ledger_checks import with_ledger_guard_off
 
 pytestmark = pytest.mark.django_db
 
@@ -33,10 +33,7 @@ def seqs_on(response) -> list[int]:
 
 
 def tamper_payload(seq: int) -> None:
-    with (
-        pgtrigger.ignore("audit.LedgerEntry:ledger_no_update"),
-        connection.cursor() as cursor,
-    ):
+    with with_ledger_guard_off(), connection.cursor() as cursor:
         cursor.execute(
             "UPDATE audit_ledgerentry SET payload_text = %s WHERE seq = %s", ['{"x":1}', seq]
         )

@@ -8,7 +8,6 @@ import hashlib
 import io
 import json
 
-import pgtrigger
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -35,6 +34,7 @@ from consortium.core.palette import institution_colour
 from consortium.governance.models import Institution
 from consortium.governance.services.institutions import institution_update
 from tests.support.agreements import agreement_in_force
+from tests.support.ledger_checks import with_ledger_guard_off
 from tests.support.report_fixtures import FORMULA_REASON, ROUND_SCORES, plant
 from tests.support.training_pages import (
     AGREEMENT_TITLE,
@@ -512,7 +512,7 @@ def test_a_pdf_whose_pages_were_changed_fails(planted, tmp_path, monkeypatch):
 def test_a_report_over_a_tampered_ledger_fails(planted, tmp_path):
     path, _ = export(tmp_path, "--job", str(planted.job.pk), "--format", "json")
     seq = LedgerEntry.objects.get(event="round.closed", payload_text__contains='"round":2').seq
-    with pgtrigger.ignore("audit.LedgerEntry:ledger_no_update"), connection.cursor() as cursor:
+    with with_ledger_guard_off(), connection.cursor() as cursor:
         cursor.execute(
             "UPDATE audit_ledgerentry SET payload_text = %s WHERE seq = %s", ['{"x":1}', seq]
         )

@@ -15,7 +15,6 @@ import datetime as dt
 import hashlib
 import json
 
-import pgtrigger
 import pytest
 from django.db import connection
 from django.test import Client
@@ -28,6 +27,7 @@ from audit.reports.scope import job_scope, ledger_head
 from audit.reports.verify import Outcome, _check_privacy_audits
 from tests.support.coordinator_harness import job_payloads
 from tests.support.fl_harness import job_spec
+from tests.support.ledger_checks import with_ledger_guard_off
 from training import queues
 from training.fl.audit_report import report_text, summary_of
 from training.fl.signing import generate_keypair, sign_update, verify_update
@@ -523,7 +523,7 @@ def _rewrite(entry, change) -> None:
     """Rewrite a ledger entry's payload in place (someone with write access to the database)."""
     payload = json.loads(entry.payload_text)
     change(payload)
-    with pgtrigger.ignore("audit.LedgerEntry:ledger_no_update"), connection.cursor() as cursor:
+    with with_ledger_guard_off(), connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {LedgerEntry._meta.db_table} SET payload_text = %s WHERE seq = %s",
             [json.dumps(payload, sort_keys=True, separators=(",", ":")), entry.seq],

@@ -13,7 +13,6 @@ import hashlib
 import io
 import json
 
-import pgtrigger
 import pytest
 from django.core.management import call_command
 from django.core.management.base import CommandError
@@ -27,6 +26,7 @@ from audit.reports.scope import job_scope, ledger_head
 from audit.reports.verify import Outcome, _check_site_evaluations
 from tests.support.coordinator_harness import InProcessClient, job_payloads, propose_and_start
 from tests.support.fl_harness import make_consortium3, use_artifact_folder
+from tests.support.ledger_checks import with_ledger_guard_off
 from training.fl.contribution import scores_from_coalitions
 from training.fl.evaluation_report import combine, parse_report, report_text
 from training.fl.holdout import training_count, validation_count
@@ -349,7 +349,7 @@ def _rewrite(entry, change) -> None:
     database could do; the chain's own check is issue 16's; here the signatures must catch it)."""
     payload = json.loads(entry.payload_text)
     change(payload)
-    with pgtrigger.ignore("audit.LedgerEntry:ledger_no_update"), connection.cursor() as cursor:
+    with with_ledger_guard_off(), connection.cursor() as cursor:
         cursor.execute(
             f"UPDATE {LedgerEntry._meta.db_table} SET payload_text = %s WHERE seq = %s",
             [json.dumps(payload, sort_keys=True, separators=(",", ":")), entry.seq],

@@ -62,9 +62,12 @@ def read_env_file(path: Path) -> dict[str, str]:
     return out
 
 
-def unit_commands(unit: Path, *, paths: dict[str, str], port: int | None = None) -> list[list[str]]:
+def unit_commands(
+    unit: Path, *, paths: dict[str, str], port: int | None = None, env: dict[str, str] | None = None
+) -> list[list[str]]:
     """The unit's ``ExecStartPre=`` then ``ExecStart=`` commands, as argument lists, with the
-    installation's paths replaced (longest first) and systemd's ``%H`` expanded."""
+    installation's paths replaced (longest first), systemd's ``%H`` expanded, and ``${NAME}``
+    replaced by ``env``'s value, as systemd does from the unit's EnvironmentFile."""
     commands = []
     for line in unit.read_text().splitlines():
         key, _, value = line.partition("=")
@@ -73,6 +76,7 @@ def unit_commands(unit: Path, *, paths: dict[str, str], port: int | None = None)
         for old in sorted(paths, key=len, reverse=True):
             value = value.replace(old, paths[old])
         value = value.replace("%H", socket.gethostname()).replace("%%", "%")
+        value = re.sub(r"\$\{(\w+)\}", lambda m: shlex.quote((env or {})[m.group(1)]), value)
         argv = shlex.split(value)
         if port is not None and "--port" in argv:
             argv[argv.index("--port") + 1] = str(port)

@@ -3,10 +3,44 @@ and that the chain still verifies afterwards."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
+
+from django.db import connection
 
 from audit.ledger.chain import verify_chain
 from audit.models import LedgerEntry
+
+
+@contextmanager
+def with_ledger_guard_off() -> Iterator[None]:
+    """Run the block as a database superuser who switched the ledger's triggers off.
+
+    The tamper tests play a database administrator with every right (what the sites'
+    witnesses are there to catch): ``session_replication_role = replica`` stops ordinary
+    triggers, and only a superuser may set it. The application's own role cannot (see
+    tests/ledger/test_ledger_database_roles.py). SQLite has no trigger: the block runs as it is.
+    """
+    if connection.vendor != "postgresql":
+        yield
+        return
+    with connection.cursor() as cursor:
+        cursor.execute("SHOW session_replication_role")
+        (before,) = cursor.fetchone()
+        cursor.execute("SET session_replication_role = replica")
+    try:
+        yield
+    finally:
+        # What it was: an enclosing block may still want the triggers off.
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT set_config('session_replication_role', %s, false)", [before])
+
+
+def tamper_ledger(sql: str, params: Sequence[Any] = ()) -> None:
+    """Run raw SQL against the ledger tables with the guard off (see above)."""
+    with with_ledger_guard_off(), connection.cursor() as cursor:
+        cursor.execute(sql, params)
 
 
 def last_seq() -> int:
