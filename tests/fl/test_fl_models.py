@@ -1,11 +1,11 @@
-"""The federated engine's models, tensor container and evaluation (training/fl/models.py,
-serialization.py, evaluate.py), and the rule that nothing under training/fl imports Django.
+"""The federated engine's models and evaluation (training/fl/models.py, evaluate.py), and the
+rule that nothing under training/fl imports Django. The tensor container (serialization.py) is
+tested in test_fl_serialization.py.
 
 Plain pytest, no database.
 """
 
 import ast
-import json
 import os
 import pkgutil
 import subprocess
@@ -19,15 +19,7 @@ from torch import nn
 import training.fl
 from training.fl.evaluate import apply_delta, dice_score, evaluate
 from training.fl.models import MLP, LogisticRegression, SmallCNN, SmallUNet, build_model
-from training.fl.serialization import (
-    MAGIC,
-    MalformedTensorFile,
-    pack_tensors,
-    sha256_hex,
-    state_dict_digest,
-    state_to_cpu_float,
-    unpack_tensors,
-)
+from training.fl.serialization import state_dict_digest
 from training.jobs.registry import builtin_models
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -143,131 +135,6 @@ def test_build_model_takes_a_custom_class_from_any_module():
 def test_build_model_errors_name_the_problem(path, message):
     with pytest.raises(ValueError, match=message):
         build_model(path, input_shape=[4], n_classes=2, params={})
-
-
-# --- serialization ---------------------------------------------------------------------------
-
-
-def _all_dtypes():
-    gen = torch.Generator().manual_seed(0)
-    return {
-        "f32": torch.randn(3, 4, generator=gen),
-        "f64": torch.randn(5, generator=gen, dtype=torch.float64),
-        "f16": torch.randn(2, 2, generator=gen).half(),
-        "bf16": torch.randn(7, generator=gen).bfloat16(),
-        "i64": torch.tensor([-(2**62), 0, 2**62 - 1]),
-        "i32": torch.tensor([[-5, 7]], dtype=torch.int32),
-        "bool": torch.tensor([True, False, True]),
-        "scalar": torch.tensor(3.5),
-        "empty": torch.zeros(0, 3),
-        "special": torch.tensor([float("nan"), float("inf"), -0.0]),
-        "layer.weight": torch.arange(12, dtype=torch.float32).reshape(3, 4).t(),  # not contiguous
-    }
-
-
-def test_round_trip_is_exact_for_every_dtype():
-    tensors = _all_dtypes()
-    back = unpack_tensors(pack_tensors(tensors))
-    assert sorted(back) == sorted(tensors)
-    for name, tensor in tensors.items():
-        assert back[name].dtype == tensor.dtype, name
-        assert back[name].shape == tensor.shape, name
-        assert back[name].device.type == "cpu"
-        # Bitwise equality (NaN payloads and -0.0 included).
-        a = tensor.contiguous().reshape(-1)
-        b = back[name].reshape(-1)
-        if a.numel():
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8)), name
-    # The unpacked tensors are writable and independent of the input bytes.
-    back["f32"].add_(1)
-
-
-def test_packing_is_deterministic_and_ignores_key_order():
-    tensors = _all_dtypes()
-    reordered = dict(reversed(list(tensors.items())))
-    data = pack_tensors(tensors)
-    assert data == pack_tensors(tensors) == pack_tensors(reordered)
-    assert data.startswith(MAGIC)
-    head_len = int.from_bytes(data[4:12], "little")
-    header = json.loads(data[12 : 12 + head_len])
-    assert list(header) == sorted(tensors)
-    assert (
-        data[12 : 12 + head_len]
-        == json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
-    )
-    assert sha256_hex(data) == state_dict_digest(reordered)
-    changed = dict(tensors, f32=tensors["f32"] + 1)
-    assert pack_tensors(changed) != data
-
-
-def test_pack_refuses_what_it_cannot_store():
-    with pytest.raises(TypeError, match="dtype"):
-        pack_tensors({"c": torch.zeros(2, dtype=torch.complex64)})
-    with pytest.raises(TypeError, match="not a tensor"):
-        pack_tensors({"a": [1, 2]})
-
-
-def test_state_to_cpu_float():
-    state = {"w": torch.ones(2, dtype=torch.float64), "n": torch.tensor(3)}
-    out = state_to_cpu_float(state)
-    assert out["w"].dtype == torch.float32 and out["n"].dtype == torch.int64
-    out["w"].add_(1)
-    assert state["w"][0] == 1
-
-
-def _container(header, payload=b"", raw_header=None):
-    head = raw_header if raw_header is not None else json.dumps(header).encode()
-    return MAGIC + len(head).to_bytes(8, "little") + head + payload
-
-
-GOOD = pack_tensors({"a": torch.arange(4, dtype=torch.float32), "b": torch.ones(2)})
-A = {"dtype": "float32", "shape": [2], "offset": 0, "length": 8}
-
-
-@pytest.mark.parametrize(
-    ("data", "message"),
-    [
-        (b"PK\x03\x04" + GOOD[4:], "wrong magic"),
-        (b"FL", "truncated"),
-        (GOOD[:10], "truncated"),
-        (GOOD[:20], "truncated: the header claims"),
-        (GOOD[:-1], "out of range"),
-        (_container(None, raw_header=b"{not json"), "header is not JSON"),
-        (_container(None, raw_header=b"\xff\xfe"), "header is not JSON"),
-        (_container([1, 2]), "header must be a JSON object"),
-        (_container({"a": dict(A, dtype="complex64")}, b"\0" * 8), "unknown dtype 'complex64'"),
-        (_container({"a": dict(A, dtype="object")}, b"\0" * 8), "unknown dtype"),
-        (_container({"a": dict(A, offset=4)}, b"\0" * 8), "out of range"),
-        (_container({"a": dict(A, offset=-1)}, b"\0" * 8), "non-negative"),
-        (_container({"a": dict(A, length=12)}, b"\0" * 12), "does not match shape"),
-        (_container({"a": dict(A, shape=[2, -1])}, b"\0" * 8), "invalid shape"),
-        (_container({"a": {"dtype": "float32", "shape": [2]}}, b"\0" * 8), "exactly dtype"),
-        (_container({"a": A, "b": dict(A, offset=4)}, b"\0" * 12), "overlaps"),
-        (_container({"a": A, "b": dict(A, offset=12)}, b"\0" * 20), "belong to no tensor"),
-        (_container({"a": A}, b"\0" * 9), "trailing garbage"),
-        (GOOD + b"extra", "trailing garbage"),
-        (_container({"a": dict(A, dtype="bool", length=2)}, b"\x00\x07"), "other than 0 and 1"),
-    ],
-)
-def test_malformed_containers_raise_with_a_clear_message(data, message):
-    with pytest.raises(MalformedTensorFile, match=message) as info:
-        unpack_tensors(data)
-    assert isinstance(info.value, ValueError)
-    assert str(info.value).startswith("malformed tensor file: ")
-
-
-def test_max_bytes_is_enforced():
-    assert set(unpack_tensors(GOOD, max_bytes=len(GOOD))) == {"a", "b"}
-    with pytest.raises(MalformedTensorFile, match="over the limit of max_bytes"):
-        unpack_tensors(GOOD, max_bytes=len(GOOD) - 1)
-
-
-def test_unpack_never_unpickles():
-    import pickle
-
-    payload = pickle.dumps({"a": 1})
-    with pytest.raises(MalformedTensorFile, match="wrong magic"):
-        unpack_tensors(payload)
 
 
 # --- evaluation ------------------------------------------------------------------------------

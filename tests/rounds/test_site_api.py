@@ -495,6 +495,20 @@ def test_a_file_that_is_not_a_tensor_file_is_rejected(world):
     assert_rejected(world, response, code="malformed", contains="malformed tensor file")
 
 
+def test_a_malformed_safetensors_file_is_rejected_saying_what_is_wrong(world):
+    # Well-formed safetensors, but a dtype outside the engine's allowlist.
+    entry = {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}
+    head = json.dumps({"delta/net.0.weight": entry}).encode()
+    response = upload(world, data=len(head).to_bytes(8, "little") + head + bytes(4))
+    assert_rejected(
+        world,
+        response,
+        code="malformed",
+        contains="malformed tensor file: entry 'delta/net.0.weight' has dtype 'F8_E4M3', "
+        "which is not allowed",
+    )
+
+
 @pytest.mark.parametrize("samples", [1001, 0])
 def test_implausible_samples_are_rejected(world, samples):
     # The site's data set has 1000 records.

@@ -1,8 +1,8 @@
 """The wire format of a site's update: the one module that writes and reads it.
 
-An update is a file of named tensors in the engine's pickle-free container
-(:mod:`training.fl.serialization`). For every floating-point tensor ``<name>`` of the model
-the site was sent (its start model) it holds
+An update is a safetensors file of named tensors, written and read by the engine's tensor
+container (:mod:`training.fl.serialization`). For every floating-point tensor ``<name>`` of
+the model the site was sent (its start model) it holds
 
 * ``delta/<name>``: float32, the same shape: the site's change to that tensor, after its
   privacy filters;

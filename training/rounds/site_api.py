@@ -48,7 +48,7 @@ Endpoints (``<job_id>`` is a job the site actively takes part in; any other is
 
 The upload format: the request body is the update file in its wire format
 (``training.fl.update``: ``delta/<name>`` float32 tensors and optional
-``mask/<name>`` bool tensors in the engine's tensor container), ``Content-Type:
+``mask/<name>`` bool tensors in a safetensors file, ``training.fl.serialization``), ``Content-Type:
 application/octet-stream``; the metadata travels in headers:
 
 * ``X-Update-Digest`` (required): SHA-256 hex of the body;
