@@ -25,6 +25,7 @@ from rest_framework.response import Response
 from audit.ledger.chain import verify_chain
 from audit.ledger.selectors import entries_of_consortia
 from audit.models import LedgerEntry
+from consortium.core.access import may
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
 from consortium.governance import selectors
 from consortium.governance.api.serializers import ErrorSerializer, consortium_field
@@ -33,9 +34,7 @@ from consortium.governance.api.serializers import ErrorSerializer, consortium_fi
 def ledger_consortium_slugs(user) -> list[str]:
     """Slugs of the consortia whose ledger entries ``user`` may read."""
     return [
-        c.slug
-        for c in selectors.consortia_visible_to(user)
-        if user.has_perm("audit.view_ledger", c)
+        c.slug for c in selectors.consortia_visible_to(user) if may(user, "audit.view_ledger", c)
     ]
 
 

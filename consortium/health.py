@@ -10,13 +10,22 @@ coordinator used to leave ``/health/`` at 200 while every job froze.
 a web server out of rotation because the coordinator is down, and for start-up scripts that
 wait for the server before the coordinator has had time to beat.
 
-It says nothing about data and needs no login, like Healthchecks' own probe.
+It needs no login, like Healthchecks' own probe, and says nothing about data. To anyone it
+answers only ``{"status": "ok" | "failing", "failing": [names of the failing checks]}``: the
+database vendor, the broker's kind, each check's timing and its error text help an attacker
+more than a load balancer, which reads the status code. The detail (``checks`` with each
+check's time and error, ``database_vendor``, ``broker``) goes to the same operators as
+``/metrics``: a signed-in staff member or superuser, or a monitor that sends
+``Authorization: Bearer <METRICS_TOKEN>`` (one token for an operator's monitoring, not two to
+rotate). A wrong token gets the short answer, with the same status code: the probe never
+fails because of who asks.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import hmac
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -137,16 +146,28 @@ def run_checks(checks: dict | None = None) -> dict[str, dict]:
     return results
 
 
+def is_operator(request) -> bool:
+    """Whether the detail may be shown: a staff member or superuser signed in, or the
+    ``METRICS_TOKEN`` as a bearer token (compared in constant time)."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    expected = settings.METRICS_TOKEN
+    if scheme.lower() == "bearer" and expected:
+        return hmac.compare_digest(token.strip().encode(), expected.encode())
+    user = getattr(request, "user", None)
+    return bool(user is not None and user.is_authenticated and (user.is_staff or user.is_superuser))
+
+
 @never_cache
 @require_GET
 def health_view(request):
     web_only = request.GET.get("scope") == "web"
     results = run_checks(WEB_CHECKS if web_only else CHECKS)
-    healthy = all(r["ok"] for r in results.values())
-    body = {
-        "status": "ok" if healthy else "failing",
-        "checks": results,
-        "database_vendor": connection.vendor,
-        "broker": settings.CELERY_BROKER_URL.split(":", 1)[0],
-    }
-    return JsonResponse(body, status=200 if healthy else 503)
+    failing = [name for name, result in results.items() if not result["ok"]]
+    body: dict = {"status": "failing" if failing else "ok", "failing": failing}
+    if is_operator(request):
+        body |= {
+            "checks": results,
+            "database_vendor": connection.vendor,
+            "broker": settings.CELERY_BROKER_URL.split(":", 1)[0],
+        }
+    return JsonResponse(body, status=503 if failing else 200)

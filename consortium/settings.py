@@ -10,10 +10,16 @@ code into the distributed layout of docs/architecture.md, section 2.
 off, the development secret key refused, secure cookies and security headers, and
 mail that would reach nobody (the console backend) refused unless
 ``EMAIL_ALLOW_CONSOLE`` allows it.
+
+Why one module: Django reads one settings module, and many settings here depend on ones read
+before them (the posture, the database, the paths); split over files, that order would be
+hidden in imports. What is more than a value (parsing the proxy list, checking a key, the
+lockout's rules) lives in the modules the settings name, not here.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import os
 from pathlib import Path
 
@@ -117,6 +123,8 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     # Outermost: swaps Django's technical 404/500 pages (DEBUG) for the app's own.
     "consortium.core.error_pages.AppErrorPagesMiddleware",
+    # Outside the error pages, so theirs carry the headers too (consortium.core.security_headers).
+    "consortium.core.security_headers.SecurityHeadersMiddleware",
     "django.middleware.security.SecurityMiddleware",
     "whitenoise.middleware.WhiteNoiseMiddleware",
     "django.contrib.sessions.middleware.SessionMiddleware",
@@ -124,6 +132,9 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    # Signs out a session idle or too old (SESSION_IDLE_MINUTES, SESSION_MAX_AGE_HOURS); after
+    # the messages, to say why on the sign-in page.
+    "consortium.core.session_timeout.SessionTimeoutMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
     # Last, as django-axes asks: it turns a lockout into a response.
@@ -202,16 +213,58 @@ LOGIN_URL = "login"
 LOGIN_REDIRECT_URL = "consortium:overview"
 LOGOUT_REDIRECT_URL = "login"
 
-# django-axes locks an account for good after three failures by default: give
-# it a cool-off so a hospital's approver is not locked out until an operator acts.
+# Sign-in lockout (django-axes, consortium/core/lockout.py). Failures are counted per account
+# (from any address) and per client address (for any account), each against its own limit:
+# by address alone, one NAT or the proxy locked a whole hospital out while guesses at one
+# account spread over many addresses were never stopped; by account alone, one address could
+# try a few passwords on every account. The address's limit is higher, so that the ordinary
+# mistakes of many people behind one hospital's NAT do not lock them all out. Both locks end
+# after the cool-off (axes' default is a lock for good, until an operator acts), and failures
+# while locked do not extend it, so nobody can keep someone else's account locked; a reset by
+# email lifts the account's lock.
+AXES_LOCKOUT_PARAMETERS = ["username", "ip_address"]
 AXES_FAILURE_LIMIT = env.int("AXES_FAILURE_LIMIT", default=10)
+AXES_ADDRESS_FAILURE_LIMIT = env.int("AXES_ADDRESS_FAILURE_LIMIT", default=50)
 AXES_COOLOFF_TIME = env.float("AXES_COOLOFF_HOURS", default=0.25)
+if AXES_FAILURE_LIMIT < 1 or AXES_ADDRESS_FAILURE_LIMIT < AXES_FAILURE_LIMIT:
+    raise ImproperlyConfigured(
+        f"AXES_FAILURE_LIMIT ({AXES_FAILURE_LIMIT}) must be at least 1, and "
+        f"AXES_ADDRESS_FAILURE_LIMIT ({AXES_ADDRESS_FAILURE_LIMIT}) at least as large: one "
+        "address is shared by many people behind a hospital's NAT."
+    )
+if not AXES_COOLOFF_TIME > 0:
+    raise ImproperlyConfigured(
+        f"AXES_COOLOFF_HOURS must be more than 0 (hours, e.g. 0.25), not {AXES_COOLOFF_TIME}"
+    )
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
 AXES_RESET_ON_SUCCESS = True
+AXES_HANDLER = "consortium.core.lockout.AccountAndAddressHandler"
+AXES_CLIENT_IP_CALLABLE = "consortium.core.lockout.client_ip_address"
+AXES_LOCKOUT_CALLABLE = "consortium.core.lockout.lockout_response"
 AXES_ENABLED = env_bool("AXES_ENABLED", default=True)
 AXES_VERBOSE = False
+# The reverse proxies whose X-Forwarded-For is believed (addresses or networks, comma-separated;
+# docs/deploy/central.env: nginx on 127.0.0.1). Empty, the default: the header is never read and
+# the client is the connection's peer, REMOTE_ADDR. A client can write any X-Forwarded-For it
+# likes, so only the entries a listed proxy appended count (consortium.core.lockout).
+TRUSTED_PROXIES = env.list("TRUSTED_PROXIES", default=[])
+for _proxy in TRUSTED_PROXIES:
+    try:
+        ipaddress.ip_network(_proxy.strip(), strict=False)
+    except ValueError:
+        raise ImproperlyConfigured(
+            f"TRUSTED_PROXIES: {_proxy!r} is not an IP address or network "
+            "(e.g. 127.0.0.1 or 10.0.0.0/8)"
+        ) from None
 
 # Invitations expire; the token is sent by email and only its hash is stored.
 INVITATION_TTL_HOURS = env.int("INVITATION_TTL_HOURS", default=72)
+# Personal API tokens always expire; a person chooses a lifetime up to this many days.
+API_TOKEN_MAX_DAYS = env.int("API_TOKEN_MAX_DAYS", default=90)
+if not 1 <= API_TOKEN_MAX_DAYS <= 366:
+    raise ImproperlyConfigured(
+        f"API_TOKEN_MAX_DAYS={API_TOKEN_MAX_DAYS}: set a number of days from 1 to 366."
+    )
 
 # --- Internationalisation ----------------------------------------------------------
 LANGUAGE_CODE = "en-gb"
@@ -413,8 +466,10 @@ LIVE_POLL_SECONDS = env.float("LIVE_POLL_SECONDS", default=1.0)
 # --- REST API ----------------------------------------------------------------------
 REST_FRAMEWORK = {
     "DEFAULT_AUTHENTICATION_CLASSES": [
+        # Personal API tokens first: its ``Bearer`` challenge is what an unauthenticated call
+        # gets with its 401. No HTTP Basic: a password is never sent to the API.
+        "consortium.governance.api.authentication.APITokenAuthentication",
         "rest_framework.authentication.SessionAuthentication",
-        "rest_framework.authentication.BasicAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
@@ -452,6 +507,59 @@ CSRF_COOKIE_HTTPONLY = False
 X_FRAME_OPTIONS = "DENY"
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
+# Every page loads scripts and styles from /static/ only, and passes data in json_script blocks:
+# no 'unsafe-inline' anywhere (consortium.core.security_headers; the live pages' websocket origin
+# is added to connect-src per request).
+CONTENT_SECURITY_POLICY = {
+    "default-src": ["'self'"],
+    "script-src": ["'self'"],
+    "style-src": ["'self'"],
+    "img-src": ["'self'", "data:"],
+    "connect-src": ["'self'"],
+    "font-src": ["'self'"],
+    "object-src": ["'none'"],
+    "base-uri": ["'self'"],
+    "form-action": ["'self'"],
+    "frame-ancestors": ["'none'"],
+}
+# Powerful browser features the app never uses, denied to it and to anything it could embed.
+# Only names Chromium knows (an unknown one is a console warning on every page; the browser
+# tests fail on it). Not clipboard-write: the "Copy" buttons use it.
+PERMISSIONS_POLICY: dict[str, list[str]] = {
+    feature: []
+    for feature in (
+        "accelerometer",
+        "autoplay",
+        "camera",
+        "display-capture",
+        "geolocation",
+        "gyroscope",
+        "hid",
+        "idle-detection",
+        "magnetometer",
+        "microphone",
+        "midi",
+        "payment",
+        "publickey-credentials-get",
+        "screen-wake-lock",
+        "serial",
+        "usb",
+        "xr-spatial-tracking",
+    )
+}
+# Sessions end after SESSION_IDLE_MINUTES without a request made by the person (a live page's
+# own refreshes do not count), and SESSION_MAX_AGE_HOURS after sign-in whatever happens
+# (consortium.core.session_timeout). 0 switches either off.
+SESSION_IDLE_MINUTES = env.int("SESSION_IDLE_MINUTES", default=30)
+SESSION_MAX_AGE_HOURS = env.float("SESSION_MAX_AGE_HOURS", default=12.0)
+if SESSION_IDLE_MINUTES < 0 or SESSION_MAX_AGE_HOURS < 0:
+    raise ImproperlyConfigured(
+        "SESSION_IDLE_MINUTES and SESSION_MAX_AGE_HOURS must be 0 (off) or more, not "
+        f"{SESSION_IDLE_MINUTES} and {SESSION_MAX_AGE_HOURS}"
+    )
+if SESSION_MAX_AGE_HOURS:
+    # The cookie and the stored session do not outlive the absolute limit either.
+    SESSION_COOKIE_AGE = max(60, int(SESSION_MAX_AGE_HOURS * 3600))
 if PRODUCTION:
     SESSION_COOKIE_SECURE = True
     CSRF_COOKIE_SECURE = True

@@ -7,6 +7,7 @@ from django.http import HttpResponsePermanentRedirect
 from django.templatetags.static import static
 from django.urls import include, path
 
+from consortium.core.passwords import PasswordResetConfirmView, PasswordResetView
 from consortium.health import health_view
 from consortium.observability.metrics import metrics_view
 
@@ -22,10 +23,11 @@ urlpatterns = [
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
     # Password reset by email and change when signed in: Django's views, our templates
     # (templates/registration/); the reset page answers the same for a known and an unknown
-    # address.
+    # address, its link is built from SITE_URL and a reset lifts the account's sign-in lock
+    # (consortium.core.passwords).
     path(
         "accounts/password/reset/",
-        auth_views.PasswordResetView.as_view(),
+        PasswordResetView.as_view(),
         name="password_reset",
     ),
     path(
@@ -35,7 +37,7 @@ urlpatterns = [
     ),
     path(
         "accounts/password/reset/<uidb64>/<token>/",
-        auth_views.PasswordResetConfirmView.as_view(),
+        PasswordResetConfirmView.as_view(),
         name="password_reset_confirm",
     ),
     path(

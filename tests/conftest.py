@@ -3,7 +3,9 @@
 ``cast`` gives the people every permission test runs as: anonymous, outsider
 (signed in, no membership), ``other_member`` (researcher at the *other*
 institution), ``approver``, ``steward``, ``inst_admin`` and ``researcher`` of
-``hospital_a``, ``auditor`` and ``admin`` of the consortium.
+``hospital_a``, ``auditor`` and ``admin`` of the consortium; and, made on first use, the
+superusers ``superuser`` (the operator, member of nothing) and ``superuser_admin`` (the
+consortium's administrator and a superuser), answered as the outsider and the administrator.
 """
 
 import pytest

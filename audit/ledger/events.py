@@ -437,6 +437,33 @@ JOB_PARTICIPANT_REMOVED = _event(
     fields=(_JOB_ID, _REASON),
 )
 
+# --- Personal API tokens (consortium.governance.services.api_tokens) ---------------------------
+
+API_TOKEN_CREATED = _event(
+    "account.api_token_created",
+    subject="consortium.apitoken",
+    doc="A person created a personal API token (its secret is never kept).",
+    fields=(
+        F("user_id", INTEGER, "The owner's user id."),
+        F("username", STRING, "The owner's username at the time."),
+        F("name", STRING, "The token's name."),
+        F("scope", STRING, "read or act."),
+        F("token_prefix", STRING, "The token's public prefix."),
+        F("expires_at", STRING, "When it expires (ISO 8601)."),
+    ),
+)
+API_TOKEN_REVOKED = _event(
+    "account.api_token_revoked",
+    subject="consortium.apitoken",
+    doc="A person revoked one of their personal API tokens.",
+    fields=(
+        F("user_id", INTEGER, "The owner's user id."),
+        F("username", STRING, "The owner's username at the time."),
+        F("name", STRING, "The token's name."),
+        F("token_prefix", STRING, "The token's public prefix."),
+    ),
+)
+
 # --- Site credentials, rounds and updates (training.rounds) --------------------------------
 
 CREDENTIAL_CREATED = _event(

@@ -33,9 +33,13 @@ from django.utils import timezone
 from audit.ledger.selectors import consortium_entries_after, current_head_seq
 from audit.ledger.words import entry_sentence
 from audit.models import LedgerEntry
+from consortium.core.session_timeout import session_is_current
 
 #: Close code for "not allowed" (4000-4999 are the application's; 4403 mirrors HTTP 403).
 FORBIDDEN = 4403
+#: Close code for "your session has ended" (idle or too old, ``consortium.core.session_timeout``):
+#: the page reloads, and the reload lands on the sign-in page.
+SIGNED_OUT = 4401
 
 #: At most this many entries per message; a page that fell further behind gets the newest.
 MAX_ENTRIES = 50
@@ -108,9 +112,14 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
 
     def _user(self):
         """The user, read afresh: a session may outlive a role, and grants are cached on the
-        user object."""
+        user object. ``None`` too once the session has ended (idle or too old): the socket is
+        not activity, so it neither keeps the session alive nor outlives it."""
         scoped = self.scope.get("user")
         if scoped is None or not scoped.is_authenticated:
+            return None
+        # A user put in the scope without a session (a test's router) has no session to end.
+        if "session" in self.scope and not session_is_current(self.scope["session"].session_key):
+            self.signed_out = True
             return None
         return get_user_model().objects.filter(pk=scoped.pk, is_active=True).first()
 
@@ -142,8 +151,15 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
 
     async def connect(self):
         self.poller = None
+        self.signed_out = False
         self.target = await database_sync_to_async(self._authorize)()
         if self.target is None:
+            if self.signed_out:
+                # Accepted, then closed with the code that makes the page reload (onto the
+                # sign-in page): a refused handshake would only make it retry.
+                await self.accept()
+                await self.close(code=SIGNED_OUT)
+                return
             await self.close(code=FORBIDDEN)
             return
         self.joined = self.groups_of(self.target)
@@ -184,7 +200,7 @@ class LedgerLiveConsumer(AsyncJsonWebsocketConsumer):
         since = self.since
         result = await database_sync_to_async(self._collect)(since, initial=initial)
         if result is None:
-            await self.close(code=FORBIDDEN)
+            await self.close(code=SIGNED_OUT if self.signed_out else FORBIDDEN)
             return
         head, entries, state = result
         self.since = max(self.since, head)

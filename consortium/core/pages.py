@@ -26,6 +26,8 @@ from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db.models import QuerySet
 from django.http import Http404
 
+from consortium.core.access import may
+
 SIGNED_IN = "<any signed-in user>"
 ANYONE = "<anyone, signed in or not>"
 _OPENINGS = {SIGNED_IN, ANYONE}
@@ -78,7 +80,7 @@ class PermissionRequiredMixin:
                 return redirect_to_login(request.get_full_path())
             if perm != SIGNED_IN:
                 obj = self.get_permission_object()
-                if obj is None or not request.user.has_perm(perm, obj):
+                if obj is None or not may(request.user, perm, obj):
                     raise Http404(NOT_FOUND)
                 self.permission_object = obj
         return super().dispatch(request, *args, **kwargs)

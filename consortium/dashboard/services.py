@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 from django.utils import timezone
 
+from consortium.core.access import may
 from training.liveness import MISSED_BEATS, service_statuses
 from training.models import ServiceHeartbeat
 from training.rounds.heartbeats import SiteWorkers
@@ -30,7 +31,7 @@ __all__ = ["ServicesPanel", "can_see_services", "services_panel"]
 def can_see_services(user, consortium) -> bool:
     """The platform's operators (superusers, and staff: whom ``/metrics`` serves too) and the
     consortium's administrators (the rule ``consortium.view_services``)."""
-    return bool(user is not None and user.has_perm("consortium.view_services", consortium))
+    return bool(user is not None and may(user, "consortium.view_services", consortium))
 
 
 @dataclass(frozen=True)

@@ -7,6 +7,7 @@ from django.shortcuts import redirect
 from django.views.generic import TemplateView
 
 from audit.ledger.selectors import consortium_entries
+from consortium.core.access import may
 from consortium.core.pages import SIGNED_IN, PermissionRequiredMixin
 from consortium.dashboard.services import can_see_services, services_panel
 from consortium.dashboard.tables import InstitutionTable
@@ -35,7 +36,7 @@ class OverviewView(PermissionRequiredMixin, TemplateView):
         if len(consortia) == 1:
             return redirect("consortium:consortium-detail", slug=consortia[0].slug)
         # An operator (superuser) may start one: the link is theirs, and nobody else's.
-        can_start = request.user.has_perm("consortium.start_consortium", PLATFORM)
+        can_start = may(request.user, "consortium.start_consortium", PLATFORM)
         return self.render_to_response({"consortia": consortia, "can_start_consortium": can_start})
 
 

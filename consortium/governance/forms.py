@@ -10,6 +10,7 @@ from consortium.governance.models import (
     CONSORTIUM_ROLES,
     INSTITUTION_ROLES,
     AgreementVersion,
+    APITokenScope,
     DPMechanism,
     FinalModelAccess,
     Institution,
@@ -278,3 +279,29 @@ class WithdrawForm(forms.Form):
     def __init__(self, *args, institutions, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["institution"].queryset = institutions
+
+
+#: The lifetimes offered for a new API token, in days (capped by ``API_TOKEN_MAX_DAYS``).
+API_TOKEN_LIFETIMES = (7, 30, 90)
+
+
+class APITokenForm(forms.Form):
+    """A new personal API token: what it is for, what it may do, how long it lives."""
+
+    name = forms.CharField(
+        max_length=100,
+        help_text="What it is for, e.g. 'analysis notebook'.",
+    )
+    scope = forms.ChoiceField(
+        choices=APITokenScope.choices,
+        initial=APITokenScope.READ,
+        widget=forms.RadioSelect,
+        help_text="A read-only token may only read (GET); changes need 'Read and act'.",
+    )
+    days = forms.TypedChoiceField(coerce=int, label="Expires after")
+
+    def __init__(self, *args, max_days: int, **kwargs):
+        super().__init__(*args, **kwargs)
+        days = sorted({d for d in API_TOKEN_LIFETIMES if d <= max_days} | {max_days})
+        self.fields["days"].choices = [(d, f"{d} day{'s' if d != 1 else ''}") for d in days]
+        self.fields["days"].initial = 30 if 30 in days else max_days

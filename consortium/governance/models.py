@@ -445,3 +445,51 @@ class Notification(models.Model):
 
     def __str__(self) -> str:
         return self.message
+
+
+class APITokenScope(models.TextChoices):
+    """What a personal API token may do: read only (GET, HEAD, OPTIONS), or act too."""
+
+    READ = "read", "Read only"
+    ACT = "act", "Read and act"
+
+
+class APIToken(models.Model):
+    """A person's API token, for scripts and notebooks that call ``/api/`` as that person.
+
+    Only the SHA-256 of the secret is stored (the secret is shown once, when created), with
+    its first characters to tell tokens apart. It always expires, may be revoked, and acts
+    with its owner's rights, limited by its scope. Not a site worker's token
+    (``training.SiteCredential``): those authenticate a hospital's worker, these a person.
+    """
+
+    user = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, related_name="api_tokens"
+    )
+    name = models.CharField(max_length=100, help_text="What it is for, to tell it apart.")
+    scope = models.CharField(max_length=8, choices=APITokenScope.choices)
+    token_prefix = models.CharField(max_length=12, help_text="The token's first characters.")
+    token_hash = models.CharField(max_length=64, unique=True)
+    created_at = models.DateTimeField(default=timezone.now)
+    expires_at = models.DateTimeField()
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-pk"]
+        verbose_name = "API token"
+
+    def __str__(self) -> str:
+        return f"{self.user} API token {self.name} ({self.token_prefix}…)"
+
+    @property
+    def status(self) -> str:
+        if self.revoked_at is not None:
+            return "revoked"
+        if self.expires_at <= timezone.now():
+            return "expired"
+        return "active"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status == "active"

@@ -15,6 +15,7 @@ from django.utils.functional import cached_property
 from django.views.generic import TemplateView, View
 from django.views.generic.edit import FormView
 
+from consortium.core.access import may
 from consortium.core.errors import ServiceError
 from consortium.core.pages import PermissionRequiredMixin, apply_service_errors, first_or_404
 from consortium.governance import selectors
@@ -36,7 +37,7 @@ class ConsortiumScopedMixin:
         return super().get_context_data(**kwargs)
 
     def can(self, perm: str, obj) -> bool:
-        return self.request.user.has_perm(perm, obj)
+        return may(self.request.user, perm, obj)
 
 
 class GovernancePage(PermissionRequiredMixin, ConsortiumScopedMixin, TemplateView):
@@ -91,9 +92,10 @@ class InstitutionScopedMixin:
 
 class ActsForOneOfMyInstitutions:
     """A form that acts on behalf of one of the user's institutions (signing, withdrawing
-    consent, deciding on a job). With none to choose from (a superuser passes every
-    permission check but approves for no institution), the page does not show a form that
-    cannot be sent: it says why and sends the user back to ``nothing_to_choose_url()``.
+    consent, deciding on a job). With none to choose from (an approver whose institution no
+    longer takes part in the job: the rule ``training.decide_job`` admits the approvers of
+    every participant, the form offers only those still taking part), the page does not show a
+    form that cannot be sent: it says why and sends the user back to ``nothing_to_choose_url()``.
 
     Mixed in before the page base, it runs after the permission check (on GET and POST), so
     an outsider still gets the 404."""

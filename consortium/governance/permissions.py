@@ -8,8 +8,10 @@ object and cached on it), so they cannot go stale the way per-object grants do.
 ``rules`` cannot filter querysets: lists go through ``selectors``' ``*_visible_to``
 functions, which apply the same scopes.
 
-Permission names are registered as Django permissions (``consortium.<name>``)
-so views and viewsets check them with ``user.has_perm(name, obj)``.
+Permission names are registered with ``rules`` (``consortium.<name>``) and checked, by views,
+viewsets, sockets, templates and commands alike, with :func:`consortium.core.access.may`, never
+``user.has_perm``: Django's says yes to a superuser for anything, and a superuser acts for a
+consortium or an institution only through a membership, like anybody else.
 """
 
 from __future__ import annotations
@@ -133,7 +135,8 @@ def is_institution_admin_of_any(user, obj) -> bool:
 
 @rules.predicate
 def is_operator(user) -> bool:
-    """An active superuser: the platform's operator, above every consortium."""
+    """An active superuser: the platform's operator. It starts consortia (and sees the state of
+    the services), and by being one holds no right inside any consortium."""
     return bool(user is not None and user.is_active and user.is_superuser)
 
 

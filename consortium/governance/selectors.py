@@ -16,6 +16,7 @@ from django.utils import timezone
 from consortium.governance.models import (
     Agreement,
     AgreementVersion,
+    APIToken,
     Consortium,
     Institution,
     Invitation,
@@ -77,16 +78,15 @@ def user_institutions_with_role(user, consortium: Consortium, *roles: str) -> Qu
 
 def institutions_user_signs_for(user, consortium: Consortium) -> QuerySet[Institution]:
     """The institutions of ``consortium`` the user may sign an agreement for: those they
-    approve for. The signing form's choices, and the condition of every "Sign" offer: a
-    superuser passes every ``has_perm`` check yet approves for none, so an offer that asked
-    ``has_perm`` alone would lead to a form with nothing to choose."""
+    approve for. The signing form's choices, and the condition of every "Sign" offer: the
+    offer names the institutions still to sign, which the rule alone does not."""
     return user_institutions_with_role(user, consortium, Role.APPROVER)
 
 
 def institutions_user_withdraws_for(user, consortium: Consortium) -> QuerySet[Institution]:
     """The institutions of ``consortium`` whose consent the user may withdraw (the rule
     ``consortium.withdraw_consent``: their approvers and administrators). The withdrawal
-    form's choices, and the condition of its offer, for the reason given above."""
+    form's choices, and the condition of its offer."""
     return user_institutions_with_role(user, consortium, Role.APPROVER, Role.INSTITUTION_ADMIN)
 
 
@@ -318,3 +318,11 @@ def active_credentials_of(
             ActiveCredential(label=label, token_prefix=prefix, public_key=public_key)
         )
     return {pk: tuple(credentials) for pk, credentials in found.items()}
+
+
+def api_tokens_of(user) -> QuerySet[APIToken]:
+    """A person's own API tokens, newest first: nobody else's, whatever their roles (a token
+    acts as its owner, so only its owner lists and revokes it)."""
+    if not getattr(user, "is_authenticated", False):
+        return APIToken.objects.none()
+    return APIToken.objects.filter(user=user).order_by("-created_at", "-pk")

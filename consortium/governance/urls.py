@@ -6,7 +6,14 @@ those pages to it (Django allows one URLconf per namespace)."""
 from django.urls import path
 
 import consortium.core.converters  # noqa: F401 - registers the <id:...> path converter
-from consortium.governance.views import agreements, consortia, institutions, members, withdrawals
+from consortium.governance.views import (
+    agreements,
+    api_tokens,
+    consortia,
+    institutions,
+    members,
+    withdrawals,
+)
 
 C = "consortia/<slug:slug>/"
 A = C + "agreements/<id:pk>/"
@@ -46,6 +53,13 @@ urlpatterns = [
         "invitations/<str:token>/",
         members.InvitationAcceptView.as_view(),
         name="invitation-accept",
+    ),
+    # The signed-in person's own API tokens (beside the password pages under accounts/).
+    path("accounts/api-tokens/", api_tokens.APITokenListView.as_view(), name="api-token-list"),
+    path(
+        "accounts/api-tokens/<id:pk>/revoke/",
+        api_tokens.APITokenRevokeView.as_view(),
+        name="api-token-revoke",
     ),
     # Agreements.
     path(C + "agreements/", agreements.AgreementListView.as_view(), name="agreement-list"),

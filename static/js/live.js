@@ -275,6 +275,8 @@
     socket.onclose = (event) => {
       root.dataset.live = "closed";
       if (event.code === 4403) { text(statusEl, "live updates stopped: access refused"); return; }
+      // The session has ended (idle or too old): reloading lands on the sign-in page.
+      if (event.code === 4401) { location.reload(); return; }
       text(statusEl, "reconnecting…");
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 15000);

@@ -65,6 +65,8 @@
     };
     socket.onclose = (event) => {
       if (event.code === 4403) return;
+      // The session has ended (idle or too old): reloading lands on the sign-in page.
+      if (event.code === 4401) { location.reload(); return; }
       $("consortium-live-status").textContent = "· reconnecting…";
       setTimeout(connect, retry);
       retry = Math.min(retry * 2, 15000);

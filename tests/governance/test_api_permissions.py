@@ -1,6 +1,6 @@
 """Who may call what: every endpoint and action of the API against each persona,
 with the exact status code. Anonymous requests are refused before anything is
-looked up (403: session authentication comes first, so no Basic challenge).
+looked up (401, with the API token's ``Bearer`` challenge: no password is accepted).
 A missing object, a hidden one and a visible one the user may not act on all
 give the same 404."""
 
@@ -80,7 +80,7 @@ def scene(cast):
     return Scene(cast, published, draft, invitation, token)
 
 
-#: ``expect(default, *, anonymous=403, outsider=None, **overrides)``: codes for PERSONAS.
+#: ``expect(default, *, anonymous=401, outsider=None, **overrides)``: codes for PERSONAS.
 expect = partial(api_codes, PERSONAS)
 
 
@@ -407,8 +407,10 @@ def elsewhere(db):
 
 
 @pytest.mark.parametrize("url", LISTS)
-def test_an_outsider_lists_nothing(scene, elsewhere, url):
-    body = client_for(scene, "outsider").get(url).json()
+@pytest.mark.parametrize("who", ["outsider", "superuser"])
+def test_an_outsider_lists_nothing(scene, elsewhere, url, who):
+    """Nor does the operator: a superuser sees no consortium it is not a member of."""
+    body = client_for(scene, who).get(url).json()
     assert body["count"] == 0 and body["results"] == []
 
 

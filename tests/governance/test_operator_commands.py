@@ -246,7 +246,7 @@ def test_add_institution_writes_what_the_page_writes(cast, tmp_path):
     assert "queue is site.barts" in out
 
 
-def test_add_institution_takes_the_key_as_text_and_a_superuser_may(cast, operator):
+def test_add_institution_takes_the_key_as_text(cast):
     pem = ed25519_pem()
     run(
         "add_institution",
@@ -254,10 +254,10 @@ def test_add_institution_takes_the_key_as_text_and_a_superuser_may(cast, operato
         "--slug=kings",
         "--name=King's",
         f"--worker-public-key={pem}",
-        "--actor=operator",
+        "--actor=admin",
     )
     entry = LedgerEntry.objects.order_by("-seq").first()
-    assert (entry.event, entry.actor_id) == ("institution.created", operator.pk)
+    assert (entry.event, entry.actor_id) == ("institution.created", cast.admin.pk)
     assert Institution.objects.get(slug="kings").worker_public_key == pem.strip()
 
 
@@ -273,7 +273,7 @@ def test_add_institution_refusals(cast, tmp_path):
     for who in ("approver", "inst_admin", "outsider"):
         message = refused("add_institution", slug, "--slug=c", "--name=C", f"--actor={who}")
         assert f"{who} may not add institutions to test-consortium" in message
-        assert "only its consortium administrators or a superuser may" in message
+        assert "only its consortium administrators may" in message
     assert "--worker-public-key: The worker key must be an Ed25519 public key" in refused(
         "add_institution",
         slug,
@@ -330,13 +330,13 @@ def test_invite_member_writes_what_the_page_writes(cast, mail_now, mailoutbox, s
     assert page.status_code == 200 and "c@example.org" in page.content.decode()
 
 
-def test_invite_member_to_a_consortium_role_and_by_an_institution_admin(cast, operator):
+def test_invite_member_to_a_consortium_role_and_by_an_institution_admin(cast):
     link, _ = run(
         "invite_member",
         f"--consortium={cast.consortium.slug}",
         "--email=auditor2@example.org",
         "--role=auditor",
-        "--actor=operator",
+        "--actor=admin",
     )
     assert "/invitations/" in link
     assert Invitation.objects.get(email="auditor2@example.org").institution is None
@@ -428,16 +428,60 @@ def test_create_site_credentials_writes_what_the_page_writes(cast, tmp_path, set
     assert f"key {key_fingerprint(pem.strip())}" in err
 
 
-def test_create_site_credentials_takes_pem_text_and_a_superuser_may(cast, operator):
+def test_create_site_credentials_takes_pem_text_and_an_institution_admin_may(cast):
     token, _ = run(
         "create_site_credentials",
-        f"--institution={cast.hospital_b.slug}",
+        f"--institution={cast.hospital_a.slug}",
         f"--public-key={ed25519_pem()}",
-        "--actor=operator",
+        "--actor=inst_admin",
     )
     credential = site_credential_authenticate(token)
-    assert credential.institution == cast.hospital_b and credential.label == "site-worker"
-    assert LedgerEntry.objects.order_by("-seq").first().actor_id == operator.pk
+    assert credential.institution == cast.hospital_a and credential.label == "site-worker"
+    assert LedgerEntry.objects.order_by("-seq").first().actor_id == cast.inst_admin.pk
+
+
+# --- the operator: starts consortia, acts for none ------------------------------------------
+
+
+@pytest.mark.parametrize("also_consortium_admin", [False, True], ids=["member-of-none", "admin"])
+def test_a_superuser_may_not_act_for_a_consortium_or_an_institution(
+    cast, operator, also_consortium_admin
+):
+    """Being a superuser grants nothing inside a consortium (consortium.core.access): the
+    operator, and the consortium's administrator made a superuser too, are refused what their
+    memberships do not give, as on the pages. Before, a superuser passed every one of these."""
+    actor = "operator"
+    if also_consortium_admin:
+        cast.admin.is_superuser = cast.admin.is_staff = True
+        cast.admin.save(update_fields=["is_superuser", "is_staff"])
+        actor = "admin"
+    c = f"--consortium={cast.consortium.slug}"
+    pem = f"--public-key={ed25519_pem()}"
+    for institution in (cast.hospital_a, cast.hospital_b):
+        message = refused(
+            "create_site_credentials", f"--institution={institution.slug}", pem, f"--actor={actor}"
+        )
+        assert f"{actor} may not create worker credentials for {institution.slug}" in message
+        assert "being a superuser is not enough" in message
+    assert not SiteCredential.objects.exists()
+    if also_consortium_admin:
+        return  # the rest is the consortium administrator's, by membership
+    assert "operator may not add institutions" in refused(
+        "add_institution", c, "--slug=c", "--name=C", "--actor=operator"
+    )
+    assert "operator may not invite people to consortium-wide roles" in refused(
+        "invite_member", c, "--email=x@example.org", "--role=auditor", "--actor=operator"
+    )
+    assert f"operator may not invite people to {cast.hospital_a.slug}" in refused(
+        "invite_member",
+        c,
+        f"--institution={cast.hospital_a.slug}",
+        "--email=x@example.org",
+        "--role=approver",
+        "--actor=operator",
+    )
+    assert not Invitation.objects.exists()
+    assert not Institution.objects.filter(slug="c").exists()
 
 
 def test_create_site_credentials_refusals(cast, tmp_path):

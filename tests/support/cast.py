@@ -3,6 +3,7 @@ the same consortium for tests that build it outside a fixture (the fault suite's
 which outlives one test)."""
 
 from dataclasses import dataclass
+from functools import cached_property
 
 from django.test import Client
 
@@ -25,6 +26,21 @@ class Cast:
     researcher: object
     other_member: object
     outsider: object
+
+    # The superusers, made on first use only (the other tests' scenes stay as they were).
+    @cached_property
+    def superuser(self):
+        """The installation's operator: a superuser (and staff), member of nothing. Answered
+        everywhere inside a consortium as the outsider is (consortium.core.access)."""
+        return UserFactory(username="superuser", is_superuser=True, is_staff=True)
+
+    @cached_property
+    def superuser_admin(self):
+        """The consortium's administrator (a membership) who is also a superuser, as the demo's
+        ``admin`` once was. Answered everywhere as the administrator is: the flag adds nothing."""
+        user = UserFactory(username="superuser_admin", is_superuser=True, is_staff=True)
+        MembershipFactory(user=user, consortium=self.consortium, role=Role.CONSORTIUM_ADMIN)
+        return user
 
     def client_for(self, who: str | None) -> Client:
         """A Django test client signed in as ``who`` (a field name), or anonymous."""

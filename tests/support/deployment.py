@@ -185,9 +185,9 @@ class HTTPSError(AssertionError):
 
 class HTTPS:
     """A client of the deployment through its proxy: TLS verified against ``ca`` only, with
-    cookies (for the pages' forms) or HTTP Basic (for the API)."""
+    cookies (for the pages' forms) or a personal API token (for the API: ``Bearer``)."""
 
-    def __init__(self, base: str, ca: Path, *, basic: tuple[str, str] | None = None):
+    def __init__(self, base: str, ca: Path, *, token: str | None = None):
         self.base = base.rstrip("/")
         context = ssl.create_default_context(cafile=str(ca))
         self.jar = http.cookiejar.CookieJar()
@@ -195,7 +195,7 @@ class HTTPS:
             urllib.request.HTTPSHandler(context=context),
             urllib.request.HTTPCookieProcessor(self.jar),
         )
-        self.basic = basic
+        self.token = token
 
     def request(self, method: str, path: str, *, data=None, form=None, headers=None):
         url = path if path.startswith("http") else self.base + path
@@ -208,11 +208,8 @@ class HTTPS:
             body = urllib.parse.urlencode(form).encode()
             headers["Content-Type"] = "application/x-www-form-urlencoded"
             headers["Referer"] = url
-        if self.basic:
-            import base64
-
-            token = base64.b64encode(f"{self.basic[0]}:{self.basic[1]}".encode()).decode()
-            headers["Authorization"] = f"Basic {token}"
+        if self.token:
+            headers["Authorization"] = f"Bearer {self.token}"
         request = urllib.request.Request(url, data=body, method=method, headers=headers)
         try:
             with self.opener.open(request, timeout=60) as response:

@@ -32,6 +32,7 @@ from pathlib import Path
 import pytest
 from django.conf import settings
 
+from tests.support.browser import wait_for_expression, watch_errors
 from tests.support.child_processes import demo_env, redis_url_on_db
 
 pytestmark = [pytest.mark.browser, pytest.mark.worker]
@@ -153,6 +154,19 @@ def browser(stack):
         chromium.close()
 
 
+#: Script errors and CSP violations of the pages every journey opens (``_context``).
+_PAGE_ERRORS: list[str] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_script_errors_or_policy_violations():
+    """Each journey ends with no script error and no CSP or Permissions-Policy complaint on
+    any page it opened (an inline script or style would be refused by the browser silently)."""
+    _PAGE_ERRORS.clear()
+    yield
+    assert _PAGE_ERRORS == [], _PAGE_ERRORS
+
+
 def _context(browser, stack, username: str | None):
     """A fresh browser context (its own cookies), signed in as ``username`` through the form."""
     context = browser.new_context(
@@ -160,6 +174,7 @@ def _context(browser, stack, username: str | None):
     )
     page = context.new_page()
     page.set_default_timeout(30_000)
+    watch_errors(page, _PAGE_ERRORS)
     if username:
         page.goto("/accounts/login/")
         page.get_by_label("Username").fill(username)
@@ -216,15 +231,17 @@ def test_1_the_administrator_proposes_a_job_and_a_breaking_one_is_refused(stack,
         assert rows.count() == len(SITES)
         page.get_by_label("Find an institution").fill("barts")
         page.get_by_role("button", name="Find").click()
-        page.wait_for_function("document.querySelectorAll('#institutions tbody tr').length === 1")
+        wait_for_expression(
+            page, "document.querySelectorAll('#institutions tbody tr').length === 1"
+        )
         assert "Barts" in rows.first.inner_text()
         page.get_by_role("link", name="Show all").click()
-        page.wait_for_function(
-            f"document.querySelectorAll('#institutions tbody tr').length === {len(SITES)}"
+        wait_for_expression(
+            page, f"document.querySelectorAll('#institutions tbody tr').length === {len(SITES)}"
         )
         # Ascending by name is the default: the header's link asks for descending.
         page.locator("#institutions thead th").first.get_by_role("link").click()
-        page.wait_for_function("location.search.includes('sort=-name')")
+        wait_for_expression(page, "location.search.includes('sort=-name')")
         page.wait_for_load_state()
         names = rows.evaluate_all("rs => rs.map(r => r.cells[0].innerText)")
         assert names == sorted(names, key=str.lower, reverse=True), names
@@ -288,8 +305,8 @@ def test_2_3_each_approver_reviews_and_approves_and_the_job_page_updates_live(st
                 # same shape (breast cancer's 30 features as a strip), served as a PNG.
                 picture = page.locator("#audit-picture img")
                 picture.scroll_into_view_if_needed()
-                page.wait_for_function(
-                    "document.querySelector('#audit-picture img').naturalWidth > 0"
+                wait_for_expression(
+                    page, "document.querySelector('#audit-picture img').naturalWidth > 0"
                 )
                 assert "never your records" in page.locator("#audit-picture").inner_text()
                 review = page.locator("main").inner_text()
@@ -316,13 +333,13 @@ def test_2_3_each_approver_reviews_and_approves_and_the_job_page_updates_live(st
         for chart in ("validation", "loss", "privacy", "contribution"):
             assert watched.locator(f"#chart-{chart} .main-svg").count() >= 1, chart
         # The server-rendered sections were swapped in too: the heading says Completed.
-        watched.wait_for_function(
-            "document.querySelector('#job-heading').innerText.includes('Completed')"
+        wait_for_expression(
+            watched, "document.querySelector('#job-heading').innerText.includes('Completed')"
         )
         assert watched.locator("#live-activity li").count() > 0
         # ... and so were the contributions (scored after the last round) and the history.
-        watched.wait_for_function(
-            "!document.querySelector('#contributions').innerText.includes('not scored')"
+        wait_for_expression(
+            watched, "!document.querySelector('#contributions').innerText.includes('not scored')"
         )
         assert "contribution.job_scored" in watched.locator("#history").inner_text()
         _shot(watched, "3-job-completed-live")
@@ -554,7 +571,6 @@ PAGES_BY_ROLE = {
             )
         ),
         ("institution-new", "/consortia/{slug}/institutions/new/"),
-        ("consortium-new", "/consortia/new/"),
         ("jobs", "/consortia/{slug}/jobs/"),
         ("jobs-filtered", "/consortia/{slug}/jobs/?participant=barts&state=completed"),
         ("job", "/consortia/{slug}/jobs/{job}/"),
@@ -603,6 +619,13 @@ PAGES_BY_ROLE = {
         ("institution-report", "/consortia/{slug}/institutions/barts/report/"),
         ("password-change", "/accounts/password/change/"),
     ],
+    # The installation's operator, a superuser member of nothing: starts consortia, and finds
+    # the demo consortium's pages "not found" like any stranger.
+    "operator": [
+        ("overview", "/"),
+        ("consortium-new", "/consortia/new/"),
+        ("missing", "/consortia/{slug}/"),
+    ],
     # Signed in, a member of nothing: the consortium's pages are "not found" to them.
     "visitor": [("missing", "/consortia/{slug}/jobs/{job}/")],
     # Not signed in: no "Sign out" to look for.
@@ -615,7 +638,7 @@ PAGES_BY_ROLE = {
 }
 
 #: The pages that answer "not found" on purpose.
-NOT_FOUND_PAGES = {("visitor", "missing"), (None, "missing")}
+NOT_FOUND_PAGES = {("visitor", "missing"), ("operator", "missing"), (None, "missing")}
 
 
 def _fits(page, width: int, *, signed_in: bool = True) -> list[str]:

@@ -10,7 +10,7 @@ import re
 import pytest
 from django.urls import reverse
 
-from tests.support.browser import launch, session_cookie, shot
+from tests.support.browser import launch, session_cookie, shot, wait_for_expression, watch_errors
 from tests.support.keys import ed25519_pem
 
 pytestmark = [pytest.mark.browser]
@@ -32,7 +32,7 @@ def test_the_token_shown_once_is_copied_by_its_button(cast, live_server):
             context.grant_permissions(["clipboard-read", "clipboard-write"])
             context.add_cookies([cookie])
             page = context.new_page()
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            watch_errors(page, errors)  # script errors and CSP violations
             page.goto(url)
             page.get_by_label("Label").fill("gpu-node-1")
             page.get_by_label("Worker public key (PEM)").fill(public_key)
@@ -41,8 +41,8 @@ def test_the_token_shown_once_is_copied_by_its_button(cast, live_server):
             settings_text = page.locator("#worker-env").inner_text()
             token = re.search(r"SITE_TOKEN=(\S+)", settings_text).group(1)
             page.get_by_role("button", name="Copy the token").click()
-            page.wait_for_function(
-                "document.getElementById('copy-status').textContent === 'Copied.'"
+            wait_for_expression(
+                page, "document.getElementById('copy-status').textContent === 'Copied.'"
             )
             assert page.evaluate("navigator.clipboard.readText()") == token
             page.get_by_role("button", name="Copy all the settings").click()

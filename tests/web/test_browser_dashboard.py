@@ -19,7 +19,7 @@ import re
 import pytest
 from django.urls import reverse
 
-from tests.support.browser import launch, require_chromium
+from tests.support.browser import launch, require_chromium, watch_errors
 from tests.support.browser import session_cookie as _session_cookie
 from tests.support.browser import shot as _shot
 
@@ -46,7 +46,7 @@ def test_a_hospital_name_on_the_dashboard_opens_the_hospitals_page(cast, live_se
             context.add_cookies([cookie])
             page = context.new_page()
             page.set_default_timeout(30_000)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+            watch_errors(page, errors)  # script errors and CSP violations
             table = page.locator("#institutions")
 
             # The table's search swaps the table in place: no page load, the URL says the query.

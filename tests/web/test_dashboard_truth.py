@@ -9,7 +9,9 @@ defects 2, 3, 5 and 6), through the pages (Django test client).
 - "Worker key" is the truth of the site's worker credentials, whose keys uploads are verified
   against, not of the key on file on the institution.
 - A user is offered "Sign", "Withdraw consent…" and "Review and decide" only when the form would
-  have an institution to act for; a superuser who approves for none is told so on the forms.
+  have an institution to act for; a superuser who approves for none is refused the forms (404:
+  being a superuser grants nothing inside a consortium), and an approver of an institution no
+  longer taking part in a job is told on its review form that there is nothing to decide.
 """
 
 from __future__ import annotations
@@ -170,7 +172,8 @@ def test_worker_key_is_registered_when_an_active_worker_credential_has_one(cast)
 
 @pytest.fixture
 def superuser_admin(cast):
-    """The demo's administrator: the consortium's admin and a superuser, approving for none."""
+    """The consortium's admin made a superuser too (as the demo's ``admin`` once was),
+    approving for none."""
     cast.admin.is_superuser = True
     cast.admin.save(update_fields=["is_superuser"])
     return cast.admin
@@ -196,11 +199,12 @@ def test_a_superuser_who_approves_for_none_is_not_offered_to_sign_or_withdraw(
     assert sign not in version_page
     assert "Sign version" not in waiting_on_you(dashboard(cast, "admin"))
 
-    # The forms, reached directly, say why instead of showing nothing to choose.
-    for url, words in ((sign, "nothing for you to sign"), (withdraw, "no consent for you")):
+    # The forms, reached directly, are not theirs: being a superuser grants no right to act
+    # for an institution (consortium.core.access), so the same 404 as for any non-approver.
+    for url in (sign, withdraw):
         for response in (admin.get(url), admin.post(url, {})):
-            assert response.status_code == 302 and response.url == detail
-            assert any(words in m for m in message_texts(response)), message_texts(response)
+            assert response.status_code == 404
+    assert not version.signatures.exists() and not agreement.withdrawals.exists()
 
     # Whoever approves for an institution is still offered both.
     approver_page = cast.client_for("approver").get(detail).content.decode()
@@ -229,6 +233,14 @@ def test_a_superuser_who_approves_for_none_is_not_offered_to_review_a_job(cast, 
     page = admin.get(detail).content.decode()
     assert review not in page and "Review and decide" not in page
     for response in (admin.get(review), admin.post(review, {"decision": "approved"})):
+        assert response.status_code == 404
+    assert not job.approvals.exists()
+
+    # An approver of an institution no longer taking part passes the rule (it admits every
+    # participant's approvers) but has nothing to decide: told so, not shown an empty form.
+    job.participants.filter(institution=cast.hospital_b).update(status="removed")
+    approver_b = cast.client_for("approver_b")
+    for response in (approver_b.get(review), approver_b.post(review, {"decision": "approved"})):
         assert response.status_code == 302 and response.url == detail
         assert any("nothing for you to decide" in m for m in message_texts(response))
     assert not job.approvals.exists()

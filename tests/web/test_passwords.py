@@ -63,6 +63,22 @@ def test_a_signed_in_user_changes_their_password(cast):
     )
     assert "Your password is changed" in done.content.decode()
     assert Client().login(username="auditor", password="the-new-passphrase-2026")
+    assert not Client().login(username="auditor", password="the-old-one-2026")
+    # The session that changed it stays signed in (update_session_auth_hash).
+    assert client.get("/accounts/password/change/").status_code == 200
+
+
+def test_the_reset_link_is_built_from_site_url_not_the_requests_host(cast, settings):
+    """Every link in mail comes from SITE_URL: a forged Host must not steer the reset token."""
+    settings.SITE_URL = "https://consortium.example.org"
+    settings.ALLOWED_HOSTS = ["consortium.example.org", "evil.example"]
+    Client().post(
+        "/accounts/password/reset/", {"email": cast.approver.email}, HTTP_HOST="evil.example"
+    )
+    (message,) = mail.outbox
+    assert "https://consortium.example.org/accounts/password/reset/" in message.body
+    assert "evil.example" not in message.body
+    assert "for 3 days" in message.body
 
 
 def test_changing_a_password_needs_the_old_one(cast):

@@ -42,3 +42,26 @@ def test_seed_demo_builds_a_consortium_in_force_and_is_idempotent():
     assert LedgerEntry.objects.count() == entries  # nothing new the second time
     assert Consortium.objects.count() == 1 and SiteDataset.objects.count() == 12
     assert verify_chain().ok
+
+
+@pytest.mark.django_db
+def test_the_demo_admin_is_a_member_and_the_operator_a_superuser_of_nothing():
+    """``admin`` holds its rights through its membership, not as a superuser (a superuser acts
+    for no consortium: consortium.core.access); ``operator`` runs the installation and belongs
+    to nothing. A database seeded when ``admin`` was a superuser is put right on reseeding."""
+    out = StringIO()
+    call_command("seed_demo", stdout=out)
+    User = get_user_model()
+    admin, operator = User.objects.get(username="admin"), User.objects.get(username="operator")
+    assert not (admin.is_superuser or admin.is_staff)
+    assert list(admin.memberships.values_list("role", "institution")) == [
+        (Role.CONSORTIUM_ADMIN, None)
+    ]
+    assert operator.is_superuser and operator.is_staff and not operator.memberships.exists()
+    assert operator.check_password("demo-consortium-2026")
+    assert "operator" in out.getvalue()
+
+    User.objects.filter(username="admin").update(is_superuser=True, is_staff=True)
+    call_command("seed_demo", stdout=StringIO())
+    admin.refresh_from_db()
+    assert not (admin.is_superuser or admin.is_staff)

@@ -109,10 +109,21 @@ def _member(admin, user, consortium, role, institution=None) -> None:
 def seed_demo_consortium(*, password: str) -> list[tuple[str, str]]:
     """Create what is missing of the demo consortium, in one transaction; returns the logins
     as ``(username, what the user is)``."""
+    # The consortium's administrator holds its right through a membership (consortium_create
+    # makes it), not as a superuser: a superuser acts for no consortium or institution
+    # (consortium.core.access). A database seeded before this rule had it a superuser: undone.
     admin = _user("admin", "Alex Morgan", password)
-    admin.is_staff = admin.is_superuser = True
-    admin.save(update_fields=["is_staff", "is_superuser"])
-    logins = [("admin", "consortium administrator (and Django admin)")]
+    if admin.is_staff or admin.is_superuser:
+        admin.is_staff = admin.is_superuser = False
+        admin.save(update_fields=["is_staff", "is_superuser"])
+    logins = [("admin", "consortium administrator (a membership, not a superuser)")]
+    # The installation's operator: a superuser, member of nothing (the Django admin, /metrics,
+    # starting a consortium); it sees none of the demo consortium.
+    operator = _user("operator", "Olive Operator", password)
+    if not (operator.is_staff and operator.is_superuser):
+        operator.is_staff = operator.is_superuser = True
+        operator.save(update_fields=["is_staff", "is_superuser"])
+    logins.append(("operator", "the operator: superuser (Django admin), member of nothing"))
 
     consortium = Consortium.objects.filter(slug=DEMO_SLUG).first()
     if consortium is None:

@@ -141,8 +141,9 @@ def active_participants(job: TrainingJob) -> list[JobParticipant]:
 
 def institutions_user_decides_for(user, job: TrainingJob) -> QuerySet[Institution]:
     """The user's institutions that take part (actively) in ``job`` and that they approve
-    for: the review form's choices. A superuser passes every ``has_perm`` check yet approves
-    for none, so the review page and its offer ask this, not ``has_perm`` alone."""
+    for: the review form's choices. The rule ``training.decide_job`` admits the approvers of
+    every participant, also of one no longer taking part, so the review page and its offer ask
+    this, not the rule alone."""
     active = {p.institution_id for p in active_participants(job)}
     return user_institutions_with_role(user, job.consortium, Role.APPROVER).filter(pk__in=active)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 
 from audit.ledger import live
+from consortium.core.access import may
 from consortium.core.live import LedgerLiveConsumer
 from consortium.governance.models import Consortium, Institution
 from training.models import TrainingJob
@@ -37,7 +38,7 @@ class JobLiveConsumer(_NamesInstitutions, LedgerLiveConsumer):
         )
 
     def allowed(self, user, target) -> bool:
-        return user.has_perm("training.view_job", target)
+        return may(user, "training.view_job", target)
 
     def groups_of(self, target) -> list[str]:
         return [live.job_group(target.pk)]
@@ -65,7 +66,7 @@ class ConsortiumLiveConsumer(_NamesInstitutions, LedgerLiveConsumer):
         return Consortium.objects.filter(slug=self.scope["url_route"]["kwargs"]["slug"]).first()
 
     def allowed(self, user, target) -> bool:
-        return user.has_perm("consortium.view_consortium", target)
+        return may(user, "consortium.view_consortium", target)
 
     def groups_of(self, target) -> list[str]:
         return [live.consortium_group(target.slug)]
@@ -75,7 +76,7 @@ class ConsortiumLiveConsumer(_NamesInstitutions, LedgerLiveConsumer):
 
     def shows_entries(self, user, target) -> bool:
         # The ledger's entries are the auditors' and administrators' page; others see the state.
-        return user.has_perm("audit.view_ledger", target)
+        return may(user, "audit.view_ledger", target)
 
     def relevant(self, entry, target) -> bool:
         return True

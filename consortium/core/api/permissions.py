@@ -31,6 +31,7 @@ from django.http import Http404
 from rest_framework import permissions, viewsets
 from rest_framework.exceptions import NotFound
 
+from consortium.core.access import may
 from consortium.core.converters import ID_PATTERN
 
 # Marker for actions any signed-in user may call, because what they reach is
@@ -76,7 +77,7 @@ class ActionPermission(permissions.BasePermission):
             return False
         if perm == VISIBLE:
             return True
-        return request.user.has_perm(perm, obj)
+        return may(request.user, perm, obj)
 
 
 class GovernanceViewSet(viewsets.GenericViewSet):

@@ -2,13 +2,17 @@
 ``invite_member``, and training's ``create_site_credentials``): who acts, the objects named by
 slug, and the services' errors as a ``CommandError`` that says what is wrong.
 
-The acting person. Every command takes ``--actor USERNAME``, an existing active account (for a
-new platform, the superuser made by ``manage.py createsuperuser``), and there is no default: a
+The acting person. Every command takes ``--actor USERNAME``, an existing active account (for
+``create_consortium``, the superuser made by ``manage.py createsuperuser``), and there is no
+default: a
 governance act is a ledger entry that names the person who did it, and "whoever had a shell on
 the server" names nobody. The command asks the same permission the web page asks, of that
-account (a superuser, the operator, holds them all; a consortium's administrator may run the
-commands for their own consortium), and calls the same service as the page, so the ledger holds
-the same entries, with the actor as their author.
+account, through :func:`consortium.core.access.may`: a superuser, the operator, starts a
+consortium with its first administrator (``create_consortium``) and holds no other right by
+being one; adding institutions, inviting people and creating a site's worker credentials are
+the acts of the consortium's or the institution's own people, so ``--actor`` names one of them
+(for a new platform, the first administrator ``create_consortium`` made). The command calls the
+same service as the page, so the ledger holds the same entries, with the actor as their author.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from django.contrib.auth import get_user_model
 from django.core.exceptions import ValidationError
 from django.core.management.base import CommandError
 
+from consortium.core.access import may
 from consortium.core.errors import ServiceError
 from consortium.governance.models import Consortium, Institution
 
@@ -34,8 +39,9 @@ def add_actor_argument(parser) -> None:
         "--actor",
         required=True,
         metavar="USERNAME",
-        help="The account acting (e.g. the superuser made by 'createsuperuser'); the ledger "
-        "names it as the author of what this command does.",
+        help="The account acting (the superuser made by 'createsuperuser' for create_consortium; "
+        "a member with the role the act needs for the others); the ledger names it as the "
+        "author of what this command does.",
     )
 
 
@@ -55,10 +61,11 @@ def actor_named(username: str):
 
 def require_permission(actor, perm: str, obj, *, doing: str, who: str) -> None:
     """Refuse, as the page would, an actor without ``perm`` on ``obj``."""
-    if not actor.has_perm(perm, obj):
+    if not may(actor, perm, obj):
         raise CommandError(
-            f"{actor.get_username()} may not {doing}: only {who} or a superuser may. "
-            "Pass another --actor."
+            f"{actor.get_username()} may not {doing}: only {who} may (being a superuser is "
+            "not enough: a superuser acts for a consortium or an institution only through a "
+            "membership). Pass another --actor."
         )
 
 

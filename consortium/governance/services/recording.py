@@ -24,3 +24,9 @@ def record_governance_event(
         institution_slug=institution.slug if institution is not None else "",
         payload=payload,
     )
+
+
+def record_account_event(event: str, *, actor, subject, **payload):
+    """Append ``event`` about a person's own account (their API tokens): it belongs to no
+    consortium, so the entry names none; it is chained and verified like every other."""
+    return append_entry(event=event, actor=actor, subject=subject, payload=payload)

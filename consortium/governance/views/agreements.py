@@ -147,8 +147,8 @@ class AgreementDetailView(AgreementMixin, GovernancePage):
             versions=versions,
             draft=selectors.draft_version(agreement),
             can_manage=self.can("consortium.manage_agreements", agreement),
-            # Offered only when the form would have something to choose (not has_perm: a
-            # superuser passes it while approving for no institution).
+            # Offered only when the form would have something to choose (not the rule: an
+            # approver whose institutions all signed, or all withdrew, still passes it).
             can_sign=bool(selectors.institutions_left_to_sign(self.request.user, status)),
             can_withdraw=selectors.institutions_still_consenting(
                 self.request.user, agreement

@@ -2,12 +2,13 @@
 USERNAME``: create a site worker's credentials, as the institution's "Worker credentials" page
 does, and print its token once.
 
-The public key is the one ``generate_site_key`` printed on the site's machine (the private key
-stays there), given as a file or as the PEM text. The actor needs what the page asks
-(``training.manage_site_credentials``: the institution's administrator or data steward) or is a
-superuser (see :mod:`consortium.governance.management.operator` for why ``--actor`` names a
-person). The token is printed, alone, on standard output and never again: only its hash is
-kept. Give it to the site as ``SITE_TOKEN``; what else the worker needs is on standard error.
+The public key is the one ``generate_site_key`` printed on the site's machine (the private key stays
+there), given as a file or as the PEM text. The actor needs what the page asks
+(``training.manage_site_credentials``: the institution's administrator or data steward, never the
+consortium's administrators nor a superuser: :mod:`consortium.core.access`; see
+:mod:`consortium.governance.management.operator` for why ``--actor`` names a person). The token is
+printed, alone, on standard output and never again: only its hash is kept. Give it to the site as
+``SITE_TOKEN``; what else the worker needs is on standard error.
 
 Ledger: ``site.credential_created``, by the actor.
 """

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from django.http import Http404, HttpResponse
 
+from consortium.core.access import may
 from consortium.core.palette import chart_palette
 from consortium.governance.models import FinalModelAccess
 from consortium.governance.pages import GovernancePage
@@ -58,7 +59,7 @@ def job_page_sections(job, *, user, state: dict, account) -> dict:
     """The context the job page adds to its facts: ``summary``, ``round_tables``,
     ``model``, ``can_download_model`` (with ``model_download_refusal``, the reason when it is
     false) and ``chart_palette`` (for the page's charts)."""
-    can_download = user.has_perm("training.download_model", job)
+    can_download = may(user, "training.download_model", job)
     return {
         "summary": job_summary(job, state=state, account=account),
         "round_tables": job_round_tables(job),

@@ -15,6 +15,7 @@ from django.utils.functional import cached_property
 from django.utils.http import urlencode
 
 from audit.ledger.selectors import entries_about
+from consortium.core.access import may
 from consortium.core.errors import ServiceError
 from consortium.core.pages import NOT_FOUND, apply_service_errors, error_message
 from consortium.governance.pages import GovernanceAction, GovernanceForm, GovernancePage
@@ -125,8 +126,7 @@ class JobCompareView(GovernancePage):
             ids.append(form.cleaned_data["b"])
         found = selectors.jobs_to_compare(request.user, consortium=self.consortium, job_ids=ids)
         if any(
-            pk not in found or not request.user.has_perm("training.view_job", found[pk])
-            for pk in ids
+            pk not in found or not may(request.user, "training.view_job", found[pk]) for pk in ids
         ):
             raise Http404(NOT_FOUND)
         jobs = [found[pk] for pk in ids]
@@ -441,9 +441,9 @@ class JobDetailView(JobMixin, GovernancePage):
             live_state=live_state,
             ledger_recent=ledger[:HISTORY_SHOWN],
             ledger_earlier=ledger[HISTORY_SHOWN:],
-            can_edit=job.state in EDITABLE_STATES and user.has_perm("training.change_job", job),
-            can_submit=job.state == JobState.DRAFT and user.has_perm("training.change_job", job),
-            can_cancel=not job.is_terminal and user.has_perm("training.cancel_job", job),
+            can_edit=job.state in EDITABLE_STATES and may(user, "training.change_job", job),
+            can_submit=job.state == JobState.DRAFT and may(user, "training.change_job", job),
+            can_cancel=not job.is_terminal and may(user, "training.cancel_job", job),
             can_review=selectors.institutions_awaiting_decision_from(user, job).exists(),
             **kwargs,
         )

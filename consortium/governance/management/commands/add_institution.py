@@ -1,10 +1,10 @@
 """``manage.py add_institution --consortium SLUG --slug SLUG --name NAME --actor USERNAME``:
 add an institution (a hospital site) to a consortium, as the page "Add an institution" does.
 
-The actor needs what the page asks (``consortium.add_institution``: the consortium's
-administrator) or is a superuser. The institution's slug names its site worker's queue
-(``site.<slug>``) and never changes. ``--worker-public-key`` (optional, PEM text or a file)
-registers the site worker's Ed25519 public key now; it can be registered later on the
+The actor needs what the page asks (``consortium.add_institution``: the consortium's administrator);
+being a superuser is not enough (:mod:`consortium.core.access`). The institution's slug names its
+site worker's queue (``site.<slug>``) and never changes. ``--worker-public-key`` (optional, PEM text
+or a file) registers the site worker's Ed25519 public key now; it can be registered later on the
 institution's page, or given with ``create_site_credentials``.
 
 Ledger: ``institution.created``, by the actor.

@@ -4,8 +4,9 @@
 Consortium-wide roles (``consortium_admin``, ``auditor``) take no ``--institution``; the others
 (``institution_admin``, ``approver``, ``data_steward``, ``researcher``) need one. The actor needs
 what the page asks (``consortium.invite_to_consortium`` on the consortium, or
-``consortium.invite_to_institution`` on the institution: its administrators) or is a superuser.
-The invitation is emailed; its one-time link is printed, alone, on standard output.
+``consortium.invite_to_institution`` on the institution: its administrators); being a superuser
+is not enough (:mod:`consortium.core.access`). The invitation is emailed; its one-time link is
+printed, alone, on standard output.
 
 Ledger: ``member.invited``, by the actor (and ``member.joined``, by the invitee, on accepting).
 """
