@@ -13,22 +13,33 @@ import json
 import django_filters
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import (
+    OpenApiParameter,
     OpenApiResponse,
     extend_schema,
     extend_schema_field,
     extend_schema_view,
 )
-from rest_framework import mixins, serializers
+from rest_framework import exceptions, mixins, serializers, status
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from audit.ledger.chain import verify_chain
+from audit.ledger.checkpoint import checkpoint_to_json
+from audit.ledger.checkpoints import (
+    LedgerRewritten,
+    checkpoint_publish,
+    checkpoint_witnesses,
+    inclusion_proof,
+    signed_checkpoint_of,
+)
+from audit.ledger.merkle import ProofError, proof_to_hex
 from audit.ledger.selectors import entries_of_consortia
 from audit.models import LedgerEntry
 from consortium.core.access import may
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
 from consortium.governance import selectors
 from consortium.governance.api.serializers import ErrorSerializer, consortium_field
+from training.rounds.site_api_ledger import CheckpointSerializer
 
 
 def ledger_consortium_slugs(user) -> list[str]:
@@ -98,6 +109,46 @@ class VerificationSerializer(serializers.Serializer):
     reason = serializers.CharField(allow_blank=True)
 
 
+class CheckpointWitnessSerializer(serializers.Serializer):
+    site = serializers.SlugField(help_text="The institution whose worker cosigned.")
+    witnessed_at = serializers.DateTimeField()
+    signature_line = serializers.CharField(
+        help_text="Its signed-note line over the checkpoint's text (under the site's slug)."
+    )
+
+
+class WitnessedCheckpointSerializer(serializers.Serializer):
+    checkpoint = CheckpointSerializer()
+    witnesses = CheckpointWitnessSerializer(many=True)
+
+
+class InclusionProofSerializer(serializers.Serializer):
+    seq = serializers.IntegerField()
+    leaf_index = serializers.IntegerField(help_text="seq - 1: the entry's leaf in the tree.")
+    entry_hash = serializers.CharField(help_text="The leaf: the entry's hash.")
+    tree_size = serializers.IntegerField()
+    root_hash = serializers.CharField(help_text="The tree's root at tree_size (hex).")
+    inclusion_proof = serializers.ListField(
+        child=serializers.CharField(), help_text="RFC 9162 audit path, leaf up, hex hashes."
+    )
+
+
+def _whole_number(request, name: str, default: int | None = None) -> int:
+    """A query parameter that must be a whole number; a 400 saying so otherwise."""
+    raw = request.query_params.get(name)
+    if raw in (None, "") and default is not None:
+        return default
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 19:
+        raise exceptions.ValidationError({name: [f"a whole number is required, got {raw!r}"]})
+    return int(raw)
+
+
+_LEDGER_REWRITTEN = OpenApiResponse(
+    ErrorSerializer,
+    description="The ledger contradicts a checkpoint the centre signed (ledger_rewritten).",
+)
+
+
 @extend_schema_view(list=extend_schema(summary="Ledger entries of the consortia you audit"))
 class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
     queryset = LedgerEntry.objects.all()
@@ -107,6 +158,9 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
         # Scoped to consortia where the user holds audit.view_ledger.
         "list": VISIBLE,
         "verify": "audit.verify_ledger",
+        # Anyone who may read some consortium's ledger (checked in the actions).
+        "checkpoint": VISIBLE,
+        "inclusion": VISIBLE,
     }
     input_targets = {"verify": "consortium"}
 
@@ -138,6 +192,82 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
                     "head_hash": result.head_hash,
                     "first_bad_seq": result.first_bad_seq,
                     "reason": result.reason,
+                }
+            ).data
+        )
+
+    def _require_ledger_reader(self) -> None:
+        # The tree is global like the chain; its head reveals no entry, but it is the
+        # ledger's, so only those who may read some consortium's ledger see it (the same 404
+        # as for anything one may not see).
+        if not ledger_consortium_slugs(self.request.user):
+            raise exceptions.NotFound()
+
+    @extend_schema(
+        summary="The ledger's newest signed checkpoint and the sites that witnessed it",
+        description=(
+            "The checkpoint of the ledger's Merkle tree head, signed by the centre (a new one "
+            "is signed if the ledger grew), with the sites' cosignatures. Save its `note` and "
+            "check it later with `manage.py verify_ledger --checkpoint FILE`."
+        ),
+        responses={
+            200: WitnessedCheckpointSerializer,
+            404: OpenApiResponse(ErrorSerializer, description="You may read no ledger."),
+            409: _LEDGER_REWRITTEN,
+        },
+    )
+    @action(detail=False, methods=["get"])
+    def checkpoint(self, request):
+        self._require_ledger_reader()
+        try:
+            row = checkpoint_publish()
+        except LedgerRewritten as exc:
+            return Response(
+                {"detail": str(exc), "code": "ledger_rewritten"}, status=status.HTTP_409_CONFLICT
+            )
+        return Response(
+            WitnessedCheckpointSerializer(
+                {
+                    "checkpoint": checkpoint_to_json(signed_checkpoint_of(row)),
+                    "witnesses": checkpoint_witnesses(row),
+                }
+            ).data
+        )
+
+    @extend_schema(
+        summary="Proof that one ledger entry is in the tree of a given size",
+        parameters=[
+            OpenApiParameter("seq", int, required=True, description="The entry's number."),
+            OpenApiParameter(
+                "tree_size", int, description="The tree's size (default: today's ledger)."
+            ),
+        ],
+        responses={
+            200: InclusionProofSerializer,
+            400: OpenApiResponse(ErrorSerializer, description="seq or tree_size is not valid."),
+            404: OpenApiResponse(ErrorSerializer, description="No such entry that you may read."),
+        },
+    )
+    @action(detail=False, methods=["get"], url_path="proof/inclusion")
+    def inclusion(self, request):
+        self._require_ledger_reader()
+        seq = _whole_number(request, "seq")
+        if not self.visible_queryset(request.user).filter(seq=seq).exists():
+            raise exceptions.NotFound()
+        tree_size = _whole_number(request, "tree_size", default=0) or None
+        try:
+            entry_hash, proof, size, root = inclusion_proof(seq, tree_size)
+        except ProofError as exc:
+            raise exceptions.ValidationError({"tree_size": [str(exc)]}) from None
+        return Response(
+            InclusionProofSerializer(
+                {
+                    "seq": seq,
+                    "leaf_index": seq - 1,
+                    "entry_hash": entry_hash,
+                    "tree_size": size,
+                    "root_hash": root.hex(),
+                    "inclusion_proof": proof_to_hex(proof),
                 }
             ).data
         )

@@ -80,3 +80,64 @@ class LedgerHead(models.Model):
 
     def __str__(self) -> str:
         return f"head #{self.seq} {self.entry_hash[:12]}"
+
+
+class LedgerCheckpoint(models.Model):
+    """A signed head of the ledger's Merkle tree (``audit.ledger.checkpoints``), as served.
+
+    ``note`` is the signed note byte for byte (the C2SP checkpoint and the centre's signature
+    line): what the sites verify and countersign, so it is kept exactly, not rebuilt. One row
+    per tree size: the same size always gets the same checkpoint (Ed25519 is deterministic).
+    An ordinary table, not guarded like the ledger: whoever rewrites it gains nothing, since
+    the sites keep their own copies and check every new head against them.
+    """
+
+    tree_size = models.PositiveBigIntegerField(unique=True)
+    root_hash = models.CharField(max_length=64)
+    note = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-tree_size"]
+
+    def __str__(self) -> str:
+        return f"checkpoint {self.tree_size} {self.root_hash[:12]}"
+
+
+class CheckpointWitness(models.Model):
+    """A site's cosignature of a checkpoint: its worker checked the centre's signature and a
+    consistency proof from the last head it saw, and signed the same text with its key.
+
+    The public key it was verified with is copied in, so the row proves itself after the
+    credential is revoked or deleted; the institution is kept (PROTECT) because the witness
+    is evidence about it.
+    """
+
+    checkpoint = models.ForeignKey(
+        LedgerCheckpoint, on_delete=models.PROTECT, related_name="witnesses"
+    )
+    institution = models.ForeignKey(
+        "consortium.Institution", on_delete=models.PROTECT, related_name="+"
+    )
+    credential = models.ForeignKey(
+        "training.SiteCredential",
+        null=True,
+        blank=True,
+        on_delete=models.SET_NULL,
+        related_name="+",
+    )
+    key_name = models.CharField(max_length=100)
+    public_key = models.TextField()
+    signature_line = models.TextField()
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["checkpoint", "created_at"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["checkpoint", "institution"], name="one_witness_per_site_and_checkpoint"
+            )
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.key_name} witnessed checkpoint {self.checkpoint_id}"

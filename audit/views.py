@@ -28,6 +28,7 @@ from django.utils.functional import cached_property
 from audit.forms import LedgerFilterForm
 from audit.ledger.chain import verify_chain
 from audit.ledger.selectors import consortium_entries, ledger_event_names
+from audit.reports.anchoring import head_anchor
 from audit.reports.build import ContributionReport
 from audit.reports.compliance import ComplianceReport
 from audit.reports.compliance_contents import ComplianceScope
@@ -205,6 +206,7 @@ class _ReportView(GovernancePage):
             scope=scope,
             head=head,
             as_of=as_of(head),
+            anchor=head_anchor(head),
             summary=summary,
             withdrawals=withdrawals,
             error=error,
@@ -316,6 +318,7 @@ class ComplianceReportView(GovernancePage):
             agreement=self.version.agreement,
             head=head,
             as_of=as_of(head),
+            anchor=head_anchor(head),
             doc=doc,
             terms=json.loads(doc["terms"]) if doc and doc.get("terms") else {},
             error=error,

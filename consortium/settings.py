@@ -96,6 +96,17 @@ if PRODUCTION and not os.environ.get("SITE_URL") and not os.environ.get("SITE_SL
         "https://consortium.example.org"
     )
 
+# The centre's Ed25519 key (PKCS#8 PEM file) that signs the ledger's checkpoints, and the log's
+# name in them (audit.ledger.keys). Empty outside production: a key made once under var/.
+LEDGER_SIGNING_KEY = env.str("LEDGER_SIGNING_KEY", default="")
+if PRODUCTION and not LEDGER_SIGNING_KEY and not os.environ.get("SITE_SLUG"):
+    raise ImproperlyConfigured(
+        "LEDGER_SIGNING_KEY is unset: in production the ledger's checkpoints, which the sites "
+        "witness, are signed with a key of the centre's own. Make one with `manage.py "
+        "generate_site_key --out /etc/consortium/ledger-signing-key.pem` and set the path."
+    )
+LEDGER_ORIGIN = env.str("LEDGER_ORIGIN", default="")
+
 INSTALLED_APPS = [
     "daphne",
     "django.contrib.admin",

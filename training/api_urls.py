@@ -7,7 +7,7 @@ pattern of ``training.rounds.site_api`` is served under it."""
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from training.rounds import site_api, site_api_audit, site_api_evaluation
+from training.rounds import site_api, site_api_audit, site_api_evaluation, site_api_ledger
 from training.site.protocol import SITE_API_SEGMENT
 from training.web.api import approvals, datasets, jobs, notifications, validation_sets
 
@@ -29,6 +29,7 @@ urlpatterns = [
                 *site_api.urlpatterns,
                 *site_api_evaluation.urlpatterns,
                 *site_api_audit.urlpatterns,
+                *site_api_ledger.urlpatterns,
             ]
         ),
     ),

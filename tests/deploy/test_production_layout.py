@@ -46,6 +46,7 @@ from tests.support.deployment import (
 )
 from tests.support.tls import make_tls_files
 from training.fl.data import demo_split
+from training.fl.signing import generate_keypair
 
 pytestmark = [pytest.mark.deploy]
 
@@ -189,7 +190,10 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         # django-environ reads filemail:///x as the relative path x: four slashes, absolute.
         EMAIL_URL=f"filemail:///{tmp_path / 'mail'}",
         FL_REDISPATCH_AFTER_SECONDS="60",
+        # The centre's checkpoint key, made as docs/deploy says (generate_site_key).
+        LEDGER_SIGNING_KEY=str(tmp_path / "ledger-signing-key.pem"),
     )
+    (tmp_path / "ledger-signing-key.pem").write_bytes(generate_keypair()[0])
     central_env = {**_base_env(), **central}
     paths = {
         "/srv/consortium/venv/bin/": f"{VENV_BIN}/",

@@ -100,6 +100,7 @@ def test_production_refuses_a_short_metrics_token():
         DJANGO_SECRET_KEY="k" * 40,
         DJANGO_ALLOWED_HOSTS="example.org",
         SITE_URL="https://example.org",
+        LEDGER_SIGNING_KEY="/etc/consortium/ledger-signing-key.pem",
         EMAIL_ALLOW_CONSOLE="true",
         METRICS_TOKEN="short",
     )

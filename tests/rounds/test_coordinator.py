@@ -18,6 +18,7 @@ from django.utils import timezone
 from audit.ledger.canonical import canonical_json
 from audit.ledger.chain import verify_chain
 from consortium.celery import app
+from tests.support.canned_ledger import CannedLedger
 from tests.support.coordinator_harness import InProcessClient, job_payloads, propose_and_start
 from training.jobs.accounting import PrivacyEvent
 from training.models import (
@@ -510,7 +511,7 @@ def test_run_site_round_uses_no_database(tmp_path):
     (tmp_path / "key.pem").write_bytes(private_pem)
     uploads = []
 
-    class CannedClient:
+    class CannedClient(CannedLedger):
         def job(self, job_id):
             return {
                 "id": job_id,
@@ -649,7 +650,7 @@ def test_a_revoked_site_is_refused_though_it_knows_the_job(c3, broker, cast):
 # --- The site worker's checks, without a database ---------------------------------------------
 
 
-class _Central:
+class _Central(CannedLedger):
     """A canned central server for one job (id 9) and round (3): counts the requests."""
 
     def __init__(self, tmp_path):

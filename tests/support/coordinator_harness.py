@@ -47,6 +47,19 @@ class InProcessClient:
             )
         return response.status_code, response.json()
 
+    def ledger_checkpoint(self, since):
+        response = self.client.get(f"/api/site/v1/ledger/checkpoint/?since={since}", **self.auth)
+        return self._answer(response)[1]
+
+    def ledger_witness(self, body):
+        response = self.client.post(
+            "/api/site/v1/ledger/checkpoint/witness/",
+            data=json.dumps(body),
+            content_type="application/json",
+            **self.auth,
+        )
+        return self._answer(response)
+
     def audit_request(self, job_id):
         response = self.client.get(f"/api/site/v1/jobs/{job_id}/audit/", **self.auth)
         return self._answer(response)[1]

@@ -80,3 +80,42 @@ class LedgerWatch:
     def assert_none(self):
         """Nothing was appended (the chain is not re-verified)."""
         assert LedgerEntry.objects.count() == self.before
+
+
+def rewrite_ledger_consistently(seq: int, payload: dict[str, Any]) -> None:
+    """Rewrite entry ``seq``'s payload as a database administrator who covers their tracks:
+    recompute its hash, every later entry's ``prev_hash`` and hash, and the head, so that
+    ``verify_chain`` still finds the ledger intact. Only the sites' saved checkpoints (and
+    anything else kept outside the database) can tell.
+    """
+    from audit.ledger.canonical import canonical_json
+    from audit.ledger.chain import CHAIN_COLUMNS, chain_hash, entry_canonical_text
+    from audit.models import LedgerHead
+
+    rows = list(LedgerEntry.objects.filter(seq__gte=seq).order_by("seq").values(*CHAIN_COLUMNS))
+    assert rows and rows[0]["seq"] == seq, f"no entry #{seq} to rewrite"
+    rows[0]["payload_text"] = canonical_json(payload)
+    prev = rows[0]["prev_hash"]
+    entries, head = LedgerEntry._meta.db_table, LedgerHead._meta.db_table
+    for row in rows:
+        text = entry_canonical_text(
+            seq=row["seq"],
+            event=row["event"],
+            actor_id=row["actor_id_at_write"],
+            actor_repr=row["actor_repr"],
+            subject_type=row["subject_type"],
+            subject_id=row["subject_id"],
+            consortium_slug=row["consortium_slug"],
+            institution_slug=row["institution_slug"],
+            payload_text=row["payload_text"],
+            created_at=row["created_at"],
+        )
+        new_hash = chain_hash(prev, text)
+        tamper_ledger(
+            f"UPDATE {entries} SET payload_text = %s, prev_hash = %s, entry_hash = %s "  # noqa: S608
+            "WHERE seq = %s",
+            [row["payload_text"], prev, new_hash, row["seq"]],
+        )
+        prev = new_hash
+    tamper_ledger(f"UPDATE {head} SET entry_hash = %s WHERE id = 1", [prev])  # noqa: S608
+    assert verify_chain().ok, "the rewrite was meant to leave the chain intact"

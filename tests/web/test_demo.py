@@ -118,9 +118,16 @@ def test_site_credentials_are_reused_and_renewed(tmp_path):
     assert not again.created and again.token == first.token
     assert SiteCredential.objects.filter(institution=institution).count() == 1
 
+    # The ledger checkpoint its worker saw is kept while the credentials are ...
+    seen = first.data_root / ".fl-state" / "ledger.json"
+    seen.parent.mkdir(parents=True)
+    seen.write_text("{}")
+    ensure_site_credentials(institution, tmp_path / "barts")
+    assert seen.exists()
     (tmp_path / "barts" / "token").unlink()  # the token is lost: a new one, the old revoked
     renewed = ensure_site_credentials(institution, tmp_path / "barts")
     assert renewed.created and renewed.token != first.token
+    assert not seen.exists()  # ... and forgotten with them (a new centre, as far as it knows)
     live = SiteCredential.objects.filter(institution=institution, revoked_at__isnull=True)
     assert [c.label for c in live] == [CREDENTIAL_LABEL]
     assert stat.S_IMODE((tmp_path / "barts" / "token").stat().st_mode) == 0o600

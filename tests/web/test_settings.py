@@ -15,7 +15,14 @@ ROOT = Path(__file__).resolve().parents[2]
 def load_settings(**env):
     """Import the settings module in a fresh interpreter with ``env`` only."""
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("DJANGO_", "CONSORTIUM_"))}
-    for name in ("DATABASE_URL", "EMAIL_URL", "EMAIL_ALLOW_CONSOLE", "SITE_SLUG", "SITE_URL"):
+    for name in (
+        "DATABASE_URL",
+        "EMAIL_URL",
+        "EMAIL_ALLOW_CONSOLE",
+        "SITE_SLUG",
+        "SITE_URL",
+        "LEDGER_SIGNING_KEY",
+    ):
         clean.pop(name, None)
     clean.update(env)
     code = (
@@ -48,6 +55,7 @@ PRODUCTION = {
     "DJANGO_SECRET_KEY": "$" + "x" * 40,  # a leading $ is not a variable reference
     "DJANGO_ALLOWED_HOSTS": "example.org",
     "SITE_URL": "https://example.org",
+    "LEDGER_SIGNING_KEY": "/etc/consortium/ledger-signing-key.pem",
 }
 SMTP = "smtp+tls://mailer:secret@smtp.example.org:587"
 
@@ -129,6 +137,16 @@ def test_production_refuses_a_missing_site_url():
     )
     # A site worker builds no link: it needs none.
     assert load_settings(**env, SITE_SLUG="barts").returncode == 0
+
+
+def test_production_refuses_to_sign_checkpoints_without_a_key_of_its_own():
+    env = {k: v for k, v in PRODUCTION.items() if k != "LEDGER_SIGNING_KEY"}
+    result = load_settings(**env, EMAIL_URL=SMTP)
+    assert result.returncode != 0
+    assert "LEDGER_SIGNING_KEY is unset" in result.stderr
+    assert "generate_site_key --out" in result.stderr
+    # A site worker signs no checkpoint of the centre's.
+    assert load_settings(**env, EMAIL_URL=SMTP, SITE_SLUG="barts").returncode == 0
 
 
 def test_a_site_url_that_is_not_http_is_refused():

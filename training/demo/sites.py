@@ -18,6 +18,7 @@ from django.contrib.auth import get_user_model
 from training.fl.signing import generate_keypair
 from training.models import SiteCredential
 from training.rounds.credentials import site_credential_create, site_credential_revoke
+from training.site.ledger_witness import state_file
 
 CREDENTIAL_LABEL = "demo worker"
 
@@ -98,4 +99,8 @@ def ensure_site_credentials(institution, folder: Path) -> SiteFiles:
         acting_user=steward, institution=institution, label=CREDENTIAL_LABEL, public_key=public_pem
     )
     _write_private(token_path, token.encode("ascii") + b"\n")
+    # New credentials mean a new centre as far as this folder knows (the demo's database was
+    # made afresh): the checkpoint its worker saw of the old one would only make it refuse,
+    # rightly, to train for this one. A real site enrolled anew starts from the centre's word.
+    state_file(data_root).unlink(missing_ok=True)
     return SiteFiles(institution.slug, folder, key_path, token, data_root, True)

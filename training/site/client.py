@@ -34,7 +34,11 @@ callers' handling is the same as without retries. The checks' and the heartbeat'
 (``whoami``, ``datasets``, ``heartbeat``) are not retried here: their callers loop already
 (:func:`training.site.checks.wait_for_central`, the heartbeat's next beat) and a check must
 say at once that the server does not answer. The privacy audit's request and report
-(``.../jobs/<id>/audit/``) are a task's requests like the evaluation's, and retried alike.
+(``.../jobs/<id>/audit/``) are a task's requests like the evaluation's, and retried alike, as
+are the ledger's checkpoint and the site's witness of it (``ledger/checkpoint/...``).
+
+Why one module: the client is one class over one request path (authentication, protocol,
+TLS, retries), and each endpoint is a few lines on it; the configuration it reads is beside it.
 """
 
 from __future__ import annotations
@@ -538,3 +542,25 @@ class CentralClient:
             deadline=deadline,
         )
         return status, json.loads(body)
+
+    def ledger_checkpoint(self, since: int, *, deadline: Deadline = None) -> dict:
+        """The ledger's newest signed checkpoint with a consistency proof from the tree of
+        ``since`` entries (``{"checkpoint", "consistency_proof", "since", "public_key"}``);
+        CentralError (400 ``since_ahead``, 409 ``ledger_rewritten``) when the centre's ledger
+        does not extend it (:mod:`training.site.ledger_witness`)."""
+        _status, _headers, data = self._request(
+            "GET", f"ledger/checkpoint/?since={int(since)}", deadline=deadline
+        )
+        return json.loads(data)
+
+    def ledger_witness(self, body: dict, *, deadline: Deadline = None) -> tuple[int, dict]:
+        """Post this site's cosignature of a checkpoint it checked; sent again as it is when it
+        did not go through (the server answers the same site's second witness 200)."""
+        status, _headers, data = self._request(
+            "POST",
+            "ledger/checkpoint/witness/",
+            body=json.dumps(body).encode("utf-8"),
+            headers={"Content-Type": "application/json"},
+            deadline=deadline,
+        )
+        return status, json.loads(data)

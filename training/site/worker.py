@@ -7,6 +7,10 @@ REST API (``training.rounds.site_api``), authenticated as its site, with its cli
 (:mod:`training.site.client`). Its task message carries ids and digests only; everything else
 it fetches and checks:
 
+0. the centre's ledger (:mod:`training.site.ledger_witness`): its newest signed checkpoint must
+   verify with the centre's key and extend, by a consistency proof, the last checkpoint this
+   site saw; the site then cosigns it as a witness. A ledger rewritten at the centre raises
+   :class:`~training.site.ledger_witness.LedgerRefused` and the site does not train;
 1. the model the site starts from (``GET /api/site/v1/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
    (the update was already received, e.g. a second delivery of the task; the round closed;
@@ -66,6 +70,7 @@ from training.jobs.registry import model_registry
 from training.jobs.spec import EVALUATION_SITES, canonical_spec_text, evaluation_settings
 from training.jobs.spec import spec_digest as digest_of_spec
 from training.site.client import CentralClient, CentralError, WorkerConfig
+from training.site.ledger_witness import witness_ledger
 
 log = logging.getLogger(__name__)
 
@@ -289,14 +294,17 @@ def run_site_round(
     ``start_digest`` is the model the site was sent (its update is the delta from it).
     ``{"status": "accepted" | "duplicate" | "skipped", ...}``: ``skipped`` when the round no
     longer asks this site for an update (a second delivery, a closed round). Raises
-    :class:`WrongSite`, :class:`IntegrityFailure`, :class:`CentralError` or ``ValueError``
-    (local data or model problems) otherwise.
+    :class:`WrongSite`, :class:`~training.site.ledger_witness.LedgerRefused` (the centre's
+    ledger is not the one this site saw: nothing is trained), :class:`IntegrityFailure`,
+    :class:`CentralError` or ``ValueError`` (local data or model problems) otherwise.
     """
     config = config or WorkerConfig.from_env()
     if site != config.site_slug:
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
     clock = _PhaseClock()
+    witness_ledger(client, config)
+    clock.lap("ledger")
 
     try:
         sent = client.round_model(job_id, round_index)

@@ -18,6 +18,7 @@ import os
 from django.contrib.auth import get_user_model
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.reports.anchoring import head_anchor
 from audit.reports.errors import ReportError
 from audit.reports.files import FORMATS
 from audit.reports.scope import institution_scope, job_scope, ledger_head
@@ -76,6 +77,9 @@ class Command(BaseCommand):
             f"{result.head.entry_hash}): {result.size_bytes} bytes, SHA-256 {result.sha256}; "
             f"export recorded as ledger entry #{result.entry.seq}"
         )
+        # The signed, witnessed head it lies under (signed now, so that it covers the report).
+        for line in head_anchor(result.head, publish=True).lines():
+            self.stderr.write(line)
 
     def _export(self, scope, fmt, out, head, subject, actor):
         return report_export(

@@ -4,12 +4,17 @@ it names (the kind is recognised by the file's content).
 Exit status 0 when the named head is in the chain, the chain verifies up to it and every figure
 matches the report recomputed from the ledger; 1 when anything differs (each differing figure is
 named); 2 when the file cannot be read as a contribution report. See :mod:`audit.reports.verify`.
+
+It also states the ledger's newest signed checkpoint and the sites that witnessed it, and proves
+the report's head entry is in that checkpoint's tree (:mod:`audit.reports.anchoring`); a head
+that is not (the ledger was rewritten under a checkpoint the sites hold) fails the check too.
 """
 
 from __future__ import annotations
 
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.reports.anchoring import head_anchor
 from audit.reports.compliance_files import is_compliance_file
 from audit.reports.compliance_verify import verify_compliance_bytes
 from audit.reports.errors import MalformedReport, ReportError
@@ -57,6 +62,11 @@ class Command(BaseCommand):
             self.stdout.write(self.style.ERROR(f"  FAILED: {line}"))
         for line in outcome.notes:
             self.stdout.write(f"  note: {line}")
+        anchor = head_anchor(head)
+        for line in anchor.lines():
+            self.stdout.write(line if anchor.ok else self.style.ERROR(line))
+        if not anchor.ok:
+            outcome.fail(anchor.problem)
         if not outcome.ok:
             raise CommandError(
                 f"{file} does NOT match the ledger: {'; '.join(outcome.failed)}", returncode=1

@@ -18,6 +18,7 @@ from __future__ import annotations
 from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
+from audit.ledger.keys import public_key_env_value
 from consortium.governance.management.operator import (
     actor_named,
     add_actor_argument,
@@ -75,6 +76,8 @@ class Command(BaseCommand):
             f"Credentials “{credential.label}” created for {institution.name} (token "
             f"{credential.token_prefix}…, key {key_fingerprint(credential.public_key)}). The "
             "token below is shown once: give it to the site's worker as SITE_TOKEN, with "
-            f"SITE_SLUG={institution.slug} and CENTRAL_URL={settings.SITE_URL}."
+            f"SITE_SLUG={institution.slug} and CENTRAL_URL={settings.SITE_URL}, and the "
+            "centre's key for the ledger's checkpoints, which the worker checks before every "
+            f"task: CENTRAL_LEDGER_PUBLIC_KEY={public_key_env_value()}"
         )
         self.stdout.write(token)

@@ -12,6 +12,7 @@ from django.shortcuts import redirect
 from django.urls import reverse
 from django.utils.functional import cached_property
 
+from audit.ledger.keys import public_key_env_value
 from consortium.core.errors import ServiceError
 from consortium.core.pages import first_or_404
 from consortium.governance.pages import GovernanceForm, GovernancePage, InstitutionScopedMixin
@@ -55,6 +56,9 @@ class SiteCredentialListView(InstitutionScopedMixin, GovernanceForm):
                 central_url=settings.SITE_URL,
                 broker=worker_broker_setting(settings.CELERY_BROKER_URL, self.institution.slug),
                 private_ca=settings.SITE_URL.startswith("https://"),
+                # One line (the PEM's newlines as \n) that the worker reads back: it checks
+                # the centre's ledger checkpoints with it (training.site.ledger_witness).
+                ledger_public_key=public_key_env_value(),
             ),
         )
         response["Cache-Control"] = "no-store"

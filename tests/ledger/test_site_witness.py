@@ -1,0 +1,234 @@
+"""The site workers witness the centre's ledger: the real worker code
+(``training.site.worker.run_site_round`` and ``training.site.ledger_witness``) against the real
+site API (through Django's test client, ``InProcessClient``), on a real job.
+
+Every training task checks the newest signed checkpoint against the last one the site saw,
+saves and cosigns it; and a database administrator who rewrites an entry between two tasks,
+recomputing every hash so that ``verify_ledger`` still says intact, is caught by the first
+worker that looks: it refuses to train and says the centre's ledger was rewritten.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+
+import pytest
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from django.core.management import call_command
+
+from audit.ledger.chain import verify_chain
+from audit.ledger.checkpoint import NoteSignature, verify_cosignature
+from audit.ledger.checkpoints import signed_checkpoint_of
+from audit.ledger.keys import public_key_pem
+from audit.models import CheckpointWitness, LedgerCheckpoint, LedgerEntry
+from tests.support import coordinator_harness
+from tests.support.coordinator_harness import InProcessClient, propose_and_start
+from tests.support.ledger_checks import rewrite_ledger_consistently
+from tests.web.test_site_worker_pages import created_block
+from training.fl.signing import generate_keypair
+from training.models import SiteUpdate
+from training.site.ledger_witness import (
+    LedgerRefused,
+    configured_public_key,
+    state_path,
+    witness_ledger,
+)
+from training.site.worker import run_site_round
+
+pytestmark = pytest.mark.django_db
+
+# The coordinator tests' fixtures (tests/rounds/conftest.py): three hospitals and the
+# in-memory broker whose site tasks run the real worker code.
+c3 = coordinator_harness.c3
+broker = coordinator_harness.broker
+
+
+def run_tasks(c3, broker) -> list:
+    """Run every queued site task as its site; the central messages stay queued."""
+    results = []
+    for message in [m for m in broker.messages if m["name"] == "training.site_train"]:
+        broker.messages.remove(message)
+        site = c3.site(message["kwargs"]["site"])
+        results.append(
+            broker.run(
+                run_site_round,
+                **message["kwargs"],
+                config=site.config(),
+                client=InProcessClient(site.token),
+            )
+        )
+    return results
+
+
+def saved_size(site) -> int:
+    state = json.loads(state_path(site.config()).read_text())
+    return state["checkpoint"]["tree_size"]
+
+
+def second_round_tasks(c3, broker):
+    """Round 1 trained and closed; round 2's site tasks queued (not run)."""
+    job = propose_and_start(c3, broker, rounds=2, min_participants=2)
+    assert {r["status"] for r in run_tasks(c3, broker)} == {"accepted"}
+    broker.deliver(only_central=True)
+    broker.messages, broker.lost = list(broker.lost), []
+    assert len(broker.messages) == 3
+    return job
+
+
+def test_every_task_checks_saves_and_cosigns_the_newest_checkpoint(c3, broker):
+    propose_and_start(c3, broker, rounds=2)
+    run_tasks(c3, broker)
+    witnesses = CheckpointWitness.objects.select_related("checkpoint", "institution")
+    assert {w.institution.slug for w in witnesses} == {s.slug for s in c3.sites}
+    for witness in witnesses:  # each a real cosignature, by the site's registered key
+        verify_cosignature(
+            signed_checkpoint_of(witness.checkpoint).checkpoint,
+            NoteSignature.from_line(witness.signature_line),
+            name=witness.institution.slug,
+            public_pem=witness.public_key,
+        )
+    first = {s.slug: saved_size(s) for s in c3.sites}
+    assert all(size > 0 for size in first.values())
+    state = json.loads(state_path(c3.sites[0].config()).read_text())
+    assert state["key_source"] == "trust-on-first-use"
+    assert state["public_key"] == public_key_pem()
+
+    broker.deliver()  # round 1 closes, round 2 trains: the sites look again
+    for site in c3.sites:
+        assert saved_size(site) > first[site.slug]
+
+
+def test_a_consistent_rewrite_between_two_tasks_stops_the_next_worker(c3, broker, caplog):
+    job = second_round_tasks(c3, broker)
+    seen = saved_size(c3.sites[0])
+    # A database administrator rewrites round 1's start, recomputing every hash after it.
+    target = LedgerEntry.objects.filter(event="round.opened").order_by("seq").first()
+    assert target is not None and target.seq <= seen
+    rewrite_ledger_consistently(target.seq, {"job_id": job.pk, "forged": True})
+    assert verify_chain().ok  # the chain alone cannot tell
+
+    site = c3.sites[0]
+    message = next(m for m in broker.messages if m["kwargs"]["site"] == site.slug)
+    with caplog.at_level(logging.ERROR), pytest.raises(LedgerRefused, match="rewritten"):
+        run_site_round(
+            **message["kwargs"], config=site.config(), client=InProcessClient(site.token)
+        )
+    assert "refusing to train" in caplog.text
+    update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
+    assert update.status == SiteUpdate.Status.DISPATCHED  # nothing trained, nothing uploaded
+    assert saved_size(site) == seen  # the checkpoint it trusts is kept
+
+
+def test_a_rewrite_whose_checkpoints_were_deleted_too_is_caught_by_the_proof(c3, broker):
+    job = second_round_tasks(c3, broker)
+    seen = saved_size(c3.sites[1])
+    target = LedgerEntry.objects.filter(event="round.opened").order_by("seq").first()
+    rewrite_ledger_consistently(target.seq, {"job_id": job.pk, "forged": True})
+    # ... and covers the tracks the centre kept: its checkpoints and the witnesses of them.
+    CheckpointWitness.objects.all().delete()
+    LedgerCheckpoint.objects.all().delete()
+
+    site = c3.sites[1]
+    message = next(m for m in broker.messages if m["kwargs"]["site"] == site.slug)
+    with pytest.raises(LedgerRefused, match=f"does not extend checkpoint {seen}"):
+        run_site_round(
+            **message["kwargs"], config=site.config(), client=InProcessClient(site.token)
+        )
+    update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
+    assert update.status == SiteUpdate.Status.DISPATCHED
+
+
+def test_a_ledger_rolled_back_behind_what_the_site_saw_is_refused(c3, broker):
+    second_round_tasks(c3, broker)
+    site = c3.sites[2]
+    state = json.loads(state_path(site.config()).read_text())
+    # As if this site had seen a longer ledger than the centre has now.
+    size = LedgerEntry.objects.count()
+    state["checkpoint"]["tree_size"] = size + 5
+    state_path(site.config()).write_text(json.dumps(state))
+    with pytest.raises(LedgerRefused, match="SHORTER than the checkpoint this site saw"):
+        witness_ledger(InProcessClient(site.token), site.config())
+
+
+def test_a_checkpoint_signed_by_another_key_is_refused(c3, broker, settings, tmp_path):
+    second_round_tasks(c3, broker)
+    site = c3.sites[0]
+    other = tmp_path / "other-ledger-key.pem"
+    other.write_bytes(
+        Ed25519PrivateKey.generate().private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    settings.LEDGER_SIGNING_KEY = str(other)  # a centre that now signs with another key
+    CheckpointWitness.objects.all().delete()
+    LedgerCheckpoint.objects.all().delete()
+    with pytest.raises(LedgerRefused, match="not the one it trusts"):
+        witness_ledger(InProcessClient(site.token), site.config())
+
+
+def test_a_configured_centre_key_is_used_instead_of_trust_on_first_use(c3, broker, tmp_path):
+    site = c3.sites[0]
+    key_file = tmp_path / "central-ledger.pem"
+    key_file.write_text(public_key_pem())
+    outcome = witness_ledger(
+        InProcessClient(site.token),
+        site.config(),
+        environ={"CENTRAL_LEDGER_PUBLIC_KEY": str(key_file)},
+    )
+    assert outcome.witnessed and outcome.previous_size == 0
+    state = json.loads(state_path(site.config()).read_text())
+    assert state["key_source"] == "configured"
+    # A configured key that is not the centre's refuses the first checkpoint already.
+    state_path(site.config()).unlink()
+    stranger = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
+    with pytest.raises(LedgerRefused, match="does not verify"):
+        witness_ledger(
+            InProcessClient(site.token),
+            site.config(),
+            environ={"CENTRAL_LEDGER_PUBLIC_KEY": stranger.decode()},
+        )
+
+
+# --- The centre's key, as the site is told it ------------------------------------------------
+
+
+def test_the_key_the_credentials_page_and_command_print_is_the_one_the_worker_reads(cast, settings):
+    block, text = created_block(cast, settings)
+    line = next(x for x in block.splitlines() if x.startswith("CENTRAL_LEDGER_PUBLIC_KEY="))
+    value = line.split("=", 1)[1]
+    assert "\n" not in value
+    assert configured_public_key({"CENTRAL_LEDGER_PUBLIC_KEY": value}) == public_key_pem()
+    assert "checks and countersigns before every task" in text
+
+    err = io.StringIO()
+    call_command(
+        "create_site_credentials",
+        f"--institution={cast.hospital_a.slug}",
+        f"--public-key={generate_keypair()[1]}",
+        "--label=by-command",
+        "--actor=steward",
+        stdout=io.StringIO(),
+        stderr=err,
+    )
+    assert f"CENTRAL_LEDGER_PUBLIC_KEY={value}" in err.getvalue()
+
+
+def test_a_state_file_the_worker_did_not_write_stops_it_saying_where(c3, broker):
+    site = c3.sites[0]
+    path = state_path(site.config())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text('{"checkpoint": {}}')
+    with pytest.raises(LedgerRefused, match="is not one this worker wrote"):
+        witness_ledger(InProcessClient(site.token), site.config())
+    path.write_text("not json")
+    with pytest.raises(LedgerRefused, match="cannot be read"):
+        witness_ledger(InProcessClient(site.token), site.config())

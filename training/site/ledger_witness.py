@@ -1,0 +1,268 @@
+"""The site worker as a witness of the centre's ledger (docs/architecture.md, section 5).
+
+Before every training task the worker asks the centre for the ledger's newest signed checkpoint
+with a consistency proof from the last checkpoint it saw (``GET ledger/checkpoint/?since=<size>``,
+``training.rounds.site_api_ledger``), and checks both with the ledger's own verifiers
+(``audit.ledger.checkpoint`` and ``audit.ledger.merkle``, which import nothing of Django):
+
+1. the centre's signature, with the centre's public key: ``CENTRAL_LEDGER_PUBLIC_KEY`` (the PEM,
+   or the path of a file holding it; the worker credentials page and ``create_site_credentials``
+   print it), or else the key the first checkpoint came with, pinned in the state file (trust
+   on first use, said in the log);
+2. that the log is the one it saw (the same origin), and the RFC 9162 proof that today's tree
+   extends the one it saved: the same ledger, only longer.
+
+Only then is the new checkpoint saved (``DATA_ROOT/.fl-state/ledger.json``, beside the
+worker's other state, written whole and renamed) and cosigned with the site's key
+(``SITE_SIGNING_KEY``, under the site's slug), and the cosignature posted (``POST
+ledger/checkpoint/witness/``) for the centre to keep. A failed check raises
+:class:`LedgerRefused`: the worker does not train, and says that the centre's ledger was
+rewritten (or is not the one it saw). So a database administrator at the centre who rewrites
+history, even recomputing every hash so that the chain still verifies, is caught by the first
+site worker that looks.
+
+A witness that could not be posted (the centre refused or did not answer) is logged and the
+task goes on: what protects the site is its own check, which passed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from audit.ledger.checkpoint import (
+    CheckpointError,
+    SignedCheckpoint,
+    checkpoint_from_json,
+    checkpoint_to_json,
+    cosign_checkpoint,
+    verify_checkpoint,
+)
+from audit.ledger.merkle import ProofError, proof_from_hex, verify_consistency
+from training.site.client import CentralClient, CentralError, WorkerConfig
+
+log = logging.getLogger(__name__)
+
+__all__ = ["LedgerRefused", "WitnessOutcome", "state_file", "state_path", "witness_ledger"]
+
+PUBLIC_KEY_ENV = "CENTRAL_LEDGER_PUBLIC_KEY"
+_STATE_VERSION = 1
+
+
+class LedgerRefused(RuntimeError):
+    """The centre's ledger failed this site's check: the worker refuses the task."""
+
+
+@dataclass(frozen=True)
+class WitnessOutcome:
+    tree_size: int
+    previous_size: int
+    witnessed: bool  # the centre stored (or already had) this site's cosignature
+
+
+def state_file(data_root: Path) -> Path:
+    """Where a worker whose ``DATA_ROOT`` is ``data_root`` keeps the last checkpoint it saw and
+    the centre's key it trusts."""
+    return data_root / ".fl-state" / "ledger.json"
+
+
+def state_path(config: WorkerConfig) -> Path:
+    """:func:`state_file` of this worker."""
+    return state_file(config.data_root)
+
+
+def configured_public_key(environ: dict | None = None) -> str | None:
+    """``CENTRAL_LEDGER_PUBLIC_KEY``: the PEM itself, or the path of a file holding it."""
+    raw = ((os.environ if environ is None else environ).get(PUBLIC_KEY_ENV) or "").strip()
+    if not raw:
+        return None
+    if raw.startswith("-----BEGIN"):
+        return raw.replace("\\n", "\n") + ("\n" if not raw.endswith("\n") else "")
+    path = Path(raw).expanduser()
+    try:
+        return path.read_text(encoding="ascii")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise LedgerRefused(
+            f"{PUBLIC_KEY_ENV}={raw}: cannot read the centre's public key there ({exc})"
+        ) from None
+
+
+def _read_state(path: Path) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise LedgerRefused(
+            f"the ledger state {path} cannot be read ({exc}): it holds the last checkpoint "
+            "this site saw; restore it, or remove it to start again from the centre's word"
+        ) from None
+    fields = {"version", "origin", "public_key", "key_source", "checkpoint"}
+    if (
+        not isinstance(state, dict)
+        or set(state) != fields
+        or state["version"] != _STATE_VERSION
+        or not isinstance(state["checkpoint"], dict)
+    ):
+        raise LedgerRefused(f"the ledger state {path} is not one this worker wrote")
+    return state
+
+
+def _write_state(path: Path, state: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(state, indent=2, sort_keys=True), encoding="utf-8")
+    tmp.replace(path)
+
+
+def _refusal(exc: CentralError) -> LedgerRefused | None:
+    """The centre's own answer that its ledger does not extend what this site saw."""
+    code = exc.body.get("code") if isinstance(exc.body, dict) else None
+    detail = exc.body.get("detail", "") if isinstance(exc.body, dict) else str(exc)
+    if code == "since_ahead":
+        return LedgerRefused(
+            "the centre's ledger is SHORTER than the checkpoint this site saw: it was rolled "
+            f"back or replaced; refusing to train ({detail})"
+        )
+    if code == "ledger_rewritten":
+        return LedgerRefused(
+            "the centre says its ledger contradicts a checkpoint it signed: history was "
+            f"rewritten; refusing to train ({detail})"
+        )
+    return None
+
+
+def witness_ledger(
+    client: CentralClient, config: WorkerConfig, *, environ: dict | None = None
+) -> WitnessOutcome:
+    """Check the centre's newest checkpoint against the last one this site saw, save it and
+    cosign it; :class:`LedgerRefused` saying why when the ledger is not the one it saw.
+
+    Tasks of one worker may run side by side: the state is read, checked and written under
+    an exclusive lock on a file beside it, so each check starts from the newest state.
+    """
+    path = state_path(config)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        signed, previous = _check_and_save(client, config, path, environ)
+    return WitnessOutcome(
+        tree_size=signed.checkpoint.tree_size,
+        previous_size=previous,
+        witnessed=_post_witness(client, config, signed),
+    )
+
+
+def _check_and_save(
+    client: CentralClient, config: WorkerConfig, path: Path, environ: dict | None
+) -> tuple[SignedCheckpoint, int]:
+    state = _read_state(path)
+    since = state["checkpoint"]["tree_size"] if state else 0
+    try:
+        answer = client.ledger_checkpoint(since)
+    except CentralError as exc:
+        refusal = _refusal(exc)
+        if refusal is not None:
+            log.error("ledger check: %s", refusal)
+            raise refusal from None
+        raise
+    try:
+        signed = checkpoint_from_json(answer.get("checkpoint"))
+        proof = proof_from_hex(answer.get("consistency_proof"))
+    except (CheckpointError, ProofError, ValueError, TypeError, AttributeError) as exc:
+        raise LedgerRefused(
+            f"the centre's checkpoint is malformed ({exc}); refusing to train"
+        ) from None
+    checkpoint = signed.checkpoint
+
+    configured = configured_public_key(environ)
+    if configured:
+        public_key, source = configured, "configured"
+    elif state:
+        public_key, source = state["public_key"], state["key_source"]
+    else:
+        public_key, source = None, "trust-on-first-use"
+    origin = state["origin"] if state else checkpoint.origin
+    try:
+        if public_key is None:
+            # Trust on first use: the key is the one the centre's first checkpoint verifies
+            # with; it must then sign every later one.
+            public_key = answer.get("public_key")
+            if not isinstance(public_key, str) or not public_key.startswith("-----BEGIN"):
+                raise LedgerRefused("the centre's answer carries no ledger public key to pin")
+            log.warning(
+                "ledger check: %s is not set; trusting the centre's key on first use and "
+                "pinning it in %s (set %s to the key the credentials page shows to check it)",
+                PUBLIC_KEY_ENV,
+                path,
+                PUBLIC_KEY_ENV,
+            )
+        verify_checkpoint(signed, origin=origin, name=origin, public_pem=public_key)
+    except CheckpointError as exc:
+        refusal = LedgerRefused(
+            f"the centre's checkpoint {checkpoint.tree_size} does not verify as the ledger "
+            f"this site saw ({exc}): the centre's ledger or key is not the one it trusts; "
+            "refusing to train"
+        )
+        log.error("ledger check: %s", refusal)
+        raise refusal from None
+
+    if state:
+        old = checkpoint_from_json(state["checkpoint"]).checkpoint
+        try:
+            verify_consistency(
+                old.tree_size, checkpoint.tree_size, old.root_hash, checkpoint.root_hash, proof
+            )
+        except ProofError as exc:
+            refusal = LedgerRefused(
+                f"the centre's ledger was REWRITTEN: its checkpoint {checkpoint.tree_size} does "
+                f"not extend checkpoint {old.tree_size} that this site saw and witnessed "
+                f"({exc}); refusing to train"
+            )
+            log.error("ledger check: %s", refusal)
+            raise refusal from None
+    _write_state(
+        path,
+        {
+            "version": _STATE_VERSION,
+            "origin": origin,
+            "public_key": public_key,
+            "key_source": source,
+            "checkpoint": checkpoint_to_json(signed),
+        },
+    )
+    log.info(
+        "ledger check: checkpoint %d extends the %d entries this site saw before",
+        checkpoint.tree_size,
+        since,
+    )
+    return signed, since
+
+
+def _post_witness(client: CentralClient, config: WorkerConfig, signed: SignedCheckpoint) -> bool:
+    cosignature = cosign_checkpoint(
+        signed.checkpoint,
+        name=config.site_slug,
+        private_pem=config.signing_key_path.read_bytes(),
+    )
+    try:
+        client.ledger_witness(
+            {
+                "tree_size": signed.checkpoint.tree_size,
+                "root_hash": signed.checkpoint.root_hash.hex(),
+                "cosignature": cosignature.to_json(),
+            }
+        )
+    except CentralError as exc:
+        log.warning(
+            "ledger check passed, but the centre did not take this site's witness of "
+            "checkpoint %d: %s",
+            signed.checkpoint.tree_size,
+            exc,
+        )
+        return False
+    return True
