@@ -430,3 +430,36 @@ def test_the_tokens_page_says_what_an_act_token_needs(cast, required):
     verify(client, device)
     page = client.get(reverse("consortium:api-token-list")).content.decode()
     assert "This session has verified its second factor" in page
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [({}, "False"), ({"TWO_FACTOR_REQUIRED": "true"}, "True"), ("production", "True"),
+     ("production-off", "False")],
+)  # fmt: skip
+def test_required_by_default_in_production_only(env, expected):
+    import os
+    import subprocess
+    import sys
+
+    from tests.web.test_settings import PRODUCTION, ROOT
+
+    if env == "production":
+        env = {**PRODUCTION, "EMAIL_URL": "smtp://smtp.example.org:25"}
+    elif env == "production-off":
+        env = {**PRODUCTION, "EMAIL_URL": "smtp://smtp.example.org:25", "TWO_FACTOR_REQUIRED": "0"}
+    clean = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("DJANGO_", "CONSORTIUM_", "TWO_FACTOR"))
+        and k not in ("DATABASE_URL", "EMAIL_URL", "SITE_URL")
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", "import consortium.settings as s; print(s.TWO_FACTOR_REQUIRED)"],
+        cwd=ROOT,
+        env={**clean, **env},
+        capture_output=True,
+        text=True,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == expected
