@@ -281,6 +281,9 @@ class ComplianceReportView(GovernancePage):
     the ledger as ``report.compliance_exported``, then sent)."""
 
     permission_required = "audit.view_ledger"
+    # Reading it is reading the ledger; exporting it (the POST) lets it out, an act that needs
+    # a second factor where one is required (consortium.core.second_factor).
+    second_factor_on_post = True
     template_name = "audit/compliance_report.html"
 
     @cached_property

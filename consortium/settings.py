@@ -126,6 +126,10 @@ INSTALLED_APPS = [
     "django_htmx",
     "channels",
     "axes",
+    # Second factor (consortium.core.second_factor): TOTP authenticator apps and backup codes.
+    "django_otp",
+    "django_otp.plugins.otp_totp",
+    "django_otp.plugins.otp_static",
     "consortium.governance",
     "audit",
     "training",
@@ -142,6 +146,8 @@ MIDDLEWARE = [
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
+    # request.user.is_verified(): whether this session passed its second factor.
+    "django_otp.middleware.OTPMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     # Signs out a session idle or too old (SESSION_IDLE_MINUTES, SESSION_MAX_AGE_HOURS); after
     # the messages, to say why on the sign-in page.
@@ -267,6 +273,12 @@ for _proxy in TRUSTED_PROXIES:
             f"TRUSTED_PROXIES: {_proxy!r} is not an IP address or network "
             "(e.g. 127.0.0.1 or 10.0.0.0/8)"
         ) from None
+
+# A verified second factor (TOTP or a backup code) before an act that signs, approves, exports or
+# mints a credential (consortium.core.second_factor); on by default in production only.
+TWO_FACTOR_REQUIRED = env_bool("TWO_FACTOR_REQUIRED", default=PRODUCTION)
+# The name authenticator apps show beside the account.
+OTP_TOTP_ISSUER = "FL Consortium"
 
 # Invitations expire; the token is sent by email and only its hash is stored.
 INVITATION_TTL_HOURS = env.int("INVITATION_TTL_HOURS", default=72)
@@ -483,7 +495,8 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
-    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    # drf-spectacular's, plus the 403 of the acts that need a second factor.
+    "DEFAULT_SCHEMA_CLASS": "consortium.core.api.schema.ConsortiumAutoSchema",
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
     "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
     "PAGE_SIZE": 50,

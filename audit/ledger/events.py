@@ -464,6 +464,29 @@ API_TOKEN_REVOKED = _event(
     ),
 )
 
+# --- Second factor (consortium.governance.services.second_factor) ------------------------------
+
+SECOND_FACTOR_ENABLED = _event(
+    "account.second_factor_enabled",
+    subject="otp_totp.totpdevice",
+    doc="A person confirmed an authenticator app as their second factor (and got backup codes).",
+    fields=(
+        F("user_id", INTEGER, "The owner's user id."),
+        F("username", STRING, "The owner's username at the time."),
+        F("device", STRING, "The authenticator's name."),
+    ),
+)
+SECOND_FACTOR_REMOVED = _event(
+    "account.second_factor_removed",
+    subject="otp_totp.totpdevice",
+    doc="A person removed their authenticator app and backup codes (no second factor left).",
+    fields=(
+        F("user_id", INTEGER, "The owner's user id."),
+        F("username", STRING, "The owner's username at the time."),
+        F("device", STRING, "The authenticator's name."),
+    ),
+)
+
 # --- Site credentials, rounds and updates (training.rounds) --------------------------------
 
 CREDENTIAL_CREATED = _event(

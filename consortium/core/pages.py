@@ -12,7 +12,9 @@ Every page view mixes in :class:`PermissionRequiredMixin` (through the page base
 
 A view that declares no permission, or an unknown one, fails when its URL is
 built (``as_view``) and again on every request: it is never silently open.
-Anonymous users are sent to the login page. A missing object and an object the
+Anonymous users are sent to the login page. An act that needs a second factor
+(:mod:`consortium.core.second_factor`) in a session that has not passed one is sent to the
+verification page, before anything runs. A missing object and an object the
 user may not act on give the *same* 404, so ids cannot be probed.
 """
 
@@ -21,12 +23,23 @@ from __future__ import annotations
 from typing import Any
 
 import rules
+from django.contrib import messages
 from django.contrib.auth.views import redirect_to_login
 from django.core.exceptions import ImproperlyConfigured, ValidationError
 from django.db.models import QuerySet
-from django.http import Http404
+from django.http import Http404, HttpResponseRedirect
+from django.urls import reverse
+from django.utils.http import urlencode
 
 from consortium.core.access import may
+from consortium.core.second_factor import (
+    has_confirmed_device,
+    lacks_second_factor,
+    needs_second_factor,
+)
+
+#: Methods that read: a page's ``second_factor_on_post`` does not apply to them.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 SIGNED_IN = "<any signed-in user>"
 ANYONE = "<anyone, signed in or not>"
@@ -46,6 +59,9 @@ def first_or_404(queryset: QuerySet, **lookup: Any):
 
 class PermissionRequiredMixin:
     permission_required: str | None = None
+    #: The page's POST is an act that needs a second factor (an export) though reading the page
+    #: does not (``consortium.core.second_factor``).
+    second_factor_on_post: bool = False
 
     @classmethod
     def check_permission_declared(cls) -> None:
@@ -82,8 +98,35 @@ class PermissionRequiredMixin:
                 obj = self.get_permission_object()
                 if obj is None or not may(request.user, perm, obj):
                     raise Http404(NOT_FOUND)
+                if needs_second_factor(request, perm) or (
+                    self.second_factor_on_post
+                    and request.method not in SAFE_METHODS
+                    and lacks_second_factor(request)
+                ):
+                    return second_factor_redirect(request)
                 self.permission_object = obj
         return super().dispatch(request, *args, **kwargs)
+
+
+def second_factor_redirect(request) -> HttpResponseRedirect:
+    """To the page that verifies the second factor (or, with no authenticator yet, the one that
+    sets one up), coming back to this page after. Nothing of the act has run: a POST is answered
+    with the same redirect, and the form is filled in again after."""
+    if has_confirmed_device(request.user):
+        target = reverse("consortium:two-factor-verify")
+        messages.warning(
+            request,
+            "This act needs your second factor: enter a code from your authenticator app "
+            "(or a backup code), then try again.",
+        )
+    else:
+        target = reverse("consortium:two-factor-setup")
+        messages.warning(
+            request,
+            "This act needs a second factor, and your account has none yet: set up an "
+            "authenticator app, then try again.",
+        )
+    return HttpResponseRedirect(f"{target}?{urlencode({'next': request.get_full_path()})}")
 
 
 def apply_service_errors(form, exc: Exception) -> None:

@@ -305,3 +305,26 @@ class APITokenForm(forms.Form):
         days = sorted({d for d in API_TOKEN_LIFETIMES if d <= max_days} | {max_days})
         self.fields["days"].choices = [(d, f"{d} day{'s' if d != 1 else ''}") for d in days]
         self.fields["days"].initial = 30 if 30 in days else max_days
+
+
+class SecondFactorCodeForm(forms.Form):
+    """A code from the authenticator app (six digits) or one of the backup codes."""
+
+    code = forms.CharField(
+        max_length=32,
+        label="Code",
+        help_text="The six digits your authenticator app shows now, or a backup code.",
+        widget=forms.TextInput(
+            attrs={"autocomplete": "one-time-code", "inputmode": "text", "autofocus": True}
+        ),
+    )
+
+
+class CurrentPasswordForm(forms.Form):
+    """The account's current password, asked again before the second factor is changed."""
+
+    password = forms.CharField(
+        label="Current password",
+        strip=False,
+        widget=forms.PasswordInput(attrs={"autocomplete": "current-password"}),
+    )

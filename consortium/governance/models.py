@@ -474,6 +474,11 @@ class APIToken(models.Model):
     expires_at = models.DateTimeField()
     last_used_at = models.DateTimeField(null=True, blank=True)
     revoked_at = models.DateTimeField(null=True, blank=True)
+    second_factor = models.BooleanField(
+        default=False,
+        help_text="Created in a session that had verified its second factor: only such a token "
+        "may do the acts that need one (consortium.core.second_factor).",
+    )
 
     class Meta:
         ordering = ["-created_at", "-pk"]

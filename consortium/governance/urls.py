@@ -12,6 +12,7 @@ from consortium.governance.views import (
     consortia,
     institutions,
     members,
+    second_factor,
     withdrawals,
 )
 
@@ -60,6 +61,20 @@ urlpatterns = [
         "accounts/api-tokens/<id:pk>/revoke/",
         api_tokens.APITokenRevokeView.as_view(),
         name="api-token-revoke",
+    ),
+    # The signed-in person's second factor (consortium.core.second_factor).
+    path("account/two-factor/", second_factor.StatusView.as_view(), name="two-factor"),
+    path("account/two-factor/setup/", second_factor.SetupView.as_view(), name="two-factor-setup"),
+    path(
+        "account/two-factor/verify/", second_factor.VerifyView.as_view(), name="two-factor-verify"
+    ),
+    path(
+        "account/two-factor/backup-codes/",
+        second_factor.BackupCodesView.as_view(),
+        name="two-factor-backup-codes",
+    ),
+    path(
+        "account/two-factor/remove/", second_factor.RemoveView.as_view(), name="two-factor-remove"
     ),
     # Agreements.
     path(C + "agreements/", agreements.AgreementListView.as_view(), name="agreement-list"),

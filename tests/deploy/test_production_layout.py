@@ -7,9 +7,11 @@ machine's RabbitMQ, its own data root holding its own CSV data, no database sett
 CA given through ``SITE_CA_BUNDLE``. An operator starts the consortium with its first administrator,
 who adds the hospitals and invites their people with the management commands (each site's data
 steward creates its worker's credentials); people accept their invitations in the pages and act
-through the API; the job runs two rounds with evaluation at the sites; the ledger verifies and the
-auditors' contribution report scores every site and verifies. And no site's broker account can touch
-another site's queue or the coordinator's.
+through the API (the approvers, who sign and approve, first set up a second factor in the pages
+and make their API tokens in that verified session, as production requires; a token from
+``create_api_token`` is refused the signature); the job runs two rounds with evaluation at the
+sites; the ledger verifies and the auditors' contribution report scores every site and verifies.
+And no site's broker account can touch another site's queue or the coordinator's.
 
 Marked ``deploy``: it needs PostgreSQL (the server ``DATABASE_URL`` names: the test makes a
 database of its own there), RabbitMQ with ``rabbitmqctl``, Redis (the channel layer) and nginx.
@@ -36,12 +38,15 @@ from tests.support.deployment import (
     DEPLOY,
     HTTPS,
     VENV_BIN,
+    HTTPSError,
     Processes,
+    enrol_second_factor,
     free_port,
     nginx_binary,
     nginx_config,
     read_env_file,
     unit_commands,
+    verified_act_token,
     wait_until,
 )
 from tests.support.tls import make_tls_files
@@ -254,9 +259,9 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     )
     invitations = {"admin": _link(said, site_url)}
 
-    def accept(username, link) -> None:
+    def accept(username, link) -> HTTPS:
         """``username`` accepts the invitation ``link`` in the pages (through nginx, TLS
-        verified)."""
+        verified); the returned client is their signed-in session."""
         browser = HTTPS(site_url, tls.ca)
         page = browser.submit_form(
             urllib.parse.urlsplit(link).path,
@@ -268,6 +273,7 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
             },
         )
         assert "Welcome: you are now" in page, page[:2000]
+        return browser
 
     # The operator acts for no consortium: its first administrator, once in, adds the hospitals
     # and invites their people (a superuser holds no membership, so no right inside one).
@@ -293,17 +299,29 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
             invitations[f"{role}-{slug}"] = _link(said, site_url)
 
     # --- People accept their invitations in the pages (through nginx, TLS verified) --------
-    for username, link in invitations.items():
-        if username != "admin":
-            accept(username, link)
+    sessions = {
+        username: accept(username, link)
+        for username, link in invitations.items()
+        if username != "admin"
+    }
 
-    # The API takes a personal token, never a password: each person's, made by the command.
+    # The API takes a personal token, never a password: each person's, made by the command ...
     def api_token(name: str) -> str:
         said = manage(f"api-token-{name}", "create_api_token", "--user", name, "--scope", "act",
                       "--days", "1", "--name", "deploy test")  # fmt: skip
         return said.strip()
 
-    api = {name: HTTPS(site_url, tls.ca, token=api_token(name)) for name in invitations}
+    # ... except the approvers': production requires a second factor to sign and to approve
+    # (TWO_FACTOR_REQUIRED), so each sets up an authenticator app in the pages and makes their
+    # token in that verified session; the command's tokens carry no second factor.
+    approvers = [name for name in invitations if name.startswith("approver-")]
+    for name in approvers:
+        enrol_second_factor(sessions[name])
+    cli_tokens = {name: api_token(name) for name in invitations if name not in approvers}
+    tokens = {**cli_tokens, **{name: verified_act_token(sessions[name]) for name in approvers}}
+    api = {name: HTTPS(site_url, tls.ca, token=tokens[name]) for name in invitations}
+    # A token from the command cannot sign: the refusal says what is missing.
+    cli_approver = HTTPS(site_url, tls.ca, token=api_token(approvers[0]))
     # Every invitation was also mailed (the production mail backend, not the console).
     mailed = "".join(p.read_text() for p in (tmp_path / "mail").iterdir())
     assert all(link in mailed for link in invitations.values())
@@ -329,6 +347,21 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     )
     version = agreement["versions"][0]
     published = api["admin"].json("POST", f"/api/agreement-versions/{version['id']}/publish/")
+    try:
+        cli_approver.json(
+            "POST",
+            f"/api/agreement-versions/{version['id']}/sign/",
+            {
+                "institution": approvers[0].removeprefix("approver-"),
+                "typed_name": "Approver",
+                "confirmed": True,
+                "content_digest": published["content_digest"],
+            },
+        )
+    except HTTPSError as refused:
+        assert refused.status == 403 and "second_factor_required" in refused.body, refused
+    else:
+        raise AssertionError("an approver's token from create_api_token signed an agreement")
     for slug in SITES:
         api[f"approver-{slug}"].json(
             "POST",

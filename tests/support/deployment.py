@@ -11,6 +11,7 @@ and the test overrides only the values the files mark ``CHANGE-ME`` or name as t
 
 from __future__ import annotations
 
+import base64
 import http.cookiejar
 import json
 import os
@@ -251,3 +252,40 @@ def wait_until(what: str, probe, *, timeout: float, every: float = 1.0, processe
         time.sleep(every)
     tails = processes.tails() if processes is not None else ""
     raise AssertionError(f"timed out waiting for {what} (last: {last})\n{tails}")
+
+
+def totp_code(secret: str, *, steps_ahead: int = 0) -> str:
+    """The code an authenticator app shows for the base32 ``secret`` (RFC 6238: 30-second steps,
+    six digits), ``steps_ahead`` steps from now: django-otp takes a code once, and one step
+    either side of the server's clock."""
+    from django_otp.oath import TOTP
+
+    key = base64.b32decode(secret + "=" * (-len(secret) % 8))
+    totp = TOTP(key)
+    totp.time = time.time() + 30 * steps_ahead
+    return f"{totp.token():06d}"
+
+
+def enrol_second_factor(browser: HTTPS) -> str:
+    """Set up an authenticator app for the person signed in on ``browser``, through the pages
+    (the secret read off the setup page, a code computed from it, the backup codes shown);
+    the session is then verified. Returns the secret."""
+    _status, page = browser.request("GET", "/account/two-factor/setup/")
+    found = re.search(r'<pre class="mono" id="totp-secret">([A-Z2-7]+)</pre>', page)
+    assert found, f"no authenticator secret on the setup page:\n{page[:2000]}"
+    secret = found.group(1)
+    done = browser.submit_form("/account/two-factor/setup/", {"code": totp_code(secret)})
+    assert "Your backup codes" in done, done[:2000]
+    assert len(re.findall(r"<li>[a-z0-9]+</li>", done)) == 10, done[:2000]
+    return secret
+
+
+def verified_act_token(browser: HTTPS, name: str = "deploy test") -> str:
+    """A personal ``act`` API token made on the API tokens page by ``browser``'s session, which
+    must have verified its second factor: only such a token may sign, approve, export or mint
+    credentials where ``TWO_FACTOR_REQUIRED`` (``manage.py create_api_token`` makes tokens
+    that may not)."""
+    page = browser.submit_form("/accounts/api-tokens/", {"name": name, "scope": "act", "days": "7"})
+    found = re.search(r'<pre class="mono" id="api-token-secret">(flp_[^<]+)</pre>', page)
+    assert found, f"no API token on the page:\n{page[:2000]}"
+    return found.group(1)

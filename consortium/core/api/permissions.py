@@ -16,7 +16,9 @@ Where a permission is decided:
   validation, before the view calls its service.
 
 A missing object, an invisible one and a visible one the user may not act on all
-give the same 404 with the same body, so ids cannot be probed.
+give the same 404 with the same body, so ids cannot be probed. An act the user may do but that
+needs a second factor the request lacks (:mod:`consortium.core.second_factor`) is 403 with the
+code ``second_factor_required``, after the rule said yes.
 """
 
 from __future__ import annotations
@@ -28,11 +30,13 @@ from typing import Any
 import rules
 from django.core.exceptions import ImproperlyConfigured
 from django.http import Http404
-from rest_framework import permissions, viewsets
+from django.urls import reverse
+from rest_framework import exceptions, permissions, viewsets
 from rest_framework.exceptions import NotFound
 
 from consortium.core.access import may
 from consortium.core.converters import ID_PATTERN
+from consortium.core.second_factor import SECOND_FACTOR_REQUIRED_CODE, needs_second_factor
 
 # Marker for actions any signed-in user may call, because what they reach is
 # already scoped: lists over a ``*_visible_to`` queryset, accepting one's own
@@ -77,7 +81,32 @@ class ActionPermission(permissions.BasePermission):
             return False
         if perm == VISIBLE:
             return True
-        return may(request.user, perm, obj)
+        if not may(request.user, perm, obj):
+            return False
+        if needs_second_factor(request, perm):
+            # Only now, once the rule said yes: a refusal for want of a second factor must
+            # not tell an object the caller may not act on from one it may.
+            raise SecondFactorRequired()
+        return True
+
+
+class SecondFactorRequired(exceptions.PermissionDenied):
+    """The act needs a second factor the request lacks (403, ``second_factor_required``)."""
+
+    default_code = SECOND_FACTOR_REQUIRED_CODE
+
+    def __init__(self):
+        super().__init__(
+            {
+                "detail": "This act needs a second factor. In the browser, verify at "
+                f"{reverse('consortium:two-factor-verify')} (set up an authenticator app at "
+                f"{reverse('consortium:two-factor')} first if you have none). With an API "
+                "token: create an 'act' token from a session that has verified its second "
+                f"factor ({reverse('consortium:api-token-list')}); tokens made otherwise, "
+                "including by manage.py create_api_token, cannot do this act.",
+                "code": SECOND_FACTOR_REQUIRED_CODE,
+            }
+        )
 
 
 class GovernanceViewSet(viewsets.GenericViewSet):

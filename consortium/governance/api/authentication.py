@@ -134,5 +134,10 @@ class APITokenScheme(OpenApiAuthenticationExtension):
             "It expires, can be revoked, and acts with its owner's rights: a `read` token may "
             "only read (GET, HEAD, OPTIONS; anything else is 403), an `act` token may also "
             "change things. A missing, unknown, expired or revoked token is 401 with a "
-            "`WWW-Authenticate: Bearer` challenge; HTTP Basic is not accepted.",
+            "`WWW-Authenticate: Bearer` challenge; HTTP Basic is not accepted. Where the "
+            "installation requires a second factor (`TWO_FACTOR_REQUIRED`), signing, "
+            "withdrawing, deciding on a job, inviting, changing roles and the other acts of "
+            "`consortium.core.second_factor` are 403 with the code `second_factor_required` "
+            "unless the token was created in a browser session that verified its second factor "
+            "(a token from `manage.py create_api_token` never was).",
         }

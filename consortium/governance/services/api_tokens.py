@@ -25,6 +25,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import sha256_hex
 from consortium.core.errors import ConflictError, ServiceError
+from consortium.core.second_factor import SECOND_FACTOR_REQUIRED_CODE, second_factor_required
 from consortium.governance.models import APIToken, APITokenScope
 from consortium.governance.services.recording import record_account_event
 
@@ -78,11 +79,24 @@ def _clean_days(days) -> int:
     return days
 
 
-def api_token_create(*, acting_user, name: str, scope: str, days: int) -> tuple[APIToken, str]:
+def api_token_create(
+    *,
+    acting_user,
+    name: str,
+    scope: str,
+    days: int,
+    second_factor: bool = False,
+    by_operator: bool = False,
+) -> tuple[APIToken, str]:
     """Create a personal API token for ``acting_user`` and return it with its secret.
 
     The secret is returned once and never stored (only its SHA-256 and first characters are),
     so whoever creates it must copy it now. It expires ``days`` days from now.
+
+    ``second_factor``: the creating session verified its second factor, so the token may do the
+    acts that need one (``consortium.core.second_factor``). Where the installation requires a
+    second factor, an ``act`` token is made only in such a session (a person's page), or by the
+    operator's command (``by_operator``), whose tokens never carry the second factor.
     """
     if acting_user is None or not acting_user.is_authenticated or not acting_user.is_active:
         raise ServiceError("Only a signed-in, active account has API tokens.", code="no_account")
@@ -92,6 +106,14 @@ def api_token_create(*, acting_user, name: str, scope: str, days: int) -> tuple[
             {"scope": f"Unknown scope {scope!r}: choose {' or '.join(APITokenScope.values)}."}
         )
     days = _clean_days(days)
+    if by_operator:
+        second_factor = False
+    elif scope == APITokenScope.ACT and second_factor_required() and not second_factor:
+        raise ServiceError(
+            "An 'act' token can be created only after verifying your second factor in this "
+            "session (the Two-factor page): it acts with your rights.",
+            code=SECOND_FACTOR_REQUIRED_CODE,
+        )
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = timezone.now()
     with transaction.atomic():
@@ -103,6 +125,7 @@ def api_token_create(*, acting_user, name: str, scope: str, days: int) -> tuple[
             token_hash=_hash_token(secret),
             created_at=now,
             expires_at=now + dt.timedelta(days=days),
+            second_factor=bool(second_factor),
         )
         record_account_event(
             ledger_events.API_TOKEN_CREATED,

@@ -23,6 +23,7 @@ from consortium.core.pages import (
     apply_service_errors,
     first_or_404,
 )
+from consortium.core.second_factor import request_is_verified, second_factor_required
 from consortium.governance import selectors
 from consortium.governance.forms import APITokenForm
 from consortium.governance.services.api_tokens import api_token_create, api_token_revoke
@@ -44,6 +45,8 @@ class APITokenListView(PermissionRequiredMixin, FormView):
         return super().get_context_data(
             tokens=selectors.api_tokens_of(self.request.user),
             max_days=settings.API_TOKEN_MAX_DAYS,
+            second_factor_required=second_factor_required(),
+            verified=request_is_verified(self.request),
             **kwargs,
         )
 
@@ -54,6 +57,7 @@ class APITokenListView(PermissionRequiredMixin, FormView):
                 name=form.cleaned_data["name"],
                 scope=form.cleaned_data["scope"],
                 days=form.cleaned_data["days"],
+                second_factor=request_is_verified(self.request),
             )
         except (ValidationError, ServiceError) as exc:
             apply_service_errors(form, exc)

@@ -7,6 +7,10 @@ The token is printed, alone, on standard output, and never again: only its hash 
 ``API_TOKEN_MAX_DAYS``; a ``read`` token may only read. Send it as
 ``Authorization: Bearer <token>``.
 
+The token carries no second factor (``APIToken.second_factor`` is false): where
+``TWO_FACTOR_REQUIRED``, it cannot do the acts that need one (``consortium.core.second_factor``);
+a person makes such a token on their API tokens page, in a session that has verified.
+
 Ledger: ``account.api_token_created``, authored by the account the token belongs to (a token
 acts as its owner, so the entry names the owner, whoever typed the command).
 """
@@ -24,7 +28,11 @@ from consortium.governance.services.api_tokens import api_token_create
 
 
 class Command(BaseCommand):
-    help = "Create a personal API token for an account; the token is printed once."
+    help = (
+        "Create a personal API token for an account; the token is printed once. It carries no "
+        "second factor: where TWO_FACTOR_REQUIRED, it cannot sign, approve, export or mint "
+        "credentials (a person makes such a token on their API tokens page after verifying)."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -57,6 +65,7 @@ class Command(BaseCommand):
                 name=options["name"],
                 scope=options["scope"],
                 days=options["days"],
+                by_operator=True,
             )
         expires = timezone.localtime(token.expires_at)
         self.stderr.write(
