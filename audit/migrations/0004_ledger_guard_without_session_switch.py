@@ -85,9 +85,14 @@ BEGIN
     IF TG_OP = 'DELETE' THEN
         RAISE EXCEPTION 'ledger: the head cannot be deleted';
     ELSIF TG_OP = 'INSERT' THEN
-        IF EXISTS (SELECT 1 FROM "audit_ledgerhead") OR NEW."id" <> 1 OR NEW."seq" <> 0
-                OR NEW."entry_hash" <> '{GENESIS_HASH}' THEN
-            RAISE EXCEPTION 'ledger: a head row can only be created once, empty (#0, genesis)';
+        -- Two first appends may race to create the missing head: the loser must see the
+        -- unique violation it would have seen without this trigger (the append retries on it).
+        IF EXISTS (SELECT 1 FROM "audit_ledgerhead") THEN
+            RAISE EXCEPTION 'ledger: a head row can only be created once'
+                USING ERRCODE = 'unique_violation';
+        END IF;
+        IF NEW."id" <> 1 OR NEW."seq" <> 0 OR NEW."entry_hash" <> '{GENESIS_HASH}' THEN
+            RAISE EXCEPTION 'ledger: a head row can only be created empty (#0, genesis)';
         END IF;
         RETURN NEW;
     END IF;
