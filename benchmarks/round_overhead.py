@@ -44,7 +44,6 @@ import os
 import platform
 import re
 import shutil
-import socket
 import statistics
 import sys
 import tempfile
@@ -303,12 +302,6 @@ def propose_and_approve(admin, consortium, sites, rounds: int):
 # --- the processes -----------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _http_ok(url: str) -> bool:
     try:
         with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 - our own URL
@@ -318,8 +311,10 @@ def _http_ok(url: str) -> bool:
 
 
 def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
+    from training.demo.processes import free_port
+
     python = sys.executable
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "LOG_LEVEL": "INFO"}
     # Under ASGI Django runs each request's view in a thread of its own, and a persistent

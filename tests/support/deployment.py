@@ -30,6 +30,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from training.demo.processes import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "docs" / "deploy"
 VENV_BIN = Path(sys.executable).parent
@@ -43,12 +45,6 @@ __all__ = [
     "read_env_file",
     "unit_commands",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def read_env_file(path: Path) -> dict[str, str]:

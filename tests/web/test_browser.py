@@ -22,7 +22,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -34,6 +33,7 @@ from django.conf import settings
 
 from tests.support.browser import wait_for_expression, watch_errors
 from tests.support.child_processes import demo_env, redis_url_on_db
+from training.demo.processes import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.worker]
 
@@ -55,12 +55,6 @@ PIPELINE = [
     {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
     {"filter": "percentile_clipping", "percentile": 95.0},
 ]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _database_url(tmp: Path) -> str:
@@ -117,7 +111,7 @@ def stack(tmp_path_factory):
         env["CHANNEL_LAYER_URL"] = redis_url_on_db(settings.CHANNEL_LAYER_URL, BROWSER_REDIS_DB)
     manage = [sys.executable, str(BASE_DIR / "manage.py")]
     subprocess.run([*manage, "migrate", "-v0"], env=env, cwd=BASE_DIR, check=True, timeout=180)
-    port = _free_port()
+    port = free_port()
     output = tmp / "demo.out"
     with output.open("w") as out:
         process = subprocess.Popen(

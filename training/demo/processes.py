@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -107,7 +108,39 @@ class Supervisor:
         self.children.clear()
 
 
+#: Where the kernel takes the ports of outgoing connections when its range cannot be read
+#: (Linux's default ``net.ipv4.ip_local_port_range``).
+_DEFAULT_EPHEMERAL_RANGE = (32768, 60999)
+#: The lowest port handed out: clear of the well-known and registered services below it.
+_LOWEST_LISTENING_PORT = 10000
+
+
+def _ephemeral_port_range() -> tuple[int, int]:
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return _DEFAULT_EPHEMERAL_RANGE
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing listens on, for a server started a moment later.
+
+    Chosen below the kernel's ephemeral range, never inside it: between this call and the
+    server's bind, the other processes open connections (to PostgreSQL, the broker, each
+    other), and each takes an ephemeral port for its own end; a port from that range (which
+    is what binding to port 0 returns) can be taken by one of them in the gap, and the server
+    then fails with "Address already in use" (seen in CI, after the migrations that run
+    before the web server starts). A port outside the range is only ever taken by a process
+    that asks for it by number.
+    """
+    low, _high = _ephemeral_port_range()
+    if low - _LOWEST_LISTENING_PORT >= 1000:
+        rng = random.SystemRandom()
+        for _ in range(200):
+            port = rng.randrange(_LOWEST_LISTENING_PORT, low)
+            if port_free(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
