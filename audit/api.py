@@ -37,8 +37,10 @@ from audit.ledger.selectors import entries_of_consortia
 from audit.models import LedgerEntry
 from consortium.core.access import may
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
+from consortium.core.api.schema import ErrorSerializer
+from consortium.core.converters import MAX_ID
 from consortium.governance import selectors
-from consortium.governance.api.serializers import ErrorSerializer, consortium_field
+from consortium.governance.api.serializers import consortium_field
 from training.rounds.site_api_ledger import CheckpointSerializer
 
 
@@ -136,10 +138,12 @@ class InclusionProofSerializer(serializers.Serializer):
 def _whole_number(request, name: str, default: int | None = None) -> int:
     """A query parameter that must be a whole number; a 400 saying so otherwise."""
     raw = request.query_params.get(name)
-    if raw in (None, "") and default is not None:
+    if raw is None and default is not None:
         return default
-    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 19:
-        raise exceptions.ValidationError({name: [f"a whole number is required, got {raw!r}"]})
+    if raw is None or not raw.isascii() or not raw.isdigit() or len(raw) > 19 or int(raw) > MAX_ID:
+        raise exceptions.ValidationError(
+            {name: [f"a whole number from 0 to {MAX_ID} is required, got {raw!r}"]}
+        )
     return int(raw)
 
 
@@ -176,8 +180,10 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
         request=VerifyRequestSerializer,
         responses={
             200: VerificationSerializer,
-            400: OpenApiResponse(description="Unknown consortium."),
-            404: OpenApiResponse(ErrorSerializer, description="Not found or not allowed."),
+            400: OpenApiResponse(ErrorSerializer, description="No consortium named."),
+            404: OpenApiResponse(
+                ErrorSerializer, description="No such consortium, or not one you may verify."
+            ),
         },
     )
     @action(detail=False, methods=["post"])
@@ -237,15 +243,27 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
     @extend_schema(
         summary="Proof that one ledger entry is in the tree of a given size",
         parameters=[
-            OpenApiParameter("seq", int, required=True, description="The entry's number."),
             OpenApiParameter(
-                "tree_size", int, description="The tree's size (default: today's ledger)."
+                "seq",
+                {"type": "integer", "minimum": 1, "maximum": MAX_ID},
+                required=True,
+                description="The entry's number.",
+            ),
+            OpenApiParameter(
+                "tree_size",
+                {"type": "integer", "minimum": 0, "maximum": MAX_ID},
+                description="The tree's size (0 or absent: today's ledger).",
             ),
         ],
         responses={
             200: InclusionProofSerializer,
             400: OpenApiResponse(ErrorSerializer, description="seq or tree_size is not valid."),
             404: OpenApiResponse(ErrorSerializer, description="No such entry that you may read."),
+            409: OpenApiResponse(
+                ErrorSerializer,
+                description="No proof at that size (tree_size_unproven): the ledger has not "
+                "reached tree_size yet, or the entry came after it.",
+            ),
         },
     )
     @action(detail=False, methods=["get"], url_path="proof/inclusion")
@@ -258,7 +276,9 @@ class LedgerEntryViewSet(mixins.ListModelMixin, GovernanceViewSet):
         try:
             entry_hash, proof, size, root = inclusion_proof(seq, tree_size)
         except ProofError as exc:
-            raise exceptions.ValidationError({"tree_size": [str(exc)]}) from None
+            # A well-formed question today's ledger cannot answer (a size it has not reached):
+            # the state, not the request, is what stands in the way.
+            return Response({"detail": str(exc), "code": "tree_size_unproven"}, status=409)
         return Response(
             InclusionProofSerializer(
                 {

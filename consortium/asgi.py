@@ -11,7 +11,10 @@ from channels.auth import AuthMiddlewareStack  # noqa: E402
 from channels.routing import ProtocolTypeRouter, URLRouter  # noqa: E402
 from channels.security.websocket import AllowedHostsOriginValidator  # noqa: E402
 
+from consortium.daphne_requests import leave_bodies_to_django  # noqa: E402
 from consortium.routing import websocket_urlpatterns  # noqa: E402
+
+leave_bodies_to_django()
 
 application = ProtocolTypeRouter(
     {

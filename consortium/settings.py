@@ -495,10 +495,15 @@ REST_FRAMEWORK = {
         "rest_framework.authentication.SessionAuthentication",
     ],
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    # A JSON API: bodies are JSON, except where an endpoint takes a file (its own parsers). A
+    # form encoding carries no types (every value a string, nested objects as text), so the
+    # schema could not describe what such a body means; another content type is a 415.
+    "DEFAULT_PARSER_CLASSES": ["rest_framework.parsers.JSONParser"],
+    "TEST_REQUEST_DEFAULT_FORMAT": "json",
     # drf-spectacular's, plus the 403 of the acts that need a second factor.
     "DEFAULT_SCHEMA_CLASS": "consortium.core.api.schema.ConsortiumAutoSchema",
-    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.PageNumberPagination",
+    "DEFAULT_FILTER_BACKENDS": ["consortium.core.api.filtering.StrictFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "consortium.core.api.pagination.StrictPageNumberPagination",
     "PAGE_SIZE": 50,
     "EXCEPTION_HANDLER": "consortium.core.api.exceptions.exception_handler",
 }
@@ -512,6 +517,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
     "COMPONENT_SPLIT_REQUEST": True,
+    # Every error status the API answers, declared from each operation's shape, with one body.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "consortium.core.api.schema.declare_error_responses",
+    ],
     # Two "status" fields with different choices: name their enums.
     "ENUM_NAME_OVERRIDES": {
         "VersionStatusEnum": "consortium.governance.models.AgreementVersion.Status",

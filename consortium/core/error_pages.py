@@ -12,15 +12,33 @@ before rendering).
 
 A technical page is recognised by the ``robots`` meta tag Django's debug templates carry and
 ours do not; answers that are not HTML (the API's JSON errors) are left alone.
+
+Under ``/api/`` an error page is never HTML: a URL no route matches (``/api/jobs/0.5/``), a crash
+outside a view, a refused host, answer in the API's error shape (``{"detail", "code"}``, the
+content type the OpenAPI schema declares), with or without ``DEBUG``. A client that parses
+JSON gets JSON for every status the schema lists.
 """
 
 from __future__ import annotations
+
+import json
 
 from django.conf import settings
 from django.shortcuts import render
 from django.template.loader import render_to_string
 
-__all__ = ["AppErrorPagesMiddleware", "csrf_failure"]
+__all__ = ["API_PREFIX", "AppErrorPagesMiddleware", "csrf_failure"]
+
+#: Where the JSON API lives (consortium.api_urls): its errors are JSON, never a page.
+API_PREFIX = "/api/"
+
+#: The body an API error that no view wrote gets, by status.
+_API_ERRORS = {
+    400: ("Bad request.", "bad_request"),
+    403: ("You do not have permission to perform this action.", "permission_denied"),
+    404: ("Not found.", "not_found"),
+    500: ("Server error: the request was not completed; the server's log says why.", "error"),
+}
 
 #: What Django's technical 404 and 500 pages (django/views/templates/technical_*.html) carry.
 _TECHNICAL_MARK = b'<meta name="robots" content="NONE,NOARCHIVE">'
@@ -40,6 +58,8 @@ class AppErrorPagesMiddleware:
 
     def __call__(self, request):
         response = self.get_response(request)
+        if request.path.startswith(API_PREFIX):
+            return self._api_error(response)
         if not settings.DEBUG or getattr(settings, "TECHNICAL_ERROR_PAGES", False):
             return response
         if response.status_code not in (404, 500) or not self._technical(response):
@@ -52,6 +72,20 @@ class AppErrorPagesMiddleware:
             # The same page for a missing and a forbidden object: nothing of the request in it.
             body = render_to_string(template, request=request)
         response.content = body.encode()
+        response["Content-Length"] = str(len(response.content))
+        return response
+
+    @staticmethod
+    def _api_error(response):
+        """An HTML error answer under ``/api/`` made JSON, its status and headers kept."""
+        error = _API_ERRORS.get(response.status_code)
+        if error is None or getattr(response, "streaming", False):
+            return response
+        if not response.get("Content-Type", "").startswith("text/html"):
+            return response
+        detail, code = error
+        response.content = json.dumps({"detail": detail, "code": code}).encode()
+        response["Content-Type"] = "application/json"
         response["Content-Length"] = str(len(response.content))
         return response
 

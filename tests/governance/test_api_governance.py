@@ -268,9 +268,10 @@ def test_accept_with_the_wrong_email_is_400(cast):
     watch.assert_none()
 
 
-def test_accept_an_unknown_token_is_400(cast):
+def test_accept_an_unknown_token_is_404(cast):
+    """A token that matches no invitation names nothing: the 404 of any missing object."""
     response = api(cast.outsider).post("/api/invitations/accept/", {"token": "nope"}, format="json")
-    assert response.status_code == 400
+    assert response.status_code == 404
     assert response.json()["code"] == "invitation_invalid"
 
 
@@ -488,12 +489,17 @@ def test_malformed_json_is_400(cast):
     assert "JSON parse error" in response.json()["detail"]
 
 
-def test_unknown_consortium_slug_is_400_naming_the_field(cast):
+def test_an_unknown_consortium_slug_in_a_body_is_the_404_of_a_hidden_one(cast):
     response = api(cast.admin).post(
         "/api/institutions/", {"consortium": "nope", "name": "X"}, format="json"
     )
-    assert response.status_code == 400
-    assert "does not exist" in response.json()["consortium"][0]
+    assert response.status_code == 404
+    assert response.json() == {"detail": "Not found."}
+    # The other fields are still checked: a body that is wrong in itself is a 400.
+    response = api(cast.admin).post(
+        "/api/institutions/", {"consortium": cast.consortium.slug, "name": ""}, format="json"
+    )
+    assert response.status_code == 400 and "name" in response.json()
 
 
 def test_ledger_list_and_filters(cast):

@@ -446,7 +446,9 @@ def test_an_approver_decides_only_for_their_own_institution(cast, version):
     response = api(cast.approver).post(
         f"/api/jobs/{job.pk}/decide/", decide_body(job, cast.hospital_b), format="json"
     )
-    assert response.status_code == 400
+    # The caller sees Hospital B (a fellow member) but may not act for it: 403, not a 400.
+    assert response.status_code == 403
+    assert response.json()["code"] == "not_approver"
     assert "Only an approver of Hospital B" in response.json()["detail"]
     watch.assert_events()
 

@@ -285,7 +285,12 @@ def test_an_inclusion_proof_verifies_against_a_signed_checkpoint(cast):
     too_small = auditor.get(
         "/api/ledger/proof/inclusion/", {"seq": entry.seq, "tree_size": entry.seq - 1}
     )
-    assert too_small.status_code == 400 and "tree_size" in too_small.json()
+    assert too_small.status_code == 409
+    assert too_small.json()["code"] == "tree_size_unproven"
+    # A size the ledger has not reached: the same, the question is well formed.
+    beyond = auditor.get("/api/ledger/proof/inclusion/", {"seq": entry.seq, "tree_size": 2**63 - 2})
+    assert beyond.status_code == 409 and "beyond" in beyond.json()["detail"]
+    assert auditor.get("/api/ledger/proof/inclusion/", {"seq": 2**63}).status_code == 400
     # An entry of a consortium the auditor does not audit is the same 404 as none at all.
     append_entry(event="test.entry", consortium_slug="another-consortium")
     elsewhere = LedgerEntry.objects.get(consortium_slug="another-consortium").seq

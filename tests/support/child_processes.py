@@ -33,6 +33,33 @@ def child_database_url() -> str:
     return f"postgres://{auth}@{host}:{port}/{s['NAME']}"
 
 
+def fresh_database_url(tmp: Path, purpose: str) -> str:
+    """A new, empty database for a stack of processes the test starts, of the kind the suite
+    runs on: a SQLite file under ``tmp``, or ``<test database>_<purpose>`` on the PostgreSQL
+    server (dropped first if a killed run left it)."""
+    db = settings.DATABASES["default"]
+    if db["ENGINE"] != "django.db.backends.postgresql":
+        return f"sqlite:///{tmp / f'{purpose}.sqlite3'}"
+    import psycopg2
+
+    name = f"{db['NAME']}_{purpose}"[:63]
+    conn = psycopg2.connect(
+        dbname="postgres",
+        user=db.get("USER") or None,
+        password=db.get("PASSWORD") or None,
+        host=db.get("HOST") or None,
+        port=db.get("PORT") or None,
+    )
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        cur.execute(f'CREATE DATABASE "{name}"')
+    conn.close()
+    user = db.get("USER") or ""
+    auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else (f"{user}@" if user else "")
+    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{name}"
+
+
 def child_env() -> dict:
     """The environment of a ``python -c`` child that sets Django up on the test database."""
     return {

@@ -32,7 +32,7 @@ import pytest
 from django.conf import settings
 
 from tests.support.browser import wait_for_expression, watch_errors
-from tests.support.child_processes import demo_env, redis_url_on_db
+from tests.support.child_processes import demo_env, fresh_database_url, redis_url_on_db
 from training.demo.processes import free_port
 
 pytestmark = [pytest.mark.browser, pytest.mark.worker]
@@ -55,31 +55,6 @@ PIPELINE = [
     {"filter": "partial_sharing", "fraction": 0.4, "strategy": "topk"},
     {"filter": "percentile_clipping", "percentile": 95.0},
 ]
-
-
-def _database_url(tmp: Path) -> str:
-    """A fresh database for the stack, of the kind the suite runs on."""
-    db = settings.DATABASES["default"]
-    if db["ENGINE"] != "django.db.backends.postgresql":
-        return f"sqlite:///{tmp / 'browser.sqlite3'}"
-    import psycopg2
-
-    name = f"{db['NAME']}_browser"[:63]
-    conn = psycopg2.connect(
-        dbname="postgres",
-        user=db.get("USER") or None,
-        password=db.get("PASSWORD") or None,
-        host=db.get("HOST") or None,
-        port=db.get("PORT") or None,
-    )
-    conn.autocommit = True
-    with conn.cursor() as cur:
-        cur.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        cur.execute(f'CREATE DATABASE "{name}"')
-    conn.close()
-    user = db.get("USER") or ""
-    auth = f"{user}:{db['PASSWORD']}@" if db.get("PASSWORD") else (f"{user}@" if user else "")
-    return f"postgres://{auth}{db.get('HOST') or '127.0.0.1'}:{db.get('PORT') or 5432}/{name}"
 
 
 @dataclass
@@ -106,7 +81,9 @@ def stack(tmp_path_factory):
         )
     tmp = tmp_path_factory.mktemp("browser")
     var = tmp / "demo"
-    env = demo_env(tmp, database_url=_database_url(tmp), var=var, LIVE_POLL_SECONDS="0.5")
+    env = demo_env(
+        tmp, database_url=fresh_database_url(tmp, "browser"), var=var, LIVE_POLL_SECONDS="0.5"
+    )
     if settings.CHANNEL_LAYER_URL:
         env["CHANNEL_LAYER_URL"] = redis_url_on_db(settings.CHANNEL_LAYER_URL, BROWSER_REDIS_DB)
     manage = [sys.executable, str(BASE_DIR / "manage.py")]

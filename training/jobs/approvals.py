@@ -17,7 +17,7 @@ from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import describe_actor
-from consortium.core.errors import ConflictError, ServiceError
+from consortium.core.errors import ActNotAllowedError, ConflictError, ServiceError
 from consortium.governance.models import Agreement, Institution, Role
 from consortium.governance.permissions import has_institution_role
 from consortium.governance.selectors import agreement_in_force
@@ -132,7 +132,9 @@ def approval_decide(
     if decision == Approval.Decision.REJECTED and len(reason) < 5:
         raise ValidationError({"reason": "Give the reason for rejecting; the proposer sees it."})
     if not has_institution_role(acting_user, institution, Role.APPROVER):
-        raise ServiceError(f"Only an approver of {institution} can decide for it.")
+        raise ActNotAllowedError(
+            f"Only an approver of {institution} can decide for it.", code="not_approver"
+        )
     # Expiring an overdue job, rebinding it to a newer agreement version or failing
     # it under that version must commit even though the decision is then refused:
     # the refusal is raised only after the transaction is over.

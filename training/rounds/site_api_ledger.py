@@ -20,7 +20,6 @@ site's worker witnesses the ledger's signed checkpoints (``audit.ledger.checkpoi
 from __future__ import annotations
 
 from django.urls import path
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
 from rest_framework import serializers, status
 from rest_framework.response import Response
@@ -102,7 +101,7 @@ def _error(detail: str, code: str, status_code: int) -> Response:
 
 def _since(raw: str | None) -> int | str:
     """The ``since`` parameter as a size, or the message saying what is wrong with it."""
-    if raw is None or raw == "":
+    if raw is None:
         return 0
     if not raw.isdigit() or not raw.isascii() or len(raw) > 19 or int(raw) > _MAX_SIZE:
         return (
@@ -121,7 +120,7 @@ class SiteCheckpointView(SiteAPIView):
         parameters=[
             OpenApiParameter(
                 "since",
-                OpenApiTypes.INT,
+                {"type": "integer", "minimum": 0, "maximum": _MAX_SIZE},
                 description="The size of the last checkpoint this site saw (0 or absent: none).",
             )
         ],

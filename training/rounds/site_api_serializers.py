@@ -7,7 +7,7 @@ from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from consortium.governance.api.serializers import ErrorSerializer
+from consortium.core.api.schema import ErrorSerializer
 from training.models import JobState, SiteUpdate
 
 __all__ = [

@@ -35,6 +35,7 @@ from rest_framework import exceptions, permissions, viewsets
 from rest_framework.exceptions import NotFound
 
 from consortium.core.access import may
+from consortium.core.api.strict_input import type_errors
 from consortium.core.converters import ID_PATTERN
 from consortium.core.second_factor import SECOND_FACTOR_REQUIRED_CODE, needs_second_factor
 
@@ -88,6 +89,22 @@ class ActionPermission(permissions.BasePermission):
             # not tell an object the caller may not act on from one it may.
             raise SecondFactorRequired()
         return True
+
+
+#: The codes of a related field's lookup that found nothing (slug or id of no object).
+_MISSING_OBJECT_CODES = {"does_not_exist"}
+
+
+def _names_a_missing_object(errors: Mapping[str, Any]) -> bool:
+    """Whether a field's error is that no object (visible to the caller: the related fields
+    look among those) has the slug or id it names."""
+    for field_errors in errors.values():
+        if not isinstance(field_errors, list):
+            continue
+        for error in field_errors:
+            if getattr(error, "code", None) in _MISSING_OBJECT_CODES:
+                return True
+    return False
 
 
 class SecondFactorRequired(exceptions.PermissionDenied):
@@ -175,11 +192,22 @@ class GovernanceViewSet(viewsets.GenericViewSet):
         object it names. Views read their input only through this."""
         serializer_class = serializer_class or self.get_serializer_class()
         serializer = serializer_class(data=self.request.data, context=self.get_serializer_context())
-        serializer.is_valid(raise_exception=True)
-        data = serializer.validated_data
         fields = self.input_targets.get(self.action)
-        if fields:
-            names = (fields,) if isinstance(fields, str) else fields
+        names = ((fields,) if isinstance(fields, str) else fields) if fields else ()
+        # JSON carries types; a form upload (a file endpoint) has only text to give.
+        json_body = (self.request.content_type or "").startswith("application/json")
+        wrong_types = type_errors(serializer, self.request.data) if json_body else {}
+        if wrong_types:
+            raise exceptions.ValidationError(wrong_types)
+        if not serializer.is_valid():
+            if _names_a_missing_object(serializer.errors):
+                # An object named in the body that does not exist answers as one the caller may
+                # not see or act on (below), as one named in the URL does: not a 400 "does not
+                # exist" beside a 404.
+                raise NotFound(NOT_FOUND)
+            raise exceptions.ValidationError(serializer.errors)
+        data = serializer.validated_data
+        if names:
             target = next((data[n] for n in names if data.get(n) is not None), None)
             if target is None:
                 raise NotFound(NOT_FOUND)

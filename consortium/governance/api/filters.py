@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import django_filters
 from django import forms
+from drf_spectacular.utils import extend_schema_field
 
 from consortium.core.converters import MAX_ID
 from consortium.governance.models import (
@@ -17,6 +18,7 @@ from consortium.governance.models import (
 )
 
 
+@extend_schema_field({"type": "integer", "minimum": 1, "maximum": MAX_ID})
 class IdFilter(django_filters.NumberFilter):
     """An id: a whole number from 1 to what the database holds; anything else is a 400 that
     says so (``-1.6e46`` once reached the database as an overflowing integer, a 500)."""

@@ -69,13 +69,6 @@ def institution_field(**kwargs) -> VisibleSlugField:
     )
 
 
-class ErrorSerializer(serializers.Serializer):
-    """What a refused request returns (field errors come as ``{field: [messages]}``)."""
-
-    detail = serializers.CharField()
-    code = serializers.CharField(required=False)
-
-
 # --- Consortia and institutions --------------------------------------------------------
 
 
@@ -315,7 +308,7 @@ class TermsInputSerializer(serializers.Serializer):
 
     purpose = serializers.CharField()
     permitted_model_families = serializers.ListField(
-        child=serializers.ChoiceField(choices=ModelFamily.choices), allow_empty=False
+        child=serializers.ChoiceField(choices=ModelFamily.choices), allow_empty=False, min_length=1
     )
     max_shared_fraction = serializers.DecimalField(max_digits=4, decimal_places=3)
     required_dp_mechanism = serializers.ChoiceField(choices=DPMechanism.choices)

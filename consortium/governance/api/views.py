@@ -14,6 +14,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
+from consortium.core.api.schema import ErrorSerializer
 from consortium.governance import selectors
 from consortium.governance.api import filters, serializers
 from consortium.governance.models import (
@@ -41,11 +42,11 @@ from consortium.governance.services.members import (
 )
 from consortium.governance.services.withdrawals import consent_withdraw
 
-_NOT_FOUND = OpenApiResponse(serializers.ErrorSerializer, description="Not found or not allowed.")
-_INVALID = OpenApiResponse(description="Invalid input: `{field: [messages]}` or `{detail, code}`.")
-_CONFLICT = OpenApiResponse(
-    serializers.ErrorSerializer, description="Conflicts with the current state."
+_NOT_FOUND = OpenApiResponse(ErrorSerializer, description="Not found or not allowed.")
+_INVALID = OpenApiResponse(
+    ErrorSerializer, description="Invalid input: `{field: [messages]}` or `{detail, code}`."
 )
+_CONFLICT = OpenApiResponse(ErrorSerializer, description="Conflicts with the current state.")
 
 
 @extend_schema_view(
@@ -223,7 +224,15 @@ class InvitationViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, Govern
     @extend_schema(
         summary="Accept an invitation sent to your email address",
         request=serializers.InvitationAcceptSerializer,
-        responses={201: serializers.MembershipSerializer, 400: _INVALID, 409: _CONFLICT},
+        responses={
+            201: serializers.MembershipSerializer,
+            400: _INVALID,
+            404: OpenApiResponse(
+                ErrorSerializer,
+                description="The token matches no invitation (invitation_invalid).",
+            ),
+            409: _CONFLICT,
+        },
     )
     @action(detail=False, methods=["post"])
     def accept(self, request):

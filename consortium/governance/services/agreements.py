@@ -32,7 +32,7 @@ from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
-from consortium.core.errors import ConflictError, ServiceError
+from consortium.core.errors import ActNotAllowedError, ConflictError, ServiceError
 from consortium.governance.models import (
     Agreement,
     AgreementVersion,
@@ -403,7 +403,7 @@ def agreement_sign(
             }
         )
     if not has_institution_role(acting_user, institution, Role.APPROVER):
-        raise ServiceError(
+        raise ActNotAllowedError(
             f"Only an approver of {institution} can sign for it.", code="not_approver"
         )
     with transaction.atomic():

@@ -19,7 +19,7 @@ from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import sha256_hex
-from consortium.core.errors import ConflictError, ServiceError
+from consortium.core.errors import ConflictError, NotFoundError, ServiceError
 from consortium.governance.models import (
     CONSORTIUM_ROLES,
     INSTITUTION_ROLES,
@@ -127,7 +127,7 @@ def invitation_by_token(token: str) -> Invitation:
         .first()
     )
     if invitation is None:
-        raise ServiceError("This invitation link is not valid.", code="invitation_invalid")
+        raise NotFoundError("This invitation link is not valid.", code="invitation_invalid")
     return invitation
 
 

@@ -10,6 +10,7 @@ from rest_framework import serializers
 from rest_framework.decorators import action
 
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
+from consortium.core.converters import MAX_ID
 from consortium.governance.api.serializers import institution_field
 from training.jobs import selectors
 from training.models import Approval, JobState, TrainingJob
@@ -77,7 +78,9 @@ class DecideSerializer(serializers.Serializer):
         max_length=64, help_text="The spec_digest of the job you reviewed."
     )
     agreement_version = serializers.IntegerField(
-        help_text="The id of the agreement version the job was bound to when you reviewed it."
+        min_value=1,
+        max_value=MAX_ID,
+        help_text="The id of the agreement version the job was bound to when you reviewed it.",
     )
 
 

@@ -49,18 +49,25 @@ class DatasetSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+#: The largest count a data set's columns hold (PositiveIntegerField: PostgreSQL's integer).
+_LARGEST_COUNT = 2**31 - 1
+
+
 class DatasetUpdateSerializer(serializers.Serializer):
     """A data set's description; the service checks the values (the key is fixed)."""
 
     description = serializers.CharField(required=False)
     modality = serializers.ChoiceField(choices=Modality.choices, required=False)
-    num_records = serializers.IntegerField(required=False)
+    num_records = serializers.IntegerField(required=False, min_value=1, max_value=_LARGEST_COUNT)
     input_shape = serializers.ListField(
-        child=serializers.IntegerField(),
+        child=serializers.IntegerField(min_value=1, max_value=_LARGEST_COUNT),
         required=False,
-        help_text="Shape of one input: [features] or [channels, height, width].",
+        min_length=1,
+        max_length=3,
+        help_text="Shape of one input: [features] (tabular) or [channels, height, width] "
+        "(image, segmentation).",
     )
-    n_classes = serializers.IntegerField(required=False)
+    n_classes = serializers.IntegerField(required=False, min_value=2, max_value=_LARGEST_COUNT)
     schema = serializers.DictField(
         required=False, help_text="Optional: column names, units, label meaning."
     )
@@ -68,8 +75,11 @@ class DatasetUpdateSerializer(serializers.Serializer):
 
 class DatasetCreateSerializer(DatasetUpdateSerializer):
     institution = institution_field()
-    key = serializers.CharField(
-        max_length=64, help_text="The name the site's worker maps to its own files."
+    key = serializers.RegexField(
+        r"^[a-z0-9][a-z0-9_.-]{0,63}$",
+        max_length=64,
+        help_text="The name the site's worker maps to its own files: 1 to 64 lower-case "
+        "letters, digits, '.', '_' or '-', starting with a letter or digit.",
     )
 
     def __init__(self, *args, **kwargs):

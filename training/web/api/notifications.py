@@ -8,6 +8,7 @@ from rest_framework.decorators import action
 from rest_framework.response import Response
 
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
+from consortium.core.converters import MAX_ID
 from consortium.governance.models import Notification
 from training.jobs import selectors
 from training.jobs.notifications import notification_mark_read
@@ -25,7 +26,7 @@ class NotificationSerializer(serializers.ModelSerializer):
 
 class MarkReadSerializer(serializers.Serializer):
     ids = serializers.ListField(
-        child=serializers.IntegerField(),
+        child=serializers.IntegerField(min_value=1, max_value=MAX_ID),
         required=False,
         allow_null=True,
         default=None,

@@ -8,10 +8,12 @@ from __future__ import annotations
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers
 
-from consortium.governance.api.serializers import ErrorSerializer
+from consortium.core.api.schema import ErrorSerializer
 
 NOT_FOUND = OpenApiResponse(ErrorSerializer, description="Not found or not allowed.")
-INVALID = OpenApiResponse(description="Invalid input: `{field: [messages]}` or `{detail, code}`.")
+INVALID = OpenApiResponse(
+    ErrorSerializer, description="Invalid input: `{field: [messages]}` or `{detail, code}`."
+)
 CONFLICT = OpenApiResponse(ErrorSerializer, description="Conflicts with the current state.")
 
 

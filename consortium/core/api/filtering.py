@@ -1,0 +1,43 @@
+"""The API's list filters (django-filter), strict about what a filter parameter is.
+
+django-filter reads a parameter given empty (``?consortium=``, or only white space) as no
+filter at all, a
+boolean it cannot read (``?current=null``) as no filter either, and a parameter given twice
+as its last value: the client asked for something and got the whole list, with no word that
+its question was not understood. Here a filter parameter is given once, with a value the
+filter reads, or left out; anything else is a 400 that names the parameter. The OpenAPI
+schema says the same (``minLength``, the boolean's two values; :mod:`consortium.core.api.schema`).
+"""
+
+from __future__ import annotations
+
+import django_filters
+from django_filters.rest_framework import DjangoFilterBackend
+from rest_framework.exceptions import ValidationError
+
+_BOOLEAN_VALUES = {"true", "false"}
+
+
+class StrictFilterBackend(DjangoFilterBackend):
+    def filter_queryset(self, request, queryset, view):
+        filterset_class = self.get_filterset_class(view, queryset)
+        if filterset_class is not None:
+            errors = _parameter_errors(request.query_params, filterset_class.base_filters)
+            if errors:
+                raise ValidationError(errors)
+        return super().filter_queryset(request, queryset, view)
+
+
+def _parameter_errors(params, filters) -> dict[str, list[str]]:
+    errors: dict[str, list[str]] = {}
+    for name, filter_ in filters.items():
+        values = params.getlist(name)
+        if not values:
+            continue
+        if len(values) > 1:
+            errors[name] = ["Give this parameter once."]
+        elif not values[0].strip():
+            errors[name] = ["Give a value, or leave the parameter out."]
+        elif isinstance(filter_, django_filters.BooleanFilter) and values[0] not in _BOOLEAN_VALUES:
+            errors[name] = [f"'true' or 'false', not {values[0]!r}."]
+    return errors
