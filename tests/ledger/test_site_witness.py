@@ -30,6 +30,8 @@ from tests.support.ledger_checks import rewrite_ledger_consistently
 from tests.web.test_site_worker_pages import created_block
 from training.fl.signing import generate_keypair
 from training.models import SiteUpdate
+from training.site.audit import run_site_audit
+from training.site.evaluation import run_site_evaluation
 from training.site.ledger_witness import (
     LedgerRefused,
     configured_public_key,
@@ -116,7 +118,7 @@ def test_a_consistent_rewrite_between_two_tasks_stops_the_next_worker(c3, broker
         run_site_round(
             **message["kwargs"], config=site.config(), client=InProcessClient(site.token)
         )
-    assert "refusing to train" in caplog.text
+    assert "refusing its tasks" in caplog.text
     update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
     assert update.status == SiteUpdate.Status.DISPATCHED  # nothing trained, nothing uploaded
     assert saved_size(site) == seen  # the checkpoint it trusts is kept
@@ -139,6 +141,33 @@ def test_a_rewrite_whose_checkpoints_were_deleted_too_is_caught_by_the_proof(c3,
         )
     update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
     assert update.status == SiteUpdate.Status.DISPATCHED
+
+
+def test_an_evaluation_or_a_privacy_audit_is_refused_too_after_a_rewrite(c3, broker):
+    """Every task looks first, not only training: a site evaluates and audits nothing for a
+    centre whose ledger was rewritten (the refusal comes before any request for the task)."""
+    job = second_round_tasks(c3, broker)
+    target = LedgerEntry.objects.filter(event="round.opened").order_by("seq").first()
+    rewrite_ledger_consistently(target.seq, {"job_id": job.pk, "forged": True})
+    site = c3.sites[2]
+    client = InProcessClient(site.token)
+    with pytest.raises(LedgerRefused, match="rewritten"):
+        run_site_evaluation(
+            job_id=job.pk,
+            round_index=1,
+            site=site.slug,
+            spec_digest=job.spec_digest,
+            config=site.config(),
+            client=client,
+        )
+    with pytest.raises(LedgerRefused, match="rewritten"):
+        run_site_audit(
+            job_id=job.pk,
+            site=site.slug,
+            spec_digest=job.spec_digest,
+            config=site.config(),
+            client=client,
+        )
 
 
 def test_a_ledger_rolled_back_behind_what_the_site_saw_is_refused(c3, broker):

@@ -49,6 +49,7 @@ from training.fl.audit_report import (
 from training.fl.signing import sign_update
 from training.jobs.spec import privacy_audit_settings
 from training.site.client import CentralClient, CentralError, WorkerConfig
+from training.site.ledger_witness import witness_ledger
 from training.site.worker import (
     IntegrityFailure,
     JobSpec,
@@ -134,6 +135,9 @@ def run_site_audit(
     if site != config.site_slug:
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
+    # The centre's ledger first, as before training: nothing is done for a centre whose
+    # ledger was rewritten (LedgerRefused).
+    witness_ledger(client, config)
     try:
         asked = client.audit_request(job_id)
     except CentralError as exc:

@@ -31,6 +31,7 @@ import logging
 from training.fl.evaluation_report import report_text
 from training.fl.signing import sign_update
 from training.site.client import CentralClient, CentralError, WorkerConfig
+from training.site.ledger_witness import witness_ledger
 from training.site.worker import (
     IntegrityFailure,
     WrongSite,
@@ -70,6 +71,9 @@ def run_site_evaluation(
     if site != config.site_slug:
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
+    # The centre's ledger first, as before training: nothing is done for a centre whose
+    # ledger was rewritten (LedgerRefused).
+    witness_ledger(client, config)
     try:
         asked = client.evaluation_request(job_id, round_index)
     except CentralError as exc:

@@ -1,9 +1,10 @@
 """The site worker as a witness of the centre's ledger (docs/architecture.md, section 5).
 
-Before every training task the worker asks the centre for the ledger's newest signed checkpoint
-with a consistency proof from the last checkpoint it saw (``GET ledger/checkpoint/?since=<size>``,
-``training.rounds.site_api_ledger``), and checks both with the ledger's own verifiers
-(``audit.ledger.checkpoint`` and ``audit.ledger.merkle``, which import nothing of Django):
+Before every task (training, evaluation, privacy audit) the worker asks the centre for the
+ledger's newest signed checkpoint with a consistency proof from the last checkpoint it saw
+(``GET ledger/checkpoint/?since=<size>``, ``training.rounds.site_api_ledger``), and checks both
+with the ledger's own verifiers (``audit.ledger.checkpoint`` and ``audit.ledger.merkle``, which
+import nothing of Django):
 
 1. the centre's signature, with the centre's public key: ``CENTRAL_LEDGER_PUBLIC_KEY`` (the PEM,
    or the path of a file holding it; the worker credentials page and ``create_site_credentials``
@@ -16,7 +17,8 @@ Only then is the new checkpoint saved (``DATA_ROOT/.fl-state/ledger.json``, besi
 worker's other state, written whole and renamed) and cosigned with the site's key
 (``SITE_SIGNING_KEY``, under the site's slug), and the cosignature posted (``POST
 ledger/checkpoint/witness/``) for the centre to keep. A failed check raises
-:class:`LedgerRefused`: the worker does not train, and says that the centre's ledger was
+:class:`LedgerRefused`: the worker does not do the task (it trains, evaluates and audits
+nothing for a centre whose ledger it cannot trust), and says that the centre's ledger was
 rewritten (or is not the one it saw). So a database administrator at the centre who rewrites
 history, even recomputing every hash so that the chain still verifies, is caught by the first
 site worker that looks.
@@ -126,12 +128,12 @@ def _refusal(exc: CentralError) -> LedgerRefused | None:
     if code == "since_ahead":
         return LedgerRefused(
             "the centre's ledger is SHORTER than the checkpoint this site saw: it was rolled "
-            f"back or replaced; refusing to train ({detail})"
+            f"back or replaced; refusing its tasks ({detail})"
         )
     if code == "ledger_rewritten":
         return LedgerRefused(
             "the centre says its ledger contradicts a checkpoint it signed: history was "
-            f"rewritten; refusing to train ({detail})"
+            f"rewritten; refusing its tasks ({detail})"
         )
     return None
 
@@ -175,7 +177,7 @@ def _check_and_save(
         proof = proof_from_hex(answer.get("consistency_proof"))
     except (CheckpointError, ProofError, ValueError, TypeError, AttributeError) as exc:
         raise LedgerRefused(
-            f"the centre's checkpoint is malformed ({exc}); refusing to train"
+            f"the centre's checkpoint is malformed ({exc}); refusing its tasks"
         ) from None
     checkpoint = signed.checkpoint
 
@@ -206,7 +208,7 @@ def _check_and_save(
         refusal = LedgerRefused(
             f"the centre's checkpoint {checkpoint.tree_size} does not verify as the ledger "
             f"this site saw ({exc}): the centre's ledger or key is not the one it trusts; "
-            "refusing to train"
+            "refusing its tasks"
         )
         log.error("ledger check: %s", refusal)
         raise refusal from None
@@ -221,7 +223,7 @@ def _check_and_save(
             refusal = LedgerRefused(
                 f"the centre's ledger was REWRITTEN: its checkpoint {checkpoint.tree_size} does "
                 f"not extend checkpoint {old.tree_size} that this site saw and witnessed "
-                f"({exc}); refusing to train"
+                f"({exc}); refusing its tasks"
             )
             log.error("ledger check: %s", refusal)
             raise refusal from None
