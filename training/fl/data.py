@@ -22,7 +22,9 @@ Bundled demo sets
 Each set keeps 20% aside as the consortium's validation set (:func:`load_validation_set`,
 stratified for the classification sets, with a fixed seed), and splits the rest across sites
 with :func:`demo_split`: unequal sizes (fractions 0.35, 0.27, 0.21, 0.17 for four sites,
-geometric with ratio 0.78 for other counts) and, for the classification sets, label skew: each
+geometric with ratio 0.78 for other counts, every site at least :data:`MIN_SITE_RECORDS`, shares
+overlapping only when the set cannot give every site that many) and, for the classification
+sets, label skew: each
 site draws its records without replacement with weights from its own Dirichlet(0.8) class
 proportions, so label mixes differ from site to site (non-IID). The four demo sites
 (:data:`DEMO_SITES`) get, with the default seed 0:
@@ -77,6 +79,7 @@ __all__ = [
     "BUNDLED_DATASETS",
     "DEMO_FRACTIONS",
     "DEMO_SITES",
+    "MIN_SITE_RECORDS",
     "SiteData",
     "demo_split",
     "load_csv_bytes",
@@ -91,6 +94,9 @@ DEMO_SITES: tuple[str, ...] = ("st-thomas", "kings-regional", "maudsley", "barts
 DEMO_FRACTIONS: tuple[float, ...] = (0.35, 0.27, 0.21, 0.17)
 VALIDATION_FRACTION = 0.2
 DIRICHLET_ALPHA = 0.8
+#: The fewest training records a site of a demo split gets (``_site_sizes``): enough for its
+#: holdout and a few batches.
+MIN_SITE_RECORDS = 10
 _HOLDOUT_SEED = 0
 _LESION_TOTAL = 500
 _LESION_SIZE = 32
@@ -198,16 +204,36 @@ def _lesion_sizes() -> tuple[int, int]:
 
 
 @functools.lru_cache(maxsize=16)
+def _site_sizes(total: int, count: int) -> tuple[list[int], bool]:
+    """How many records each of ``count`` sites gets from ``total``, and whether the shares can
+    be disjoint.
+
+    The geometric shares of :func:`site_fractions` shrink fast: past about twenty sites the
+    last ones round to no record at all (and the draw then fails). Every site gets at least
+    :data:`MIN_SITE_RECORDS`: from the geometric shares when they already give that (the demo's
+    four sites, any small consortium: unchanged), else that floor plus a geometric share of
+    what is left. When ``total`` cannot give every site its floor (hundreds of simulated sites
+    on a set of a few hundred records), each site draws its floor on its own, so shares
+    overlap: the sites still differ (each draws its own label skew), which is all a simulation
+    at that scale needs of them.
+    """
+    sizes = _sizes(total, site_fractions(count))
+    if min(sizes) >= MIN_SITE_RECORDS:
+        return sizes, True
+    spare = total - MIN_SITE_RECORDS * count
+    if spare < 0:
+        return [MIN_SITE_RECORDS] * count, False
+    return [MIN_SITE_RECORDS + extra for extra in _sizes(spare, site_fractions(count))], True
+
+
 def _split_arrays(
     key: str, slugs: tuple[str, ...], seed: int
 ) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    fractions = site_fractions(len(slugs))
     out: dict[str, tuple[np.ndarray, np.ndarray]] = {}
     if key == "lesions":
         train_total, _ = _lesion_sizes()
-        for index, (slug, count) in enumerate(
-            zip(slugs, _sizes(train_total, fractions), strict=True)
-        ):
+        sizes, _disjoint = _site_sizes(train_total, len(slugs))  # generated: never shared
+        for index, (slug, count) in enumerate(zip(slugs, sizes, strict=True)):
             rng = np.random.default_rng([seed, 1, index])
             gain, noise = rng.uniform(0.75, 1.15), rng.uniform(0.15, 0.35)
             out[slug] = _ellipse_images(rng, count, gain=gain, noise=noise)
@@ -217,9 +243,16 @@ def _split_arrays(
     n_classes = int(y.max()) + 1
     rng = np.random.default_rng([seed, 0])
     remaining = train_idx.copy()
-    sizes = _sizes(len(train_idx), fractions)
+    sizes, disjoint = _site_sizes(len(train_idx), len(slugs))
     for position, (slug, count) in enumerate(zip(slugs, sizes, strict=True)):
-        if position == len(slugs) - 1:
+        if not disjoint:
+            proportions = rng.dirichlet([DIRICHLET_ALPHA] * n_classes)
+            weights = proportions[y[train_idx]] + 1e-3
+            picked = rng.choice(
+                len(train_idx), size=count, replace=False, p=weights / weights.sum()
+            )
+            chosen = train_idx[picked]
+        elif position == len(slugs) - 1:
             chosen = remaining
         else:
             proportions = rng.dirichlet([DIRICHLET_ALPHA] * n_classes)
