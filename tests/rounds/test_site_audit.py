@@ -102,6 +102,26 @@ class FakeCentral:
         return (200, {"duplicate": True}) if self.repeat else (201, {"recorded": True})
 
 
+@pytest.fixture(autouse=True)
+def ledger_checks(monkeypatch):
+    """The centre's ledger check before the task (``witness_ledger``, tested against real
+    checkpoints in tests/ledger/test_site_witness.py), recorded here: the fake centre signs no
+    checkpoint. Each entry: what the fake centre had been asked by then."""
+    from training.site import audit
+
+    seen: list[list[str]] = []
+    real = audit.witness_ledger
+
+    def witness(client, config):
+        if not isinstance(client, FakeCentral):
+            return real(client, config)  # the site API for real (InProcessClient)
+        seen.append(list(client.calls))
+        return None
+
+    monkeypatch.setattr(audit, "witness_ledger", witness)
+    return seen
+
+
 @pytest.fixture
 def site(tmp_path: Path):
     """The demo site's worker configuration (its own key; no file under its data folder, so
@@ -347,3 +367,10 @@ def test_a_site_audits_a_proposed_job_through_the_site_api(c3, broker):
     assert again["status"] == "skipped" and again["code"] == "already_reported"
     assert len(job_payloads(ledger_events.PRIVACY_AUDIT_REPORTED, job)) == 1
     assert verify_chain().ok
+
+
+def test_the_centres_ledger_is_checked_before_anything_is_asked(site, ledger_checks):
+    central = FakeCentral(digits_spec())
+    _audit(site, central)
+    assert ledger_checks == [[]]  # once, before the audit request and the job
+    assert central.calls[0] == "audit_request"
