@@ -12,7 +12,9 @@ every figure is printed with a baseline measured in the same run:
     hash, insert, head update) against plain ORM inserts of the same rows, also
     one transaction each, with no chaining;
 (b) verification entries/s over the whole chain against hashing the same
-    canonical bytes with hashlib alone (and against merely reading the rows),
+    canonical bytes with hashlib alone and against merely reading the rows (through
+    the ORM, as the issue measured, and through a raw cursor); on PostgreSQL also the
+    check inside the database (``verify_ledger --in-database``),
     and the peak memory of a verification at a small and a large ledger, to
     show that it does not grow with the ledger's length.
 """
@@ -379,12 +381,47 @@ def time_verify(chunk_size: int) -> tuple[float, object]:
     return time.perf_counter() - started, result
 
 
+def time_verify_in_database(chunk_size: int) -> float | None:
+    """PostgreSQL recomputing the chain itself (``verify_ledger --in-database``)."""
+    from django.db import connection
+
+    from audit.ledger.chain import verify_chain_in_database
+
+    if connection.vendor != "postgresql":
+        return None
+    gc.collect()
+    started = time.perf_counter()
+    result = verify_chain_in_database(chunk_size=chunk_size)
+    seconds = time.perf_counter() - started
+    assert result.ok, result.summary()
+    return seconds
+
+
 def time_read_only(chunk_size: int) -> float:
+    """The plain read the issue measured: the same rows through the ORM, no model instances."""
     from audit.ledger.chain import _rows
 
     started = time.perf_counter()
     for _ in _rows(chunk_size):
         pass
+    return time.perf_counter() - started
+
+
+def time_raw_read(chunk_size: int) -> float:
+    """The plainest read: the same columns through the driver's cursor, in the same batches
+    and the same read transaction, every value as the driver gives it (no checking)."""
+    from django.db import connection, transaction
+
+    from audit.ledger.chain import _CHAIN_DB_COLUMNS
+
+    columns = ", ".join(connection.ops.quote_name(c) for c in _CHAIN_DB_COLUMNS)
+    started = time.perf_counter()
+    with transaction.atomic():
+        cursor = connection.chunked_cursor()
+        cursor.execute(f"SELECT {columns} FROM audit_ledgerentry ORDER BY seq")  # noqa: S608
+        while cursor.fetchmany(chunk_size):
+            pass
+        cursor.close()
     return time.perf_counter() - started
 
 
@@ -422,15 +459,26 @@ def bench_verify(total: int, small: int, chunk_size: int) -> dict:
             with connection.cursor() as cursor:
                 cursor.execute("VACUUM ANALYZE audit_ledgerentry")
         fill = time.perf_counter() - started
-        seconds, result = time_verify(chunk_size)
-        assert result.ok and result.entry_count == size, result.summary()
-        read_only = time_read_only(chunk_size)
+        # Interleaved, best of 3 each: the machine is noisy.
+        verify_runs, read_runs, raw_runs, in_database_runs = [], [], [], []
+        for _ in range(3):
+            seconds, result = time_verify(chunk_size)
+            assert result.ok and result.entry_count == size, result.summary()
+            verify_runs.append(seconds)
+            read_runs.append(time_read_only(chunk_size))
+            raw_runs.append(time_raw_read(chunk_size))
+            in_database = time_verify_in_database(chunk_size)
+            if in_database is not None:
+                in_database_runs.append(in_database)
+        seconds = min(verify_runs)
         hashlib_rate = rate(writer.hashed, writer.hash_seconds)
         out[size] = {
             "fill_seconds": fill,
             "verify_seconds": seconds,
             "verify_rate": rate(size, seconds),
-            "read_rate": rate(size, read_only),
+            "read_rate": rate(size, min(read_runs)),
+            "raw_read_rate": rate(size, min(raw_runs)),
+            "in_database_rate": rate(size, min(in_database_runs)) if in_database_runs else None,
             "hashlib_rate": hashlib_rate,
             "memory": memory_of_verify(chunk_size),
         }
@@ -496,9 +544,19 @@ def main() -> int:
                 f"ratio verify/hashlib {r['verify_rate'] / r['hashlib_rate']:.3f}"
             )
             print(
-                f"      reading rows alone:       {r['read_rate']:9.0f} entries/s   "
+                f"      reading rows alone (ORM): {r['read_rate']:9.0f} entries/s   "
                 f"ratio verify/read {r['verify_rate'] / r['read_rate']:.3f}"
             )
+            print(
+                f"      reading rows, raw cursor: {r['raw_read_rate']:9.0f} entries/s   "
+                f"ratio verify/raw read {r['verify_rate'] / r['raw_read_rate']:.3f}"
+            )
+            if r["in_database_rate"]:
+                print(
+                    f"      verify --in-database:     {r['in_database_rate']:9.0f} entries/s   "
+                    f"ratio to the ORM read {r['in_database_rate'] / r['read_rate']:.3f}, "
+                    f"to verify {r['in_database_rate'] / r['verify_rate']:.2f}"
+                )
             print(
                 f"      peak memory: RSS growth {rss}, Python heap peak "
                 f"{m['traced_peak_kib'] / 1024:.1f} MiB (tracemalloc)"

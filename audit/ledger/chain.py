@@ -11,18 +11,19 @@ that a governance change and its entry commit together or not at all.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import functools
 import hashlib
 import json
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from audit.ledger import live
+from audit.ledger import fast_walk, live
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.events import Event
 from audit.models import LedgerEntry, LedgerHead
@@ -30,7 +31,7 @@ from audit.models import LedgerEntry, LedgerHead
 if TYPE_CHECKING:  # for the annotations only (the actor is the project's user model)
     from django.contrib.auth.models import User
     from django.db.backends.base.base import BaseDatabaseWrapper
-    from django.db.models import Model
+    from django.db.models import Field, Model
 
 # json.dumps(..., ensure_ascii=False) encodes every str with this function.
 _enc = json.encoder.encode_basestring
@@ -55,6 +56,12 @@ CHAIN_COLUMNS = (
     "institution_slug",
     "payload_text",
     "created_at",
+)
+
+
+#: The database columns behind CHAIN_COLUMNS (``actor_id_at_write`` is its own column).
+_CHAIN_DB_COLUMNS: tuple[str, ...] = tuple(
+    cast("Field[Any, Any]", LedgerEntry._meta.get_field(name)).column for name in CHAIN_COLUMNS
 )
 
 
@@ -430,35 +437,67 @@ def _check_head(result: VerificationResult, head_seq: int, head_hash: str) -> Ve
 def verify_chain(*, chunk_size: int = 5000) -> VerificationResult:
     """Recompute the whole chain and compare its end with the recorded head.
 
-    The rows and the head are read from one snapshot, so entries appended while
-    the walk runs cannot look like a broken tail: on PostgreSQL a read-only
-    REPEATABLE READ transaction (which also spares the server-side cursor the
-    copy a WITH HOLD cursor makes in autocommit); on SQLite (WAL) a deferred read
-    transaction, whose snapshot holds from its first read to its end. (Reading the
-    head while the rows' statement is open is not enough there: a chain that fits
-    in the first fetch ends the statement, and with it the snapshot, before the
-    head is read.) Inside a caller's transaction the caller's snapshot is used as
-    it is.
+    The walk of record: the application recomputes every hash (the fast walk of
+    :mod:`audit.ledger.fast_walk`, and the definition wherever it doubts), trusting nothing
+    the database computes. The rows and the head come from one snapshot
+    (:func:`_one_snapshot`).
     """
+    with _one_snapshot():
+        return _verify_snapshot(chunk_size)
+
+
+def verify_chain_in_database(*, chunk_size: int = 5000) -> VerificationResult:
+    """PostgreSQL recomputes the chain itself and sends back only what is wrong
+    (:func:`audit.ledger.fast_walk.chain_mismatches_in_database`): a quick check of a large
+    ledger with nothing crossing the network. It trusts the database server's functions, so
+    it is not the verification of record (:func:`verify_chain` is). Whatever it finds is
+    walked again by the definition, in the same snapshot, for the exact entry and reason, so
+    its answers are :func:`verify_chain`'s."""
+    connection = transaction.get_connection(LedgerEntry.objects.db)
+    if connection.vendor != "postgresql":
+        raise ValueError(
+            f"verifying inside the database needs PostgreSQL; this database is {connection.vendor}"
+        )
+    with _one_snapshot():
+        check = fast_walk.chain_mismatches_in_database(
+            connection, LedgerEntry._meta.db_table, _CHAIN_DB_COLUMNS, genesis=GENESIS_HASH
+        )
+        if not check.intact:
+            return _walk_by_definition(chunk_size)
+        found = VerificationResult(True, check.entry_count, check.last_hash or GENESIS_HASH)
+        return _check_head(found, *_read_head())
+
+
+@contextlib.contextmanager
+def _one_snapshot() -> Iterator[None]:
+    """Read the rows and the head from one snapshot, so that entries appended while the walk
+    runs cannot look like a broken tail: on PostgreSQL a read-only REPEATABLE READ transaction
+    (which also spares the server-side cursor the copy a WITH HOLD cursor makes in
+    autocommit); on SQLite (WAL) a deferred read transaction, whose snapshot holds from its
+    first read to its end. (Reading the head while the rows' statement is open is not enough
+    there: a chain that fits in the first fetch ends the statement, and with it the snapshot,
+    before the head is read.) Inside a caller's transaction the caller's snapshot is used as
+    it is."""
     connection = transaction.get_connection(LedgerEntry.objects.db)
     if connection.in_atomic_block:
-        return _verify_snapshot(chunk_size)
-    if connection.vendor == "postgresql":
+        yield
+    elif connection.vendor == "postgresql":
         with transaction.atomic(using=LedgerEntry.objects.db):
             with connection.cursor() as cursor:
                 cursor.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY")
-            return _verify_snapshot(chunk_size)
-    if connection.vendor == "sqlite":
+            yield
+    elif connection.vendor == "sqlite":
         # Not transaction.atomic(): the settings make its BEGIN IMMEDIATE, which takes the
         # write lock and would stall every writer for the whole walk.
         with connection.cursor() as cursor:
             cursor.execute("BEGIN DEFERRED")
         try:
-            return _verify_snapshot(chunk_size)
+            yield
         finally:
             with connection.cursor() as cursor:
                 cursor.execute("COMMIT")  # read only: nothing to keep or undo
-    return _verify_snapshot(chunk_size)
+    else:
+        yield
 
 
 def _read_head() -> tuple[int, str]:
@@ -467,6 +506,27 @@ def _read_head() -> tuple[int, str]:
 
 
 def _verify_snapshot(chunk_size: int) -> VerificationResult:
+    fast = _fast_walk(chunk_size)
+    if fast is not None and fast.head is not None:
+        return _check_head(VerificationResult(True, fast.entry_count, fast.last_hash), *fast.head)
+    # Empty, broken, or a row the fast walk could not vouch for: the definition decides, in the
+    # same snapshot, and names what is wrong.
+    return _walk_by_definition(chunk_size)
+
+
+def _fast_walk(chunk_size: int) -> fast_walk.FastWalk | None:
+    """The fast walk's "intact" (``fast_walk.walk``), or None where the definition must walk."""
+    connection = transaction.get_connection(LedgerEntry.objects.db)
+    sql = fast_walk.walk_sql(connection, LedgerEntry._meta.db_table, _CHAIN_DB_COLUMNS)
+    if sql is None:
+        return None
+    # _read_head looked up at call time: a test replaces it to append during the walk.
+    return fast_walk.walk(
+        connection, sql, genesis=GENESIS_HASH, chunk_size=chunk_size, read_head=_read_head
+    )
+
+
+def _walk_by_definition(chunk_size: int) -> VerificationResult:
     head: list[tuple[int, str]] = []
 
     def rows_reading_head() -> Iterator[ChainRow]:
@@ -482,7 +542,7 @@ def _verify_snapshot(chunk_size: int) -> VerificationResult:
         head.append(_read_head())
         if result.ok and head[0][0] and LedgerEntry.objects.exists():
             # The first entries were appended between the two reads: walk again.
-            return _verify_snapshot(chunk_size)
+            return _walk_by_definition(chunk_size)
     if not result.ok:
         return result
     return _check_head(result, *head[0])
