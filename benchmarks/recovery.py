@@ -6,7 +6,8 @@
     .venv/bin/python benchmarks/recovery.py       # the embedded default: SQLite, filesystem broker
 
 The fault suite's cluster (tests/support/fault_cluster.py) runs for real: the central web
-server (Daphne), the coordinator (``celery -A consortium worker -Q central``), Celery beat
+server (Daphne), the coordinator (``celery -A consortium worker -Q central``), the scoring
+worker (``-Q scoring``), Celery beat
 (``rounds_tick`` every 10 s, production's interval) and three ``manage.py run_site_worker``
 processes, on PostgreSQL and a throwaway ``redis-server`` of the run's own, or (without a
 PostgreSQL ``DATABASE_URL``) on the embedded default: a SQLite file and a filesystem broker in the
@@ -111,7 +112,8 @@ def run(args, var: Path) -> None:
     started = time.monotonic()
     cluster = start_cluster(var, c3, broker, database_url=database_url)
     print(
-        f"cluster up in {time.monotonic() - started:.1f} s: web server, coordinator, beat, "
+        f"cluster up in {time.monotonic() - started:.1f} s: web server, coordinator, scoring "
+        "worker, beat, "
         f"{len(c3.sites)} site workers; tick {TICK_SECONDS:.0f} s, claim lease "
         f"{LEASE_SECONDS} s, re-dispatch after {REDISPATCH_SECONDS} s; broker: {broker.kind}"
     )

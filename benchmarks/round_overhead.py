@@ -5,8 +5,10 @@
 
 Ten sites train a tiny model (logistic regression on the bundled breast-cancer set, each
 site its own share as a CSV file) through the real platform: the central server (Daphne),
-the coordinator (a Celery worker with beat on ``central``) and one ``manage.py
-run_site_worker`` process per site, on whatever broker and database the environment names.
+the coordinator (a Celery worker with beat on ``central``), the scoring worker (a Celery
+worker on ``scoring``: each round's contribution scores, off the rounds' critical path) and
+one ``manage.py run_site_worker`` process per site, on whatever broker and database the
+environment names.
 Every round goes the whole way: dispatch through the broker, the job and the model fetched
 over the site API, local training, signing, upload, central verification (digest, Ed25519
 signature, tensors), the ledger entries, the round closed by the last upload, aggregation,
@@ -311,7 +313,7 @@ def _http_ok(url: str) -> bool:
 
 
 def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
-    from training.demo.processes import free_port
+    from training.demo.processes import free_port, scoring_worker_argv
 
     python = sys.executable
     port = free_port()
@@ -352,6 +354,8 @@ def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
         ],
         env,
     )
+    # As in production (fl-scoring.service): the rounds never wait for their scores.
+    sup.start("scoring-worker", scoring_worker_argv(hostname="bench-scoring@%h"), env)
     no_db = f"sqlite:///{var / 'no-such-folder' / 'site-workers-have-no-database.sqlite3'}"
     for site in sites:
         site_env = {
@@ -390,8 +394,8 @@ def wait_for(what: str, ready, sup, deadline: float, every: float = 0.2) -> None
 
 def wait_for_quiet_ledger(deadline: float, quiet: float = 1.0) -> None:
     """Wait until nothing has been appended to the ledger for ``quiet`` seconds: the job is
-    complete when its last round closes, but the coordinator scores that round's
-    contributions (a ledger entry) after the commit, and the chain is verified once the
+    complete when its last round closes, but the scoring worker scores the rounds'
+    contributions (ledger entries) after their commits, and the chain is verified once the
     writers are done."""
     from audit.models import LedgerHead
 
@@ -476,11 +480,11 @@ def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
 def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
     from training.demo.processes import Supervisor
     from training.models import TERMINAL_STATES, JobState
-    from training.queues import CENTRAL_QUEUE, site_queue
+    from training.queues import CENTRAL_QUEUE, SCORING_QUEUE, site_queue
 
     total_rounds = args.warmup + args.rounds + 1  # +1: the last measured round ends when it opens
     admin, consortium, sites = seed_consortium(args.sites, var)
-    purge_queues([CENTRAL_QUEUE, *[site_queue(s.slug) for s in sites]])
+    purge_queues([CENTRAL_QUEUE, SCORING_QUEUE, *[site_queue(s.slug) for s in sites]])
     log_dir = var / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
     sup = Supervisor(log_dir)

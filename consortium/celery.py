@@ -37,8 +37,11 @@ def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
 
     The last upload of a round asks the coordinator to close it through the broker, and the
     next round waits for that pick-up; one process polling faster costs little, ten site
-    workers doing so would not (settings, ``EMBEDDED_BROKER_POLL_SECONDS``). Before the worker
-    connects, so its consumer's transport takes it."""
+    workers doing so would not (settings, ``EMBEDDED_BROKER_POLL_SECONDS``). The scoring worker
+    (``-Q scoring``) keeps the sites' pace too: no round waits for its pick-up, and 50 ms is
+    nothing beside a round's scoring; a coordinator that also consumes ``scoring`` (``-Q
+    central,scoring``) polls both at its own pace. Before the worker connects, so its
+    consumer's transport takes it."""
     from django.conf import settings  # not at the top: this module loads before the settings
 
     global _serves_central
@@ -67,7 +70,9 @@ def _start_outbox_relay(sender=None, **kwargs):
     (training.outbox, training.liveness), in a thread of its main process: so every way of
     running the coordinator (systemd, the demo, the tests' workers) has exactly what keeps a
     broker outage from dropping messages, and a dead coordinator shows. Site workers do not
-    (they hold no database credentials)."""
+    (they hold no database credentials), nor does the scoring worker (``-Q scoring``): the
+    messages it writes (the sites' evaluation tasks) are published on its own commit, and
+    any the broker refuses wait for the coordinator's relay."""
     if _serves_central:
         from training.liveness import start_coordinator_thread
 

@@ -405,8 +405,9 @@ CELERY_TASK_REJECT_ON_WORKER_LOST = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER = env_bool("CELERY_TASK_ALWAYS_EAGER", default=False)
 CELERY_TASK_DEFAULT_QUEUE = CENTRAL_QUEUE
-# The coordinator's tasks run on "central"; the site task is routed by its sender to
-# "site.<slug>". Names, queues and intervals: training.queues, the one registry.
+# The coordinator's tasks run on "central", contribution scoring on "scoring" (a worker of its
+# own); the site task is routed by its sender to "site.<slug>". Names, queues and intervals:
+# training.queues, the one registry.
 CELERY_TASK_ROUTES = celery_task_routes()
 CELERY_BEAT_SCHEDULE = celery_beat_schedule()
 
@@ -439,11 +440,13 @@ if CELERY_BROKER_URL.startswith(("redis://", "rediss://")):
         "visibility_timeout": max(3600, BROKER_CONSUMER_TIMEOUT_SECONDS)
     }
 # A site task that has not reported after this long is sent again (a killed worker's
-# message is dropped by the filesystem broker; uploads are idempotent).
+# message is dropped by the filesystem broker; uploads are idempotent); so is a round's
+# scoring message that no scoring worker took within it, then after as long again as the round
+# has waited (training.rounds.scoring_queue).
 FL_REDISPATCH_AFTER_SECONDS = env.int("FL_REDISPATCH_AFTER_SECONDS", default=300)
-# The coordinator that claims a round for aggregation holds a lease of this long, renewed
-# while it works; a coordinator killed mid-aggregation lets it run out and the next tick
-# claims the round again (training.rounds.coordinator).
+# The coordinator that claims a round for aggregation, and the scoring worker that scores it,
+# hold a lease of this long, renewed while they work; one killed mid-round lets it run out and
+# the next tick claims the round again or sends it to be scored again (training.rounds.leases).
 FL_CLAIM_LEASE_SECONDS = env.int("FL_CLAIM_LEASE_SECONDS", default=30)
 # The coordinator's relay thread publishes the outbox every FL_OUTBOX_RELAY_SECONDS and
 # writes the coordinator's heartbeat every FL_COORDINATOR_HEARTBEAT_SECONDS; /health/ calls

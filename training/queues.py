@@ -5,9 +5,11 @@ names from here, so a task cannot be renamed in one place and missed in another.
 name is part of the wire contract between the central server and the hospitals' workers
 (messages already queued carry it): never rename one that has been released.
 
-The coordinator's tasks run on ``central``, next to the database. Each hospital's site
-worker consumes only ``site.<institution slug>``: the site task is routed by its sender
-(the coordinator knows the site), never by a static route.
+The coordinator's tasks run on ``central``, next to the database. Contribution scoring, the
+slowest central work (hundreds of coalition models evaluated per round), runs on ``scoring``,
+consumed by a worker of its own, so that no round's close or dispatch waits behind a score.
+Each hospital's site worker consumes only ``site.<institution slug>``: the site task is routed
+by its sender (the coordinator knows the site), never by a static route.
 
 This module imports nothing, so the settings, the site worker and every layer can read it.
 """
@@ -17,6 +19,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 CENTRAL_QUEUE = "central"
+#: Contribution scoring's queue (``training.rounds.scoring_queue``): a worker of its own, beside
+#: the database like the coordinator, so scoring a round never holds up the next round's close.
+SCORING_QUEUE = "scoring"
 SITE_QUEUE_PREFIX = "site."
 
 
@@ -66,8 +71,15 @@ SITE_TRAIN = TaskName(
 ROUND_EVALUATION_MAYBE_CLOSE = TaskName(
     "training.round_evaluation_maybe_close",
     CENTRAL_QUEUE,
-    doc="Close a round's evaluation at the sites if every site has reported, and score the "
-    "round (sent after each site's evaluation report).",
+    doc="Close a round's evaluation at the sites if every site has reported, and send the "
+    "round to be scored (sent after each site's evaluation report).",
+)
+ROUND_SCORE = TaskName(
+    "training.round_score",
+    SCORING_QUEUE,
+    doc="Score one closed round's contributions and record them, or for a job evaluated at the "
+    "sites ask them to evaluate its coalitions first (sent when a round or its evaluation at "
+    "the sites closes, and again by the periodic tick for a round left unscored).",
 )
 SITE_EVALUATE = TaskName(
     "training.site_evaluate",
@@ -95,6 +107,7 @@ TASKS: tuple[TaskName, ...] = (
     ROUNDS_TICK,
     SITE_TRAIN,
     ROUND_EVALUATION_MAYBE_CLOSE,
+    ROUND_SCORE,
     SITE_EVALUATE,
     SITE_AUDIT,
     AUDIT_PICTURE,

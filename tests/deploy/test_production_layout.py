@@ -1,17 +1,17 @@
 """The production layout of docs/deploy/, run for real: a consortium set up from nothing.
 
-The central processes (web server, coordinator, beat) start with the commands and the environment
-file of their systemd units, behind nginx with the shipped proxy configuration and a certificate
-from a private CA; three site workers start with theirs, each with its own broker account on this
-machine's RabbitMQ, its own data root holding its own CSV data, no database setting at all, and the
-CA given through ``SITE_CA_BUNDLE``. An operator starts the consortium with its first administrator,
-who adds the hospitals and invites their people with the management commands (each site's data
-steward creates its worker's credentials); people accept their invitations in the pages and act
-through the API (the approvers, who sign and approve, first set up a second factor in the pages
-and make their API tokens in that verified session, as production requires; a token from
+The central processes (web server, coordinator, scoring worker, beat) start with the commands and
+the environment file of their systemd units, behind nginx with the shipped proxy configuration and a
+certificate from a private CA; three site workers start with theirs, each with its own broker
+account on this machine's RabbitMQ, its own data root holding its own CSV data, no database setting
+at all, and the CA given through ``SITE_CA_BUNDLE``. An operator starts the consortium with its
+first administrator, who adds the hospitals and invites their people with the management commands
+(each site's data steward creates its worker's credentials); people accept their invitations in the
+pages and act through the API (the approvers, who sign and approve, first set up a second factor in
+the pages and make their API tokens in that verified session, as production requires; a token from
 ``create_api_token`` is refused the signature); the job runs two rounds with evaluation at the
-sites; the ledger verifies and the auditors' contribution report scores every site and verifies.
-And no site's broker account can touch another site's queue or the coordinator's.
+sites; the ledger verifies and the auditors' contribution report scores every site and verifies. And
+no site's broker account can touch another site's queue or the coordinator's.
 
 Marked ``deploy``: it needs PostgreSQL (the server ``DATABASE_URL`` names: the test makes a
 database of its own there), RabbitMQ with ``rabbitmqctl``, Redis (the channel layer) and nginx.
@@ -213,6 +213,9 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     processes.start("web", web_start, central_env)
     (coordinator,) = unit_commands(units / "fl-coordinator.service", paths=paths)
     processes.start("coordinator", coordinator, central_env)
+    # Contribution scores: the "every round scored" check below rests on this unit alone.
+    (scoring,) = unit_commands(units / "fl-scoring.service", paths=paths)
+    processes.start("scoring", scoring, central_env)
     (beat,) = unit_commands(units / "fl-beat.service", paths=paths)
     processes.start("beat", beat, central_env)
     conf = nginx_config(
@@ -513,6 +516,15 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         assert entry["evaluated_at"] == "sites" and entry["missing"] == []
         assert sorted(entry["scores"]) == sorted(SITES)
     assert sorted(facts["job_scored"]) == sorted(SITES)
+    # Scored by fl-scoring.service (each round twice: asked the sites, then scored), never by
+    # the coordinator.
+    scored_by = {
+        name: (processes.logs / f"{name}.log")
+        .read_text(errors="replace")
+        .count("Task training.round_score[")
+        for name in ("scoring", "coordinator")
+    }
+    assert scored_by["scoring"] >= 4 and scored_by["coordinator"] == 0, scored_by
     assert "intact" in manage("verify-ledger", "verify_ledger")
     verified = manage("verify-report", "verify_report", str(report))
     assert "matches the ledger" in verified, verified

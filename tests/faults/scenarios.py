@@ -59,8 +59,8 @@ def ended(job: TrainingJob) -> bool:
     return job.state in (JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED)
 
 
-#: How long a round's scores may follow its close: scoring runs after the close's commit, in
-#: the coordinator that closed it (seconds, on this machine; the last round's too).
+#: How long a round's scores may follow its close: the scoring worker scores it after the
+#: close's commit, one round at a time (seconds, on this machine; the last round's too).
 SCORING_SECONDS = 30.0
 
 
@@ -174,28 +174,30 @@ def coordinator_killed_while_aggregating(cluster: FaultCluster, down_for: float 
     )
 
 
-def coordinator_killed_while_scoring(cluster: FaultCluster, down_for: float = 1.0) -> Outcome:
-    """kill -9 the coordinator after round 1's close committed (round 2 open), while it
-    records round 1's contribution scores; start it again ``down_for`` seconds later. The
-    scores are written after the close, in a transaction of their own: a crash there leaves
-    the round unscored until the tick scores it again. Parked the way :func:`hold_aggregation`
-    parks a close: no ``ContributionScore`` can be inserted meanwhile."""
+def scoring_worker_killed_while_scoring(cluster: FaultCluster, down_for: float = 1.0) -> Outcome:
+    """kill -9 the scoring worker while it records round 1's contribution scores (round 1
+    closed, its scoring message taken); start it again ``down_for`` seconds later. The
+    scores are written in a transaction of their own: a crash there leaves the round unscored
+    and the round's lease held by the dead worker, unrenewed, until it runs out and the
+    coordinator's tick sends the round to the scoring queue again. Parked the way
+    :func:`hold_aggregation` parks a close: no ``ContributionScore`` can be inserted
+    meanwhile."""
     started = time.monotonic()
     job = start_job(cluster)
     wait_round(cluster, job, 1)
     with hold_table(cluster, "training_contributionscore"):
         rnd1 = wait_round(cluster, job, 1, Round.State.CLOSED)
         wait_until(
-            "the coordinator to wait inside the scoring",
-            cluster.coordinator_parked,
+            "the scoring worker to wait inside the scoring",
+            cluster.scoring_parked,
             timeout=30,
             cluster=cluster,
         )
-        cluster.kill("coordinator")
+        cluster.kill("scoring")
     unscored = not checks.round_scored(rnd1)
     time.sleep(down_for)
     restarted = time.monotonic()
-    cluster.start("coordinator")
+    cluster.start("scoring")
     wait_until(
         "round 1 to be scored again",
         lambda: checks.round_scored(rnd1),
@@ -206,7 +208,7 @@ def coordinator_killed_while_scoring(cluster: FaultCluster, down_for: float = 1.
     recovery = time.monotonic() - restarted
     wait_ended(cluster, job)
     return Outcome(
-        "coordinator killed, scoring a closed round",
+        "scoring worker killed, scoring a closed round",
         job,
         time.monotonic() - started,
         recovery,
@@ -418,7 +420,7 @@ def not_applicable(cluster: FaultCluster, name: str) -> str | None:
 SCENARIOS = {
     "coordinator-killed-round-open": coordinator_killed_while_round_open,
     "coordinator-killed-aggregating": coordinator_killed_while_aggregating,
-    "coordinator-killed-scoring": coordinator_killed_while_scoring,
+    "scoring-worker-killed-scoring": scoring_worker_killed_while_scoring,
     "coordinator-db-connections-terminated": coordinator_connections_terminated,
     "broker-killed-restarted-empty": broker_killed_with_task_in_flight,
     "broker-down-during-uploads": broker_down_during_uploads,

@@ -84,12 +84,12 @@ def test_coordinator_killed_while_it_aggregates(faults):
     assert outcome.recovery <= STARTUP_SECONDS + LEASE_SECONDS + 2 * TICK_SECONDS < STALE_SECONDS
 
 
-def test_coordinator_killed_while_it_scores_a_closed_round(faults):
-    """Issue 13, item 3: a crash between a round's close and its scores leaves the round
-    unscored only until the periodic tick scores it again: the closer holds the round's lease
-    until it has scored it, so a dead one costs the lease and a tick; the job's total
-    follows."""
-    outcome = scenarios.coordinator_killed_while_scoring(faults)
+def test_scoring_worker_killed_while_it_scores_a_closed_round(faults):
+    """Issue 13, item 3, with scoring on its own queue: a scoring worker killed between a
+    round's close and its scores leaves the round unscored only until the coordinator's tick
+    sends it to the scoring queue again: the scorer holds the round's lease while it scores, so
+    a dead one costs the lease and a tick; the job's total follows."""
+    outcome = scenarios.scoring_worker_killed_while_scoring(faults)
     assert outcome.notes["unscored_after_kill"], "round 1 was scored before the kill"
     _sound(outcome, cluster=faults)
     _all_rounds_have_every_site(outcome.job)

@@ -112,12 +112,13 @@ def test_revoked_credentials_are_not_listed(ops_scene, monkeypatch, cast):
     assert set(series(samples, "fl_site_worker_up")) == {(("site", cast.hospital_a.slug),)}
 
 
-def test_queue_depths_of_central_and_the_sites(ops_scene, monkeypatch, cast):
+def test_queue_depths_of_central_scoring_and_the_sites(ops_scene, monkeypatch, cast):
     a, b = cast.hospital_a.slug, cast.hospital_b.slug
-    samples = scrape(monkeypatch, depths={"central": 4, f"site.{a}": 2})
+    samples = scrape(monkeypatch, depths={"central": 4, "scoring": 3, f"site.{a}": 2})
     assert value(samples, "fl_broker_up") == 1
     assert series(samples, "fl_broker_queue_messages") == {
         (("queue", "central"),): 4,
+        (("queue", "scoring"),): 3,
         (("queue", f"site.{a}"),): 2,
         (("queue", f"site.{b}"),): 0,
     }

@@ -83,9 +83,15 @@ def test_the_coordinator_polls_the_embedded_broker_faster_than_the_sites(setting
         conf = _worker_conf(polling_interval=0.05, store_processed=False)
         _coordinator_polls_faster(conf=conf, options={"queues": queues})
         assert conf.broker_transport_options == {"polling_interval": 0.01, "store_processed": False}
-    site = _worker_conf(polling_interval=0.05)
-    _coordinator_polls_faster(conf=site, options={"queues": "site.hospital-a"})
-    assert site.broker_transport_options == {"polling_interval": 0.05}
+    # A coordinator that scores too (a tiny consortium's choice) polls at the coordinator's pace.
+    both = _worker_conf(polling_interval=0.05)
+    _coordinator_polls_faster(conf=both, options={"queues": "central,scoring"})
+    assert both.broker_transport_options == {"polling_interval": 0.01}
+    # A site worker, and the scoring worker (nothing waits on its pick-up), keep the slow pace.
+    for queues in ("site.hospital-a", "scoring", ["scoring"]):
+        other = _worker_conf(polling_interval=0.05)
+        _coordinator_polls_faster(conf=other, options={"queues": queues})
+        assert other.broker_transport_options == {"polling_interval": 0.05}
     redis = _worker_conf()  # no polling: nothing to change
     _coordinator_polls_faster(conf=redis, options={"queues": "central"})
     assert redis.broker_transport_options == {}

@@ -1,9 +1,10 @@
 """What the periodic pass picks up after the coordinator fails between two commits (issue 13,
 items 2 and 3): a round whose aggregation hit a database error is claimed again at the next
-tick, not after the stale timeout; a round a dead coordinator never scored is scored by the
-tick, and the job's total written. Jobs run through the real coordinator and site-worker code
-(the in-memory broker of tests/support/coordinator_harness.py) on three hospitals holding the
-bundled breast-cancer set (evaluated centrally).
+tick, not after the stale timeout; a round whose scoring message a dead coordinator never
+published is published by the relay and scored, and the job's total written (a scoring worker
+that dies: tests/rounds/test_scoring_queue.py). Jobs run through the real coordinator and
+site-worker code (the in-memory broker of tests/support/coordinator_harness.py) on three
+hospitals holding the bundled breast-cancer set (evaluated centrally).
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import verify_chain
 from tests.support.coordinator_harness import job_payloads, propose_and_start
-from training.models import JobState, Round
+from training import outbox, queues
+from training.models import JobState, OutboxMessage, Round
 from training.rounds import contributions, coordinator, states
 
 
@@ -50,33 +52,38 @@ def test_a_database_error_while_aggregating_hands_the_claim_back_to_the_next_tic
     assert verify_chain().ok
 
 
-def test_rounds_a_dead_coordinator_never_scored_are_scored_by_the_tick(c3, broker, monkeypatch):
-    # The coordinator dies right after each round's commit, before it scores it (and so
-    # before it lets its lease go).
-    monkeypatch.setattr(coordinator, "round_score", lambda round_id: "killed")
-    monkeypatch.setattr(coordinator, "_release_claim", lambda round_id, token: None)
+def test_rounds_a_dead_coordinator_never_sent_to_scoring_are_scored(c3, broker, monkeypatch):
+    # The coordinator dies right after each round's commit, before it publishes the round's
+    # scoring message: the message was written to the outbox with the close, so the relay (the
+    # tick's backstop here) publishes it, and the scoring worker scores the round.
+    real_publish = outbox._publish_committed
+
+    def died_before_publishing_scoring(pk):
+        if not OutboxMessage.objects.filter(pk=pk, task=queues.ROUND_SCORE.name).exists():
+            real_publish(pk)
+
+    monkeypatch.setattr(outbox, "_publish_committed", died_before_publishing_scoring)
     job = propose_and_start(c3, broker, rounds=2)
     broker.deliver()
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED
     assert not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
+    pending = OutboxMessage.objects.filter(task=queues.ROUND_SCORE.name, sent_at__isnull=True)
+    assert pending.count() == 2
 
-    leases = list(job.rounds.values_list("lease_expires_at", flat=True))
-    assert all(leases)  # held by the closer that died while scoring
-    # While the closer's lease runs it may still be scoring: the tick leaves the rounds be.
-    early = broker.run(contributions.scores_tick, now=min(leases) - dt.timedelta(seconds=1))
-    assert early["rescored"] == [] and not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
-    # Once it ran out (FL_CLAIM_LEASE_SECONDS, 30 s, not the former 120 s grace), they are.
-    later = max(leases) + dt.timedelta(seconds=1)
-    assert (later - max(job.rounds.values_list("closed_at", flat=True))).total_seconds() < 35
-    broker.run(contributions.scores_tick, now=later)
+    pending.update(available_at=timezone.now() - dt.timedelta(seconds=1))  # the grace passed
+    report = broker.run(coordinator.rounds_tick)
+    assert report.errors == []
+    assert [m["queue"] for m in broker.messages] == ["scoring", "scoring"]
+    assert not job_payloads(ledger_events.CONTRIBUTION_SCORED, job)  # the tick scores nothing
+    broker.deliver()
     scored = job_payloads(ledger_events.CONTRIBUTION_SCORED, job)
     assert sorted(p["round"] for p in scored) == [1, 2]
     (total,) = job_payloads(ledger_events.CONTRIBUTION_JOB_SCORED, job)
     assert total["rounds"] == dict.fromkeys(sorted(s.slug for s in c3.sites), 2)
     # A second pass finds nothing left: each round and the total are recorded once.
-    again = broker.run(contributions.scores_tick, now=later)
-    assert again["rescored"] == [] and again["totals"] == []
+    again = broker.run(contributions.scores_tick)
+    assert again["scoring_resent"] == [] and again["totals"] == []
     assert len(job_payloads(ledger_events.CONTRIBUTION_SCORED, job)) == 2
     assert verify_chain().ok
 

@@ -40,7 +40,7 @@ from training.models import (
     SiteEvaluation,
     SiteUpdate,
 )
-from training.rounds import contributions, coordinator
+from training.rounds import contributions
 from training.rounds.live import job_live_state
 from training.site.client import CentralError
 
@@ -152,6 +152,7 @@ def test_a_site_that_never_reports_is_named_and_the_scores_rest_on_the_others(c3
 
     late = evaluation.deadline + dt.timedelta(seconds=1)
     broker.run(contributions.scores_tick, now=late)
+    broker.deliver()  # the close sent the round to the scoring queue
     evaluation.refresh_from_db()
     assert evaluation.state == RoundEvaluation.State.CLOSED
     assert evaluation.site_evaluations.get(institution__slug=silent).status == "missing"
@@ -443,24 +444,27 @@ def test_the_job_page_charts_the_metric_the_sites_measured_each_round(c3, broker
     assert "measured by the sites on their own validation shares" in html
 
 
-def test_an_evaluation_a_dead_coordinator_never_asked_for_is_asked_by_the_tick(
-    c3, broker, monkeypatch
+def test_an_evaluation_never_asked_for_is_asked_after_the_tick_sends_the_round_again(
+    c3, broker, settings
 ):
-    # The coordinator dies right after each round's commit, before it asks the sites.
-    monkeypatch.setattr(coordinator, "round_score", lambda round_id: "killed")
+    # The scoring worker, which asks the sites, never ran the rounds' messages (lost with it).
+    settings.FL_REDISPATCH_AFTER_SECONDS = 60
     job = propose_and_start(c3, broker, rounds=2)
-    broker.deliver()
+    broker.deliver(drop_scoring=True)
     job.refresh_from_db()
     assert job.state == JobState.COMPLETED
     assert not RoundEvaluation.objects.filter(round__job=job).exists()
 
-    outcome = broker.run(contributions.scores_tick)
-    assert sorted(outcome["requested"]) == sorted(job.rounds.values_list("pk", flat=True))
-    broker.deliver()
+    later = max(job.rounds.values_list("lease_expires_at", flat=True)) + dt.timedelta(seconds=1)
+    outcome = broker.run(contributions.scores_tick, now=later)
+    assert sorted(outcome["scoring_resent"]) == sorted(job.rounds.values_list("pk", flat=True))
+    assert not RoundEvaluation.objects.filter(round__job=job).exists()  # not on central
+    broker.deliver()  # the scoring worker asks the sites; their evaluations' close scores
+    assert RoundEvaluation.objects.filter(round__job=job).count() == 2
     assert len(job_payloads(ledger_events.CONTRIBUTION_SCORED, job)) == 2
     assert len(job_payloads(ledger_events.CONTRIBUTION_JOB_SCORED, job)) == 1
-    # A second pass finds nothing left to ask.
-    assert broker.run(contributions.scores_tick)["requested"] == []
+    # A second pass finds nothing left to send.
+    assert broker.run(contributions.scores_tick, now=later)["scoring_resent"] == []
 
 
 # --- Contribution estimator 3 at the sites: each site makes the surrogate on its own share -----

@@ -9,7 +9,8 @@ single query from a site worker would fail the round.
 
 The coordinator runs in this test process: it consumes the ``central`` queue from the same
 broker (the ``round_maybe_close`` messages the upload endpoint sends, the ``job_start`` the
-last approval sends) and runs the tasks here, with a ``rounds_tick`` every second as beat
+last approval sends), and the ``scoring`` queue as the scoring worker would (the closes'
+``round_score`` messages), and runs the tasks here, with a ``rounds_tick`` every second as beat
 would. SQLite's in-memory test database is one connection shared with the live server's
 thread, so the test thread and the server take turns (one lock around both).
 """
@@ -36,8 +37,9 @@ from audit.ledger.chain import verify_chain
 from consortium.celery import app
 from tests.support.fl_harness import make_consortium3, use_artifact_folder
 from training import queues
-from training.models import GlobalModel, JobState, Round, SiteUpdate
-from training.queues import CENTRAL_QUEUE, site_queue
+from training.jobs.selectors import job_rounds_unscored
+from training.models import ContributionScore, GlobalModel, JobState, Round, SiteUpdate
+from training.queues import CENTRAL_QUEUE, SCORING_QUEUE, site_queue
 from training.rounds import coordinator
 
 pytestmark = [pytest.mark.worker, pytest.mark.django_db(transaction=True)]
@@ -181,7 +183,7 @@ def c3(cast, tmp_path):
 
 @pytest.fixture
 def workers(c3, central, broker, tmp_path):
-    _purge([CENTRAL_QUEUE, *[site_queue(s.slug) for s in c3.sites]])
+    _purge([CENTRAL_QUEUE, SCORING_QUEUE, *[site_queue(s.slug) for s in c3.sites]])
     pool = Workers(c3, central.url, broker, tmp_path)
     yield pool
     pool.stop_all()
@@ -190,9 +192,13 @@ def workers(c3, central, broker, tmp_path):
 # --- The coordinator, in this process -------------------------------------------------------------
 
 
+#: The queues this process consumes: the coordinator's and the scoring worker's.
+QUEUES_HERE = (CENTRAL_QUEUE, SCORING_QUEUE)
+
+
 def run_coordinator(until, *, timeout, workers, tick_every=1.0):
-    """Consume ``central`` and run its tasks here (with a tick every second) until
-    ``until()`` holds. Returns the names of the tasks run."""
+    """Consume ``central`` and ``scoring`` and run their tasks here (with a tick every second)
+    until ``until()`` holds. Returns the names of the tasks run."""
     ran = []
 
     def handle(body, message):
@@ -203,12 +209,12 @@ def run_coordinator(until, *, timeout, workers, tick_every=1.0):
         ran.append(name)
         message.ack()
 
-    queue = Queue(CENTRAL_QUEUE, Exchange(CENTRAL_QUEUE), routing_key=CENTRAL_QUEUE)
+    consumed = [Queue(name, Exchange(name), routing_key=name) for name in QUEUES_HERE]
     deadline = time.monotonic() + timeout
     next_tick = time.monotonic() + tick_every
     with (
         app.connection_for_read() as conn,
-        conn.Consumer(queue, callbacks=[handle], accept=["json"]),
+        conn.Consumer(consumed, callbacks=[handle], accept=["json"]),
     ):
         while time.monotonic() < deadline:
             with DB_LOCK:
@@ -262,9 +268,12 @@ def test_a_short_job_runs_end_to_end_on_real_workers(c3, workers):
         )
 
     run_coordinator(lambda: _job_state(job) in ("completed", "failed"), timeout=60, workers=workers)
+    # Each closed round's scoring message came through the broker's "scoring" queue.
+    run_coordinator(lambda: not job_rounds_unscored(job.pk), timeout=60, workers=workers)
     with DB_LOCK:
         job.refresh_from_db()
         assert job.state == JobState.COMPLETED, job.end_reason + workers.dump()
+        assert ContributionScore.objects.filter(job=job).count() == 6
         for index in (1, 2):
             rnd = Round.objects.get(job=job, index=index)
             assert rnd.state == Round.State.CLOSED

@@ -2,7 +2,8 @@
 tests, tests/rounds/test_coordinator.py and test_contribution_coordinator.py).
 
 Messages the code sends (``current_app.send_task``) are caught by :class:`InMemoryBroker` and
-delivered by hand: central tasks call the coordinator, site tasks run the real site worker
+delivered by hand: central tasks call the coordinator, the scoring queue's task the scorer
+(``contributions.round_score_claimed``, in order with the rest), site tasks run the real site worker
 code (``training.site.worker.run_site_round``) against the site API through Django's test
 client (:class:`InProcessClient`). The fixtures ``c3`` (three hospitals, an artifact folder of
 the test's own) and ``broker`` reach the tests through tests/rounds/conftest.py.
@@ -167,14 +168,32 @@ class InMemoryBroker:
         with self.capture(execute=True):
             return fn(*args, **kwargs)
 
-    def deliver(self, *, drop_sites=(), drop_evaluations=(), only_central=False, limit=1000):
+    def scoring_tasks(self):
+        return [m for m in self.log if m["name"] == queues.ROUND_SCORE.name]
+
+    def deliver(
+        self,
+        *,
+        drop_sites=(),
+        drop_evaluations=(),
+        only_central=False,
+        drop_scoring=False,
+        limit=1000,
+    ):
         """Deliver every queued message (and what delivering queues) until none is left.
         Site tasks (training and evaluation) for ``drop_sites`` are lost (the worker never runs
-        them), and the evaluation tasks of ``drop_evaluations``."""
+        them), and the evaluation tasks of ``drop_evaluations``; with ``drop_scoring`` the
+        scoring queue's messages are (no scoring worker, or one that died with them)."""
         for _ in range(limit):
             if not self.messages:
                 return
             message = self.messages.pop(0)
+            if message["name"] == queues.ROUND_SCORE.name:
+                if drop_scoring:
+                    self.lost.append(message)
+                else:
+                    self.run(contributions.round_score_claimed, *message["args"])
+                continue
             if message["name"] == queues.SITE_TRAIN.name:
                 if only_central or message["kwargs"]["site"] in drop_sites:
                     self.lost.append(message)

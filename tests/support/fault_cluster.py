@@ -1,6 +1,7 @@
 """A cluster of real processes for one consortium, for the fault suite (tests/faults/) and the
 recovery benchmark (benchmarks/recovery.py): the central web server (Daphne), the coordinator
-(``celery -A consortium worker -Q central``), Celery beat (``celery -A consortium beat``: the
+(``celery -A consortium worker -Q central``), the scoring worker (``celery -A consortium worker
+-Q scoring``: contribution scores), Celery beat (``celery -A consortium beat``: the
 ``rounds_tick`` every :data:`TICK_SECONDS`, the production interval) and one
 ``manage.py run_site_worker`` per hospital, with the commands the demo and the systemd units use
 (``training.demo.processes``), in either of the two configurations the README documents:
@@ -17,9 +18,11 @@ recovery benchmark (benchmarks/recovery.py): the central web server (Daphne), th
 The helpers inject the faults: :meth:`FaultCluster.kill` (SIGKILL to a process group) and
 :meth:`FaultCluster.start`, :meth:`FaultCluster.terminate_coordinator_connections`
 (``pg_terminate_backend`` on the backends of the coordinator: its processes connect with
-libpq's ``PGAPPNAME`` set to :data:`COORDINATOR_APP`; PostgreSQL only), and
-:func:`hold_aggregation`, which parks the coordinator *inside* a round's aggregation, after its
-claim committed and before the close, without any hook in the product. On PostgreSQL it holds
+libpq's ``PGAPPNAME`` set to :data:`COORDINATOR_APP`, the scoring worker's with
+:data:`SCORING_APP`; PostgreSQL only), and :func:`hold_aggregation`, which parks the
+coordinator *inside* a round's aggregation, after its claim committed and before the close,
+without any hook in the product (:func:`hold_table` on the scores' table parks the scoring
+worker inside its recording the same way). On PostgreSQL it holds
 ``LOCK TABLE training_globalmodel IN SHARE MODE`` on a connection of its own, so the close's
 ``INSERT`` of the new global model waits; SQLite has no table locks, so there a temporary
 trigger on that ``INSERT`` keeps the close's transaction busy (counting a large cross join)
@@ -46,7 +49,13 @@ from tests.support.child_processes import child_database_url
 from tests.support.filesystem_broker import FilesystemBroker
 from tests.support.redis_server import RedisServer
 from training import queues
-from training.demo.processes import free_port, server_argv, site_worker_argv
+from training.demo.processes import (
+    celery_worker_argv,
+    free_port,
+    scoring_worker_argv,
+    server_argv,
+    site_worker_argv,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 #: A broker of the cluster's own: a throwaway Redis, or the embedded default's folders.
@@ -57,7 +66,8 @@ TICK_SECONDS = float(queues.ROUNDS_TICK.every_seconds or 10.0)
 #: The aggregation claim's lease the cluster runs with (``FL_CLAIM_LEASE_SECONDS``; production's
 #: default is 30 s): a killed claimer costs at most this plus a tick.
 LEASE_SECONDS = 10
-#: A lost site task is sent again after this long (``FL_REDISPATCH_AFTER_SECONDS``).
+#: A lost site task (or scoring message) is sent again after this long
+#: (``FL_REDISPATCH_AFTER_SECONDS``).
 REDISPATCH_SECONDS = 15
 #: How long each site worker waits between its signature and its upload
 #: (``FL_TEST_SLEEP_BEFORE_UPLOAD``): the window in which a scenario restarts the web server or
@@ -65,6 +75,8 @@ REDISPATCH_SECONDS = 15
 UPLOAD_PAUSE_SECONDS = 1.5
 #: libpq's application name of the coordinator's connections (``PGAPPNAME``).
 COORDINATOR_APP = "fl-fault-coordinator"
+#: ... and of the scoring worker's.
+SCORING_APP = "fl-fault-scoring"
 
 
 def _http_answers(url: str) -> bool:
@@ -351,10 +363,19 @@ class FaultCluster:
         return pids
 
     def coordinator_parked(self) -> bool:
-        """Whether the coordinator is parked by :func:`hold_table`: on PostgreSQL, one of its
-        backends waits on a heavyweight lock (the test's); on SQLite, where the coordinator
-        is the only writer while a scenario parks it, the database's write lock has been held
-        for a whole second (by the parking trigger: no write of the product takes that long)."""
+        """Whether the coordinator is parked by :func:`hold_table` (:meth:`parked`)."""
+        return self.parked(COORDINATOR_APP)
+
+    def scoring_parked(self) -> bool:
+        """Whether the scoring worker is parked by :func:`hold_table` (:meth:`parked`)."""
+        return self.parked(SCORING_APP)
+
+    def parked(self, app: str) -> bool:
+        """Whether the processes of ``app`` (``PGAPPNAME``) are parked by :func:`hold_table`:
+        on PostgreSQL, one of their backends waits on a heavyweight lock (the test's); on
+        SQLite, where the parked process is the only writer while a scenario parks it, the
+        database's write lock has been held for a whole second (by the parking trigger: no
+        write of the product takes that long)."""
         if self.vendor == "sqlite":
             for _ in range(5):
                 if not self._sqlite_write_locked():
@@ -365,7 +386,7 @@ class FaultCluster:
             cur.execute(
                 "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s "
                 "AND wait_event_type = 'Lock'",
-                [COORDINATOR_APP],
+                [app],
             )
             return cur.fetchone()[0] > 0
 
@@ -454,7 +475,8 @@ def site_worker_name(slug: str) -> str:
 def start_cluster(
     root: Path, c3, broker: Broker, *, database_url: str | None = None
 ) -> FaultCluster:
-    """Start the web server, the coordinator, beat and one site worker per site of ``c3`` on
+    """Start the web server, the coordinator, the scoring worker, beat and one site worker per
+    site of ``c3`` on
     ``broker`` (started here if it is not running) and ``database_url`` (the test database's on
     PostgreSQL), and wait until all are ready."""
     if not broker.running():
@@ -470,25 +492,13 @@ def start_cluster(
     cluster.add("web", server_argv(cluster.web_port), cluster.central_env())
     cluster.add(
         "coordinator",
-        [
-            sys.executable,
-            "-m",
-            "celery",
-            "-A",
-            "consortium",
-            "worker",
-            "-Q",
-            queues.CENTRAL_QUEUE,
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            "fault-central@%h",
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        celery_worker_argv(queues.CENTRAL_QUEUE, hostname="fault-central@%h"),
         cluster.central_env(PGAPPNAME=COORDINATOR_APP),
+    )
+    cluster.add(
+        "scoring",
+        scoring_worker_argv(hostname="fault-scoring@%h"),
+        cluster.central_env(PGAPPNAME=SCORING_APP),
     )
     cluster.add(
         "beat",

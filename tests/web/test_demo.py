@@ -90,6 +90,12 @@ def test_demo_runs_a_job_to_completion_on_real_processes(tmp_path):
     # The model really learns under the agreement's DP-SGD: the majority class alone scores
     # 0.63 on this validation set, and the demo's two rounds reach about 0.91-0.94.
     assert float(final.group(1)) >= 0.8, out
+    # Every round scored, by the scoring worker (queue "scoring"), not the coordinator.
+    assert "Contribution scores recorded for 2 of 2 rounds." in out, out + logs
+    scoring = (var / "logs" / "scoring-worker.log").read_text(errors="replace")
+    assert scoring.count("Task training.round_score[") >= 4, scoring  # received, succeeded
+    central = (var / "logs" / "central-worker.log").read_text(errors="replace")
+    assert "Task training.round_score[" not in central, central
     assert re.search(r"Ledger intact: \d+ entries, head hash [0-9a-f]{64}", out), out
     assert "Demo finished" in out
     # The site workers never reached for a database (theirs points at a missing folder).

@@ -74,7 +74,7 @@ def test_every_process_and_link_of_the_demo_names_its_port(tmp_path, settings, m
     settings.SITE_URL = "http://127.0.0.1:8000"  # the default; restored after the test
     sup, output = start_demo(8101, tmp_path)
     assert sup.started["server"]["argv"][-3:-1] == ["-p", "8101"]
-    for name in ("server", "central-worker", "site-barts"):
+    for name in ("server", "central-worker", "scoring-worker", "site-barts"):
         assert sup.started[name]["env"]["SITE_URL"] == "http://127.0.0.1:8101", name
     assert sup.started["site-barts"]["env"]["CENTRAL_URL"] == "http://127.0.0.1:8101"
     assert "Starting the central server on http://127.0.0.1:8101" in output

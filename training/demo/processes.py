@@ -1,7 +1,8 @@
 """The processes the demo starts, and the supervisor that starts and stops them.
 
 The central web server (Daphne), one central Celery worker with beat (queue ``central``: the
-coordinator) and one site worker per hospital (``manage.py run_site_worker``, queue
+coordinator), one scoring worker (queue ``scoring``: contribution scores, off the rounds'
+critical path) and one site worker per hospital (``manage.py run_site_worker``, queue
 ``site.<slug>``). A site worker gets a ``DATABASE_URL`` that points into a folder that does not
 exist: it must not need the database, and any query would fail its round.
 
@@ -27,6 +28,7 @@ from pathlib import Path
 from django.conf import settings
 
 from training.demo.sites import SiteFiles
+from training.queues import CENTRAL_QUEUE, SCORING_QUEUE
 
 
 @dataclass
@@ -196,8 +198,12 @@ def server_argv(port: int) -> list[str]:
     ]
 
 
-def central_worker_argv(var: Path) -> list[str]:
-    """The coordinator: one Celery worker with beat, on queue ``central``."""
+def celery_worker_argv(
+    queue: str, *, hostname: str, beat_schedule: Path | None = None
+) -> list[str]:
+    """One central Celery worker on ``queue``, one task at a time; with ``beat_schedule``, it
+    also runs Celery beat (the demo's coordinator), keeping beat's schedule in that file."""
+    beat = ["-B", "--schedule", str(beat_schedule)] if beat_schedule is not None else []
     return [
         sys.executable,
         "-m",
@@ -205,20 +211,32 @@ def central_worker_argv(var: Path) -> list[str]:
         "-A",
         "consortium",
         "worker",
-        "-B",
+        *beat,
         "-Q",
-        "central",
+        queue,
         "--concurrency",
         "1",
         "--loglevel",
         "INFO",
         "--hostname",
-        "demo-central@%h",
-        "--schedule",
-        str(var / "celerybeat-schedule"),
+        hostname,
         "--without-gossip",
         "--without-mingle",
     ]
+
+
+def central_worker_argv(var: Path) -> list[str]:
+    """The coordinator: one Celery worker with beat, on queue ``central``."""
+    return celery_worker_argv(
+        CENTRAL_QUEUE, hostname="demo-central@%h", beat_schedule=var / "celerybeat-schedule"
+    )
+
+
+def scoring_worker_argv(hostname: str = "demo-scoring@%h") -> list[str]:
+    """Contribution scoring: one Celery worker on queue ``scoring``, one round at a time (a
+    round's coalitions already use the cores; two at once would only slow both). Apart from
+    the coordinator, so that no round's close waits behind a score."""
+    return celery_worker_argv(SCORING_QUEUE, hostname=hostname)
 
 
 def site_worker_argv() -> list[str]:

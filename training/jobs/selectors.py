@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Sum
 
+from audit.ledger import events as ledger_events
+from audit.ledger.selectors import subjects_recorded
 from consortium.governance.models import Institution, Notification, Role
 from consortium.governance.permissions import grants_of
 from consortium.governance.selectors import consortium_ids_of, user_institutions_with_role
@@ -35,6 +37,21 @@ def round_with_job(round_id: int) -> Round | None:
         .filter(pk=round_id)
         .first()
     )
+
+
+def job_rounds_unscored(job_id: int) -> list[int]:
+    """The indices of the job's closed rounds that have neither ``contribution.scored`` nor
+    ``contribution.unavailable`` yet (the scoring worker has not recorded them): what the demo
+    waits for before it verifies the ledger."""
+    closed = dict(
+        Round.objects.filter(job_id=job_id, state=Round.State.CLOSED).values_list("pk", "index")
+    )
+    recorded = subjects_recorded(
+        [ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE],
+        Round._meta.label_lower,
+        [str(pk) for pk in closed],
+    )
+    return sorted(index for pk, index in closed.items() if str(pk) not in recorded)
 
 
 def job_spec_texts(job_ids) -> dict[int, str]:

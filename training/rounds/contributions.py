@@ -14,15 +14,19 @@ closes, with the coalitions planned up front; the round is scored when their eva
 from their signed reports, each coalition's value being its model's metric weighted by the
 reporting sites' records).
 
-When, and in which transaction. Scoring evaluates up to 2^8 models per round (more than the
-round itself costs), so it runs *after* the round-close transaction has committed, outside any
-transaction, and records in a transaction of its own: the next round is already dispatched and
-the ledger's lock is not held while models are evaluated. Recording is idempotent (the ledger is
-checked under its lock), so a second call for the same round does nothing, and a failure to score
-never fails a closed round: it is logged and recorded as ``contribution.unavailable`` with the
-reason. A coordinator killed between the two commits leaves the round unscored;
-``manage.py score_contributions --job ID`` (:func:`job_score_missing`) scores such rounds later,
-and scores jobs run before scoring existed.
+When, where, and in which transaction. Scoring evaluates up to 2^8 models per round (more than
+the round itself costs), so it runs neither in the round-close transaction nor on the
+coordinator's queue: the close sends the round to the ``scoring`` queue
+(``training.round_score``, :mod:`training.rounds.scoring_queue`), whose own worker scores it
+(:func:`round_score_claimed`) outside any transaction and records in a transaction of its own.
+The next round is dispatched and can close while models are evaluated, and the ledger's lock is
+not held meanwhile. Recording is idempotent (the ledger is checked under its lock), so a second
+call for the same round does nothing, and a failure to score never fails a closed round: it is
+logged and recorded as ``contribution.unavailable`` with the reason. A round whose message was
+lost, or whose scoring worker died mid-round, is sent to the scoring queue again by the
+coordinator's periodic pass (:func:`scores_tick`) once the round's lease runs out;
+``manage.py score_contributions --job ID`` (:func:`job_score_missing`) scores older rounds in
+its own process, and jobs run before scoring existed.
 
 The ledger contract (the auditors' reports read exactly this):
 
@@ -51,6 +55,7 @@ import math
 import time
 from collections import defaultdict
 
+from celery.exceptions import SoftTimeLimitExceeded
 from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
@@ -69,8 +74,9 @@ from training.models import (
     SiteUpdate,
     TrainingJob,
 )
-from training.rounds import site_evaluation
+from training.rounds import scoring_queue, site_evaluation
 from training.rounds.aggregation import accepted_updates
+from training.rounds.leases import RoundLease
 from training.rounds.states import build_model, dataset_of, load_state, load_update
 from training.rounds.validation_sets import validation_set_of
 
@@ -82,6 +88,7 @@ __all__ = [
     "job_score_missing",
     "round_contributions",
     "round_score",
+    "round_score_claimed",
     "rescore_missing",
     "round_seed",
     "scores_tick",
@@ -241,6 +248,15 @@ def _recorded(event_names, subject_type: str, subject_id) -> bool:
     return bool(subjects_recorded(event_names, subject_type, [str(subject_id)]))
 
 
+def _round_recorded(round_id) -> bool:
+    """Whether the round has its ``contribution.scored`` or ``contribution.unavailable``."""
+    return _recorded(
+        (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
+        _ROUND_LABEL,
+        round_id,
+    )
+
+
 def round_score(round_id: int) -> str:
     """Score a closed round and record it (see the module docstring). Never raises: the round
     is closed whatever happens here. Returns ``"scored"``, ``"unavailable"``, ``"already"``
@@ -249,11 +265,7 @@ def round_score(round_id: int) -> str:
         rnd = round_with_job(round_id)
         if rnd is None or rnd.state != Round.State.CLOSED:
             return "error"
-        if _recorded(
-            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
-            _ROUND_LABEL,
-            rnd.pk,
-        ):
+        if _round_recorded(rnd.pk):
             return "already"
         if site_evaluation.evaluates_at_sites(rnd.job):
             pending = _site_evaluation_pending(rnd)
@@ -264,6 +276,13 @@ def round_score(round_id: int) -> str:
             result, metric, updates, basis = round_contributions(rnd)
         except ScoringUnavailable as exc:
             return _record_unavailable(rnd, str(exc))
+        except SoftTimeLimitExceeded:
+            # The scoring task's limit, under the broker's consumer timeout: killed at the hard
+            # one, the task would be delivered again and fail the same way, round after round.
+            log.exception("scoring the contributions of %s ran out of time", rnd)
+            return _record_unavailable(
+                rnd, "scoring took longer than the scoring task's time limit"
+            )
         except Exception as exc:  # noqa: BLE001 - scoring must never fail a closed round
             log.exception("scoring the contributions of %s failed", rnd)
             return _record_unavailable(rnd, f"scoring failed: {exc}")
@@ -302,34 +321,56 @@ def _site_evaluation_pending(rnd: Round) -> str:
     return ""
 
 
+def round_score_claimed(round_id: int, *, now=None) -> str:
+    """Score a round sent to the scoring queue (the ``training.round_score`` task, on the
+    scoring worker): take the round's lease (:func:`training.rounds.scoring_queue.
+    scoring_claim`), score it while a thread renews the lease (:func:`round_score`), let the
+    lease go. Returns :func:`round_score`'s outcome, ``"already"`` for a round recorded before
+    (a second message), or ``"busy"`` when another scorer holds the round. A scorer killed here
+    leaves its lease unrenewed: the periodic pass sends the round again once it runs out
+    (``FL_CLAIM_LEASE_SECONDS``). Never raises but for the database (the task retries)."""
+    if _round_recorded(round_id):
+        return "already"
+    token = scoring_queue.scoring_claim(round_id, now=now)
+    if token is None:
+        return "busy"
+    try:
+        with RoundLease(round_id, token):
+            return round_score(round_id)
+    finally:
+        scoring_queue.scoring_release(round_id, token)
+
+
 def evaluation_close_and_score(round_id: int, *, now=None) -> str:
-    """Close a round's evaluation at the sites if it is done, then score the round (the
-    ``training.round_evaluation_maybe_close`` task, sent after each site's report)."""
-    outcome = site_evaluation.evaluation_maybe_close(round_id, now=now)
-    if outcome == "closed":
-        round_score(round_id)
-    return outcome
+    """Close a round's evaluation at the sites if it is done (the
+    ``training.round_evaluation_maybe_close`` task, sent after each site's report); the close
+    sends the round to the scoring queue in its transaction
+    (:func:`training.rounds.site_evaluation.evaluation_maybe_close`), so the coordinator's
+    worker scores nothing here."""
+    return site_evaluation.evaluation_maybe_close(round_id, now=now)
 
 
 #: How far back the periodic pass looks for unscored rounds and job totals (older ones:
-#: ``manage.py score_contributions --job ID``), and how many rounds it scores per pass.
+#: ``manage.py score_contributions --job ID``), and how many rounds it sends to the scoring
+#: queue again per pass.
 RESCORE_WINDOW = dt.timedelta(hours=24)
 RESCORE_PER_PASS = 5
 
 
 def rescore_missing(*, now=None) -> dict[str, list[int]]:
-    """Score closed rounds that were never scored, and write the totals of completed jobs whose
-    rounds are all scored but whose ``contribution.job_scored`` was never written. Safe beside
-    a coordinator that is scoring the same round: recording is checked under the ledger's lock,
-    so a round is recorded once whoever gets there first."""
+    """Send to the scoring queue again the closed rounds left unscored whose lease ran out (a
+    lost message, a scoring worker that died: :func:`training.rounds.scoring_queue.
+    scoring_resend`, which says how re-sends are spaced), and write the totals of completed
+    jobs whose rounds are all scored but whose ``contribution.job_scored`` was never written.
+    Scores nothing itself: it runs in the coordinator's periodic pass, on ``central``."""
     now = now or timezone.now()
     since = now - RESCORE_WINDOW
     closed = list(
         Round.objects.filter(state=Round.State.CLOSED, closed_at__gte=since)
-        # The coordinator that closed it holds its lease while it scores it; one that died
-        # lets the lease run out (FL_CLAIM_LEASE_SECONDS), and then the round is ours to score.
+        # A scoring worker that holds the round renews its lease; a queued round's lease lasts
+        # as long as its message may wait. Either way: not ours to send again yet.
         .filter(Q(lease_expires_at__isnull=True) | Q(lease_expires_at__lte=now))
-        # Waiting for the sites' evaluations is not a crash: their close scores the round.
+        # Waiting for the sites' evaluations is not a loss: their close sends the round.
         .exclude(evaluation__state=RoundEvaluation.State.COLLECTING)
         .order_by("pk")
         .values_list("pk", flat=True)
@@ -342,11 +383,11 @@ def rescore_missing(*, now=None) -> dict[str, list[int]]:
             [str(pk) for pk in closed],
         )
     }
-    done: dict[str, list[int]] = {"rescored": [], "totals": []}
+    done: dict[str, list[int]] = {"scoring_resent": [], "totals": []}
     for round_id in [pk for pk in closed if pk not in recorded][:RESCORE_PER_PASS]:
-        outcome = round_score(round_id)
-        if outcome in ("scored", "unavailable"):
-            done["rescored"].append(round_id)
+        if scoring_queue.scoring_resend(round_id, now=now):
+            log.warning("round #%s is still unscored: sent to the scoring queue again", round_id)
+            done["scoring_resent"].append(round_id)
     jobs = list(
         TrainingJob.objects.filter(state=JobState.COMPLETED, state_changed_at__gte=since)
         .select_related("consortium")
@@ -369,26 +410,13 @@ def rescore_missing(*, now=None) -> dict[str, list[int]]:
 
 
 def scores_tick(*, now=None) -> dict[str, list[int]]:
-    """The coordinator's periodic pass over scores: ask for the evaluations at the sites a
-    coordinator died before asking for, send again lost site tasks, close evaluations past
-    their deadline and score their rounds, and score what a crash left unscored
-    (:func:`rescore_missing`)."""
+    """The coordinator's periodic pass over scores, on ``central``, where nothing is scored:
+    send again the lost evaluation tasks of the sites, close the evaluations past their
+    deadline (each close sends its round to the scoring queue), and send again the rounds a
+    lost message or a dead scoring worker left unscored, which asks the sites for the
+    evaluations a scorer died before asking for too (:func:`rescore_missing`)."""
     now = now or timezone.now()
     done = site_evaluation.evaluations_tick(now=now)
-    for round_id in done["closed"]:
-        round_score(round_id)
-    done["requested"] = []
-    # A coordinator restarts within the hour; older rounds: ``manage.py score_contributions``.
-    for round_id in site_evaluation.rounds_without_evaluation(since=now - dt.timedelta(hours=1)):
-        rnd = round_with_job(round_id)
-        if rnd is None or _recorded(
-            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
-            _ROUND_LABEL,
-            rnd.pk,
-        ):
-            continue
-        if round_score(round_id) == "requested":
-            done["requested"].append(round_id)
     done.update(rescore_missing(now=now))
     return done
 
@@ -397,11 +425,7 @@ def _record_unavailable(rnd: Round, reason: str) -> str:
     job = rnd.job
     with transaction.atomic():
         lock_chain()
-        if _recorded(
-            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
-            _ROUND_LABEL,
-            rnd.pk,
-        ):
+        if _round_recorded(rnd.pk):
             return "already"
         append_entry(
             event=ledger_events.CONTRIBUTION_UNAVAILABLE,
@@ -420,11 +444,7 @@ def _record_scores(
     institutions = {u.institution.slug: u.institution for u in updates}
     with transaction.atomic():
         lock_chain()
-        if _recorded(
-            (ledger_events.CONTRIBUTION_SCORED, ledger_events.CONTRIBUTION_UNAVAILABLE),
-            _ROUND_LABEL,
-            rnd.pk,
-        ):
+        if _round_recorded(rnd.pk):
             return "already"
         entry = append_entry(
             event=ledger_events.CONTRIBUTION_SCORED,
@@ -510,9 +530,10 @@ def _maybe_job_total(job: TrainingJob) -> None:
 
 
 def job_score_missing(job_id: int) -> dict[int, str]:
-    """Score every closed round of the job that has no contribution entry yet (a coordinator
-    killed between the close and the scoring, or a job run before scoring existed), then the
-    job's total if it has completed. Returns ``{round index: outcome}``."""
+    """Score every closed round of the job that has no contribution entry yet (a round older
+    than the periodic pass's window that a lost message or a dead scoring worker left unscored,
+    or a job run before scoring existed), in this process, then the job's total if it has
+    completed. Returns ``{round index: outcome}``."""
     job = TrainingJob.objects.select_related("consortium").get(pk=job_id)
     outcomes = {}
     for pk, index in (

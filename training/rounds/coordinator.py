@@ -14,9 +14,13 @@ Celery's result store, and every move is a compare-and-set update, so that
 * after a coordinator restart the job resumes from its last completed round: a running job
   whose latest round is closed but has no next round gets it from :func:`rounds_tick`; a round
   left aggregating by a killed coordinator is claimed again by the next tick once its claim's
-  lease runs out (``FL_CLAIM_LEASE_SECONDS``, renewed while the claimer works: :class:`_Lease`),
-  and one whose aggregation hit a database error is handed back at once and claimed again at
-  the next tick; rounds a crash left unscored are scored by the tick
+  lease runs out (``FL_CLAIM_LEASE_SECONDS``, renewed while the claimer works:
+  ``training.rounds.leases``), and one whose aggregation hit a database error is handed back at
+  once and claimed again at the next tick;
+* a round's contribution scores never hold up the rounds after it: the close sends the round to
+  the scoring worker's own queue (``training.round_score`` on ``scoring``,
+  ``training.rounds.scoring_queue``) in the close's transaction, and the next round is already
+  dispatched when scoring starts; a round a crash left unscored is sent again by the tick
   (``training.rounds.contributions.rescore_missing``);
 * every message a move calls for (a site's task, closing a round, starting a job) is written to
   the outbox in the move's own transaction (``training.outbox``): a broker outage delays it,
@@ -59,8 +63,6 @@ import datetime as dt
 import functools
 import logging
 import math
-import secrets
-import threading
 from dataclasses import dataclass, field
 
 from django.conf import settings
@@ -85,10 +87,13 @@ from training.models import (
     SiteUpdate,
     TrainingJob,
 )
-from training.rounds import absences, aggregation, states
+from training.rounds import absences, aggregation, scoring_queue, states
 from training.rounds.artifacts import ArtifactError
 from training.rounds.budgets import check_budgets
-from training.rounds.contributions import round_score, scores_tick
+from training.rounds.contributions import scores_tick
+from training.rounds.leases import RoundLease as _Lease
+from training.rounds.leases import lease_length as _lease_length
+from training.rounds.leases import new_token as _claim_token
 from training.rounds.site_evaluation import evaluates_at_sites
 
 log = logging.getLogger(__name__)
@@ -443,15 +448,7 @@ def round_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
     return _aggregate_and_finish(rnd.pk, token)
 
 
-# --- The aggregation claim's lease ------------------------------------------------------------
-
-
-def _claim_token() -> str:
-    return secrets.token_hex(16)
-
-
-def _lease_length() -> dt.timedelta:
-    return dt.timedelta(seconds=_setting("FL_CLAIM_LEASE_SECONDS", 30))
+# --- The aggregation claim's lease (training.rounds.leases) -----------------------------------
 
 
 def _reclaim(round_id: int, now: dt.datetime) -> str | None:
@@ -476,58 +473,6 @@ def _reclaim(round_id: int, now: dt.datetime) -> str | None:
         return None
     log.warning("round #%s: its aggregation claim's lease ran out; claiming it again", round_id)
     return token
-
-
-class _Lease:
-    """Renews a claim's lease from a thread while the claimer aggregates and then scores the
-    round it closed, so that a long aggregation keeps its claim and a killed one loses it within
-    ``FL_CLAIM_LEASE_SECONDS`` (a closed round whose lease ran out unscored is scored by the
-    tick: ``contributions.rescore_missing``).
-
-    Correctness never rests on the lease: the close is a compare-and-set on the claim's token,
-    so a claimer that lost its lease (paused longer than the lease) closes nothing and the
-    round is closed once, by the coordinator that took it over. The lease only bounds how long
-    a dead claimer holds the round."""
-
-    def __init__(self, round_id: int, token: str):
-        self.round_id = round_id
-        self.token = token
-        self._stop = threading.Event()
-        self._thread = threading.Thread(
-            target=self._renew, name=f"lease-round-{round_id}", daemon=True
-        )
-
-    def __enter__(self):
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self._stop.set()
-        self._thread.join(timeout=10)
-        return False
-
-    def _renew(self) -> None:
-        every = max(1.0, _lease_length().total_seconds() / 3)
-        try:
-            while not self._stop.wait(every):
-                try:
-                    self._renew_once()
-                except DatabaseError:
-                    log.warning("could not renew the lease of round #%s", self.round_id)
-                    connection.close()
-        finally:
-            connection.close()
-
-    def _renew_once(self) -> bool:
-        # Aggregating, and once closed, scoring: the rescoring pass waits on the same lease.
-        return bool(
-            Round.objects.filter(
-                pk=self.round_id,
-                state__in=(Round.State.AGGREGATING, Round.State.CLOSED),
-                claim_token=self.token,
-                lease_expires_at__isnull=False,
-            ).update(lease_expires_at=timezone.now() + _lease_length())
-        )
 
 
 def _cyclic_advance(rnd: Round, job: TrainingJob) -> None:
@@ -627,9 +572,11 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
             size_bytes=size,
             metrics=metrics,
         )
-        # The lease stays ours until the round is scored (below): a coordinator killed between
-        # the close and the scores leaves a lease that runs out, and the tick scores the round.
         closed.update(state=Round.State.CLOSED, global_model_out=model)
+        # Scoring (and, for a job evaluated at the sites, the request to evaluate) is the
+        # scoring worker's, on its own queue: the message commits with the close, and the
+        # round's lease passes to it, so nothing below, nor the next round, waits for it.
+        scoring_queue.scoring_send(rnd.pk)
         rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
         _record(
             ledger_events.ROUND_CLOSED,
@@ -662,17 +609,7 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
             _complete(job, model)
         else:
             round_open(job, rnd.index + 1, model)
-    # Contribution scores (and, for a job evaluated at the sites, the request to evaluate),
-    # after the commit: own transaction, never raises. Then the lease is let go.
-    round_score(rnd.pk)
-    _release_claim(rnd.pk, token)
     return "closed"
-
-
-def _release_claim(round_id: int, token: str) -> None:
-    """The closer is done with the round (closed and scored): its lease is cleared, so the
-    periodic pass's rescoring (``contributions.rescore_missing``) need not wait for it."""
-    Round.objects.filter(pk=round_id, claim_token=token).update(lease_expires_at=None)
 
 
 def _complete(job: TrainingJob, model: GlobalModel) -> None:
@@ -731,8 +668,10 @@ def rounds_tick(*, now: dt.datetime | None = None) -> TickReport:
     4. resume running jobs whose latest round is closed but whose next round was never opened;
     5. send again site tasks that have not reported after ``FL_REDISPATCH_AFTER_SECONDS`` or
        half their round's timeout, whichever is shorter (:func:`redispatch_delay`);
-    6. evaluations at the sites (``contributions.scores_tick``): ask for those never asked,
-       send again lost evaluation tasks, close those past their deadline and score them;
+    6. scores (``contributions.scores_tick``): send again lost evaluation tasks, close
+       evaluations past their deadline, send to the scoring queue again the rounds a lost
+       message or a dead scoring worker left unscored (never scoring here: the tick runs on
+       ``central``), write the job totals a crash left unwritten;
     7. privacy audits of jobs awaiting approval (``privacy_audits.audits_tick``): send again
        the audit task of a site that has not reported, with back-off;
     8. sites absent from ``FL_ABSENT_ROUNDS_ALERT`` rounds in a row: their jobs' proposers told

@@ -26,7 +26,7 @@ from audit.ledger import events as ledger_events
 from audit.models import LedgerEntry
 from consortium.governance.models import Institution
 from training.models import JobState, Round, SiteCredential, SiteUpdate, TrainingJob
-from training.queues import CENTRAL_QUEUE, site_queue
+from training.queues import CENTRAL_QUEUE, SCORING_QUEUE, site_queue
 from training.rounds.heartbeats import online_window
 
 __all__ = [
@@ -166,7 +166,8 @@ def site_worker_beats(now: dt.datetime | None = None) -> list[SiteWorkerBeat]:
 
 
 def queues_to_measure() -> list[str]:
-    """The broker queues worth measuring: ``central`` and ``site.<slug>`` of every institution
+    """The broker queues worth measuring: ``central``, ``scoring`` (a backlog there is rounds
+    waiting for their scores) and ``site.<slug>`` of every institution
     that has a live worker credential or takes part in a running job (a site with tasks and
     no worker is exactly the queue that grows). Bounded by the consortium's sites, not by what
     anyone names a queue. One query."""
@@ -179,4 +180,4 @@ def queues_to_measure() -> list[str]:
         .distinct()
         .order_by("slug")
     )
-    return [CENTRAL_QUEUE, *(site_queue(slug) for slug in slugs)]
+    return [CENTRAL_QUEUE, SCORING_QUEUE, *(site_queue(slug) for slug in slugs)]

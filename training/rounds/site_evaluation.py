@@ -5,7 +5,8 @@ A job whose spec evaluates at the ``sites`` (``training.jobs.spec.evaluation_set
 default whenever the data set is not a bundled one) has no validation set at the centre. So,
 after each round closes, the coordinator:
 
-1. plans the coalitions its contribution method needs, at most the spec's ``max_models``
+1. (on the scoring worker, from the round's ``training.round_score`` message) plans the
+   coalitions its contribution method needs, at most the spec's ``max_models``
    (:func:`training.fl.contribution.plan_coalitions`), builds each coalition's model from the
    sites' shared updates exactly as central scoring does
    (:class:`training.fl.coalition.CoalitionUtility`), stores them as artifacts, and asks every
@@ -30,14 +31,17 @@ after each round closes, the coordinator:
    reporting site sent its surrogate, weighted by records as the values are)
    (:func:`training.rounds.contributions.round_score`, whose ``contribution.scored`` entry
    then says ``evaluated_at: "sites"``, on which sites' records the values rest, and which
-   sites were missing).
+   sites were missing), on the scoring worker: the close sends the round to the ``scoring``
+   queue in its own transaction (:mod:`training.rounds.scoring_queue`).
 
 Training does not wait for it: the next round opens when the round closes, and the site's
 queue runs the evaluation and the next round's training one after the other. Every step is a
 compare-and-set on our own rows, safe to run twice; :func:`evaluations_tick` (from the
 coordinator's periodic pass) sends again a site task that has not reported and closes
-evaluations past their deadline; ``training.rounds.contributions`` requests the evaluations a
-coordinator died before requesting.
+evaluations past their deadline; a round whose evaluation was never requested (its scoring
+message lost, its scorer dead) is unscored with its lease run out, so the periodic pass sends
+it to the scoring queue again (``training.rounds.contributions.rescore_missing``), whose
+worker requests it.
 
 What a site learns: a coalition model is built from other sites' shared updates, so a site
 that evaluates it sees (a function of) those updates, which it would not with central
@@ -77,6 +81,7 @@ from training.models import (
     SiteEvaluation,
     TrainingJob,
 )
+from training.rounds import scoring_queue
 from training.rounds.aggregation import accepted_updates
 
 log = logging.getLogger(__name__)
@@ -87,7 +92,6 @@ __all__ = [
     "evaluation_request",
     "evaluations_tick",
     "reported_evaluations",
-    "rounds_without_evaluation",
 ]
 
 #: How a round's coalition models are marked in ``RoundEvaluation.asked_models``.
@@ -319,9 +323,10 @@ def reported_evaluations(rnd: Round) -> SiteReports | None:
 
 def evaluation_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> str:
     """Close a round's evaluation when every site asked has reported or its deadline passed,
-    and record the round's metrics (the caller then scores its contributions:
-    ``training.rounds.contributions.evaluation_close_and_score``). Returns ``"closed"``,
-    ``"waiting"`` or ``"not_collecting"``."""
+    record the round's metrics, and send the round to the scoring queue in the same
+    transaction (:func:`training.rounds.scoring_queue.scoring_send`: its contributions are
+    scored from the reports on the scoring worker). Returns ``"closed"``, ``"waiting"`` or
+    ``"not_collecting"``."""
     now = now or timezone.now()
     evaluation = (
         RoundEvaluation.objects.select_related("round__job__consortium", "round__global_model_out")
@@ -364,6 +369,7 @@ def evaluation_maybe_close(round_id: int, *, now: dt.datetime | None = None) -> 
                 "missing": reports.missing,
             },
         )
+        scoring_queue.scoring_send(rnd.pk, now=now)
     if reports.missing:
         log.warning("%s: evaluation closed without %s", rnd, ", ".join(reports.missing))
     return "closed"
@@ -391,7 +397,7 @@ def _round_metrics(reports: SiteReports, global_digest: str) -> dict:
 def evaluations_tick(*, now: dt.datetime | None = None) -> dict[str, list[int]]:
     """Send again the task of a site that has not reported after
     ``FL_REDISPATCH_AFTER_SECONDS``, and close the evaluations past their deadline (``closed``:
-    their rounds' ids, for the caller to score)."""
+    their rounds' ids; each close sent its round to the scoring queue)."""
     now = now or timezone.now()
     done: dict[str, list[int]] = {"resent": [], "closed": []}
     after = dt.timedelta(seconds=getattr(settings, "FL_REDISPATCH_AFTER_SECONDS", 300))
@@ -413,25 +419,3 @@ def evaluations_tick(*, now: dt.datetime | None = None) -> dict[str, list[int]]:
         if evaluation_maybe_close(round_id, now=now) == "closed":
             done["closed"].append(round_id)
     return done
-
-
-def rounds_without_evaluation(*, since: dt.datetime) -> list[int]:
-    """Closed rounds (since ``since``) of jobs that evaluate at the sites, with no evaluation
-    requested: a coordinator that died between a round's close and its request. Each job's
-    spec is read once."""
-    rows = (
-        Round.objects.filter(
-            state=Round.State.CLOSED, evaluation__isnull=True, closed_at__gte=since
-        )
-        .order_by("pk")
-        .values_list("pk", "job_id")
-    )
-    by_job: dict[int, bool] = {}
-    out = []
-    for round_id, job_id in rows:
-        if job_id not in by_job:
-            job = TrainingJob.objects.only("spec_text").get(pk=job_id)
-            by_job[job_id] = evaluates_at_sites(job)
-        if by_job[job_id]:
-            out.append(round_id)
-    return out

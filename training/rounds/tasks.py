@@ -2,7 +2,9 @@
 call one service; their names and queues live in ``training.queues`` (the one registry).
 
 The coordinator's tasks (``training.job_start``, ``training.round_maybe_close``,
-``training.rounds_tick``) run on ``central``, next to the database. The site task
+``training.rounds_tick``) run on ``central``, next to the database; contribution scoring
+(``training.round_score``) on ``scoring``, beside it, with a worker of its own
+(``training.rounds.scoring_queue``) so that no round waits behind a score. The site task
 ``training.site_train`` is sent by the coordinator to ``site.<slug>`` and runs on
 that site's worker, which holds no database credentials: its body calls
 :func:`training.site.worker.run_site_round`, which talks to the central REST API only.
@@ -102,8 +104,24 @@ def site_train(
     name=queues.ROUND_EVALUATION_MAYBE_CLOSE.name, ignore_result=True, **RETRY_DATABASE_ERRORS
 )
 def round_evaluation_maybe_close(round_id: int) -> str:
-    """Close a round's evaluation at the sites if every site reported, then score the round."""
+    """Close a round's evaluation at the sites if every site reported; the close sends the
+    round to the scoring queue."""
     return contributions.evaluation_close_and_score(round_id)
+
+
+@shared_task(
+    name=queues.ROUND_SCORE.name,
+    ignore_result=True,
+    # Under the hard limit every task has (the broker's consumer timeout less a margin): a
+    # round too slow to score is recorded as such rather than killed, delivered again and
+    # killed again, holding the scoring worker each time.
+    soft_time_limit=settings.CELERY_TASK_TIME_LIMIT - queues.SOFT_LIMIT_LEAD_SECONDS,
+    **RETRY_DATABASE_ERRORS,
+)
+def round_score(round_id: int) -> str:
+    """Score one closed round's contributions and record them (runs on ``scoring``; a round
+    sent twice, or held by another scorer, is left alone)."""
+    return contributions.round_score_claimed(round_id)
 
 
 @shared_task(

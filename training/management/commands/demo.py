@@ -14,7 +14,8 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    ``--no-serve``, on a free port of 127.0.0.1 (the site workers upload through the REST API,
    so the server runs either way), and waits for ``/health/?scope=web`` (the web tier; the
    coordinator, started beside it, beats a few seconds later);
-3. starts one central Celery worker with beat (queue ``central``: the coordinator) and one site
+3. starts one central Celery worker with beat (queue ``central``: the coordinator), the scoring
+   worker (queue ``scoring``: contribution scores, off the rounds' critical path) and one site
    worker per hospital (``manage.py run_site_worker``, queue ``site.<slug>``). A site worker
    gets a ``DATABASE_URL`` that points into a folder that does not exist: it must not need the
    database, and any query would fail its round;
@@ -24,8 +25,9 @@ distributed layout when ``DATABASE_URL``, ``CELERY_BROKER_URL`` and ``CHANNEL_LA
    and has each hospital's approver approve the job
    (:func:`training.jobs.approvals.approval_decide`); the last approval queues
    ``training.job_start`` on ``central``;
-5. follows the job round by round and prints the final metrics, the number of ledger entries
-   and the verified ledger head. With ``--no-serve`` it then stops everything and exits 0 (or
+5. follows the job round by round and prints the final metrics, how many rounds the scoring
+   worker scored (waiting a little for the last), the number of ledger entries and the
+   verified ledger head. With ``--no-serve`` it then stops everything and exits 0 (or
    non-zero, saying why, when the job fails, a process dies or ``--timeout`` passes); otherwise
    it prints the logins and keeps serving until Ctrl-C or SIGTERM.
 
@@ -62,6 +64,7 @@ from training.demo.processes import (
     free_port,
     http_ok,
     port_free,
+    scoring_worker_argv,
     server_argv,
     site_worker_argv,
     site_worker_env,
@@ -78,7 +81,11 @@ from training.demo.scenario import (
 from training.demo.seed import DEMO_SLUG, SITE_SLUGS
 from training.demo.sites import SiteFiles, ensure_site_credentials
 from training.jobs.compliance import ComplianceError
+from training.jobs.selectors import job_rounds_unscored
 from training.models import TERMINAL_STATES, JobState, Round, SiteUpdate, TrainingJob
+
+#: How long the demo waits, once the job has ended, for the scoring worker's last scores.
+SCORES_WAIT_SECONDS = 60.0
 
 
 class Stop(Exception):
@@ -109,8 +116,9 @@ def _fmt_metrics(metrics: dict) -> str:
 
 class Command(BaseCommand):
     help = (
-        "Run the demo: seed the consortium, start the server, the coordinator and one site "
-        "worker per hospital, and run an approved federated job through them."
+        "Run the demo: seed the consortium, start the server, the coordinator, the scoring "
+        "worker and one site worker per hospital, and run an approved federated job through "
+        "them."
     )
 
     def add_arguments(self, parser):
@@ -239,6 +247,8 @@ class Command(BaseCommand):
         server = self.sup.start("server", server_argv(port), env)
         self.say("Starting the coordinator (Celery worker with beat, queue central) …")
         central = self.sup.start("central-worker", central_worker_argv(self.var), env)
+        self.say("Starting the scoring worker (Celery, queue scoring) …")
+        scoring = self.sup.start("scoring-worker", scoring_worker_argv(), env)
         workers = []
         for site in sites:
             self.say(f"Starting the site worker of {site.slug} (queue site.{site.slug}) …")
@@ -257,11 +267,11 @@ class Command(BaseCommand):
         )
         self._wait(
             "the workers",
-            lambda: all(" ready." in c.tail(100_000) for c in [central, *workers]),
+            lambda: all(" ready." in c.tail(100_000) for c in [central, scoring, *workers]),
             limit=120,
         )
         self.say(
-            f"Server, coordinator and {len(workers)} site workers up "
+            f"Server, coordinator, scoring worker and {len(workers)} site workers up "
             f"({time.monotonic() - self.started:.1f} s). Logs: {self.sup.log_dir}"
         )
 
@@ -423,6 +433,7 @@ class Command(BaseCommand):
 
     def _report(self, job: TrainingJob) -> bool:
         final = job.global_models.order_by("-round_index").first()
+        self._scores(job)
         result = verify_chain()
         entries = entry_count()
         if job.state == JobState.COMPLETED:
@@ -448,3 +459,19 @@ class Command(BaseCommand):
                 self.style.ERROR,
             )
         return job.state == JobState.COMPLETED and result.ok
+
+    def _scores(self, job: TrainingJob, wait: float = SCORES_WAIT_SECONDS) -> None:
+        """Say how many closed rounds the scoring worker has recorded, after waiting up to
+        ``wait`` seconds for the last (it scores after the round closed, apart from it)."""
+        closed = job.rounds.filter(state=Round.State.CLOSED).count()
+        deadline = min(time.monotonic() + wait, self.deadline)
+        while (unscored := job_rounds_unscored(job.pk)) and time.monotonic() < deadline:
+            self._check_children(fatal=False)
+            time.sleep(0.3)
+        if unscored:
+            self.stderr.write(
+                f"Warning: round(s) {', '.join(map(str, unscored))} not scored yet; the "
+                "scoring worker (log scoring-worker.log) or, later, the periodic pass will."
+            )
+        else:
+            self.say(f"Contribution scores recorded for {closed} of {closed} rounds.")
