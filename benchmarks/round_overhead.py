@@ -520,6 +520,7 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
         wait_for_quiet_ledger(deadline)
         figures = platform_rounds(job, args.warmup, args.rounds)
         phases = site_phases(sup, job.pk, range(args.warmup + 1, args.warmup + args.rounds + 1))
+        print_peak_memory(sup)
         from audit.ledger.chain import verify_chain
 
         result = verify_chain()
@@ -528,6 +529,47 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
         return figures, phases
     finally:
         sup.stop_all()
+
+
+def _peak_rss_mib(pid: int) -> float | None:
+    """The process's peak resident memory (``VmHWM``), or None once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def _children_of(pid: int) -> list[int]:
+    try:
+        tasks = Path(f"/proc/{pid}/task").iterdir()
+        return [int(c) for t in tasks for c in (t / "children").read_text().split()]
+    except OSError:
+        return []
+
+
+def print_peak_memory(sup) -> None:
+    """Each kind of process's peak resident memory over the run (Linux ``VmHWM``): the worker's
+    main process, and the largest of its children (a site worker's pool child, which imports
+    torch and trains; the coordinator's beat and pool). Resident memory counts pages a forked
+    child shares with its parent in both, so the sum overstates what a machine needs a little."""
+    if not Path("/proc/self/status").exists():
+        return
+    kinds: dict[str, list[tuple[float, float]]] = {}
+    for child in sup.children:
+        main = _peak_rss_mib(child.proc.pid)
+        if main is None:
+            continue
+        peaks = [p for p in map(_peak_rss_mib, _children_of(child.proc.pid)) if p is not None]
+        kind = "site worker" if child.name.startswith("site-") else child.name
+        kinds.setdefault(kind, []).append((main, max(peaks, default=0.0)))
+    print("  peak resident memory (VmHWM), main process / its largest child:")
+    for kind, figures in kinds.items():
+        mains, children = [m for m, _ in figures], [c for _, c in figures]
+        many = f" (the largest of {len(figures)})" if len(figures) > 1 else ""
+        print(f"    {kind:<16} {max(mains):6.0f} MiB / {max(children):6.0f} MiB{many}")
 
 
 # --- Flower's simulation of the same workload --------------------------------------------------
