@@ -5,7 +5,7 @@
 
 Runs on whatever ``DATABASE_URL`` names (SQLite by default), in a throwaway database of its
 own (on PostgreSQL it creates and drops ``flc_bench_pages``). It builds the demo consortium
-(``seed_demo``), then grows it in two steps and measures five pages at each size:
+(``seed_demo``), then grows it in two steps and measures the pages below at each size:
 
 * small: 10 institutions, 100 jobs, 10,000 ledger entries;
 * large: 100 institutions, 1,000 jobs, 100,000 ledger entries (the issue's figure).
@@ -13,7 +13,8 @@ own (on PostgreSQL it creates and drops ``flc_bench_pages``). It builds the demo
 Pages (each requested through Django's test client, as the user who would open it, so the
 time is the server's: middleware, views, queries and templates, no network): the consortium
 overview, the job list, a completed job's page (5 rounds of 4 sites, with contribution scores
-and privacy spent), the approver's inbox, and the ledger page.
+and privacy spent), the approver's inbox, and the ledger page: its newest entries, and an
+older page half way down the ledger (keyset pagination: ``?before=<seq>``).
 
 Figures, each against a baseline measured in the same run (these machines are noisy):
 
@@ -321,9 +322,17 @@ def measure(client, url: str, requests: int) -> dict:
 def pages(builder) -> dict:
     from django.test import Client
 
+    from audit.models import LedgerEntry, LedgerHead
     from training.models import JobParticipant
 
     slug = builder.consortium.slug
+    # An older ledger page: the consortium's entries before the one half way down the chain.
+    middle = (
+        LedgerEntry.objects.filter(consortium_slug=slug, seq__lte=LedgerHead.objects.get().seq // 2)
+        .order_by("-seq")
+        .values_list("seq", flat=True)
+        .first()
+    )
     job = builder.showcase_job()
     inbox_user = builder.User.objects.get(username="approver-barts")
     assert JobParticipant.objects.filter(institution__slug="barts").exists()
@@ -338,6 +347,7 @@ def pages(builder) -> dict:
         "job page": (admin, f"/consortia/{slug}/jobs/{job.pk}/"),
         "approver inbox": (approver, f"/consortia/{slug}/approvals/"),
         "ledger page": (auditor, f"/consortia/{slug}/ledger/"),
+        "older ledger page": (auditor, f"/consortia/{slug}/ledger/?before={middle}"),
     }
 
 

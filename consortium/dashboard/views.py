@@ -58,6 +58,7 @@ class ConsortiumDetailView(GovernancePage):
             self.request.user,
             self.consortium,
             institutions_with_worker_key={i for i, k in keys.items() if k.registered},
+            institutions=institutions,
         )
         # The jobs awaiting this user's decision: the approval inbox's own selector, so the
         # dashboard and the inbox cannot disagree on what waits.

@@ -7,7 +7,7 @@ Each ``*_visible_to(user)`` applies the same scope as the predicates in
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
 
 from django.db.models import Prefetch, QuerySet
@@ -123,11 +123,19 @@ class AgreementStatus:
         return {s.institution_id for s in self.signed} - withdrawn
 
 
-def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> AgreementStatus:
+def agreement_status(
+    agreement: Agreement,
+    *,
+    on: dt.date | None = None,
+    institutions: Sequence[Institution] | None = None,
+) -> AgreementStatus:
     """An agreement is in force when it has a published version within its dates
     and every member institution that has not withdrawn has signed that version.
     A withdrawn institution is out of every future job, but does not stop the
-    others from working under the agreement."""
+    others from working under the agreement.
+
+    ``institutions``: the consortium's institutions by name, when the caller has read them
+    already (the dashboard, for each of its agreements); read here otherwise."""
     today = on or timezone.localdate()
     version = current_version(agreement)
     status = AgreementStatus(agreement=agreement, version=version)
@@ -137,7 +145,8 @@ def agreement_status(agreement: Agreement, *, on: dt.date | None = None) -> Agre
         return status
     withdrawn_ids = {w.institution_id for w in status.withdrawn}
     signatures = {s.institution_id: s for s in version.signatures.select_related("institution")}
-    institutions = list(agreement.consortium.institutions.order_by("name"))
+    if institutions is None:
+        institutions = list(agreement.consortium.institutions.order_by("name"))
     status.signed = [signatures[i.pk] for i in institutions if i.pk in signatures]
     status.unsigned = [
         i for i in institutions if i.pk not in signatures and i.pk not in withdrawn_ids
@@ -217,10 +226,18 @@ class ConsortiumDashboard:
 
 
 def consortium_dashboard(
-    user, consortium: Consortium, *, institutions_with_worker_key: Collection[int]
+    user,
+    consortium: Consortium,
+    *,
+    institutions_with_worker_key: Collection[int],
+    institutions: Sequence[Institution] | None = None,
 ) -> ConsortiumDashboard:
     """What the consortium's front page shows ``user``: institutions, every
     agreement's status, the user's own roles and what waits on them.
+
+    ``institutions``: the consortium's institutions by name when the caller has read them
+    already (the dashboard, which needs them first for their worker keys); read here
+    otherwise, once for every agreement's status too.
 
     ``institutions_with_worker_key`` are the ids of the institutions whose site worker has a
     signing key it can upload with (an active worker credential). Those credentials are
@@ -228,8 +245,12 @@ def consortium_dashboard(
     them and passes them here: an institution is asked for a worker key only when it has
     none, and only of the people who can create one (its administrators and data stewards,
     the rule ``training.manage_site_credentials``)."""
+    if institutions is None:
+        institutions = list(consortium.institutions.order_by("name"))
+    else:
+        institutions = list(institutions)
     agreements = list(consortium.agreements.order_by("-created_at"))
-    statuses = [agreement_status(a) for a in agreements]
+    statuses = [agreement_status(a, institutions=institutions) for a in agreements]
     grants = [g for g in grants_of(user) if g.consortium_id == consortium.pk]
     roles_at = {}
     for g in grants:
@@ -257,7 +278,6 @@ def consortium_dashboard(
         if i and roles & {Role.INSTITUTION_ADMIN, Role.DATA_STEWARD}
     }
     with_key = set(institutions_with_worker_key)
-    institutions = list(consortium.institutions.order_by("name"))
     for institution in institutions:
         if institution.pk in keepers and institution.pk not in with_key:
             pending.append(PendingAction("worker_key", institution=institution))
