@@ -36,6 +36,7 @@ from audit.ledger.merkle import ProofError, proof_to_hex
 from audit.ledger.selectors import entries_of_consortia
 from audit.models import LedgerEntry
 from consortium.core.access import may
+from consortium.core.api.filtering import UtcIsoDateTimeFilter
 from consortium.core.api.permissions import VISIBLE, GovernanceViewSet
 from consortium.core.api.schema import ErrorSerializer
 from consortium.core.converters import MAX_ID
@@ -59,10 +60,10 @@ class LedgerEntryFilter(django_filters.FilterSet):
     institution = django_filters.CharFilter(
         field_name="institution_slug", help_text="The institution's slug."
     )
-    after = django_filters.IsoDateTimeFilter(
+    after = UtcIsoDateTimeFilter(
         field_name="created_at", lookup_expr="gte", help_text="Entries at or after (ISO 8601)."
     )
-    before = django_filters.IsoDateTimeFilter(
+    before = UtcIsoDateTimeFilter(
         field_name="created_at", lookup_expr="lt", help_text="Entries before (ISO 8601)."
     )
 

@@ -523,6 +523,26 @@ def test_ledger_list_and_filters(cast):
     assert client.get("/api/ledger/", {"before": future}).json()["count"] == body["count"]
 
 
+def test_ledger_time_filters_read_any_offset_python_accepts_in_utc(cast):
+    """A UTC offset beyond ±15:59 (Python takes up to ±23:59) was a 500 on PostgreSQL, which
+    refuses it: the filter compares in UTC on every database. A time that leaves the years 1 to
+    9999 in UTC is a 400 naming the parameter."""
+    published(cast)
+    client = api(cast.auditor)
+    total = client.get("/api/ledger/").json()["count"]
+    now = timezone.now().astimezone(dt.timezone(dt.timedelta(hours=16, minutes=24)))
+    later = (now + dt.timedelta(hours=1)).isoformat()
+    earlier = (now - dt.timedelta(days=1)).isoformat()
+    assert client.get("/api/ledger/", {"before": later}).json()["count"] == total
+    assert client.get("/api/ledger/", {"after": earlier}).json()["count"] == total
+    assert client.get("/api/ledger/", {"after": later}).json()["count"] == 0
+    old = client.get("/api/ledger/", {"before": "0297-03-11T13:58:35.0+16:24"})
+    assert old.status_code == 200 and old.json()["count"] == 0
+    response = client.get("/api/ledger/", {"before": "0001-01-01T00:00:00+10:00"})
+    assert response.status_code == 400
+    assert "years 1 to 9999" in str(response.json()["before"])
+
+
 def test_verify_ledger(cast):
     response = api(cast.auditor).post(
         "/api/ledger/verify/", {"consortium": cast.consortium.slug}, format="json"
