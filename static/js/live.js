@@ -238,12 +238,32 @@
   // are swapped in place by htmx after a change: the hidden #live-refresher asks for this page
   // once (hx-select + hx-select-oob pick the sections out of it), so the whole page stays current
   // without a reload. Debounced: a round closing writes several entries at once.
+  //
+  // A change is either new entries or a job state the sections were not drawn for: the first
+  // message after a reconnect carries no entries (what was written while the socket was down is
+  // not replayed), yet the job may have moved on meanwhile. A refresh that fails (the server
+  // busy or restarting, the network gone) is tried again, less often each time, until one
+  // succeeds: otherwise the heading would go on saying "Running" under a completed job's charts.
+  const refresher = $("live-refresher");
+  const REFRESH_DEBOUNCE_MS = 400;
+  const REFRESH_RETRY_MAX_MS = 30000;
   let refreshTimer = null;
-  function scheduleRefresh() {
+  let refreshFailures = 0;
+  const sectionsKeyOf = (state) => `${state.job.state}:${state.job.rounds_closed}`;
+  let sectionsKey = null;
+
+  function scheduleRefresh(delay = REFRESH_DEBOUNCE_MS) {
     clearTimeout(refreshTimer);
     refreshTimer = setTimeout(() => {
-      if (window.htmx) window.htmx.trigger("#live-refresher", "live-refresh");
-    }, 400);
+      if (window.htmx && refresher) window.htmx.trigger(refresher, "live-refresh");
+    }, delay);
+  }
+  if (refresher) {
+    refresher.addEventListener("htmx:afterRequest", (event) => {
+      if (event.detail.successful) { refreshFailures = 0; return; }
+      refreshFailures += 1;
+      scheduleRefresh(Math.min(1000 * 2 ** refreshFailures, REFRESH_RETRY_MAX_MS));
+    });
   }
   document.body.addEventListener("htmx:afterSettle", () => {
     root.dataset.refreshed = String(Number(root.dataset.refreshed || 0) + 1);
@@ -254,6 +274,7 @@
   // keeps counting, a worker that stopped shows as offline).
   const WAITING_REFRESH_MS = 30000;
   let socket = null;
+  let reopened = false;
   setInterval(() => {
     const waiting = ["approved", "running"].includes(root.dataset.jobState);
     if (waiting && socket && socket.readyState === WebSocket.OPEN) {
@@ -264,13 +285,20 @@
   function connect() {
     const scheme = location.protocol === "https:" ? "wss" : "ws";
     socket = new WebSocket(`${scheme}://${location.host}${root.dataset.liveUrl}`);
-    socket.onopen = () => { retry = 500; text(statusEl, "updates live"); root.dataset.live = "open"; };
+    socket.onopen = () => {
+      retry = 500; text(statusEl, "updates live"); root.dataset.live = "open";
+      // Back after a drop: decisions and entries written meanwhile are not replayed.
+      if (reopened) scheduleRefresh();
+      reopened = true;
+    };
     socket.onmessage = (event) => {
       const message = JSON.parse(event.data);
       if (message.type !== "state") return;
       render(message.state);
       addEntries(message.entries);
-      if (message.entries.length) scheduleRefresh();
+      const key = sectionsKeyOf(message.state);
+      if (message.entries.length || key !== sectionsKey) scheduleRefresh();
+      sectionsKey = key;
     };
     socket.onclose = (event) => {
       root.dataset.live = "closed";
@@ -283,6 +311,8 @@
     };
   }
 
-  render(JSON.parse($("live-state").textContent));
+  const initial = JSON.parse($("live-state").textContent);
+  sectionsKey = sectionsKeyOf(initial);
+  render(initial);
   connect();
 })();
