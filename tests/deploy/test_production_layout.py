@@ -169,7 +169,7 @@ def test_a_consortium_set_up_from_nothing_trains_on_its_own_data(
 
 def _run(tmp_path, database, vhost, processes: Processes) -> None:
     tls = make_tls_files(tmp_path / "tls")
-    https_port, http_port, web_port = free_port(), free_port(), free_port()
+    https_port, http_port, web_port, site_api_port = (free_port() for _ in range(4))
     site_url = f"https://localhost:{https_port}"
 
     # --- The central server: central.env with this machine's values -------------------------
@@ -211,6 +211,9 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     for i, argv in enumerate(pre):  # migrate and grant_app_role as the owner, collectstatic
         processes.run(f"web-pre-{i}", argv, central_env)
     processes.start("web", web_start, central_env)
+    # The site API's own server (after fl-web's migrations, as its unit says).
+    (site_api,) = unit_commands(units / "fl-site-api.service", paths=paths, port=site_api_port)
+    processes.start("site-api", site_api, central_env)
     (coordinator,) = unit_commands(units / "fl-coordinator.service", paths=paths)
     processes.start("coordinator", coordinator, central_env)
     # Contribution scores: the "every round scored" check below rests on this unit alone.
@@ -223,6 +226,7 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         https_port=https_port,
         http_port=http_port,
         upstream_port=web_port,
+        site_api_port=site_api_port,
         cert=tls.cert,
         key=tls.key,
     )
@@ -525,6 +529,14 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         for name in ("scoring", "coordinator")
     }
     assert scored_by["scoring"] >= 4 and scored_by["coordinator"] == 0, scored_by
+    # The sites' requests went through nginx to the site API's own server (fl-site-api.service):
+    # each site's update of each round, and its witness of the ledger before each task.
+    served = (processes.logs / "site-api.log").read_text(errors="replace")
+    uploads = re.findall(
+        rf'"POST /api/site/v1/jobs/{job["id"]}/rounds/\d+/update/ [^"]*" 201', served
+    )
+    assert len(uploads) == 2 * len(SITES), served[-3000:]
+    assert served.count('"POST /api/site/v1/ledger/checkpoint/witness/') >= 2 * len(SITES)
     assert "intact" in manage("verify-ledger", "verify_ledger")
     verified = manage("verify-report", "verify_report", str(report))
     assert "matches the ledger" in verified, verified

@@ -75,21 +75,34 @@ def unit_commands(
         value = value.replace("%H", socket.gethostname()).replace("%%", "%")
         value = re.sub(r"\$\{(\w+)\}", lambda m: shlex.quote((env or {})[m.group(1)]), value)
         argv = shlex.split(value)
-        if port is not None and "--port" in argv:
+        if port is not None and "--port" in argv:  # Daphne
             argv[argv.index("--port") + 1] = str(port)
+        bind = argv.index("--bind") + 1 if "--bind" in argv else None
+        if port is not None and bind is not None and ":" in argv[bind]:  # gunicorn's host:port
+            argv[bind] = f"{argv[bind].rpartition(':')[0]}:{port}"
         commands.append(argv)
     return commands
 
 
 def nginx_config(
-    folder: Path, *, https_port: int, http_port: int, upstream_port: int, cert: Path, key: Path
+    folder: Path,
+    *,
+    https_port: int,
+    http_port: int,
+    upstream_port: int,
+    site_api_port: int,
+    cert: Path,
+    key: Path,
 ) -> Path:
     """A whole nginx.conf for an unprivileged nginx under ``folder`` that includes the shipped
-    site configuration with this machine's ports, certificate and name."""
+    site configuration with this machine's ports (``upstream_port``: the web server's,
+    ``site_api_port``: the site API server's), certificate and name."""
     site = (DEPLOY / "nginx" / "consortium.conf").read_text()
     site = site.replace("listen 443 ssl;", f"listen 127.0.0.1:{https_port} ssl;")
     site = site.replace("listen 80;", f"listen 127.0.0.1:{http_port};")
-    site = site.replace("server 127.0.0.1:8000;", f"server 127.0.0.1:{upstream_port};")
+    for shipped, port in (("8000", upstream_port), ("8001", site_api_port)):
+        assert f"server 127.0.0.1:{shipped};" in site, f"the shipped upstream on {shipped}"
+        site = site.replace(f"server 127.0.0.1:{shipped};", f"server 127.0.0.1:{port};")
     site = site.replace("/etc/ssl/consortium/fullchain.pem", str(cert))
     site = site.replace("/etc/ssl/consortium/privkey.pem", str(key))
     site = site.replace("consortium.example.org", "localhost")
