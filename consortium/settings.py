@@ -631,6 +631,26 @@ if PRODUCTION and METRICS_TOKEN and len(METRICS_TOKEN) < 32:
 LOG_FORMAT = env.str("LOG_FORMAT", default="text").strip().lower()
 if LOG_FORMAT not in {"text", "json"}:
     raise ImproperlyConfigured(f"LOG_FORMAT must be text or json, not {LOG_FORMAT!r}")
+# The site API's own server (docs/deploy/systemd/fl-site-api.service sets SITE_API_ONLY=true):
+# the hospitals' workers' token-authenticated calls need none of the pages' session, CSRF, second
+# factor, lockout or static files, and every middleware costs each of their requests; every
+# other path is refused there (consortium.core.site_api_only).
+SITE_API_ONLY = env.bool("SITE_API_ONLY", default=False)
+if SITE_API_ONLY:
+    MIDDLEWARE = [
+        "consortium.core.site_api_only.SiteAPIOnlyMiddleware",
+        "consortium.core.error_pages.AppErrorPagesMiddleware",
+        "consortium.core.security_headers.SecurityHeadersMiddleware",
+        "django.middleware.security.SecurityMiddleware",
+    ]
+    # The admin and the sign-in lockout are the web server's: their paths are refused here.
+    SILENCED_SYSTEM_CHECKS = [
+        *globals().get("SILENCED_SYSTEM_CHECKS", []),
+        "admin.E408",
+        "admin.E409",
+        "admin.E410",
+        "axes.W002",
+    ]
 # First, so the request latency it measures includes every other middleware.
 MIDDLEWARE.insert(0, "consortium.observability.middleware.RequestLatencyMiddleware")
 if LOG_FORMAT == "json":

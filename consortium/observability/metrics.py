@@ -284,8 +284,9 @@ def _refusal(request) -> HttpResponse | None:
         if hmac.compare_digest(token.strip().encode(), expected.encode()):
             return None
         return _forbidden("The bearer token is not this server's METRICS_TOKEN.")
-    user = request.user
-    if not user.is_authenticated:
+    # No user at all on the site API's own server, which keeps no sessions (SITE_API_ONLY).
+    user = getattr(request, "user", None)
+    if user is None or not user.is_authenticated:
         return _forbidden(
             "The metrics are for operators: sign in as a staff member, or send "
             "Authorization: Bearer <METRICS_TOKEN>.",
