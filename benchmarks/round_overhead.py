@@ -25,10 +25,23 @@ torch and warm their caches there) it reports
 
 and where the overhead goes, from the rows' timestamps and the site workers' phase timings.
 
-When ``flwr`` is importable (``pip install -e '.[bench]'``), the same workload (same model,
-same data split, same local training function, same rounds, FedAvg weighted by samples,
-central evaluation) runs in Flower's Ray-based simulation in the same run, measured the same
-way, and the ratio of the two overheads is printed.
+When ``flwr`` is importable (``pip install -e '.[bench]'``), the same workload (same model and
+initial weights, same data split, same local training function, same rounds, FedAvg weighted
+by samples, central evaluation after each round) runs in Flower in the same invocation,
+measured the same way (a round opens when its training is configured; local compute is each
+client's ``train_local`` time), and the ratio of each overhead to the platform's is printed:
+
+* Flower's Ray-based simulation (``run_flower``): every client in this process's Ray actors;
+* Flower's deployment runtime (``run_flower_deployment``, when Flower's executables are
+  beside this Python or on the PATH; ``--no-flower-deployment`` skips it): a SuperLink and
+  one SuperNode per site as processes of their own (insecure, on 127.0.0.1), the app in
+  ``benchmarks/flower_deployment`` submitted with ``flwr run``, its ServerApp and ClientApps
+  run by Flower's runtime, as a consortium would run Flower.
+
+``--no-flower`` skips both, ``--flower-only`` runs only them. Where flwr's own pins conflict
+with the project's environment, install it into a virtualenv of its own that also sees the
+project's (a ``.pth`` file that calls ``site.addsitedir`` on the project venv's site-packages)
+and run this script with that venv's Python.
 
 Database: on PostgreSQL (``DATABASE_URL``) the benchmark creates and drops
 ``flc_bench_rounds`` on that server; on SQLite it uses a temporary file. The broker is
@@ -42,6 +55,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime as dt
+import functools
 import os
 import platform
 import re
@@ -67,6 +81,8 @@ LOCAL = {
     "batch_size": 32,
     "optimizer": {"name": "sgd", "lr": 0.1, "momentum": 0.0},
 }
+#: The site API's server among the benchmark's processes (not "site-...": those are the sites).
+SITE_API_PROCESS = "central-site-api"
 PHASES_RE = re.compile(r"job #(\d+) round (\d+): update .*; seconds: (.*)$")
 
 
@@ -76,8 +92,19 @@ def parse_args():
     parser.add_argument("--rounds", type=int, default=10, help="measured rounds (default 10)")
     parser.add_argument("--warmup", type=int, default=2, help="rounds left out (default 2)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds for the whole run")
-    parser.add_argument("--no-flower", action="store_true", help="skip Flower's simulation")
-    parser.add_argument("--flower-only", action="store_true", help="run only Flower's simulation")
+    parser.add_argument(
+        "--no-flower", action="store_true", help="skip Flower (simulation and deployment runtime)"
+    )
+    parser.add_argument(
+        "--flower-only",
+        action="store_true",
+        help="run only Flower (its simulation and its deployment runtime)",
+    )
+    parser.add_argument(
+        "--no-flower-deployment",
+        action="store_true",
+        help="skip Flower's deployment runtime (SuperLink and SuperNodes as processes)",
+    )
     parser.add_argument(
         "--flower-actors",
         type=int,
@@ -169,9 +196,14 @@ def write_csv(folder: Path, data) -> None:
             writer.writerow([repr(v) for v in x] + [int(y)])
 
 
-def seed_consortium(n_sites: int, var: Path):
+def seed_consortium(n_sites: int, var: Path, *, shares: int | None = None):
     """A consortium of ``n_sites`` hospitals under an agreement in force, each offering its share
-    of the data set with site credentials; everything through the services (and the ledger)."""
+    of the data set with site credentials; everything through the services (and the ledger).
+
+    ``shares``: split the data set ``shares`` ways only and give site ``i`` share ``i % shares``
+    (sites then hold the same records as others): each site's work stays the same whatever
+    the number of sites, which is what a per-site cost compares, and a thousand sites do not
+    need a thousand distinct shares of a 569-record set."""
     from django.contrib.auth import get_user_model
 
     from consortium.governance.models import Role
@@ -193,9 +225,10 @@ def seed_consortium(n_sites: int, var: Path):
         acting_user=admin, name="Round overhead benchmark", slug="bench-rounds"
     )
     slugs = site_slugs(n_sites)
-    split = demo_split(DATASET, slugs)
+    templates = site_slugs(shares) if shares else slugs
+    split = demo_split(DATASET, templates)
     sites = []
-    for slug in slugs:
+    for number, slug in enumerate(slugs):
         institution = institution_create(
             acting_user=admin, consortium=consortium, name=f"Hospital {slug}", slug=slug
         )
@@ -207,7 +240,7 @@ def seed_consortium(n_sites: int, var: Path):
             role=Role.APPROVER,
             institution=institution,
         )
-        data = split[slug]
+        data = split[templates[number % len(templates)]]
         root = var / "sites" / slug / "data"
         write_csv(root, data)
         dataset_register(
@@ -312,8 +345,14 @@ def _http_ok(url: str) -> bool:
         return False
 
 
-def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
-    from training.demo.processes import free_port, scoring_worker_argv
+def start_central(sup, var: Path, *, site_api: bool = True) -> tuple[str, str]:
+    """The central processes as docs/deploy runs them: the server (Daphne: pages, API,
+    websockets), the site API's own server (gunicorn, ``fl-site-api.service``), the coordinator
+    (a Celery worker with beat on ``central``) and the scoring worker. Returns the server's URL
+    and the URL the sites are given (``site_api=False``: Daphne serves the sites too, the
+    layout before the site API had a server of its own, for comparison)."""
+    from training.demo.processes import celery_worker_argv, free_port, scoring_worker_argv
+    from training.queues import CENTRAL_QUEUE
 
     python = sys.executable
     port = free_port()
@@ -329,55 +368,91 @@ def start_processes(sup, sites: list[BenchSite], var: Path) -> str:
         [python, "-m", "daphne", "-b", "127.0.0.1", "-p", str(port), "consortium.asgi:application"],
         server_env,
     )
+    site_url = url
+    if site_api:
+        site_port = free_port()
+        site_url = f"http://127.0.0.1:{site_port}"
+        # As fl-site-api.service: each thread keeps its connection.
+        sup.start(
+            SITE_API_PROCESS,
+            [
+                python,
+                "-m",
+                "gunicorn",
+                "consortium.wsgi:application",
+                "--bind",
+                f"127.0.0.1:{site_port}",
+                "--workers",
+                "2",
+                "--threads",
+                "4",
+                "--worker-class",
+                "gthread",
+            ],
+            {**env, "DATABASE_CONN_MAX_AGE": "600", "SITE_API_ONLY": "true"},
+        )
     sup.start(
         "central-worker",
-        [
-            python,
-            "-m",
-            "celery",
-            "-A",
-            "consortium",
-            "worker",
-            "-B",
-            "-Q",
-            "central",
-            "--concurrency",
-            "1",
-            "--loglevel",
-            "INFO",
-            "--hostname",
-            "bench-central@%h",
-            "--schedule",
-            str(var / "celerybeat-schedule"),
-            "--without-gossip",
-            "--without-mingle",
-        ],
+        celery_worker_argv(
+            CENTRAL_QUEUE, hostname="bench-central@%h", beat_schedule=var / "celerybeat-schedule"
+        ),
         env,
     )
     # As in production (fl-scoring.service): the rounds never wait for their scores.
     sup.start("scoring-worker", scoring_worker_argv(hostname="bench-scoring@%h"), env)
+    return url, site_url
+
+
+def wait_for_central(sup, urls, deadline: float) -> None:
+    """Until the servers answer their health checks and the Celery workers say they are ready."""
+    for where in dict.fromkeys(urls):
+        wait_for(
+            f"the server at {where}", lambda w=where: _http_ok(w + "/health/"), sup, deadline, 0.5
+        )
+    wait_for(
+        "the workers",
+        lambda: all(
+            " ready." in c.tail(100_000)
+            for c in sup.children
+            if c.name not in ("server", SITE_API_PROCESS)
+        ),
+        sup,
+        deadline,
+        0.5,
+    )
+
+
+def site_environment(site: BenchSite, url: str, var: Path) -> dict:
+    """What a site worker for ``site`` is configured with (no central database)."""
     no_db = f"sqlite:///{var / 'no-such-folder' / 'site-workers-have-no-database.sqlite3'}"
+    return {
+        **os.environ,
+        "PYTHONUNBUFFERED": "1",
+        "LOG_LEVEL": "INFO",
+        "DATABASE_URL": no_db,
+        "SITE_SLUG": site.slug,
+        "CENTRAL_URL": url,
+        "SITE_TOKEN": site.token,
+        "SITE_SIGNING_KEY": str(site.key_path),
+        "DATA_ROOT": str(site.data_root),
+        # Ten sites share this machine's cores (in production each has its own): one
+        # thread each, as Ray gives each of Flower's actors, or their idle OpenMP
+        # threads spin on the cores the server needs.
+        "OMP_NUM_THREADS": "1",
+        "MKL_NUM_THREADS": "1",
+    }
+
+
+def start_processes(sup, sites: list[BenchSite], var: Path) -> tuple[str, str]:
+    """The central processes and one ``run_site_worker`` process per site; the servers' URLs."""
+    url, site_url = start_central(sup, var)
     for site in sites:
-        site_env = {
-            **env,
-            "DATABASE_URL": no_db,
-            "SITE_SLUG": site.slug,
-            "CENTRAL_URL": url,
-            "SITE_TOKEN": site.token,
-            "SITE_SIGNING_KEY": str(site.key_path),
-            "DATA_ROOT": str(site.data_root),
-            # Ten sites share this machine's cores (in production each has its own): one
-            # thread each, as Ray gives each of Flower's actors, or their idle OpenMP
-            # threads spin on the cores the server needs.
-            "OMP_NUM_THREADS": "1",
-            "MKL_NUM_THREADS": "1",
-        }
         sup.start(
             f"site-{site.slug}",
-            [python, str(ROOT / "manage.py"), "run_site_worker", "--pool", "prefork"],
-            site_env,
+            [sys.executable, str(ROOT / "manage.py"), "run_site_worker", "--pool", "prefork"],
+            site_environment(site, site_url, var),
         )
-    return url
+    return url, site_url
 
 
 def wait_for(what: str, ready, sup, deadline: float, every: float = 0.2) -> None:
@@ -491,15 +566,7 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
     deadline = time.monotonic() + args.timeout
     try:
         started = time.monotonic()
-        url = start_processes(sup, sites, var)
-        wait_for("the central server", lambda: _http_ok(url + "/health/"), sup, deadline, 0.5)
-        wait_for(
-            "the workers",
-            lambda: all(" ready." in c.tail(100_000) for c in sup.children[1:]),
-            sup,
-            deadline,
-            0.5,
-        )
+        wait_for_central(sup, start_processes(sup, sites, var), deadline)
         print(f"  {len(sup.children)} processes up in {time.monotonic() - started:.1f} s")
         job = propose_and_approve(admin, consortium, sites, total_rounds)
         started = time.monotonic()
@@ -572,53 +639,118 @@ def print_peak_memory(sup) -> None:
         print(f"    {kind:<16} {max(mains):6.0f} MiB / {max(children):6.0f} MiB{many}")
 
 
-# --- Flower's simulation of the same workload --------------------------------------------------
+# --- Flower: the same workload in its simulation and in its deployment runtime ----------------
+#
+# Both Flower runs train with these functions (the deployment runtime's app imports them from
+# this module: benchmarks/flower_deployment/), so the workload cannot drift between them.
+
+
+def flower_model():
+    """A fresh, untrained model of the workload, built by the platform's own registry."""
+    from training.fl.models import build_model
+    from training.jobs.registry import model_registry
+
+    return build_model(
+        model_registry()[MODEL["name"]].class_path,
+        input_shape=[30],
+        n_classes=2,
+        params=MODEL["params"],
+    )
+
+
+def flower_initial_state() -> dict:
+    """The global weights every Flower run starts from (``torch.manual_seed(0)``, then the
+    model): the same in the simulation and in the deployment runtime."""
+    import torch
+
+    torch.manual_seed(0)
+    return flower_model().state_dict()
+
+
+def flower_site_training(
+    weights: dict | list, slugs: list[str], slug: str, server_round: int
+) -> tuple[dict, int, float]:
+    """One site's part of a Flower round: the platform's ``train_local`` on the site's share of
+    ``demo_split``, with the job's LOCAL settings, from the global weights: tensors by name
+    (a state dict, as the deployment runtime's messages carry them) or in the state dict's
+    order (a list, as the simulation's parameters come).
+
+    Returns the trained weights (a state dict), the samples seen (FedAvg's weight) and the
+    seconds ``train_local`` took: the site's local compute, measured as the platform's site
+    workers measure theirs (``train_seconds``), loading the data and the weights left out."""
+    from training.fl.data import demo_split
+    from training.fl.local import train_local
+
+    data = demo_split(DATASET, slugs)[slug]
+    model = flower_model()
+    if not isinstance(weights, dict):
+        weights = dict(zip(model.state_dict(), weights, strict=True))
+    model.load_state_dict(weights)
+    started = time.perf_counter()
+    result = train_local(
+        model,
+        data,
+        epochs=LOCAL["local_epochs"],
+        batch_size=LOCAL["batch_size"],
+        optimizer=LOCAL["optimizer"],
+        momentum_restart=True,
+        seed=server_round * 1000 + slugs.index(slug),
+        device="cpu",
+    )
+    seconds = time.perf_counter() - started
+    return model.state_dict(), result.samples, seconds  # trained in place: start + delta
+
+
+@functools.cache
+def _validation_set():
+    from training.fl.data import load_validation_set
+
+    return load_validation_set(DATASET)
+
+
+def flower_central_evaluation(state: dict) -> dict[str, float]:
+    """The global weights' loss and accuracy on the validation set, evaluated as the platform
+    evaluates each round's aggregate (``training.fl.evaluate``)."""
+    from training.fl.evaluate import evaluate
+
+    model = flower_model()
+    model.load_state_dict(state)
+    x_val, y_val = _validation_set()
+    return evaluate(model, x_val, y_val, modality="tabular")
+
+
+def flower_round_figures(
+    opened: dict[int, float], compute: dict[int, list[float]], args
+) -> list[RoundFigures]:
+    """The measured rounds of a Flower run from when each round opened (its training was
+    configured) and the sites' ``train_seconds``: round ``r``'s wall time runs to round
+    ``r + 1``'s opening, which is why every Flower run has one round more than it measures."""
+    return [
+        RoundFigures(index=index, wall=opened[index + 1] - opened[index], compute=compute[index])
+        for index in range(args.warmup + 1, args.warmup + args.rounds + 1)
+    ]
 
 
 def _flower_client_fn(context):
-    """A Flower client for one site: the platform's own engine (``training.fl``) trains it."""
+    """A Flower client for one site in the simulation (``flower_site_training``)."""
     import numpy as np
     import torch
     from flwr.client import NumPyClient
-
-    from training.fl.data import demo_split
-    from training.fl.local import train_local
-    from training.fl.models import build_model
-    from training.jobs.registry import model_registry
 
     slugs = site_slugs(int(os.environ["BENCH_SITES"]))
     slug = slugs[int(context.node_config["partition-id"])]
 
     class Client(NumPyClient):
         def fit(self, parameters, config):
-            data = demo_split(DATASET, slugs)[slug]
-            model = build_model(
-                model_registry()[MODEL["name"]].class_path,
-                input_shape=[30],
-                n_classes=2,
-                params=MODEL["params"],
+            trained, samples, seconds = flower_site_training(
+                [torch.from_numpy(np.asarray(p)) for p in parameters],
+                slugs,
+                slug,
+                int(config.get("server_round", 0)),
             )
-            names = list(model.state_dict())
-            model.load_state_dict(
-                {n: torch.from_numpy(np.asarray(p)) for n, p in zip(names, parameters, strict=True)}
-            )
-            seed = int(config.get("server_round", 0)) * 1000 + slugs.index(slug)
-            started = time.perf_counter()
-            result = train_local(
-                model,
-                data,
-                epochs=LOCAL["local_epochs"],
-                batch_size=LOCAL["batch_size"],
-                optimizer=LOCAL["optimizer"],
-                momentum_restart=True,
-                seed=seed,
-                device="cpu",
-            )
-            seconds = time.perf_counter() - started
-            state = model.state_dict()  # trained in place: start + delta
             return (
-                [state[n].detach().cpu().numpy() for n in names],
-                result.samples,
+                [t.detach().cpu().numpy() for t in trained.values()],
+                samples,
                 {"train_seconds": seconds},
             )
 
@@ -638,11 +770,6 @@ def run_flower(args) -> list[RoundFigures]:
     from flwr.server.strategy import FedAvg
     from flwr.simulation import start_simulation
 
-    from training.fl.data import load_validation_set
-    from training.fl.evaluate import evaluate
-    from training.fl.models import build_model
-    from training.jobs.registry import model_registry
-
     logging.getLogger("flwr").setLevel(logging.WARNING)
     os.environ["BENCH_SITES"] = str(args.sites)
     os.environ["PYTHONPATH"] = os.pathsep.join(
@@ -650,25 +777,14 @@ def run_flower(args) -> list[RoundFigures]:
     )
     total_rounds = args.warmup + args.rounds + 1
 
-    def fresh_model():
-        return build_model(
-            model_registry()[MODEL["name"]].class_path,
-            input_shape=[30],
-            n_classes=2,
-            params=MODEL["params"],
-        )
-
-    torch.manual_seed(0)
-    model0 = fresh_model()
-    names = list(model0.state_dict())
-    x_val, y_val = load_validation_set(DATASET)
+    initial = flower_initial_state()
+    names = list(initial)
+    _validation_set()  # loaded before the rounds, not in the first one
 
     def evaluate_fn(server_round, parameters, config):
-        model = fresh_model()
-        model.load_state_dict(
+        metrics = flower_central_evaluation(
             {n: torch.from_numpy(p) for n, p in zip(names, parameters, strict=True)}
         )
-        metrics = evaluate(model, x_val, y_val, modality="tabular")
         return float(metrics.get("loss", 0.0)), {"accuracy": metrics.get("accuracy")}
 
     opened: dict[int, float] = {}
@@ -693,9 +809,7 @@ def run_flower(args) -> list[RoundFigures]:
         min_evaluate_clients=0,
         evaluate_fn=evaluate_fn,
         on_fit_config_fn=lambda r: {"server_round": r},
-        initial_parameters=ndarrays_to_parameters(
-            [t.detach().numpy() for t in model0.state_dict().values()]
-        ),
+        initial_parameters=ndarrays_to_parameters([t.detach().numpy() for t in initial.values()]),
     )
     actors = args.flower_actors or os.cpu_count() or 1
     start_simulation(
@@ -716,14 +830,263 @@ def run_flower(args) -> list[RoundFigures]:
         },
     )
     print(f"  flwr {flwr.__version__}, {actors} Ray actors")
-    out = []
-    for index in range(args.warmup + 1, args.warmup + args.rounds + 1):
-        out.append(
-            RoundFigures(
-                index=index, wall=opened[index + 1] - opened[index], compute=compute[index]
-            )
+    return flower_round_figures(opened, compute, args)
+
+
+# The deployment runtime: a SuperLink, one SuperNode per site, ``flwr run`` -------------------
+
+FLOWER_APP = ROOT / "benchmarks" / "flower_deployment"
+#: The executables the deployment runtime needs: the two servers, the CLI that submits the app,
+#: and what the SuperLink and the SuperNodes start per run (they look these up on their PATH).
+FLOWER_EXECUTABLES = (
+    "flower-superlink",
+    "flower-supernode",
+    "flwr",
+    "flower-superexec",
+    "flwr-serverapp",
+    "flwr-clientapp",
+)
+#: Set in the environment of every process the deployment run starts. Flower's servers start
+#: their SuperExec in a session of its own (out of reach of the process group that stopping
+#: them kills), and that starts the ServerApp and ClientApp processes; they all inherit the
+#: environment, so this finds whatever is left of them at the end.
+FLOWER_RUN_TAG = "FLC_BENCH_FLOWER_RUN"
+#: The name of the SuperLink connection ``flwr run`` is given (in the run's own FLWR_HOME).
+FLOWER_CONNECTION = "bench-local"
+
+
+def flower_bin_dir() -> Path | None:
+    """Where Flower's executables are: beside this interpreter (its virtualenv's ``bin``, so
+    running the benchmark with a venv's Python is enough) or else on the PATH; None when one
+    is missing."""
+    for folder in (Path(sys.executable).parent, *map(Path, os.get_exec_path())):
+        if all(os.access(folder / name, os.X_OK) for name in FLOWER_EXECUTABLES):
+            return folder
+    return None
+
+
+def _tagged_processes(tag: str) -> list[int]:
+    """The processes whose environment carries ``FLOWER_RUN_TAG=tag`` (Linux ``/proc``)."""
+    marker = f"{FLOWER_RUN_TAG}={tag}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone, or not ours
+            continue
+        if marker in environ.split(b"\0"):
+            pids.append(int(entry.name))
+    return pids
+
+
+def stop_tagged_processes(tag: str, grace: float = 5.0) -> list[str]:
+    """Stop every process left with the run's tag: SIGTERM, then SIGKILL after ``grace``
+    seconds. Returns the ones it found, as ``name[pid]``."""
+    import signal
+
+    found = _tagged_processes(tag)
+    names = []
+    for pid in found:
+        with contextlib.suppress(OSError):
+            names.append(f"{Path(f'/proc/{pid}/comm').read_text().strip()}[{pid}]")
+    for pid in found:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while _tagged_processes(tag) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in _tagged_processes(tag):
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    return names
+
+
+def _distinct_free_ports(count: int) -> list[int]:
+    from training.demo.processes import free_port
+
+    ports: list[int] = []
+    while len(ports) < count:
+        port = free_port()
+        if port not in ports:
+            ports.append(port)
+    return ports
+
+
+def _listening(port: int) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.settimeout(1)
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+def _flower_environment(bin_dir: Path, tag: str, flwr_home: Path) -> dict:
+    """The environment of a Flower process of the run: the workload importable (the project
+    and ``round_overhead``), Flower's executables first on the PATH, its own ``FLWR_HOME``
+    (each server keeps its app installs there, as on its own machine), no telemetry or update
+    check (nothing outside this machine is reachable), and the run's tag."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return {
+        **os.environ,
+        "PATH": os.pathsep.join([str(bin_dir), os.environ.get("PATH", "")]),
+        "PYTHONPATH": os.pathsep.join(
+            [str(ROOT), str(ROOT / "benchmarks"), *filter(None, [os.environ.get("PYTHONPATH")])]
+        ),
+        "PYTHONUNBUFFERED": "1",
+        "FLWR_HOME": str(flwr_home),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+        FLOWER_RUN_TAG: tag,
+    }
+
+
+def run_flower_deployment(args) -> list[RoundFigures]:
+    """The same workload in Flower's deployment runtime, as a consortium would run Flower: a
+    SuperLink and one SuperNode per site as processes of their own (insecure, on 127.0.0.1),
+    the app under ``benchmarks/flower_deployment`` submitted with ``flwr run``, and the
+    ServerApp and ClientApps started by Flower's runtime (subprocess isolation). The ServerApp
+    times the rounds as ``run_flower`` does and writes the figures to a file of the run.
+
+    Every process started here is stopped before it returns, failed or not: the servers by
+    their process groups, and whatever their SuperExecs started by ``FLOWER_RUN_TAG``."""
+    import json
+    import subprocess
+    import uuid
+
+    import django
+    from django.apps import apps
+
+    # The Supervisor (training.demo, which imports the models) runs its children in
+    # settings.BASE_DIR; with --flower-only nothing has set Django up yet.
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "consortium.settings")
+    if not apps.ready:
+        django.setup()
+    from training.demo.processes import Supervisor
+
+    bin_dir = flower_bin_dir()
+    if bin_dir is None:
+        raise RuntimeError(f"Flower's executables are missing: {', '.join(FLOWER_EXECUTABLES)}")
+    link_port, *node_ports = _distinct_free_ports(args.sites + 1)
+    total_rounds = args.warmup + args.rounds + 1
+    tag = uuid.uuid4().hex
+    work = Path(tempfile.mkdtemp(prefix="flc_bench_flower_"))  # logs, FLWR_HOMEs, figures
+    (work / "logs").mkdir()
+    figures_path = work / "figures.json"
+    sup = Supervisor(work / "logs")
+    deadline = time.monotonic() + args.timeout
+    try:
+        started = time.monotonic()
+        sup.start(
+            "superlink",
+            [
+                str(bin_dir / "flower-superlink"),
+                "--insecure",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(link_port),
+                # The app runs in this environment: nothing to install (and no index to reach).
+                "--disable-runtime-dependency-installation",
+            ],
+            _flower_environment(bin_dir, tag, work / "flwr-home" / "superlink"),
         )
-    return out
+        wait_for("the SuperLink", lambda: _listening(link_port), sup, deadline, 0.2)
+        slugs = site_slugs(args.sites)
+        for number, (slug, port) in enumerate(zip(slugs, node_ports, strict=True)):
+            env = {
+                **_flower_environment(bin_dir, tag, work / "flwr-home" / slug),
+                # As the platform's site workers and Ray's actors: one thread per site.
+                "OMP_NUM_THREADS": "1",
+                "MKL_NUM_THREADS": "1",
+            }
+            sup.start(
+                f"supernode-{slug}",
+                [
+                    str(bin_dir / "flower-supernode"),
+                    "--insecure",
+                    "--superlink",
+                    f"127.0.0.1:{link_port}",
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    str(port),
+                    "--node-config",
+                    f"partition-id={number} num-partitions={args.sites}",
+                ],
+                env,
+            )
+        wait_for(
+            "the SuperNodes",
+            lambda: all(_listening(port) for port in node_ports),
+            sup,
+            deadline,
+            0.5,
+        )
+        print(f"  {len(sup.children)} processes up in {time.monotonic() - started:.1f} s")
+
+        cli_home = work / "flwr-home" / "cli"
+        cli_env = _flower_environment(bin_dir, tag, cli_home)
+        (cli_home / "config.toml").write_text(
+            f'[superlink]\ndefault = "{FLOWER_CONNECTION}"\n\n'
+            f'[superlink.{FLOWER_CONNECTION}]\naddress = "127.0.0.1:{link_port}"\ninsecure = true\n'
+        )
+        run_config = (
+            f"num-server-rounds={total_rounds} num-sites={args.sites} "
+            f"round-timeout={float(args.timeout)} figures-path='{figures_path}'"
+        )
+        submitted = subprocess.run(
+            [
+                str(bin_dir / "flwr"),
+                "run",
+                str(FLOWER_APP),
+                FLOWER_CONNECTION,
+                "--run-config",
+                run_config,
+                "--format",
+                "json",
+            ],
+            env=cli_env,
+            cwd=work,
+            capture_output=True,
+            text=True,
+            timeout=max(1.0, deadline - time.monotonic()),
+            check=False,
+        )
+        if submitted.returncode != 0:
+            raise RuntimeError(f"flwr run failed:\n{submitted.stdout}\n{submitted.stderr}")
+        started = time.monotonic()
+        wait_for("the Flower run", figures_path.exists, sup, deadline, 0.5)
+        figures = json.loads(figures_path.read_text())
+        if figures["error"]:
+            logs = "\n".join(f"--- {c.name} ---\n{c.tail(3000)}" for c in sup.children)
+            raise RuntimeError(f"the Flower run failed:\n{figures['error']}\n{logs}")
+        print(f"  {total_rounds} rounds in {time.monotonic() - started:.1f} s")
+        print(
+            f"  flwr {figures['flwr']}: a SuperLink and {args.sites} SuperNodes, "
+            f"ServerApp and ClientApps in subprocesses"
+        )
+        # The simulation's actors and the platform's site workers train warm after the warm-up
+        # rounds; here no round is warm, and its first-call cost counts as local compute.
+        print(
+            "  each round's ClientApps are new processes: their train_seconds include "
+            "train_local's first call in a process (imports, lazy initialisation)"
+        )
+        return flower_round_figures(
+            {int(r): t for r, t in figures["opened"].items()},
+            {int(r): s for r, s in figures["train_seconds"].items()},
+            args,
+        )
+    finally:
+        sup.stop_all()
+        left = stop_tagged_processes(tag)
+        if left:
+            print(f"  stopped what the servers left running: {', '.join(left)}")
+        if args.keep:
+            print(f"  kept {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 # --- the report ------------------------------------------------------------------------------
@@ -797,7 +1160,7 @@ def main() -> int:
             ours, phases = run_platform(args, var)
             d_ours = print_figures("the platform", ours)
             print_breakdown(ours, phases)
-        theirs = None
+        simulation = deployment = None  # describe() of each Flower run
         if not args.no_flower:
             try:
                 import flwr  # noqa: F401
@@ -805,14 +1168,34 @@ def main() -> int:
                 print("Flower: not installed (pip install -e '.[bench]'); skipped")
             else:
                 print("Flower's simulation of the same workload:")
-                theirs = run_flower(args)
-                d_theirs = print_figures("Flower (simulation)", theirs)
-        if ours and theirs:
-            ratio = d_ours["overhead_median"] / d_theirs["overhead_median"]
+                simulation = print_figures("Flower (simulation)", run_flower(args))
+                if args.no_flower_deployment:
+                    pass
+                elif flower_bin_dir() is None:
+                    print(
+                        "Flower's deployment runtime: its executables "
+                        f"({', '.join(FLOWER_EXECUTABLES)}) are neither beside "
+                        f"{sys.executable} nor on the PATH; skipped"
+                    )
+                else:
+                    print("Flower's deployment runtime (SuperLink and SuperNodes as processes):")
+                    deployment = print_figures(
+                        "Flower (deployment runtime)", run_flower_deployment(args)
+                    )
+
+        def print_ratio(numerator: str, d_num: dict, denominator: str, d_den: dict) -> None:
+            over, under = d_num["overhead_median"], d_den["overhead_median"]
             print(
-                f"ratio of median overheads, platform / Flower: {ratio:.2f} "
-                f"({d_ours['overhead_median']:.4f} s / {d_theirs['overhead_median']:.4f} s)"
+                f"ratio of median overheads, {numerator} / {denominator}: {over / under:.2f} "
+                f"({over:.4f} s / {under:.4f} s)"
             )
+
+        if ours and simulation:
+            print_ratio("platform", d_ours, "Flower simulation", simulation)
+        if ours and deployment:
+            print_ratio("platform", d_ours, "Flower deployment runtime", deployment)
+        if simulation and deployment:
+            print_ratio("Flower deployment runtime", deployment, "Flower simulation", simulation)
     finally:
         if cleanup is not None:
             cleanup()
