@@ -185,14 +185,23 @@ def site_slugs(n: int) -> list[str]:
     return [f"bench-{i:02d}" for i in range(1, n + 1)]
 
 
-def write_csv(folder: Path, data) -> None:
+def write_csv(folder: Path, data, *, jitter_seed: int | None = None) -> None:
+    """The site's share as a CSV file. ``jitter_seed``: each feature scaled by a factor within
+    1e-4 of 1, drawn from that seed, so that sites holding the same share still hold data (and
+    send updates) of their own: the centre refuses an update whose bytes another site sent."""
     import csv
 
+    import numpy as np
+
+    x_train = data.x_train.numpy().astype("float64")
+    if jitter_seed is not None:
+        rng = np.random.default_rng(jitter_seed)
+        x_train = x_train * (1 + 1e-4 * rng.uniform(-1, 1, size=x_train.shape))
     folder.mkdir(parents=True, exist_ok=True)
     with (folder / f"{DATASET}.csv").open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow([f"f{i}" for i in range(data.x_train.shape[1])] + ["label"])
-        for x, y in zip(data.x_train.tolist(), data.y_train.tolist(), strict=True):
+        writer.writerow([f"f{i}" for i in range(x_train.shape[1])] + ["label"])
+        for x, y in zip(x_train.tolist(), data.y_train.tolist(), strict=True):
             writer.writerow([repr(v) for v in x] + [int(y)])
 
 
@@ -200,10 +209,10 @@ def seed_consortium(n_sites: int, var: Path, *, shares: int | None = None):
     """A consortium of ``n_sites`` hospitals under an agreement in force, each offering its share
     of the data set with site credentials; everything through the services (and the ledger).
 
-    ``shares``: split the data set ``shares`` ways only and give site ``i`` share ``i % shares``
-    (sites then hold the same records as others): each site's work stays the same whatever
-    the number of sites, which is what a per-site cost compares, and a thousand sites do not
-    need a thousand distinct shares of a 569-record set."""
+    ``shares``: split the data set ``shares`` ways only and give site ``i`` share ``i % shares``,
+    its features perturbed by a factor within 1e-4 of 1 of its own (``write_csv``): each site's
+    work stays the same whatever the number of sites, which is what a per-site cost compares,
+    and a thousand sites do not need a thousand distinct shares of a 569-record set."""
     from django.contrib.auth import get_user_model
 
     from consortium.governance.models import Role
@@ -242,7 +251,7 @@ def seed_consortium(n_sites: int, var: Path, *, shares: int | None = None):
         )
         data = split[templates[number % len(templates)]]
         root = var / "sites" / slug / "data"
-        write_csv(root, data)
+        write_csv(root, data, jitter_seed=number if shares else None)
         dataset_register(
             acting_user=admin,
             institution=institution,

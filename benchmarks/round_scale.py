@@ -50,6 +50,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from urllib.parse import urlsplit
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -131,8 +132,14 @@ def central_processes(sup) -> dict[str, list[int]]:
     roles = {c.name: [c.proc.pid] for c in sup.children if not c.name.startswith("site-")}
     if os.environ.get("DATABASE_URL", "").startswith(("postgres", "pgsql")):
         roles["database (PostgreSQL)"] = _pids_named("postgres")
-    if os.environ.get("CELERY_BROKER_URL", "").startswith("redis"):
-        roles["broker (redis-server)"] = _pids_named("redis-server")
+    broker = urlsplit(os.environ.get("CELERY_BROKER_URL", ""))
+    if broker.scheme == "redis":  # the one on the broker's port (tests start others)
+        port = f":{broker.port or 6379}"
+        roles["broker (redis-server)"] = [
+            pid
+            for pid in _pids_named("redis-server")
+            if port in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace")
+        ]
     roles["site drivers"] = [c.proc.pid for c in sup.children if c.name.startswith("site-")]
     return {role: pids for role, pids in roles.items() if pids}
 
