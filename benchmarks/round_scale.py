@@ -83,6 +83,12 @@ def parse_args():
         help="what serves the sites: the site API's own WSGI server, as docs/deploy runs it "
         "(wsgi, the default), or Daphne, which serves the pages (asgi: the layout before)",
     )
+    parser.add_argument(
+        "--idle",
+        type=float,
+        default=60.0,
+        help="seconds the heartbeats alone are measured before the job (default 60)",
+    )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # one size, in this process
@@ -161,6 +167,7 @@ class SizeResult:
     server_peak_mib: float
     site_api_peak_mib: float
     site_phases: dict[str, float]
+    idle_ms_per_site_second: dict[str, float]
 
 
 def start_drivers(sup, sites, url: str, var: Path, *, drivers: int, threads: int) -> None:
@@ -244,8 +251,18 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
         url, site_url = ro.start_central(sup, var, site_api=args.site_api == "wsgi")
         start_drivers(sup, sites, site_url, var, drivers=args.drivers, threads=args.threads)
         ro.wait_for_central(sup, (url, site_url), deadline)
-        job = ro.propose_and_approve(admin, consortium, sites, total_rounds)
         roles = central_processes(sup)
+        # The heartbeats alone, before any job: they are per second, not per round (every site
+        # beats every 30 s whatever the rounds do), so a long round carries more of them.
+        time.sleep(args.idle / 2)  # every site has beaten once; the beats are spread out now
+        idle_before = cpu_snapshot(roles)
+        time.sleep(args.idle)
+        idle_after = cpu_snapshot(roles)
+        idle = {
+            role: 1000 * (idle_after[role] - idle_before[role]) / (n_sites * args.idle)
+            for role in idle_before
+        }
+        job = ro.propose_and_approve(admin, consortium, sites, total_rounds)
         first, last = args.warmup + 1, total_rounds
         before = after = None
         while True:
@@ -292,6 +309,7 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
                 else [0.0]
             ),
             site_phases={k: statistics.median(v) for k, v in phases.items()},
+            idle_ms_per_site_second=idle,
         )
     finally:
         sup.stop_all()
@@ -335,6 +353,19 @@ def print_size(r: dict) -> None:
     )
     central = sum(ms for role, ms in r["cpu_ms_per_site_round"].items() if role != "site drivers")
     print(f"    central CPU per site and round, all central processes: {central:.2f} ms")
+    idle = r["idle_ms_per_site_second"]
+    beats = sum(ms for role, ms in idle.items() if role not in ("site drivers", "scoring-worker"))
+    wall = statistics.median(walls)
+    work = sum(
+        ms
+        for role, ms in r["cpu_ms_per_site_round"].items()
+        if role not in ("site drivers", "scoring-worker")
+    )
+    print(
+        f"    heartbeats alone (no job): {beats:.3f} ms of central CPU per site and second, "
+        f"so {beats * wall:.1f} ms of a {wall:.1f} s round; the round's own work without "
+        f"scoring: {work - beats * wall:.1f} ms per site"
+    )
     main, child = r["coordinator_peak_mib"]
     print(
         f"    peak memory: coordinator {main:.0f} MiB (its largest child {child:.0f} MiB), "
@@ -378,7 +409,7 @@ def main() -> int:
     for n in sizes:
         print(f"{n} sites:", flush=True)
         argv = [sys.executable, __file__, "--one", str(n)]
-        for flag in ("rounds", "warmup", "drivers", "threads", "timeout", "site_api"):
+        for flag in ("rounds", "warmup", "drivers", "threads", "idle", "timeout", "site_api"):
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.keep:
             argv.append("--keep")
