@@ -16,6 +16,7 @@ live server speaks no websocket, and the test decides what the socket says and w
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -92,10 +93,14 @@ def _cancel(job, cast):
     job.refresh_from_db()
 
 
-def test_a_new_state_without_entries_refreshes_the_sections(cast, watched):
+@contextlib.contextmanager
+def open_job_page(watched, *, route_page=None):
+    """The running job's page in chromium, its socket played by the test and open: yields the
+    page, its sockets and the background refreshes it sent; no script error or policy
+    violation allowed. ``route_page``: a Playwright route handler for the page's own URL."""
     from playwright.sync_api import sync_playwright
 
-    job, url, cookie = watched
+    _job, url, cookie = watched
     errors: list[str] = []
     with sync_playwright() as p:
         browser = launch(p)
@@ -103,60 +108,50 @@ def test_a_new_state_without_entries_refreshes_the_sections(cast, watched):
             page = signed_in_page(browser, base_url=url, cookie=cookie, errors=errors)
             sockets = PlayedSocket(page)
             refreshes = _refreshes(page)
+            if route_page is not None:
+                page.route(url, route_page)
             page.goto(url)
             sockets.wait_for(1, page)
             page.wait_for_selector("#live[data-live=open]")
-            assert "Running" in page.locator("#job-heading").inner_text()
-
-            # The same state again, no entries: nothing to fetch.
-            sockets.say(job, entries=[])
-            page.wait_for_timeout(1500)
-            assert refreshes == []
-
-            # The job was cancelled while the socket was down: the message after the reconnect
-            # has the new state and no entries (what was written meanwhile is not replayed).
-            _cancel(job, cast)
-            sockets.say(job, entries=[])
-            wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=15)
-            assert page.locator("#live").get_attribute("data-job-state") == "cancelled"
-            assert len(refreshes) == 1, refreshes
+            yield page, sockets, refreshes
         finally:
             browser.close()
     assert not errors, errors
+
+
+def test_a_new_state_without_entries_refreshes_the_sections(cast, watched):
+    job = watched[0]
+    with open_job_page(watched) as (page, sockets, refreshes):
+        assert "Running" in page.locator("#job-heading").inner_text()
+
+        # The same state again, no entries: nothing to fetch.
+        sockets.say(job, entries=[])
+        page.wait_for_timeout(1500)
+        assert refreshes == []
+
+        # The job was cancelled while the socket was down: the message after the reconnect
+        # has the new state and no entries (what was written meanwhile is not replayed).
+        _cancel(job, cast)
+        sockets.say(job, entries=[])
+        wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=15)
+        assert page.locator("#live").get_attribute("data-job-state") == "cancelled"
+        assert len(refreshes) == 1, refreshes
 
 
 def test_a_socket_that_comes_back_refreshes_the_sections(cast, watched):
-    from playwright.sync_api import sync_playwright
-
-    job, url, cookie = watched
-    errors: list[str] = []
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = signed_in_page(browser, base_url=url, cookie=cookie, errors=errors)
-            sockets = PlayedSocket(page)
-            refreshes = _refreshes(page)
-            page.goto(url)
-            sockets.wait_for(1, page)
-            page.wait_for_selector("#live[data-live=open]")
-
-            # The job changes and the socket drops before saying anything; the page reconnects
-            # and asks for its sections without waiting for a message.
-            _cancel(job, cast)
-            sockets.opened[-1].close(code=1011, reason="server restarting")
-            sockets.wait_for(2, page)
-            wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=15)
-            assert len(refreshes) == 1, refreshes
-        finally:
-            browser.close()
-    assert not errors, errors
+    job = watched[0]
+    with open_job_page(watched) as (page, sockets, refreshes):
+        # The job changes and the socket drops before saying anything; the page reconnects
+        # and asks for its sections without waiting for a message.
+        _cancel(job, cast)
+        sockets.opened[-1].close(code=1011, reason="server restarting")
+        sockets.wait_for(2, page)
+        wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=15)
+        assert len(refreshes) == 1, refreshes
 
 
 def test_a_failed_refresh_is_tried_again_until_it_succeeds(cast, watched):
-    from playwright.sync_api import sync_playwright
-
-    job, url, cookie = watched
-    errors: list[str] = []
+    job = watched[0]
     failed: list[str] = []
 
     def busy_twice(route):
@@ -170,23 +165,10 @@ def test_a_failed_refresh_is_tried_again_until_it_succeeds(cast, watched):
             failed.append("aborted")
             route.abort("connectionreset")
 
-    with sync_playwright() as p:
-        browser = launch(p)
-        try:
-            page = signed_in_page(browser, base_url=url, cookie=cookie, errors=errors)
-            sockets = PlayedSocket(page)
-            refreshes = _refreshes(page)
-            page.route(url, busy_twice)
-            page.goto(url)
-            sockets.wait_for(1, page)
-            page.wait_for_selector("#live[data-live=open]")
-
-            _cancel(job, cast)
-            entry = {"event": "job.state_changed", "time_text": "now", "words": "cancelled"}
-            sockets.say(job, entries=[entry])
-            wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=20)
-            assert failed == ["503", "aborted"]
-            assert len(refreshes) == 3, refreshes
-        finally:
-            browser.close()
-    assert not errors, errors
+    with open_job_page(watched, route_page=busy_twice) as (page, sockets, refreshes):
+        _cancel(job, cast)
+        entry = {"event": "job.state_changed", "time_text": "now", "words": "cancelled"}
+        sockets.say(job, entries=[entry])
+        wait_for_expression(page, HEADING_SAYS_CANCELLED, timeout_s=20)
+        assert failed == ["503", "aborted"]
+        assert len(refreshes) == 3, refreshes
