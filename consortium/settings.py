@@ -645,7 +645,6 @@ if SITE_API_ONLY:
     ]
     # The admin and the sign-in lockout are the web server's: their paths are refused here.
     SILENCED_SYSTEM_CHECKS = [
-        *globals().get("SILENCED_SYSTEM_CHECKS", []),
         "admin.E408",
         "admin.E409",
         "admin.E410",
