@@ -87,7 +87,8 @@ def parse_args():
         "--idle",
         type=float,
         default=60.0,
-        help="seconds the heartbeats alone are measured before the job (default 60)",
+        help="seconds the heartbeats alone are measured before the job (default 60; 0: not "
+        "measured)",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
@@ -254,14 +255,16 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
         roles = central_processes(sup)
         # The heartbeats alone, before any job: they are per second, not per round (every site
         # beats every 30 s whatever the rounds do), so a long round carries more of them.
-        time.sleep(args.idle / 2)  # every site has beaten once; the beats are spread out now
-        idle_before = cpu_snapshot(roles)
-        time.sleep(args.idle)
-        idle_after = cpu_snapshot(roles)
-        idle = {
-            role: 1000 * (idle_after[role] - idle_before[role]) / (n_sites * args.idle)
-            for role in idle_before
-        }
+        idle: dict[str, float] = {}  # --idle 0: not measured
+        if args.idle > 0:
+            time.sleep(args.idle / 2)  # every site has beaten once; the beats are spread out
+            idle_before = cpu_snapshot(roles)
+            time.sleep(args.idle)
+            idle_after = cpu_snapshot(roles)
+            idle = {
+                role: 1000 * (idle_after[role] - idle_before[role]) / (n_sites * args.idle)
+                for role in idle_before
+            }
         job = ro.propose_and_approve(admin, consortium, sites, total_rounds)
         first, last = args.warmup + 1, total_rounds
         before = after = None
@@ -361,11 +364,14 @@ def print_size(r: dict) -> None:
         for role, ms in r["cpu_ms_per_site_round"].items()
         if role not in ("site drivers", "scoring-worker")
     )
-    print(
-        f"    heartbeats alone (no job): {beats:.3f} ms of central CPU per site and second, "
-        f"so {beats * wall:.1f} ms of a {wall:.1f} s round; the round's own work without "
-        f"scoring: {work - beats * wall:.1f} ms per site"
-    )
+    if idle:
+        print(
+            f"    heartbeats alone (no job): {beats:.3f} ms of central CPU per site and second, "
+            f"so {beats * wall:.1f} ms of a {wall:.1f} s round; the round's own work without "
+            f"scoring: {work - beats * wall:.1f} ms per site"
+        )
+    else:
+        print("    heartbeats alone: not measured (--idle 0); the figures above include them")
     main, child = r["coordinator_peak_mib"]
     print(
         f"    peak memory: coordinator {main:.0f} MiB (its largest child {child:.0f} MiB), "
