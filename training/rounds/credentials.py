@@ -26,6 +26,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
 from consortium.core.errors import ConflictError
+from consortium.core.prepared import PreparedQuery
 from consortium.governance.models import Institution
 from consortium.governance.services.institutions import (
     key_fingerprint,
@@ -33,7 +34,6 @@ from consortium.governance.services.institutions import (
 )
 from training.models import SiteCredential
 from training.rounds.artifacts import sha256_hex
-from training.rounds.lookups import one_or_none
 
 __all__ = [
     "LAST_USED_RESOLUTION",
@@ -143,6 +143,16 @@ def site_credential_revoke(*, acting_user, credential: SiteCredential) -> SiteCr
     return credential
 
 
+#: Every site request's first query (compiled once per connection: consortium.core.prepared).
+_CREDENTIAL_BY_TOKEN_HASH = PreparedQuery(
+    lambda digest: SiteCredential.objects.select_related("institution__consortium").filter(
+        token_hash=digest
+    ),
+    one=True,
+    digest=str,
+)
+
+
 def site_credential_authenticate(token: str) -> SiteCredential | None:
     """The live credential this token belongs to, or None (unknown or revoked).
 
@@ -152,9 +162,7 @@ def site_credential_authenticate(token: str) -> SiteCredential | None:
     if not isinstance(token, str) or not token.startswith(TOKEN_PREFIX) or len(token) > 200:
         return None
     digest = _hash_token(token)
-    credential = one_or_none(
-        SiteCredential.objects.select_related("institution__consortium").filter(token_hash=digest)
-    )
+    credential = _CREDENTIAL_BY_TOKEN_HASH.one_or_none(digest=digest)
     if credential is None or not hmac.compare_digest(credential.token_hash, digest):
         return None
     if credential.revoked_at is not None:

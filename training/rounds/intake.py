@@ -45,6 +45,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
 from consortium.core.errors import ServiceError
+from consortium.core.prepared import PreparedQuery
 from training import outbox, queues
 from training.models import JobParticipant, Round, SiteCredential, SiteUpdate, TrainingJob
 from training.rounds.artifacts import ArtifactError, artifact_store, is_digest
@@ -151,28 +152,92 @@ def _copies_of(digest: str, institution_id: int):
     )
 
 
+# The upload's reads, compiled once per connection (consortium.core.prepared): an upload runs
+# them on every request, and building and compiling them cost more than running them.
+_PARTICIPANT_WITH_JOB = PreparedQuery(
+    # The agreement version too: the privacy floor's check reads its maximum share.
+    lambda job_id, institution_id: JobParticipant.objects.select_related(
+        "job__consortium", "job__agreement_version"
+    ).filter(job_id=job_id, institution_id=institution_id),
+    one=True,
+    job_id=int,
+    institution_id=int,
+)
+
+
+def _site_row(job_id: int, round_index: int, institution_id: int):
+    return SiteUpdate.objects.select_related("round__global_model_in").filter(
+        round__job_id=job_id, round__index=round_index, institution_id=institution_id
+    )
+
+
+_SITE_ROW = PreparedQuery(_site_row, one=True, job_id=int, round_index=int, institution_id=int)
+_SITE_ROW_WITH_COPY = PreparedQuery(
+    lambda job_id, round_index, institution_id, digest: _site_row(
+        job_id, round_index, institution_id
+    ).annotate(
+        copy_of=Subquery(
+            _copies_of(digest, institution_id)
+            .exclude(pk=OuterRef("pk"))
+            .order_by("pk")
+            .values("pk")[:1]
+        )
+    ),
+    one=True,
+    job_id=int,
+    round_index=int,
+    institution_id=int,
+    digest=str,
+)
+_LOCKED_ROUND = PreparedQuery(
+    lambda job_id, round_index: (
+        Round.objects.select_for_update(of=("self",))
+        .select_related("global_model_in")
+        .filter(job_id=job_id, index=round_index)
+    ),
+    one=True,
+    job_id=int,
+    round_index=int,
+)
+_LOCKED_SITE_ROW = PreparedQuery(
+    lambda round_id, institution_id: SiteUpdate.objects.select_for_update(of=("self",)).filter(
+        round_id=round_id, institution_id=institution_id
+    ),
+    one=True,
+    round_id=int,
+    institution_id=int,
+)
+_PARTICIPANT_NOW = PreparedQuery(
+    lambda job_id, institution_id, credential_id: JobParticipant.objects.filter(
+        job_id=job_id, institution_id=institution_id
+    ).annotate(
+        credential_live=Exists(
+            SiteCredential.objects.filter(pk=credential_id, revoked_at__isnull=True)
+        )
+    ),
+    one=True,
+    job_id=int,
+    institution_id=int,
+    credential_id=int,
+)
+
+
 def _first_look(credential: SiteCredential, job_id: int, round_index: int, digest: str = ""):
     """Unlocked: the job (through the site's participant row, which the participation check
     reads too), the round and the site's ``SiteUpdate`` row, in two queries; or a refusal that
     is not recorded (no such job or round for this site, the round not open). The row carries
     ``copy_of``: another update row with the same digest, if any (a subquery of the same
     query, so a replay costs the upload no query of its own)."""
-    participant = one_or_none(
-        # The agreement version too: the privacy floor's check reads its maximum share.
-        JobParticipant.objects.select_related("job__consortium", "job__agreement_version").filter(
-            job_id=job_id, institution_id=credential.institution_id
-        )
-    )
+    institution_id = credential.institution_id
+    participant = _PARTICIPANT_WITH_JOB.one_or_none(job_id=job_id, institution_id=institution_id)
     if participant is None:
         raise UpdateRefused("Not found.", code="not_found", status=404)
     job = participant.job
-    rows = SiteUpdate.objects.select_related("round__global_model_in").filter(
-        round__job=job, round__index=round_index, institution_id=credential.institution_id
-    )
+    where = {"job_id": job.pk, "round_index": round_index, "institution_id": institution_id}
     if is_digest(digest):
-        copies = _copies_of(digest, credential.institution_id).exclude(pk=OuterRef("pk"))
-        rows = rows.annotate(copy_of=Subquery(copies.order_by("pk").values("pk")[:1]))
-    update = one_or_none(rows)
+        update = _SITE_ROW_WITH_COPY.one_or_none(**where, digest=digest)
+    else:
+        update = _SITE_ROW.one_or_none(**where)
     if update is not None:
         rnd = update.round
     else:
@@ -189,18 +254,10 @@ def _locked_look(credential: SiteCredential, job: TrainingJob, round_index: int,
     the round first (the coordinator's claim of a round updates the round, then its rows), since
     either may have moved since the first look. The job's spec and consortium do not move. A
     duplicate of the accepted update passes whatever the round's state (the caller answers it)."""
-    rnd = one_or_none(
-        Round.objects.select_for_update(of=("self",))
-        .select_related("global_model_in")
-        .filter(job=job, index=round_index)
-    )
+    rnd = _LOCKED_ROUND.one_or_none(job_id=job.pk, round_index=round_index)
     if rnd is None:
         _check_round(rnd, job, round_index)
-    update = one_or_none(
-        SiteUpdate.objects.select_for_update(of=("self",)).filter(
-            round=rnd, institution_id=credential.institution_id
-        )
-    )
+    update = _LOCKED_SITE_ROW.one_or_none(round_id=rnd.pk, institution_id=credential.institution_id)
     if not _is_duplicate(update, digest):
         _check_round(rnd, job, round_index)
     return rnd, update
@@ -238,13 +295,13 @@ def _participation_now(credential: SiteCredential, job: TrainingJob) -> Rejectio
     credential may have been revoked, or the site removed from the job, since the request was
     authenticated (revocation and removal take the chain lock, so what is read here holds
     until the outcome commits)."""
-    still_live = SiteCredential.objects.filter(pk=credential.pk, revoked_at__isnull=True)
-    participant = one_or_none(
-        JobParticipant.objects.filter(job=job, institution_id=credential.institution_id).annotate(
-            credential_live=Exists(still_live)
-        )
+    participant = _PARTICIPANT_NOW.one_or_none(
+        job_id=job.pk, institution_id=credential.institution_id, credential_id=credential.pk
     )
-    live = participant.credential_live if participant is not None else still_live.exists()
+    if participant is not None:
+        live = participant.credential_live
+    else:
+        live = SiteCredential.objects.filter(pk=credential.pk, revoked_at__isnull=True).exists()
     return _participation_rejection(credential, job, live=live, participant=participant)
 
 

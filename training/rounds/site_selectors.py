@@ -10,6 +10,7 @@ round, and says why not (:class:`NotAsked`) when the round does not ask it for a
 from __future__ import annotations
 
 from consortium.core.errors import ConflictError
+from consortium.core.prepared import PreparedQuery
 from training.models import (
     GlobalModel,
     JobParticipant,
@@ -22,20 +23,43 @@ from training.models import (
     TrainingJob,
 )
 from training.rounds.artifacts import is_digest
-from training.rounds.lookups import one_or_none
 
 __all__ = ["NotAsked", "site_job", "site_may_read_model", "site_round_start"]
 
 
+# Run on every model download and upload: compiled once per connection
+# (consortium.core.prepared), since compiling them cost more than running them.
+_ACTIVE_JOB = PreparedQuery(
+    lambda job_id, institution_id: TrainingJob.objects.select_related("consortium").filter(
+        pk=job_id,
+        participants__institution_id=institution_id,
+        participants__status=JobParticipant.Status.ACTIVE,
+    ),
+    one=True,
+    job_id=int,
+    institution_id=int,
+)
+_ASKED_ROW = PreparedQuery(
+    lambda job_id, round_index, institution_id: SiteUpdate.objects.select_related(
+        "round__job"
+    ).filter(
+        round__job_id=job_id,
+        round__index=round_index,
+        institution_id=institution_id,
+        # One join: the same participant row is the site's, and active.
+        round__job__participants__institution_id=institution_id,
+        round__job__participants__status=JobParticipant.Status.ACTIVE,
+    ),
+    one=True,
+    job_id=int,
+    round_index=int,
+    institution_id=int,
+)
+
+
 def site_job(credential: SiteCredential, job_id: int) -> TrainingJob | None:
     """The job, if the credential's institution is an active participant of it."""
-    return one_or_none(
-        TrainingJob.objects.select_related("consortium").filter(
-            pk=job_id,
-            participants__institution_id=credential.institution_id,
-            participants__status=JobParticipant.Status.ACTIVE,
-        )
-    )
+    return _ACTIVE_JOB.one_or_none(job_id=job_id, institution_id=credential.institution_id)
 
 
 class NotAsked(ConflictError):
@@ -58,15 +82,8 @@ def site_round_start(credential: SiteCredential, job_id: int, round_index: int) 
     longer runs, the round is closed, the site's update was already received (a second
     delivery of the task), the round asked nothing of the site, or (cyclic) has not reached it.
     """
-    update = one_or_none(
-        SiteUpdate.objects.select_related("round__job").filter(
-            round__job_id=job_id,
-            round__index=round_index,
-            institution_id=credential.institution_id,
-            # One join: the same participant row is the site's, and active.
-            round__job__participants__institution_id=credential.institution_id,
-            round__job__participants__status=JobParticipant.Status.ACTIVE,
-        )
+    update = _ASKED_ROW.one_or_none(
+        job_id=job_id, round_index=round_index, institution_id=credential.institution_id
     )
     site = credential.institution.slug
     if update is None:

@@ -44,6 +44,7 @@ from typing import Any
 
 from django.conf import settings
 
+from consortium.core.prepared import PreparedQuery
 from training.fl import update as wire
 from training.fl.signing import BadSignature, update_message, verify_update
 from training.jobs.accounting import PrivacyEvent
@@ -273,6 +274,16 @@ def _signed_for_another_round(
     return None
 
 
+#: The site's data set, read on every upload (compiled once per connection:
+#: consortium.core.prepared).
+_SITE_DATASET = PreparedQuery(
+    lambda institution_id, key: SiteDataset.objects.filter(institution_id=institution_id, key=key),
+    one=True,
+    institution_id=int,
+    key=str,
+)
+
+
 def verify_upload(
     *,
     credential: SiteCredential,
@@ -335,8 +346,10 @@ def verify_upload(
         ) from None
     tensors = _check_tensors(data, start_digest)
     key = job.spec.get("dataset_key")
-    dataset = one_or_none(
-        SiteDataset.objects.filter(institution_id=credential.institution_id, key=key)
+    dataset = (
+        _SITE_DATASET.one_or_none(institution_id=credential.institution_id, key=key)
+        if isinstance(key, str)
+        else None
     )
     if dataset is None:
         raise Rejected("bad_samples", f"{slug} no longer offers the data set '{key}'")
