@@ -103,6 +103,44 @@ def test_every_task_checks_saves_and_cosigns_the_newest_checkpoint(c3, broker):
         assert saved_size(site) > first[site.slug]
 
 
+class RecordingClient(InProcessClient):
+    """The in-process client, noting which of the site API's calls the worker made, in order."""
+
+    def __init__(self, token: str):
+        super().__init__(token)
+        self.calls: list[str] = []
+
+    def __getattribute__(self, name):
+        attribute = super().__getattribute__(name)
+        if name in {"ledger_checkpoint", "ledger_witness", "round_model", "job", "upload"}:
+            self.calls.append(name)
+        return attribute
+
+
+def test_a_training_task_checks_before_it_trains_and_cosigns_after_its_upload(c3, broker):
+    """The check guards the site, so it comes first; the cosignature only informs the centre,
+    so it is posted after the upload, off the round's critical path, and still posted when the
+    round no longer asks the site for anything (the check passed all the same)."""
+    propose_and_start(c3, broker, rounds=2)
+    message = next(m for m in broker.messages if m["name"] == "training.site_train")
+    site = c3.site(message["kwargs"]["site"])
+    client = RecordingClient(site.token)
+    result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=client)
+    assert result["status"] == "accepted"
+    assert client.calls[0] == "ledger_checkpoint"
+    assert client.calls[-2:] == ["upload", "ledger_witness"]
+    witness = CheckpointWitness.objects.get(institution__slug=site.slug)
+    assert witness.checkpoint.tree_size == saved_size(site)
+
+    CheckpointWitness.objects.all().delete()
+    again = RecordingClient(site.token)  # a second delivery of the same task: nothing to do
+    result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=again)
+    assert result["status"] == "skipped"
+    assert "upload" not in again.calls
+    assert again.calls[0] == "ledger_checkpoint" and again.calls[-1] == "ledger_witness"
+    assert CheckpointWitness.objects.filter(institution__slug=site.slug).count() == 1
+
+
 def test_a_consistent_rewrite_between_two_tasks_stops_the_next_worker(c3, broker, caplog):
     job = second_round_tasks(c3, broker)
     seen = saved_size(c3.sites[0])

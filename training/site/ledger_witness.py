@@ -25,6 +25,13 @@ site worker that looks.
 
 A witness that could not be posted (the centre refused or did not answer) is logged and the
 task goes on: what protects the site is its own check, which passed.
+
+The check and the cosignature are two steps (:func:`check_ledger`, :func:`post_witness`;
+:func:`witness_ledger` does both). A training task checks before it trains and posts its
+cosignature after its upload, so that the request that only informs the centre is not on the
+round's critical path: the check, which is what guards the site, still comes first, and a
+cosignature of today's checkpoint vouches for every earlier one the site checked (each was
+proven to extend the one before).
 """
 
 from __future__ import annotations
@@ -49,7 +56,16 @@ from training.site.client import CentralClient, CentralError, WorkerConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["LedgerRefused", "WitnessOutcome", "state_file", "state_path", "witness_ledger"]
+__all__ = [
+    "CheckedCheckpoint",
+    "LedgerRefused",
+    "WitnessOutcome",
+    "check_ledger",
+    "post_witness",
+    "state_file",
+    "state_path",
+    "witness_ledger",
+]
 
 PUBLIC_KEY_ENV = "CENTRAL_LEDGER_PUBLIC_KEY"
 _STATE_VERSION = 1
@@ -57,6 +73,14 @@ _STATE_VERSION = 1
 
 class LedgerRefused(RuntimeError):
     """The centre's ledger failed this site's check: the worker refuses the task."""
+
+
+@dataclass(frozen=True)
+class CheckedCheckpoint:
+    """The centre's checkpoint as this site checked and saved it, ready to be cosigned."""
+
+    signed: SignedCheckpoint
+    previous_size: int  # the size of the checkpoint the site saw before this one
 
 
 @dataclass(frozen=True)
@@ -142,7 +166,15 @@ def witness_ledger(
     client: CentralClient, config: WorkerConfig, *, environ: dict | None = None
 ) -> WitnessOutcome:
     """Check the centre's newest checkpoint against the last one this site saw, save it and
-    cosign it; :class:`LedgerRefused` saying why when the ledger is not the one it saw.
+    cosign it; :class:`LedgerRefused` saying why when the ledger is not the one it saw."""
+    return post_witness(client, config, check_ledger(client, config, environ=environ))
+
+
+def check_ledger(
+    client: CentralClient, config: WorkerConfig, *, environ: dict | None = None
+) -> CheckedCheckpoint:
+    """Check the centre's newest checkpoint against the last one this site saw and save it;
+    :class:`LedgerRefused` saying why when the ledger is not the one it saw.
 
     Tasks of one worker may run side by side: the state is read, checked and written under
     an exclusive lock on a file beside it, so each check starts from the newest state.
@@ -152,10 +184,18 @@ def witness_ledger(
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         signed, previous = _check_and_save(client, config, path, environ)
+    return CheckedCheckpoint(signed=signed, previous_size=previous)
+
+
+def post_witness(
+    client: CentralClient, config: WorkerConfig, checked: CheckedCheckpoint
+) -> WitnessOutcome:
+    """Cosign a checkpoint :func:`check_ledger` passed and post the cosignature; a centre that
+    refuses it or does not answer is logged (``witnessed`` False), not raised."""
     return WitnessOutcome(
-        tree_size=signed.checkpoint.tree_size,
-        previous_size=previous,
-        witnessed=_post_witness(client, config, signed),
+        tree_size=checked.signed.checkpoint.tree_size,
+        previous_size=checked.previous_size,
+        witnessed=_post_witness(client, config, checked.signed),
     )
 
 

@@ -9,8 +9,11 @@ it fetches and checks:
 
 0. the centre's ledger (:mod:`training.site.ledger_witness`): its newest signed checkpoint must
    verify with the centre's key and extend, by a consistency proof, the last checkpoint this
-   site saw; the site then cosigns it as a witness. A ledger rewritten at the centre raises
-   :class:`~training.site.ledger_witness.LedgerRefused` and the site does not train;
+   site saw. A ledger rewritten at the centre raises
+   :class:`~training.site.ledger_witness.LedgerRefused` and the site does not train. The
+   site's cosignature of the checkpoint (its witness) is posted when the task ends, after the
+   upload: it informs the centre and guards nothing, so it is kept off the round's critical
+   path;
 1. the model the site starts from (``GET /api/site/v1/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
    (the update was already received, e.g. a second delivery of the task; the round closed;
@@ -70,7 +73,7 @@ from training.jobs.registry import model_registry
 from training.jobs.spec import EVALUATION_SITES, canonical_spec_text, evaluation_settings
 from training.jobs.spec import spec_digest as digest_of_spec
 from training.site.client import CentralClient, CentralError, WorkerConfig
-from training.site.ledger_witness import witness_ledger
+from training.site.ledger_witness import check_ledger, post_witness
 
 log = logging.getLogger(__name__)
 
@@ -303,9 +306,37 @@ def run_site_round(
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
     clock = _PhaseClock()
-    witness_ledger(client, config)
+    checked = check_ledger(client, config)
     clock.lap("ledger")
+    try:
+        return _train_and_upload(
+            client,
+            config,
+            clock,
+            job_id=job_id,
+            round_index=round_index,
+            site=site,
+            spec_digest=spec_digest,
+            start_digest=start_digest,
+        )
+    finally:
+        # After the upload (or whatever ended the task): the check above passed, whatever
+        # came after it, so the site witnesses the checkpoint it checked.
+        post_witness(client, config, checked)
 
+
+def _train_and_upload(
+    client: CentralClient,
+    config: WorkerConfig,
+    clock: _PhaseClock,
+    *,
+    job_id: int,
+    round_index: int,
+    site: str,
+    spec_digest: str,
+    start_digest: str,
+) -> dict:
+    """:func:`run_site_round` once the centre's ledger passed this site's check."""
     try:
         sent = client.round_model(job_id, round_index)
     except CentralError as exc:
