@@ -13,6 +13,11 @@ later, with jittered exponential back-off, until the broker does. So:
   close-the-round message could not be published);
 * a message is never published for a transaction that rolled back (the row goes with it).
 
+Several messages written by one call (a round's site tasks: :func:`send_each_after_commit`)
+are published together after the commit: one read of the rows, the publishes, one write
+marking them sent; one message at a time that was a read and a write (its own commit) each, so
+a round opened for ten sites sent its tenth task twenty statements after its first.
+
 Delivery is at least once: a relay killed after publishing and before marking the row sent
 publishes it again. Every task of ``training.queues`` is a compare-and-set on our own rows, so
 a second delivery does nothing.
@@ -37,6 +42,7 @@ from dataclasses import dataclass
 
 from celery import current_app
 from django.db import connection, transaction
+from django.db.models import F
 from django.utils import timezone
 
 from training.models import OutboxMessage
@@ -50,6 +56,7 @@ __all__ = [
     "backlog",
     "relay_pending",
     "send_after_commit",
+    "send_each_after_commit",
 ]
 
 #: How long the relay leaves a new message to the fast path of the transaction that wrote it.
@@ -68,33 +75,62 @@ def send_after_commit(
 
     ``queue`` is required for tasks routed per message (the site tasks), else the task's own
     queue. Arguments are ids and digests (JSON), never tensors or patient data."""
-    queue = queue or task.queue
-    if not queue:
-        raise ValueError(f"{task.name} is routed per message: give its queue")
-    message = OutboxMessage.objects.create(
-        task=task.name,
-        queue=queue,
-        args=list(args),
-        kwargs=dict(kwargs or {}),
-        available_at=timezone.now() + FAST_PATH_GRACE,
-    )
-    transaction.on_commit(lambda: _publish_committed(message.pk))
+    (message,) = send_each_after_commit(task, [(list(args), dict(kwargs or {}), queue)])
     return message
 
 
-def _publish_committed(pk: int) -> None:
-    """The fast path, run once the message's transaction commits: never raises (a request
+def send_each_after_commit(
+    task: TaskName, messages: list[tuple[list, dict, str | None]]
+) -> list[OutboxMessage]:
+    """Record several messages of ``task``, each ``(args, kwargs, queue)``, in the caller's
+    transaction, to be published together once it commits (in this order)."""
+    rows = []
+    for args, kwargs, queue in messages:
+        queue = queue or task.queue
+        if not queue:
+            raise ValueError(f"{task.name} is routed per message: give its queue")
+        rows.append(
+            OutboxMessage.objects.create(
+                task=task.name,
+                queue=queue,
+                args=args,
+                kwargs=kwargs,
+                available_at=timezone.now() + FAST_PATH_GRACE,
+            )
+        )
+    if rows:
+        pks = [row.pk for row in rows]
+        transaction.on_commit(lambda: _publish_committed(pks))
+    return rows
+
+
+def _publish_committed(pks: list[int]) -> None:
+    """The fast path, run once the messages' transaction commits: never raises (a request
     that committed must not fail), a message the broker refused waits for the relay."""
     try:
-        message = OutboxMessage.objects.filter(pk=pk, sent_at__isnull=True).first()
-        if message is not None:
-            _publish(message)
+        pending = OutboxMessage.objects.filter(pk__in=pks, sent_at__isnull=True).order_by("pk")
+        _mark_sent([message.pk for message in pending if _send(message)])
     except Exception:  # noqa: BLE001 - the relay publishes whatever this could not
-        log.exception("outbox message #%s is left to the relay", pk)
+        log.exception("outbox messages %s are left to the relay", pks)
 
 
 def _publish(message: OutboxMessage) -> bool:
     """Publish one message; on success mark it sent, on failure schedule the next attempt."""
+    if not _send(message):
+        return False
+    _mark_sent([message.pk])
+    return True
+
+
+def _mark_sent(pks: list[int]) -> None:
+    if pks:
+        OutboxMessage.objects.filter(pk__in=pks, sent_at__isnull=True).update(
+            sent_at=timezone.now(), attempts=F("attempts") + 1
+        )
+
+
+def _send(message: OutboxMessage) -> bool:
+    """Hand one message to the broker; on failure schedule its next attempt (False)."""
     try:
         current_app.send_task(
             message.task,
@@ -121,9 +157,6 @@ def _publish(message: OutboxMessage) -> bool:
             extra={"outbox_id": message.pk},
         )
         return False
-    OutboxMessage.objects.filter(pk=message.pk, sent_at__isnull=True).update(
-        sent_at=timezone.now(), attempts=message.attempts + 1
-    )
     return True
 
 

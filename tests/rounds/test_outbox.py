@@ -89,6 +89,53 @@ def test_a_rolled_back_transaction_sends_nothing(django_capture_on_commit_callba
 
 
 @pytest.mark.django_db
+def test_a_rounds_site_tasks_are_published_together_in_order(
+    django_capture_on_commit_callbacks, django_assert_num_queries
+):
+    """One read of the messages and one write marking them sent after the commit (one of each
+    per message before, each write its own commit); the site tasks leave in the given order."""
+    sites = ["a", "b", "c", "d"]
+    with mock.patch.object(outbox.current_app, "send_task") as send_task:
+        with django_capture_on_commit_callbacks(execute=False) as callbacks, transaction.atomic():
+            outbox.send_each_after_commit(
+                queues.SITE_TRAIN, [([], {"site": slug}, f"site.{slug}") for slug in sites]
+            )
+        send_task.assert_not_called()  # not before the commit
+        (callback,) = callbacks
+        with django_assert_num_queries(2):
+            callback()
+    assert [c.kwargs["queue"] for c in send_task.call_args_list] == [f"site.{s}" for s in sites]
+    assert outbox.backlog().depth == 0
+    assert set(OutboxMessage.objects.values_list("attempts", flat=True)) == {1}
+
+
+@pytest.mark.django_db
+def test_one_refused_message_of_a_batch_waits_and_the_others_are_sent(
+    django_capture_on_commit_callbacks,
+):
+    refuse_b = [None, BrokerDown("Connection refused"), None]
+    with (
+        mock.patch.object(outbox.current_app, "send_task", side_effect=refuse_b),
+        django_capture_on_commit_callbacks(execute=True),
+        transaction.atomic(),
+    ):
+        outbox.send_each_after_commit(
+            queues.SITE_TRAIN, [([], {"site": s}, f"site.{s}") for s in ["a", "b", "c"]]
+        )
+    pending = OutboxMessage.objects.get(sent_at__isnull=True)
+    assert pending.queue == "site.b" and pending.attempts == 1
+    assert pending.available_at > timezone.now()  # its back-off
+    assert OutboxMessage.objects.filter(sent_at__isnull=False).count() == 2
+
+
+@pytest.mark.django_db
+def test_a_batch_needs_each_site_tasks_queue():
+    with pytest.raises(ValueError, match="routed per message"):
+        outbox.send_each_after_commit(queues.SITE_TRAIN, [([], {"site": "a"}, None)])
+    assert not OutboxMessage.objects.exists()
+
+
+@pytest.mark.django_db
 def test_a_site_task_needs_its_queue():
     with pytest.raises(ValueError, match="routed per message"):
         outbox.send_after_commit(queues.SITE_TRAIN, kwargs={"site": "x"})

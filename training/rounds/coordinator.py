@@ -175,15 +175,19 @@ def _send_site_task(*, job: TrainingJob, round_index: int, slug: str, start_dige
     ``SiteUpdate.start_digest``)."""
     outbox.send_after_commit(
         queues.SITE_TRAIN,
-        kwargs={
-            "job_id": job.pk,
-            "round_index": round_index,
-            "site": slug,
-            "spec_digest": job.spec_digest,
-            "start_digest": start_digest,
-        },
+        kwargs=_site_task_kwargs(job, round_index, slug, start_digest),
         queue=queues.site_queue(slug),
     )
+
+
+def _site_task_kwargs(job: TrainingJob, round_index: int, slug: str, start_digest: str) -> dict:
+    return {
+        "job_id": job.pk,
+        "round_index": round_index,
+        "site": slug,
+        "spec_digest": job.spec_digest,
+        "start_digest": start_digest,
+    }
 
 
 # --- Starting a job ---------------------------------------------------------------------------
@@ -317,11 +321,18 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         )
         if cyclic:
             _cyclic_send(rnd, job, order[0], global_model.digest)
-        else:
-            for slug in order:
-                _send_site_task(
-                    job=job, round_index=index, slug=slug, start_digest=global_model.digest
-                )
+        else:  # every site at once: published together after the commit
+            outbox.send_each_after_commit(
+                queues.SITE_TRAIN,
+                [
+                    (
+                        [],
+                        _site_task_kwargs(job, index, slug, global_model.digest),
+                        queues.site_queue(slug),
+                    )
+                    for slug in order
+                ],
+            )
     return rnd
 
 
