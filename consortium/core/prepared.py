@@ -51,7 +51,7 @@ def _markers(params: dict[str, type]) -> dict[str, int | str]:
     beyond a column's range into an empty result, not a parameter), so they are drawn from
     1,000 to 32,767: a constant of the query could equal one by chance, which is why
     :meth:`PreparedQuery._compile` compiles twice with different markers and requires the
-    same positions both times."""
+    same positions both times (and tries again when they differ)."""
     markers: dict[str, int | str] = {}
     for name, kind in params.items():
         if kind is int:
@@ -119,14 +119,17 @@ class PreparedQuery:
     # -- compiling ---------------------------------------------------------------------
 
     def _compile(self) -> _Compiled:
-        compiled = self._compile_with(_markers(self._params))
-        again = self._compile_with(_markers(self._params))
-        if again.sql != compiled.sql or again.positions != compiled.positions:
-            raise ImproperlyConfigured(
-                f"{self!r}: its SQL or the places of its parameters change with their values: "
-                "prepare it otherwise"
-            )
-        return compiled
+        # Three tries: a constant of the query that happens to equal a marker moves a place
+        # in one compilation only; a query whose SQL truly changes with its values fails all.
+        for _ in range(3):
+            compiled = self._compile_with(_markers(self._params))
+            again = self._compile_with(_markers(self._params))
+            if again.sql == compiled.sql and again.positions == compiled.positions:
+                return compiled
+        raise ImproperlyConfigured(
+            f"{self!r}: its SQL or the places of its parameters change with their values: "
+            "prepare it otherwise"
+        )
 
     def _compile_with(self, markers: dict[str, int | str]) -> _Compiled:
         queryset = self._build(**markers)

@@ -205,3 +205,27 @@ def test_a_locked_read_outside_a_transaction_is_refused_where_the_database_locks
             query.one_or_none(pk=pk)
     else:  # SQLite locks the whole database instead: Django runs it, and so does this
         assert query.one_or_none(pk=pk).pk == pk
+
+
+def test_a_query_whose_sql_changes_with_its_values_is_refused(db):
+    calls = iter(range(1, 100))
+    moving = PreparedQuery(
+        lambda pk: Institution.objects.filter(pk=pk)[: next(calls)], pk=int
+    )  # each build a different LIMIT
+    with pytest.raises(ImproperlyConfigured, match="change with their values"):
+        moving.all(pk=1)
+
+
+def test_a_constant_equal_to_a_marker_by_chance_is_told_apart(world):  # noqa: F811
+    """A marker drawn equal to a constant of the query moves the parameter's places in that
+    compilation only: compiled again, the query is prepared with the constant in its place."""
+    from consortium.core import prepared
+
+    drawn = iter([{"pk": 5000}, {"pk": 1234}, {"pk": 2000}, {"pk": 3000}, {"pk": 4000}])
+    query = PreparedQuery(
+        lambda pk: Institution.objects.filter(pk=pk).exclude(pk=1234), one=True, pk=int
+    )
+    with mock.patch.object(prepared, "_markers", side_effect=lambda params: next(drawn)):
+        found = query.one_or_none(pk=world.cast.hospital_a.pk)
+    assert found.pk == world.cast.hospital_a.pk
+    assert next(drawn, None) is None  # the first pair disagreed, the second agreed
