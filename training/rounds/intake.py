@@ -31,6 +31,13 @@ The expensive checks (hashing, the signature, unpacking tensors) run before any 
 then, in one transaction, the ledger chain is locked first and the rows after it (the project's
 lock order), the state is checked again, and the outcome and its ledger entry are written
 together.
+
+Why one module: it is the one place where an upload becomes an outcome, and its correctness is
+in the order of its steps (the unlocked look, the checks, the chain lock, the locked look, the
+participation read again, the record); split, the lock order would have to be read across
+files. The reads those steps run on every upload are declared beside them, compiled once per
+connection (``consortium.core.prepared``), so that a change to a look and to its query is one
+change. The checks themselves live in ``training.rounds.verification``.
 """
 
 from __future__ import annotations
