@@ -98,6 +98,7 @@ class PreparedQuery:
         self._params = params
         self._one = one
         self._by_connection: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        self._known_alias: str | None = None
         self._lock = threading.Lock()
 
     def __repr__(self) -> str:
@@ -197,8 +198,8 @@ class PreparedQuery:
             if type(value) is not kind:  # bool is an int, and would compare equal to 0 or 1
                 raise TypeError(f"{self!r}: {name} must be {kind.__name__}, got {value!r}")
         # The connection of the queryset's database: build() names it (the default here).
-        compiled = self._compiled_for(connections[self._alias()])
-        connection = connections[compiled.alias]
+        connection = connections[self._alias()]
+        compiled = self._compiled_for(connection)
         if (  # what Django's compiler checks before it runs a SELECT ... FOR UPDATE
             compiled.for_update
             and connection.features.has_select_for_update
@@ -229,7 +230,7 @@ class PreparedQuery:
         return objects
 
     def _alias(self) -> str:
-        alias = getattr(self, "_known_alias", None)
+        alias = self._known_alias
         if alias is None:
             # The alias the queryset reads from, without compiling it: the router's answer
             # for its model (the default database in this project).
