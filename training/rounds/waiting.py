@@ -44,10 +44,18 @@ from training.rounds.liveness_words import clock, duration_words, possessive
 __all__ = ["job_page_state", "job_waiting", "waiting_on"]
 
 
-def job_page_state(job: TrainingJob, *, account=None, now: dt.datetime | None = None) -> dict:
-    """:func:`training.rounds.live.job_live_state` with ``"waiting"``: :func:`job_waiting`."""
-    state = job_live_state(job, account=account)
-    state["waiting"] = job_waiting(job, now=now)
+def job_page_state(
+    job: TrainingJob,
+    *,
+    account=None,
+    now: dt.datetime | None = None,
+    read_afresh: bool = True,
+) -> dict:
+    """:func:`training.rounds.live.job_live_state` with ``"waiting"``: :func:`job_waiting`.
+    ``read_afresh=False``: ``job`` was read in this request (the job page), so neither reads it
+    again."""
+    state = job_live_state(job, account=account, read_afresh=read_afresh)
+    state["waiting"] = job_waiting(job, now=now, read_afresh=read_afresh)
     return state
 
 
@@ -102,13 +110,18 @@ def _empty() -> dict:
     return {"summary": "", "sites": [], "coordinator": None, "absent": []}
 
 
-def job_waiting(job: TrainingJob, *, now: dt.datetime | None = None) -> dict:
+def job_waiting(
+    job: TrainingJob, *, now: dt.datetime | None = None, read_afresh: bool = True
+) -> dict:
     """What the job waits on now, JSON-ready: ``summary`` (the stage, one sentence),
     ``sites`` (each site waited on, :func:`waiting_on`), ``coordinator`` (``{"ok", "text"}``
     when it is not heard from, else None) and ``absent`` (the sites on a streak of missed
-    rounds). Empty unless the job is approved (waiting to start) or running."""
+    rounds). Empty unless the job is approved (waiting to start) or running. The job's state
+    is read afresh unless ``read_afresh`` is false (the caller read it in this request)."""
     now = now or timezone.now()
-    job = TrainingJob.objects.only("pk", "state").get(pk=job.pk)
+    if read_afresh:
+        job = TrainingJob.objects.only("pk", "state").get(pk=job.pk)
+
     out = _empty()
     if job.state not in (JobState.APPROVED, JobState.RUNNING):
         return out

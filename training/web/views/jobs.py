@@ -424,7 +424,7 @@ class JobDetailView(JobMixin, GovernancePage):
             )
         user = self.request.user
         accountability = selectors.job_accountability(job)
-        live_state = job_page_state(job, account=accountability)
+        live_state = job_page_state(job, account=accountability, read_afresh=False)
         ledger = list(entries_about(TrainingJob._meta.label_lower, str(job.pk)).reverse())
         return super().get_context_data(
             **job_page_sections(job, user=user, state=live_state, account=accountability),
