@@ -31,6 +31,7 @@ from tests.web.test_site_worker_pages import created_block
 from training.fl.signing import generate_keypair
 from training.models import SiteUpdate
 from training.site.audit import run_site_audit
+from training.site.checks import check_ledger_trust
 from training.site.evaluation import run_site_evaluation
 from training.site.ledger_witness import (
     LedgerRefused,
@@ -299,3 +300,62 @@ def test_a_state_file_the_worker_did_not_write_stops_it_saying_where(c3, broker)
     path.write_text("not json")
     with pytest.raises(LedgerRefused, match="cannot be read"):
         witness_ledger(InProcessClient(site.token), site.config())
+
+
+def test_the_workers_ledger_check_says_what_a_task_would_find_and_saves_nothing(
+    c3, broker, tmp_path
+):
+    """``run_site_worker --check``'s ``ledger`` line: the same verification a task runs first,
+    so a wrong ``CENTRAL_LEDGER_PUBLIC_KEY`` or a rewritten ledger is found before any round
+    (each task would be refused); the site's state file is neither written nor moved."""
+    site = c3.sites[0]
+    client, config = InProcessClient(site.token), site.config()
+    path = state_path(config)
+
+    # No key set and nothing seen: said, with what the first task will do.
+    check = check_ledger_trust(client, config, environ={})
+    assert check.status == "ok" and "CENTRAL_LEDGER_PUBLIC_KEY is not set" in check.message
+    assert "will trust the key" in check.message and not path.exists()
+
+    # The centre's key, configured: verified with it.
+    check = check_ledger_trust(
+        client, config, environ={"CENTRAL_LEDGER_PUBLIC_KEY": public_key_pem()}
+    )
+    assert check.status == "ok", check.message
+    assert "verifies with CENTRAL_LEDGER_PUBLIC_KEY" in check.message
+    assert "this site has seen no checkpoint before" in check.message and not path.exists()
+
+    # Another key, or a key file that cannot be read: every task would be refused; said.
+    stranger = (
+        Ed25519PrivateKey.generate()
+        .public_key()
+        .public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+        .decode()
+    )
+    check = check_ledger_trust(client, config, environ={"CENTRAL_LEDGER_PUBLIC_KEY": stranger})
+    assert check.status == "failed"
+    assert check.message.startswith("every task would be refused")
+    assert "does not verify" in check.message
+    missing = tmp_path / "no-such-key.pem"
+    check = check_ledger_trust(client, config, environ={"CENTRAL_LEDGER_PUBLIC_KEY": str(missing)})
+    assert check.status == "failed" and f"{missing}: cannot read" in check.message
+
+    # Once a task pinned the key: checked against what the site saw.
+    witness_ledger(client, config, environ={})
+    before = path.read_bytes()
+    seen = saved_size(site)
+    check = check_ledger_trust(client, config, environ={})
+    assert check.status == "ok", check.message
+    assert "pinned in" in check.message and "on first use" in check.message
+    assert f"it extends checkpoint {seen}, the last this site saw" in check.message
+
+    # A consistent rewrite of history at the centre: found by the check, before any task.
+    target = LedgerEntry.objects.order_by("seq").first()
+    rewrite_ledger_consistently(target.seq, {"forged": True})
+    CheckpointWitness.objects.all().delete()
+    LedgerCheckpoint.objects.all().delete()
+    check = check_ledger_trust(client, config, environ={})
+    assert check.status == "failed", check.message
+    assert "REWRITTEN: its checkpoint" in check.message
+    assert f"does not extend checkpoint {seen}" in check.message
+    assert path.read_bytes() == before  # the checkpoint the site trusts is kept

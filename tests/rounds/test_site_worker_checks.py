@@ -34,7 +34,7 @@ live = pytest.mark.django_db(transaction=True)
 
 #: This machine's RabbitMQ (the house rules: a real broker where it matters).
 RABBITMQ_URL = ADMIN_URL
-CHECKS = ["central", "protocol", "token", "signing key", "broker", "data breast-cancer"]
+CHECKS = ["central", "protocol", "token", "signing key", "ledger", "broker", "data breast-cancer"]
 
 
 @pytest.fixture
@@ -80,7 +80,7 @@ def test_every_check_passes_for_a_site_set_up_right(site, capsys):
         in (lines["data breast-cancer"])
     )
     assert "embedded broker" in lines["broker"]
-    assert "device: cpu" in out and "all 6 checks passed" in out
+    assert "device: cpu" in out and "all 7 checks passed" in out
 
 
 @live

@@ -8,19 +8,24 @@ wrong from the worker itself, not from a round that times out.
 3. ``token`` -- ``SITE_TOKEN`` is a live credential of the site ``SITE_SLUG`` names (whoami);
 4. ``signing key`` -- ``SITE_SIGNING_KEY`` is the private half of the public key registered
    for that credential (else every update would be rejected as forged);
-5. ``broker`` -- the broker account can consume the site's queue ``site.<slug>``
+5. ``ledger`` -- the centre's newest ledger checkpoint verifies with the key the worker
+   trusts (``CENTRAL_LEDGER_PUBLIC_KEY``, or the one pinned on first use) and extends the last
+   one this site saw: what every task checks first (``training.site.ledger_witness``), so a
+   wrong key is found here rather than by every task refusing. Nothing is saved on site;
+6. ``broker`` -- the broker account can consume the site's queue ``site.<slug>``
    (``training.site.broker.check_site_queue_access``). The embedded broker
    (``CELERY_BROKER_URL`` unset or ``filesystem://``) only reaches processes on the same
    machine: with a ``CENTRAL_URL`` that is not local it fails, naming the variable to set;
-6. ``data`` -- every data set the site registered is under ``DATA_ROOT``, with the registered
+7. ``data`` -- every data set the site registered is under ``DATA_ROOT``, with the registered
    modality and input shape, labels within the registered classes and at least the
    registered number of records.
 
 A check that cannot run because an earlier one failed is *skipped*, saying which. No check
-writes anything, centrally or on site. The data check loads each data set with the engine's
-loader (``training.fl.data``), which imports torch: it is imported inside :func:`check_data`
-only, and ``run_site_worker`` runs the checks at start in a subprocess, so the worker's
-parent process still never imports torch.
+writes anything on site, nor anything central but what any read of the ledger's checkpoint
+does (the centre signs a checkpoint of its newest entries when it has none yet). The data
+check loads each data set with the engine's loader (``training.fl.data``), which imports
+torch: it is imported inside :func:`check_data` only, and ``run_site_worker`` runs the checks
+at start in a subprocess, so the worker's parent process still never imports torch.
 """
 
 from __future__ import annotations
@@ -36,12 +41,14 @@ from pathlib import Path
 from training.queues import site_queue
 from training.site.broker import check_site_queue_access, site_username
 from training.site.client import CentralClient, CentralError, WorkerConfig
+from training.site.ledger_witness import LedgerRefused, preview_ledger_check
 from training.site.protocol import SITE_API_PATH, SITE_PROTOCOL
 
 __all__ = [
     "Check",
     "check_broker",
     "check_data",
+    "check_ledger_trust",
     "check_signing_key",
     "embedded_broker",
     "is_local_url",
@@ -341,6 +348,19 @@ def check_data(config: WorkerConfig, registered: list[dict], *, loader: Callable
     return checks
 
 
+def check_ledger_trust(
+    client: CentralClient, config: WorkerConfig, *, environ: dict | None = None
+) -> Check:
+    """``ledger``: :func:`training.site.ledger_witness.preview_ledger_check`, as a check."""
+    try:
+        found = preview_ledger_check(client, config, environ=environ)
+    except LedgerRefused as exc:
+        return Check("ledger", FAILED, f"every task would be refused: {exc}")
+    except CentralError as exc:
+        return Check("ledger", FAILED, f"the centre's ledger checkpoint: {exc}")
+    return Check("ledger", OK, found)
+
+
 # --- All of them ---------------------------------------------------------------------------------
 
 
@@ -356,8 +376,11 @@ def run_checks(
     checks, whoami = _central_checks(client, config)
     if whoami is None:
         checks.append(Check("signing key", SKIPPED, "needs the credential (token check)"))
+        checks.append(Check("ledger", SKIPPED, "needs the credential (token check)"))
     else:
         checks.append(check_signing_key(config.signing_key_path, whoami.get("public_key", "")))
+        checks.append(check_ledger_trust(client, config))
+
     checks.append(check_broker(config, broker_url))
     if whoami is None:
         checks.append(Check("data", SKIPPED, "needs the site's registered data sets (token)"))

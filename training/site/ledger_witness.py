@@ -62,6 +62,7 @@ __all__ = [
     "WitnessOutcome",
     "check_ledger",
     "post_witness",
+    "preview_ledger_check",
     "state_file",
     "state_path",
     "witness_ledger",
@@ -203,6 +204,62 @@ def _check_and_save(
     client: CentralClient, config: WorkerConfig, path: Path, environ: dict | None
 ) -> tuple[SignedCheckpoint, int]:
     state = _read_state(path)
+    signed, since, new_state = _verify(client, state, environ)
+    if state is None and new_state["key_source"] == "trust-on-first-use":
+        log.warning(
+            "ledger check: %s is not set; trusting the centre's key on first use and "
+            "pinning it in %s (set %s to the key the credentials page shows to check it)",
+            PUBLIC_KEY_ENV,
+            path,
+            PUBLIC_KEY_ENV,
+        )
+    _write_state(path, new_state)
+    log.info(
+        "ledger check: checkpoint %d extends the %d entries this site saw before",
+        signed.checkpoint.tree_size,
+        since,
+    )
+    return signed, since
+
+
+def preview_ledger_check(
+    client: CentralClient, config: WorkerConfig, *, environ: dict | None = None
+) -> str:
+    """What a task's :func:`check_ledger` would find now, saving nothing (``run_site_worker
+    --check``): a sentence naming the checkpoint that verified, the key it verified with and
+    what it extends; :class:`LedgerRefused` where a task would be refused (a key that is not
+    the centre's, an unreadable ``CENTRAL_LEDGER_PUBLIC_KEY``, a rewritten ledger)."""
+    path = state_path(config)
+    state = _read_state(path)
+    signed, since, new_state = _verify(client, state, environ)
+    size = signed.checkpoint.tree_size
+    source = new_state["key_source"]
+    if state is None and source == "trust-on-first-use":
+        return (
+            f"{PUBLIC_KEY_ENV} is not set: the first task will trust the key the centre's "
+            f"checkpoint {size} verifies with and pin it in {path}; set {PUBLIC_KEY_ENV} to "
+            "the key the credentials page shows to check it instead"
+        )
+    if configured_public_key(environ):
+        key = PUBLIC_KEY_ENV
+    elif source == "configured":
+        key = f"the key pinned in {path} (configured before; {PUBLIC_KEY_ENV} is unset now)"
+    else:
+        key = f"the key pinned in {path} on first use (set {PUBLIC_KEY_ENV} to check it)"
+    seen = (
+        f"it extends checkpoint {since}, the last this site saw"
+        if state is not None
+        else "this site has seen no checkpoint before"
+    )
+    return f"checkpoint {size} verifies with {key}; {seen}"
+
+
+def _verify(
+    client: CentralClient, state: dict | None, environ: dict | None
+) -> tuple[SignedCheckpoint, int, dict]:
+    """Fetch the centre's newest checkpoint and check it against ``state`` (the last one this
+    site saw, or None): the signed checkpoint, the size it was proven from, and the state to
+    save. Writes nothing."""
     since = state["checkpoint"]["tree_size"] if state else 0
     try:
         answer = client.ledger_checkpoint(since)
@@ -236,13 +293,6 @@ def _check_and_save(
             public_key = answer.get("public_key")
             if not isinstance(public_key, str) or not public_key.startswith("-----BEGIN"):
                 raise LedgerRefused("the centre's answer carries no ledger public key to pin")
-            log.warning(
-                "ledger check: %s is not set; trusting the centre's key on first use and "
-                "pinning it in %s (set %s to the key the credentials page shows to check it)",
-                PUBLIC_KEY_ENV,
-                path,
-                PUBLIC_KEY_ENV,
-            )
         verify_checkpoint(signed, origin=origin, name=origin, public_pem=public_key)
     except CheckpointError as exc:
         refusal = LedgerRefused(
@@ -267,8 +317,9 @@ def _check_and_save(
             )
             log.error("ledger check: %s", refusal)
             raise refusal from None
-    _write_state(
-        path,
+    return (
+        signed,
+        since,
         {
             "version": _STATE_VERSION,
             "origin": origin,
@@ -277,12 +328,6 @@ def _check_and_save(
             "checkpoint": checkpoint_to_json(signed),
         },
     )
-    log.info(
-        "ledger check: checkpoint %d extends the %d entries this site saw before",
-        checkpoint.tree_size,
-        since,
-    )
-    return signed, since
 
 
 def _post_witness(client: CentralClient, config: WorkerConfig, signed: SignedCheckpoint) -> bool:
