@@ -2,6 +2,7 @@
 """Round overhead benchmark: wall time per round minus the sites' local compute.
 
     .venv/bin/python benchmarks/round_overhead.py [--sites 10] [--rounds 10] [--warmup 2]
+        [--evaluation central|sites]
 
 Ten sites train a tiny model (logistic regression on the bundled breast-cancer set, each
 site its own share as a CSV file) through the real platform: the central server (Daphne),
@@ -38,7 +39,15 @@ client's ``train_local`` time), and the ratio of each overhead to the platform's
   ``benchmarks/flower_deployment`` submitted with ``flwr run``, its ServerApp and ClientApps
   run by Flower's runtime, as a consortium would run Flower.
 
+``--evaluation sites`` has the sites evaluate each round's model (and the coalition models
+the contribution scores need) on records they keep aside, as a consortium without a central
+validation set does, and prints the evaluation's round-trip from the rows' timestamps: the
+model stored → the sites asked → each site's report → the last one → the evaluation closed.
+Flower runs its central evaluation either way: compare the round-trip with the platform's
+own round, not with Flower.
+
 ``--no-flower`` skips both, ``--flower-only`` runs only them. Where flwr's own pins conflict
+
 with the project's environment, install it into a virtualenv of its own that also sees the
 project's (a ``.pth`` file that calls ``site.addsitedir`` on the project venv's site-packages)
 and run this script with that venv's Python.
@@ -111,6 +120,15 @@ def parse_args():
         default=0,
         help="Flower clients training at once (Ray actors, one CPU each); default: one per "
         "core, Flower's own default (ten at once did not finish on a 2-core machine)",
+    )
+    parser.add_argument(
+        "--evaluation",
+        choices=["central", "sites"],
+        default="central",
+        help="where the job's models are evaluated: on the consortium's validation set (the "
+        'default) or at the sites ({"where": "sites"}: each site evaluates the round\'s model '
+        "and the coalition models on records it keeps aside); with sites, the evaluation "
+        "round-trip is printed too",
     )
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (logs)")
     return parser.parse_args()
@@ -301,8 +319,8 @@ def seed_consortium(n_sites: int, var: Path, *, shares: int | None = None):
     return admin, consortium, sites
 
 
-def job_spec(slugs: list[str], rounds: int) -> dict:
-    return {
+def job_spec(slugs: list[str], rounds: int, evaluation: str = "central") -> dict:
+    spec = {
         "purpose": "classification",
         "participants": list(slugs),
         "dataset_key": DATASET,
@@ -316,9 +334,12 @@ def job_spec(slugs: list[str], rounds: int) -> dict:
         "round_timeout_seconds": 600,
         "approval_ttl_hours": 24,
     }
+    if evaluation != "central":
+        spec["evaluation"] = {"where": evaluation}
+    return spec
 
 
-def propose_and_approve(admin, consortium, sites, rounds: int):
+def propose_and_approve(admin, consortium, sites, rounds: int, evaluation: str = "central"):
     from training.jobs.approvals import approval_decide
     from training.jobs.proposals import job_propose
     from training.models import Approval
@@ -327,7 +348,7 @@ def propose_and_approve(admin, consortium, sites, rounds: int):
         acting_user=admin,
         consortium=consortium,
         title="Round overhead benchmark",
-        spec=job_spec([s.slug for s in sites], rounds),
+        spec=job_spec([s.slug for s in sites], rounds, evaluation),
     )
     for site in sites:  # the last approval queues training.job_start on "central"
         approval_decide(
@@ -545,6 +566,90 @@ def platform_rounds(job, warmup: int, measured: int) -> list[RoundFigures]:
     return out
 
 
+def wait_for_evaluations(job, rounds: range, deadline: float) -> None:
+    """Until every measured round's evaluation at the sites has closed (the job completes
+    when its last round does; the sites' reports of it may still be on their way)."""
+    from training.models import RoundEvaluation
+
+    closed = RoundEvaluation.objects.filter(
+        round__job=job, round__index__in=list(rounds), state=RoundEvaluation.State.CLOSED
+    )
+    while True:
+        if closed.count() == len(rounds):
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for the sites' evaluations of job #{job.pk}")
+        time.sleep(0.5)
+
+
+def evaluation_phases(job, rounds: range) -> dict[str, list[float]]:
+    """The evaluation round-trip of each measured round, from the rows' timestamps: when the
+    round's model was stored, when the sites were asked to evaluate it, each site's report
+    (asked -> reported), the last report, and the evaluation's close (the scores follow on
+    the scoring queue)."""
+    from training.models import GlobalModel, RoundEvaluation, SiteEvaluation
+
+    s = lambda a, b: (b - a).total_seconds()  # noqa: E731
+    models = {m.round_index: m for m in GlobalModel.objects.filter(job=job)}
+    out: dict[str, list[float]] = {}
+    for evaluation in RoundEvaluation.objects.filter(
+        round__job=job, round__index__in=list(rounds)
+    ).select_related("round"):
+        reports = list(
+            SiteEvaluation.objects.filter(
+                evaluation=evaluation, status=SiteEvaluation.Status.REPORTED
+            )
+        )
+        if not reports:
+            continue
+        last = max(r.reported_at for r in reports)
+        stored = models[evaluation.round.index].created_at
+        for name, value in (
+            ("model stored -> sites asked", s(stored, evaluation.requested_at)),
+            ("asked -> last site reported (the round-trip)", s(evaluation.requested_at, last)),
+            ("last report -> evaluation closed", s(last, evaluation.closed_at)),
+        ):
+            out.setdefault(name, []).append(value)
+        out.setdefault("one site, asked -> reported", []).extend(
+            s(r.sent_at, r.reported_at) for r in reports
+        )
+        out.setdefault("sites that reported", []).append(len(reports))
+    return out
+
+
+EVALUATION_TASK_RE = re.compile(
+    r"Task training\.site_evaluate\[[^\]]+\] succeeded in ([\d.]+)s: (.*)$"
+)
+
+
+def site_evaluation_tasks(sup, rounds: range) -> dict[str, list[float]]:
+    """Each site's evaluation task of a measured round, from its worker's log (Celery's
+    "succeeded in" line): its own time, queueing excluded, and the models it evaluated."""
+    out: dict[str, list[float]] = {}
+    for child in sup.children:
+        if not child.name.startswith("site-"):
+            continue
+        for line in child.tail(10_000_000).splitlines():
+            match = EVALUATION_TASK_RE.search(line)
+            index = match and re.search(r"'round': (\d+)", match[2])
+            models = match and re.search(r"'models': (\d+)", match[2])
+            if not (match and index and models) or int(index[1]) not in rounds:
+                continue
+            out.setdefault("one site's evaluation task, its own time", []).append(float(match[1]))
+            out.setdefault("models each site evaluated", []).append(int(models[1]))
+    return out
+
+
+def print_evaluation(phases: dict[str, list[float]]) -> None:
+    if not phases:
+        print("    evaluation at the sites: no measured round was evaluated")
+        return
+    print("    evaluation at the sites (median over measured rounds; one site: over every report):")
+    for name, values in phases.items():
+        unit = "" if name in ("sites that reported", "models each site evaluated") else " s"
+        print(f"      {name:<44} {statistics.median(values):8.4f}{unit}")
+
+
 def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
     """The phase timings the site workers log for each task (``training.site.worker``)."""
     phases: dict[str, list[float]] = {}
@@ -561,7 +666,7 @@ def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
     return phases
 
 
-def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
+def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict, dict]:
     from training.demo.processes import Supervisor
     from training.models import TERMINAL_STATES, JobState
     from training.queues import CENTRAL_QUEUE, SCORING_QUEUE, site_queue
@@ -577,7 +682,7 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
         started = time.monotonic()
         wait_for_central(sup, start_processes(sup, sites, var), deadline)
         print(f"  {len(sup.children)} processes up in {time.monotonic() - started:.1f} s")
-        job = propose_and_approve(admin, consortium, sites, total_rounds)
+        job = propose_and_approve(admin, consortium, sites, total_rounds, args.evaluation)
         started = time.monotonic()
         while True:
             job.refresh_from_db()
@@ -593,16 +698,23 @@ def run_platform(args, var: Path) -> tuple[list[RoundFigures], dict]:
             logs = "\n".join(f"--- {c.name} ---\n{c.tail(1500)}" for c in sup.children)
             raise RuntimeError(f"job #{job.pk} {job.state}: {job.end_reason}\n{logs}")
         print(f"  {total_rounds} rounds in {time.monotonic() - started:.1f} s")
+        measured = range(args.warmup + 1, args.warmup + args.rounds + 1)
+        evaluation = {}
+        if args.evaluation == "sites":
+            wait_for_evaluations(job, measured, deadline)
+            evaluation = evaluation_phases(job, measured)
+            evaluation.update(site_evaluation_tasks(sup, measured))
+
         wait_for_quiet_ledger(deadline)
         figures = platform_rounds(job, args.warmup, args.rounds)
-        phases = site_phases(sup, job.pk, range(args.warmup + 1, args.warmup + args.rounds + 1))
+        phases = site_phases(sup, job.pk, measured)
         print_peak_memory(sup)
         from audit.ledger.chain import verify_chain
 
         result = verify_chain()
         if not result.ok:
             raise RuntimeError(f"the ledger does not verify: {result.summary()}")
-        return figures, phases
+        return figures, phases, evaluation
     finally:
         sup.stop_all()
 
@@ -1166,9 +1278,12 @@ def main() -> int:
             setup_django()
             print(f"database: {where}; broker: {broker}")
             print("the platform (server, coordinator, site workers as processes):")
-            ours, phases = run_platform(args, var)
+            ours, phases, evaluation = run_platform(args, var)
             d_ours = print_figures("the platform", ours)
             print_breakdown(ours, phases)
+            if args.evaluation == "sites":
+                print_evaluation(evaluation)
+
         simulation = deployment = None  # describe() of each Flower run
         if not args.no_flower:
             try:
