@@ -626,18 +626,22 @@ def site_evaluation_tasks(sup, rounds: range) -> dict[str, list[float]]:
     """Each site's evaluation task of a measured round, from its worker's log (Celery's
     "succeeded in" line): its own time, queueing excluded, and the models it evaluated."""
     out: dict[str, list[float]] = {}
-    for child in sup.children:
-        if not child.name.startswith("site-"):
+    for line in site_log_lines(sup):
+        match = EVALUATION_TASK_RE.search(line)
+        index = match and re.search(r"'round': (\d+)", match[2])
+        models = match and re.search(r"'models': (\d+)", match[2])
+        if not (match and index and models) or int(index[1]) not in rounds:
             continue
-        for line in child.tail(10_000_000).splitlines():
-            match = EVALUATION_TASK_RE.search(line)
-            index = match and re.search(r"'round': (\d+)", match[2])
-            models = match and re.search(r"'models': (\d+)", match[2])
-            if not (match and index and models) or int(index[1]) not in rounds:
-                continue
-            out.setdefault("one site's evaluation task, its own time", []).append(float(match[1]))
-            out.setdefault("models each site evaluated", []).append(int(models[1]))
+        out.setdefault("one site's evaluation task, its own time", []).append(float(match[1]))
+        out.setdefault("models each site evaluated", []).append(int(models[1]))
     return out
+
+
+def site_log_lines(sup):
+    """Every line the site workers logged (each worker's whole log)."""
+    for child in sup.children:
+        if child.name.startswith("site-"):
+            yield from child.tail(10_000_000).splitlines()
 
 
 def print_evaluation(phases: dict[str, list[float]]) -> None:
@@ -653,16 +657,13 @@ def print_evaluation(phases: dict[str, list[float]]) -> None:
 def site_phases(sup, job_id: int, rounds: range) -> dict[str, list[float]]:
     """The phase timings the site workers log for each task (``training.site.worker``)."""
     phases: dict[str, list[float]] = {}
-    for child in sup.children:
-        if not child.name.startswith("site-"):
+    for line in site_log_lines(sup):
+        match = PHASES_RE.search(line)
+        if not match or int(match[1]) != job_id or int(match[2]) not in rounds:
             continue
-        for line in child.tail(10_000_000).splitlines():
-            match = PHASES_RE.search(line)
-            if not match or int(match[1]) != job_id or int(match[2]) not in rounds:
-                continue
-            for item in match[3].split():
-                name, _, value = item.partition("=")
-                phases.setdefault(name, []).append(float(value))
+        for item in match[3].split():
+            name, _, value = item.partition("=")
+            phases.setdefault(name, []).append(float(value))
     return phases
 
 
