@@ -7,7 +7,13 @@ pattern of ``training.rounds.site_api`` is served under it."""
 from django.urls import include, path
 from rest_framework.routers import SimpleRouter
 
-from training.rounds import site_api, site_api_audit, site_api_evaluation, site_api_ledger
+from training.rounds import (
+    site_api,
+    site_api_audit,
+    site_api_evaluation,
+    site_api_ledger,
+    site_api_upload,
+)
 from training.site.protocol import SITE_API_SEGMENT
 from training.web.api import approvals, datasets, jobs, notifications, validation_sets
 
@@ -27,6 +33,7 @@ urlpatterns = [
         include(
             [
                 *site_api.urlpatterns,
+                *site_api_upload.urlpatterns,
                 *site_api_evaluation.urlpatterns,
                 *site_api_audit.urlpatterns,
                 *site_api_ledger.urlpatterns,

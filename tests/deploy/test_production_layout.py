@@ -530,12 +530,19 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
     }
     assert scored_by["scoring"] >= 4 and scored_by["coordinator"] == 0, scored_by
     # The sites' requests went through nginx to the site API's own server (fl-site-api.service):
-    # each site's update of each round, and its witness of the ledger before each task.
+    # each site's model of each round with the ledger's checkpoint alongside (its check before
+    # it trains), its update (with its witness of that checkpoint), and the witnesses of the
+    # evaluation tasks, which check the ledger with requests of their own.
     served = (processes.logs / "site-api.log").read_text(errors="replace")
     uploads = re.findall(
         rf'"POST /api/site/v1/jobs/{job["id"]}/rounds/\d+/update/ [^"]*" 201', served
     )
     assert len(uploads) == 2 * len(SITES), served[-3000:]
+    models = re.findall(
+        rf'"GET /api/site/v1/jobs/{job["id"]}/rounds/\d+/model/\?ledger_since=\d+ [^"]*" 200',
+        served,
+    )
+    assert len(models) == 2 * len(SITES), served[-3000:]
     assert served.count('"POST /api/site/v1/ledger/checkpoint/witness/') >= 2 * len(SITES)
     assert "intact" in manage("verify-ledger", "verify_ledger")
     verified = manage("verify-report", "verify_report", str(report))

@@ -10,9 +10,11 @@ worker that looks: it refuses to train and says the centre's ledger was rewritte
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import logging
+from unittest import mock
 
 import pytest
 from cryptography.hazmat.primitives import serialization
@@ -30,8 +32,11 @@ from tests.support.ledger_checks import rewrite_ledger_consistently
 from tests.web.test_site_worker_pages import created_block
 from training.fl.signing import generate_keypair
 from training.models import SiteUpdate
+from training.site import ledger_witness as ledger_witness_module
+from training.site import worker as worker_module
 from training.site.audit import run_site_audit
 from training.site.checks import check_ledger_trust
+from training.site.client import CentralError
 from training.site.evaluation import run_site_evaluation
 from training.site.ledger_witness import (
     LedgerRefused,
@@ -118,28 +123,125 @@ class RecordingClient(InProcessClient):
         return attribute
 
 
-def test_a_training_task_checks_before_it_trains_and_cosigns_after_its_upload(c3, broker):
-    """The check guards the site, so it comes first; the cosignature only informs the centre,
-    so it is posted after the upload, off the round's critical path, and still posted when the
-    round no longer asks the site for anything (the check passed all the same)."""
+def test_a_training_task_checks_with_its_model_and_cosigns_with_its_upload(c3, broker):
+    """The check rides on the round's model request (``?ledger_since=``, answered in
+    ``X-Ledger-Checkpoint``) and the cosignature on the upload (``X-Ledger-Witness``): the
+    ledger costs the centre no request of its own, and the check still comes before any
+    training. A second delivery of the task, which the model request turns away, makes no
+    other request at all."""
     propose_and_start(c3, broker, rounds=2)
     message = next(m for m in broker.messages if m["name"] == "training.site_train")
     site = c3.site(message["kwargs"]["site"])
     client = RecordingClient(site.token)
     result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=client)
     assert result["status"] == "accepted"
-    assert client.calls[0] == "ledger_checkpoint"
-    assert client.calls[-2:] == ["upload", "ledger_witness"]
+    assert client.calls == ["round_model", "job", "upload"]
     witness = CheckpointWitness.objects.get(institution__slug=site.slug)
     assert witness.checkpoint.tree_size == saved_size(site)
 
     CheckpointWitness.objects.all().delete()
+    seen = saved_size(site)
     again = RecordingClient(site.token)  # a second delivery of the same task: nothing to do
     result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=again)
     assert result["status"] == "skipped"
-    assert "upload" not in again.calls
-    assert again.calls[0] == "ledger_checkpoint" and again.calls[-1] == "ledger_witness"
-    assert CheckpointWitness.objects.filter(institution__slug=site.slug).count() == 1
+    assert again.calls == ["round_model"]
+    assert not CheckpointWitness.objects.exists() and saved_size(site) == seen
+
+
+class OlderCentreClient(RecordingClient):
+    """A centre of an earlier release: no checkpoint with the model, the witness header
+    ignored."""
+
+    def round_model(self, job_id, round_index, *, ledger_since=None):
+        return dataclasses.replace(super().round_model(job_id, round_index), ledger_header=None)
+
+    def upload(self, job_id, round_index, *, witness=None, **update):
+        return super().upload(job_id, round_index, **update)
+
+
+def test_against_an_older_centre_the_worker_asks_and_cosigns_on_its_own(c3, broker):
+    propose_and_start(c3, broker, rounds=2)
+    message = next(m for m in broker.messages if m["name"] == "training.site_train")
+    site = c3.site(message["kwargs"]["site"])
+    client = OlderCentreClient(site.token)
+    result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=client)
+    assert result["status"] == "accepted"
+    assert client.calls == ["round_model", "ledger_checkpoint", "job", "upload", "ledger_witness"]
+    witness = CheckpointWitness.objects.get(institution__slug=site.slug)
+    assert witness.checkpoint.tree_size == saved_size(site)
+
+
+class FailingUploadClient(RecordingClient):
+    def upload(self, job_id, round_index, **update):
+        raise CentralError("HTTP 503: the centre could not store the update", status=503)
+
+
+def test_a_task_whose_upload_fails_still_cosigns_what_it_checked(c3, broker):
+    """The check passed before the upload failed: the site witnesses the checkpoint with a
+    request of its own, as the upload did not say what became of the cosignature."""
+    propose_and_start(c3, broker, rounds=2)
+    message = next(m for m in broker.messages if m["name"] == "training.site_train")
+    site = c3.site(message["kwargs"]["site"])
+    client = FailingUploadClient(site.token)
+    with pytest.raises(CentralError, match="could not store"):
+        run_site_round(**message["kwargs"], config=site.config(), client=client)
+    assert client.calls[-1] == "ledger_witness"
+    witness = CheckpointWitness.objects.get(institution__slug=site.slug)
+    assert witness.checkpoint.tree_size == saved_size(site)
+
+
+def test_a_cosignature_the_centre_refuses_is_logged_and_the_update_still_counts(c3, broker, caplog):
+    """A witness the centre cannot take (here: signed with a key that is not the site's)
+    is answered beside the update, never at its cost; the worker logs the refusal and does
+    not post it again."""
+    propose_and_start(c3, broker, rounds=2)
+    message = next(m for m in broker.messages if m["name"] == "training.site_train")
+    site = c3.site(message["kwargs"]["site"])
+    client = RecordingClient(site.token)
+    wrong_key, _ = generate_keypair()
+    real_body = ledger_witness_module.cosignature_body
+
+    def cosigned_with_another_key(config, checked):
+        other = tmp_key(config, wrong_key)
+        return real_body(dataclasses.replace(config, signing_key_path=other), checked)
+
+    with (
+        mock.patch.object(worker_module, "cosignature_body", cosigned_with_another_key),
+        caplog.at_level(logging.WARNING),
+    ):
+        result = broker.run(
+            run_site_round, **message["kwargs"], config=site.config(), client=client
+        )
+    assert result["status"] == "accepted"
+    assert client.calls == ["round_model", "job", "upload"]
+    assert "did not take this site's witness" in caplog.text
+    assert "does not verify with this credential's registered key" in caplog.text
+    assert not CheckpointWitness.objects.exists()
+    update = SiteUpdate.objects.get(
+        round__index=1, institution__slug=site.slug, round__job_id=message["kwargs"]["job_id"]
+    )
+    assert update.status == SiteUpdate.Status.ACCEPTED
+
+
+def tmp_key(config, private_pem: bytes):
+    path = config.data_root / "other-key.pem"
+    path.write_bytes(private_pem)
+    return path
+
+
+def test_a_ledger_rolled_back_is_refused_by_a_training_task_before_it_trains(c3, broker):
+    job = second_round_tasks(c3, broker)
+    site = c3.sites[2]
+    state = json.loads(state_path(site.config()).read_text())
+    state["checkpoint"]["tree_size"] = LedgerEntry.objects.count() + 5
+    state_path(site.config()).write_text(json.dumps(state))
+    message = next(m for m in broker.messages if m["kwargs"]["site"] == site.slug)
+    client = RecordingClient(site.token)
+    with pytest.raises(LedgerRefused, match="SHORTER than the checkpoint this site saw"):
+        run_site_round(**message["kwargs"], config=site.config(), client=client)
+    assert client.calls == ["round_model"]
+    update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
+    assert update.status == SiteUpdate.Status.DISPATCHED
 
 
 def test_a_consistent_rewrite_between_two_tasks_stops_the_next_worker(c3, broker, caplog):

@@ -519,7 +519,7 @@ def test_run_site_round_uses_no_database(tmp_path):
                 "spec_digest": spec_digest(spec),
             }
 
-        def round_model(self, job_id, round_index):
+        def round_model(self, job_id, round_index, ledger_since=None):
             return RoundModel(
                 data=global_bytes, digest=global_digest, spec_digest=spec_digest(spec)
             )
@@ -585,9 +585,9 @@ def _count_requests(monkeypatch) -> list[tuple[str, str]]:
     for name in ("job", "round_model"):
         original = getattr(InProcessClient, name)
 
-        def counting(self, *args, _name=name, _original=original):
+        def counting(self, *args, _name=name, _original=original, **kwargs):
             calls.append((_name, self.auth["HTTP_AUTHORIZATION"].removeprefix("Site ")))
-            return _original(self, *args)
+            return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(InProcessClient, name, counting)
     return calls
@@ -692,7 +692,7 @@ class _Central(CannedLedger):
         self.calls.append("job")
         return {"id": job_id, "spec_text": self.text, "spec_digest": self.digest}
 
-    def round_model(self, job_id, round_index):
+    def round_model(self, job_id, round_index, ledger_since=None):
         self.calls.append("round_model")
         if self.refusal is not None:
             raise self.refusal

@@ -537,18 +537,18 @@ def test_an_oversize_upload_is_refused_with_413(world, settings):
 def test_the_body_reader_stops_at_the_limit(world, settings):
     from io import BytesIO
 
-    from training.rounds import site_api
+    from training.rounds import site_api_upload
 
     settings.FL_MAX_UPDATE_BYTES = 1000
     request = mock.Mock()
     request.META = {}
     request.stream = BytesIO(b"x" * 5000)
     with pytest.raises(intake.UpdateRefused) as refused:
-        site_api._read_body(
+        site_api_upload._read_body(
             request, credential=world.site.credential, job_id=world.job.pk, round_index=1
         )
     assert refused.value.status == 413
-    assert request.stream.tell() <= 1001 + site_api._READ_CHUNK
+    assert request.stream.tell() <= 1001 + site_api_upload._READ_CHUNK
     assert site_update(world).status == SiteUpdate.Status.REJECTED
     assert "over the limit of 1000 bytes" in site_update(world).reject_reason
 

@@ -25,7 +25,12 @@ from training.rounds.audit_pictures import draw_audit_picture
 from training.site.audit import run_site_audit
 from training.site.client import CentralError, RoundModel
 from training.site.evaluation import run_site_evaluation
-from training.site.protocol import SITE_PROTOCOL
+from training.site.protocol import (
+    LEDGER_CHECKPOINT_HEADER,
+    LEDGER_SINCE_PARAMETER,
+    SITE_PROTOCOL,
+    encode_ledger_header,
+)
 from training.site.worker import run_site_round
 
 
@@ -85,9 +90,10 @@ class InProcessClient:
             raise CentralError(response.content.decode(), status=response.status_code)
         return response.content
 
-    def round_model(self, job_id, round_index):
+    def round_model(self, job_id, round_index, *, ledger_since=None):
+        query = "" if ledger_since is None else f"?{LEDGER_SINCE_PARAMETER}={ledger_since}"
         response = self.client.get(
-            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/model/", **self.auth
+            f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/model/{query}", **self.auth
         )
         if response.status_code >= 400:
             raise CentralError(
@@ -97,9 +103,16 @@ class InProcessClient:
             data=response.content,
             digest=response["X-Content-SHA256"],
             spec_digest=response["X-Spec-Digest"],
+            ledger_header=response.headers.get(LEDGER_CHECKPOINT_HEADER),
         )
 
-    def upload(self, job_id, round_index, *, data, digest, signature, samples, **meta):
+    def upload(
+        self, job_id, round_index, *, data, digest, signature, samples, witness=None, **meta
+    ):
+        if witness is not None:
+            meta_headers = {"HTTP_X_LEDGER_WITNESS": encode_ledger_header(witness)}
+        else:
+            meta_headers = {}
         response = self.client.post(
             f"/api/site/v1/jobs/{job_id}/rounds/{round_index}/update/",
             data=data,
@@ -110,10 +123,13 @@ class InProcessClient:
             HTTP_X_UPDATE_METRICS=json.dumps(meta["metrics"]),
             HTTP_X_UPDATE_PRIVACY_EVENTS=json.dumps(meta["privacy_events"]),
             HTTP_X_UPDATE_PIPELINE=json.dumps(meta["pipeline"]),
+            **meta_headers,
             **self.auth,
         )
         if response.status_code >= 400:
-            raise CentralError(response.content.decode(), status=response.status_code)
+            raise CentralError(
+                response.content.decode(), status=response.status_code, body=response.json()
+            )
         return response.status_code, response.json()
 
     def evaluation_request(self, job_id, round_index):

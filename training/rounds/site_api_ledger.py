@@ -15,6 +15,12 @@ site's worker witnesses the ledger's signed checkpoints (``audit.ledger.checkpoi
   stored; 200 this site had witnessed it already; 400 ``bad_cosignature`` or ``bad_request``;
   404 ``unknown_checkpoint`` (the centre never signed a checkpoint of that size); 409
   ``root_mismatch`` (it signed another root at that size).
+
+A training task needs neither request: the round's model request answers the checkpoint's
+question alongside the model (:func:`checkpoint_answer`, ``?ledger_since=`` and the
+``X-Ledger-Checkpoint`` header) and the upload takes the cosignature
+(:func:`witness_from_header`, ``X-Ledger-Witness``), so that a site's round costs the centre
+two requests, not four: the same answers, the same checks, the same rows.
 """
 
 from __future__ import annotations
@@ -40,10 +46,18 @@ from audit.ledger.checkpoints import (
 )
 from audit.ledger.keys import public_key_pem
 from audit.ledger.merkle import proof_to_hex
+from training.models import SiteCredential
 from training.rounds.site_api_auth import SiteAPIView
 from training.rounds.site_api_serializers import bad_request, site_error
+from training.site.protocol import LEDGER_WITNESS_HEADER, decode_ledger_header
 
-__all__ = ["urlpatterns"]
+__all__ = [
+    "LedgerAnswerRefused",
+    "checkpoint_answer",
+    "urlpatterns",
+    "witness_answer",
+    "witness_from_header",
+]
 
 _MAX_SIZE = 2**63 - 1  # the column's range (PositiveBigIntegerField on PostgreSQL)
 
@@ -111,6 +125,117 @@ def _since(raw: str | None) -> int | str:
     return int(raw)
 
 
+class LedgerAnswerRefused(Exception):
+    """The centre cannot give a site the checkpoint it asks for: why, with the answer's
+    ``code`` and HTTP status."""
+
+    def __init__(self, detail: str, code: str, status_code: int):
+        super().__init__(detail)
+        self.code = code
+        self.status_code = status_code
+
+    def response(self) -> Response:
+        return _error(str(self), self.code, self.status_code)
+
+
+def checkpoint_answer(raw_since: str | None) -> dict:
+    """What ``GET ledger/checkpoint/?since=<raw_since>`` answers (and the round model's
+    ``X-Ledger-Checkpoint`` header carries): the newest signed checkpoint, the consistency
+    proof from ``since``, ``since`` and the centre's public key; :class:`LedgerAnswerRefused`
+    for a bad ``since``, one beyond today's ledger, or a ledger that contradicts a checkpoint
+    the centre signed."""
+    since = _since(raw_since)
+    if isinstance(since, str):
+        raise LedgerAnswerRefused(since, "bad_since", status.HTTP_400_BAD_REQUEST)
+    try:
+        row, proof = checkpoint_with_proof(since)
+    except LedgerRewritten as exc:
+        raise LedgerAnswerRefused(str(exc), "ledger_rewritten", status.HTTP_409_CONFLICT) from None
+    if proof is None:
+        raise LedgerAnswerRefused(
+            f"this site saw a checkpoint of {since} entries but the centre's ledger now "
+            f"has {row.tree_size}: the ledger was rolled back or replaced since this site "
+            "last looked",
+            "since_ahead",
+            status.HTTP_400_BAD_REQUEST,
+        )
+    return {
+        "checkpoint": checkpoint_to_json(signed_checkpoint_of(row)),
+        "consistency_proof": proof_to_hex(proof),
+        "since": since,
+        "public_key": public_key_pem(),
+    }
+
+
+def witness_answer(data: object, credential: SiteCredential) -> tuple[int, dict]:
+    """What ``POST ledger/checkpoint/witness/`` answers for the body ``data`` (and the upload's
+    ``ledger_witness`` holds for its ``X-Ledger-Witness`` header): the HTTP status and body,
+    the cosignature stored (201), already held (200) or refused, saying why."""
+    body = WitnessSerializer(data=data)
+    if not body.is_valid():
+        refusal = bad_request(body.errors)
+        return refusal.status_code, refusal.data
+    fields = body.validated_data
+    try:
+        cosignature = NoteSignature.from_json(fields["cosignature"])
+    except MalformedCheckpoint as exc:
+        return 400, {"detail": f"bad request: cosignature: {exc}", "code": "bad_request"}
+    institution = credential.institution
+    try:
+        result = witness_record(
+            tree_size=fields["tree_size"],
+            root_hash=fields["root_hash"],
+            cosignature=cosignature,
+            institution_id=institution.pk,
+            institution_slug=institution.slug,
+            credential_id=credential.pk,
+            public_key=credential.public_key,
+        )
+    except CheckpointNotPublished as exc:
+        return status.HTTP_404_NOT_FOUND, {"detail": str(exc), "code": "unknown_checkpoint"}
+    except CheckpointRootMismatch as exc:
+        return status.HTTP_409_CONFLICT, {"detail": str(exc), "code": "root_mismatch"}
+    except CheckpointError as exc:
+        return status.HTTP_400_BAD_REQUEST, {
+            "detail": f"the cosignature does not verify with this credential's registered "
+            f"key: {exc}",
+            "code": "bad_cosignature",
+        }
+    answer = WitnessResultSerializer(
+        {
+            "tree_size": fields["tree_size"],
+            "root_hash": fields["root_hash"],
+            "site": institution.slug,
+            "witnessed_at": result.witness.created_at,
+            "duplicate": not result.created,
+        }
+    ).data
+    return (status.HTTP_201_CREATED if result.created else status.HTTP_200_OK), answer
+
+
+def witness_from_header(request, credential: SiteCredential) -> dict | None:
+    """The site's cosignature that came with another request (the upload's
+    ``X-Ledger-Witness``), recorded: ``{"status": <what the witness endpoint would answer>,
+    ...its body}``; None without the header. A malformed one is answered, never raised: the
+    request it came with (an update) is not lost over it."""
+    raw = request.headers.get(LEDGER_WITNESS_HEADER)
+    if raw is None:
+        return None
+    try:
+        data = decode_ledger_header(raw)
+    except ValueError as exc:
+        status_code, body = (
+            400,
+            {
+                "detail": f"bad request: {LEDGER_WITNESS_HEADER} is {exc}",
+                "code": "bad_request",
+            },
+        )
+    else:
+        status_code, body = witness_answer(data, credential)
+    return {"status": status_code, **body}
+
+
 class SiteCheckpointView(SiteAPIView):
     """The ledger's newest signed checkpoint, proven to extend the one the site last saw."""
 
@@ -139,31 +264,10 @@ class SiteCheckpointView(SiteAPIView):
         },
     )
     def get(self, request):
-        since = _since(request.query_params.get("since"))
-        if isinstance(since, str):
-            return _error(since, "bad_since", status.HTTP_400_BAD_REQUEST)
         try:
-            row, proof = checkpoint_with_proof(since)
-        except LedgerRewritten as exc:
-            return _error(str(exc), "ledger_rewritten", status.HTTP_409_CONFLICT)
-        if proof is None:
-            return _error(
-                f"this site saw a checkpoint of {since} entries but the centre's ledger now "
-                f"has {row.tree_size}: the ledger was rolled back or replaced since this site "
-                "last looked",
-                "since_ahead",
-                status.HTTP_400_BAD_REQUEST,
-            )
-        return Response(
-            CheckpointWithProofSerializer(
-                {
-                    "checkpoint": checkpoint_to_json(signed_checkpoint_of(row)),
-                    "consistency_proof": proof_to_hex(proof),
-                    "since": since,
-                    "public_key": public_key_pem(),
-                }
-            ).data
-        )
+            return Response(checkpoint_answer(request.query_params.get("since")))
+        except LedgerAnswerRefused as exc:
+            return exc.response()
 
 
 class SiteWitnessView(SiteAPIView):
@@ -189,47 +293,8 @@ class SiteWitnessView(SiteAPIView):
         },
     )
     def post(self, request):
-        body = WitnessSerializer(data=request.data)
-        if not body.is_valid():
-            return bad_request(body.errors)
-        data = body.validated_data
-        try:
-            cosignature = NoteSignature.from_json(data["cosignature"])
-        except MalformedCheckpoint as exc:
-            return _error(f"bad request: cosignature: {exc}", "bad_request", 400)
-        credential = self.credential
-        institution = credential.institution
-        try:
-            result = witness_record(
-                tree_size=data["tree_size"],
-                root_hash=data["root_hash"],
-                cosignature=cosignature,
-                institution_id=institution.pk,
-                institution_slug=institution.slug,
-                credential_id=credential.pk,
-                public_key=credential.public_key,
-            )
-        except CheckpointNotPublished as exc:
-            return _error(str(exc), "unknown_checkpoint", status.HTTP_404_NOT_FOUND)
-        except CheckpointRootMismatch as exc:
-            return _error(str(exc), "root_mismatch", status.HTTP_409_CONFLICT)
-        except CheckpointError as exc:
-            return _error(
-                f"the cosignature does not verify with this credential's registered key: {exc}",
-                "bad_cosignature",
-                status.HTTP_400_BAD_REQUEST,
-            )
-        witness = result.witness
-        answer = WitnessResultSerializer(
-            {
-                "tree_size": data["tree_size"],
-                "root_hash": data["root_hash"],
-                "site": institution.slug,
-                "witnessed_at": witness.created_at,
-                "duplicate": not result.created,
-            }
-        ).data
-        return Response(answer, status=status.HTTP_201_CREATED if result.created else 200)
+        status_code, body = witness_answer(request.data, self.credential)
+        return Response(body, status=status_code)
 
 
 # Under the site API's prefix (``/api/site/v1/``), which ``training.api_urls`` adds.

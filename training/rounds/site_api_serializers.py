@@ -123,6 +123,12 @@ class UpdateResultSerializer(serializers.Serializer):
     duplicate = serializers.BooleanField(
         help_text="True when this update had already been accepted (nothing changed)."
     )
+    ledger_witness = serializers.JSONField(
+        required=False,
+        help_text="Only when the upload carried X-Ledger-Witness: what the witness endpoint "
+        "answered it, its HTTP `status` beside its body (201 stored, 200 already held, or a "
+        "refusal with `detail` and `code`).",
+    )
 
 
 #: What a heartbeat's ``device`` may say: the CPU, or a CUDA device with its name.

@@ -59,7 +59,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from training.site.protocol import PROTOCOL_HEADER, SITE_API_PATH, SITE_PROTOCOL
+from training.site.protocol import (
+    LEDGER_CHECKPOINT_HEADER,
+    LEDGER_SINCE_PARAMETER,
+    LEDGER_WITNESS_HEADER,
+    PROTOCOL_HEADER,
+    SITE_API_PATH,
+    SITE_PROTOCOL,
+    encode_ledger_header,
+)
 
 __all__ = [
     "DEFAULT_HEARTBEAT_SECONDS",
@@ -266,6 +274,9 @@ class RoundModel:
     data: bytes
     digest: str  # the X-Content-SHA256 header: the start model's digest
     spec_digest: str  # the X-Spec-Digest header: the job's spec digest
+    #: The X-Ledger-Checkpoint header, as sent (asked with ``ledger_since``; None when the
+    #: centre sent none: an older centre, which the worker then asks separately).
+    ledger_header: str | None = None
 
 
 class CentralClient:
@@ -443,18 +454,28 @@ class CentralClient:
         return data
 
     def round_model(
-        self, job_id: int, round_index: int, *, deadline: Deadline = None
+        self,
+        job_id: int,
+        round_index: int,
+        *,
+        ledger_since: int | None = None,
+        deadline: Deadline = None,
     ) -> RoundModel:
         """The model to train from in the round; CentralError (409, with a ``code`` in its
-        body) when the round does not ask this site for an update now."""
-        _status, headers, data = self._request(
-            "GET", f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/", deadline=deadline
-        )
+        body) when the round does not ask this site for an update now. With
+        ``ledger_since`` (the size of the last ledger checkpoint this site saw), the answer
+        also carries the ledger's newest checkpoint and its proof from that size, as
+        :meth:`ledger_checkpoint` answers (and CentralError as it refuses)."""
+        path = f"jobs/{int(job_id)}/rounds/{int(round_index)}/model/"
+        if ledger_since is not None:
+            path += f"?{LEDGER_SINCE_PARAMETER}={int(ledger_since)}"
+        _status, headers, data = self._request("GET", path, deadline=deadline)
         headers = {name.lower(): value for name, value in headers.items()}
         return RoundModel(
             data=data,
             digest=headers.get("x-content-sha256", ""),
             spec_digest=headers.get("x-spec-digest", ""),
+            ledger_header=headers.get(LEDGER_CHECKPOINT_HEADER.lower()),
         )
 
     def upload(
@@ -469,23 +490,30 @@ class CentralClient:
         metrics: dict,
         privacy_events: list,
         pipeline: list,
+        witness: dict | None = None,
         deadline: Deadline = None,
     ) -> tuple[int, dict]:
         """Post this site's signed update of a round; sent again as it is when it did not go
-        through (the server answers an identical re-upload 200 ``duplicate``)."""
+        through (the server answers an identical re-upload 200 ``duplicate``). ``witness``:
+        the site's cosignature of the ledger checkpoint it checked (the body
+        :meth:`ledger_witness` posts), carried in the same request; the answer's
+        ``ledger_witness`` says what became of it."""
+        headers = {
+            "Content-Type": "application/octet-stream",
+            "X-Update-Digest": digest,
+            "X-Update-Signature": signature,
+            "X-Update-Samples": str(int(samples)),
+            "X-Update-Metrics": json.dumps(metrics, allow_nan=False),
+            "X-Update-Privacy-Events": json.dumps(privacy_events, allow_nan=False),
+            "X-Update-Pipeline": json.dumps(pipeline, allow_nan=False),
+        }
+        if witness is not None:
+            headers[LEDGER_WITNESS_HEADER] = encode_ledger_header(witness)
         status, _headers, body = self._request(
             "POST",
             f"jobs/{int(job_id)}/rounds/{int(round_index)}/update/",
             body=data,
-            headers={
-                "Content-Type": "application/octet-stream",
-                "X-Update-Digest": digest,
-                "X-Update-Signature": signature,
-                "X-Update-Samples": str(int(samples)),
-                "X-Update-Metrics": json.dumps(metrics, allow_nan=False),
-                "X-Update-Privacy-Events": json.dumps(privacy_events, allow_nan=False),
-                "X-Update-Pipeline": json.dumps(pipeline, allow_nan=False),
-            },
+            headers=headers,
             deadline=deadline,
         )
         return status, json.loads(body)

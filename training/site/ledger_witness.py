@@ -27,11 +27,15 @@ A witness that could not be posted (the centre refused or did not answer) is log
 task goes on: what protects the site is its own check, which passed.
 
 The check and the cosignature are two steps (:func:`check_ledger`, :func:`post_witness`;
-:func:`witness_ledger` does both). A training task checks before it trains and posts its
-cosignature after its upload, so that the request that only informs the centre is not on the
-round's critical path: the check, which is what guards the site, still comes first, and a
-cosignature of today's checkpoint vouches for every earlier one the site checked (each was
-proven to extend the one before).
+:func:`witness_ledger` does both). A training task spends no request of its own on either:
+its round-model request asks for the checkpoint alongside the model
+(:func:`check_ledger_alongside`, ``?ledger_since=``; the model is not used before the check
+passed) and its upload carries the cosignature (:func:`cosignature_body`, ``X-Ledger-Witness``;
+:func:`witness_answered` reads what the centre made of it). The check, which is what guards
+the site, still comes before training, and a cosignature of today's checkpoint vouches for
+every earlier one the site checked (each was proven to extend the one before). A task whose
+upload did not say what became of its cosignature (training failed; an older centre, which
+also sends no checkpoint with the model and is then asked on its own) posts it itself.
 """
 
 from __future__ import annotations
@@ -40,8 +44,10 @@ import fcntl
 import json
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from audit.ledger.checkpoint import (
     CheckpointError,
@@ -53,6 +59,7 @@ from audit.ledger.checkpoint import (
 )
 from audit.ledger.merkle import ProofError, proof_from_hex, verify_consistency
 from training.site.client import CentralClient, CentralError, WorkerConfig
+from training.site.protocol import LEDGER_CHECKPOINT_HEADER, decode_ledger_header
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +68,19 @@ __all__ = [
     "LedgerRefused",
     "WitnessOutcome",
     "check_ledger",
+    "check_ledger_alongside",
+    "cosignature_body",
     "post_witness",
     "preview_ledger_check",
     "state_file",
     "state_path",
+    "witness_answered",
     "witness_ledger",
 ]
 
 PUBLIC_KEY_ENV = "CENTRAL_LEDGER_PUBLIC_KEY"
+T = TypeVar("T")
+R = TypeVar("R")
 _STATE_VERSION = 1
 
 
@@ -180,12 +192,93 @@ def check_ledger(
     Tasks of one worker may run side by side: the state is read, checked and written under
     an exclusive lock on a file beside it, so each check starts from the newest state.
     """
+    checked, _ = check_ledger_alongside(client, config, lambda since: (None, None), environ=environ)
+    return checked
+
+
+def check_ledger_alongside(
+    client: CentralClient,
+    config: WorkerConfig,
+    fetch: Callable[[int], tuple[str | None, T]],
+    *,
+    environ: dict | None = None,
+) -> tuple[CheckedCheckpoint, T]:
+    """:func:`check_ledger`, with the centre's checkpoint carried by a request the task makes
+    anyway (a training task's round model: ``?ledger_since=`` and ``X-Ledger-Checkpoint``),
+    so that the check costs the centre no request of its own.
+
+    ``fetch(since)`` makes that request and returns its ledger header (None when the centre
+    sent none: an older centre, asked separately then) and its own result, which is returned
+    beside the checked checkpoint. A :class:`~training.site.client.CentralError` from it that
+    is the ledger's refusal (``since_ahead``, ``ledger_rewritten``) raises
+    :class:`LedgerRefused`, as :func:`check_ledger`; any other is raised as it is, and
+    nothing is saved. The result is never the caller's to use before the check passed.
+    """
     path = state_path(config)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path.with_name(path.name + ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        signed, previous = _check_and_save(client, config, path, environ)
-    return CheckedCheckpoint(signed=signed, previous_size=previous)
+        state = _read_state(path)
+        since = _seen_size(state)
+        header, result = _asked(lambda: fetch(since))
+        if header is None:
+            answer = _asked(lambda: client.ledger_checkpoint(since))
+        else:
+            try:
+                answer = decode_ledger_header(header)
+            except ValueError as exc:
+                raise LedgerRefused(
+                    f"the centre's checkpoint is malformed ({LEDGER_CHECKPOINT_HEADER} is "
+                    f"{exc}); refusing its tasks"
+                ) from None
+        signed, previous = _check_and_save(answer, state, path, environ)
+    return CheckedCheckpoint(signed=signed, previous_size=previous), result
+
+
+def _asked(request: Callable[[], R]) -> R:
+    """A request whose answer may be the centre's refusal of this site's ledger check."""
+    try:
+        return request()
+    except CentralError as exc:
+        refusal = _refusal(exc)
+        if refusal is not None:
+            log.error("ledger check: %s", refusal)
+            raise refusal from None
+        raise
+
+
+def cosignature_body(config: WorkerConfig, checked: CheckedCheckpoint) -> dict:
+    """This site's witness of a checkpoint it checked, as ``POST ledger/checkpoint/witness/``
+    takes it (and the upload's ``X-Ledger-Witness`` carries it)."""
+    signed = checked.signed
+    cosignature = cosign_checkpoint(
+        signed.checkpoint,
+        name=config.site_slug,
+        private_pem=config.signing_key_path.read_bytes(),
+    )
+    return {
+        "tree_size": signed.checkpoint.tree_size,
+        "root_hash": signed.checkpoint.root_hash.hex(),
+        "cosignature": cosignature.to_json(),
+    }
+
+
+def witness_answered(body: object, checked: CheckedCheckpoint) -> bool:
+    """Whether the answer ``body`` of a request that carried this site's cosignature (the
+    upload's) says what became of it: True when it does (a refusal is logged, as
+    :func:`post_witness` logs one), False when it does not (an older centre ignored the
+    header: the caller posts the cosignature on its own)."""
+    outcome = body.get("ledger_witness") if isinstance(body, dict) else None
+    if not isinstance(outcome, dict):
+        return False
+    if outcome.get("status") not in (200, 201):
+        log.warning(
+            "ledger check passed, but the centre did not take this site's witness of "
+            "checkpoint %d: %s",
+            checked.signed.checkpoint.tree_size,
+            outcome.get("detail", outcome),
+        )
+    return True
 
 
 def post_witness(
@@ -200,11 +293,15 @@ def post_witness(
     )
 
 
+def _seen_size(state: dict | None) -> int:
+    """The size of the last checkpoint this site saw (0: none)."""
+    return state["checkpoint"]["tree_size"] if state else 0
+
+
 def _check_and_save(
-    client: CentralClient, config: WorkerConfig, path: Path, environ: dict | None
+    answer: object, state: dict | None, path: Path, environ: dict | None
 ) -> tuple[SignedCheckpoint, int]:
-    state = _read_state(path)
-    signed, since, new_state = _verify(client, state, environ)
+    signed, since, new_state = _check_answer(answer, state, environ)
     if state is None and new_state["key_source"] == "trust-on-first-use":
         log.warning(
             "ledger check: %s is not set; trusting the centre's key on first use and "
@@ -260,15 +357,25 @@ def _verify(
     """Fetch the centre's newest checkpoint and check it against ``state`` (the last one this
     site saw, or None): the signed checkpoint, the size it was proven from, and the state to
     save. Writes nothing."""
-    since = state["checkpoint"]["tree_size"] if state else 0
-    try:
-        answer = client.ledger_checkpoint(since)
-    except CentralError as exc:
-        refusal = _refusal(exc)
-        if refusal is not None:
-            log.error("ledger check: %s", refusal)
-            raise refusal from None
-        raise
+    since = _seen_size(state)
+    return _check_answer(_asked(lambda: client.ledger_checkpoint(since)), state, environ)
+
+
+def _check_answer(
+    answer: object, state: dict | None, environ: dict | None
+) -> tuple[SignedCheckpoint, int, dict]:
+    """Check the centre's answer (what ``GET ledger/checkpoint/?since=`` answers) against
+    ``state``: as :func:`_verify`."""
+    since = _seen_size(state)
+    if not isinstance(answer, dict):
+        raise LedgerRefused(
+            "the centre's checkpoint answer is not a JSON object; refusing its tasks"
+        )
+    if answer.get("since", since) != since:
+        raise LedgerRefused(
+            f"the centre's checkpoint answer proves from size {answer.get('since')!r}, not from "
+            f"the {since} entries this site saw; refusing its tasks"
+        )
     try:
         signed = checkpoint_from_json(answer.get("checkpoint"))
         proof = proof_from_hex(answer.get("consistency_proof"))
@@ -331,19 +438,8 @@ def _verify(
 
 
 def _post_witness(client: CentralClient, config: WorkerConfig, signed: SignedCheckpoint) -> bool:
-    cosignature = cosign_checkpoint(
-        signed.checkpoint,
-        name=config.site_slug,
-        private_pem=config.signing_key_path.read_bytes(),
-    )
     try:
-        client.ledger_witness(
-            {
-                "tree_size": signed.checkpoint.tree_size,
-                "root_hash": signed.checkpoint.root_hash.hex(),
-                "cosignature": cosignature.to_json(),
-            }
-        )
+        client.ledger_witness(cosignature_body(config, CheckedCheckpoint(signed, 0)))
     except CentralError as exc:
         log.warning(
             "ledger check passed, but the centre did not take this site's witness of "

@@ -16,14 +16,22 @@ worker's package.
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 from importlib import metadata
 
 __all__ = [
+    "LEDGER_CHECKPOINT_HEADER",
+    "LEDGER_SINCE_PARAMETER",
+    "LEDGER_WITNESS_HEADER",
     "PROTOCOL_HEADER",
     "SITE_API_PATH",
     "SITE_API_SEGMENT",
     "SITE_PROTOCOL",
     "SUPPORTED_PROTOCOLS",
+    "decode_ledger_header",
+    "encode_ledger_header",
     "protocol_refusal",
     "worker_version",
 ]
@@ -39,7 +47,36 @@ SITE_API_SEGMENT = f"site/v{SITE_PROTOCOL}/"
 #: The site API's path from the server's root, as the worker's client calls it.
 SITE_API_PATH = "/api/" + SITE_API_SEGMENT
 
+#: The round model request's query parameter asking for the ledger's checkpoint alongside the
+#: model: the size of the last checkpoint the site saw (a training task's check of the ledger
+#: then costs no request of its own; ``training.site.ledger_witness``).
+LEDGER_SINCE_PARAMETER = "ledger_since"
+#: The round model answer's header carrying what ``GET ledger/checkpoint/?since=`` answers.
+LEDGER_CHECKPOINT_HEADER = "X-Ledger-Checkpoint"
+#: The upload's header carrying the site's cosignature, as ``POST ledger/checkpoint/witness/``
+#: takes it; the upload's answer says what became of it (``ledger_witness``).
+LEDGER_WITNESS_HEADER = "X-Ledger-Witness"
+
 _DISTRIBUTION = "fl-consortium"
+
+
+def encode_ledger_header(value: dict) -> str:
+    """A JSON object as a header value: compact JSON in standard base64 (the proof's hashes
+    and the PEM key hold nothing a header could not, but the note's newlines would break it)."""
+    text = json.dumps(value, separators=(",", ":"), sort_keys=True, allow_nan=False)
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def decode_ledger_header(raw: str) -> dict:
+    """:func:`encode_ledger_header`'s inverse; ``ValueError`` saying what is wrong with a value
+    that is not base64 of a JSON object."""
+    try:
+        value = json.loads(base64.b64decode(raw.strip(), validate=True).decode("utf-8"))
+    except (binascii.Error, UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"not base64 of JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise ValueError("not a JSON object")
+    return value
 
 
 def protocol_refusal(sent: str | None) -> str | None:

@@ -7,13 +7,13 @@ REST API (``training.rounds.site_api``), authenticated as its site, with its cli
 (:mod:`training.site.client`). Its task message carries ids and digests only; everything else
 it fetches and checks:
 
-0. the centre's ledger (:mod:`training.site.ledger_witness`): its newest signed checkpoint must
-   verify with the centre's key and extend, by a consistency proof, the last checkpoint this
-   site saw. A ledger rewritten at the centre raises
+0. the centre's ledger (:mod:`training.site.ledger_witness`), asked for with the model (1.,
+   ``?ledger_since=``): its newest signed checkpoint must verify with the centre's key and
+   extend, by a consistency proof, the last checkpoint this site saw, before anything of the
+   answer is used. A ledger rewritten at the centre raises
    :class:`~training.site.ledger_witness.LedgerRefused` and the site does not train. The
-   site's cosignature of the checkpoint (its witness) is posted when the task ends, after the
-   upload: it informs the centre and guards nothing, so it is kept off the round's critical
-   path;
+   site's cosignature of the checkpoint (its witness) travels with the upload (4.), or on its
+   own when no upload carried it;
 1. the model the site starts from (``GET /api/site/v1/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
    (the update was already received, e.g. a second delivery of the task; the round closed;
@@ -72,8 +72,14 @@ from training.fl.update import pack_update
 from training.jobs.registry import model_registry
 from training.jobs.spec import EVALUATION_SITES, canonical_spec_text, evaluation_settings
 from training.jobs.spec import spec_digest as digest_of_spec
-from training.site.client import CentralClient, CentralError, WorkerConfig
-from training.site.ledger_witness import check_ledger, post_witness
+from training.site.client import CentralClient, CentralError, RoundModel, WorkerConfig
+from training.site.ledger_witness import (
+    CheckedCheckpoint,
+    check_ledger_alongside,
+    cosignature_body,
+    post_witness,
+    witness_answered,
+)
 
 log = logging.getLogger(__name__)
 
@@ -306,39 +312,14 @@ def run_site_round(
         raise WrongSite(f"this worker serves site {config.site_slug!r}, not {site!r}")
     client = client or CentralClient(config)
     clock = _PhaseClock()
-    checked = check_ledger(client, config)
-    clock.lap("ledger")
     try:
-        return _train_and_upload(
+        # One request: the round's model, with the ledger's checkpoint alongside; nothing
+        # of the answer is used before the checkpoint passed this site's check.
+        checked, sent = check_ledger_alongside(
             client,
             config,
-            clock,
-            job_id=job_id,
-            round_index=round_index,
-            site=site,
-            spec_digest=spec_digest,
-            start_digest=start_digest,
+            lambda since: _round_model_with_ledger(client, job_id, round_index, since),
         )
-    finally:
-        # After the upload (or whatever ended the task): the check above passed, whatever
-        # came after it, so the site witnesses the checkpoint it checked.
-        post_witness(client, config, checked)
-
-
-def _train_and_upload(
-    client: CentralClient,
-    config: WorkerConfig,
-    clock: _PhaseClock,
-    *,
-    job_id: int,
-    round_index: int,
-    site: str,
-    spec_digest: str,
-    start_digest: str,
-) -> dict:
-    """:func:`run_site_round` once the centre's ledger passed this site's check."""
-    try:
-        sent = client.round_model(job_id, round_index)
     except CentralError as exc:
         skipped = skipped_when(
             exc, _NOTHING_TO_DO, what="update", job_id=job_id, round_index=round_index, site=site
@@ -351,6 +332,59 @@ def _train_and_upload(
                 "but the central server has sent this site nothing yet"
             ) from None
         raise
+    witness = _Witness(checked)
+    try:
+        return _train_and_upload(
+            client,
+            config,
+            clock,
+            sent,
+            witness,
+            job_id=job_id,
+            round_index=round_index,
+            site=site,
+            spec_digest=spec_digest,
+            start_digest=start_digest,
+        )
+    finally:
+        # The check passed, whatever came after it, so the site witnesses the checkpoint it
+        # checked: with its upload, or on its own when no upload carried it (training
+        # failed, the upload was refused before it was read, or an older centre).
+        if not witness.answered:
+            post_witness(client, config, checked)
+
+
+def _round_model_with_ledger(
+    client: CentralClient, job_id: int, round_index: int, since: int
+) -> tuple[str | None, RoundModel]:
+    sent = client.round_model(job_id, round_index, ledger_since=since)
+    return sent.ledger_header, sent
+
+
+@dataclass
+class _Witness:
+    """The checkpoint a task checked, and whether an answer of the centre said what became
+    of the site's cosignature of it (the upload carries it)."""
+
+    checked: CheckedCheckpoint
+    answered: bool = False
+
+
+def _train_and_upload(
+    client: CentralClient,
+    config: WorkerConfig,
+    clock: _PhaseClock,
+    sent: RoundModel,
+    witness: _Witness,
+    *,
+    job_id: int,
+    round_index: int,
+    site: str,
+    spec_digest: str,
+    start_digest: str,
+) -> dict:
+    """:func:`run_site_round` once the centre's ledger passed this site's check and the
+    round's model came."""
     if sent.spec_digest != spec_digest:
         raise IntegrityFailure(
             f"job #{job_id}'s spec digest is {sent.spec_digest[:12]}… on the central server, "
@@ -436,19 +470,25 @@ def _train_and_upload(
         log.warning("%s: sleeping %.1f s before the upload", SLEEP_BEFORE_UPLOAD_ENV, pause)
         time.sleep(pause)
 
-    status, body = client.upload(
-        job_id,
-        round_index,
-        data=packed,
-        digest=digest,
-        signature=signature,
-        samples=result.samples,
-        # The site's own training time, so that the round's critical path can be told
-        # from the platform's overhead (docs/performance.md, "Round overhead").
-        metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
-        privacy_events=events,
-        pipeline=spec["privacy_pipeline"],
-    )
+    try:
+        status, body = client.upload(
+            job_id,
+            round_index,
+            data=packed,
+            digest=digest,
+            signature=signature,
+            samples=result.samples,
+            # The site's own training time, so that the round's critical path can be told
+            # from the platform's overhead (docs/performance.md, "Round overhead").
+            metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
+            privacy_events=events,
+            pipeline=spec["privacy_pipeline"],
+            witness=cosignature_body(config, witness.checked),
+        )
+    except CentralError as exc:
+        witness.answered = witness_answered(exc.body, witness.checked)
+        raise
+    witness.answered = witness_answered(body, witness.checked)
     clock.lap("upload")
     outcome = "duplicate" if body.get("duplicate") else "accepted"
     log.info(
