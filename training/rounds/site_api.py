@@ -259,7 +259,7 @@ class SiteRoundModelView(SiteAPIView):
         parameters=[
             OpenApiParameter(
                 LEDGER_SINCE_PARAMETER,
-                {"type": "integer", "minimum": 0},
+                {"type": "integer", "minimum": 0, "maximum": 2**63 - 1},
                 description="The size of the last ledger checkpoint this site saw: the answer "
                 f"then carries, in its `{LEDGER_CHECKPOINT_HEADER}` header (base64 of JSON), "
                 "what `GET ledger/checkpoint/?since=` would answer, so that the site checks "
