@@ -14,6 +14,7 @@ import dataclasses
 import io
 import json
 import logging
+import re
 from unittest import mock
 
 import pytest
@@ -44,6 +45,7 @@ from training.site.ledger_witness import (
     state_path,
     witness_ledger,
 )
+from training.site.protocol import decode_ledger_header, encode_ledger_header
 from training.site.worker import run_site_round
 
 pytestmark = pytest.mark.django_db
@@ -227,6 +229,48 @@ def tmp_key(config, private_pem: bytes):
     path = config.data_root / "other-key.pem"
     path.write_bytes(private_pem)
     return path
+
+
+class TamperedHeaderClient(RecordingClient):
+    """A centre (or a man in the middle) whose model answer carries a checkpoint header that
+    is not one the centre's checkpoint request would give."""
+
+    def __init__(self, token: str, tamper):
+        super().__init__(token)
+        self.tamper = tamper
+
+    def round_model(self, job_id, round_index, *, ledger_since=None):
+        sent = super().round_model(job_id, round_index, ledger_since=ledger_since)
+        return dataclasses.replace(sent, ledger_header=self.tamper(sent.ledger_header))
+
+
+def _proving_from_elsewhere(header: str) -> str:
+    answer = decode_ledger_header(header)
+    return encode_ledger_header({**answer, "since": answer["since"] + 7})
+
+
+@pytest.mark.parametrize(
+    ("tamper", "says"),
+    [
+        (lambda header: "%%% not base64 %%%", "malformed (X-Ledger-Checkpoint is not base64"),
+        (lambda header: encode_ledger_header({"checkpoint": "x"}), "malformed"),
+        (_proving_from_elsewhere, "proves from size"),
+    ],
+)
+def test_a_checkpoint_header_that_is_not_the_centres_answer_stops_the_task(
+    c3, broker, tamper, says
+):
+    job = second_round_tasks(c3, broker)
+    site = c3.sites[1]
+    seen = saved_size(site)
+    message = next(m for m in broker.messages if m["kwargs"]["site"] == site.slug)
+    client = TamperedHeaderClient(site.token, tamper)
+    with pytest.raises(LedgerRefused, match=re.escape(says)):
+        run_site_round(**message["kwargs"], config=site.config(), client=client)
+    assert client.calls == ["round_model"]  # nothing trained, nothing uploaded
+    update = SiteUpdate.objects.get(round__job=job, round__index=2, institution=site.institution)
+    assert update.status == SiteUpdate.Status.DISPATCHED
+    assert saved_size(site) == seen
 
 
 def test_a_ledger_rolled_back_is_refused_by_a_training_task_before_it_trains(c3, broker):
