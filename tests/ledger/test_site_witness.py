@@ -111,6 +111,13 @@ def test_every_task_checks_saves_and_cosigns_the_newest_checkpoint(c3, broker):
         assert saved_size(site) > first[site.slug]
 
 
+def first_training_task(c3, broker):
+    """A two-round job started; its first queued site task (not run) and that task's site."""
+    propose_and_start(c3, broker, rounds=2)
+    message = next(m for m in broker.messages if m["name"] == "training.site_train")
+    return message, c3.site(message["kwargs"]["site"])
+
+
 class RecordingClient(InProcessClient):
     """The in-process client, noting which of the site API's calls the worker made, in order."""
 
@@ -131,9 +138,7 @@ def test_a_training_task_checks_with_its_model_and_cosigns_with_its_upload(c3, b
     ledger costs the centre no request of its own, and the check still comes before any
     training. A second delivery of the task, which the model request turns away, makes no
     other request at all."""
-    propose_and_start(c3, broker, rounds=2)
-    message = next(m for m in broker.messages if m["name"] == "training.site_train")
-    site = c3.site(message["kwargs"]["site"])
+    message, site = first_training_task(c3, broker)
     client = RecordingClient(site.token)
     result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=client)
     assert result["status"] == "accepted"
@@ -162,9 +167,7 @@ class OlderCentreClient(RecordingClient):
 
 
 def test_against_an_older_centre_the_worker_asks_and_cosigns_on_its_own(c3, broker):
-    propose_and_start(c3, broker, rounds=2)
-    message = next(m for m in broker.messages if m["name"] == "training.site_train")
-    site = c3.site(message["kwargs"]["site"])
+    message, site = first_training_task(c3, broker)
     client = OlderCentreClient(site.token)
     result = broker.run(run_site_round, **message["kwargs"], config=site.config(), client=client)
     assert result["status"] == "accepted"
@@ -181,9 +184,7 @@ class FailingUploadClient(RecordingClient):
 def test_a_task_whose_upload_fails_still_cosigns_what_it_checked(c3, broker):
     """The check passed before the upload failed: the site witnesses the checkpoint with a
     request of its own, as the upload did not say what became of the cosignature."""
-    propose_and_start(c3, broker, rounds=2)
-    message = next(m for m in broker.messages if m["name"] == "training.site_train")
-    site = c3.site(message["kwargs"]["site"])
+    message, site = first_training_task(c3, broker)
     client = FailingUploadClient(site.token)
     with pytest.raises(CentralError, match="could not store"):
         run_site_round(**message["kwargs"], config=site.config(), client=client)
@@ -196,16 +197,14 @@ def test_a_cosignature_the_centre_refuses_is_logged_and_the_update_still_counts(
     """A witness the centre cannot take (here: signed with a key that is not the site's)
     is answered beside the update, never at its cost; the worker logs the refusal and does
     not post it again."""
-    propose_and_start(c3, broker, rounds=2)
-    message = next(m for m in broker.messages if m["name"] == "training.site_train")
-    site = c3.site(message["kwargs"]["site"])
+    message, site = first_training_task(c3, broker)
     client = RecordingClient(site.token)
     wrong_key, _ = generate_keypair()
     real_body = ledger_witness_module.cosignature_body
 
-    def cosigned_with_another_key(config, checked):
+    def cosigned_with_another_key(config, signed):
         other = tmp_key(config, wrong_key)
-        return real_body(dataclasses.replace(config, signing_key_path=other), checked)
+        return real_body(dataclasses.replace(config, signing_key_path=other), signed)
 
     with (
         mock.patch.object(worker_module, "cosignature_body", cosigned_with_another_key),

@@ -247,10 +247,9 @@ def _asked(request: Callable[[], R]) -> R:
         raise
 
 
-def cosignature_body(config: WorkerConfig, checked: CheckedCheckpoint) -> dict:
+def cosignature_body(config: WorkerConfig, signed: SignedCheckpoint) -> dict:
     """This site's witness of a checkpoint it checked, as ``POST ledger/checkpoint/witness/``
     takes it (and the upload's ``X-Ledger-Witness`` carries it)."""
-    signed = checked.signed
     cosignature = cosign_checkpoint(
         signed.checkpoint,
         name=config.site_slug,
@@ -439,7 +438,7 @@ def _check_answer(
 
 def _post_witness(client: CentralClient, config: WorkerConfig, signed: SignedCheckpoint) -> bool:
     try:
-        client.ledger_witness(cosignature_body(config, CheckedCheckpoint(signed, 0)))
+        client.ledger_witness(cosignature_body(config, signed))
     except CentralError as exc:
         log.warning(
             "ledger check passed, but the centre did not take this site's witness of "

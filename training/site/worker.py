@@ -483,7 +483,7 @@ def _train_and_upload(
             metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
             privacy_events=events,
             pipeline=spec["privacy_pipeline"],
-            witness=cosignature_body(config, witness.checked),
+            witness=cosignature_body(config, witness.checked.signed),
         )
     except CentralError as exc:
         witness.answered = witness_answered(exc.body, witness.checked)
