@@ -207,8 +207,21 @@ _LOCKED_ROUND = PreparedQuery(
     round_index=int,
 )
 _LOCKED_SITE_ROW = PreparedQuery(
-    lambda round_id, institution_id: SiteUpdate.objects.select_for_update(of=("self",)).filter(
-        round_id=round_id, institution_id=institution_id
+    # ``others_expected``: whether another site's update is still awaited in this round, which
+    # decides whether this upload asks the round to close (``_ask_to_close``). Read here, after
+    # the chain lock and the round's row are taken, it is what a read after the outcome would
+    # find: uploads and removals take the chain lock, and the coordinator's close and failure
+    # (which turn the awaited rows into stragglers) update the round's row first.
+    lambda round_id, institution_id: (
+        SiteUpdate.objects.select_for_update(of=("self",))
+        .filter(round_id=round_id, institution_id=institution_id)
+        .annotate(
+            others_expected=Exists(
+                SiteUpdate.objects.filter(
+                    round_id=OuterRef("round_id"), status=SiteUpdate.Status.DISPATCHED
+                ).exclude(pk=OuterRef("pk"))
+            )
+        )
     ),
     one=True,
     round_id=int,
@@ -363,7 +376,7 @@ def _record_rejection(
             "size_bytes": size,
         },
     )
-    _ask_to_close(job, rnd)
+    _ask_to_close(job, rnd, update)
 
 
 def _record_acceptance(
@@ -405,10 +418,10 @@ def _record_acceptance(
             "metrics": verified.metrics,
         },
     )
-    _ask_to_close(job, rnd)
+    _ask_to_close(job, rnd, update)
 
 
-def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
+def _ask_to_close(job: TrainingJob, rnd: Round, update: SiteUpdate) -> None:
     """Ask the coordinator, through the outbox (so a broker outage never turns an accepted
     upload into an error, nor drops the request), to close the round when the update
     just recorded (accepted or rejected) may let it move: in a FedAvg round, when no site is
@@ -416,10 +429,10 @@ def _ask_to_close(job: TrainingJob, rnd: Round) -> None:
     in a cyclic round, always (the next site is sent once this one has reported).
 
     Called under the chain lock, which every upload takes, so exactly one upload of a FedAvg
-    round sees no site left; a lost message costs one tick of ``rounds_tick``."""
-    if job.spec.get("topology") != "cyclic" and (
-        SiteUpdate.objects.filter(round_id=rnd.pk, status=SiteUpdate.Status.DISPATCHED).exists()
-    ):
+    round sees no site left; a lost message costs one tick of ``rounds_tick``. Whether another
+    site is still expected was read with the site's row, under that lock (``_LOCKED_SITE_ROW``).
+    """
+    if job.spec.get("topology") != "cyclic" and update.others_expected:
         return
     outbox.send_after_commit(queues.ROUND_MAYBE_CLOSE, args=[rnd.pk])
 
