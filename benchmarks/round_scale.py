@@ -24,6 +24,13 @@ measured round (the first ``--warmup`` rounds are left out):
   its own, on its own machine);
 * the coordinator's and the server's peak resident memory.
 
+After the job, the floor a round's central cost is measured against, in the same run: the
+centre's CPU for an authenticated site request that does nothing (``GET whoami/``, the site's
+own token, a new connection each, as the worker makes them), sent ``--floor`` times per site
+from a few threads. A training task makes two requests a round (the model, the update), so
+twice that is what any round costs the centre per site before it does any work; the report
+prints the round's central CPU per site as a multiple of it.
+
 Then the per-site marginal cost of a round between consecutive sizes: how much longer a round
 took per site added. On a machine of two cores the drivers' CPU shares the cores with the
 centre, so the wall figures include the sites' work; the central CPU per site is the figure
@@ -48,6 +55,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -89,6 +98,12 @@ def parse_args():
         default=60.0,
         help="seconds the heartbeats alone are measured before the job (default 60; 0: not "
         "measured)",
+    )
+    parser.add_argument(
+        "--floor",
+        type=int,
+        default=4,
+        help="authenticated empty requests per site for the floor (default 4; 0: not measured)",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
@@ -169,6 +184,36 @@ class SizeResult:
     site_api_peak_mib: float
     site_phases: dict[str, float]
     idle_ms_per_site_second: dict[str, float]
+    floor_ms_per_request: dict[str, float]
+
+
+def _whoami(base: str, token: str) -> None:
+    from training.site.protocol import PROTOCOL_HEADER, SITE_API_PATH, SITE_PROTOCOL
+
+    request = urllib.request.Request(
+        base + SITE_API_PATH + "whoami/",
+        headers={"Authorization": f"Site {token}", PROTOCOL_HEADER: str(SITE_PROTOCOL)},
+    )
+    with urllib.request.urlopen(request, timeout=30) as answer:
+        answer.read()
+
+
+def measure_request_floor(roles, sites, site_url: str, *, per_site: int, threads: int):
+    """The centre's CPU, by role, per authenticated site request that does nothing
+    (``GET whoami/``): authentication, the protocol check, the middleware, one answer. A
+    round costs each site two requests, so twice this is the floor of a round's central cost
+    per site on this server, measured beside it."""
+    tokens = [site.token for site in sites] * per_site
+    with ThreadPoolExecutor(max_workers=threads) as pool:
+        list(pool.map(lambda token: _whoami(site_url, token), tokens[:threads]))  # warm
+        before = cpu_snapshot(roles)
+        list(pool.map(lambda token: _whoami(site_url, token), tokens))
+        after = cpu_snapshot(roles)
+    return {
+        role: 1000 * (after[role] - before[role]) / len(tokens)
+        for role in before
+        if role not in ("site drivers", "scoring-worker")  # scoring may still be at work
+    }
 
 
 def start_drivers(sup, sites, url: str, var: Path, *, drivers: int, threads: int) -> None:
@@ -293,6 +338,11 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
         central = next(c for c in sup.children if c.name == "central-worker")
         server = next(c for c in sup.children if c.name == "server")
         site_api = next((c for c in sup.children if c.name == ro.SITE_API_PROCESS), None)
+        floor = {}
+        if args.floor > 0:
+            floor = measure_request_floor(
+                roles, sites, site_url, per_site=args.floor, threads=args.drivers * args.threads
+            )
         coordinator_children = [
             ro._peak_rss_mib(p) or 0.0 for p in ro._children_of(central.proc.pid)
         ]
@@ -313,6 +363,7 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
             ),
             site_phases={k: statistics.median(v) for k, v in phases.items()},
             idle_ms_per_site_second=idle,
+            floor_ms_per_request=floor,
         )
     finally:
         sup.stop_all()
@@ -372,6 +423,19 @@ def print_size(r: dict) -> None:
         )
     else:
         print("    heartbeats alone: not measured (--idle 0); the figures above include them")
+    floor = r["floor_ms_per_request"]
+    if floor:
+        request = sum(floor.values())
+        print(
+            "    floor, an authenticated site request that does nothing (GET whoami/), central "
+            "CPU per request (ms): "
+            + ", ".join(f"{role} {ms:.2f}" for role, ms in floor.items())
+            + f"; total {request:.2f} ms"
+        )
+        print(
+            f"    a round's central CPU per site without scoring is {work:.1f} ms = "
+            f"{work / (2 * request):.1f} x the floor of its two requests ({2 * request:.2f} ms)"
+        )
     main, child = r["coordinator_peak_mib"]
     print(
         f"    peak memory: coordinator {main:.0f} MiB (its largest child {child:.0f} MiB), "
@@ -415,7 +479,8 @@ def main() -> int:
     for n in sizes:
         print(f"{n} sites:", flush=True)
         argv = [sys.executable, __file__, "--one", str(n)]
-        for flag in ("rounds", "warmup", "drivers", "threads", "idle", "timeout", "site_api"):
+        flags = ("rounds", "warmup", "drivers", "threads", "idle", "floor", "timeout", "site_api")
+        for flag in flags:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.keep:
             argv.append("--keep")
