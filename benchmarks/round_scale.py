@@ -22,14 +22,15 @@ measured round (the first ``--warmup`` rounds are left out):
   database (PostgreSQL's processes) and the broker (``redis-server``), read from ``/proc``;
 * the drivers' CPU per site and round (the sites' side: on a real consortium each site pays
   its own, on its own machine);
-* the coordinator's and the server's peak resident memory.
+* the coordinator's and the server's peak resident memory;
+* how many ledger checkpoints were signed per round (``LEDGER_CHECKPOINT_SECONDS``).
 
 After the job, the floor a round's central cost is measured against, in the same run: the
 centre's CPU for an authenticated site request that does nothing (``GET whoami/``, the site's
-own token, a new connection each, as the worker makes them), sent ``--floor`` times per site
-from a few threads. A training task makes two requests a round (the model, the update), so
-twice that is what any round costs the centre per site before it does any work; the report
-prints the round's central CPU per site as a multiple of it.
+own token, a new connection each, as the worker makes them), ``--floor`` of them spread over
+the sites, from a few threads. A training task makes two requests a round (the model, the
+update), so twice that is what any round costs the centre per site before it does any work;
+the report prints the round's central CPU per site as a multiple of it.
 
 Then the per-site marginal cost of a round between consecutive sizes: how much longer a round
 took per site added. On a machine of two cores the drivers' CPU shares the cores with the
@@ -102,8 +103,9 @@ def parse_args():
     parser.add_argument(
         "--floor",
         type=int,
-        default=4,
-        help="authenticated empty requests per site for the floor (default 4; 0: not measured)",
+        default=1000,
+        help="authenticated empty requests for the floor, spread over the sites (default 1000; "
+        "0: not measured)",
     )
     parser.add_argument("--timeout", type=float, default=3600.0, help="seconds per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folders (logs)")
@@ -185,6 +187,7 @@ class SizeResult:
     site_phases: dict[str, float]
     idle_ms_per_site_second: dict[str, float]
     floor_ms_per_request: dict[str, float]
+    checkpoints_per_round: float
 
 
 def _whoami(base: str, token: str) -> None:
@@ -198,12 +201,13 @@ def _whoami(base: str, token: str) -> None:
         answer.read()
 
 
-def measure_request_floor(roles, sites, site_url: str, *, per_site: int, threads: int):
+def measure_request_floor(roles, sites, site_url: str, *, requests: int, threads: int):
     """The centre's CPU, by role, per authenticated site request that does nothing
     (``GET whoami/``): authentication, the protocol check, the middleware, one answer. A
     round costs each site two requests, so twice this is the floor of a round's central cost
-    per site on this server, measured beside it."""
-    tokens = [site.token for site in sites] * per_site
+    per site on this server, measured beside it. (CPU time is counted in ticks of 10 ms, so
+    the requests must be many: a thousand take a few seconds of CPU.)"""
+    tokens = [sites[i % len(sites)].token for i in range(requests)]
     with ThreadPoolExecutor(max_workers=threads) as pool:
         list(pool.map(lambda token: _whoami(site_url, token), tokens[:threads]))  # warm
         before = cpu_snapshot(roles)
@@ -280,6 +284,7 @@ def _opened_rounds(job) -> int:
 
 
 def run_size(args, n_sites: int, var: Path) -> SizeResult:
+    from audit.models import LedgerCheckpoint
     from training.demo.processes import Supervisor
     from training.models import TERMINAL_STATES, JobState
     from training.queues import CENTRAL_QUEUE, SCORING_QUEUE, site_queue
@@ -313,12 +318,15 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
         job = ro.propose_and_approve(admin, consortium, sites, total_rounds)
         first, last = args.warmup + 1, total_rounds
         before = after = None
+        checkpoints_before = checkpoints_after = 0
         while True:
             opened = _opened_rounds(job)
             if before is None and opened >= first:
                 before = cpu_snapshot(roles)
+                checkpoints_before = LedgerCheckpoint.objects.count()
             if after is None and opened >= last:
                 after = cpu_snapshot(roles)
+                checkpoints_after = LedgerCheckpoint.objects.count()
             job.refresh_from_db(fields=["state", "end_reason"])
             if job.state in TERMINAL_STATES:
                 break
@@ -341,7 +349,7 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
         floor = {}
         if args.floor > 0:
             floor = measure_request_floor(
-                roles, sites, site_url, per_site=args.floor, threads=args.drivers * args.threads
+                roles, sites, site_url, requests=args.floor, threads=args.drivers * args.threads
             )
         coordinator_children = [
             ro._peak_rss_mib(p) or 0.0 for p in ro._children_of(central.proc.pid)
@@ -364,6 +372,7 @@ def run_size(args, n_sites: int, var: Path) -> SizeResult:
             site_phases={k: statistics.median(v) for k, v in phases.items()},
             idle_ms_per_site_second=idle,
             floor_ms_per_request=floor,
+            checkpoints_per_round=(checkpoints_after - checkpoints_before) / args.rounds,
         )
     finally:
         sup.stop_all()
@@ -436,6 +445,7 @@ def print_size(r: dict) -> None:
             f"    a round's central CPU per site without scoring is {work:.1f} ms = "
             f"{work / (2 * request):.1f} x the floor of its two requests ({2 * request:.2f} ms)"
         )
+    print(f"    ledger checkpoints signed per round: {r['checkpoints_per_round']:.1f}")
     main, child = r["coordinator_peak_mib"]
     print(
         f"    peak memory: coordinator {main:.0f} MiB (its largest child {child:.0f} MiB), "

@@ -106,6 +106,20 @@ if PRODUCTION and not LEDGER_SIGNING_KEY and not os.environ.get("SITE_SLUG"):
         "generate_site_key --out /etc/consortium/ledger-signing-key.pem` and set the path."
     )
 LEDGER_ORIGIN = env.str("LEDGER_ORIGIN", default="")
+# A checkpoint signed less than this many seconds ago is served to the sites again, even if the
+# ledger moved (audit.ledger.checkpoints.checkpoint_with_proof): about one signed checkpoint a
+# second at most, instead of one per upload. 0 signs the head on every request that finds it
+# moved.
+_checkpoint_seconds = env.str("LEDGER_CHECKPOINT_SECONDS", default="1")
+try:
+    LEDGER_CHECKPOINT_SECONDS = float(_checkpoint_seconds)
+except ValueError:
+    LEDGER_CHECKPOINT_SECONDS = -1.0
+if not 0 <= LEDGER_CHECKPOINT_SECONDS <= 3600:
+    raise ImproperlyConfigured(
+        "LEDGER_CHECKPOINT_SECONDS must be a number of seconds from 0 (sign every new head) to "
+        f"3600, not {_checkpoint_seconds!r}"
+    )
 
 INSTALLED_APPS = [
     "daphne",

@@ -46,6 +46,15 @@ def _fast_passwords(settings):
     settings.AXES_ENABLED = False
 
 
+@pytest.fixture(autouse=True)
+def _checkpoint_of_every_head(settings):
+    """A site is served the head it asks after, however recently the last one was signed:
+    the tests write entries and look at the checkpoint within the same second. The interval
+    itself is tested in tests/ledger/test_checkpoint_service.py; processes the tests start
+    (the deployment's, the benchmarks') run with the default."""
+    settings.LEDGER_CHECKPOINT_SECONDS = 0
+
+
 @pytest.fixture
 def cast(db):
     return make_cast()

@@ -32,7 +32,9 @@ import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from audit.ledger.checkpoint import (
     Checkpoint,
@@ -208,7 +210,14 @@ def checkpoint_publish() -> LedgerCheckpoint:
     return _publish()[0]
 
 
-def _publish() -> tuple[LedgerCheckpoint, MerkleTree]:
+def _signed_within(row: LedgerCheckpoint, seconds: float) -> bool:
+    return seconds > 0 and row.created_at > timezone.now() - dt.timedelta(seconds=seconds)
+
+
+def _publish(*, reuse_within: float = 0.0) -> tuple[LedgerCheckpoint, MerkleTree]:
+    """The newest checkpoint and today's tree: a new head signed when the ledger moved, unless
+    the newest was signed less than ``reuse_within`` seconds ago. Either way today's rows are
+    checked against the newest signed head first."""
     # The checkpoint first, then the rows: a head signed by another process is then never
     # ahead of the rows read here, unless rows it covered are gone.
     latest = checkpoint_latest()
@@ -219,7 +228,7 @@ def _publish() -> tuple[LedgerCheckpoint, MerkleTree]:
         except LedgerRewritten as exc:
             logger.error("ledger checkpoint refused: %s", exc)
             raise
-        if latest.tree_size == tree.size:
+        if latest.tree_size == tree.size or _signed_within(latest, reuse_within):
             return latest, tree
     size = tree.size
     origin = ledger_origin()
@@ -238,10 +247,19 @@ def _publish() -> tuple[LedgerCheckpoint, MerkleTree]:
 
 
 def checkpoint_with_proof(since: int) -> tuple[LedgerCheckpoint, list[bytes] | None]:
-    """:func:`checkpoint_publish`, and the consistency proof from the tree of ``since``
+    """The checkpoint a site is served, and the consistency proof from the tree of ``since``
     entries to it, from the same tree (one look at the ledger); None instead of a proof when
-    ``since`` is beyond the checkpoint (whoever saw that tree saw a longer ledger)."""
-    row, tree = _publish()
+    ``since`` is beyond the checkpoint (whoever saw that tree saw a longer ledger).
+
+    The checkpoint is :func:`checkpoint_publish`'s, except that a head signed less than
+    ``LEDGER_CHECKPOINT_SECONDS`` ago is served again even if the ledger moved since. Every
+    upload moves the ledger and every site asks with its round's model, so signing each time
+    would store about one checkpoint per site and round (a thousand a round at a thousand
+    sites) and sign on nearly every model request. A site is then at most that many seconds
+    behind the head, which it never needed: it witnesses that the history it saw was kept,
+    and the next checkpoint covers what came after. Today's rows are still checked against
+    the newest signed head on every request, so a rewrite is refused as soon as before."""
+    row, tree = _publish(reuse_within=settings.LEDGER_CHECKPOINT_SECONDS)
     if since > row.tree_size:
         return row, None
     return row, tree.consistency_proof(since, row.tree_size)

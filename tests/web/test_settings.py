@@ -152,3 +152,11 @@ def test_production_refuses_to_sign_checkpoints_without_a_key_of_its_own():
 def test_a_site_url_that_is_not_http_is_refused():
     result = load_settings(SITE_URL="consortium.example.org")
     assert result.returncode != 0 and "SITE_URL must be an http(s) URL" in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "soon", "7200", "nan"])
+def test_a_checkpoint_interval_that_is_not_seconds_from_0_to_3600_is_refused(value):
+    result = load_settings(LEDGER_CHECKPOINT_SECONDS=value)
+    assert result.returncode != 0
+    assert "LEDGER_CHECKPOINT_SECONDS must be a number of seconds from 0" in result.stderr
+    assert repr(value) in result.stderr
