@@ -1,11 +1,14 @@
 """The Celery application. Queue names live in ``training.queues``."""
 
+import contextlib
 import os
 from pathlib import Path
 
 from celery import Celery, signals
 from kombu.transport import TRANSPORT_ALIASES
 from kombu.utils.functional import maybe_list
+
+from training.queues import SCORING_QUEUE
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "consortium.settings")
 # The embedded broker writes each message aside and renames it into place (consortium.broker):
@@ -30,6 +33,16 @@ def _create_filesystem_broker_folders(sender, source=None, **kwargs):
             Path(options[key]).mkdir(parents=True, exist_ok=True)
 
 
+def _queues_of(options: dict | None) -> list[str]:
+    """The queues a worker was started on (``-Q a,b`` or ``-Q a -Q b``); empty without -Q."""
+    return [
+        q.strip()
+        for item in maybe_list((options or {}).get("queues")) or []
+        for q in str(item).split(",")
+        if q.strip()
+    ]
+
+
 @signals.celeryd_init.connect
 def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
     """On the embedded broker, a worker that consumes the coordinator's queue looks for
@@ -46,11 +59,7 @@ def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
 
     global _serves_central
     conf = conf if conf is not None else app.conf
-    queues = [
-        q.strip()
-        for item in maybe_list((options or {}).get("queues")) or []
-        for q in str(item).split(",")
-    ]
+    queues = _queues_of(options)
     _serves_central = not queues or conf.task_default_queue in queues  # no -Q: default only
     transport = dict(conf.broker_transport_options or {})
     if "polling_interval" not in transport:
@@ -62,6 +71,32 @@ def _coordinator_polls_faster(sender=None, conf=None, options=None, **kwargs):
 
 #: Whether this worker consumes the coordinator's queue (set by ``celeryd_init`` above).
 _serves_central = False
+
+
+@signals.celeryd_init.connect
+def _scoring_runs_behind_the_rounds(sender=None, conf=None, options=None, **kwargs):
+    """A worker that consumes only the scoring queue lowers its CPU priority by
+    ``SCORING_WORKER_NICENESS`` before its pool starts (the pool's processes inherit it).
+
+    A round's scores are background work: nothing waits for them but the report. Where the
+    scoring worker shares cores with the coordinator, the site API and the database (one
+    machine, as docs/deploy lays it out), at the same priority it takes a full share of them
+    while the next round runs, and that round's close waits for the CPU. At a lower priority it
+    takes what the rounds leave. A coordinator that also scores (``-Q central,scoring``) keeps
+    its priority: its rounds would wait too."""
+    from django.conf import settings  # not at the top: this module loads before the settings
+
+    niceness = settings.SCORING_WORKER_NICENESS
+    if set(_queues_of(options)) != {SCORING_QUEUE} or not niceness:
+        return
+    os.nice(niceness)
+    # Where the kernel groups processes by session (autogroup, the default on desktops and many
+    # servers), a process's nice value only ranks it within its session: a worker that leads its
+    # own session (systemd's units, the demo's and the benchmarks' processes) lowers the
+    # session's too. Under systemd's cgroups the unit's CPUWeight does that (fl-scoring.service).
+    if os.getsid(0) == os.getpid():
+        with contextlib.suppress(OSError):
+            Path("/proc/self/autogroup").write_text(f"{niceness}\n")
 
 
 @signals.worker_ready.connect

@@ -396,6 +396,16 @@ CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 # path; the site workers, one per hospital, keep the slower pace (docs/performance.md,
 # "Round overhead").
 EMBEDDED_BROKER_POLL_SECONDS = env.float("EMBEDDED_BROKER_POLL_SECONDS", default=0.05)
+# The scoring worker (-Q scoring alone) lowers its CPU priority by this much (nice, 0-19) when it
+# starts: a round's contribution scores are background work, and where it shares cores with the
+# coordinator and the site API it must not slow the next round (docs/performance.md). 0 keeps it.
+_scoring_niceness = env.str("SCORING_WORKER_NICENESS", default="10")
+if not (_scoring_niceness.isascii() and _scoring_niceness.isdigit()) or int(_scoring_niceness) > 19:
+    raise ImproperlyConfigured(
+        "SCORING_WORKER_NICENESS must be a whole number from 0 (the coordinator's priority) to "
+        f"19 (the lowest), not {_scoring_niceness!r}"
+    )
+SCORING_WORKER_NICENESS = int(_scoring_niceness)
 EMBEDDED_BROKER_CENTRAL_POLL_SECONDS = env.float(
     "EMBEDDED_BROKER_CENTRAL_POLL_SECONDS", default=0.01
 )

@@ -30,6 +30,7 @@ import socket
 import sys
 import urllib.parse
 import uuid
+from pathlib import Path
 
 import pytest
 
@@ -529,6 +530,12 @@ def _run(tmp_path, database, vhost, processes: Processes) -> None:
         for name in ("scoring", "coordinator")
     }
     assert scored_by["scoring"] >= 4 and scored_by["coordinator"] == 0, scored_by
+    # ... at a lower CPU priority than the rounds (SCORING_WORKER_NICENESS), the coordinator not.
+    assert _niceness(processes.running["scoring"].pid) == 10
+    assert _niceness(processes.running["coordinator"].pid) == 0
+    autogroup = Path(f"/proc/{processes.running['scoring'].pid}/autogroup")
+    if autogroup.exists():  # the kernel ranks sessions first: the worker's session is lowered
+        assert autogroup.read_text().split()[-1] == "10"
     # The sites' requests went through nginx to the site API's own server (fl-site-api.service):
     # each site's model of each round with the ledger's checkpoint alongside (its check before
     # it trains), its update (with its witness of that checkpoint), and the witnesses of the
@@ -579,6 +586,12 @@ print(json.dumps({{
     "job_scored": (payloads("contribution.job_scored") or [{{}}])[-1].get("scores", {{}}),
 }}))
 """
+
+
+def _niceness(pid: int) -> int:
+    """A process's nice value, from /proc (field 19 of stat)."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    return int(stat[stat.rindex(")") + 2 :].split()[16])
 
 
 def _websocket_status(client: HTTPS, port: int, ca, path: str) -> int:

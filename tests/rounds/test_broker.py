@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import threading
 import uuid
+from unittest import mock
 
+import pytest
 from kombu import Connection, Exchange, Queue
 
 from consortium.broker import Transport
@@ -95,3 +97,60 @@ def test_the_coordinator_polls_the_embedded_broker_faster_than_the_sites(setting
     redis = _worker_conf()  # no polling: nothing to change
     _coordinator_polls_faster(conf=redis, options={"queues": "central"})
     assert redis.broker_transport_options == {}
+
+
+@pytest.mark.parametrize(
+    ("queues", "lowered"),
+    [
+        ("scoring", True),
+        (["scoring"], True),
+        ("central,scoring", False),  # a coordinator that scores too: its rounds would wait
+        ("central", False),
+        ("site.hospital-a", False),
+        (None, False),  # no -Q: the default queue, the coordinator's
+    ],
+)
+def test_only_a_worker_of_the_scoring_queue_alone_runs_behind_the_rounds(settings, queues, lowered):
+    from consortium.celery import _scoring_runs_behind_the_rounds
+
+    settings.SCORING_WORKER_NICENESS = 10
+    with (
+        mock.patch("consortium.celery.os.nice") as nice,
+        mock.patch("consortium.celery.Path") as path,
+        mock.patch("consortium.celery.os.getsid", return_value=4242),
+        mock.patch("consortium.celery.os.getpid", return_value=4242),
+    ):
+        _scoring_runs_behind_the_rounds(options={"queues": queues})
+    assert nice.call_args_list == ([mock.call(10)] if lowered else [])
+    # The session it leads ranks lower too (the kernel's autogroup), or nice alone does nothing
+    # against the processes of other sessions.
+    if lowered:
+        path.assert_called_once_with("/proc/self/autogroup")
+        path.return_value.write_text.assert_called_once_with("10\n")
+    else:
+        path.assert_not_called()
+
+
+def test_a_scoring_worker_in_someone_elses_session_leaves_the_session_alone(settings):
+    """Started from a shell beside other processes, lowering the session would slow them."""
+    from consortium.celery import _scoring_runs_behind_the_rounds
+
+    settings.SCORING_WORKER_NICENESS = 10
+    with (
+        mock.patch("consortium.celery.os.nice") as nice,
+        mock.patch("consortium.celery.Path") as path,
+        mock.patch("consortium.celery.os.getsid", return_value=1),
+        mock.patch("consortium.celery.os.getpid", return_value=4242),
+    ):
+        _scoring_runs_behind_the_rounds(options={"queues": "scoring"})
+    nice.assert_called_once_with(10)
+    path.assert_not_called()
+
+
+def test_a_scoring_worker_keeps_its_priority_when_told_to(settings):
+    from consortium.celery import _scoring_runs_behind_the_rounds
+
+    settings.SCORING_WORKER_NICENESS = 0
+    with mock.patch("consortium.celery.os.nice") as nice:
+        _scoring_runs_behind_the_rounds(options={"queues": "scoring"})
+    nice.assert_not_called()

@@ -160,3 +160,11 @@ def test_a_checkpoint_interval_that_is_not_seconds_from_0_to_3600_is_refused(val
     assert result.returncode != 0
     assert "LEDGER_CHECKPOINT_SECONDS must be a number of seconds from 0" in result.stderr
     assert repr(value) in result.stderr
+
+
+@pytest.mark.parametrize("value", ["-1", "20", "low", "1.5"])
+def test_a_scoring_niceness_that_is_not_0_to_19_is_refused(value):
+    result = load_settings(SCORING_WORKER_NICENESS=value)
+    assert result.returncode != 0
+    assert "SCORING_WORKER_NICENESS must be a whole number from 0" in result.stderr
+    assert repr(value) in result.stderr
