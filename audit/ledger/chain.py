@@ -284,9 +284,8 @@ def append_entry(
     subject_id = str(subject.pk) if subject is not None else ""
     actor_id = actor.pk if actor is not None else None
     actor_text = actor_repr or describe_actor(actor)
-    # No savepoint of its own: an append that fails leaves the caller's transaction to be
-    # rolled back, since what it recorded must not commit without its entry (and a savepoint
-    # costs two more round trips on every upload).
+    # No savepoint: a failed append must roll back the caller's whole transaction (nothing it
+    # recorded may commit without its entry), and a savepoint costs two more round trips.
     with transaction.atomic(savepoint=False):
         head = _locked_head()
         seq = head.seq + 1
