@@ -99,6 +99,22 @@ def test_the_coordinator_polls_the_embedded_broker_faster_than_the_sites(setting
     assert redis.broker_transport_options == {}
 
 
+def _scoring_worker_starts(settings, queues, *, niceness=10, session_leader=True):
+    """Run the scoring-priority handler as a worker started on ``queues`` would; the mocks of
+    ``os.nice`` and of the autogroup's path, to see what it lowered."""
+    from consortium.celery import _scoring_runs_behind_the_rounds
+
+    settings.SCORING_WORKER_NICENESS = niceness
+    with (
+        mock.patch("consortium.celery.os.nice") as nice,
+        mock.patch("consortium.celery.Path") as path,
+        mock.patch("consortium.celery.os.getsid", return_value=4242 if session_leader else 1),
+        mock.patch("consortium.celery.os.getpid", return_value=4242),
+    ):
+        _scoring_runs_behind_the_rounds(options={"queues": queues})
+    return nice, path
+
+
 @pytest.mark.parametrize(
     ("queues", "lowered"),
     [
@@ -111,16 +127,7 @@ def test_the_coordinator_polls_the_embedded_broker_faster_than_the_sites(setting
     ],
 )
 def test_only_a_worker_of_the_scoring_queue_alone_runs_behind_the_rounds(settings, queues, lowered):
-    from consortium.celery import _scoring_runs_behind_the_rounds
-
-    settings.SCORING_WORKER_NICENESS = 10
-    with (
-        mock.patch("consortium.celery.os.nice") as nice,
-        mock.patch("consortium.celery.Path") as path,
-        mock.patch("consortium.celery.os.getsid", return_value=4242),
-        mock.patch("consortium.celery.os.getpid", return_value=4242),
-    ):
-        _scoring_runs_behind_the_rounds(options={"queues": queues})
+    nice, path = _scoring_worker_starts(settings, queues)
     assert nice.call_args_list == ([mock.call(10)] if lowered else [])
     # The session it leads ranks lower too (the kernel's autogroup), or nice alone does nothing
     # against the processes of other sessions.
@@ -133,24 +140,12 @@ def test_only_a_worker_of_the_scoring_queue_alone_runs_behind_the_rounds(setting
 
 def test_a_scoring_worker_in_someone_elses_session_leaves_the_session_alone(settings):
     """Started from a shell beside other processes, lowering the session would slow them."""
-    from consortium.celery import _scoring_runs_behind_the_rounds
-
-    settings.SCORING_WORKER_NICENESS = 10
-    with (
-        mock.patch("consortium.celery.os.nice") as nice,
-        mock.patch("consortium.celery.Path") as path,
-        mock.patch("consortium.celery.os.getsid", return_value=1),
-        mock.patch("consortium.celery.os.getpid", return_value=4242),
-    ):
-        _scoring_runs_behind_the_rounds(options={"queues": "scoring"})
+    nice, path = _scoring_worker_starts(settings, "scoring", session_leader=False)
     nice.assert_called_once_with(10)
     path.assert_not_called()
 
 
 def test_a_scoring_worker_keeps_its_priority_when_told_to(settings):
-    from consortium.celery import _scoring_runs_behind_the_rounds
-
-    settings.SCORING_WORKER_NICENESS = 0
-    with mock.patch("consortium.celery.os.nice") as nice:
-        _scoring_runs_behind_the_rounds(options={"queues": "scoring"})
+    nice, path = _scoring_worker_starts(settings, "scoring", niceness=0)
     nice.assert_not_called()
+    path.assert_not_called()

@@ -154,17 +154,22 @@ def test_a_site_url_that_is_not_http_is_refused():
     assert result.returncode != 0 and "SITE_URL must be an http(s) URL" in result.stderr
 
 
-@pytest.mark.parametrize("value", ["-1", "soon", "7200", "nan"])
-def test_a_checkpoint_interval_that_is_not_seconds_from_0_to_3600_is_refused(value):
-    result = load_settings(LEDGER_CHECKPOINT_SECONDS=value)
-    assert result.returncode != 0
-    assert "LEDGER_CHECKPOINT_SECONDS must be a number of seconds from 0" in result.stderr
-    assert repr(value) in result.stderr
+CHECKPOINT_SECONDS = "LEDGER_CHECKPOINT_SECONDS must be a number of seconds from 0"
+NICENESS = "SCORING_WORKER_NICENESS must be a whole number from 0"
 
 
-@pytest.mark.parametrize("value", ["-1", "20", "low", "1.5"])
-def test_a_scoring_niceness_that_is_not_0_to_19_is_refused(value):
-    result = load_settings(SCORING_WORKER_NICENESS=value)
+@pytest.mark.parametrize(
+    ("name", "value", "says"),
+    [
+        *[
+            ("LEDGER_CHECKPOINT_SECONDS", v, CHECKPOINT_SECONDS)
+            for v in ("-1", "soon", "7200", "nan")
+        ],
+        *[("SCORING_WORKER_NICENESS", v, NICENESS) for v in ("-1", "20", "low", "1.5")],
+    ],
+)
+def test_a_number_setting_out_of_its_range_is_refused_naming_it_and_the_value(name, value, says):
+    result = load_settings(**{name: value})
     assert result.returncode != 0
-    assert "SCORING_WORKER_NICENESS must be a whole number from 0" in result.stderr
+    assert says in result.stderr
     assert repr(value) in result.stderr
