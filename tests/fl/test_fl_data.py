@@ -254,3 +254,57 @@ def test_npy_adapter_refuses_pickled_arrays(tmp_path):
     np.save(folder / "labels.npy", np.zeros(2))
     with pytest.raises(ValueError, match="without unpickling"):
         load_site_data(data_root=tmp_path, dataset_key="scans", site_slug="x")
+
+
+def _settled(path):
+    """Date the file two minutes back, as a site's data file is long before a round reads it."""
+    import os
+    import time
+
+    back = time.time_ns() - 120 * 10**9
+    os.utime(path, ns=(back, back))
+    return path
+
+
+def test_a_sites_csv_is_parsed_once_while_it_stays_the_same_file(tmp_path, monkeypatch):
+    from training.fl import data as data_module
+
+    data_module._parsed_csv.clear()
+    _settled(_write(tmp_path / "cohort.csv", "age,label\n61,1\n45,0\n"))
+    parses = []
+    real = data_module._read_csv
+    monkeypatch.setattr(data_module, "_read_csv", lambda *a, **k: parses.append(1) or real(*a, **k))
+    load = lambda: load_site_data(data_root=tmp_path, dataset_key="cohort", site_slug="x")  # noqa: E731
+
+    first = load()
+    first.x_train.add_(1000)  # a caller that trains in place changes only its own copy
+    first.y_train.zero_()
+    second = load()
+    assert len(parses) == 1
+    assert torch.equal(second.x_train, torch.tensor([[61.0], [45.0]]))
+    assert torch.equal(second.y_train, torch.tensor([1, 0]))
+
+    # Another file's records (a new write moves the time; size and inode may stay):
+    _settled(_write(tmp_path / "cohort.csv", "age,label\n62,0\n46,1\n"))
+    third = load()
+    assert len(parses) == 2 and torch.equal(third.y_train, torch.tensor([0, 1]))
+
+
+def test_a_csv_written_just_now_is_read_every_time(tmp_path, monkeypatch):
+    """Written within the file system's last tick, a second write of the same size could leave
+    its time as it was: such a file is not kept until it has settled."""
+    from training.fl import data as data_module
+
+    data_module._parsed_csv.clear()
+    _write(tmp_path / "fresh.csv", "a,label\n1,0\n")
+    parses = []
+    real = data_module._read_csv
+    monkeypatch.setattr(data_module, "_read_csv", lambda *a, **k: parses.append(1) or real(*a, **k))
+    for _ in range(2):
+        load_site_data(data_root=tmp_path, dataset_key="fresh", site_slug="x")
+    assert len(parses) == 2
+    # A malformed file is refused every time, never kept.
+    _settled(_write(tmp_path / "bad.csv", "a,label\nx,0\n"))
+    for _ in range(2):
+        with pytest.raises(ValueError, match="non-numeric value 'x'"):
+            load_site_data(data_root=tmp_path, dataset_key="bad", site_slug="x")

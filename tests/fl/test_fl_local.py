@@ -469,3 +469,46 @@ def test_train_local_errors_name_the_problem(site):
 
 def test_pick_device():
     assert pick_device() == ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def test_training_seeds_only_the_generators_it_forked(site, monkeypatch):
+    """On the CPU it seeds the CPU's generator alone: not the GPUs (torch.manual_seed would,
+    queueing a formatted stack trace per call while CUDA sleeps), and the caller's CPU stream
+    is as it was before the call."""
+
+    def refused(*args, **kwargs):
+        raise AssertionError("training on the CPU seeded the GPUs")
+
+    models = [_model(), _model()]
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", refused)
+    monkeypatch.setattr(torch.cuda, "manual_seed", refused)
+    runs = [
+        train_local(
+            model, site, epochs=1, batch_size=16, optimizer=SGD, momentum_restart=True, seed=7
+        )
+        for model in models
+    ]
+    assert all(torch.equal(runs[0].delta[k], runs[1].delta[k]) for k in runs[0].delta)
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_training_on_a_gpu_seeds_that_gpu_alone(monkeypatch):
+    """No GPU here: the calls are recorded. The device fork_rng forked (its index, 0 for a bare
+    "cuda") is seeded, inside that device's context; no other GPU is."""
+    import contextlib
+
+    calls = []
+
+    @contextlib.contextmanager
+    def device(index):
+        calls.append(("device", index))
+        yield
+
+    monkeypatch.setattr(torch.cuda, "device", device)
+    monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
+    monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    local._seed_forked(5, torch.device("cuda", 1))
+    local._seed_forked(6, torch.device("cuda"))
+    assert calls == [("device", 1), ("seed", 5), ("device", 0), ("seed", 6)]

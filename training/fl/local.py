@@ -256,6 +256,17 @@ def _dp_params(dp_sgd: Mapping[str, Any]) -> tuple[float, float]:
     return values[0], values[1]
 
 
+def _seed_forked(seed: int, dev: torch.device) -> None:
+    """Seed the generators ``fork_rng`` forked for training on ``dev``: the CPU's, and the
+    device's own when it is a GPU. Not ``torch.manual_seed``: that also seeds every GPU (queued
+    with a formatted stack trace of the call while CUDA is not initialised, a millisecond of a
+    site's CPU per round) and would leave the GPUs not in use reseeded after the fork ends."""
+    torch.default_generator.manual_seed(seed)
+    if dev.type == "cuda":  # the device fork_rng forked (CUDA is initialised: the model is on it)
+        with torch.cuda.device(dev.index or 0):
+            torch.cuda.manual_seed(seed)
+
+
 def _floating_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return {
         name: value.detach().to("cpu", torch.float32, copy=True)
@@ -343,7 +354,7 @@ def train_local(
 
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
-        torch.manual_seed(seed)
+        _seed_forked(seed, dev)
         model.train()
         if dp_sgd is None:
             gen = torch.Generator().manual_seed(seed)
