@@ -26,6 +26,7 @@ and is the chain's to catch (``verify_ledger``); one altered and re-hashed along
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import threading
@@ -314,9 +315,12 @@ def witness_record(
     :class:`CheckpointRootMismatch`. A site that witnessed the checkpoint already gets its
     first witness back.
     """
-    row = LedgerCheckpoint.objects.filter(tree_size=tree_size).first()
-    if row is None:
-        raise CheckpointNotPublished(f"this centre never signed a checkpoint of size {tree_size}")
+    try:
+        row = LedgerCheckpoint.objects.get(tree_size=tree_size)  # unique; get() orders nothing
+    except LedgerCheckpoint.DoesNotExist:
+        raise CheckpointNotPublished(
+            f"this centre never signed a checkpoint of size {tree_size}"
+        ) from None
     if row.root_hash != root_hash:
         raise CheckpointRootMismatch(
             f"the checkpoint of size {tree_size} this centre signed has root "
@@ -326,26 +330,37 @@ def witness_record(
     verify_cosignature(
         signed_checkpoint_of(row).checkpoint, cosignature, name=name, public_pem=public_key
     )
-    existing = CheckpointWitness.objects.filter(
-        checkpoint=row, institution_id=institution_id
-    ).first()
-    if existing is not None:
-        return WitnessResult(existing, created=False)
+    witness = CheckpointWitness(
+        checkpoint=row,
+        institution_id=institution_id,
+        credential_id=credential_id,
+        key_name=name,
+        public_key=public_key,
+        signature_line=cosignature.line(),
+    )
+    if _inserted(witness):
+        return WitnessResult(witness, created=True)
+    # The site witnessed this checkpoint before (or its other request did, at the same moment).
+    return WitnessResult(
+        CheckpointWitness.objects.get(checkpoint=row, institution_id=institution_id), False
+    )
+
+
+def _inserted(witness: CheckpointWitness) -> bool:
+    """Insert ``witness``; False when the site's witness of that checkpoint is there already.
+
+    The insert is tried first: a site witnesses a checkpoint once, so looking before would cost
+    every upload a query for the rare second time. Outside a transaction (the upload's witness
+    comes after its update committed) a refused INSERT breaks nothing, and BEGIN and COMMIT
+    around it would be two more round trips; inside a caller's, a savepoint keeps the caller's
+    transaction usable."""
+    in_transaction = transaction.get_connection().in_atomic_block
     try:
-        with transaction.atomic():
-            witness = CheckpointWitness.objects.create(
-                checkpoint=row,
-                institution_id=institution_id,
-                credential_id=credential_id,
-                key_name=name,
-                public_key=public_key,
-                signature_line=cosignature.line(),
-            )
-    except IntegrityError:  # the same site's second request, at the same moment
-        return WitnessResult(
-            CheckpointWitness.objects.get(checkpoint=row, institution_id=institution_id), False
-        )
-    return WitnessResult(witness, created=True)
+        with transaction.atomic() if in_transaction else contextlib.nullcontext():
+            witness.save(force_insert=True)
+    except IntegrityError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)

@@ -143,6 +143,38 @@ def test_a_forged_or_misnamed_cosignature_is_refused(site, cast):
     assert not CheckpointWitness.objects.exists()
 
 
+@pytest.mark.django_db(transaction=True)
+def test_a_witness_outside_a_transaction_is_one_insert_and_a_second_one_is_answered(site):
+    """The upload's witness is recorded after its update committed, in autocommit: the insert is
+    tried first, with no BEGIN and COMMIT around it, and the same site's second cosignature of
+    that checkpoint meets the unique constraint and gets the first one back."""
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    from audit.ledger.checkpoints import witness_record
+
+    answer = fetch(site)
+    body = cosign(site, answer)
+    institution = site.credential.institution
+    record = lambda: witness_record(  # noqa: E731
+        tree_size=body["tree_size"],
+        root_hash=body["root_hash"],
+        cosignature=NoteSignature.from_json(body["cosignature"]),
+        institution_id=institution.pk,
+        institution_slug=institution.slug,
+        credential_id=site.credential.pk,
+        public_key=site.credential.public_key,
+    )
+    with CaptureQueriesContext(connection) as first_queries:
+        first = record()
+    assert first.created
+    statements = [q["sql"].split()[0].upper() for q in first_queries.captured_queries]
+    assert statements == ["SELECT", "INSERT"], statements
+    again = record()
+    assert not again.created and again.witness.pk == first.witness.pk
+    assert CheckpointWitness.objects.count() == 1
+
+
 def test_a_witness_of_a_checkpoint_the_centre_never_signed_is_refused(site):
     answer = fetch(site)
     body = cosign(site, answer)
