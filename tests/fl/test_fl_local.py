@@ -509,6 +509,11 @@ def test_training_on_a_gpu_seeds_that_gpu_alone(monkeypatch):
     monkeypatch.setattr(torch.cuda, "device", device)
     monkeypatch.setattr(torch.cuda, "manual_seed", lambda seed: calls.append(("seed", seed)))
     monkeypatch.setattr(torch.cuda, "manual_seed_all", lambda seed: calls.append(("all", seed)))
+    monkeypatch.setattr(torch, "manual_seed", lambda seed: calls.append(("every device", seed)))
     local._seed_forked(5, torch.device("cuda", 1))
     local._seed_forked(6, torch.device("cuda"))
     assert calls == [("device", 1), ("seed", 5), ("device", 0), ("seed", 6)]
+    # A device fork_rng does not fork (Apple's MPS): torch.manual_seed, as before.
+    calls.clear()
+    local._seed_forked(7, torch.device("mps"))
+    assert calls == [("every device", 7)]

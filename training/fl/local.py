@@ -261,6 +261,9 @@ def _seed_forked(seed: int, dev: torch.device) -> None:
     device's own when it is a GPU. Not ``torch.manual_seed``: that also seeds every GPU (queued
     with a formatted stack trace of the call while CUDA is not initialised, a millisecond of a
     site's CPU per round) and would leave the GPUs not in use reseeded after the fork ends."""
+    if dev.type not in ("cpu", "cuda"):  # another accelerator, not forked: seeded as before
+        torch.manual_seed(seed)
+        return
     torch.default_generator.manual_seed(seed)
     if dev.type == "cuda":  # the device fork_rng forked (CUDA is initialised: the model is on it)
         with torch.cuda.device(dev.index or 0):
