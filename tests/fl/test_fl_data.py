@@ -256,12 +256,12 @@ def test_npy_adapter_refuses_pickled_arrays(tmp_path):
         load_site_data(data_root=tmp_path, dataset_key="scans", site_slug="x")
 
 
-def _settled(path):
-    """Date the file two minutes back, as a site's data file is long before a round reads it."""
+def _settled(path, seconds_ago=120):
+    """Date the file back, as a site's data file is long before a round reads it."""
     import os
     import time
 
-    back = time.time_ns() - 120 * 10**9
+    back = time.time_ns() - seconds_ago * 10**9
     os.utime(path, ns=(back, back))
     return path
 
@@ -285,7 +285,7 @@ def test_a_sites_csv_is_parsed_once_while_it_stays_the_same_file(tmp_path, monke
     assert torch.equal(second.y_train, torch.tensor([1, 0]))
 
     # Another file's records (a new write moves the time; size and inode may stay):
-    _settled(_write(tmp_path / "cohort.csv", "age,label\n62,0\n46,1\n"))
+    _settled(_write(tmp_path / "cohort.csv", "age,label\n62,0\n46,1\n"), seconds_ago=60)
     third = load()
     assert len(parses) == 2 and torch.equal(third.y_train, torch.tensor([0, 1]))
 
