@@ -313,7 +313,7 @@ def accepted_privacy_events(updates: QuerySet[SiteUpdate], *keys: str) -> dict[t
     rows = (
         updates.filter(status=SiteUpdate.Status.ACCEPTED)
         .values(*keys, "privacy_events")
-        .annotate(updates=Count("pk"))
+        .annotate(copies=Count("pk"))
         .order_by()
     )
     for row in rows:
@@ -322,9 +322,9 @@ def accepted_privacy_events(updates: QuerySet[SiteUpdate], *keys: str) -> dict[t
             event = PrivacyEvent.from_json(raw)
             same = (event.mechanism, tuple(sorted(event.params.items())), event.source)
             if same in group:
-                group[same][1] += event.count * row["updates"]
+                group[same][1] += event.count * row["copies"]
             else:
-                group[same] = [event, event.count * row["updates"]]
+                group[same] = [event, event.count * row["copies"]]
     return {
         key: [
             PrivacyEvent(event.mechanism, event.params, count, event.source)
