@@ -83,21 +83,23 @@ def send_each_after_commit(
     task: TaskName, messages: list[tuple[list, dict, str | None]]
 ) -> list[OutboxMessage]:
     """Record several messages of ``task``, each ``(args, kwargs, queue)``, in the caller's
-    transaction, to be published together once it commits (in this order)."""
+    transaction, to be published together once it commits (in this order).
+
+    The rows are written in one statement: a round opened for a thousand sites wrote a
+    thousand, one round trip each, while the coordinator held the ledger's lock."""
     rows = []
+    available_at = timezone.now() + FAST_PATH_GRACE
     for args, kwargs, queue in messages:
         queue = queue or task.queue
         if not queue:
             raise ValueError(f"{task.name} is routed per message: give its queue")
         rows.append(
-            OutboxMessage.objects.create(
-                task=task.name,
-                queue=queue,
-                args=args,
-                kwargs=kwargs,
-                available_at=timezone.now() + FAST_PATH_GRACE,
+            OutboxMessage(
+                task=task.name, queue=queue, args=args, kwargs=kwargs, available_at=available_at
             )
         )
+    # bulk_create keeps the order and sets each row's pk (PostgreSQL, and SQLite >= 3.35).
+    rows = OutboxMessage.objects.bulk_create(rows)
     if rows:
         pks = [row.pk for row in rows]
         transaction.on_commit(lambda: _publish_committed(pks))

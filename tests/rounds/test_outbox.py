@@ -110,6 +110,21 @@ def test_a_rounds_site_tasks_are_published_together_in_order(
 
 
 @pytest.mark.django_db
+def test_a_rounds_site_tasks_are_written_in_one_statement(django_assert_num_queries):
+    """A round opened for many sites writes its tasks' rows in one INSERT, in order, each with
+    its pk (which the publish after the commit reads them back by)."""
+    sites = [f"site-{n}" for n in range(25)]
+    with mock.patch.object(outbox.current_app, "send_task"), transaction.atomic():
+        with django_assert_num_queries(1):
+            rows = outbox.send_each_after_commit(
+                queues.SITE_TRAIN, [([], {"site": slug}, f"site.{slug}") for slug in sites]
+            )
+        assert all(row.pk is not None for row in rows)
+        stored = list(OutboxMessage.objects.order_by("pk").values_list("pk", "queue"))
+    assert stored == [(row.pk, f"site.{slug}") for row, slug in zip(rows, sites, strict=True)]
+
+
+@pytest.mark.django_db
 def test_one_refused_message_of_a_batch_waits_and_the_others_are_sent(
     django_capture_on_commit_callbacks,
 ):
