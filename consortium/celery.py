@@ -99,6 +99,37 @@ def _scoring_runs_behind_the_rounds(sender=None, conf=None, options=None, **kwar
             Path("/proc/self/autogroup").write_text(f"{niceness}\n")
 
 
+@signals.celeryd_init.connect
+def _workers_keep_their_database_connections(sender=None, conf=None, options=None, **kwargs):
+    """On PostgreSQL a worker keeps its database connection between tasks for
+    ``WORKER_DATABASE_CONN_MAX_AGE`` seconds (settings: why; Daphne cannot, a worker can).
+
+    In the worker's main process, before its pool starts: the pool's processes inherit the
+    setting, and Django reads it when a connection opens. SQLite (the embedded default) keeps
+    a connection per task: opening a file costs next to nothing."""
+    from django.conf import settings  # not at the top: this module loads before the settings
+
+    for config in settings.DATABASES.values():
+        if "postgresql" in config.get("ENGINE", ""):
+            config["CONN_MAX_AGE"] = settings.WORKER_DATABASE_CONN_MAX_AGE
+
+
+@signals.task_prerun.connect
+@signals.task_postrun.connect
+def _replace_broken_or_expired_connections(sender=None, **kwargs):
+    """Before and after each task, what Django does before and after each request: a
+    connection that broke or outlived its ``CONN_MAX_AGE`` is closed (the next query opens a
+    new one), the others are kept and checked before their next use (``CONN_HEALTH_CHECKS``).
+    With ``CONN_MAX_AGE`` 0 every connection is closed, as Celery's fix-up did. Not for a task
+    run eagerly (a test, in the caller's transaction), which Celery's fix-up leaves alone too."""
+    request = getattr(sender, "request", None)
+    if getattr(request, "is_eager", False):
+        return
+    from django.db import close_old_connections
+
+    close_old_connections()
+
+
 @signals.worker_ready.connect
 def _start_outbox_relay(sender=None, **kwargs):
     """The coordinator's worker relays the outbox and writes the coordinator's heartbeat
