@@ -7,6 +7,11 @@ on 64 zeros.
 
 Services call :func:`append_entry` inside their own ``transaction.atomic()`` so
 that a governance change and its entry commit together or not at all.
+
+Why one module: the writer and the checker of the chain must agree on one formula (the
+canonical text, the hash, the head's move), and each has a fast path beside its plain one
+(the single-statement append on PostgreSQL, the batched walk) that is held to the same
+definition; apart, a change to the formula could reach one side and not the other.
 """
 
 from __future__ import annotations
@@ -184,16 +189,20 @@ def _locked_head() -> LedgerHead:
     return LedgerHead.objects.select_for_update().get(pk=1)
 
 
-def lock_chain() -> None:
-    """Take the ledger's head lock now, in the caller's transaction.
+def lock_chain() -> LedgerHead:
+    """Take the ledger's head lock now, in the caller's transaction, and return the head.
 
     Every append takes it anyway; a service that will also lock other rows
     (a job, institutions) takes this first, so all writers lock in one order
     (the chain, then the rows) and cannot deadlock each other.
+
+    The head returned may be handed to :func:`append_entry` (``locked_head``) by a caller
+    whose next append is its first since: the append then does not read the head again, a
+    round trip fewer while the lock, which every writer waits for, is held.
     """
     if not transaction.get_connection(LedgerHead.objects.db).in_atomic_block:
         raise RuntimeError("lock_chain() must be called inside transaction.atomic()")
-    _locked_head()
+    return _locked_head()
 
 
 # Set to False to append through the ORM on PostgreSQL too (the benchmark compares).
@@ -228,7 +237,7 @@ def _append_sql_for(quote: Callable[[str], str]) -> str:
         f"WITH new AS (INSERT INTO {quote(LedgerEntry._meta.db_table)} ({columns}) "  # noqa: S608
         f"VALUES ({placeholders}) RETURNING {quote('id')}) "
         f"UPDATE {quote(LedgerHead._meta.db_table)} SET {quote('seq')} = %s, "
-        f"{quote('entry_hash')} = %s WHERE {quote('id')} = 1 "
+        f"{quote('entry_hash')} = %s WHERE {quote('id')} = 1 AND {quote('seq')} = %s "
         f"RETURNING (SELECT {quote('id')} FROM new)"
     )
 
@@ -242,18 +251,27 @@ def _insert_and_move_head(connection: BaseDatabaseWrapper, entry: LedgerEntry) -
 
     One round trip fewer per append than ``save()`` then ``update()``; with the
     head lock, BEGIN and COMMIT that is four instead of five. Runs in the
-    caller's transaction, after the head row was locked.
+    caller's transaction, after the head row was locked. The head moves only from the
+    entry's predecessor (``seq - 1``), else nothing is returned and it raises.
     """
     sql = _append_sql(connection)
     params = [getattr(entry, c) for c in _INSERT_COLUMNS]
     with connection.cursor() as cursor:
-        cursor.execute(sql, [*params, entry.seq, entry.entry_hash])
+        cursor.execute(sql, [*params, entry.seq, entry.entry_hash, entry.seq - 1])
         row = cursor.fetchone()
-    if row is None:  # no head row to move: impossible once _locked_head() returned
-        raise IntegrityError("the ledger head row vanished during an append")
+    if row is None:
+        raise _HeadMoved(entry.seq - 1)
     entry.pk = row[0]
     entry._state.adding = False
     entry._state.db = connection.alias
+
+
+class _HeadMoved(IntegrityError):
+    def __init__(self, expected_seq: int):
+        super().__init__(
+            f"the ledger head is not at #{expected_seq}, where this append was chained: a head "
+            "handed to append_entry() was stale (another append since lock_chain())"
+        )
 
 
 def append_entry(
@@ -265,8 +283,15 @@ def append_entry(
     subject: Model | None = None,
     consortium_slug: str = "",
     institution_slug: str = "",
+    locked_head: LedgerHead | None = None,
 ) -> LedgerEntry:
     """Append one entry, chained on the current head, in the caller's transaction.
+
+    ``locked_head``: the head :func:`lock_chain` returned in this transaction, when every
+    append since went through it (it is moved along with each); the head is then not read
+    again. A stale one (an append that did not go through it) is refused: the head moves only
+    from the entry's predecessor, else this raises ``IntegrityError`` and, having no
+    savepoint, leaves the caller's whole transaction to roll back.
 
     ``event`` is one of :mod:`audit.ledger.events`' constants, whose schema the payload is
     checked against (:class:`~audit.ledger.events.EventPayloadError` before anything is
@@ -287,7 +312,7 @@ def append_entry(
     # No savepoint: a failed append must roll back the caller's whole transaction (nothing it
     # recorded may commit without its entry), and a savepoint costs two more round trips.
     with transaction.atomic(savepoint=False):
-        head = _locked_head()
+        head = locked_head if locked_head is not None else _locked_head()
         seq = head.seq + 1
         created_at = timezone.now()
         text = entry_canonical_text(
@@ -323,7 +348,11 @@ def append_entry(
             _insert_and_move_head(connection, entry)
         else:
             entry.save(force_insert=True)
-            LedgerHead.objects.filter(pk=1).update(seq=seq, entry_hash=entry_hash)
+            if not LedgerHead.objects.filter(pk=1, seq=seq - 1).update(
+                seq=seq, entry_hash=entry_hash
+            ):
+                raise _HeadMoved(seq - 1)
+        head.seq, head.entry_hash = seq, entry_hash  # a held head moves with the chain
         groups = live.groups_for(consortium_slug, (payload or {}).get("job_id"))
         if groups:
             transaction.on_commit(functools.partial(live.announce, groups, seq))

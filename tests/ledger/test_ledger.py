@@ -1,12 +1,13 @@
 """The hash chain: appends, verification, tampering, the verify command, and the
 ledger's transaction and user-deletion guarantees. Runs on SQLite and PostgreSQL."""
 
+import contextlib
 import datetime as dt
 
 import pytest
 from django.contrib.auth import get_user_model
 from django.core.management import CommandError, call_command
-from django.db import connection
+from django.db import DatabaseError, connection, transaction
 
 from audit.ledger import chain as ledger
 from audit.ledger.canonical import canonical_json, sha256_hex
@@ -57,6 +58,64 @@ def test_append_chains_entries():
         assert after.prev_hash == before.entry_hash
     head = LedgerHead.objects.get(pk=1)
     assert (head.seq, head.entry_hash) == (entries[-1].seq, entries[-1].entry_hash)
+
+
+def test_appends_through_the_head_the_lock_returned_chain_without_reading_it_again(
+    django_assert_num_queries,
+):
+    """The upload's path: ``lock_chain()`` reads the head, each append goes through it (and
+    moves it), none reads it again: one statement per append on PostgreSQL, two elsewhere."""
+    make_chain(1)
+    per_append = 1 if connection.vendor == "postgresql" else 2
+    with transaction.atomic():
+        head = ledger.lock_chain()
+        start = head.seq
+        with django_assert_num_queries(3 * per_append):
+            entries = [
+                append_entry(event="test.held", payload={"i": i}, locked_head=head)
+                for i in range(3)
+            ]
+    assert [e.seq for e in entries] == [start + 1, start + 2, start + 3]
+    assert (head.seq, head.entry_hash) == (entries[-1].seq, entries[-1].entry_hash)
+    assert LedgerHead.objects.values_list("seq", "entry_hash").get(pk=1) == (
+        head.seq,
+        head.entry_hash,
+    )
+    assert verify_chain().ok
+
+
+class Abandoned(Exception):
+    pass
+
+
+def append_around(head):
+    """An append that did not go through ``head``: the chain moved past it."""
+    append_entry(event="test.around", payload={})
+
+
+def append_then_roll_back(head):
+    """An append through ``head`` in a savepoint rolled back: ``head`` is ahead of the chain."""
+    with contextlib.suppress(Abandoned), transaction.atomic():
+        append_entry(event="test.abandoned", payload={}, locked_head=head)
+        raise Abandoned
+
+
+@pytest.mark.parametrize("make_stale", [append_around, append_then_roll_back])
+def test_a_stale_held_head_is_refused_and_its_transaction_rolls_back(make_stale):
+    """An append chained on a head that is no longer the chain's is refused (a duplicate
+    sequence number, or a head that is not where the entry was chained), and nothing the
+    transaction wrote commits."""
+    make_chain(2)
+    before = LedgerHead.objects.values_list("seq", "entry_hash").get(pk=1)
+    entries_before = LedgerEntry.objects.count()
+    # PostgreSQL's trigger on the entries refuses it first (InternalError), else the append does.
+    with pytest.raises(DatabaseError), transaction.atomic():
+        head = ledger.lock_chain()
+        make_stale(head)
+        append_entry(event="test.stale", payload={}, locked_head=head)
+    assert LedgerHead.objects.values_list("seq", "entry_hash").get(pk=1) == before
+    assert LedgerEntry.objects.count() == entries_before
+    assert verify_chain().ok
 
 
 def test_entry_hash_is_sha256_of_prev_and_canonical_text():

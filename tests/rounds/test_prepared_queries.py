@@ -76,10 +76,9 @@ def site_api_queries(world, digest: str):  # noqa: F811
         (intake._SITE_ROW_WITH_COPY, {**where, "institution_id": b, "digest": digest}),
         (intake._SITE_ROW_WITH_COPY, {**where, "institution_id": a, "digest": "0" * 64}),
         (intake._LOCKED_ROUND, where),
-        (intake._LOCKED_SITE_ROW, {"round_id": rnd.pk, "institution_id": a}),
         (
-            intake._PARTICIPANT_NOW,
-            {"job_id": job, "institution_id": a, "credential_id": site.pk},
+            intake._LOCKED_SITE_ROW,
+            {"round_id": rnd.pk, "institution_id": a, "job_id": job, "credential_id": site.pk},
         ),
         (
             verification._SITE_DATASET,

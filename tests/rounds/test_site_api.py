@@ -587,6 +587,23 @@ def test_a_credential_revoked_during_verification_is_recorded(world):
     assert_rejected(world, response, code="credential_revoked", status=401)
 
 
+def test_a_participant_removed_during_verification_is_recorded(world):
+    """Removed after the unlocked look, before the update was recorded: the locked read of the
+    site's row carries the participation again, and the removal's reason reaches the site."""
+    original = intake.verify_upload
+
+    def remove_then_verify(**kwargs):
+        result = original(**kwargs)
+        JobParticipant.objects.filter(job=world.job, institution=world.cast.hospital_a).update(
+            status=JobParticipant.Status.REMOVED, removed_reason="consent withdrawn mid-upload"
+        )
+        return result
+
+    with mock.patch.object(intake, "verify_upload", remove_then_verify):
+        response = upload(world)
+    assert_rejected(world, response, code="not_participant", status=403, contains="mid-upload")
+
+
 # --- Refused, not recorded ---------------------------------------------------------------------
 
 
@@ -948,16 +965,17 @@ def test_the_round_model_costs_two_queries(world, django_assert_num_queries):
 def test_the_queries_an_upload_costs(world, django_assert_num_queries):
     """Authentication 1, who may upload 1, the unlocked first look 2 (participant with job;
     the site's row with its round), the data set 1; under the chain lock: the lock 1, the
-    round and the row 2 (the row with whether any other site is still expected), the
-    participation again 1, the row written 1, the ledger entry (3 on SQLite, 2 on PostgreSQL,
-    where the entry and the head are written in one statement); and 2 transaction statements
-    (a savepoint here: the ledger's append takes none of its own). Before the two looks were
-    trimmed it was 24 on SQLite (23 on PostgreSQL), then 18 (17)."""
+    round 1, the row 1 (with whether any other site is still expected, and the participation
+    again: the participant row and whether the credential is live), the row written 1, the
+    ledger entry (2 on SQLite, 1 on PostgreSQL, where the entry and the head are written in
+    one statement; the head is the one the lock read); and 2 transaction statements (a
+    savepoint here: the ledger's append takes none of its own). Before the two looks were
+    trimmed it was 24 on SQLite (23 on PostgreSQL), then 18 (17), then 15 (14)."""
     from django.db import connection
 
     round_model(world)  # writes the credential's last_used_at, not counted below
     data = pack_tensors(update_tensors())
-    expected = 14 if connection.vendor == "postgresql" else 15
+    expected = 12 if connection.vendor == "postgresql" else 13
     with mock.patch.object(outbox.current_app, "send_task"), django_assert_num_queries(expected):
         assert upload(world, data=data).status_code == 201
 

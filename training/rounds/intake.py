@@ -34,7 +34,7 @@ together.
 
 Why one module: it is the one place where an upload becomes an outcome, and its correctness is
 in the order of its steps (the unlocked look, the checks, the chain lock, the locked look, the
-participation read again, the record); split, the lock order would have to be read across
+participation read again with it, the record); split, the lock order would have to be read across
 files. The reads those steps run on every upload are declared beside them, compiled once per
 connection (``consortium.core.prepared``), so that a change to a look and to its query is one
 change. The checks themselves live in ``training.rounds.verification``.
@@ -51,6 +51,7 @@ from django.utils import timezone
 
 from audit.ledger import events as ledger_events
 from audit.ledger.chain import append_entry, lock_chain
+from audit.models import LedgerHead
 from consortium.core.errors import ServiceError
 from consortium.core.prepared import PreparedQuery
 from training import outbox, queues
@@ -196,6 +197,12 @@ _SITE_ROW_WITH_COPY = PreparedQuery(
     institution_id=int,
     digest=str,
 )
+
+
+def _participant_of(job_id: int, institution_id: int):
+    return JobParticipant.objects.filter(job_id=job_id, institution_id=institution_id)
+
+
 _LOCKED_ROUND = PreparedQuery(
     lambda job_id, round_index: (
         Round.objects.select_for_update(of=("self",))
@@ -212,7 +219,11 @@ _LOCKED_SITE_ROW = PreparedQuery(
     # the chain lock and the round's row are taken, it is what a read after the outcome would
     # find: uploads and removals take the chain lock, and the coordinator's close and failure
     # (which turn the awaited rows into stragglers) update the round's row first.
-    lambda round_id, institution_id: (
+    # The participation now (``_participation_now``): the site's participant row in the job and
+    # whether the uploading credential is still live, in the same statement, so that the chain's
+    # lock, which every upload waits for, is held for one round trip fewer. Revocation and
+    # removal take the chain lock, so this statement, which starts once it is held, sees them.
+    lambda round_id, institution_id, job_id, credential_id: (
         SiteUpdate.objects.select_for_update(of=("self",))
         .filter(round_id=round_id, institution_id=institution_id)
         .annotate(
@@ -220,24 +231,22 @@ _LOCKED_SITE_ROW = PreparedQuery(
                 SiteUpdate.objects.filter(
                     round_id=OuterRef("round_id"), status=SiteUpdate.Status.DISPATCHED
                 ).exclude(pk=OuterRef("pk"))
-            )
+            ),
+            participant_status=Subquery(
+                _participant_of(job_id, institution_id).values("status")[:1]
+            ),
+            participant_removed_reason=Subquery(
+                _participant_of(job_id, institution_id).values("removed_reason")[:1]
+            ),
+            credential_live=Exists(
+                SiteCredential.objects.filter(pk=credential_id, revoked_at__isnull=True)
+            ),
         )
     ),
     one=True,
     round_id=int,
     institution_id=int,
-)
-_PARTICIPANT_NOW = PreparedQuery(
-    lambda job_id, institution_id, credential_id: JobParticipant.objects.filter(
-        job_id=job_id, institution_id=institution_id
-    ).annotate(
-        credential_live=Exists(
-            SiteCredential.objects.filter(pk=credential_id, revoked_at__isnull=True)
-        )
-    ),
-    one=True,
     job_id=int,
-    institution_id=int,
     credential_id=int,
 )
 
@@ -277,7 +286,12 @@ def _locked_look(credential: SiteCredential, job: TrainingJob, round_index: int,
     rnd = _LOCKED_ROUND.one_or_none(job_id=job.pk, round_index=round_index)
     if rnd is None:
         _check_round(rnd, job, round_index)
-    update = _LOCKED_SITE_ROW.one_or_none(round_id=rnd.pk, institution_id=credential.institution_id)
+    update = _LOCKED_SITE_ROW.one_or_none(
+        round_id=rnd.pk,
+        institution_id=credential.institution_id,
+        job_id=job.pk,
+        credential_id=credential.pk,
+    )
     if not _is_duplicate(update, digest):
         _check_round(rnd, job, round_index)
     return rnd, update
@@ -310,19 +324,24 @@ def _participation_rejection(
     return None
 
 
-def _participation_now(credential: SiteCredential, job: TrainingJob) -> Rejection | None:
-    """The participation check on fresh rows, in one query: under the locks, since the
-    credential may have been revoked, or the site removed from the job, since the request was
-    authenticated (revocation and removal take the chain lock, so what is read here holds
-    until the outcome commits)."""
-    participant = _PARTICIPANT_NOW.one_or_none(
-        job_id=job.pk, institution_id=credential.institution_id, credential_id=credential.pk
+def _participation_now(
+    credential: SiteCredential, job: TrainingJob, update: SiteUpdate
+) -> Rejection | None:
+    """The participation check on fresh rows: read under the locks with the site's row
+    (``_LOCKED_SITE_ROW``), since the credential may have been revoked, or the site removed from
+    the job, since the request was authenticated (revocation and removal take the chain lock,
+    so what was read holds until the outcome commits)."""
+    participant = None
+    if update.participant_status is not None:
+        participant = JobParticipant(
+            job=job,
+            institution_id=credential.institution_id,
+            status=update.participant_status,
+            removed_reason=update.participant_removed_reason,
+        )
+    return _participation_rejection(
+        credential, job, live=update.credential_live, participant=participant
     )
-    if participant is not None:
-        live = participant.credential_live
-    else:
-        live = SiteCredential.objects.filter(pk=credential.pk, revoked_at__isnull=True).exists()
-    return _participation_rejection(credential, job, live=live, participant=participant)
 
 
 def _ledger_common(update: SiteUpdate, job: TrainingJob, rnd: Round, credential) -> dict:
@@ -339,6 +358,7 @@ def _ledger_common(update: SiteUpdate, job: TrainingJob, rnd: Round, credential)
 def _record_rejection(
     update: SiteUpdate,
     *,
+    head: LedgerHead,
     job: TrainingJob,
     rnd: Round,
     credential: SiteCredential,
@@ -363,6 +383,7 @@ def _record_rejection(
         ]
     )
     append_entry(
+        locked_head=head,
         event=ledger_events.UPDATE_REJECTED,
         actor_repr=site_actor_repr(credential),
         subject=update,
@@ -382,6 +403,7 @@ def _record_rejection(
 def _record_acceptance(
     update: SiteUpdate,
     *,
+    head: LedgerHead,
     job: TrainingJob,
     rnd: Round,
     credential: SiteCredential,
@@ -402,6 +424,7 @@ def _record_acceptance(
     update.reject_reason = ""
     update.save()
     append_entry(
+        locked_head=head,
         event=ledger_events.UPDATE_ACCEPTED,
         actor_repr=site_actor_repr(credential),
         subject=update,
@@ -528,7 +551,7 @@ def update_receive(
             ) from None
 
     with transaction.atomic():
-        lock_chain()
+        head = lock_chain()  # the outcome's entry is chained on it
         rnd, update = _locked_look(credential, job, round_index, digest)
         state = _status_refusal(update, site=site, round_index=round_index, digest=digest)
         if isinstance(state, SiteUpdate):
@@ -536,10 +559,11 @@ def update_receive(
             return state
         if state is not None:
             raise state
-        rejection = _participation_now(credential, job) or rejection
+        rejection = _participation_now(credential, job, update) or rejection
         if rejection is not None:
             _record_rejection(
                 update,
+                head=head,
                 job=job,
                 rnd=rnd,
                 credential=credential,
@@ -550,6 +574,7 @@ def update_receive(
         else:
             _record_acceptance(
                 update,
+                head=head,
                 job=job,
                 rnd=rnd,
                 credential=credential,
@@ -574,7 +599,7 @@ def update_refuse_oversize(
     )
     site = credential.institution.slug
     with transaction.atomic():
-        lock_chain()
+        head = lock_chain()  # the outcome's entry is chained on it
         job, _rnd, _update, _participant = _first_look(credential, job_id, round_index)
         rnd, update = _locked_look(credential, job, round_index)
         state = _status_refusal(update, site=site, round_index=round_index, digest="")
@@ -582,9 +607,10 @@ def update_refuse_oversize(
             raise _refused(rejection, recorded=False)
         if state is not None:
             raise state
-        rejection = _participation_now(credential, job) or rejection
+        rejection = _participation_now(credential, job, update) or rejection
         _record_rejection(
             update,
+            head=head,
             job=job,
             rnd=rnd,
             credential=credential,
