@@ -290,8 +290,9 @@ def append_entry(
     ``locked_head``: the head :func:`lock_chain` returned in this transaction, when every
     append since went through it (it is moved along with each); the head is then not read
     again. A stale one (an append that did not go through it) is refused: the head moves only
-    from the entry's predecessor, else this raises ``IntegrityError`` and, having no
-    savepoint, leaves the caller's whole transaction to roll back.
+    from the entry's predecessor, else this raises ``IntegrityError`` (on PostgreSQL the
+    entries' trigger refuses the row first, ``InternalError``) and, having no savepoint,
+    leaves the caller's whole transaction to roll back.
 
     ``event`` is one of :mod:`audit.ledger.events`' constants, whose schema the payload is
     checked against (:class:`~audit.ledger.events.EventPayloadError` before anything is
