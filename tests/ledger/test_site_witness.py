@@ -11,6 +11,7 @@ worker that looks: it refuses to train and says the centre's ledger was rewritte
 from __future__ import annotations
 
 import dataclasses
+import datetime as dt
 import io
 import json
 import logging
@@ -21,6 +22,7 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from django.core.management import call_command
+from django.utils import timezone
 
 from audit.ledger.chain import verify_chain
 from audit.ledger.checkpoint import NoteSignature, verify_cosignature
@@ -222,6 +224,79 @@ def test_a_cosignature_the_centre_refuses_is_logged_and_the_update_still_counts(
         round__index=1, institution__slug=site.slug, round__job_id=message["kwargs"]["job_id"]
     )
     assert update.status == SiteUpdate.Status.ACCEPTED
+
+
+class UploadWitnessClient(RecordingClient):
+    """The recording client, noting the cosignature each upload carried (None: none)."""
+
+    def __init__(self, token: str):
+        super().__init__(token)
+        self.carried: list[dict | None] = []
+
+    def upload(self, job_id, round_index, *, witness=None, **update):
+        self.carried.append(witness)
+        return super().upload(job_id, round_index, witness=witness, **update)
+
+
+def test_a_checkpoint_the_centre_holds_the_cosignature_of_is_not_cosigned_again(
+    c3, broker, settings
+):
+    """The centre serves one checkpoint for ``LEDGER_CHECKPOINT_SECONDS``: a site that checks
+    the same one in its next round still checks it (with its model), but carries no
+    cosignature the centre said it holds and posts none."""
+    settings.LEDGER_CHECKPOINT_SECONDS = 60
+    job = second_round_tasks(c3, broker)  # round 1 carried every site's cosignature
+    held = {w.institution.slug: w.checkpoint_id for w in CheckpointWitness.objects.all()}
+    assert set(held) == {s.slug for s in c3.sites}
+    for message in list(broker.messages):
+        site = c3.site(message["kwargs"]["site"])
+        seen = saved_size(site)
+        client = UploadWitnessClient(site.token)
+        result = broker.run(
+            run_site_round, **message["kwargs"], config=site.config(), client=client
+        )
+        assert result["status"] == "accepted"
+        assert client.calls == ["round_model", "upload"]  # no witness request (spec cached)
+        assert client.carried == [None]  # and no cosignature on the upload
+        assert saved_size(site) == seen  # the same checkpoint, checked again
+    assert {w.institution.slug: w.checkpoint_id for w in CheckpointWitness.objects.all()} == held
+    assert SiteUpdate.objects.filter(
+        round__job=job, round__index=2, status=SiteUpdate.Status.ACCEPTED
+    ).count() == len(c3.sites)
+
+
+def test_a_cosignature_is_sent_again_until_the_centre_says_it_holds_it(c3, broker, settings):
+    """Only an answer that the centre stored (or already had) the cosignature spares the next
+    task sending it: a refused or unanswered one is sent again, and a new checkpoint is
+    always cosigned."""
+    settings.LEDGER_CHECKPOINT_SECONDS = 60
+    site = c3.sites[0]
+
+    class WitnessDownClient(RecordingClient):
+        def ledger_witness(self, body, **kwargs):
+            raise CentralError("HTTP 503: the centre is restarting", status=503)
+
+    refused = witness_ledger(WitnessDownClient(site.token), site.config())
+    assert not refused.witnessed and not CheckpointWitness.objects.exists()
+
+    client = RecordingClient(site.token)
+    assert witness_ledger(client, site.config()).witnessed  # the same checkpoint, sent again
+    assert client.calls == ["ledger_checkpoint", "ledger_witness"]
+    stored = CheckpointWitness.objects.get(institution__slug=site.slug)
+    assert stored.checkpoint.tree_size == saved_size(site) == refused.tree_size
+
+    again = RecordingClient(site.token)
+    assert witness_ledger(again, site.config()).witnessed  # held: checked, not sent
+    assert again.calls == ["ledger_checkpoint"]
+
+    LedgerCheckpoint.objects.update(created_at=timezone.now() - dt.timedelta(seconds=61))
+    grow_the_ledger = propose_and_start(c3, broker, rounds=1)  # the ledger moves on
+    assert grow_the_ledger.pk
+    newer = RecordingClient(site.token)
+    outcome = witness_ledger(newer, site.config())
+    assert outcome.witnessed and outcome.tree_size > stored.checkpoint.tree_size
+    assert newer.calls == ["ledger_checkpoint", "ledger_witness"]
+    assert CheckpointWitness.objects.filter(institution__slug=site.slug).count() == 2
 
 
 def tmp_key(config, private_pem: bytes):

@@ -36,6 +36,15 @@ the site, still comes before training, and a cosignature of today's checkpoint v
 every earlier one the site checked (each was proven to extend the one before). A task whose
 upload did not say what became of its cosignature (training failed; an older centre, which
 also sends no checkpoint with the model and is then asked on its own) posts it itself.
+
+A checkpoint is cosigned once: the centre serves the same one for ``LEDGER_CHECKPOINT_SECONDS``
+(a second by default, several rounds of a small job), and a cosignature the centre said it holds
+(:func:`witness_answered`, :func:`post_witness`) is not sent again for the next task that checks
+the same checkpoint (:func:`witness_held`). The check itself is never skipped. What is
+remembered is this process's (a restarted worker sends its cosignature once more, which the
+centre answers as already held), and only the newest checkpoint, the only one a site is served;
+a centre that lost a cosignature it had said it holds gets the site's next one with its next
+checkpoint.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ import fcntl
 import json
 import logging
 import os
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,6 +85,7 @@ __all__ = [
     "state_file",
     "state_path",
     "witness_answered",
+    "witness_held",
     "witness_ledger",
 ]
 
@@ -82,6 +93,35 @@ PUBLIC_KEY_ENV = "CENTRAL_LEDGER_PUBLIC_KEY"
 T = TypeVar("T")
 R = TypeVar("R")
 _STATE_VERSION = 1
+
+
+class _HeldWitness:
+    """Per centre and site (a worker serves one), the newest checkpoint whose cosignature the
+    centre said it holds (stored then, or before), by the log's origin, the tree's size and
+    its root: any other checkpoint is one to cosign."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._held: dict[tuple[str, str], tuple[str, int, bytes]] = {}
+
+    @staticmethod
+    def _of(config: WorkerConfig, signed: SignedCheckpoint):
+        checkpoint = signed.checkpoint
+        who = (config.central_url, config.site_slug)
+        return who, (checkpoint.origin, checkpoint.tree_size, checkpoint.root_hash)
+
+    def holds(self, config: WorkerConfig, signed: SignedCheckpoint) -> bool:
+        who, which = self._of(config, signed)
+        with self._lock:
+            return self._held.get(who) == which
+
+    def remember(self, config: WorkerConfig, signed: SignedCheckpoint) -> None:
+        who, which = self._of(config, signed)
+        with self._lock:
+            self._held[who] = which
+
+
+_held = _HeldWitness()
 
 
 class LedgerRefused(RuntimeError):
@@ -262,15 +302,25 @@ def cosignature_body(config: WorkerConfig, signed: SignedCheckpoint) -> dict:
     }
 
 
-def witness_answered(body: object, checked: CheckedCheckpoint) -> bool:
+def witness_held(config: WorkerConfig, checked: CheckedCheckpoint) -> bool:
+    """Whether the centre already said it holds this site's cosignature of the checkpoint
+    just checked (an earlier task of this process checked the same one): the task then
+    sends none (module docstring)."""
+    return _held.holds(config, checked.signed)
+
+
+def witness_answered(body: object, config: WorkerConfig, checked: CheckedCheckpoint) -> bool:
     """Whether the answer ``body`` of a request that carried this site's cosignature (the
     upload's) says what became of it: True when it does (a refusal is logged, as
-    :func:`post_witness` logs one), False when it does not (an older centre ignored the
-    header: the caller posts the cosignature on its own)."""
+    :func:`post_witness` logs one; a cosignature stored or already held is remembered, see
+    :func:`witness_held`), False when it does not (an older centre ignored the header: the
+    caller posts the cosignature on its own)."""
     outcome = body.get("ledger_witness") if isinstance(body, dict) else None
     if not isinstance(outcome, dict):
         return False
-    if outcome.get("status") not in (200, 201):
+    if outcome.get("status") in (200, 201):
+        _held.remember(config, checked.signed)
+    else:
         log.warning(
             "ledger check passed, but the centre did not take this site's witness of "
             "checkpoint %d: %s",
@@ -283,12 +333,15 @@ def witness_answered(body: object, checked: CheckedCheckpoint) -> bool:
 def post_witness(
     client: CentralClient, config: WorkerConfig, checked: CheckedCheckpoint
 ) -> WitnessOutcome:
-    """Cosign a checkpoint :func:`check_ledger` passed and post the cosignature; a centre that
-    refuses it or does not answer is logged (``witnessed`` False), not raised."""
+    """Cosign a checkpoint :func:`check_ledger` passed and post the cosignature, unless the
+    centre already said it holds it (:func:`witness_held`: no request); a centre that refuses
+    it or does not answer is logged (``witnessed`` False), not raised."""
+    signed = checked.signed
+    witnessed = _held.holds(config, signed) or _post_witness(client, config, signed)
     return WitnessOutcome(
-        tree_size=checked.signed.checkpoint.tree_size,
+        tree_size=signed.checkpoint.tree_size,
         previous_size=checked.previous_size,
-        witnessed=_post_witness(client, config, checked.signed),
+        witnessed=witnessed,
     )
 
 
@@ -447,4 +500,5 @@ def _post_witness(client: CentralClient, config: WorkerConfig, signed: SignedChe
             exc,
         )
         return False
+    _held.remember(config, signed)
     return True

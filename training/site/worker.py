@@ -13,7 +13,8 @@ it fetches and checks:
    answer is used. A ledger rewritten at the centre raises
    :class:`~training.site.ledger_witness.LedgerRefused` and the site does not train. The
    site's cosignature of the checkpoint (its witness) travels with the upload (4.), or on its
-   own when no upload carried it;
+   own when no upload carried it, and not at all when the centre already said it holds it
+   (an earlier task checked the same checkpoint);
 1. the model the site starts from (``GET /api/site/v1/jobs/<id>/rounds/<index>/model/``), which
    the central server sends only while the round still asks this site for an update: a 409
    (the update was already received, e.g. a second delivery of the task; the round closed;
@@ -79,6 +80,7 @@ from training.site.ledger_witness import (
     cosignature_body,
     post_witness,
     witness_answered,
+    witness_held,
 )
 
 log = logging.getLogger(__name__)
@@ -332,7 +334,9 @@ def run_site_round(
                 "but the central server has sent this site nothing yet"
             ) from None
         raise
-    witness = _Witness(checked)
+    # A checkpoint the centre already holds this site's cosignature of (an earlier task
+    # checked the same one) is not cosigned again: nothing to carry, nothing to post.
+    witness = _Witness(checked, answered=witness_held(config, checked))
     try:
         return _train_and_upload(
             client,
@@ -364,7 +368,8 @@ def _round_model_with_ledger(
 @dataclass
 class _Witness:
     """The checkpoint a task checked, and whether an answer of the centre said what became
-    of the site's cosignature of it (the upload carries it)."""
+    of the site's cosignature of it (the upload carries it), or an earlier one said the
+    centre holds it already (then nothing is sent)."""
 
     checked: CheckedCheckpoint
     answered: bool = False
@@ -483,12 +488,12 @@ def _train_and_upload(
             metrics=_json_safe({**result.metrics, TRAIN_SECONDS_METRIC: round(train_seconds, 6)}),
             privacy_events=events,
             pipeline=spec["privacy_pipeline"],
-            witness=cosignature_body(config, witness.checked.signed),
+            witness=None if witness.answered else cosignature_body(config, witness.checked.signed),
         )
     except CentralError as exc:
-        witness.answered = witness_answered(exc.body, witness.checked)
+        witness.answered = witness.answered or witness_answered(exc.body, config, witness.checked)
         raise
-    witness.answered = witness_answered(body, witness.checked)
+    witness.answered = witness.answered or witness_answered(body, config, witness.checked)
     clock.lap("upload")
     outcome = "duplicate" if body.get("duplicate") else "accepted"
     log.info(
