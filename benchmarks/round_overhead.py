@@ -52,11 +52,10 @@ database's clean-up, its processes' exit) can slow whatever comes right after it
 that falls because its anchor ran slow is no gain (docs/performance.md, "The ledger's group
 commit"). The faster anchor's ratio is the conservative figure.
 
-``--no-flower`` skips Flower, ``--flower-only`` runs only it (its simulation once). Where flwr's own pins conflict
-
-with the project's environment, install it into a virtualenv of its own that also sees the
-project's (a ``.pth`` file that calls ``site.addsitedir`` on the project venv's site-packages)
-and run this script with that venv's Python.
+``--no-flower`` skips Flower, ``--flower-only`` runs only it (its simulation once). Where
+flwr's own pins conflict with the project's environment, install it into a virtualenv of its
+own that also sees the project's (a ``.pth`` file that calls ``site.addsitedir`` on the
+project venv's site-packages) and run this script with that venv's Python.
 
 Database: on PostgreSQL (``DATABASE_URL``) the benchmark creates and drops
 ``flc_bench_rounds`` on that server; on SQLite it uses a temporary file. The broker is
