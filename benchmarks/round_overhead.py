@@ -1358,6 +1358,15 @@ def main() -> int:
     return 0
 
 
+def _stop_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (``kill``, ``timeout``): stop as Ctrl-C does, so that the ``finally`` blocks stop
+    the platform's processes and drop the database instead of leaving them running."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(main())

@@ -494,7 +494,7 @@ def main() -> int:
             argv += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
         if args.keep:
             argv.append("--keep")
-        proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+        proc = _run_size(argv)
         lines = proc.stdout.splitlines()
         for line in lines:
             if not line.startswith(RESULT_PREFIX):
@@ -511,6 +511,28 @@ def main() -> int:
     return 0
 
 
+def _run_size(argv: list[str]) -> subprocess.CompletedProcess:
+    """One size in a process of its own; stopped (Ctrl-C, SIGTERM) while it runs, it is told
+    to stop as on Ctrl-C and waited for, so that it stops its platform's processes itself."""
+    with subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        try:
+            out, err = proc.communicate()
+        except KeyboardInterrupt:
+            proc.terminate()
+            proc.communicate(timeout=120)
+            raise
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
+
+
+def _stop_like_ctrl_c(signum, frame) -> None:
+    """SIGTERM (``kill``, ``timeout``): stop as Ctrl-C does, so that the ``finally`` blocks stop
+    the processes started instead of leaving them running."""
+    raise KeyboardInterrupt
+
+
 if __name__ == "__main__":
+    import signal
+
+    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(main())
