@@ -74,6 +74,7 @@ import os
 import platform
 import re
 import shutil
+import signal
 import statistics
 import sys
 import tempfile
@@ -1310,11 +1311,13 @@ def main() -> int:
             if not flower_installed:
                 print("Flower: not installed (pip install -e '.[bench]'); skipped")
             else:
-                after = " after the platform" if simulation_before else ""
-                print(f"Flower's simulation of the same workload{after}:")
-                simulation = print_figures(
-                    f"Flower (simulation{', after' if after else ''})", run_flower(args)
-                )
+                if simulation_before is not None:
+                    print("Flower's simulation of the same workload, after the platform:")
+                    name = "Flower (simulation, after)"
+                else:
+                    print("Flower's simulation of the same workload:")
+                    name = "Flower (simulation)"
+                simulation = print_figures(name, run_flower(args))
                 if args.no_flower_deployment:
                     pass
                 elif flower_bin_dir() is None:
@@ -1358,15 +1361,18 @@ def main() -> int:
     return 0
 
 
-def _stop_like_ctrl_c(signum, frame) -> None:
-    """SIGTERM (``kill``, ``timeout``): stop as Ctrl-C does, so that the ``finally`` blocks stop
-    the platform's processes and drop the database instead of leaving them running."""
+def stop_like_ctrl_c(signum, frame) -> None:
+    """Ctrl-C or SIGTERM (``kill``, ``timeout``): stop, so that the ``finally`` blocks stop the
+    processes started (and drop the database) instead of leaving them running; a second signal
+    (a second Ctrl-C, or the other of the two) is ignored, so it cannot cut that clean-up short.
+    ``round_scale.py`` installs it too."""
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, signal.SIG_IGN)
     raise KeyboardInterrupt
 
 
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, stop_like_ctrl_c)
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(main())

@@ -51,6 +51,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -524,15 +525,8 @@ def _run_size(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
-def _stop_like_ctrl_c(signum, frame) -> None:
-    """SIGTERM (``kill``, ``timeout``): stop as Ctrl-C does, so that the ``finally`` blocks stop
-    the processes started instead of leaving them running."""
-    raise KeyboardInterrupt
-
-
 if __name__ == "__main__":
-    import signal
-
-    signal.signal(signal.SIGTERM, _stop_like_ctrl_c)
+    for stop in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(stop, ro.stop_like_ctrl_c)
     with contextlib.suppress(KeyboardInterrupt):
         raise SystemExit(main())
