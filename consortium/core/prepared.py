@@ -1,4 +1,5 @@
-"""Read queries compiled once per database connection, for the site API's hot paths.
+"""Read queries compiled once per database connection, for the hot paths: the site API's
+requests and the coordinator's close and opening of a round.
 
 Compiling a queryset to SQL costs more CPU than the database spends running it: Django builds
 the query (every ``filter`` clones it and resolves its lookups), then its compiler walks every
@@ -13,8 +14,9 @@ what Django needs to turn a row into objects (the select list, its converters, t
 the related objects). Every later call substitutes the values and only executes. What it returns
 is what the queryset returns: the same model instances, with the ``select_related`` objects
 cached on them and the annotations set, through Django's own ``from_db``, converters and
-``RelatedPopulator``; ``tests/core/test_prepared.py`` holds every query the site API prepares to
-the plain queryset's answer, on both databases.
+``RelatedPopulator``; ``tests/rounds/test_prepared_queries.py`` holds every query the site API
+and the coordinator prepare to the plain queryset's answer, on both databases. (In the
+coordinator's close, a wall-clock profile found a fifth of the close in ``as_sql``.)
 
 It refuses, when first compiled (so a test finds it), what it cannot substitute faithfully: a
 parameter the lookup transforms (``contains``, ``iexact``: the value is rewritten before it

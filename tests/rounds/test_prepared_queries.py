@@ -1,7 +1,7 @@
-"""The site API's reads compiled once per connection (``consortium.core.prepared``): each gives
-exactly what its queryset gives (fields, the related objects ``select_related`` caches, the
-annotations), with a row and without; and what the helper refuses to prepare, it refuses
-when first run, saying why."""
+"""The reads compiled once per connection (``consortium.core.prepared``), the site API's and
+those of the coordinator's close and opening of a round: each gives exactly what its queryset
+gives (fields, the related objects ``select_related`` caches, the annotations), with a row and
+without; and what the helper refuses to prepare, it refuses when first run, saying why."""
 
 from __future__ import annotations
 
@@ -22,8 +22,17 @@ from tests.rounds.test_site_api import (  # noqa: F401 - the fixtures
 )
 from training import outbox
 from training.fl.serialization import pack_tensors, sha256_hex
+from training.jobs import selectors as job_selectors
 from training.models import SiteUpdate
-from training.rounds import credentials, intake, site_selectors, verification
+from training.rounds import (
+    aggregation,
+    coordinator,
+    credentials,
+    intake,
+    site_selectors,
+    states,
+    verification,
+)
 
 pytestmark = pytest.mark.django_db
 
@@ -108,6 +117,65 @@ def test_each_prepared_query_gives_what_its_queryset_gives(world):  # noqa: F811
     )
     accepted = SiteUpdate.objects.get(update_digest=digest)
     assert copy.copy_of == accepted.pk  # the annotation is read, not only compared
+
+
+def coordinator_queries(world):  # noqa: F811
+    """Each query the coordinator prepares, with the values a close would give it: one row
+    (``one=True``) or every row in the queryset's order."""
+    job, rnd = world.job, world.round
+    return [
+        (job_selectors._ROUND_WITH_JOB, {"round_id": rnd.pk}),
+        (coordinator._LOCKED_JOB, {"job_id": job.pk}),
+        (coordinator._ROUND_OF_JOB, {"job_id": job.pk, "index": rnd.index}),
+        (coordinator._ACTIVE_PARTICIPANTS, {"job_id": job.pk}),
+        (aggregation._ROUND_ROWS, {"round_id": rnd.pk}),
+        (aggregation._ACCEPTED_ROWS, {"round_id": rnd.pk}),
+        (states._FIRST_PARTICIPANT_DATASET, {"job_id": job.pk, "key": job.spec["dataset_key"]}),
+    ]
+
+
+def every_answer(prepared: PreparedQuery, values: dict, *, plain: bool) -> list:
+    queryset = prepared._build(**values)
+    found = list(queryset) if plain else prepared.all(**values)
+    return [snapshot(obj) for obj in found]
+
+
+def test_the_coordinators_prepared_queries_give_what_their_querysets_give(world):  # noqa: F811
+    with mock.patch.object(outbox.current_app, "send_task"):
+        assert upload(world).status_code == 201  # one accepted row beside the dispatched one
+    with transaction.atomic():  # the job's locked read runs under the chain lock
+        for prepared, values in coordinator_queries(world):
+            if prepared._one:
+                expected = plain_answer(prepared, values)
+                assert expected is not None, prepared
+                assert prepared_answer(prepared, values) == expected, prepared
+                assert prepared_answer(prepared, values) == expected, prepared
+            else:
+                expected = every_answer(prepared, values, plain=True)
+                assert expected, prepared
+                assert every_answer(prepared, values, plain=False) == expected, prepared
+                assert every_answer(prepared, values, plain=False) == expected, prepared
+    # The accepted rows are the accepted ones only, the round's rows all of them, in site order.
+    rows = aggregation.round_rows(world.round)
+    assert [r.institution.slug for r in rows] == sorted(r.institution.slug for r in rows)
+    assert len(rows) >= 2
+    accepted = aggregation.accepted_updates(world.round)
+    assert [u.status for u in accepted] == [SiteUpdate.Status.ACCEPTED]
+    with transaction.atomic():
+        for prepared, values in coordinator_queries(world):
+            absent = {
+                name: (987654 if isinstance(value, int) else "no-such-key")
+                for name, value in values.items()
+            }
+            if prepared._one:
+                assert prepared.one_or_none(**absent) is None, prepared
+            else:
+                assert prepared.all(**absent) == [], prepared
+
+
+def test_locking_a_job_that_is_gone_says_so(db):
+    with transaction.atomic(), pytest.raises(coordinator.TrainingJob.DoesNotExist, match="#98765"):
+        coordinator._lock_job(98765)
 
 
 def test_each_prepared_query_gives_none_where_its_queryset_finds_nothing(world):  # noqa: F811

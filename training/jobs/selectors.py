@@ -12,6 +12,7 @@ from django.db.models import Count, Exists, OuterRef, Prefetch, Q, QuerySet, Sum
 
 from audit.ledger import events as ledger_events
 from audit.ledger.selectors import subjects_recorded
+from consortium.core.prepared import PreparedQuery
 from consortium.governance.models import Institution, Notification, Role
 from consortium.governance.permissions import grants_of
 from consortium.governance.selectors import consortium_ids_of, user_institutions_with_role
@@ -28,15 +29,21 @@ from training.models import (
     TrainingJob,
 )
 
+# Compiled once per connection (consortium.core.prepared): the coordinator reads it twice in
+# every close, and compiling its joins cost more than running it.
+_ROUND_WITH_JOB = PreparedQuery(
+    lambda round_id: Round.objects.select_related("job__consortium", "global_model_in").filter(
+        pk=round_id
+    ),
+    one=True,
+    round_id=int,
+)
+
 
 def round_with_job(round_id: int) -> Round | None:
     """A round with its job, the job's consortium and the round's starting model: what the
     coordinator and the contribution scorer read before working on a round."""
-    return (
-        Round.objects.select_related("job__consortium", "global_model_in")
-        .filter(pk=round_id)
-        .first()
-    )
+    return _ROUND_WITH_JOB.one_or_none(round_id=int(round_id))
 
 
 def job_rounds_unscored(job_id: int) -> list[int]:

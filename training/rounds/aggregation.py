@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from consortium.core.prepared import PreparedQuery
 from training.fl.update import masked_delta
 from training.jobs.spec import loss_of
 from training.models import Round, SiteDataset, SiteUpdate, TrainingJob
@@ -41,13 +42,31 @@ __all__ = [
 State = dict[str, "torch.Tensor"]
 
 
-def accepted_updates(rnd: Round) -> list[SiteUpdate]:
-    """The round's accepted updates (with their institutions), in site order."""
-    return list(
-        rnd.updates.filter(status=SiteUpdate.Status.ACCEPTED)
+# The round's rows with their institutions, in site order: every close reads them twice (the
+# accepted ones to aggregate, all of them for the ledger), so they are compiled once per
+# connection (consortium.core.prepared).
+def _site_rows(round_id: int, **only):
+    return (
+        SiteUpdate.objects.filter(round_id=round_id, **only)
         .select_related("institution")
         .order_by("institution__slug")
     )
+
+
+_ROUND_ROWS = PreparedQuery(_site_rows, round_id=int)
+_ACCEPTED_ROWS = PreparedQuery(
+    lambda round_id: _site_rows(round_id, status=SiteUpdate.Status.ACCEPTED), round_id=int
+)
+
+
+def round_rows(rnd: Round) -> list[SiteUpdate]:
+    """Every site's row of the round (with its institution), in site order."""
+    return _ROUND_ROWS.all(round_id=rnd.pk)
+
+
+def accepted_updates(rnd: Round) -> list[SiteUpdate]:
+    """The round's accepted updates (with their institutions), in site order."""
+    return _ACCEPTED_ROWS.all(round_id=rnd.pk)
 
 
 def fedavg(global_state: State, updates: list[SiteUpdate], *, zero_filled: bool = False) -> State:

@@ -73,6 +73,7 @@ from django.utils import timezone
 from audit.ledger import events as ledger_events
 from audit.ledger.canonical import canonical_json, sha256_hex
 from audit.ledger.chain import append_entry, lock_chain
+from consortium.core.prepared import PreparedQuery
 from training import liveness, outbox, queues
 from training.jobs.privacy_audits import audits_tick
 from training.jobs.selectors import round_with_job
@@ -153,13 +154,39 @@ def _finite(value):
     return value
 
 
-def _lock_job(job_id: int) -> TrainingJob:
-    lock_chain()
-    return (
+# The reads of every close and opening, compiled once per connection
+# (consortium.core.prepared): compiling them cost the close more than running them.
+_LOCKED_JOB = PreparedQuery(
+    lambda job_id: (
         TrainingJob.objects.select_for_update(of=("self",))
         .select_related("consortium", "agreement_version")
-        .get(pk=job_id)
-    )
+        .filter(pk=job_id)
+    ),
+    one=True,
+    job_id=int,
+)
+_ROUND_OF_JOB = PreparedQuery(
+    lambda job_id, index: Round.objects.filter(job_id=job_id, index=index),
+    one=True,
+    job_id=int,
+    index=int,
+)
+_ACTIVE_PARTICIPANTS = PreparedQuery(
+    lambda job_id: (
+        JobParticipant.objects.filter(job_id=job_id, status=JobParticipant.Status.ACTIVE)
+        .select_related("institution")
+        .order_by("institution__slug")
+    ),
+    job_id=int,
+)
+
+
+def _lock_job(job_id: int) -> TrainingJob:
+    lock_chain()
+    job = _LOCKED_JOB.one_or_none(job_id=int(job_id))
+    if job is None:
+        raise TrainingJob.DoesNotExist(f"no training job #{job_id}")
+    return job
 
 
 def _fail_job(job: TrainingJob, reason: str) -> None:
@@ -258,15 +285,11 @@ def round_open(job: TrainingJob, index: int, global_model: GlobalModel) -> Round
         job = _lock_job(job.pk)
         if job.state != JobState.RUNNING:
             return None
-        existing = Round.objects.filter(job=job, index=index).first()
+        existing = _ROUND_OF_JOB.one_or_none(job_id=job.pk, index=int(index))
         if existing is not None:
             return existing
         spec = job.spec
-        participants = list(
-            JobParticipant.objects.filter(job=job, status=JobParticipant.Status.ACTIVE)
-            .select_related("institution")
-            .order_by("institution__slug")
-        )
+        participants = _ACTIVE_PARTICIPANTS.all(job_id=job.pk)
         check = check_budgets(job, spec, participants)
         for skipped in check.skipped:
             _record(
@@ -536,8 +559,8 @@ def _aggregate_and_finish(round_id: int, token: str) -> str:
 
 
 def _aggregate_and_finish_once(round_id: int, token: str) -> str:
-    rnd = Round.objects.select_related("job__consortium", "global_model_in").get(pk=round_id)
-    if rnd.state != Round.State.AGGREGATING or rnd.claim_token != token:
+    rnd = round_with_job(round_id)
+    if rnd is None or rnd.state != Round.State.AGGREGATING or rnd.claim_token != token:
         return "not_open"
     job = rnd.job
     spec = job.spec
@@ -588,7 +611,7 @@ def _aggregate_and_finish_once(round_id: int, token: str) -> str:
         # scoring worker's, on its own queue: the message commits with the close, and the
         # round's lease passes to it, so nothing below, nor the next round, waits for it.
         scoring_queue.scoring_send(rnd.pk)
-        rows = list(rnd.updates.select_related("institution").order_by("institution__slug"))
+        rows = aggregation.round_rows(rnd)
         _record(
             ledger_events.ROUND_CLOSED,
             job=job,

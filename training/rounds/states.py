@@ -17,9 +17,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+from consortium.core.prepared import PreparedQuery
 from training.fl.update import unpack_update
 from training.jobs.registry import model_registry
-from training.models import SiteDataset, TrainingJob
+from training.models import JobParticipant, SiteDataset, TrainingJob
 from training.rounds.artifacts import artifact_store
 
 if TYPE_CHECKING:
@@ -38,15 +39,22 @@ __all__ = [
 ]
 
 
+# Read in every close; compiled once per connection (consortium.core.prepared).
+_FIRST_PARTICIPANT_DATASET = PreparedQuery(
+    lambda job_id, key: SiteDataset.objects.filter(
+        institution_id__in=JobParticipant.objects.filter(job_id=job_id).values("institution_id"),
+        key=key,
+    ).order_by("institution__slug", "pk")[:1],
+    job_id=int,
+    key=str,
+)
+
+
 def dataset_of(job: TrainingJob, spec: dict) -> SiteDataset:
     """One participant's description of the job's data set: every participant's has the same
     shape and classes (checked when the job was proposed)."""
-    institution_ids = job.participants.values_list("institution_id", flat=True)
-    dataset = (
-        SiteDataset.objects.filter(institution_id__in=institution_ids, key=spec["dataset_key"])
-        .order_by("institution__slug")
-        .first()
-    )
+    found = _FIRST_PARTICIPANT_DATASET.all(job_id=job.pk, key=str(spec["dataset_key"]))
+    dataset = found[0] if found else None
     if dataset is None:
         raise ValueError(f"no participant offers the data set '{spec['dataset_key']}' any more")
     return dataset
